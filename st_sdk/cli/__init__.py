@@ -1,0 +1,52 @@
+"""The `st-sdk` command line. Each subcommand is a module of this package exposing
+`add_parser(subparsers)` (which sets `func` on its parser) and nothing heavy at import."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ["demo", "generate", "chat", "synth", "info", "backends", "bench", "quantize"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from st_sdk import __version__
+
+    parser = argparse.ArgumentParser(prog="st-sdk", description="Run SmallThinker models locally.")
+    parser.add_argument("--version", action="version", version=f"st-sdk {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"st_sdk.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"st_sdk.cli.{name}":
+                continue   # command not built yet
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from st_sdk.errors import STError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except STError as e:
+        print(f"st-sdk: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

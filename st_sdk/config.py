@@ -1,0 +1,177 @@
+"""ModelConfig: the SmallThinker hyper-parameters, read from an HF config.json or GGUF metadata."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ARCHITECTURE = "SmallThinkerForCausalLM"
+GGUF_ARCH = "smallthinker"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    moe_num_primary_experts: int
+    moe_num_active_primary_experts: int
+    moe_ffn_hidden_size: int
+    rope_layout: tuple[int, ...]
+    sliding_window_layout: tuple[int, ...]
+    sliding_window_size: int = 4096
+    moe_primary_router_apply_softmax: bool = False
+    rope_theta: float = 1.5e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    source: str = field(default="<memory>", compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def gqa_group(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def layer_window(self, i: int) -> int | None:
+        """Sliding window of layer i, or None for global attention."""
+        return self.sliding_window_size if self.sliding_window_layout[i] else None
+
+    def layer_uses_rope(self, i: int) -> bool:
+        return bool(self.rope_layout[i])
+
+    def parameter_count(self) -> int:
+        H, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers
+        E, F = self.moe_num_primary_experts, self.moe_ffn_hidden_size
+        attn = H * self.q_dim * 2 + H * self.kv_dim * 2
+        per_layer = attn + 2 * H + E * H + E * 3 * F * H
+        return V * H * (1 if self.tie_word_embeddings else 2) + L * per_layer + H
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        src = self.source
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "moe_num_primary_experts",
+                     "moe_num_active_primary_experts", "moe_ffn_hidden_size",
+                     "sliding_window_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{src}: field '{name}' must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{src}: num_attention_heads ({self.num_attention_heads}) is not divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"{src}: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.moe_num_active_primary_experts > self.moe_num_primary_experts:
+            raise ConfigError(
+                f"{src}: moe_num_active_primary_experts ({self.moe_num_active_primary_experts}) "
+                f"exceeds moe_num_primary_experts ({self.moe_num_primary_experts})")
+        for name in ("rope_layout", "sliding_window_layout"):
+            layout = getattr(self, name)
+            if len(layout) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"{src}: field '{name}' has {len(layout)} entries but num_hidden_layers is "
+                    f"{self.num_hidden_layers}")
+            if any(x not in (0, 1) for x in layout):
+                raise ConfigError(f"{src}: field '{name}' must hold only 0 and 1, got {list(layout)}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"{src}: field 'rope_theta' must be positive, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"{src}: field 'rms_norm_eps' must be positive, got {self.rms_norm_eps!r}")
+        for t in self.eos_token_id:
+            if not 0 <= t < self.vocab_size:
+                raise ConfigError(f"{src}: eos_token_id {t} is outside the vocabulary ({self.vocab_size})")
+
+    # ---- readers -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
+        """Build from an HF config.json dictionary (unknown fields are ignored)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        archs = d.get("architectures") or []
+        if not archs or archs[0] != ARCHITECTURE:
+            found = archs[0] if archs else (d.get("model_type") or "nothing")
+            raise ConfigError(
+                f"{source}: unsupported architecture {found!r}; st-sdk runs {ARCHITECTURE} "
+                f"(field 'architectures[0]')")
+        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "moe_num_primary_experts", "moe_num_active_primary_experts",
+                    "moe_ffn_hidden_size"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        L = d["num_hidden_layers"]
+        n_heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or (d["hidden_size"] // n_heads if isinstance(n_heads, int) and n_heads else 0)
+        eos = d.get("eos_token_id")
+        eos_t = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        try:
+            return cls(
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                num_hidden_layers=L,
+                num_attention_heads=n_heads,
+                num_key_value_heads=d.get("num_key_value_heads", n_heads),
+                head_dim=head_dim,
+                moe_num_primary_experts=d["moe_num_primary_experts"],
+                moe_num_active_primary_experts=d["moe_num_active_primary_experts"],
+                moe_ffn_hidden_size=d["moe_ffn_hidden_size"],
+                rope_layout=tuple(d.get("rope_layout", [1] * L if isinstance(L, int) else [])),
+                sliding_window_layout=tuple(d.get("sliding_window_layout", [0] * L if isinstance(L, int) else [])),
+                sliding_window_size=d.get("sliding_window_size") or 4096,
+                moe_primary_router_apply_softmax=bool(d.get("moe_primary_router_apply_softmax", False)),
+                rope_theta=float(d.get("rope_theta", 1.5e6)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                max_position_embeddings=d.get("max_position_embeddings", 32768),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=eos_t,
+                source=source,
+            )
+        except TypeError as e:
+            raise ConfigError(f"{source}: malformed field: {e}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config.json not found")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: malformed JSON: {e}") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF config.json form."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        d["rope_layout"] = list(self.rope_layout)
+        d["sliding_window_layout"] = list(self.sliding_window_layout)
+        d["eos_token_id"] = list(self.eos_token_id)
+        if d["bos_token_id"] is None:
+            d.pop("bos_token_id")
+        return {"architectures": [ARCHITECTURE], "model_type": "smallthinker", **d}
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
