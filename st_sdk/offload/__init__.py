@@ -1,0 +1,6 @@
+"""Memory-budget mode: dense weights resident, experts read from the model file on demand into one
+cross-layer LRU cache, prefetched as soon as the pre-attention router has picked them."""
+from .budget import MemoryPlan, parse_size, plan_memory
+from .cache import ExpertCache, OffloadStats
+
+__all__ = ["ExpertCache", "MemoryPlan", "OffloadStats", "parse_size", "plan_memory"]

@@ -1,0 +1,72 @@
+"""Parse a memory budget and plan what fits in it, before anything is loaded."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: str | int, name: str = "max_memory") -> int:
+    """'1GiB', '512 MB', '8g' or a number of bytes -> bytes."""
+    if isinstance(size, bool):
+        raise InputError(f"{name}: expected a size such as '1GiB', got {size!r}")
+    if isinstance(size, (int, float)):
+        value = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InputError(f"{name}: cannot read {size!r} as a size (examples: '1GiB', '512MiB', '8GB')")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise InputError(f"{name}: must be positive, got {size!r}")
+    return value
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    dense_bytes: int        # embeddings, attention, norms, routers, head: resident
+    kv_bytes: int           # KV cache at the planned context
+    scratch_bytes: int      # activations, dequantised rows, interpreter and library overhead
+    expert_bytes: int       # one expert (gate + up + down) as stored
+    slots: int              # experts the cache holds
+    n_experts: int          # experts in the model (layers x experts per layer)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.slots * self.expert_bytes
+
+    def describe(self) -> str:
+        return (f"budget {fmt_bytes(self.budget)}: dense {fmt_bytes(self.dense_bytes)}, "
+                f"KV cache {fmt_bytes(self.kv_bytes)}, scratch {fmt_bytes(self.scratch_bytes)}, "
+                f"expert cache {self.slots} x {fmt_bytes(self.expert_bytes)} = {fmt_bytes(self.cache_bytes)} "
+                f"({self.slots / self.n_experts:.0%} of {self.n_experts} experts)")
+
+
+def plan_memory(budget: int, dense_bytes: int, kv_bytes: int, expert_bytes: int, n_experts: int,
+                active_per_layer: int, scratch_bytes: int) -> MemoryPlan:
+    """Fit the expert cache into what the budget leaves. The cache needs at least two layers' worth of
+    active experts: the layer being computed and the one being prefetched."""
+    minimum_slots = 2 * active_per_layer
+    fixed = dense_bytes + kv_bytes + scratch_bytes
+    slots = min((budget - fixed) // expert_bytes if budget > fixed else 0, n_experts)
+    if slots < minimum_slots:
+        need = fixed + minimum_slots * expert_bytes
+        raise InputError(
+            f"max_memory={fmt_bytes(budget)} is too small for this model: the dense part needs "
+            f"{fmt_bytes(dense_bytes)}, the KV cache {fmt_bytes(kv_bytes)}, scratch {fmt_bytes(scratch_bytes)}, "
+            f"and the expert cache at least {minimum_slots} x {fmt_bytes(expert_bytes)}; "
+            f"the minimum budget is {fmt_bytes(need)}")
+    return MemoryPlan(budget, dense_bytes, kv_bytes, scratch_bytes, expert_bytes, int(slots), n_experts)

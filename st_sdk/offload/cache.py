@@ -1,0 +1,196 @@
+"""The cross-layer LRU expert cache: preallocated slots, filled by I/O threads with pread straight
+from the model file, page cache dropped behind each read so it does not double the memory."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import WeightError
+
+Key = tuple[int, int]   # (layer, expert)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Bytes [offset, offset + nbytes) of `path`."""
+    path: str
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class OffloadStats:
+    hits: int = 0              # expert already resident when the MoE needed it
+    prefetch_hits: int = 0     # ... because the router's prefetch brought it in time
+    misses: int = 0            # read on demand, the MoE waited for all of it
+    late: int = 0              # prefetched but still in flight when needed
+    bytes_read: int = 0
+    reads: int = 0
+    stall_s: float = 0.0       # time the compute thread waited for I/O
+    evictions: int = 0
+    _prefetched: set = field(default_factory=set, repr=False)
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses + self.late
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"hits": self.hits, "prefetch_hits": self.prefetch_hits, "misses": self.misses,
+                "late": self.late, "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
+                "reads": self.reads, "stall_s": self.stall_s, "evictions": self.evictions}
+
+
+def file_extent(arr: np.ndarray, what: str) -> Extent:
+    """Where a memory-mapped array's bytes lie in its file."""
+    base = arr
+    while base is not None and not hasattr(base, "_mmap"):
+        base = getattr(base, "base", None)
+    mm = getattr(base, "_mmap", None)
+    if mm is None or getattr(base, "filename", None) is None:
+        raise WeightError(f"{what}: max_memory needs weights read from a model file (this tensor is in memory)")
+    if not arr.flags.c_contiguous:
+        raise WeightError(f"{what}: expert storage is not contiguous in its file")
+    start = base.offset - base.offset % __import__("mmap").ALLOCATIONGRANULARITY
+    mapped = np.frombuffer(mm, dtype=np.uint8)
+    return Extent(str(base.filename), int(arr.ctypes.data - mapped.ctypes.data + start), int(arr.nbytes))
+
+
+class ExpertCache:
+    """LRU cache of whole experts (gate + up + down), in `slots` preallocated bundles.
+
+    Called from the compute thread only (`prefetch`, `get`); reads run on `io_threads` threads.
+    Experts prefetched for the layer being computed are held (never evicted) until the next layer's
+    prefetch releases them.
+    """
+
+    def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[int], slots: int,
+                 io_threads: int = 4, drop_page_cache: bool = True):
+        self.locate = locate
+        self.part_bytes = part_bytes
+        self.offsets = np.cumsum([0] + part_bytes)
+        self.bundle_bytes = int(self.offsets[-1])
+        self.slots = slots
+        self.buffer = np.zeros((slots, self.bundle_bytes), np.uint8)
+        self.lru: OrderedDict[Key, int] = OrderedDict()   # resident, least recent first
+        self.pending: dict[Key, tuple[int, Future]] = {}
+        self.free = list(range(slots))[::-1]
+        self.held: set[Key] = set()
+        self.stats = OffloadStats()
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        self._fds: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="st-sdk-io")
+        self._lock = threading.Lock()   # guards stats updated from I/O threads
+
+    # ---- public ---------------------------------------------------------------------------
+    def prefetch(self, layer: int, experts) -> None:
+        """Start reading the experts a layer's router picked; release the previous layer's."""
+        self.held.clear()
+        for e in dict.fromkeys(int(x) for x in np.ravel(experts)):
+            key = (layer, e)
+            if len(self.held) >= self.slots - 1:
+                break   # a long prefill picks more experts than fit: the rest load on demand
+            self.held.add(key)
+            if key in self.lru or key in self.pending:
+                continue
+            slot = self._take_slot()
+            if slot is None:
+                self.held.discard(key)
+                break
+            self.pending[key] = (slot, self._pool.submit(self._read, key, slot))
+            self.stats._prefetched.add(key)
+
+    def get(self, layer: int, e: int, count: bool = True) -> list[np.ndarray]:
+        """The expert's stored parts (views into its slot), waiting for its read if needed.
+        count=False for the second and third part of one use, so statistics count expert uses."""
+        key = (layer, e)
+        if key in self.lru and not count:
+            self.lru.move_to_end(key)
+            slot = self.lru[key]
+        elif key in self.lru:
+            self.lru.move_to_end(key)
+            self.stats.hits += 1
+            if key in self.stats._prefetched:
+                self.stats.prefetch_hits += 1
+                self.stats._prefetched.discard(key)
+            slot = self.lru[key]
+        elif key in self.pending:
+            slot, fut = self.pending[key]
+            t0 = time.perf_counter()
+            fut.result()
+            self.stats.stall_s += time.perf_counter() - t0
+            self.stats.late += 1
+            self.stats._prefetched.discard(key)
+        else:
+            slot = self._take_slot()
+            if slot is None:
+                raise WeightError("expert cache: every slot is in use (budget too small for this step)")
+            t0 = time.perf_counter()
+            self.pending[key] = (slot, self._pool.submit(self._read, key, slot))
+            self.pending[key][1].result()
+            self.stats.stall_s += time.perf_counter() - t0
+            self.stats.misses += 1
+        self._settle()
+        return self._views(slot)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.nbytes)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _views(self, slot: int) -> list[np.ndarray]:
+        row = self.buffer[slot]
+        return [row[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def _settle(self) -> None:
+        """Move finished reads into the LRU (compute thread only, so the LRU needs no lock)."""
+        for key in [k for k, (_, f) in self.pending.items() if f.done()]:
+            slot, fut = self.pending.pop(key)
+            fut.result()   # re-raise a failed read here, on the compute thread
+            self.lru[key] = slot
+
+    def _take_slot(self) -> int | None:
+        if self.free:
+            return self.free.pop()
+        self._settle()
+        for key in self.lru:                  # least recently used first
+            if key not in self.held:
+                self.stats.evictions += 1
+                return self.lru.pop(key)
+        return None
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def _read(self, key: Key, slot: int) -> None:
+        extents = self.locate(*key)
+        for ext, view in zip(extents, self._views(slot)):
+            fd = self._fd(ext.path)
+            got = os.preadv(fd, [memoryview(view)], ext.offset)
+            if got != ext.nbytes:
+                raise WeightError(f"{ext.path}: short read of expert {key} ({got} of {ext.nbytes} bytes): "
+                                  "is the file truncated?")
+            if self.drop_page_cache:
+                os.posix_fadvise(fd, ext.offset, ext.nbytes, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.stats.bytes_read += self.bundle_bytes
+            self.stats.reads += 1

@@ -1,0 +1,110 @@
+"""Wire the expert cache into a model: experts become cache-backed tensors, and the router op starts
+their reads before attention runs."""
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+
+from ..backend import Param
+from ..weights.tensor import STORAGE_DTYPE, WeightTensor, storage_shape
+from .budget import parse_size, plan_memory
+from .cache import ExpertCache, Extent, file_extent
+
+PARTS = ("gate", "up", "down")
+
+
+class OffloadedExperts:
+    """Stands in for a stacked [E, ...] expert WeightTensor; `expert(e)` reads through the cache."""
+
+    parts = None
+    offloaded = True
+
+    def __init__(self, stored: WeightTensor, layer: int, part: int, cache: ExpertCache):
+        self.name, self.fmt, self.shape, self.source = stored.name, stored.fmt, stored.shape, stored.source
+        self.layer, self.part, self.cache = layer, part, cache
+        self._storage_shape = storage_shape(stored.fmt, stored.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return 0   # nothing resident: the cache's slots are counted once, by the cache
+
+    def expert(self, e: int) -> WeightTensor:
+        raw = self.cache.get(self.layer, int(e), count=self.part == 0)[self.part]
+        data = raw.view(STORAGE_DTYPE[self.fmt]).reshape(self._storage_shape)
+        return WeightTensor(f"{self.name}[{e}]", self.fmt, self.shape[1:], data, self.source)
+
+    def numpy(self):
+        raise TypeError(f"{self.name}: offloaded experts are read one at a time; use .expert(e)")
+
+    storage = numpy
+
+
+def _expert_extents(stacked: WeightTensor, e: int) -> Extent:
+    part = stacked.expert(e)
+    return file_extent(part.data, f"{stacked.source}: tensor '{part.name}'")
+
+
+def kv_cache_bytes(cfg, context: int) -> int:
+    per_token = 2 * cfg.kv_dim * 4
+    return sum(per_token * (min(context, cfg.layer_window(i)) if cfg.layer_window(i) else context)
+               for i in range(cfg.num_hidden_layers))
+
+
+def process_baseline_bytes() -> int:
+    """What the process already holds (interpreter, libraries): counted against the budget."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 200 * 2**20
+
+
+def setup_offload(cfg, params, max_memory, context: int | None = None, io_threads: int = 4,
+                  scratch_bytes: int | None = None):
+    """Params whose experts are cache-backed (the given params are left as they are), the cache and
+    the plan."""
+    budget = parse_size(max_memory)
+    context = context or min(cfg.max_position_embeddings, 4096)
+    locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
+                  for e in range(cfg.moe_num_primary_experts)] for lp in params.layers]
+    part_bytes = [ext.nbytes for ext in locations[0][0]]
+    expert_bytes = sum(part_bytes)
+    expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
+    dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
+    if scratch_bytes is None:
+        # activations and one dequantised expert matrix, plus what the process holds already
+        scratch_bytes = 64 * 2**20 + process_baseline_bytes()
+    plan = plan_memory(budget, dense, kv_cache_bytes(cfg, context), expert_bytes,
+                       cfg.num_hidden_layers * cfg.moe_num_primary_experts,
+                       cfg.moe_num_active_primary_experts, scratch_bytes)
+    cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads)
+    layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
+                                         for j, p in enumerate(PARTS)})
+              for i, lp in enumerate(params.layers)]
+    return dataclasses.replace(params, layers=layers), cache, plan
+
+
+def prefetching_route(route, params, cache: ExpertCache):
+    """The route op, followed by starting the reads of the experts it picked (before attention)."""
+    layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
+
+    def route_and_prefetch(x, router, k, softmax):
+        w, ids = route(x, router, k, softmax)
+        cache.prefetch(layer_of[id(router)], np.asarray(ids))
+        return w, ids
+
+    return route_and_prefetch
+
+
+def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool):
+    """The per-op path with the router prefetching experts. The MoE runs on the backend only if it
+    reads experts through the cache (`supports_offload`), otherwise on the NumPy reference."""
+    from ..backend import _fallback
+    from ..selection import reference_backend
+
+    native = "moe" in ops.native and getattr(backend, "supports_offload", False)
+    moe = ops.moe if native else _fallback("moe", reference_backend().moe, backend)
+    return dataclasses.replace(ops, forward=None, layer=None, moe=moe,
+                               route=prefetching_route(ops.route, params, cache) if prefetch else ops.route,
+                               fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))

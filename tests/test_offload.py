@@ -1,0 +1,86 @@
+"""Memory-budget mode: experts read on demand into an LRU cache give the same logits as resident."""
+import numpy as np
+import pytest
+
+import st_sdk
+from st_sdk.errors import InputError, WeightError
+from st_sdk.offload import parse_size
+from st_sdk.offload import experts as offload_experts
+from st_sdk.synth import build_model, write_model
+
+IDS = (np.arange(40) * 37) % 500     # longer than the tiny preset's sliding window (8)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("offload")
+    q8 = write_model(out / "q8", preset="tiny", formats=("gguf",), dtype="q8_0", seed=5)["gguf"]
+    hf = write_model(out / "hf", preset="tiny", formats=("hf",), dtype="f32", seed=5, shards=2)["hf"]
+    return {"gguf-q8_0": q8, "hf-f32-sharded": hf}
+
+
+def budget_for(model_path, slots: int) -> int:
+    """A budget whose expert cache holds exactly `slots` experts (process baseline not counted)."""
+    m = st_sdk.load(model_path, backend="numpy", max_memory="64GiB", context=64)
+    p = m.memory_plan
+    return p.dense_bytes + p.kv_bytes + p.scratch_bytes + slots * p.expert_bytes
+
+
+@pytest.fixture(autouse=True)
+def no_baseline(monkeypatch):
+    # the process's own RSS varies between runs; budgets in these tests are about the model alone
+    monkeypatch.setattr(offload_experts, "process_baseline_bytes", lambda: 0)
+
+
+@pytest.mark.parametrize("kind", ["gguf-q8_0", "hf-f32-sharded"])
+@pytest.mark.parametrize("slots", [4, 32])
+def test_offloaded_logits_equal_resident(files, kind, slots):
+    path = files[kind]
+    want = st_sdk.load(path, backend="numpy").logits(IDS)
+    m = st_sdk.load(path, backend="numpy", max_memory=budget_for(path, slots), context=64)
+    assert m.memory_plan.slots == slots
+    np.testing.assert_array_equal(m.logits(IDS), want)
+    # token by token through the cache, past the sliding window
+    s = m.session()
+    inc = np.stack([s.feed([int(t)]) for t in IDS])
+    np.testing.assert_allclose(inc, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    st = m.offload.stats
+    assert st.bytes_read == st.reads * m.memory_plan.expert_bytes > 0
+    if slots < 8 * 4:   # fewer slots than experts: the cache must have evicted
+        assert st.evictions > 0
+    assert 0.0 <= st.hit_rate <= 1.0
+
+
+def test_prefetch_reads_before_the_moe_needs_them(files):
+    path = files["gguf-q8_0"]
+    budget = budget_for(path, 32)
+    on = st_sdk.load(path, backend="numpy", max_memory=budget, context=64)
+    off = st_sdk.load(path, backend="numpy", max_memory=budget, context=64, prefetch=False)
+    s_on, s_off = on.session(), off.session()
+    for t in IDS[:12]:
+        np.testing.assert_array_equal(s_on.feed([int(t)]), s_off.feed([int(t)]))
+    assert on.offload.stats.prefetch_hits + on.offload.stats.late > 0
+    assert off.offload.stats.prefetch_hits == 0 and off.offload.stats.late == 0
+    assert off.offload.stats.misses > 0
+
+
+def test_budget_too_small_says_how_much_is_needed(files):
+    with pytest.raises(InputError, match="minimum budget is"):
+        st_sdk.load(files["gguf-q8_0"], backend="numpy", max_memory="1KiB")
+
+
+def test_in_memory_weights_cannot_be_offloaded():
+    with pytest.raises(WeightError, match="model file"):
+        build_model("tiny", seed=0, max_memory="1GiB")
+
+
+@pytest.mark.parametrize("text, value", [("1GiB", 2**30), ("512 MiB", 512 * 2**20), ("8GB", 8 * 10**9),
+                                         ("1.5g", 1_500_000_000), (4096, 4096)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "1 parsec", -5, 0, True])
+def test_parse_size_rejects(bad):
+    with pytest.raises(InputError, match="max_memory"):
+        parse_size(bad)
