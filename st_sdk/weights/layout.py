@@ -102,3 +102,32 @@ def assemble(cfg: ModelConfig, get: Callable[[str], WeightTensor], fmt: str) -> 
     norm = one("model.norm.weight", "output_norm.weight")
     head = embed if cfg.tie_word_embeddings else one("lm_head.weight", "output.weight")
     return ModelParams(embed=embed, layers=layers, norm=norm, head=head)
+
+
+def hf_to_gguf(cfg: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """HF name -> (GGUF name, expert index within the stacked GGUF tensor, or None)."""
+    m: dict[str, tuple[str, int | None]] = {"model.embed_tokens.weight": ("token_embd.weight", None),
+                                            "model.norm.weight": ("output_norm.weight", None)}
+    if not cfg.tie_word_embeddings:
+        m["lm_head.weight"] = ("output.weight", None)
+    for i in range(cfg.num_hidden_layers):
+        for suffix, (gsuffix, _) in LAYER_NAMES.items():
+            m[f"model.layers.{i}.{suffix}"] = (f"blk.{i}.{gsuffix}", None)
+        for part, (gname, _) in EXPERT_NAMES.items():
+            for e in range(cfg.moe_num_primary_experts):
+                m[f"model.layers.{i}.block_sparse_moe.experts.{e}.{part}.weight"] = (f"blk.{i}.{gname}", e)
+    return m
+
+
+def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
+    """Norms (1-D) and the router stay f32 in every format: a quantised router scrambles the top-k."""
+    return len(shape) < 2 or name.endswith(("primary_router.weight", "ffn_gate_inp.weight"))
+
+
+def storage_format(name: str, shape: tuple[int, ...], fmt: str) -> str:
+    """The format a tensor is stored in when a model is written or converted to `fmt`."""
+    if keeps_f32(name, shape):
+        return "f32"
+    if fmt in ("q8_0", "q4_0") and shape[-1] % 32:
+        return "f32"   # ggml blocks need rows of whole 32-element blocks
+    return fmt

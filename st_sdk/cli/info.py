@@ -1,0 +1,111 @@
+"""`st-sdk info MODEL`: what a model file holds and what running it costs, without loading a backend."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="describe a model file (layout, sizes, types, memory)")
+    p.add_argument("model", metavar="MODEL", help="HF directory or .gguf file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def active_parameters(cfg) -> int:
+    """Parameters one token touches: attention, router, k experts, norms and the LM head
+    (the embedding is a row lookup)."""
+    H = cfg.hidden_size
+    attn = H * cfg.q_dim * 2 + H * cfg.kv_dim * 2
+    experts = cfg.moe_num_active_primary_experts * 3 * cfg.moe_ffn_hidden_size * H
+    per_layer = attn + 2 * H + cfg.moe_num_primary_experts * H + experts
+    return cfg.num_hidden_layers * per_layer + H + cfg.vocab_size * H
+
+
+def kv_bytes(cfg, tokens: int, itemsize: int = 4) -> int:
+    """KV cache bytes for `tokens` tokens: sliding-window layers keep at most the window."""
+    per_token = 2 * cfg.kv_dim * itemsize
+    return sum(per_token * (min(tokens, w) if (w := cfg.layer_window(i)) else tokens)
+               for i in range(cfg.num_hidden_layers))
+
+
+GROUPS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "router": "router",
+          "gate": "experts", "up": "experts", "down": "experts", "attn_norm": "norms", "ffn_norm": "norms"}
+
+
+def describe(path) -> dict:
+    from collections import Counter, defaultdict
+
+    from st_sdk.weights import open_model
+
+    mf = open_model(path)
+    cfg = mf.config
+    params = mf.params()
+    types: dict[str, Counter] = defaultdict(Counter)
+    weight_bytes = 0
+    for name, p in params.all():
+        group = {"embed": "embedding", "norm": "norms", "head": "lm_head"}.get(name) or GROUPS[name.split(".")[-1]]
+        types[group][p.raw.fmt] += 1
+        weight_bytes += p.raw.nbytes
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        w = cfg.layer_window(i)
+        layers.append(("RoPE" if cfg.layer_uses_rope(i) else "NoPE") + (f"+SWA{w}" if w else "+global"))
+    tok = mf.tokenizer
+    return {
+        "path": str(mf.path), "format": mf.kind, "architecture": "SmallThinkerForCausalLM",
+        "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "heads": f"{cfg.num_attention_heads} q / {cfg.num_key_value_heads} kv x {cfg.head_dim}",
+        "experts": f"{cfg.moe_num_active_primary_experts} of {cfg.moe_num_primary_experts} x {cfg.moe_ffn_hidden_size}",
+        "router": "softmax" if cfg.moe_primary_router_apply_softmax else "sigmoid",
+        "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
+        "tied_embeddings": cfg.tie_word_embeddings, "rope_theta": cfg.rope_theta,
+        "layer_layout": layers,
+        "parameters": cfg.parameter_count(), "active_parameters": active_parameters(cfg),
+        "weight_types": {g: dict(c) for g, c in types.items()},
+        "file_bytes": mf.file_size, "weight_bytes": weight_bytes,
+        "kv_cache_bytes_per_1k_tokens_f32": kv_bytes(cfg, 1024),
+        "memory_bytes_at_1k_tokens": weight_bytes + kv_bytes(cfg, 1024),
+        "tokenizer": tok is not None, "chat_template": bool(tok is not None and tok.chat_template),
+        "eos_ids": list(tok.eos_ids) if tok is not None else list(cfg.eos_token_id),
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def _compact(layers: list[str]) -> str:
+    """'NoPE+global, RoPE+SWA4096 x3' repeated patterns shown once with a count."""
+    for period in range(1, len(layers) + 1):
+        if len(layers) % period == 0 and layers == layers[:period] * (len(layers) // period):
+            return f"[{', '.join(layers[:period])}] x {len(layers) // period}"
+    return ", ".join(layers)
+
+
+def run(args) -> int:
+    d = describe(args.model)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    rows = [
+        ("model", f"{d['path']} ({d['format']})"), ("architecture", d["architecture"]),
+        ("layers", f"{d['layers']}: {_compact(d['layer_layout'])}"), ("hidden", d["hidden_size"]),
+        ("attention", d["heads"]), ("experts", f"{d['experts']} ({d['router']} router)"),
+        ("vocab / context", f"{d['vocab_size']} / {d['context_length']}"),
+        ("tied embeddings", d["tied_embeddings"]),
+        ("parameters", f"{d['parameters']:,} total, {d['active_parameters']:,} active per token"),
+        ("weight types", "; ".join(f"{g} {', '.join(f'{k} x{v}' for k, v in c.items())}"
+                                   for g, c in d["weight_types"].items())),
+        ("file size", _size(d["file_bytes"])), ("weights", _size(d["weight_bytes"])),
+        ("KV cache", f"{_size(d['kv_cache_bytes_per_1k_tokens_f32'])} per 1k tokens (f32)"),
+        ("memory @1k tokens", _size(d["memory_bytes_at_1k_tokens"])),
+        ("tokenizer", "yes" if d["tokenizer"] else "no"),
+        ("chat template", "yes" if d["chat_template"] else "no"), ("eos ids", d["eos_ids"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0

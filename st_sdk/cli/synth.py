@@ -1,0 +1,27 @@
+"""`st-sdk synth OUT`: write a random-weight SmallThinker (HF directory and/or GGUF) to try things on."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic (random-weight) model: HF directory and/or GGUF",
+                       description="Write a SmallThinker with random weights and the real shapes: an HF "
+                                   "directory at OUT and/or OUT/<preset>-<dtype>.gguf (same weights in both).")
+    p.add_argument("out", metavar="OUT", help="output directory")
+    p.add_argument("--preset", default="tiny", help="tiny | 4b-a0.6b | 21b-a3b (default tiny)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--format", default="hf,gguf", help="comma list of hf, gguf (default both)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="weight type of the matrices (norms and router stay f32); q8_0/q4_0 are GGUF-only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1, help="split the safetensors into N shards with an index")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from st_sdk.synth import write_model
+
+    paths = write_model(args.out, preset=args.preset, layers=args.layers, formats=args.format,
+                        dtype=args.dtype, seed=args.seed, shards=args.shards)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0

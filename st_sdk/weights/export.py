@@ -1,0 +1,116 @@
+"""Write models: a stream of (HF name, float32 array) into an HF directory and/or a GGUF file in one
+pass, tensor by tensor, with a progress bar. `st-sdk synth` and `st-sdk quantize` both end here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import InputError
+from .layout import gguf_shapes, hf_shapes, hf_to_gguf, storage_format
+from .tensor import quantize
+
+HF_FORMATS = ("f32", "f16", "bf16")
+GGUF_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
+def hf_specs(cfg: ModelConfig, fmt: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {n: (storage_format(n, s, fmt), s) for n, s in hf_shapes(cfg).items()}
+
+
+def gguf_specs(cfg: ModelConfig, fmt: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {n: (storage_format(n, s, fmt), s) for n, s in gguf_shapes(cfg).items()}
+
+
+def model_tensors(mf) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array) of an opened ModelFile, one tensor (or one expert) at a time."""
+    if mf.kind == "hf":
+        for name in hf_shapes(mf.config):
+            yield name, mf.get(name).numpy()
+        return
+    stacked: dict[str, Any] = {}
+    for name, (gname, e) in hf_to_gguf(mf.config).items():
+        if e is None:
+            yield name, mf.get(gname).numpy()
+        else:
+            t = stacked.get(gname) or stacked.setdefault(gname, mf.get(gname))
+            yield name, t.expert(e).numpy()
+
+
+def progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False)
+
+
+def export(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], fmt: str = "f32",
+           hf_dir: str | Path | None = None, gguf_path: str | Path | None = None, shards: int = 1,
+           tokenizer: Any = None, desc: str = "writing") -> dict[str, Path]:
+    """Write every tensor of `cfg` (HF names, float32) as `fmt` (norms and router stay f32)."""
+    if hf_dir is not None and fmt not in HF_FORMATS:
+        raise InputError(f"HF safetensors cannot hold {fmt}; use one of {', '.join(HF_FORMATS)} "
+                         f"or write GGUF only")
+    if fmt not in GGUF_FORMATS:
+        raise InputError(f"unknown weight type {fmt!r}; choose one of {', '.join(GGUF_FORMATS)}")
+    from .gguf_file import GGUFWriterStream, model_metadata
+    from .hf import SafetensorsWriter
+
+    out: dict[str, Path] = {}
+    writers: list = []
+    hf_w = gg_w = None
+    total = 0
+    if gguf_path is not None:   # validate the GGUF side before writing anything
+        meta = model_metadata(cfg, fmt)
+        if tokenizer is not None:
+            meta.update(tokenizer.gguf_metadata(cfg.vocab_size))
+        gguf_path = Path(gguf_path)
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        gg_spec = gguf_specs(cfg, fmt)
+    if hf_dir is not None:
+        hf_dir = Path(hf_dir)
+        hf_dir.mkdir(parents=True, exist_ok=True)
+        hf_spec = hf_specs(cfg, fmt)
+        (hf_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_hf(hf_dir)
+        hf_w = SafetensorsWriter(hf_dir, hf_spec, shards)
+        writers.append(hf_w)
+        total += sum(hf_w.nbytes.values())
+        out["hf"] = hf_dir
+    if gguf_path is not None:
+        gg_w = GGUFWriterStream(gguf_path, meta, gg_spec)
+        writers.append(gg_w)
+        total += sum(gg_w.nbytes.values())
+        out["gguf"] = gguf_path
+    names = hf_to_gguf(cfg)
+    bar = progress_bar(total, desc)
+    seen: set[str] = set()
+    try:
+        for name, x in tensors:
+            seen.add(name)
+            cache: dict[str, np.ndarray] = {}   # same storage for both files when the formats agree
+
+            def stored(f: str) -> np.ndarray:
+                if f not in cache:
+                    cache[f] = quantize(f, x)
+                return cache[f]
+
+            if hf_w is not None:
+                bar.update(hf_w.write(name, stored(hf_spec[name][0])))
+            if gg_w is not None:
+                gname, e = names[name]
+                bar.update(gg_w.write(gname, e, stored(gg_spec[gname][0])))
+    finally:
+        bar.close()
+        for w in writers:
+            w.close()
+    missing = [n for n in names if n not in seen]
+    if missing:   # a short stream would leave zero-filled tensors behind
+        for p in out.values():
+            if p.is_file():
+                p.unlink()
+        raise InputError(f"export: {len(missing)} tensor(s) were never written, e.g. {missing[0]}")
+    return out

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny synthetic models written to disk once per session (HF and GGUF, same weights)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+#: a short prompt of in-vocabulary ids for the tiny preset (vocab 512); longer than its window (8)
+TINY_IDS = [3, 17, 256, 99, 400, 12, 7, 311, 64, 128, 5, 460]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny preset (seed 0) as an HF directory (single safetensors, f32) holding an f32 GGUF too:
+    {"hf": dir, "gguf": file}."""
+    from st_sdk.synth import write_model
+
+    return write_model(tmp_path_factory.mktemp("tiny"), preset="tiny", dtype="f32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The config and tokenizer a synthetic tiny model file carries."""
+    from st_sdk.synth import synth_config
+
+    return synth_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_logits(tiny_config):
+    """float32 logits of the in-memory tiny model (seed 0, f32, NumPy reference backend) on TINY_IDS."""
+    from st_sdk.model import build_model
+    from st_sdk.synth import random_params
+
+    cfg, _ = tiny_config
+    return build_model(cfg, random_params(cfg, 0), backend="numpy").logits(TINY_IDS)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|"""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
