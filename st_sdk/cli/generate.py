@@ -1,0 +1,106 @@
+"""`st-sdk generate MODEL -p TEXT`: one completion, streamed to stdout (or one JSON object)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
+    p.add_argument("--backend", default="auto", help="auto (default), a backend name, or a comma priority list")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by generate and chat; None means the library default (0.6 / 20 / 0.95 ...)."""
+    g = p.add_argument_group("sampling (defaults: the SmallThinker authors' temperature 0.6, top-k 20, top-p 0.95)")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None, help="1 = off")
+    g.add_argument("--min-p", type=float, default=None, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop before this text (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return kw
+
+
+def load_model(args: argparse.Namespace):
+    import st_sdk
+
+    backend = args.backend.split(",") if "," in args.backend else args.backend
+    return st_sdk.load(args.model, backend=backend, n_threads=args.threads)
+
+
+def stats_line(res, backend: str) -> str:
+    t = res.timings
+    return (f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}, backend {backend}, "
+            f"prefill {t['prompt_tokens'] - t['cached_tokens']} tokens at {t['prefill_tokens_per_s']:.1f} tok/s, "
+            f"decode {t['decode_tokens_per_s']:.1f} tok/s]")
+
+
+def stream_to(out, stream) -> None:
+    """Write pieces as they come; stop the generation if the output goes away (a closed pipe)."""
+    with stream:
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="complete a prompt (streams to stdout)",
+        description="Generate a continuation of a prompt. Text streams to stdout as it is decoded; a line of "
+                    "statistics goes to stderr. With --json, print one JSON object instead (text, token ids, "
+                    "finish reason, timings).")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="the prompt text (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    add_sampling_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--no-stream", action="store_true", help="print the text once generation has finished")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each token's log-probability and the N most likely alternatives")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from st_sdk.errors import InputError
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise InputError("prompt: empty (give -p TEXT or text on stdin)")
+    model = load_model(args)
+    kw = generation_kwargs(args)
+    if args.chat:
+        call = lambda **k: model.chat([{"role": "user", "content": prompt}], **k)   # noqa: E731
+    else:
+        call = lambda **k: model.generate(prompt, **k)   # noqa: E731
+    backend = model.backend.name
+    if args.json:
+        if args.logprobs is not None:
+            kw["logprobs"] = args.logprobs if args.logprobs > 0 else True
+        res = call(**kw)
+        print(json.dumps(dict(res.to_dict(), backend=backend), ensure_ascii=False))
+        return 0
+    if args.no_stream:
+        res = call(**kw)
+        sys.stdout.write(res.text)
+    else:
+        stream = call(stream=True, **kw)
+        stream_to(sys.stdout, stream)
+        res = stream.result
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(stats_line(res, backend), file=sys.stderr)
+    return 0
