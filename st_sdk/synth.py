@@ -58,16 +58,44 @@ def fast_normal(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarr
     return (_normal_table() * np.float32(scale))[u].reshape(shape)
 
 
-def random_weights(cfg: ModelConfig, seed: int = 0):
-    """Yield (hf_name, float32 array) in HF order: normal(0, 0.02) like the reference init, norms near 1."""
+def random_weights(cfg: ModelConfig, seed: int = 0, routing_skew: float = 0.0):
+    """Yield (hf_name, float32 array) in HF order: normal(0, 0.02) like the reference init, norms near 1.
+
+    routing_skew > 0 makes routing realistic for expert caching: every token embedding shares one
+    direction, and in each layer a quarter of the experts' router rows lean towards it by about
+    `routing_skew` standard deviations of a router logit, so those experts fire often and the rest rarely.
+    """
     from .weights.layout import hf_shapes
 
     rng = np.random.Generator(np.random.SFC64(seed))
+    skew = _RoutingSkew(cfg, seed, routing_skew) if routing_skew else None
     for name, shape in hf_shapes(cfg).items():
         if len(shape) == 1:
-            yield name, 1.0 + fast_normal(rng, shape, 0.05)
+            x = 1.0 + fast_normal(rng, shape, 0.05)
         else:
-            yield name, fast_normal(rng, shape, 0.02)
+            x = fast_normal(rng, shape, 0.02)
+        yield name, skew.apply(name, x) if skew else x
+
+
+class _RoutingSkew:
+    def __init__(self, cfg: ModelConfig, seed: int, strength: float):
+        rng = np.random.default_rng([seed, 0x5CE1])
+        H, E = cfg.hidden_size, cfg.moe_num_primary_experts
+        u = rng.standard_normal(H).astype(np.float32)
+        self.u = u / np.linalg.norm(u)
+        self.embed_shift = np.float32(0.02 * np.sqrt(H))            # as long as a random row
+        # a router logit's spread is ~0.02 x |h|, and |h| ~ sqrt(2) x the embedding row length
+        self.router_shift = np.float32(strength * 0.02 * np.sqrt(2.0))
+        self.n_hot = max(1, round(0.25 * E))
+        self.rng = rng
+
+    def apply(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name == "model.embed_tokens.weight":
+            return x + self.embed_shift * self.u
+        if name.endswith("primary_router.weight"):
+            hot = self.rng.choice(x.shape[0], self.n_hot, replace=False)
+            x[hot] += self.router_shift * self.u
+        return x
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, fmt: str = "f32"):
@@ -107,10 +135,12 @@ def synth_config(preset: str = "tiny", layers: int | None = None, **overrides) -
 
 
 def write_model(out, preset: str = "tiny", layers: int | None = None, formats=("hf", "gguf"),
-                dtype: str = "f32", seed: int = 0, shards: int = 1, **overrides) -> dict:
+                dtype: str = "f32", seed: int = 0, shards: int = 1, routing_skew: float = 0.0,
+                **overrides) -> dict:
     """Write a random-weight SmallThinker to `out`: an HF directory (config.json, safetensors,
     tokenizer files) at `out` and/or `out/<preset>-<dtype>.gguf`, the same weights in both, streamed
-    tensor by tensor. Returns {"hf": dir, "gguf": file} for what was written."""
+    tensor by tensor. Returns {"hf": dir, "gguf": file} for what was written. routing_skew: see
+    `random_weights`."""
     from pathlib import Path
 
     from .errors import InputError
@@ -125,7 +155,7 @@ def write_model(out, preset: str = "tiny", layers: int | None = None, formats=("
     cfg, tok = synth_config(preset, layers, **overrides)
     cfg = cfg.replace(source=f"<synthetic {preset}>")
     out = Path(out)
-    return export(cfg, random_weights(cfg, seed), dtype,
+    return export(cfg, random_weights(cfg, seed, routing_skew), dtype,
                   hf_dir=out if "hf" in formats else None,
                   gguf_path=out / f"{preset}-{dtype}.gguf" if "gguf" in formats else None,
                   shards=shards, tokenizer=tok, desc=f"synth {preset}")

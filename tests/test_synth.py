@@ -92,3 +92,26 @@ def test_writing_streams_tensor_by_tensor(tmp_path):
     size = paths["gguf"].stat().st_size
     assert size > 25_000_000
     assert peak < size / 8, (peak, size)   # measured ~1/20: the largest tensor plus bookkeeping
+
+
+def test_routing_skew_concentrates_picks_on_a_quarter_of_the_experts():
+    """`routing_skew` makes a few experts per layer hot, as the paper reports for real models."""
+    from collections import Counter
+
+    from st_sdk.model import build_model
+    from st_sdk.synth import preset_config
+    from st_sdk.weights.layout import assemble
+    from st_sdk.weights.tensor import WeightTensor
+
+    cfg = preset_config("tiny", num_hidden_layers=1, rope_layout=(1,), sliding_window_layout=(0,),
+                        moe_num_primary_experts=16)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 300)
+    share = {}
+    for skew in (0.0, 2.0):
+        t = {n: WeightTensor(n, "f32", x.shape, x) for n, x in random_weights(cfg, 0, skew)}
+        m = build_model(cfg, assemble(cfg, t.__getitem__, "hf"), backend="numpy")
+        picks = m.ops.route(m.params.embed.raw.numpy()[ids], m.params.layers[0].router, 2, False)[1]
+        counts = sorted(Counter(picks.ravel().tolist()).values(), reverse=True)
+        share[skew] = sum(counts[:4]) / sum(counts)      # share of picks on the top quarter
+    assert share[0.0] < 0.5
+    assert share[2.0] > 0.8

@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
                    help="weight type of the matrices (norms and router stay f32); q8_0/q4_0 are GGUF-only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1, help="split the safetensors into N shards with an index")
+    p.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
+                   help="realistic routing for expert caching: a quarter of each layer's experts fire "
+                        "often, the rest rarely (S = 1 sends most picks to that quarter; default 0: no added skew)")
     p.set_defaults(func=run)
 
 
@@ -21,7 +24,8 @@ def run(args) -> int:
     from st_sdk.synth import write_model
 
     paths = write_model(args.out, preset=args.preset, layers=args.layers, formats=args.format,
-                        dtype=args.dtype, seed=args.seed, shards=args.shards)
+                        dtype=args.dtype, seed=args.seed, shards=args.shards,
+                        routing_skew=args.routing_skew)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
