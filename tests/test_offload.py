@@ -1,4 +1,6 @@
 """Memory-budget mode: experts read on demand into an LRU cache give the same logits as resident."""
+import json
+
 import numpy as np
 import pytest
 
@@ -19,9 +21,9 @@ def files(tmp_path_factory):
     return {"gguf-q8_0": q8, "hf-f32-sharded": hf}
 
 
-def budget_for(model_path, slots: int) -> int:
+def budget_for(model_path, slots: int, context: int | None = 64) -> int:
     """A budget whose expert cache holds exactly `slots` experts (process baseline not counted)."""
-    m = st_sdk.load(model_path, backend="numpy", max_memory="64GiB", context=64)
+    m = st_sdk.load(model_path, backend="numpy", max_memory="64GiB", context=context)
     p = m.memory_plan
     return p.dense_bytes + p.kv_bytes + p.scratch_bytes + slots * p.expert_bytes
 
@@ -84,3 +86,20 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(bad):
     with pytest.raises(InputError, match="max_memory"):
         parse_size(bad)
+
+
+def test_generate_cli_reports_the_expert_cache(files, capsys):
+    from st_sdk.cli import main
+
+    path = files["gguf-q8_0"]
+    args = ["generate", str(path), "-p", "hello", "-n", "6", "--backend", "numpy", "--temperature", "0", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    budget = str(budget_for(path, 4, context=None))
+    assert main(args + ["--max-memory", budget]) == 0
+    offloaded = json.loads(capsys.readouterr().out)
+    assert offloaded["token_ids"] == plain["token_ids"]          # same output within the budget
+    assert offloaded["offload"]["bytes_read"] > 0 and "expert cache 4 x" in offloaded["offload"]["plan"]
+    assert "offload" not in plain
+    assert main(args[:-1] + ["--max-memory", budget, "--stats"]) == 0
+    assert "expert cache: hit rate" in capsys.readouterr().err

@@ -10,6 +10,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
     p.add_argument("--backend", default="auto", help="auto (default), a backend name, or a comma priority list")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="run within this memory budget (e.g. 1GiB): experts are read from the file on demand")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +41,8 @@ def load_model(args: argparse.Namespace):
     import st_sdk
 
     backend = args.backend.split(",") if "," in args.backend else args.backend
-    return st_sdk.load(args.model, backend=backend, n_threads=args.threads)
+    extra = {"max_memory": args.max_memory} if getattr(args, "max_memory", None) else {}
+    return st_sdk.load(args.model, backend=backend, n_threads=args.threads, **extra)
 
 
 def stats_line(res, backend: str) -> str:
@@ -47,6 +50,17 @@ def stats_line(res, backend: str) -> str:
     return (f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}, backend {backend}, "
             f"prefill {t['prompt_tokens'] - t['cached_tokens']} tokens at {t['prefill_tokens_per_s']:.1f} tok/s, "
             f"decode {t['decode_tokens_per_s']:.1f} tok/s]")
+
+
+def offload_lines(model) -> list[str]:
+    """The memory plan and expert-cache statistics of a model run under a memory budget."""
+    if model.offload is None:
+        return ["[no memory budget: every weight resident]"]
+    st = model.offload.stats
+    return [f"[{model.memory_plan.describe()}]",
+            f"[expert cache: hit rate {st.hit_rate:.1%} ({st.prefetch_hits} brought in by prefetch), "
+            f"{st.misses} misses, {st.late} late prefetches, read {st.bytes_read / 2**20:.1f} MiB in {st.reads} "
+            f"reads, stalled {st.stall_s * 1e3:.0f} ms, {st.evictions} evictions]"]
 
 
 def stream_to(out, stream) -> None:
@@ -69,6 +83,8 @@ def add_parser(subparsers) -> None:
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-stream", action="store_true", help="print the text once generation has finished")
+    p.add_argument("--stats", action="store_true",
+                   help="also print the memory plan and expert-cache statistics (with --max-memory)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: each token's log-probability and the N most likely alternatives")
     p.set_defaults(func=run)
@@ -91,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
         if args.logprobs is not None:
             kw["logprobs"] = args.logprobs if args.logprobs > 0 else True
         res = call(**kw)
-        print(json.dumps(dict(res.to_dict(), backend=backend), ensure_ascii=False))
+        record = dict(res.to_dict(), backend=backend)
+        if model.offload is not None:
+            record["offload"] = dict(model.offload.stats.as_dict(), plan=model.memory_plan.describe())
+        print(json.dumps(record, ensure_ascii=False))
         return 0
     if args.no_stream:
         res = call(**kw)
@@ -103,4 +122,7 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(stats_line(res, backend), file=sys.stderr)
+    if args.stats:
+        for line in offload_lines(model):
+            print(line, file=sys.stderr)
     return 0
