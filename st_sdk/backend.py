@@ -85,6 +85,10 @@ class Backend:
 
     name: str = ""
     version: str = "0"
+    #: modules the default `is_available` imports (lazily); the first that fails is the reason shown
+    requires: tuple[str, ...] = ()
+    #: how to get the missing dependencies, appended to the reason ("pip install st-sdk[torch]")
+    install_hint: str = ""
     #: formats whose `linear`/`moe` this backend computes natively (others fall back or get converted)
     formats: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
@@ -94,15 +98,29 @@ class Backend:
 
     # ---- control plane -------------------------------------------------------------------
     def is_available(self) -> bool:
-        """True when the backend's dependencies import here. Import them lazily, in this method."""
+        """True when the backend's dependencies import here. Import them lazily, in this method.
+
+        The default imports each module of `requires` and remembers the first failure."""
+        import importlib
+
+        for mod in self.requires:
+            try:
+                importlib.import_module(mod)
+            except Exception as e:
+                hint = f"; install it with `{self.install_hint}`" if self.install_hint else ""
+                self._unavailable = f"missing dependency {mod!r} ({type(e).__name__}: {e}){hint}"
+                return False
         return True
 
     def unavailable_reason(self) -> str | None:
         """Why `is_available()` is False (the missing dependency, the failed build...)."""
-        return None
+        return getattr(self, "_unavailable", None)
 
     def score(self, hardware: Any, fmt: str) -> float:
-        """Static preference on this hardware for weights of `fmt` (higher is better)."""
+        """Static preference on this hardware for weights of `fmt` (higher is better).
+
+        `hardware` is a `st_sdk.hardware.HardwareInfo` (`.features`, `.physical_cores`, `.gpus` ...).
+        Measured decode speed, when available, overrides this ranking."""
         return 0.0
 
     def devices(self) -> list[str]:

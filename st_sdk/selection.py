@@ -1,45 +1,111 @@
-"""Backend selection: explicit > ST_BACKEND > measured cache > static score. Runs once per load."""
+"""Backend selection, once per model load: explicit > ST_BACKEND > plugin policy > measured > static score.
+
+Every candidate is probed: instantiated, `is_available()` (which imports its dependencies), then a
+smoke run of a micro model compared with the NumPy reference: "available" means it ran and was right.
+When measuring is allowed (`tune=True`, the CLI), the top candidates by static score time real decode
+steps of the loaded model with the shared harness (`st_sdk.timing.time_decode`) and one decode step's
+logits are validated against the reference on the same model; timings are cached on disk
+(`st_sdk.selection_cache`) so the next load picks the measured winner without measuring again.
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from .backend import Backend, OpTable, bind_ops
+from .backend import Backend, ModelParams, OpTable, bind_ops
 from .errors import BackendError
 
 log = logging.getLogger("st_sdk")
+
+#: logits may differ from the reference by this fraction of max|reference logit| (bf16 compute and
+#: 8-bit activation quantisation stay well inside it; a wrong kernel does not)
+VALIDATION_TOL = 5e-2
+MEASURE_TOP = 3          # candidates measured, by static score
+MEASURE_TOKENS = 4       # decode steps timed per candidate (after warm-up) ...
+MEASURE_MIN_S = 0.3      # ... and more, up to MEASURE_MAX_TOKENS, until this much time is timed
+MEASURE_MAX_TOKENS = 32
+MEASURE_CONTEXT = 8      # prompt before them
 
 
 @dataclass
 class Candidate:
     name: str
+    plugin: str | None = None
+    version: str | None = None
     available: bool = False
-    reason: str | None = None
-    score: float = 0.0
-    validated: bool | None = None
-    tokens_per_s: float | None = None
+    reason: str | None = None            # why unavailable (or why not eligible)
+    score: float = 0.0                   # static score on this hardware and format
+    validated: bool | None = None        # smoke run (and, when measured, the decode step) matched
+    error: float | None = None           # measured decode-step logits error vs the reference
+    tokens_per_s: float | None = None    # measured decode speed (None: not measured)
+    decode_s: list[float] = field(default_factory=list)   # every measured step
+    measured: str | None = None          # "now" | "cache"
     fallbacks: list[str] = field(default_factory=list)
+    native: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class Selection:
+    """Which backend a model runs on and why (`Model.selection`)."""
+
     chosen: str
-    rule: str
+    rule: str                             # the rule that decided, in words
     candidates: list[Candidate]
+    hardware: Any = None
+    weight_format: str = "f32"
+    cache: dict[str, Any] = field(default_factory=dict)   # path, key, hit
+    notes: list[str] = field(default_factory=list)
+    step_wrappers: list[str] = field(default_factory=list)
     ops: OpTable = field(repr=False, default=None)
+
+    @property
+    def candidate(self) -> Candidate:
+        return next(c for c in self.candidates if c.name == self.chosen)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return self.candidate.fallbacks
 
     def explain(self) -> str:
         lines = [f"backend: {self.chosen} ({self.rule})"]
+        if self.hardware is not None:
+            lines.append(f"hardware: {self.hardware.summary()}")
         for c in self.candidates:
-            state = "available" if c.available else f"unavailable: {c.reason}"
-            extra = f", fallbacks: {', '.join(c.fallbacks)}" if c.fallbacks else ""
-            lines.append(f"  {'*' if c.name == self.chosen else ' '} {c.name:8s} score {c.score:6.1f}  {state}{extra}")
+            mark = "*" if c.name == self.chosen else " "
+            speed = f"{c.tokens_per_s:8.1f} tok/s ({c.measured})" if c.tokens_per_s else f"{'-':>8s}"
+            state = "ok" if c.available else f"unavailable: {c.reason}"
+            if c.available and c.error is not None:
+                state += f", decode logits err {c.error:.1e}"
+            if c.available and c.reason:
+                state += f" ({c.reason})"
+            fb = f", falls back for {', '.join(c.fallbacks)}" if c.fallbacks else ""
+            facts = ", ".join(f"{k} {c.details[k]}" for k in ("device", "compute_dtype", "variant") if k in c.details)
+            facts = f" [{facts}]" if facts and c.available else ""
+            lines.append(f" {mark} {c.name:10s} score {c.score:6.1f}  {speed}  {state}{fb}{facts}")
+        if self.cache:
+            lines.append(f"cache: {self.cache.get('path')} ({'hit' if self.cache.get('hit') else 'miss'})")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.step_wrappers:
+            lines.append(f"forward step wrapped by: {', '.join(self.step_wrappers)}")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "rule": self.rule, "weight_format": self.weight_format,
+                "hardware": self.hardware.to_dict() if self.hardware is not None else None,
+                "candidates": [c.to_dict() for c in self.candidates], "cache": self.cache,
+                "notes": self.notes, "step_wrappers": self.step_wrappers,
+                "fallbacks": self.fallbacks}
 
 
 def reference_backend() -> Backend:
@@ -52,93 +118,292 @@ def reference_backend() -> Backend:
     return cls()
 
 
-def smoke_test(backend: Backend, reference: Backend) -> str | None:
-    """Run a tiny linear + rms_norm on the backend and compare with the reference; None when right."""
-    from .backend import Param
-    from .weights.tensor import WeightTensor
+# ---- correctness checks ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _micro_model(fmt: str):
+    """Two layers (a global NoPE one and a windowed RoPE one), every op on a tiny shape."""
+    from .config import ModelConfig
+    from .synth import random_params
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 64)).astype(np.float32)
-    w = Param(WeightTensor("smoke.w", "f32", (32, 64), rng.standard_normal((32, 64)).astype(np.float32)))
-    n = Param(WeightTensor("smoke.n", "f32", (64,), rng.standard_normal(64).astype(np.float32)))
-    ops = bind_ops(backend, reference)
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, moe_num_primary_experts=4,
+                      moe_num_active_primary_experts=2, moe_ffn_hidden_size=32, rope_layout=(0, 1),
+                      sliding_window_layout=(0, 1), sliding_window_size=2, max_position_embeddings=64,
+                      source="<smoke model>")
+    return cfg, random_params(cfg, seed=1234, fmt=fmt)
+
+
+def _decode_logits(model, context: int) -> np.ndarray:
+    """Logits of one decode step after a `context`-token prompt (the prompt the timing harness uses)."""
+    from .timing import prompt_ids
+
+    s = model.session(capacity=context + 2)
+    first = s.feed(prompt_ids(model, context))
+    return s.feed([int(np.argmax(first))])
+
+
+def _logits_error(got: np.ndarray, want: np.ndarray) -> float:
+    got = np.asarray(got, np.float32)
+    if got.shape != want.shape or not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
+
+
+def smoke_test(backend: Backend, reference: Backend, fmt: str = "f32") -> str | None:
+    """Run a micro model (every op, a prefill then a decode step) on the backend and compare its logits
+    with the reference; None when right, else what went wrong."""
+    from .model import Model, prepare_params
+
+    cfg, raw = _micro_model(fmt if fmt in ("f32", "f16", "bf16", "q8_0", "q4_0") else "f32")
     try:
-        wp = Param(w.raw, backend.prepare(w, "wq"))
-        np_ = Param(n.raw, backend.prepare(n, "attn_norm"))
-        got = ops.to_numpy(ops.linear(ops.rms_norm(ops.from_numpy(x), np_, 1e-6), wp))
+        got = _decode_logits(Model(cfg, prepare_params(backend, raw, cfg), backend, bind_ops(backend, reference)), 3)
     except Exception as e:
-        return f"smoke op raised {type(e).__name__}: {e}"
-    want = reference.linear(reference.rms_norm(x, n, 1e-6), w)
-    err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-    return None if err < 2e-2 else f"smoke op disagrees with the reference (relative error {err:.2e})"
+        return f"smoke run raised {type(e).__name__}: {e}"
+    want = _decode_logits(Model(cfg, raw, reference, bind_ops(reference, reference)), 3)
+    err = _logits_error(got, want)
+    return None if err < VALIDATION_TOL else f"smoke run disagrees with the reference (relative error {err:.2e})"
 
 
+def _code_stamp(cls) -> float | None:
+    """Newest modification time among the files of the package that defines `cls`."""
+    import inspect
+
+    try:
+        root = os.path.dirname(inspect.getfile(cls))
+    except (TypeError, OSError):
+        return None
+    newest, seen = 0.0, 0
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for f in files:
+            seen += 1
+            if seen > 500:   # a backend defined inside a huge tree: stop looking
+                return newest
+            try:
+                newest = max(newest, os.stat(os.path.join(dirpath, f)).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+def _smoke_cached(backend: Backend, reference: Backend, fmt: str, dtype, n_threads) -> str | None:
+    """`smoke_test`, skipped when this backend version passed it on this machine and installation."""
+    from . import selection_cache
+    from .hardware import probe, probe_gpus
+
+    key = selection_cache.probe_key(probe_gpus(probe()), backend.name, str(backend.version), fmt, dtype, n_threads)
+    key["code"] = _code_stamp(type(backend))   # an edited or rebuilt backend is smoke-tested again
+    if selection_cache.probe_passed(key):
+        return None
+    problem = smoke_test(backend, reference, fmt)
+    if problem is None:
+        selection_cache.store_probe_pass(key)
+    return problem
+
+
+# ---- measurement ---------------------------------------------------------------------------------
+def measure(candidates: list[Candidate], instances: dict[str, Backend], reference: Backend, config,
+            params: ModelParams, tokens: int = MEASURE_TOKENS, context: int = MEASURE_CONTEXT) -> None:
+    """Time decode steps of the loaded model on each candidate and validate one step's logits against
+    the reference on the same model (all layers: the reference needs no prepared copy). Fills the
+    candidates in place; a candidate that fails or disagrees is marked unavailable with the reason."""
+    from .model import Model, prepare_params
+    from .timing import time_decode
+
+    want = _decode_logits(Model(config, params, reference, bind_ops(reference, reference)), context)
+    for c in candidates:
+        b = instances[c.name]
+        try:
+            prepared = params if b is reference else prepare_params(b, params, config)
+            model = Model(config, prepared, b, bind_ops(b, reference))
+            c.error = 0.0 if b is reference else _logits_error(_decode_logits(model, context), want)
+            t = time_decode(model, n_tokens=tokens, context=context, warmup=1)
+            spent = sum(t.decode_s)
+            more = min(MEASURE_MAX_TOKENS - tokens, int(tokens * (MEASURE_MIN_S / max(spent, 1e-9) - 1)) + 1)
+            if spent < MEASURE_MIN_S and more > 0:   # fast steps: time more of them, the median steadies
+                time_decode(model, n_tokens=more, context=context, warmup=1, timing=t)
+        except Exception as e:
+            c.available, c.validated, c.reason = False, False, f"measurement raised {type(e).__name__}: {e}"
+            continue
+        finally:
+            model = prepared = None   # one prepared copy at a time
+        c.measured, c.decode_s = "now", list(t.decode_s)
+        c.tokens_per_s = t.decode_tps
+        c.validated = c.error < VALIDATION_TOL
+        if not c.validated:
+            c.available = False
+            c.reason = f"decode logits disagree with the reference (relative error {c.error:.2e})"
+
+
+# ---- the decision --------------------------------------------------------------------------------
 def _requested(spec) -> tuple[list[str] | None, str]:
     if isinstance(spec, Backend):
-        return [spec.name], "explicit"
-    if isinstance(spec, str) and spec != "auto":
-        return [s.strip() for s in spec.split(",") if s.strip()], "explicit"
-    if isinstance(spec, (list, tuple)):
-        return list(spec), "explicit"
+        return [spec.name], "explicit backend= argument"
+    if isinstance(spec, str) and spec.strip() not in ("", "auto"):
+        return [s.strip() for s in spec.split(",") if s.strip()], "explicit backend= argument"
+    if isinstance(spec, (list, tuple)) and spec:
+        return [getattr(s, "name", s) for s in spec], "explicit backend= argument"
     env = os.environ.get("ST_BACKEND", "").strip()
     if env and env != "auto":
         return [s.strip() for s in env.split(",") if s.strip()], "ST_BACKEND"
     return None, "auto"
 
 
+def _probe(name: str, spec, classes, registry, reference: Backend, dtype, n_threads, fmt, hardware) -> \
+        tuple[Candidate, Backend | None]:
+    c = Candidate(name, plugin=registry.provider(name))
+    given = [s for s in (spec if isinstance(spec, (list, tuple)) else [spec]) if isinstance(s, Backend)]
+    b = next((s for s in given if s.name == name), None)
+    if b is None:
+        if name not in classes:
+            c.reason = registry.why_missing(name)
+            return c, None
+        try:
+            b = reference if name == reference.name else classes[name](n_threads=n_threads, dtype=dtype)
+        except Exception as e:
+            c.reason = f"constructor raised {type(e).__name__}: {e}"
+            return c, None
+    c.version = str(getattr(b, "version", "?"))
+    try:
+        ok = bool(b.is_available())
+    except Exception as e:
+        ok, c.reason = False, f"is_available() raised {type(e).__name__}: {e}"
+    if not ok:
+        c.reason = c.reason or b.unavailable_reason() or "is_available() returned False"
+        return c, None
+    try:
+        table = bind_ops(b, reference)
+        c.fallbacks, c.native = list(table.fallbacks), list(table.native)
+        c.details = dict(b.describe() or {})
+    except Exception as e:
+        c.reason = f"{type(e).__name__}: {e}"
+        return c, None
+    problem = None if b is reference else _smoke_cached(b, reference, fmt, dtype, n_threads)
+    c.validated = problem is None
+    if problem:
+        c.reason = problem
+        return c, None
+    c.available = True
+    return c, b
+
+
 def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threads=None, strict=False,
-                   tune=False, weight_format=None) -> tuple[Backend, Selection]:
+                   tune=False, weight_format=None, remeasure=False) -> tuple[Backend, Selection]:
+    """Choose the backend for a model; returns the instance and the `Selection` that explains it.
+
+    spec: "auto", a name, a comma priority list, a list of names, or a Backend instance. tune=True
+    allows measuring (when no cached measurement fits); remeasure=True measures even on a cache hit.
+    """
+    from .hardware import probe, probe_gpus
     from .registry import get_registry
 
-    classes = get_registry().backends()
+    registry = get_registry()
+    classes = registry.backends()
     reference = reference_backend()
     wanted, rule = _requested(spec)
     fmt = weight_format or "f32"
+    hardware = probe_gpus(probe())   # asks only frameworks already imported
     candidates: list[Candidate] = []
     instances: dict[str, Backend] = {}
-    names = wanted if wanted else list(classes)
-    for name in names:
-        c = Candidate(name)
+    for name in (wanted or list(classes)):
+        c, b = _probe(name, spec, classes, registry, reference, dtype, n_threads, fmt, hardware)
         candidates.append(c)
-        if isinstance(spec, Backend) and spec.name == name:
-            b = spec
-        elif name not in classes:
-            c.reason = f"no backend named {name!r} is registered (known: {', '.join(sorted(classes))})"
-            continue
-        else:
-            b = classes[name](n_threads=n_threads, dtype=dtype)
-        try:
-            ok = b.is_available()
-        except Exception as e:
-            ok, c.reason = False, f"is_available() raised {type(e).__name__}: {e}"
-        if not ok:
-            c.reason = c.reason or b.unavailable_reason() or "unavailable"
-            continue
-        c.fallbacks = [op for op in bind_ops(b, reference).fallbacks]
-        c.details = b.describe()
-        c.score = float(b.score(None, fmt))
-        problem = smoke_test(b, reference) if b is not reference and name != "numpy" else None
-        c.validated = problem is None
-        if problem:
-            c.reason = problem
-            continue
-        c.available = True
-        instances[name] = b
+        if b is not None:
+            instances[name] = b
+    if not wanted:   # plugins that failed to load are candidates too: the report says why they are absent
+        candidates += [Candidate(r.name, plugin=r.name, reason=f"plugin {r.source} not loaded: {r.error}")
+                       for r in registry.plugins if r.error and not r.backends and r.name not in classes]
+    if instances.keys() - {reference.name}:
+        hardware = probe_gpus(probe())   # GPU backends imported their framework while probing
+    for c in candidates:   # scored once the hardware (GPUs included) is known
+        if c.name in instances:
+            try:
+                c.score = float(instances[c.name].score(hardware, fmt))
+            except Exception as e:
+                c.reason = f"score() raised {type(e).__name__}: {e}"
+    notes = list(registry.conflicts)
+    cache_info: dict[str, Any] = {}
     usable = [c for c in candidates if c.available]
+
     if wanted:
         if not usable:
             raise BackendError(f"requested backend {', '.join(wanted)} ({rule}) cannot be used: " +
                                "; ".join(f"{c.name}: {c.reason}" for c in candidates))
-        chosen = usable[0]   # first of the priority list that works
+        chosen = usable[0]   # the first of the priority list that works
         if chosen.name != wanted[0]:
-            rule += f" (fell back from {wanted[0]}: {candidates[0].reason})"
+            rule += f", fell back from {wanted[0]} ({candidates[0].reason})"
+            log.warning("st-sdk: backend %s is unusable (%s); using %s", wanted[0], candidates[0].reason, chosen.name)
     else:
+        if strict:
+            for c in usable:
+                if c.fallbacks:
+                    c.available, c.reason = False, f"strict=True and it falls back for {', '.join(c.fallbacks)}"
+            usable = [c for c in usable if c.available]
         if not usable:
             raise BackendError("no backend is available: " + "; ".join(f"{c.name}: {c.reason}" for c in candidates))
-        chosen = max(usable, key=lambda c: c.score)
-        rule = "static score"
-    backend = instances[chosen.name]
-    sel = Selection(chosen=chosen.name, rule=rule, candidates=candidates,
-                    ops=bind_ops(backend, reference, strict=strict))
-    log.info("st-sdk backend %s chosen by %s", chosen.name, rule)
-    return backend, sel
+        chosen = None
+        pick, plugin, policy_notes = registry.select(candidates, hardware, config, fmt)
+        notes += policy_notes
+        if pick is not None:
+            chosen, rule = next(c for c in usable if c.name == pick), f"selection plugin {plugin!r}"
+        elif config is not None:
+            chosen, rule, cache_info = _measured_choice(usable, instances, reference, config, params, hardware,
+                                                        fmt, dtype, n_threads, tune, remeasure)
+        if chosen is None:
+            usable = [c for c in usable if c.available]   # measurement may have ruled some out
+            if not usable:
+                raise BackendError("no backend passed validation: " +
+                                   "; ".join(f"{c.name}: {c.reason}" for c in candidates))
+            chosen = max(usable, key=lambda c: c.score)   # stable: ties go to the first registered
+            rule = "static score" + ("" if config is not None and tune else
+                                     " (no cached measurement; pass tune=True or run `st-sdk backends MODEL --measure`)"
+                                     if config is not None else "")
+    sel = Selection(chosen=chosen.name, rule=rule, candidates=candidates, hardware=hardware, weight_format=fmt,
+                    cache=cache_info, notes=notes,
+                    ops=bind_ops(instances[chosen.name], reference, strict=strict))
+    speed = f", {chosen.tokens_per_s:.1f} tok/s" if chosen.tokens_per_s else ""
+    fb = f", NumPy fallback for {', '.join(chosen.fallbacks)}" if chosen.fallbacks else ""
+    log.info("st-sdk: backend %s chosen by %s%s%s", chosen.name, rule, speed, fb)
+    return instances[chosen.name], sel
+
+
+def _measured_choice(usable, instances, reference, config, params, hardware, fmt, dtype, n_threads, tune,
+                     remeasure):
+    from . import selection_cache
+
+    key = selection_cache.cache_key(hardware, config, fmt, {c.name: c.version for c in usable}, dtype, n_threads)
+    info = {"path": str(selection_cache.cache_path()), "key": selection_cache.key_hash(key), "hit": False}
+    entry = None if remeasure else selection_cache.load(key)
+    if entry is not None:
+        info["hit"] = True
+        for c in usable:
+            t = entry["timings"].get(c.name)
+            if t is None:
+                continue
+            c.measured, c.decode_s, c.error = "cache", list(t.get("decode_s", [])), t.get("error")
+            c.tokens_per_s, c.validated = t.get("tokens_per_s"), t.get("validated")
+            if c.validated is False:
+                c.available, c.reason = False, t.get("reason") or "failed validation when measured"
+    elif tune and params is not None:
+        top = sorted(usable, key=lambda c: -c.score)[:MEASURE_TOP]
+        t0 = time.perf_counter()
+        measure(top, instances, reference, config, params)
+        log.debug("st-sdk: measured %s in %.1fs", ", ".join(c.name for c in top), time.perf_counter() - t0)
+        timings = {c.name: {"tokens_per_s": c.tokens_per_s, "decode_s": c.decode_s, "error": c.error,
+                            "validated": c.validated, "reason": None if c.available else c.reason}
+                   for c in top if c.measured or c.validated is False}
+        try:
+            info["path"] = str(selection_cache.store(key, timings))
+        except OSError as e:
+            log.warning("st-sdk: cannot write the selection cache (%s); measuring again next time", e)
+    else:
+        return None, None, info
+    measured = [c for c in usable if c.available and c.tokens_per_s]
+    if not measured:
+        return None, None, info
+    best = max(measured, key=lambda c: c.tokens_per_s)
+    others = sorted((c for c in measured if c is not best), key=lambda c: -c.tokens_per_s)
+    vs = "".join(f" > {c.name} {c.tokens_per_s:.1f}" for c in others)
+    rule = (f"measured decode speed ({best.name} {best.tokens_per_s:.1f}{vs} tok/s"
+            f"{', cached' if info['hit'] else ''})")
+    return best, rule, info

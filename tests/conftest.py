@@ -39,3 +39,13 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b|"""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_st_sdk_cache(tmp_path_factory):
+    """Automatic backend selection in tests must not depend on measurements (or smoke verdicts)
+    cached in the user's cache directory by earlier runs; tests that care set their own."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ST_SDK_CACHE_DIR", str(tmp_path_factory.mktemp("st-sdk-cache")))
+    yield
+    mp.undo()
