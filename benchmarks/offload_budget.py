@@ -36,8 +36,15 @@ print(json.dumps({"decode_s": times[2:], "stats": st, "plan": m.memory_plan.desc
 CHILD_LLAMA = r"""
 import json, sys, time
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 path, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# no repacked copy of the weights (llama.cpp's --no-repack): with it, Q4_0 is copied into anonymous
+# memory at load and the process cannot live within a budget smaller than the file
+_defaults = llama_cpp.llama_cpp.llama_model_default_params
+def _no_repack():
+    p = _defaults(); p.use_extra_bufts = False; return p
+llama_cpp.llama_cpp.llama_model_default_params = _no_repack
 llm = Llama(model_path=path, n_threads=threads, n_ctx=256, verbose=False)
 toks = list(range(8))
 llm.eval(toks)
