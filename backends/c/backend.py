@@ -1,0 +1,394 @@
+"""The C backend: cffi kernels (csrc/) over ggml block layouts, chosen per instruction set at run time.
+
+A decode step is one call into C (`forward`): embedding, every layer and the head run as one job on
+a thread pool created once per thread count. The individual ops are provided too, so the conformance
+kit can check each one against the reference.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+
+from st_sdk.backend import Backend, Param
+from st_sdk.errors import BackendError, InputError
+
+from . import ops
+from .cache import CKVCache, CLayerKV
+from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr
+
+log = logging.getLogger("st_sdk")
+
+_pools: dict[int, object] = {}
+_pools_lock = threading.Lock()
+_MATRIX_ROLES = {"embed", "head", "wq", "wk", "wv", "wo", "router"}
+_EXPERT_ROLES = {"gate", "up", "down"}
+_NORM_ROLES = {"attn_norm", "ffn_norm", "norm"}
+
+
+def cpu_flags(hardware=None) -> set[str]:
+    """CPU feature flags: from st_sdk.hardware's HardwareInfo when given, else /proc/cpuinfo."""
+    feats = getattr(hardware, "features", None) if hardware is not None else None
+    if feats:
+        return {str(f).lower() for f in feats}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def core_count() -> int:
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except AttributeError:
+        logical = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or logical
+    except ImportError:
+        physical = logical
+    return max(1, min(logical, physical))
+
+
+def best_variant(lib) -> str:
+    for name in ("avx512", "avx2", "neon", "generic"):
+        if lib.st_cpu_supports(ops.VARIANTS[name]):
+            return name
+    return "generic"
+
+
+_forced_variant: str | None = None   # set by use_variant(); wins over ST_C_VARIANT
+
+
+def set_variant(name: str | None = None) -> str:
+    """Select the kernel variant process-wide: `name`, else use_variant()'s, else ST_C_VARIANT, else
+    the best this CPU runs. Returns the one selected; BackendError if unknown or unsupported here."""
+    _, lib = ffi_lib()
+    name = (name or _forced_variant or os.environ.get("ST_C_VARIANT", "") or best_variant(lib)).strip().lower()
+    if name not in ops.VARIANTS:
+        raise BackendError(f"ST_C_VARIANT={name!r} is not a kernel variant; choose one of {', '.join(ops.VARIANTS)}")
+    if lib.st_set_variant(ops.VARIANTS[name]) != 0:
+        raise BackendError(f"kernel variant {name!r} is not supported by this CPU "
+                           f"(supported here: {', '.join(v for v, c in ops.VARIANTS.items() if lib.st_cpu_supports(c))})")
+    return name
+
+
+def use_variant(name: str | None) -> str:
+    """Force a variant for this and every later load in this process (None: back to automatic)."""
+    global _forced_variant
+    _forced_variant = None
+    chosen = set_variant(name)
+    _forced_variant = chosen if name else None
+    return chosen
+
+
+def get_pool(n: int):
+    """The process's pool of n threads, created on first use. Keyed by pid too: a forked child has
+    the parent's pool struct but none of its threads."""
+    ffi, lib = ffi_lib()
+    key = (os.getpid(), n)
+    with _pools_lock:
+        if key not in _pools:
+            p = lib.st_pool_new(n)
+            if p == ffi.NULL:
+                raise BackendError(f"could not create a pool of {n} threads")
+            _pools[key] = p
+        return _pools[key]
+
+
+class CBackend(Backend):
+    name = "c"
+    version = "0.1"
+
+    def __init__(self, n_threads: int | None = None, dtype: str | None = None):
+        super().__init__(n_threads, dtype)
+        self._reason: str | None = None
+        self.variant: str | None = None
+        self.sparse = os.environ.get("ST_C_SPARSE", "1") != "0"
+        # Q4_0/Q8_0 matrices repacked 8 rows at a time for the SIMD kernels: faster, costs a copy
+        self.repack = os.environ.get("ST_C_REPACK", "1") != "0"
+        self.copied_bytes = 0
+        self.repacked_bytes = 0
+        self.released_map_bytes = 0   # resident pages of repacked GGUF tensors dropped from this process
+        self._layer_structs: dict = {}
+        self.threads = self._resolve_threads(n_threads)
+
+    @staticmethod
+    def _resolve_threads(n: int | None) -> int:
+        cores = core_count()
+        if n is None:
+            env = os.environ.get("ST_NUM_THREADS", "").strip()
+            if env:
+                try:
+                    n = int(env)
+                except ValueError:
+                    raise InputError(f"ST_NUM_THREADS={env!r} is not an integer") from None
+        if n is None:
+            return cores
+        if n < 1:
+            raise InputError(f"n_threads must be >= 1, got {n}")
+        if n > cores:
+            log.warning("n_threads=%d exceeds the %d cores available; using %d", n, cores, cores)
+            return cores
+        return int(n)
+
+    # ---- control plane -------------------------------------------------------------------------
+    def is_available(self) -> bool:
+        try:
+            ffi_lib()
+            self.variant = set_variant()
+        except BackendError as e:
+            self._reason = str(e)
+            return False
+        return True
+
+    def unavailable_reason(self) -> str | None:
+        return self._reason
+
+    def score(self, hardware, fmt: str) -> float:
+        flags = cpu_flags(hardware)
+        simd = 2.0 if {"avx512f", "avx512_vnni"} <= flags or "avx512vnni" in flags else \
+            1.5 if "avx2" in flags else 1.2 if ("asimd" in flags or "neon" in flags) else 1.0
+        base = 40.0 if fmt in ("q8_0", "q4_0") else 20.0   # native integer kernels beat dequantise-then-BLAS
+        return base * simd
+
+    def describe(self):
+        d = {"device": "cpu", "compute_dtype": "float32 (q8 activations for quantised weights)",
+             "variant": self.variant or os.environ.get("ST_C_VARIANT") or "unset", "threads": self.threads,
+             "sparse_reglu": self.sparse, "copied_weight_bytes": self.copied_bytes,
+             "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes}
+        try:
+            _, lib = ffi_lib()
+            d["variants_supported"] = [v for v, c in ops.VARIANTS.items() if lib.st_cpu_supports(c)]
+        except BackendError:
+            pass
+        return d
+
+    def _lib(self):
+        ffi, lib = ffi_lib()
+        if self.variant is None:
+            self.variant = set_variant()
+        return ffi, lib, get_pool(self.threads)
+
+    def prepare(self, param: Param, role: str):
+        ffi_lib()
+        raw = param.raw
+        if role in _NORM_ROLES:
+            return np.ascontiguousarray(raw.numpy(), np.float32)
+        rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
+        if role in _EXPERT_ROLES:
+            v = CExperts(raw, repack_rows=rp)
+        elif role in _MATRIX_ROLES:
+            v = CMat(raw, repack_rows=rp)
+        else:
+            return raw
+        self.copied_bytes += v.copied
+        self.repacked_bytes += v.repacked
+        self.released_map_bytes += v.released
+        return v
+
+    def _repacking(self) -> bool:
+        """Repack only for the SIMD variants (measured faster); generic C reads the file's layout."""
+        if self.variant is None:
+            self.variant = set_variant()
+        return self.repack and self.variant in ("avx2", "avx512")
+
+    def prepare_model(self, params, config) -> None:
+        params.extra["c_model"] = self._model_struct(params, config)
+
+    def _model_struct(self, params, cfg):
+        return self._struct(cfg, list(enumerate(params.layers)), params)
+
+    def _struct(self, cfg, layer_list, params=None):
+        """st_model over `layer_list` [(layer index, LayerParams)], with the embedding, final norm and
+        head when `params` is given; (struct, keep-alive list, cfg)."""
+        ffi, _ = ffi_lib()
+        H, E, F = cfg.hidden_size, cfg.moe_num_primary_experts, cfg.moe_ffn_hidden_size
+        keep = []
+        layers = ffi.new("st_layer[]", len(layer_list))
+        for j, (i, lp) in enumerate(layer_list):
+            L = layers[j]
+            for f in ("wq", "wk", "wv", "wo", "router"):
+                m = as_mat(getattr(lp, f))
+                keep.append(m)
+                setattr(L, f, m.struct[0])
+            for f in ("gate", "up", "down"):
+                x = as_experts(getattr(lp, f))
+                keep.append(x)
+                setattr(L, f, x.struct[0])
+            an, fn = f32_vector(lp.attn_norm, H), f32_vector(lp.ffn_norm, H)
+            keep += [an, fn]
+            L.attn_norm, L.ffn_norm = ptr(ffi, "float *", an), ptr(ffi, "float *", fn)
+            L.use_rope = int(cfg.layer_uses_rope(i))
+            L.window = int(cfg.layer_window(i) or 0)
+        fields = {
+            "n_layers": len(layer_list), "hidden": H, "n_heads": cfg.num_attention_heads,
+            "n_kv": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "n_experts": E,
+            "top_k": cfg.moe_num_active_primary_experts, "ffn": F, "vocab": cfg.vocab_size,
+            "eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+            "softmax": int(cfg.moe_primary_router_apply_softmax), "sparse": int(self.sparse), "layers": layers}
+        if params is not None:
+            embed, head, norm = as_mat(params.embed), as_mat(params.head), f32_vector(params.norm, H)
+            if head is embed and self._repacking() and ops.can_repack(head.fmt, head.rows):
+                # tied: the embedding stays as stored for row lookups; the head gets its own repacked copy
+                head = CMat(params.head.raw, repack_rows=True)
+                self.repacked_bytes += head.repacked
+                self.released_map_bytes += head.released
+            keep += [embed, head, norm]
+            fields.update(embed=embed.struct[0], head=head.struct[0], norm=ptr(ffi, "float *", norm))
+        keep.append(layers)
+        return (ffi.new("st_model *", fields), keep, cfg)
+
+    # ---- fused ops -----------------------------------------------------------------------------
+    def layer(self, cfg, i, layer_params, h, positions, layer_cache):
+        """One whole decoder layer in one C call (h [T, H] in, h [T, H] out)."""
+        ffi, lib, pool = self._lib()
+        if not isinstance(layer_cache, CLayerKV):
+            raise InputError("C backend layer needs a layer of a cache made by its own new_cache()")
+        key = (id(layer_params), i)
+        hit = self._layer_structs.get(key)
+        if hit is None or hit[0] is not layer_params or hit[1][2] != cfg:
+            hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
+        if layer_cache.k.shape[1:] != (cfg.num_key_value_heads, cfg.head_dim):
+            raise InputError(f"layer {i}: the cache holds {list(layer_cache.k.shape[1:])} kv heads x dims, the config "
+                             f"[{cfg.num_key_value_heads}, {cfg.head_dim}]")
+        if (cfg.layer_window(i) or None) != layer_cache.window:
+            raise InputError(f"layer {i}: the cache's window {layer_cache.window} does not match the config's "
+                             f"{cfg.layer_window(i)}")
+        out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
+        T = out.shape[0]
+        pos = int64_vector(positions, T, "positions", 0)
+        layer_cache.reserve(T)
+        check(lib.st_layer_forward(pool, hit[1][0], 0, layer_cache.kv, ptr(ffi, "float *", out),
+                                   ptr(ffi, "int64_t *", pos), T), f"layer {i}")
+        return out
+
+    # ---- the fused step --------------------------------------------------------------------------
+    def forward(self, cfg, params, ids, positions, cache, last_only=False):
+        ffi, lib, pool = self._lib()
+        state = params.extra.get("c_model")
+        if state is None or (state[2] is not cfg and state[2] != cfg):
+            state = params.extra["c_model"] = self._model_struct(params, cfg)
+        if not isinstance(cache, CKVCache):
+            raise InputError("C backend forward needs a cache made by its own new_cache()")
+        cache.check(cfg)
+        ids = int64_vector(ids, np.size(ids), "ids", 0, cfg.vocab_size)
+        T = ids.shape[0]
+        if T == 0:
+            raise InputError("ids: empty sequence")
+        positions = int64_vector(positions, T, "positions", 0)
+        cache.reserve(T)
+        logits = np.empty((1 if last_only else T, cfg.vocab_size), np.float32)
+        check(lib.st_forward(pool, state[0], cache.structs, ptr(ffi, "int64_t *", ids),
+                             ptr(ffi, "int64_t *", positions), T, int(bool(last_only)), ptr(ffi, "float *", logits)),
+              "forward")
+        return logits
+
+    # ---- individual ops --------------------------------------------------------------------------
+    def embed(self, table: Param, ids):
+        ffi, lib, _ = self._lib()
+        m = as_mat(table)
+        ids = int64_vector(ids, np.size(ids), "ids", 0, m.rows)
+        out = np.empty((len(ids), m.cols), np.float32)
+        check(lib.st_get_rows(m.struct, ptr(ffi, "int64_t *", ids), len(ids), ptr(ffi, "float *", out)), "embed")
+        return out
+
+    def rms_norm(self, x, weight: Param, eps: float):
+        ffi, lib, pool = self._lib()
+        w = f32_vector(weight)
+        xs = activations(x, w.shape[0], "rms_norm x")
+        out = np.empty_like(xs)
+        check(lib.st_rms_norm(pool, ptr(ffi, "float *", xs), ptr(ffi, "float *", w), xs.shape[0], w.shape[0],
+                              float(eps), ptr(ffi, "float *", out)), "rms_norm")
+        return out.reshape(np.shape(x))
+
+    def linear(self, x, weight: Param):
+        ffi, lib, pool = self._lib()
+        m = as_mat(weight)
+        xs = activations(x, m.cols, f"linear x (weight '{m.name}')")
+        y = np.empty((xs.shape[0], m.rows), np.float32)
+        check(lib.st_linear(pool, m.struct, ptr(ffi, "float *", xs), xs.shape[0], ptr(ffi, "float *", y)),
+              f"linear '{m.name}'")
+        return y.reshape(*np.shape(x)[:-1], m.rows)
+
+    def rope(self, x, positions, theta: float):
+        ffi, lib, _ = self._lib()
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[-1] % 2:
+            raise InputError(f"rope x: expected [T, heads, head_dim] with an even head_dim, got {list(x.shape)}")
+        out = np.array(x, dtype=np.float32, order="C", copy=True)
+        pos = int64_vector(positions, x.shape[0], "positions", 0)
+        check(lib.st_rope(ptr(ffi, "float *", out), x.shape[0], x.shape[1], x.shape[2], ptr(ffi, "int64_t *", pos),
+                          float(theta)), "rope")
+        return out
+
+    def new_cache(self, config, capacity: int):
+        ffi_lib()
+        return CKVCache(config, capacity)
+
+    def attention(self, q, k, v, cache, positions, window):
+        ffi, lib, pool = self._lib()
+        if not isinstance(cache, CLayerKV):
+            raise InputError("C backend attention needs a layer of a cache made by its own new_cache()")
+        q, k, v = (np.asarray(a) for a in (q, k, v))
+        if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] \
+                or q.shape[2] != k.shape[2] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+            raise InputError(f"attention: q [T, nH, hd], k/v [T, nKV, hd] with nH % nKV == 0 expected, "
+                             f"got q {list(q.shape)} k {list(k.shape)} v {list(v.shape)}")
+        T, nH, hd = q.shape
+        nKV = k.shape[1]
+        if cache.k.shape[1:] != (nKV, hd):
+            raise InputError(f"attention: cache holds [{cache.k.shape[1]}, {cache.k.shape[2]}] heads x dims, "
+                             f"k has [{nKV}, {hd}]")
+        if (window or None) != cache.window:
+            raise InputError(f"attention: window {window} does not match the cache's {cache.window}")
+        pos = int64_vector(positions, T, "positions", 0)
+        q, k, v = (np.ascontiguousarray(a, np.float32) for a in (q, k, v))
+        cache.reserve(T)
+        out = np.empty((T, nH * hd), np.float32)
+        check(lib.st_attention(pool, ptr(ffi, "float *", q), ptr(ffi, "float *", k), ptr(ffi, "float *", v), T, nH,
+                               nKV, hd, cache.kv, ptr(ffi, "int64_t *", pos), int(window or 0),
+                               ptr(ffi, "float *", out)), "attention")
+        return out
+
+    def route(self, x, router: Param, k: int, softmax: bool):
+        ffi, lib, pool = self._lib()
+        m = as_mat(router)
+        if not 1 <= int(k) <= m.rows:
+            raise InputError(f"route: k={k} must lie in [1, {m.rows}]")
+        xs = activations(x, m.cols, "route x")
+        T = xs.shape[0]
+        w = np.empty((T, k), np.float32)
+        ids = np.empty((T, k), np.int64)
+        check(lib.st_route(pool, m.struct, ptr(ffi, "float *", xs), T, int(k), int(bool(softmax)),
+                           ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids)), "route")
+        return w, ids
+
+    def moe(self, x, gate: Param, up: Param, down: Param, ids, weights, sparse: bool | None = None):
+        ffi, lib, pool = self._lib()
+        g, u, d = as_experts(gate), as_experts(up), as_experts(down)
+        if (u.n, u.rows, u.cols) != (g.n, g.rows, g.cols) or (d.n, d.rows, d.cols) != (g.n, g.cols, g.rows):
+            raise InputError(f"moe: expert shapes disagree: gate {[g.n, g.rows, g.cols]}, up {[u.n, u.rows, u.cols]}, "
+                             f"down {[d.n, d.rows, d.cols]}")
+        xs = activations(x, g.cols, "moe x")
+        T = xs.shape[0]
+        ids = np.asarray(ids)
+        weights = np.asarray(weights)
+        if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
+            raise InputError(f"moe: ids and weights must both be [T={T}, k], got {list(ids.shape)} and "
+                             f"{list(weights.shape)}")
+        kk = ids.shape[1]
+        ids = int64_vector(ids.reshape(-1), T * kk, "moe ids", 0, g.n)
+        weights = np.ascontiguousarray(weights, np.float32).reshape(-1)
+        out = np.empty((T, g.cols), np.float32)
+        check(lib.st_moe(pool, g.struct, u.struct, d.struct, ptr(ffi, "float *", xs), T, kk,
+                         ptr(ffi, "int64_t *", ids), ptr(ffi, "float *", weights),
+                         int(self.sparse if sparse is None else sparse), ptr(ffi, "float *", out)), "moe")
+        return out

@@ -1,0 +1,235 @@
+"""The C backend's ops: thin wrappers that validate every argument in Python (shape, dtype,
+contiguity, buffer size) before handing raw pointers to the kernels, so bad input raises
+`InputError`/`BackendError` and never reaches C unchecked. The C side re-checks sizes it can cheaply.
+
+Weights are described to C without copying: a `CMat` points into the stored array (the GGUF memory
+map itself for GGUF files); `CExperts` holds one pointer per expert (a 3-D GGUF tensor's slices or an
+HF checkpoint's per-expert tensors).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from st_sdk.backend import Param
+from st_sdk.errors import BackendError, InputError
+from st_sdk.weights.tensor import BLOCK, BLOCK_BYTES, STORAGE_DTYPE
+
+FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
+#: formats the kernels can repack 8 rows at a time (see csrc/st_kernels.h), and their codes
+REPACKED_CODE = {"q8_0": 5, "q4_0": 6}
+VARIANTS = {"generic": 0, "avx2": 1, "avx512": 2, "neon": 3}
+_ERRORS = {-1: (InputError, "invalid argument (shape, size or pointer)"), -2: (BackendError, "out of memory"),
+           -3: (InputError, "KV cache does not fit (capacity or window mismatch)"),
+           -4: (InputError, "token or expert id out of range"), -5: (BackendError, "variant not supported")}
+
+_loaded: tuple | None = None
+_load_error: str | None = None
+
+
+def ffi_lib():
+    """(ffi, lib) of the compiled module; raises BackendError naming what is missing."""
+    global _loaded, _load_error
+    if _loaded is None:
+        if _load_error is not None:
+            raise BackendError(_load_error)
+        try:
+            _st_kernels = _import_module()
+        except ImportError as e:
+            _load_error = (f"the compiled module st_sdk_backends.c._st_kernels is missing ({e}); "
+                           "reinstall with a C compiler present: pip install -e .")
+            raise BackendError(_load_error) from None
+        _loaded = (_st_kernels.ffi, _st_kernels.lib)
+    return _loaded
+
+
+def _import_module():
+    """The compiled module; ST_C_KERNELS_PATH points at another build of it (the sanitizer test's)."""
+    import os
+
+    path = os.environ.get("ST_C_KERNELS_PATH")
+    if not path:
+        from . import _st_kernels
+
+        return _st_kernels
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(__package__ + "._st_kernels", path)
+    if spec is None or not os.path.exists(path):
+        raise ImportError(f"ST_C_KERNELS_PATH={path!r} is not a loadable module")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def check(rc: int, what: str) -> None:
+    if rc != 0:
+        cls, msg = _ERRORS.get(rc, (BackendError, f"error {rc}"))
+        raise cls(f"C backend {what}: {msg}")
+
+
+def row_bytes(fmt: str, cols: int) -> int:
+    if fmt in BLOCK_BYTES:
+        return cols // BLOCK * BLOCK_BYTES[fmt]
+    return cols * np.dtype(STORAGE_DTYPE[fmt]).itemsize
+
+
+def _storage(arr: np.ndarray, fmt: str, rows_shape: tuple, cols: int, name: str) -> tuple[np.ndarray, int]:
+    """The array as contiguous storage of exactly the expected size; (array, bytes copied)."""
+    want = (*rows_shape, row_bytes(fmt, cols) // np.dtype(STORAGE_DTYPE[fmt]).itemsize)
+    if arr.dtype != STORAGE_DTYPE[fmt] or tuple(arr.shape) != want:
+        raise InputError(f"weight '{name}': storage {arr.dtype}{list(arr.shape)} does not match "
+                         f"{fmt} {list(rows_shape)}x{cols}")
+    if fmt in BLOCK_BYTES and cols % BLOCK:
+        raise InputError(f"weight '{name}': {fmt} rows need a multiple of {BLOCK} columns, got {cols}")
+    if arr.flags.c_contiguous:
+        return arr, 0
+    arr = np.ascontiguousarray(arr)
+    return arr, arr.nbytes
+
+
+def _read_only_file_map(arr: np.ndarray) -> bool:
+    """True when arr lives in a read-only file mapping (a GGUF opened by numpy.memmap mode 'r'): its
+    pages can be dropped from this process and will refault, unchanged, from the file."""
+    b = arr
+    while b is not None:
+        if isinstance(b, np.memmap):
+            return b.mode == "r"
+        b = getattr(b, "base", None)
+    return False
+
+
+def release_map(arr: np.ndarray) -> int:
+    """Drop the resident pages of a repacked source from this process (MADV_DONTNEED on a read-only
+    file map), so the repacked copy does not double the resident memory; returns the bytes released.
+    Anything else (anonymous memory, writable maps) is left alone."""
+    import mmap
+
+    if arr.nbytes < mmap.PAGESIZE or not _read_only_file_map(arr) or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = arr.ctypes.data
+    lo = (start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE   # whole pages inside arr only
+    hi = (start + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi <= lo or libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED) != 0:
+        return 0
+    return hi - lo
+
+
+def can_repack(fmt: str, rows: int) -> bool:
+    return fmt in REPACKED_CODE and rows % 8 == 0
+
+
+def repack(arr: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, int]:
+    """Q4_0/Q8_0 [rows, cols] storage -> the 8-row interleaved copy; (copy, bytes per 8-row group)."""
+    ffi, lib = ffi_lib()
+    n = lib.st_repacked_bytes(FMT_CODE[fmt], rows, cols)
+    if n < 0:
+        raise InputError(f"cannot repack {fmt} [{rows}, {cols}] (rows must be a multiple of 8)")
+    out = np.empty(n, np.uint8)
+    check(lib.st_repack(FMT_CODE[fmt], ffi.cast("void *", arr.ctypes.data), rows, cols, row_bytes(fmt, cols),
+                        ffi.cast("void *", out.ctypes.data)), "repack")
+    return out, n // (rows // 8)
+
+
+class CMat:
+    """A 2-D weight [rows, cols] as the kernels see it (st_mat): pointing into the stored array, or
+    into an 8-row interleaved copy when `repack` (Q4_0/Q8_0; its bytes are counted in `repacked`)."""
+
+    def __init__(self, tensor, repack_rows: bool = False):
+        ffi, _ = ffi_lib()
+        if len(tensor.shape) != 2:
+            raise InputError(f"weight '{tensor.name}': expected a 2-D matrix, got shape {list(tensor.shape)}")
+        rows, cols = (int(s) for s in tensor.shape)
+        self.name, self.fmt, self.rows, self.cols = tensor.name, tensor.fmt, rows, cols
+        self.data, self.copied = _storage(tensor.storage(), tensor.fmt, (rows,), cols, tensor.name)
+        code, rb, self.repacked = FMT_CODE[tensor.fmt], row_bytes(tensor.fmt, cols), 0
+        self.released = 0
+        if repack_rows and can_repack(tensor.fmt, rows):
+            source = self.data
+            self.data, rb = repack(source, tensor.fmt, rows, cols)
+            code, self.repacked, self.copied = REPACKED_CODE[tensor.fmt], self.data.nbytes, 0
+            self.released = release_map(source)
+        self.struct = ffi.new("st_mat *", {"data": ffi.cast("void *", self.data.ctypes.data), "rows": rows,
+                                           "cols": cols, "row_bytes": rb, "fmt": code})
+
+
+class CExperts:
+    """Stacked experts [E, rows, cols]: one pointer per expert, no copy of GGUF or HF storage."""
+
+    def __init__(self, tensor, repack_rows: bool = False):
+        ffi, _ = ffi_lib()
+        if len(tensor.shape) != 3:
+            raise InputError(f"weight '{tensor.name}': expected stacked experts [E, rows, cols], "
+                             f"got shape {list(tensor.shape)}")
+        E, rows, cols = (int(s) for s in tensor.shape)
+        self.name, self.fmt, self.n, self.rows, self.cols = tensor.name, tensor.fmt, E, rows, cols
+        self.copied = 0
+        if tensor.parts is not None:
+            self.arrays = []
+            for p in tensor.parts:
+                a, c = _storage(p.data, tensor.fmt, (rows,), cols, p.name)
+                self.arrays.append(a)
+                self.copied += c
+            ptrs = [a.ctypes.data for a in self.arrays]
+        else:
+            a, self.copied = _storage(tensor.data, tensor.fmt, (E, rows), cols, tensor.name)
+            self.arrays = [a]
+            stride = rows * row_bytes(tensor.fmt, cols)
+            ptrs = [a.ctypes.data + e * stride for e in range(E)]
+        code, rb, self.repacked, self.released = FMT_CODE[tensor.fmt], row_bytes(tensor.fmt, cols), 0, 0
+        if repack_rows and can_repack(tensor.fmt, rows):
+            sources = self.arrays
+            src = [np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8) for p in ptrs]
+            packed = [repack(a, tensor.fmt, rows, cols) for a in src]
+            self.arrays = [p for p, _ in packed]
+            ptrs = [a.ctypes.data for a in self.arrays]
+            code, rb, self.copied = REPACKED_CODE[tensor.fmt], packed[0][1], 0
+            self.repacked = sum(a.nbytes for a in self.arrays)
+            self.released = sum(release_map(a) for a in sources)
+        self.ptrs = ffi.new("void *[]", [ffi.cast("void *", p) for p in ptrs])
+        self.struct = ffi.new("st_experts *", {"experts": self.ptrs, "n_experts": E, "rows": rows, "cols": cols,
+                                               "row_bytes": rb, "fmt": code})
+
+
+def f32_vector(param: Param, n: int | None = None) -> np.ndarray:
+    v = param.value if isinstance(param.value, np.ndarray) and param.value.dtype == np.float32 \
+        and param.value.flags.c_contiguous and param.value.ndim == 1 else np.ascontiguousarray(param.raw.numpy(), np.float32)
+    if v.ndim != 1 or (n is not None and v.shape[0] != n):
+        raise InputError(f"weight '{param.name}': expected a vector of {n}, got shape {list(v.shape)}")
+    return v
+
+
+def as_mat(param: Param) -> CMat:
+    return param.value if isinstance(param.value, CMat) else CMat(param.raw)
+
+
+def as_experts(param: Param) -> CExperts:
+    return param.value if isinstance(param.value, CExperts) else CExperts(param.raw)
+
+
+def activations(x, cols: int, name: str) -> np.ndarray:
+    """x as a C-contiguous float32 [T, cols] array (T >= 1), or InputError."""
+    if not hasattr(x, "shape"):
+        raise InputError(f"{name}: expected an array, got {type(x).__name__}")
+    x = np.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != cols or x.size == 0:
+        raise InputError(f"{name}: expected shape [T, {cols}], got {list(x.shape)}")
+    if not (np.issubdtype(x.dtype, np.floating)):
+        raise InputError(f"{name}: expected floating point activations, got {x.dtype}")
+    return np.ascontiguousarray(x.reshape(-1, cols), dtype=np.float32)
+
+
+def int64_vector(a, n: int, name: str, lo: int | None = None, hi: int | None = None) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 1 or a.shape[0] != n or not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"{name}: expected {n} integers, got {a.dtype}{list(a.shape)}")
+    a = np.ascontiguousarray(a, dtype=np.int64)
+    if (lo is not None and n and a.min() < lo) or (hi is not None and n and a.max() >= hi):
+        raise InputError(f"{name}: values must lie in [{lo}, {hi}), got min {a.min()} max {a.max()}")
+    return a
+
+
+def ptr(ffi, ctype: str, a: np.ndarray):
+    return ffi.cast(ctype, a.ctypes.data)

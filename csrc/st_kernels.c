@@ -1,0 +1,969 @@
+/* st-sdk C kernels: thread pool, run-time variant dispatch, and the SmallThinker layer / forward pass.
+ *
+ * A whole forward step is one job on the pool: every thread runs the same stage sequence, splits each
+ * stage's rows (or tokens, heads, blocks) by its index and meets the others at a spin barrier, as
+ * ggml's graph compute does. So a decode step is one call into C and one wake-up of the workers.
+ */
+#define _GNU_SOURCE
+#include "st_kernels.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define ST_X86 1
+#endif
+
+#define QK 32
+#ifndef ST_PREFETCH
+#define ST_PREFETCH 2048
+#endif
+typedef struct { float d, s; int8_t qs[QK]; } block_q8;   /* s = d * sum(qs) */
+typedef float (*dot_fn)(int64_t K, const void *w, const void *x);
+typedef void (*dot4_fn)(int64_t K, const void *w, int64_t stride, const void *x, float *out);
+typedef void (*dot8_fn)(int64_t K, const void *group, const void *x, float *out);
+typedef struct {
+    dot_fn dot[7];     /* indexed by format; NULL for the repacked ones */
+    dot4_fn dot4[7];   /* four consecutive rows, `stride` bytes apart, against one activation row */
+    dot8_fn dot8[7];   /* one repacked group of eight rows (ST_Q8_0X8, ST_Q4_0X8) */
+    void (*gemm4[7])(int64_t K, const void *group, const block_q8 *const *x, float *out);   /* x 4 rows */
+    void (*quantize_q8)(int64_t K, const float *x, block_q8 *y);
+} st_kern;
+
+static inline float st_fp16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {   /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7F800000 | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+/* f16 -> f32 by table for the generic kernels (filled by st_init_tables before any kernel runs) */
+static float st_f16_table[65536];
+static inline float st_fp16_lut(uint16_t h) { return st_f16_table[h]; }
+static inline float st_bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* ---- the variants: the same source compiled for each instruction set ---------------------------- */
+#define ST_SUFFIX generic
+#include "st_simd_impl.h"
+#undef ST_SUFFIX
+
+#ifdef ST_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define ST_SIMD_AVX2 1
+#define ST_SUFFIX avx2
+#define ST_DPBUSD(a, b) _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+#define ST_DPBUSD_ACC(acc, a, b) _mm256_add_epi32(acc, ST_DPBUSD(a, b))
+#include "st_simd_impl.h"
+#undef ST_DPBUSD
+#undef ST_DPBUSD_ACC
+#undef ST_SUFFIX
+#undef ST_SIMD_AVX2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")
+#define ST_SIMD_AVX512 1
+#define ST_SUFFIX avx512
+#define ST_DPBUSD(a, b) _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+#define ST_DPBUSD_ACC(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#include "st_simd_impl.h"
+#undef ST_DPBUSD
+#undef ST_DPBUSD_ACC
+#undef ST_SUFFIX
+#undef ST_SIMD_AVX512
+#pragma GCC pop_options
+#endif
+
+static const st_kern *K = &kern_generic;
+
+__attribute__((constructor)) static void st_init_tables(void) {
+    for (uint32_t i = 0; i < 65536; i++) st_f16_table[i] = st_fp16_to_f32((uint16_t)i);
+}
+static int g_variant = ST_GENERIC;
+
+int st_cpu_supports(int variant) {
+    if (variant == ST_GENERIC) return 1;
+#ifdef ST_X86
+    __builtin_cpu_init();
+    if (variant == ST_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (variant == ST_AVX512)
+        return st_cpu_supports(ST_AVX2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vnni");
+#endif
+    return 0;
+}
+
+int st_set_variant(int variant) {
+    if (!st_cpu_supports(variant)) return ST_EVARIANT;
+#ifdef ST_X86
+    if (variant == ST_AVX2) K = &kern_avx2;
+    else if (variant == ST_AVX512) K = &kern_avx512;
+    else
+#endif
+        K = &kern_generic;
+    g_variant = variant;
+    return ST_OK;
+}
+int st_get_variant(void) { return g_variant; }
+
+/* ---- thread pool ------------------------------------------------------------------------------ */
+/* spin briefly (a decode step's stages are microseconds apart), then yield or sleep: on a busy
+ * machine a spinning thread would steal the time slice the thread it waits for needs */
+#define ST_SPIN_IDLE 20000
+#define ST_SPIN_BARRIER 2000
+static inline void cpu_relax(void) {
+#ifdef ST_X86
+    _mm_pause();
+#endif
+}
+
+typedef void (*job_fn)(void *arg, int ith, int nth);
+struct st_pool {
+    int n;
+    pthread_t *threads;
+    pthread_mutex_t run_lock, mu;
+    pthread_cond_t cv;
+    atomic_llong gen;
+    atomic_int done, stop, bar_count;
+    atomic_llong bar_gen;
+    job_fn fn;
+    void *arg;
+};
+typedef struct { st_pool *pool; int ith; } worker_arg;
+
+static void *worker_main(void *p_) {
+    worker_arg wa = *(worker_arg *)p_;
+    free(p_);
+    st_pool *p = wa.pool;
+    long long seen = 0;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) {
+            if (++spins < ST_SPIN_IDLE) { cpu_relax(); continue; }
+            pthread_mutex_lock(&p->mu);
+            while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        if (atomic_load(&p->stop)) return NULL;
+        seen = atomic_load(&p->gen);
+        p->fn(p->arg, wa.ith, p->n);
+        atomic_fetch_add(&p->done, 1);
+    }
+}
+
+st_pool *st_pool_new(int n) {
+    if (n < 1) n = 1;
+    if (n > 256) n = 256;
+    st_pool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->n = n;
+    pthread_mutex_init(&p->run_lock, NULL);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    p->threads = calloc((size_t)n, sizeof(pthread_t));
+    if (!p->threads) { free(p); return NULL; }
+    for (int i = 1; i < n; i++) {
+        worker_arg *wa = malloc(sizeof *wa);
+        if (!wa) { p->n = i; break; }
+        wa->pool = p;
+        wa->ith = i;
+        if (pthread_create(&p->threads[i], NULL, worker_main, wa) != 0) { free(wa); p->n = i; break; }
+    }
+    return p;
+}
+
+void st_pool_free(st_pool *p) {
+    if (!p) return;
+    pthread_mutex_lock(&p->run_lock);
+    pthread_mutex_lock(&p->mu);
+    atomic_store(&p->stop, 1);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
+    pthread_mutex_unlock(&p->run_lock);
+    free(p->threads);
+    free(p);
+}
+int st_pool_threads(const st_pool *p) { return p ? p->n : 1; }
+
+static void barrier(st_pool *p, int nth) {
+    if (nth <= 1) return;
+    long long g = atomic_load(&p->bar_gen);
+    if (atomic_fetch_add(&p->bar_count, 1) == nth - 1) {
+        atomic_store(&p->bar_count, 0);
+        atomic_fetch_add(&p->bar_gen, 1);
+    } else {
+        int spins = 0;
+        while (atomic_load(&p->bar_gen) == g) {
+            if (++spins < ST_SPIN_BARRIER) cpu_relax();
+            else sched_yield();
+        }
+    }
+}
+
+static void pool_run(st_pool *p, job_fn fn, void *arg) {
+    if (!p || p->n <= 1) { fn(arg, 0, 1); return; }
+    pthread_mutex_lock(&p->run_lock);   /* one job at a time: Python threads may share a pool */
+    p->fn = fn;
+    p->arg = arg;
+    atomic_store(&p->done, 0);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    fn(arg, 0, p->n);
+    int spins = 0;
+    while (atomic_load(&p->done) < p->n - 1) {
+        if (++spins < ST_SPIN_BARRIER) cpu_relax();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&p->run_lock);
+}
+
+/* ---- helpers ---------------------------------------------------------------------------------- */
+static inline void split(int64_t n, int ith, int nth, int64_t align, int64_t *lo, int64_t *hi) {
+    int64_t units = (n + align - 1) / align;
+    int64_t a = units * ith / nth, b = units * (ith + 1) / nth;
+    *lo = a * align < n ? a * align : n;
+    *hi = b * align < n ? b * align : n;
+}
+static inline int fmt_quantised(int32_t fmt) { return fmt >= ST_Q8_0 && fmt <= ST_Q4_0X8; }
+static inline int fmt_x8(int32_t fmt) { return fmt == ST_Q8_0X8 || fmt == ST_Q4_0X8; }
+static int64_t fmt_row_bytes(int32_t fmt, int64_t cols) {
+    switch (fmt) {
+    case ST_F32: return cols * 4;
+    case ST_F16: case ST_BF16: return cols * 2;
+    case ST_Q8_0: return cols % QK ? -1 : cols / QK * 34;
+    case ST_Q4_0: return cols % QK ? -1 : cols / QK * 18;
+    case ST_Q8_0X8: return cols % QK ? -1 : cols / QK * (16 + 8 * 32);   /* per group of 8 rows */
+    case ST_Q4_0X8: return cols % QK ? -1 : cols / QK * (16 + 8 * 16);
+    }
+    return -1;
+}
+
+int64_t st_repacked_bytes(int32_t fmt, int64_t rows, int64_t cols) {
+    if ((fmt != ST_Q8_0 && fmt != ST_Q4_0) || rows <= 0 || rows % 8 || cols <= 0 || cols % QK) return -1;
+    return rows / 8 * fmt_row_bytes(fmt == ST_Q8_0 ? ST_Q8_0X8 : ST_Q4_0X8, cols);
+}
+
+int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst) {
+    if (!src || !dst || st_repacked_bytes(fmt, rows, cols) < 0 || src_row_bytes < fmt_row_bytes(fmt, cols)) return ST_EARG;
+    const int64_t nb = cols / QK, bb = fmt == ST_Q8_0 ? 34 : 18, qb = bb - 2;
+    uint8_t *o = dst;
+    for (int64_t g = 0; g < rows / 8; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            for (int j = 0; j < 8; j++) memcpy(o + 2 * j, (const uint8_t *)src + (g * 8 + j) * src_row_bytes + b * bb, 2);
+            o += 16;
+            for (int64_t m = 0; m < qb / 4; m++)
+                for (int j = 0; j < 8; j++, o += 4)
+                    memcpy(o, (const uint8_t *)src + (g * 8 + j) * src_row_bytes + b * bb + 2 + 4 * m, 4);
+        }
+    return ST_OK;
+}
+static int mat_ok(const st_mat *w, int64_t rows, int64_t cols) {
+    if (!w || !w->data || w->rows != rows || w->cols != cols || rows <= 0 || (fmt_x8(w->fmt) && rows % 8)) return 0;
+    int64_t rb = fmt_row_bytes(w->fmt, cols);
+    return rb > 0 && w->row_bytes >= rb;
+}
+static int experts_ok(const st_experts *w, int64_t E, int64_t rows, int64_t cols) {
+    if (!w || !w->experts || w->n_experts != E || w->rows != rows || w->cols != cols || rows <= 0 ||
+        (fmt_x8(w->fmt) && rows % 8))
+        return 0;
+    int64_t rb = fmt_row_bytes(w->fmt, cols);
+    if (rb <= 0 || w->row_bytes < rb) return 0;
+    for (int64_t e = 0; e < E; e++) if (!w->experts[e]) return 0;
+    return 1;
+}
+
+static void dequant_row(int32_t fmt, const uint8_t *src, int64_t n, float *out) {
+    switch (fmt) {
+    case ST_F32: memcpy(out, src, (size_t)n * 4); break;
+    case ST_F16: for (int64_t j = 0; j < n; j++) { uint16_t u; memcpy(&u, src + 2 * j, 2); out[j] = st_fp16_to_f32(u); } break;
+    case ST_BF16: for (int64_t j = 0; j < n; j++) { uint16_t u; memcpy(&u, src + 2 * j, 2); out[j] = st_bf16_to_f32(u); } break;
+    case ST_Q8_0:
+        for (int64_t b = 0; b < n / QK; b++) {
+            uint16_t u; memcpy(&u, src + b * 34, 2);
+            float d = st_fp16_to_f32(u);
+            for (int j = 0; j < QK; j++) out[b * QK + j] = d * (float)(int8_t)src[b * 34 + 2 + j];
+        }
+        break;
+    case ST_Q4_0:
+        for (int64_t b = 0; b < n / QK; b++) {
+            uint16_t u; memcpy(&u, src + b * 18, 2);
+            float d = st_fp16_to_f32(u);
+            const uint8_t *q = src + b * 18 + 2;
+            for (int j = 0; j < 16; j++) {
+                out[b * QK + j] = d * (float)((q[j] & 0x0F) - 8);
+                out[b * QK + j + 16] = d * (float)((q[j] >> 4) - 8);
+            }
+        }
+        break;
+    }
+}
+
+/* y[t, r] (+)= W[r] . x[t] for this thread's rows; weight tiles stay in cache across all T tokens,
+ * which makes prefill a blocked matrix-matrix product rather than T matrix-vector passes */
+static void mm_rows(int ith, int nth, int64_t r_lo, int64_t r_hi, const int32_t fmt, const void *data,
+                    int64_t row_bytes, int64_t cols, const float *xf, const block_q8 *xq, int64_t T, float *y,
+                    int64_t ldy, int add, float scale) {
+    (void)ith; (void)nth;
+    if (fmt_x8(fmt)) {   /* repacked: groups of 8 rows; callers split rows on multiples of 8 */
+        const int64_t nbk = cols / QK;
+        for (int64_t rt = r_lo; rt < r_hi; rt += 16) {
+            int64_t re = rt + 16 < r_hi ? rt + 16 : r_hi;
+            int64_t t = 0;
+            for (; t + 4 <= T; t += 4) {   /* four tokens per unpacked weight chunk */
+                const block_q8 *xs[4] = {xq + t * nbk, xq + (t + 1) * nbk, xq + (t + 2) * nbk, xq + (t + 3) * nbk};
+                float v[32];
+                for (int64_t r = rt; r < re; r += 8) {
+                    K->gemm4[fmt](cols, (const uint8_t *)data + r / 8 * row_bytes, xs, v);
+                    for (int u = 0; u < 4; u++) {
+                        float *yt = y + (t + u) * ldy;
+                        for (int i = 0; i < 8; i++) yt[r + i] = add ? yt[r + i] + scale * v[8 * u + i] : scale * v[8 * u + i];
+                    }
+                }
+            }
+            for (; t < T; t++) {
+                float *yt = y + t * ldy, v[8];
+                for (int64_t r = rt; r < re; r += 8) {
+                    K->dot8[fmt](cols, (const uint8_t *)data + r / 8 * row_bytes, xq + t * nbk, v);
+                    for (int i = 0; i < 8; i++) yt[r + i] = add ? yt[r + i] + scale * v[i] : scale * v[i];
+                }
+            }
+        }
+        return;
+    }
+    const dot_fn dot = K->dot[fmt];
+    const dot4_fn dot4 = K->dot4[fmt];
+    const int quant = fmt_quantised(fmt);
+    const int64_t nbk = cols / QK, TILE = 16;
+    for (int64_t rt = r_lo; rt < r_hi; rt += TILE) {
+        int64_t re = rt + TILE < r_hi ? rt + TILE : r_hi;
+        for (int64_t t = 0; t < T; t++) {
+            const void *x = quant ? (const void *)(xq + t * nbk) : (const void *)(xf + t * cols);
+            float *yt = y + t * ldy, v[4];
+            int64_t r = rt;
+            for (; r + 4 <= re; r += 4) {
+                dot4(cols, (const uint8_t *)data + r * row_bytes, row_bytes, x, v);
+                for (int i = 0; i < 4; i++) yt[r + i] = add ? yt[r + i] + scale * v[i] : scale * v[i];
+            }
+            for (; r < re; r++) {
+                float u = scale * dot(cols, (const uint8_t *)data + r * row_bytes, x);
+                yt[r] = add ? yt[r] + u : u;
+            }
+        }
+    }
+}
+static void mm(int ith, int nth, const st_mat *w, const float *xf, const block_q8 *xq, int64_t T, float *y,
+               int64_t ldy, int add) {
+    int64_t lo, hi;
+    split(w->rows, ith, nth, fmt_x8(w->fmt) ? 8 : 1, &lo, &hi);
+    mm_rows(ith, nth, lo, hi, w->fmt, w->data, w->row_bytes, w->cols, xf, xq, T, y, ldy, add, 1.0f);
+}
+
+static void rms_row(const float *x, const float *w, int64_t H, float eps, float *out) {
+    float ss = 0;
+    for (int64_t j = 0; j < H; j++) ss += x[j] * x[j];
+    float r = 1.0f / sqrtf(ss / (float)H + eps);
+    for (int64_t j = 0; j < H; j++) out[j] = w[j] * (x[j] * r);
+}
+
+/* quantise rows of x [T, K] into q8 blocks, work split by blocks across threads */
+static void quantize_rows(int ith, int nth, const float *x, int64_t T, int64_t Kc, block_q8 *q) {
+    if (Kc % QK) return;
+    int64_t nb = Kc / QK, lo, hi;
+    split(T * nb, ith, nth, 1, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) K->quantize_q8(QK, x + i * QK, q + i);
+}
+
+static void rope_table(const int64_t *pos, int64_t T, int64_t hd, double theta, float *cs) {
+    int64_t half = hd / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < half; j++) {
+            double a = (double)pos[t] * pow(theta, -(double)(2 * j) / (double)hd);
+            cs[(t * half + j) * 2] = (float)cos(a);
+            cs[(t * half + j) * 2 + 1] = (float)sin(a);
+        }
+}
+static void rope_apply(float *x, int64_t hd, const float *cs) {
+    int64_t half = hd / 2;
+    for (int64_t j = 0; j < half; j++) {
+        float c = cs[2 * j], s = cs[2 * j + 1], x1 = x[j], x2 = x[j + half];
+        x[j] = x1 * c - x2 * s;
+        x[j + half] = x2 * c + x1 * s;
+    }
+}
+
+/* top-k on logits (ties: lower index first, like a stable descending sort), then sigmoid-renormalise
+ * or softmax over the k picked */
+static void topk_row(const float *logits, int64_t E, int64_t k, int softmax, float *w, int64_t *ids) {
+    for (int64_t j = 0; j < k; j++) ids[j] = -1;
+    for (int64_t e = 0; e < E; e++) {
+        float v = logits[e];
+        int64_t at = k;
+        while (at > 0 && (ids[at - 1] < 0 || v > logits[ids[at - 1]])) at--;
+        if (at >= k) continue;
+        for (int64_t j = k - 1; j > at; j--) ids[j] = ids[j - 1];
+        ids[at] = e;
+    }
+    float sum = 0, mx = logits[ids[0]];
+    for (int64_t j = 0; j < k; j++) {
+        float v = logits[ids[j]];
+        w[j] = softmax ? expf(v - mx) : 1.0f / (1.0f + expf(-v));
+        sum += w[j];
+    }
+    for (int64_t j = 0; j < k; j++) w[j] /= sum;
+}
+
+/* ---- one job context shared by the fused and the per-op entry points ----------------------------- */
+typedef struct {
+    st_pool *pool;
+    const st_model *m;
+    int64_t T;
+    const int64_t *pos;
+    /* attention */
+    int64_t nH, nKV, hd, window;
+    const float *q, *k, *v;
+    st_kv *kv;
+    float *att, *scores;   /* scores: per thread, smax floats */
+    block_q8 *attq;        /* when set (head_dim % 32 == 0): q8 copy of att, written head by head */
+    int64_t smax;
+    /* moe */
+    const st_experts *gate, *up, *down;
+    int64_t E, topk, F, H;
+    int32_t sparse;
+    const float *mf;
+    block_q8 *mq;
+    const int64_t *ids;
+    const float *w;
+    int64_t *order, *offs;   /* pairs t*k+j grouped by expert; offs[E+1] */
+    float *Z;
+    block_q8 *Zq;
+    float *out;
+} jctx;
+
+static void attention_stage(jctx *c, int ith, int nth) {
+    const int64_t T = c->T, nH = c->nH, nKV = c->nKV, hd = c->hd, group = nH / nKV, win = c->window;
+    const float scale = 1.0f / sqrtf((float)hd);
+    st_kv *kv = c->kv;
+    const int64_t nslots = win ? kv->cap : kv->length;
+    float *sc = c->scores + (int64_t)ith * c->smax;
+    int64_t lo, hi;
+    split(T * nH, ith, nth, 1, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) {
+        int64_t t = it / nH, h = it % nH, g = h / group, pt = c->pos[t];
+        const float *qv = c->q + (t * nH + h) * hd;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < nslots + T; s++) {
+            int64_t ps = s < nslots ? kv->pos[s] : c->pos[s - nslots];
+            if (ps < 0 || ps > pt || (win && ps <= pt - win)) { sc[s] = -INFINITY; continue; }
+            const float *kk = s < nslots ? kv->k + (s * nKV + g) * hd : c->k + ((s - nslots) * nKV + g) * hd;
+            sc[s] = K->dot[ST_F32](hd, kk, qv) * scale;
+            if (sc[s] > mx) mx = sc[s];
+        }
+        float *o = c->att + (t * nH + h) * hd, sum = 0;
+        memset(o, 0, (size_t)hd * 4);
+        for (int64_t s = 0; s < nslots + T; s++) {
+            if (sc[s] == -INFINITY) continue;
+            float p = expf(sc[s] - mx);
+            sum += p;
+            const float *vv = s < nslots ? kv->v + (s * nKV + g) * hd : c->v + ((s - nslots) * nKV + g) * hd;
+            for (int64_t j = 0; j < hd; j++) o[j] += p * vv[j];
+        }
+        float inv = sum > 0 ? 1.0f / sum : 0.0f;
+        for (int64_t j = 0; j < hd; j++) o[j] *= inv;
+        if (c->attq) K->quantize_q8(hd, o, c->attq + (t * nH + h) * (hd / QK));
+    }
+}
+
+static void kv_append(jctx *c) {
+    st_kv *kv = c->kv;
+    const int64_t row = c->nKV * c->hd;
+    for (int64_t t = 0; t < c->T; t++) {
+        int64_t slot = c->window ? c->pos[t] % c->window : kv->length + t;
+        memcpy(kv->k + slot * row, c->k + t * row, (size_t)row * 4);
+        memcpy(kv->v + slot * row, c->v + t * row, (size_t)row * 4);
+        kv->pos[slot] = c->pos[t];
+    }
+    kv->length += c->T;
+}
+
+static void group_pairs(jctx *c) {
+    const int64_t P = c->T * c->topk;
+    memset(c->offs, 0, (size_t)(c->E + 1) * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) c->offs[c->ids[p] + 1]++;
+    for (int64_t e = 0; e < c->E; e++) c->offs[e + 1] += c->offs[e];
+    int64_t *fill = c->offs + c->E + 1;   /* E scratch slots right after offs */
+    memcpy(fill, c->offs, (size_t)c->E * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) c->order[fill[c->ids[p]]++] = p;
+}
+
+/* fused ReGLU: per expert, gate rows, then up rows only where relu(gate) > 0 (sparse), z = relu(g)*u;
+ * each thread owns whole 32-row blocks of F so it can quantise its part of z without a barrier */
+static void gate_up_stage(jctx *c, int ith, int nth) {
+    const st_experts *G = c->gate, *U = c->up;
+    const int64_t F = c->F, H = c->H, nbh = H / QK;
+    const int qg = fmt_quantised(G->fmt), qu = fmt_quantised(U->fmt);
+    const dot_fn dg = K->dot[G->fmt], du = K->dot[U->fmt];
+    int64_t lo, hi;
+    split(F, ith, nth, QK, &lo, &hi);
+    for (int64_t e = 0; e < c->E; e++) {
+        int64_t p0 = c->offs[e], p1 = c->offs[e + 1];
+        if (p0 == p1) continue;
+        const uint8_t *gw = G->experts[e], *uw = U->experts[e];
+        if (fmt_x8(G->fmt) && fmt_x8(U->fmt)) {   /* repacked: 8 neurons per group; skip a group only if all are dead */
+            int64_t i = p0;
+            for (; i + 4 <= p1 && G->fmt == U->fmt; i += 4) {   /* four token-expert pairs per unpacked chunk */
+                const block_q8 *xs[4];
+                for (int q = 0; q < 4; q++) xs[q] = c->mq + c->order[i + q] / c->topk * nbh;
+                for (int64_t r = lo; r < hi; r += 8) {
+                    float g[32], u[32];
+                    K->gemm4[G->fmt](H, gw + r / 8 * G->row_bytes, xs, g);
+                    int live = 0;
+                    for (int j = 0; j < 32; j++) live += g[j] > 0.0f;
+                    if (live || !c->sparse) K->gemm4[U->fmt](H, uw + r / 8 * U->row_bytes, xs, u);
+                    for (int q = 0; q < 4; q++)
+                        for (int j = 0; j < 8; j++)
+                            c->Z[c->order[i + q] * F + r + j] = g[8 * q + j] > 0.0f ? g[8 * q + j] * u[8 * q + j] : 0.0f;
+                }
+            }
+            for (; i < p1; i++) {
+                int64_t p = c->order[i], t = p / c->topk;
+                for (int64_t r = lo; r < hi; r += 8) {
+                    float g[8], u[8];
+                    K->dot8[G->fmt](H, gw + r / 8 * G->row_bytes, c->mq + t * nbh, g);
+                    int live = 0;
+                    for (int j = 0; j < 8; j++) live += g[j] > 0.0f;
+                    if (live || !c->sparse) K->dot8[U->fmt](H, uw + r / 8 * U->row_bytes, c->mq + t * nbh, u);
+                    for (int j = 0; j < 8; j++) c->Z[p * F + r + j] = g[j] > 0.0f ? g[j] * u[j] : 0.0f;
+                }
+            }
+            continue;
+        }
+        for (int64_t rt = lo; rt < hi; rt += 16) {
+            int64_t re = rt + 16 < hi ? rt + 16 : hi;
+            for (int64_t i = p0; i < p1; i++) {
+                int64_t p = c->order[i], t = p / c->topk;
+                const void *xg = qg ? (const void *)(c->mq + t * nbh) : (const void *)(c->mf + t * H);
+                const void *xu = qu ? (const void *)(c->mq + t * nbh) : (const void *)(c->mf + t * H);
+                int64_t r = rt;
+                for (; r + 4 <= re; r += 4) {
+                    float g[4], u[4];
+                    K->dot4[G->fmt](H, gw + r * G->row_bytes, G->row_bytes, xg, g);
+                    int live = (g[0] > 0) + (g[1] > 0) + (g[2] > 0) + (g[3] > 0);
+                    if (live == 4 || (!c->sparse && live)) K->dot4[U->fmt](H, uw + r * U->row_bytes, U->row_bytes, xu, u);
+                    else
+                        for (int i = 0; i < 4; i++)   /* the sparse skip: no up row for a dead neuron */
+                            u[i] = g[i] > 0.0f ? du(H, uw + (r + i) * U->row_bytes, xu) : 0.0f;
+                    for (int i = 0; i < 4; i++) c->Z[p * F + r + i] = (g[i] > 0.0f ? g[i] : 0.0f) * u[i];
+                }
+                for (; r < re; r++) {
+                    float g = dg(H, gw + r * G->row_bytes, xg);
+                    float z = 0.0f;
+                    if (g > 0.0f || !c->sparse) z = (g > 0.0f ? g : 0.0f) * du(H, uw + r * U->row_bytes, xu);
+                    c->Z[p * F + r] = z;
+                }
+            }
+        }
+    }
+    if (fmt_quantised(c->down->fmt) && F % QK == 0) {
+        const int64_t P = c->T * c->topk;
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t r = lo; r < hi; r += QK) K->quantize_q8(QK, c->Z + p * F + r, c->Zq + p * (F / QK) + r / QK);
+    }
+}
+
+/* out[t, r] += w[p] * down_e[r] . z[p] over the pairs p of each expert; threads own rows of H */
+static void down_stage(jctx *c, int ith, int nth) {
+    const st_experts *D = c->down;
+    const int64_t F = c->F, H = c->H;
+    const int qd = fmt_quantised(D->fmt);
+    const dot_fn dd = K->dot[D->fmt];
+    int64_t lo, hi;
+    split(H, ith, nth, fmt_x8(D->fmt) ? 8 : 1, &lo, &hi);
+    for (int64_t e = 0; e < c->E; e++) {
+        int64_t p0 = c->offs[e], p1 = c->offs[e + 1];
+        if (p0 == p1) continue;
+        const uint8_t *dw = D->experts[e];
+        if (fmt_x8(D->fmt)) {
+            int64_t i = p0;
+            for (; i + 4 <= p1; i += 4) {
+                const block_q8 *xs[4];
+                for (int q = 0; q < 4; q++) xs[q] = c->Zq + c->order[i + q] * (F / QK);
+                for (int64_t r = lo; r < hi; r += 8) {
+                    float v[32];
+                    K->gemm4[D->fmt](F, dw + r / 8 * D->row_bytes, xs, v);
+                    for (int q = 0; q < 4; q++) {
+                        int64_t p = c->order[i + q];
+                        float wp = c->w[p], *o = c->out + p / c->topk * H;
+                        for (int j = 0; j < 8; j++) o[r + j] += wp * v[8 * q + j];
+                    }
+                }
+            }
+            for (; i < p1; i++) {
+                int64_t p = c->order[i], t = p / c->topk;
+                float wp = c->w[p], *o = c->out + t * H, v[8];
+                for (int64_t r = lo; r < hi; r += 8) {
+                    K->dot8[D->fmt](F, dw + r / 8 * D->row_bytes, c->Zq + p * (F / QK), v);
+                    for (int j = 0; j < 8; j++) o[r + j] += wp * v[j];
+                }
+            }
+            continue;
+        }
+        for (int64_t rt = lo; rt < hi; rt += 16) {
+            int64_t re = rt + 16 < hi ? rt + 16 : hi;
+            for (int64_t i = p0; i < p1; i++) {
+                int64_t p = c->order[i], t = p / c->topk;
+                const void *z = qd ? (const void *)(c->Zq + p * (F / QK)) : (const void *)(c->Z + p * F);
+                float wp = c->w[p], *o = c->out + t * H, v[4];
+                int64_t r = rt;
+                for (; r + 4 <= re; r += 4) {
+                    K->dot4[D->fmt](F, dw + r * D->row_bytes, D->row_bytes, z, v);
+                    for (int j = 0; j < 4; j++) o[r + j] += wp * v[j];
+                }
+                for (; r < re; r++) o[r] += wp * dd(F, dw + r * D->row_bytes, z);
+            }
+        }
+    }
+}
+
+/* ---- scratch: one allocation per call, carved into the buffers a layer needs ------------------ */
+typedef struct {
+    float *a, *q, *k, *v, *att, *rl, *rw, *mf, *Z, *scores, *cs;
+    block_q8 *aq, *hq, *attq, *mq, *Zq;
+    int64_t *rid, *order, *offs;
+    void *mem;
+} scratch;
+
+static void *carve(char **p, size_t n) { void *r = *p; *p += (n + 63) & ~(size_t)63; return r; }
+
+static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax, int nth) {
+    const int64_t H = m->hidden, qw = m->n_heads * m->head_dim, kw = m->n_kv * m->head_dim, P = T * m->top_k;
+    const int64_t F = m->ffn, E = m->n_experts;
+    size_t sz[22] = {
+        (size_t)(T * H) * 4, (size_t)(T * qw) * 4, (size_t)(T * kw) * 4, (size_t)(T * kw) * 4, (size_t)(T * qw) * 4,
+        (size_t)(T * E) * 4, (size_t)P * 4, (size_t)(T * H) * 4, (size_t)(P * F) * 4, (size_t)(smax * nth) * 4,
+        (size_t)(T * (m->head_dim / 2 + 1)) * 8,
+        (size_t)(T * (H / QK + 1)) * sizeof(block_q8), (size_t)(T * (H / QK + 1)) * sizeof(block_q8),
+        (size_t)(T * (qw / QK + 1)) * sizeof(block_q8), (size_t)(T * (H / QK + 1)) * sizeof(block_q8),
+        (size_t)(P * (F / QK + 1)) * sizeof(block_q8),
+        (size_t)P * 8, (size_t)P * 8, (size_t)(2 * E + 2) * 8, 0, 0, 0};
+    size_t total = 0;
+    for (int i = 0; i < 22; i++) total += (sz[i] + 63) & ~(size_t)63;
+    char *p = aligned_alloc(64, total + 64);
+    if (!p) return ST_ENOMEM;
+    s->mem = p;
+    s->a = carve(&p, sz[0]); s->q = carve(&p, sz[1]); s->k = carve(&p, sz[2]); s->v = carve(&p, sz[3]);
+    s->att = carve(&p, sz[4]); s->rl = carve(&p, sz[5]); s->rw = carve(&p, sz[6]); s->mf = carve(&p, sz[7]);
+    s->Z = carve(&p, sz[8]); s->scores = carve(&p, sz[9]); s->cs = carve(&p, sz[10]);
+    s->aq = carve(&p, sz[11]); s->hq = carve(&p, sz[12]); s->attq = carve(&p, sz[13]); s->mq = carve(&p, sz[14]);
+    s->Zq = carve(&p, sz[15]); s->rid = carve(&p, sz[16]); s->order = carve(&p, sz[17]); s->offs = carve(&p, sz[18]);
+    return ST_OK;
+}
+
+/* ---- the fused layer ---------------------------------------------------------------------------- */
+typedef struct {
+    const st_model *m;
+    st_pool *pool;
+    st_kv *caches;
+    int64_t layer0, layer1, T;
+    float *h;
+    const int64_t *pos, *ids;
+    int32_t last_only, rope_ready;
+    float *logits;
+    scratch s;
+    int64_t smax;
+} fctx;
+
+static void layer_body(fctx *f, int64_t li, int ith, int nth) {
+    const st_model *m = f->m;
+    const st_layer *L = &m->layers[li];
+    scratch *s = &f->s;
+    const int64_t T = f->T, H = m->hidden, nH = m->n_heads, nKV = m->n_kv, hd = m->head_dim;
+    const int64_t qw = nH * hd, kw = nKV * hd, E = m->n_experts, k = m->top_k;
+    float *h = f->h;
+    int64_t lo, hi;
+
+    /* Barriers are what a busy machine makes expensive (a waiting thread needs its partner scheduled),
+     * so each stage does as much as it can without one: 8 per layer. */
+    /* 1. attn norm; q8 copies of its output and of the raw input (the router's), token by token */
+    split(T, ith, nth, 1, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        rms_row(h + t * H, L->attn_norm, H, m->eps, s->a + t * H);
+        if (H % QK == 0) {
+            K->quantize_q8(H, s->a + t * H, s->aq + t * (H / QK));
+            K->quantize_q8(H, h + t * H, s->hq + t * (H / QK));
+        }
+    }
+    barrier(f->pool, nth);
+    /* 2. q, k, v and router logits */
+    mm(ith, nth, &L->wq, s->a, s->aq, T, s->q, qw, 0);
+    mm(ith, nth, &L->wk, s->a, s->aq, T, s->k, kw, 0);
+    mm(ith, nth, &L->wv, s->a, s->aq, T, s->v, kw, 0);
+    mm(ith, nth, &L->router, h, s->hq, T, s->rl, E, 0);
+    barrier(f->pool, nth);
+    /* 3. rope, routing */
+    if (L->use_rope) {
+        split(T * (nH + nKV), ith, nth, 1, &lo, &hi);
+        for (int64_t it = lo; it < hi; it++) {
+            int64_t t = it / (nH + nKV), j = it % (nH + nKV);
+            float *x = j < nH ? s->q + (t * nH + j) * hd : s->k + (t * nKV + (j - nH)) * hd;
+            rope_apply(x, hd, s->cs + t * (hd / 2) * 2);
+        }
+    }
+    split(T, ith, nth, 1, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) topk_row(s->rl + t * E, E, k, m->softmax, s->rw + t * k, s->rid + t * k);
+    barrier(f->pool, nth);
+    /* 4. attention over the cache plus this step's keys */
+    jctx c = {.pool = f->pool, .m = m, .T = T, .pos = f->pos, .nH = nH, .nKV = nKV, .hd = hd, .window = L->window,
+              .q = s->q, .k = s->k, .v = s->v, .kv = &f->caches[li - f->layer0], .att = s->att, .scores = s->scores,
+              .smax = f->smax, .gate = &L->gate, .up = &L->up, .down = &L->down, .E = E, .topk = k, .F = m->ffn,
+              .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .ids = s->rid, .w = s->rw, .order = s->order,
+              .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .out = h};
+    if (hd % QK == 0) c.attq = s->attq;   /* each head's output is quantised where it is computed */
+    attention_stage(&c, ith, nth);
+    barrier(f->pool, nth);
+    if (hd % QK) {
+        quantize_rows(ith, nth, s->att, T, qw, s->attq);
+        barrier(f->pool, nth);
+    }
+    /* 5. h += attn @ Wo; meanwhile thread 0 appends k/v (nothing reads the cache now) and groups the
+     * token-expert pairs by expert */
+    if (ith == 0) { kv_append(&c); group_pairs(&c); }
+    mm(ith, nth, &L->wo, s->att, s->attq, T, h, H, 1);
+    barrier(f->pool, nth);
+    /* 6. ffn norm and its q8 copy */
+    split(T, ith, nth, 1, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        rms_row(h + t * H, L->ffn_norm, H, m->eps, s->mf + t * H);
+        if (H % QK == 0) K->quantize_q8(H, s->mf + t * H, s->mq + t * (H / QK));
+    }
+    barrier(f->pool, nth);
+    /* 8-9. experts: fused sparse gate/up, then down accumulated into h */
+    gate_up_stage(&c, ith, nth);
+    barrier(f->pool, nth);
+    down_stage(&c, ith, nth);
+    barrier(f->pool, nth);
+}
+
+static void forward_job(void *arg, int ith, int nth) {
+    fctx *f = arg;
+    const st_model *m = f->m;
+    const int64_t T = f->T, H = m->hidden;
+    int64_t lo, hi;
+    if (f->ids) {   /* embedding rows */
+        split(T, ith, nth, 1, &lo, &hi);
+        for (int64_t t = lo; t < hi; t++)
+            dequant_row(m->embed.fmt, (const uint8_t *)m->embed.data + f->ids[t] * m->embed.row_bytes, H, f->h + t * H);
+    }
+    if (ith == 0) rope_table(f->pos, T, m->head_dim, m->rope_theta, f->s.cs);
+    barrier(f->pool, nth);
+    for (int64_t li = f->layer0; li < f->layer1; li++) layer_body(f, li, ith, nth);
+    if (!f->logits) return;
+    /* final norm and head (only the last row when last_only) */
+    int64_t t0 = f->last_only ? T - 1 : 0, n = T - t0;
+    split(n, ith, nth, 1, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) rms_row(f->h + (t0 + t) * H, m->norm, H, m->eps, f->s.a + t * H);
+    barrier(f->pool, nth);
+    quantize_rows(ith, nth, f->s.a, n, H, f->s.aq);
+    barrier(f->pool, nth);
+    mm(ith, nth, &m->head, f->s.a, f->s.aq, n, f->logits, m->vocab, 0);
+}
+
+/* io: the embedding, final norm and head are used too (a whole forward, not layers alone) */
+static int model_ok(const st_model *m, int io) {
+    if (!m || !m->layers || m->n_layers <= 0 || m->hidden <= 0 || m->n_heads <= 0 || m->n_kv <= 0 ||
+        m->head_dim <= 0 || m->head_dim % 2 || m->n_heads % m->n_kv || m->n_experts <= 0 || m->top_k <= 0 ||
+        m->top_k > m->n_experts || m->ffn <= 0)
+        return 0;
+    const int64_t H = m->hidden, qw = m->n_heads * m->head_dim, kw = m->n_kv * m->head_dim;
+    if (io && (m->vocab <= 0 || !m->norm || !mat_ok(&m->embed, m->vocab, H) || fmt_x8(m->embed.fmt) ||
+               !mat_ok(&m->head, m->vocab, H)))
+        return 0;
+    for (int64_t i = 0; i < m->n_layers; i++) {
+        const st_layer *L = &m->layers[i];
+        if (!mat_ok(&L->wq, qw, H) || !mat_ok(&L->wk, kw, H) || !mat_ok(&L->wv, kw, H) || !mat_ok(&L->wo, H, qw) ||
+            !mat_ok(&L->router, m->n_experts, H) || !L->attn_norm || !L->ffn_norm || L->window < 0 ||
+            !experts_ok(&L->gate, m->n_experts, m->ffn, H) || !experts_ok(&L->up, m->n_experts, m->ffn, H) ||
+            !experts_ok(&L->down, m->n_experts, H, m->ffn) || fmt_x8(L->gate.fmt) != fmt_x8(L->up.fmt))
+            return 0;
+        /* quantised weights read q8 activations, which need whole blocks */
+        if ((H % QK && (fmt_quantised(L->wq.fmt) || fmt_quantised(L->gate.fmt))) || (qw % QK && fmt_quantised(L->wo.fmt)) ||
+            (m->ffn % QK && fmt_quantised(L->down.fmt)))
+            return 0;
+    }
+    return 1;
+}
+
+static int kv_ok(const st_kv *kv, int64_t window, int64_t T) {
+    if (!kv || !kv->k || !kv->v || !kv->pos || kv->length < 0) return 0;
+    if (kv->window != window) return 0;
+    if (window) return kv->cap == window;
+    return kv->length + T <= kv->cap;
+}
+
+static int run_layers(st_pool *pool, const st_model *m, st_kv *caches, int64_t l0, int64_t l1, const int64_t *ids,
+                      const int64_t *pos, int64_t T, int32_t last_only, float *h, float *logits) {
+    if (T <= 0 || !pos || !h || !caches || !model_ok(m, ids || logits) || l0 < 0 || l1 > m->n_layers || l0 >= l1) return ST_EARG;
+    int64_t smax = 0;
+    for (int64_t i = l0; i < l1; i++) {
+        const st_kv *kv = &caches[i - l0];   /* caches[0] belongs to layer l0 */
+        if (!kv_ok(kv, m->layers[i].window, T)) return ST_ECACHE;
+        int64_t n = (m->layers[i].window ? kv->cap : kv->length) + T;
+        if (n > smax) smax = n;
+    }
+    if (ids)
+        for (int64_t t = 0; t < T; t++) if (ids[t] < 0 || ids[t] >= m->vocab) return ST_EIDS;
+    for (int64_t t = 0; t < T; t++) if (pos[t] < 0) return ST_EARG;
+    fctx f = {.m = m, .pool = pool, .caches = caches, .layer0 = l0, .layer1 = l1, .T = T, .h = h, .pos = pos,
+              .ids = ids, .last_only = last_only, .logits = logits, .smax = smax};
+    int nth = pool ? pool->n : 1;
+    if (scratch_alloc(&f.s, m, T, smax, nth)) return ST_ENOMEM;
+    pool_run(pool, forward_job, &f);
+    free(f.s.mem);
+    return ST_OK;
+}
+
+int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *ids, const int64_t *pos, int64_t T,
+               int32_t last_only, float *logits) {
+    if (!m || !ids || !logits || T <= 0) return ST_EARG;
+    float *h = malloc((size_t)(T * (m->hidden > 0 ? m->hidden : 1)) * 4);
+    if (!h) return ST_ENOMEM;
+    int rc = run_layers(pool, m, caches, 0, m->n_layers, ids, pos, T, last_only, h, logits);
+    free(h);
+    return rc;
+}
+
+int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
+                     int64_t T) {
+    if (!m || !cache || layer < 0 || layer >= m->n_layers) return ST_EARG;
+    return run_layers(pool, m, cache, layer, layer + 1, NULL, pos, T, 0, h, NULL);
+}
+
+/* ---- per-op entry points (the conformance kit checks each op alone) ------------------------------ */
+int st_get_rows(const st_mat *tb, const int64_t *ids, int64_t T, float *out) {
+    if (!tb || !ids || !out || T <= 0 || !mat_ok(tb, tb->rows, tb->cols) || fmt_x8(tb->fmt)) return ST_EARG;
+    for (int64_t t = 0; t < T; t++) if (ids[t] < 0 || ids[t] >= tb->rows) return ST_EIDS;
+    for (int64_t t = 0; t < T; t++)
+        dequant_row(tb->fmt, (const uint8_t *)tb->data + ids[t] * tb->row_bytes, tb->cols, out + t * tb->cols);
+    return ST_OK;
+}
+
+typedef struct { st_pool *pool; const st_mat *w; const float *x; int64_t T; float *y; block_q8 *xq; } lin_ctx;
+static void linear_job(void *arg, int ith, int nth) {
+    lin_ctx *c = arg;
+    if (c->xq) { quantize_rows(ith, nth, c->x, c->T, c->w->cols, c->xq); barrier(c->pool, nth); }
+    mm(ith, nth, c->w, c->x, c->xq, c->T, c->y, c->w->rows, 0);
+}
+int st_linear(st_pool *pool, const st_mat *w, const float *x, int64_t T, float *y) {
+    if (!w || !x || !y || T <= 0 || !mat_ok(w, w->rows, w->cols)) return ST_EARG;
+    lin_ctx c = {pool, w, x, T, y, NULL};
+    if (fmt_quantised(w->fmt) && !(c.xq = malloc((size_t)(T * (w->cols / QK)) * sizeof(block_q8)))) return ST_ENOMEM;
+    pool_run(pool, linear_job, &c);
+    free(c.xq);
+    return ST_OK;
+}
+
+int st_rms_norm(st_pool *pool, const float *x, const float *w, int64_t T, int64_t H, float eps, float *out) {
+    (void)pool;
+    if (!x || !w || !out || T <= 0 || H <= 0) return ST_EARG;
+    for (int64_t t = 0; t < T; t++) rms_row(x + t * H, w, H, eps, out + t * H);
+    return ST_OK;
+}
+
+int st_rope(float *x, int64_t T, int64_t n, int64_t hd, const int64_t *pos, double theta) {
+    if (!x || !pos || T <= 0 || n <= 0 || hd <= 0 || hd % 2) return ST_EARG;
+    float *cs = malloc((size_t)(T * (hd / 2)) * 8);
+    if (!cs) return ST_ENOMEM;
+    rope_table(pos, T, hd, theta, cs);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < n; j++) rope_apply(x + (t * n + j) * hd, hd, cs + t * (hd / 2) * 2);
+    free(cs);
+    return ST_OK;
+}
+
+static void attention_job(void *arg, int ith, int nth) {
+    jctx *c = arg;
+    attention_stage(c, ith, nth);
+    barrier(c->pool, nth);
+    if (ith == 0) kv_append(c);
+}
+int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH, int64_t nKV,
+                 int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out) {
+    if (!q || !k || !v || !pos || !out || T <= 0 || nH <= 0 || nKV <= 0 || hd <= 0 || nH % nKV || window < 0)
+        return ST_EARG;
+    if (!kv_ok(cache, window, T)) return ST_ECACHE;
+    for (int64_t t = 0; t < T; t++) if (pos[t] < 0) return ST_EARG;
+    int nth = pool ? pool->n : 1;
+    int64_t smax = (window ? cache->cap : cache->length) + T;
+    jctx c = {.pool = pool, .T = T, .pos = pos, .nH = nH, .nKV = nKV, .hd = hd, .window = window, .q = q, .k = k,
+              .v = v, .kv = cache, .att = out, .smax = smax};
+    if (!(c.scores = malloc((size_t)(smax * nth) * 4))) return ST_ENOMEM;
+    pool_run(pool, attention_job, &c);
+    free(c.scores);
+    return ST_OK;
+}
+
+int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int64_t k, int32_t softmax,
+             float *weights, int64_t *ids) {
+    if (!router || !weights || !ids || k <= 0 || k > router->rows) return ST_EARG;
+    float *logits = malloc((size_t)(T > 0 ? T * router->rows : 1) * 4);
+    if (!logits) return ST_ENOMEM;
+    int rc = st_linear(pool, router, x, T, logits);
+    if (rc == ST_OK)
+        for (int64_t t = 0; t < T; t++)
+            topk_row(logits + t * router->rows, router->rows, k, softmax, weights + t * k, ids + t * k);
+    free(logits);
+    return rc;
+}
+
+static void moe_job(void *arg, int ith, int nth) {
+    jctx *c = arg;
+    quantize_rows(ith, nth, c->mf, c->T, c->H, c->mq);
+    if (ith == 0) group_pairs(c);
+    barrier(c->pool, nth);
+    gate_up_stage(c, ith, nth);
+    barrier(c->pool, nth);
+    down_stage(c, ith, nth);
+}
+int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st_experts *down, const float *x,
+           int64_t T, int64_t k, const int64_t *ids, const float *weights, int32_t sparse, float *out) {
+    if (!gate || !x || !ids || !weights || !out || T <= 0 || k <= 0) return ST_EARG;
+    const int64_t E = gate->n_experts, F = gate->rows, H = gate->cols;
+    if (!experts_ok(gate, E, F, H) || !experts_ok(up, E, F, H) || !experts_ok(down, E, H, F) ||
+        fmt_x8(gate->fmt) != fmt_x8(up->fmt))
+        return ST_EARG;
+    if ((H % QK && (fmt_quantised(gate->fmt) || fmt_quantised(up->fmt))) || (F % QK && fmt_quantised(down->fmt)))
+        return ST_EARG;
+    for (int64_t p = 0; p < T * k; p++) if (ids[p] < 0 || ids[p] >= E) return ST_EIDS;
+    const int64_t P = T * k;
+    jctx c = {.pool = pool, .T = T, .gate = gate, .up = up, .down = down, .E = E, .topk = k, .F = F, .H = H,
+              .sparse = sparse, .mf = x, .ids = ids, .w = weights, .out = out};
+    c.mq = malloc((size_t)(T * (H / QK + 1)) * sizeof(block_q8));
+    c.order = malloc((size_t)P * 8);
+    c.offs = malloc((size_t)(2 * E + 2) * 8);
+    c.Z = malloc((size_t)(P * F) * 4);
+    c.Zq = malloc((size_t)(P * (F / QK + 1)) * sizeof(block_q8));
+    int rc = ST_ENOMEM;
+    if (c.mq && c.order && c.offs && c.Z && c.Zq) {
+        memset(out, 0, (size_t)(T * H) * 4);
+        pool_run(pool, moe_job, &c);
+        rc = ST_OK;
+    }
+    free(c.mq); free(c.order); free(c.offs); free(c.Z); free(c.Zq);
+    return rc;
+}

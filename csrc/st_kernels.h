@@ -1,0 +1,73 @@
+/* st-sdk C kernels: the public entry points the cffi module exposes.
+ *
+ * Every entry point returns 0 on success or a negative ST_E* code; it never aborts. Python validates
+ * shapes, dtypes and buffer sizes before calling; the C side re-checks what is cheap to check.
+ * Weight formats follow ggml's block layouts so GGUF tensors are used straight from the memory map.
+ */
+#ifndef ST_KERNELS_H
+#define ST_KERNELS_H
+#include <stdint.h>
+
+/* Q4_0X8 / Q8_0X8: the same blocks repacked 8 rows at a time (per block: the 8 rows' f16 scales, then
+ * their quants 4 bytes per row at a time) so one vector instruction works on 8 rows; row_bytes then
+ * counts the bytes of one group of 8 rows. */
+enum { ST_F32 = 0, ST_F16 = 1, ST_BF16 = 2, ST_Q8_0 = 3, ST_Q4_0 = 4, ST_Q8_0X8 = 5, ST_Q4_0X8 = 6 };
+enum { ST_GENERIC = 0, ST_AVX2 = 1, ST_AVX512 = 2, ST_NEON = 3 };
+enum { ST_OK = 0, ST_EARG = -1, ST_ENOMEM = -2, ST_ECACHE = -3, ST_EIDS = -4, ST_EVARIANT = -5 };
+
+/* one 2-D weight [rows, cols] stored row by row, rows `row_bytes` apart */
+typedef struct { const void *data; int64_t rows, cols, row_bytes; int32_t fmt; } st_mat;
+/* stacked experts: one pointer per expert to a [rows, cols] matrix (GGUF slices or HF parts) */
+typedef struct { void **experts; int64_t n_experts, rows, cols, row_bytes; int32_t fmt; } st_experts;
+
+typedef struct {
+    st_mat wq, wk, wv, wo, router;
+    const float *attn_norm, *ffn_norm;
+    st_experts gate, up, down;
+    int32_t use_rope;
+    int64_t window;   /* 0: global attention */
+} st_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, n_heads, n_kv, head_dim, n_experts, top_k, ffn, vocab;
+    float eps;
+    double rope_theta;
+    int32_t softmax;   /* router: 1 softmax, 0 sigmoid-renormalise */
+    int32_t sparse;    /* 1: skip up rows of neurons with relu(gate) == 0 */
+    st_mat embed, head;
+    const float *norm;
+    st_layer *layers;
+} st_model;
+
+/* one layer's KV cache: k/v [cap, n_kv, head_dim] f32, pos [cap] (-1 = empty). Sliding-window
+ * layers are rings of `window` slots indexed by position % window; global ones fill 0..length-1. */
+typedef struct { float *k, *v; int64_t *pos; int64_t cap, window, length; } st_kv;
+
+typedef struct st_pool st_pool;
+
+int st_cpu_supports(int variant);
+int st_set_variant(int variant);
+int st_get_variant(void);
+st_pool *st_pool_new(int n_threads);
+void st_pool_free(st_pool *pool);
+int st_pool_threads(const st_pool *pool);
+
+/* repack a Q4_0 / Q8_0 matrix [rows, cols] (rows % 8 == 0) into `dst` of st_repacked_bytes() bytes */
+int64_t st_repacked_bytes(int32_t fmt, int64_t rows, int64_t cols);
+int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst);
+int st_get_rows(const st_mat *table, const int64_t *ids, int64_t T, float *out);
+int st_linear(st_pool *pool, const st_mat *w, const float *x, int64_t T, float *y);
+int st_rms_norm(st_pool *pool, const float *x, const float *w, int64_t T, int64_t H, float eps, float *out);
+int st_rope(float *x, int64_t T, int64_t n, int64_t hd, const int64_t *pos, double theta);
+int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH,
+                 int64_t nKV, int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out);
+int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int64_t k, int32_t softmax,
+             float *weights, int64_t *ids);
+int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st_experts *down,
+           const float *x, int64_t T, int64_t k, const int64_t *ids, const float *weights, int32_t sparse,
+           float *out);
+int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h,
+                     const int64_t *pos, int64_t T);
+int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *ids, const int64_t *pos,
+               int64_t T, int32_t last_only, float *logits);
+#endif
