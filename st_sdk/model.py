@@ -166,7 +166,11 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     if offload is not None:
         from .offload.experts import offload_ops
 
-        ops = offload_ops(ops, backend_obj, prepared, offload[0], prefetch)
+        cache, plan = offload
+        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)))
+        if plan.slots != cache.slots:
+            cache.resize(plan.slots)
+        ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
     if offload is not None:
         model.offload, model.memory_plan = offload

@@ -106,6 +106,8 @@ def get_pool(n: int):
 class CBackend(Backend):
     name = "c"
     version = "0.1"
+    #: moe reads experts through st_sdk.offload's cache under a memory budget (see _offloaded_moe)
+    supports_offload = True
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         super().__init__(n_threads, dtype)
@@ -163,7 +165,9 @@ class CBackend(Backend):
         d = {"device": "cpu", "compute_dtype": "float32 (q8 activations for quantised weights)",
              "variant": self.variant or os.environ.get("ST_C_VARIANT") or "unset", "threads": self.threads,
              "sparse_reglu": self.sparse, "copied_weight_bytes": self.copied_bytes,
-             "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes}
+             "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes,
+             # resident beyond the mapped file: what a memory budget must also hold
+             "extra_resident_bytes": self.copied_bytes + self.repacked_bytes - self.released_map_bytes}
         try:
             _, lib = ffi_lib()
             d["variants_supported"] = [v for v, c in ops.VARIANTS.items() if lib.st_cpu_supports(c)]
@@ -220,6 +224,8 @@ class CBackend(Backend):
                 keep.append(m)
                 setattr(L, f, m.struct[0])
             for f in ("gate", "up", "down"):
+                if getattr(getattr(lp, f).raw, "offloaded", False):
+                    continue   # read through the expert cache by moe(); the fused paths are not used
                 x = as_experts(getattr(lp, f))
                 keep.append(x)
                 setattr(L, f, x.struct[0])
@@ -372,6 +378,8 @@ class CBackend(Backend):
         return w, ids
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights, sparse: bool | None = None):
+        if getattr(gate.raw, "offloaded", False):
+            return self._offloaded_moe(x, gate.raw, up.raw, down.raw, ids, weights, sparse)
         ffi, lib, pool = self._lib()
         g, u, d = as_experts(gate), as_experts(up), as_experts(down)
         if (u.n, u.rows, u.cols) != (g.n, g.rows, g.cols) or (d.n, d.rows, d.cols) != (g.n, g.cols, g.rows):
@@ -391,4 +399,57 @@ class CBackend(Backend):
         check(lib.st_moe(pool, g.struct, u.struct, d.struct, ptr(ffi, "float *", xs), T, kk,
                          ptr(ffi, "int64_t *", ids), ptr(ffi, "float *", weights),
                          int(self.sparse if sparse is None else sparse), ptr(ffi, "float *", out)), "moe")
+        return out
+
+    def _offloaded_moe(self, x, gate, up, down, ids, weights, sparse):
+        """MoE over experts held by the memory-budget cache (file layout, never repacked): the picked
+        experts are fetched together, as many as the cache holds at once, and run in one C call per
+        group, each token-expert pair as its own row."""
+        ffi, lib, pool = self._lib()
+        cache, layer = gate.cache, gate.layer
+        E, F, H = (int(n) for n in gate.shape)
+        xs = activations(x, H, "moe x")
+        T = xs.shape[0]
+        ids = np.asarray(ids)
+        weights = np.asarray(weights, np.float32)
+        if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
+            raise InputError(f"moe: ids and weights must both be [T={T}, k], got {list(ids.shape)} and "
+                             f"{list(weights.shape)}")
+        ids = int64_vector(ids.reshape(-1), ids.size, "moe ids", 0, E).reshape(ids.shape)
+        picked = list(dict.fromkeys(ids.ravel().tolist()))
+        group = max(1, cache.slots - 1)
+        out = np.zeros((T, H), np.float32)
+        for start in range(0, len(picked), group):
+            experts = picked[start:start + group]
+            views = cache.get_many(layer, experts)
+            G = len(experts)
+            structs = []
+            for part, (rows, cols) in enumerate(((F, H), (F, H), (H, F))):
+                rb = ops.row_bytes(gate.fmt, cols)
+                if views[0][part].nbytes != rows * rb:
+                    raise InputError(f"moe: expert slot holds {views[0][part].nbytes} bytes, expected {rows * rb}")
+                ptrs = ffi.new("void *[]", [ffi.cast("void *", v[part].ctypes.data) for v in views])
+                structs.append((ptrs, ffi.new("st_experts *", {"experts": ptrs, "n_experts": G, "rows": rows,
+                                                                "cols": cols, "row_bytes": rb,
+                                                                "fmt": ops.FMT_CODE[gate.fmt]})))
+            local = np.full(E, -1, np.int64)          # expert id -> its place in this group
+            local[experts] = np.arange(G)
+            if G == len(picked):
+                rows_x, pair_ids, pair_w, tok = xs, local[ids], weights, None
+            else:   # only the pairs whose expert is in this group, one row each
+                tok, slot = np.nonzero(local[ids] >= 0)
+                rows_x = np.ascontiguousarray(xs[tok])
+                pair_ids = local[ids[tok, slot]][:, None]
+                pair_w = weights[tok, slot][:, None]
+            n, kk = pair_ids.shape
+            part_out = np.empty((n, H), np.float32)
+            flat_ids = np.ascontiguousarray(pair_ids, np.int64).reshape(-1)
+            flat_w = np.ascontiguousarray(pair_w, np.float32).reshape(-1)
+            check(lib.st_moe(pool, structs[0][1], structs[1][1], structs[2][1], ptr(ffi, "float *", rows_x), n, kk,
+                             ptr(ffi, "int64_t *", flat_ids), ptr(ffi, "float *", flat_w),
+                             int(self.sparse if sparse is None else sparse), ptr(ffi, "float *", part_out)), "moe")
+            if tok is None:
+                out += part_out
+            else:
+                np.add.at(out, tok, part_out)
         return out

@@ -43,13 +43,31 @@ class MemoryPlan:
     expert_bytes: int       # one expert (gate + up + down) as stored
     slots: int              # experts the cache holds
     n_experts: int          # experts in the model (layers x experts per layer)
+    minimum_slots: int = 2  # the layer being computed and the one being prefetched
+    converted_bytes: int = 0  # a backend's converted copies beyond the mapped file (repacked weights)
 
     @property
     def cache_bytes(self) -> int:
         return self.slots * self.expert_bytes
 
+    def account(self, extra_bytes: int) -> None:
+        """Another resident copy appeared (a backend's repacked weights): take it from the expert cache."""
+        if extra_bytes <= 0:
+            return
+        room = self.budget - self.dense_bytes - self.kv_bytes - self.scratch_bytes - extra_bytes
+        slots = min(self.n_experts, room // self.expert_bytes)
+        if slots < self.minimum_slots:
+            raise InputError(
+                f"max_memory={fmt_bytes(self.budget)} is too small: the backend keeps {fmt_bytes(extra_bytes)} of "
+                f"converted weights besides the file, leaving room for {max(slots, 0)} experts "
+                f"(at least {self.minimum_slots} needed); raise the budget by "
+                f"{fmt_bytes((self.minimum_slots - slots) * self.expert_bytes)} or choose another backend")
+        self.converted_bytes = extra_bytes
+        self.slots = slots
+
     def describe(self) -> str:
-        return (f"budget {fmt_bytes(self.budget)}: dense {fmt_bytes(self.dense_bytes)}, "
+        converted = f" + {fmt_bytes(self.converted_bytes)} converted" if self.converted_bytes else ""
+        return (f"budget {fmt_bytes(self.budget)}: dense {fmt_bytes(self.dense_bytes)}{converted}, "
                 f"KV cache {fmt_bytes(self.kv_bytes)}, scratch {fmt_bytes(self.scratch_bytes)}, "
                 f"expert cache {self.slots} x {fmt_bytes(self.expert_bytes)} = {fmt_bytes(self.cache_bytes)} "
                 f"({self.slots / self.n_experts:.0%} of {self.n_experts} experts)")
@@ -69,4 +87,5 @@ def plan_memory(budget: int, dense_bytes: int, kv_bytes: int, expert_bytes: int,
             f"{fmt_bytes(dense_bytes)}, the KV cache {fmt_bytes(kv_bytes)}, scratch {fmt_bytes(scratch_bytes)}, "
             f"and the expert cache at least {minimum_slots} x {fmt_bytes(expert_bytes)}; "
             f"the minimum budget is {fmt_bytes(need)}")
-    return MemoryPlan(budget, dense_bytes, kv_bytes, scratch_bytes, expert_bytes, int(slots), n_experts)
+    return MemoryPlan(budget, dense_bytes, kv_bytes, scratch_bytes, expert_bytes, int(slots), n_experts,
+                      minimum_slots)

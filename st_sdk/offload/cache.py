@@ -143,6 +143,23 @@ class ExpertCache:
         self._settle()
         return self._views(slot)
 
+    def get_many(self, layer: int, experts) -> list[list[np.ndarray]]:
+        """Several experts resident together (for a kernel that takes them all at once): they are held
+        until the next `prefetch`/`get_many`; at most `slots - 1` at a time."""
+        keys = [(layer, int(e)) for e in experts]
+        if len(keys) > self.slots - 1:
+            raise WeightError(f"expert cache: {len(keys)} experts at once do not fit in {self.slots} slots")
+        self.held = set(keys)
+        return [self.get(*key) for key in keys]
+
+    def resize(self, slots: int) -> None:
+        """Change the number of slots before first use (the plan learnt of another resident copy)."""
+        if self.lru or self.pending:
+            raise RuntimeError("the expert cache can only be resized before it is used")
+        self.slots = slots
+        self.buffer = np.zeros((slots, self.bundle_bytes), np.uint8)
+        self.free = list(range(slots))[::-1]
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():
@@ -169,10 +186,16 @@ class ExpertCache:
         if self.free:
             return self.free.pop()
         self._settle()
-        for key in self.lru:                  # least recently used first
-            if key not in self.held:
-                self.stats.evictions += 1
-                return self.lru.pop(key)
+        for _ in range(2):
+            for key in self.lru:                  # least recently used first
+                if key not in self.held:
+                    self.stats.evictions += 1
+                    return self.lru.pop(key)
+            # every resident expert is held: wait for prefetches nobody holds any more, then evict them
+            for key, (_, fut) in list(self.pending.items()):
+                if key not in self.held:
+                    fut.result()
+            self._settle()
         return None
 
     def _fd(self, path: str) -> int:
