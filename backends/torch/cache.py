@@ -1,0 +1,86 @@
+"""KV cache of the torch backend: preallocated on the device in the compute dtype.
+
+Global layers hold `capacity` slots and double when a sequence outgrows them (the reference grows
+too); sliding-window layers are rings of `window` slots indexed by absolute position % window, as
+in the NumPy reference. Slot bookkeeping (lengths, positions of the chunk) is host-side Python: the
+positions come from the caller as numpy, so writing a step never reads the device.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class LayerKV:
+    def __init__(self, n_kv: int, head_dim: int, window: int | None, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.window = window
+        cap = window if window else max(int(capacity), 1)
+        # [n_kv, slots, hd]: the layout attention reads, so no transpose per step
+        self.k = torch.zeros((n_kv, cap, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros((n_kv, cap, head_dim), dtype=dtype, device=device)
+        self.pos = torch.full((cap,), -1, dtype=torch.int64, device=device)   # -1: empty slot
+        self.length = 0   # tokens appended so far
+        self.used = 0     # slots [0, used) may hold a token; the rest are still empty
+        self.last = -1    # highest position appended
+        self.monotone = True   # positions only ever increased: a single new query sees every key
+
+    @property
+    def slots(self) -> int:
+        return self.pos.shape[0]
+
+    def reserve(self, need: int) -> None:
+        if self.window or need <= self.slots:
+            return
+        grow = max(need, 2 * self.slots)
+        n = self.slots
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], grow, old.shape[2]))
+            new[:, :n] = old
+            setattr(self, name, new)
+        pos = self.pos.new_full((grow,), -1)
+        pos[:n] = self.pos
+        self.pos = pos
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions_t: torch.Tensor, positions) -> None:
+        """k, v: [T, n_kv, hd] on the device; positions_t: int64 [T] absolute positions on the device,
+        positions: the same on the host (bookkeeping reads those, never the device)."""
+        T = positions_t.shape[0]
+        first, top = int(positions[0]), int(np.max(positions))
+        self.monotone = self.monotone and first > self.last and bool(np.all(np.diff(positions) > 0))
+        self.last = max(self.last, top)
+        if self.window:
+            keep = max(0, T - self.window)             # older rows of a long chunk fall out anyway
+            pt = positions_t[keep:]
+            slots = pt % self.window                   # on the device: no host read
+            self.k.index_copy_(1, slots, k[keep:].transpose(0, 1))
+            self.v.index_copy_(1, slots, v[keep:].transpose(0, 1))
+            self.pos.index_copy_(0, slots, pt)
+            self.used = min(self.window, max(self.used, top + 1))   # slot = pos % window <= top
+        else:
+            self.reserve(self.length + T)
+            self._write(self.length, k, v, positions_t)
+            self.used = self.length + T
+        self.length += T
+
+    def _write(self, start: int, k, v, pt) -> None:
+        n = k.shape[0]
+        self.k[:, start:start + n] = k.transpose(0, 1)
+        self.v[:, start:start + n] = v.transpose(0, 1)
+        self.pos[start:start + n] = pt
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+
+
+class KVCache:
+    def __init__(self, config, capacity: int, dtype: torch.dtype, device: torch.device):
+        self.layers = [LayerKV(config.num_key_value_heads, config.head_dim, config.layer_window(i), capacity,
+                               dtype, device)
+                       for i in range(config.num_hidden_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
