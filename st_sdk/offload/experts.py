@@ -60,6 +60,10 @@ def process_baseline_bytes() -> int:
         return 200 * 2**20
 
 
+def headroom_bytes(budget: int) -> int:
+    return max(64 * 2**20, budget // 10)
+
+
 def setup_offload(cfg, params, max_memory, context: int | None = None, io_threads: int = 4,
                   scratch_bytes: int | None = None):
     """Params whose experts are cache-backed (the given params are left as they are), the cache and
@@ -73,8 +77,10 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
     dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
     if scratch_bytes is None:
-        # activations and one dequantised expert matrix, plus what the process holds already
-        scratch_bytes = 64 * 2**20 + process_baseline_bytes()
+        # activations and kernel scratch, what the process holds already (interpreter, libraries), and
+        # headroom for the code pages and page cache a process needs to run inside a hard limit
+        # without thrashing (measured: a plan with none ran 3x slower in a 1 GiB cgroup)
+        scratch_bytes = 64 * 2**20 + process_baseline_bytes() + headroom_bytes(budget)
     plan = plan_memory(budget, dense, kv_cache_bytes(cfg, context), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
                        cfg.moe_num_active_primary_experts, scratch_bytes)
