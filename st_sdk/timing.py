@@ -1,18 +1,34 @@
 """The one timing harness: auto-selection measurements, `st-sdk bench` and benchmarks/ all use it,
-so their figures cannot disagree."""
+so their figures cannot disagree.
+
+What is timed is a `Runner`: `prefill(ids)` (fresh state, whole prompt, greedy next token) and
+`step(token)` (one decode step at batch 1). `ModelRunner` drives an st-sdk `Model`, `LlamaRunner` a
+`llama_cpp.Llama`, so our figures and the peer's come from the same code and the same clock.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from statistics import median
+from typing import Any, Sequence
 
 import numpy as np
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median and spread of repeated measurements; spread is (max - min) / median."""
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "spread": float("nan"), "n": 0}
+    m = median(values)
+    return {"median": m, "min": min(values), "max": max(values),
+            "spread": (max(values) - min(values)) / m if m else float("nan"), "n": len(values)}
 
 
 @dataclass
 class Timing:
     prefill_s: list[float] = field(default_factory=list)   # one entry per repeat: whole prompt
     decode_s: list[float] = field(default_factory=list)    # one entry per decoded token
+    decode_rounds: list[float] = field(default_factory=list)  # tokens/s of each time_decode call
     prompt_len: int = 0
 
     @property
@@ -23,19 +39,80 @@ class Timing:
     def decode_tps(self) -> float:
         return 1.0 / median(self.decode_s) if self.decode_s else float("nan")
 
+    def prefill_tps_runs(self) -> list[float]:
+        return [self.prompt_len / s for s in self.prefill_s]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Medians and spreads of tokens/s: what reports print."""
+        pre, dec = summary(self.prefill_tps_runs()), summary(self.decode_rounds)
+        return {"prompt_len": self.prompt_len,
+                "prefill_tps": self.prefill_tps, "prefill_spread": pre["spread"], "prefill_runs": pre["n"],
+                "decode_tps": self.decode_tps, "decode_spread": dec["spread"], "decode_runs": dec["n"],
+                "decode_tokens": len(self.decode_s)}
+
+
+class ModelRunner:
+    """Greedy prefill/decode of an st-sdk Model; each prefill starts a fresh session."""
+
+    def __init__(self, model, room: int = 256):
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.room = room   # decode tokens a session must hold beyond the prompt
+        self.session = None
+
+    def prefill(self, ids: np.ndarray) -> int:
+        self.session = self.model.session(capacity=len(ids) + self.room)
+        return int(np.argmax(self.session.feed(ids)))
+
+    def step(self, token: int) -> int:
+        return int(np.argmax(self.session.feed([token])))
+
+
+class LlamaRunner:
+    """The same two calls on llama.cpp (llama-cpp-python), reading its last-token logits."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.vocab_size = llm.n_vocab()
+
+    def _next(self) -> int:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits(self.llm.ctx)   # the last token's row when logits_all=False
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))))
+
+    def prefill(self, ids: np.ndarray) -> int:
+        self.llm.reset()
+        self.llm.eval([int(t) for t in ids])
+        return self._next()
+
+    def step(self, token: int) -> int:
+        self.llm.eval([int(token)])
+        return self._next()
+
+
+def as_runner(target) -> ModelRunner | LlamaRunner:
+    if isinstance(target, (ModelRunner, LlamaRunner)):
+        return target
+    if hasattr(target, "session") and hasattr(target, "config"):
+        return ModelRunner(target)
+    return LlamaRunner(target)
+
 
 def prompt_ids(model, n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, model.config.vocab_size, n).astype(np.int64)
+    vocab = model.config.vocab_size if hasattr(model, "config") else as_runner(model).vocab_size
+    return np.random.default_rng(seed).integers(0, vocab, n).astype(np.int64)
 
 
 def time_prefill(model, prompt_len: int = 128, repeats: int = 3, timing: Timing | None = None) -> Timing:
+    """Wall time of a whole-prompt prefill from an empty state, `repeats` times."""
     t = timing or Timing()
     t.prompt_len = prompt_len
-    ids = prompt_ids(model, prompt_len)
+    runner = as_runner(model)
+    ids = prompt_ids(runner, prompt_len)
     for _ in range(repeats):
-        s = model.session(capacity=prompt_len + 1)
         t0 = time.perf_counter()
-        s.feed(ids)
+        runner.prefill(ids)
         t.prefill_s.append(time.perf_counter() - t0)
     return t
 
@@ -44,12 +121,42 @@ def time_decode(model, n_tokens: int = 16, context: int = 16, warmup: int = 2,
                 timing: Timing | None = None) -> Timing:
     """Per-token decode times after a `context`-token prompt (greedy, batch 1)."""
     t = timing or Timing()
-    s = model.session(capacity=context + warmup + n_tokens + 1)
-    logits = s.feed(prompt_ids(model, context))
+    runner = as_runner(model)
+    if isinstance(runner, ModelRunner):
+        runner.room = max(runner.room, warmup + n_tokens + 1)
+    tok = runner.prefill(prompt_ids(runner, context))
+    this_round = []
     for i in range(warmup + n_tokens):
-        tok = int(np.argmax(logits))
         t0 = time.perf_counter()
-        logits = s.feed([tok])
+        tok = runner.step(tok)
         if i >= warmup:
-            t.decode_s.append(time.perf_counter() - t0)
+            this_round.append(time.perf_counter() - t0)
+    t.decode_s.extend(this_round)
+    if this_round:
+        t.decode_rounds.append(len(this_round) / sum(this_round))
+    return t
+
+
+def time_round(model, prompt_len: int, gen_len: int, warmup: int = 1, timing: Timing | None = None,
+               seed: int = 0) -> Timing:
+    """One benchmark round: a timed prefill of `prompt_len` tokens, then `gen_len` timed decode steps
+    continuing from it (after `warmup` untimed ones). What `st-sdk bench` repeats, interleaved."""
+    t = timing or Timing()
+    t.prompt_len = prompt_len
+    runner = as_runner(model)
+    if isinstance(runner, ModelRunner):
+        runner.room = max(runner.room, warmup + gen_len + 1)
+    ids = prompt_ids(runner, prompt_len, seed)
+    t0 = time.perf_counter()
+    tok = runner.prefill(ids)
+    t.prefill_s.append(time.perf_counter() - t0)
+    this_round = []
+    for i in range(warmup + gen_len):
+        t0 = time.perf_counter()
+        tok = runner.step(tok)
+        if i >= warmup:
+            this_round.append(time.perf_counter() - t0)
+    t.decode_s.extend(this_round)
+    if this_round:
+        t.decode_rounds.append(len(this_round) / sum(this_round))
     return t
