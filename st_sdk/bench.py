@@ -254,9 +254,12 @@ def _load_case(spec: dict):
     if spec.get("model") and spec.get("use_file", True):
         import st_sdk
 
-        model = st_sdk.load(spec["model"], backend=spec["backend"], n_threads=threads)
+        extra = {"max_memory": spec["max_memory"]} if spec.get("max_memory") else {}
+        model = st_sdk.load(spec["model"], backend=spec["backend"], n_threads=threads, **extra)
         source = "gguf file" if str(spec["model"]).endswith(".gguf") else "file"
     else:
+        if spec.get("max_memory"):
+            raise InputError("--max-memory needs weights in a model file (experts are read from it)")
         from . import synth
 
         model = synth.build_model(spec["preset"], seed=spec["seed"], fmt=spec["fmt"], backend=spec["backend"],
@@ -291,7 +294,7 @@ def worker_main() -> int:
     t0 = time.perf_counter()
     try:
         runner, facts = _load_case(spec)
-    except (BackendError, ImportError) as e:
+    except (BackendError, ImportError, InputError) as e:
         reply(skip=f"{type(e).__name__}: {e}")
         return 0
     except Exception as e:
@@ -304,7 +307,10 @@ def worker_main() -> int:
             t = time_round(runner, req["prompt_len"], req["gen_len"], warmup=req.get("warmup", 1), timing=Timing())
             reply(prefill_s=t.prefill_s[0], decode_s=t.decode_s)
         elif req["op"] == "rss":
-            reply(peak_rss=_peak_rss())
+            model = getattr(runner, "model", None)
+            offload = getattr(model, "offload", None)
+            reply(peak_rss=_peak_rss(), offload=offload.stats.as_dict() if offload is not None else None,
+                  memory_plan=model.memory_plan.describe() if offload is not None else None)
         else:
             break
     return 0
@@ -374,6 +380,8 @@ class Record:
     limit_fraction: float | None = None
     vs_llama_cpp_decode: float | None = None
     vs_llama_cpp_prefill: float | None = None
+    offload: dict[str, Any] | None = None   # expert-cache statistics under --max-memory
+    memory_plan: str | None = None
     prefill_runs: list[float] = field(default_factory=list, repr=False)   # tokens/s per round
     decode_runs: list[float] = field(default_factory=list, repr=False)
 
@@ -395,6 +403,7 @@ class BenchOptions:
     vs_llama_cpp: bool = False
     max_workers: int = 0                    # cases of one format alive at once (0: all; 1 for big models)
     seed: int = 0
+    max_memory: str | None = None           # memory-budget mode for st-sdk backends ("1GiB")
 
 
 def registered_backends() -> tuple[list[str], dict[str, str]]:
@@ -448,7 +457,8 @@ def run_bench(opts: BenchOptions, progress: bool = True) -> tuple[list[Record], 
     context = {"config": {"model": opts.model or f"synthetic {opts.preset} (seed {opts.seed})",
                           "preset": None if opts.model else opts.preset, "threads": threads,
                           "prompt_len": opts.prompt_len, "gen_len": opts.gen_len, "rounds": opts.rounds,
-                          "warmup_rounds": opts.warmup, "interleaved": True, "memory_mode": "resident"},
+                          "warmup_rounds": opts.warmup, "interleaved": True,
+                          "memory_mode": f"max_memory={opts.max_memory}" if opts.max_memory else "resident"},
                "machine": machine_info(bandwidth)}
     return records, context
 
@@ -495,7 +505,7 @@ class _FormatRun:
                 group = []
                 for name in backends[g:g + self.group]:
                     self.bar.set_postfix_str(f"{fmt} loading {name}")
-                    group.append(Worker(dict(common, kind="st", backend=name), self.env))
+                    group.append(Worker(dict(common, kind="st", backend=name, max_memory=o.max_memory), self.env))
                 results = self._rounds(fmt, group + ([peer] if peer else []))
                 theirs = results.get(id(peer), []) if peer else []
                 peer_runs += theirs
@@ -548,7 +558,9 @@ class _FormatRun:
             rec.status = "skipped" if "skip" in h else "failed"
             rec.reason = h.get("skip") or h.get("error")
             return rec
-        rec.peak_rss_mib = w.ask(op="rss").get("peak_rss", 0) / 2**20 or None
+        mem = w.ask(op="rss")
+        rec.peak_rss_mib = mem.get("peak_rss", 0) / 2**20 or None
+        rec.offload, rec.memory_plan = mem.get("offload"), mem.get("memory_plan")
         rec.source, rec.variant, rec.fallbacks, rec.load_s = (h.get("source", ""), h.get("variant", ""),
                                                               h.get("fallbacks", []), h.get("load_s"))
         if fmt == "file":   # an HF directory: the loader knows its weight format
@@ -630,6 +642,12 @@ def format_table(records: list[Record], context: dict[str, Any]) -> str:
         if r.status == "ok" and r.backend not in details:
             fb = f"; falls back to NumPy for {', '.join(r.fallbacks)}" if r.fallbacks else ""
             details[r.backend] = f"  {r.backend}: {r.variant or '-'}{fb}"
+    for r in records:
+        if r.offload:
+            st = r.offload
+            details[f"{r.backend}-{r.format}-offload"] = (
+                f"  {r.backend} {r.format} under {c['memory_mode']}: {r.memory_plan}; expert cache hit rate "
+                f"{st['hit_rate']:.1%}, read {st['bytes_read'] / 2**20:.0f} MiB, stalled {st['stall_s']:.2f} s")
     lines += ["", "backends:", *details.values(), "",
               "± is half the range over rounds. 'of BW limit' is decode tok/s over (read bandwidth / weight bytes a "
               "token reads with k dense experts); kernels that skip zero ReGLU neurons can exceed 100%. vs llama.cpp "

@@ -168,3 +168,14 @@ def test_plot_draws_a_png(capsys, tmp_path):
     code, _, _ = run_cli(capsys, "--backend", "numpy", "--format", "q8_0", "--prompt-len", "4", "--gen-len", "2",
                          "--rounds", "1", "--plot", str(png))
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_under_a_memory_budget_reports_the_expert_cache(capsys, tmp_path):
+    path = synth.write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=2)["gguf"]
+    code, out, _ = run_cli(capsys, str(path), "--json", "--backend", "numpy", "--max-memory", "4GiB",
+                           "--prompt-len", "4", "--gen-len", "2", "--rounds", "1")
+    doc = json.loads(out)
+    (rec,) = doc["records"]
+    assert code == 0 and rec["status"] == "ok"
+    assert doc["config"]["memory_mode"] == "max_memory=4GiB"
+    assert rec["offload"]["bytes_read"] > 0 and "expert cache" in rec["memory_plan"]

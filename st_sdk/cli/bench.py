@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-workers", type=int, default=0,
                    help="backends of one format loaded at once (default: all for small models, 1 above 1 GiB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="run st-sdk backends within this memory budget (e.g. 1GiB) and report the expert cache")
     p.add_argument("--json", action="store_true", help="print one JSON document (records per backend and format)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib: st-sdk[plot])")
     p.set_defaults(func=run)
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     opts = bench.BenchOptions(backends=backends, model=args.model, preset=args.preset, formats=formats,
                               prompt_len=args.prompt_len, gen_len=args.gen_len, rounds=args.rounds,
                               threads=args.threads, vs_llama_cpp=args.vs_llama_cpp, max_workers=args.max_workers,
-                              seed=args.seed)
+                              seed=args.seed, max_memory=args.max_memory)
     if not args.model:
         from st_sdk.synth import preset_config
 
