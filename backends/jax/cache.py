@@ -1,0 +1,81 @@
+"""KV cache of the JAX backend: per layer preallocated (keys, values, positions) arrays of static shape.
+
+The jitted step receives them as a pytree and donates it, so writes are in place. Global layers hold
+`capacity` slots indexed by position; sliding-window layers are rings of `window` slots indexed by
+position % window (as the reference). Capacity comes in power-of-two buckets and doubles when a
+sequence outgrows it: each bucket is one more compilation, never one per token. A ring smaller than
+its window (a short sequence) grows the same way until it reaches the window.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+MIN_CAPACITY = 4
+
+
+def bucket(n: int) -> int:
+    return max(MIN_CAPACITY, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+class LayerCache:
+    """One layer's view of the cache, what `attention` receives."""
+
+    def __init__(self, owner: "JaxCache", index: int):
+        self.owner, self.index = owner, index
+        self.window = owner.windows[index]
+
+    @property
+    def arrays(self):
+        return self.owner.arrays[self.index]
+
+    @arrays.setter
+    def arrays(self, kv):
+        self.owner.arrays[self.index] = kv
+
+    def ensure(self, need: int) -> None:
+        self.owner.ensure(need, layers=[self.index])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.arrays[0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays)
+
+
+class JaxCache:
+    def __init__(self, config, capacity: int, dtype):
+        self.windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
+        self.shape = (config.num_key_value_heads, config.head_dim)
+        self.dtype = dtype
+        cap = bucket(capacity)
+        self.arrays = [self._alloc(self._fit(i, cap)) for i in range(len(self.windows))]
+        self.layers = [LayerCache(self, i) for i in range(len(self.windows))]
+
+    def _fit(self, i: int, cap: int) -> int:
+        w = self.windows[i]
+        return min(w, cap) if w else cap
+
+    def _alloc(self, n: int):
+        return (jnp.zeros((n, *self.shape), self.dtype), jnp.zeros((n, *self.shape), self.dtype),
+                jnp.full((n,), -1, jnp.int32))
+
+    def ensure(self, need: int, layers=None) -> None:
+        """Room for positions < need (grown to the next bucket, at least doubling)."""
+        for i in range(len(self.windows)) if layers is None else layers:
+            K, V, P = self.arrays[i]
+            have = K.shape[0]
+            want = self._fit(i, bucket(max(need, 2 * have))) if need > have else have
+            if want > have:
+                extra = self._alloc(want - have)
+                self.arrays[i] = (jnp.concatenate([K, extra[0]]), jnp.concatenate([V, extra[1]]),
+                                  jnp.concatenate([P, extra[2]]))
+
+    @property
+    def capacities(self) -> tuple[int, ...]:
+        return tuple(int(kv[0].shape[0]) for kv in self.arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for kv in self.arrays for a in kv)
