@@ -2,8 +2,10 @@
 
 Each runner is a child process placed in a memory cgroup (v1 `memory.limit_in_bytes` or v2
 `memory.max`) whose limit is the budget, so page cache counts too. Reports decode tokens/s (median),
-peak memory of the cgroup, and the expert-cache statistics (hit rate, bytes read, stall time) for
-st-sdk with prefetch on and off.
+the cgroup's peak (page cache included, so it sits at the limit once the file has been read) and the
+process's own peak RSS, and the expert-cache statistics (hit rate, bytes read, stall time) for st-sdk
+with prefetch on and off. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
+way it fits a budget smaller than the file.
 
     python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 16] [--threads 2]
 
@@ -30,7 +32,9 @@ times = []
 for i in range(n + 2):
     t0 = time.perf_counter(); logits = s.feed([int(np.argmax(logits))]); times.append(time.perf_counter() - t0)
 st = m.offload.stats.as_dict()
-print(json.dumps({"decode_s": times[2:], "stats": st, "plan": m.memory_plan.describe(), "backend": m.backend.name}))
+hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+print(json.dumps({"decode_s": times[2:], "stats": st, "plan": m.memory_plan.describe(), "backend": m.backend.name,
+                  "process_peak_rss": hwm}))
 """
 
 CHILD_LLAMA = r"""
@@ -52,7 +56,8 @@ times = []
 for i in range(n + 2):
     tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     t0 = time.perf_counter(); llm.eval([tok]); times.append(time.perf_counter() - t0)
-print(json.dumps({"decode_s": times[2:]}))
+hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+print(json.dumps({"decode_s": times[2:], "process_peak_rss": hwm}))
 """
 
 
@@ -68,12 +73,13 @@ class Cgroup:
                 try:
                     p = base / name
                     p.mkdir(exist_ok=True)
-                    (p / limit_file).write_text(str(limit))
-                    if limit_file == "memory.limit_in_bytes":
-                        try:
-                            (p / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no swap escape
-                        except OSError:
-                            pass
+                    files = [limit_file]
+                    if limit_file == "memory.limit_in_bytes" and (p / "memory.memsw.limit_in_bytes").exists():
+                        # memory+swap must stay >= memory: raise it first, lower it last (no swap escape)
+                        grow = limit > int((p / limit_file).read_text())
+                        files = ["memory.memsw.limit_in_bytes", limit_file] if grow else [limit_file, "memory.memsw.limit_in_bytes"]
+                    for f in files:
+                        (p / f).write_text(str(limit))
                     self.path, self.peak_file = p, peak_file
                     break
                 except OSError:
@@ -158,6 +164,7 @@ def main(argv=None) -> int:
         ok = [r for r in recs if "decode_tps" in r]
         summary[name] = {"decode_tps": median(r["decode_tps"] for r in ok) if ok else None,
                          "peak_MiB": max((r["peak_bytes"] or 0) for r in recs) / 2**20 if recs else None,
+                         "process_peak_rss_MiB": max(r.get("process_peak_rss", 0) for r in recs) / 2**20 if recs else None,
                          "errors": [r["error"] for r in recs if "error" in r],
                          "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None}
     peer = summary.get("llama.cpp", {}).get("decode_tps")
@@ -169,7 +176,8 @@ def main(argv=None) -> int:
         for name, s in summary.items():
             tps = s["decode_tps"]
             ratio = f"{tps / peer:6.1f}x" if tps and peer else "   -  "
-            print(f"  {name:20s} decode {tps or 0:8.2f} tok/s  {ratio} llama.cpp  peak {s['peak_MiB'] or 0:8.1f} MiB"
+            print(f"  {name:20s} decode {tps or 0:8.2f} tok/s  {ratio} llama.cpp  cgroup peak {s['peak_MiB'] or 0:7.1f} MiB"
+                  f"  process peak RSS {s['process_peak_rss_MiB'] or 0:7.1f} MiB"
                   + (f"  errors: {s['errors']}" if s["errors"] else ""))
             if s.get("stats"):
                 st = s["stats"]

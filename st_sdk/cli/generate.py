@@ -12,6 +12,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="run within this memory budget (e.g. 1GiB): experts are read from the file on demand")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="with --max-memory: the longest sequence the memory plan reserves KV cache for "
+                        "(default min(context length, 4096))")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +44,7 @@ def load_model(args: argparse.Namespace):
     import st_sdk
 
     backend = args.backend.split(",") if "," in args.backend else args.backend
-    extra = {"max_memory": args.max_memory} if getattr(args, "max_memory", None) else {}
+    extra = {"max_memory": args.max_memory, "context": args.context} if getattr(args, "max_memory", None) else {}
     return st_sdk.load(args.model, backend=backend, n_threads=args.threads, **extra)
 
 
