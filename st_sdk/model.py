@@ -1,7 +1,6 @@
 """Model: a loaded SmallThinker bound to one backend's op table."""
 from __future__ import annotations
 
-import threading
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -56,7 +55,6 @@ class Model:
         self.chunk_size = chunk_size
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         c = self.config

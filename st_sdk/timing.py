@@ -124,9 +124,14 @@ def time_decode(model, n_tokens: int = 16, context: int = 16, warmup: int = 2,
     runner = as_runner(model)
     if isinstance(runner, ModelRunner):
         runner.room = max(runner.room, warmup + n_tokens + 1)
-    tok = runner.prefill(prompt_ids(runner, context))
+    _timed_steps(runner, runner.prefill(prompt_ids(runner, context)), warmup, n_tokens, t)
+    return t
+
+
+def _timed_steps(runner, tok: int, warmup: int, n: int, t: Timing) -> None:
+    """`warmup` untimed then `n` timed greedy decode steps from `tok`, recorded in `t`."""
     this_round = []
-    for i in range(warmup + n_tokens):
+    for i in range(warmup + n):
         t0 = time.perf_counter()
         tok = runner.step(tok)
         if i >= warmup:
@@ -134,7 +139,6 @@ def time_decode(model, n_tokens: int = 16, context: int = 16, warmup: int = 2,
     t.decode_s.extend(this_round)
     if this_round:
         t.decode_rounds.append(len(this_round) / sum(this_round))
-    return t
 
 
 def time_round(model, prompt_len: int, gen_len: int, warmup: int = 1, timing: Timing | None = None,
@@ -150,13 +154,5 @@ def time_round(model, prompt_len: int, gen_len: int, warmup: int = 1, timing: Ti
     t0 = time.perf_counter()
     tok = runner.prefill(ids)
     t.prefill_s.append(time.perf_counter() - t0)
-    this_round = []
-    for i in range(warmup + gen_len):
-        t0 = time.perf_counter()
-        tok = runner.step(tok)
-        if i >= warmup:
-            this_round.append(time.perf_counter() - t0)
-    t.decode_s.extend(this_round)
-    if this_round:
-        t.decode_rounds.append(len(this_round) / sum(this_round))
+    _timed_steps(runner, tok, warmup, gen_len, t)
     return t
