@@ -172,6 +172,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
     if offload is not None:
         model.offload, model.memory_plan = offload
+        selection.offload = tuple(offload)
     # tracing/profiling plugins wrap the whole step once here; nothing is dispatched per op or token
     step, wrappers = get_registry().wrap_step(model._forward, backend_obj, config)
     if wrappers:

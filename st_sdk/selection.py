@@ -67,6 +67,7 @@ class Selection:
     cache: dict[str, Any] = field(default_factory=dict)   # path, key, hit
     notes: list[str] = field(default_factory=list)
     step_wrappers: list[str] = field(default_factory=list)
+    offload: Any = field(repr=False, default=None)   # (ExpertCache, MemoryPlan) under max_memory
     ops: OpTable = field(repr=False, default=None)
 
     @property
@@ -98,6 +99,12 @@ class Selection:
         lines += [f"note: {n}" for n in self.notes]
         if self.step_wrappers:
             lines.append(f"forward step wrapped by: {', '.join(self.step_wrappers)}")
+        if self.offload is not None:
+            cache, plan = self.offload
+            st = cache.stats
+            lines.append(f"memory budget: {plan.describe()}")
+            lines.append(f"expert cache so far: hit rate {st.hit_rate:.1%}, {st.bytes_read / 2**20:.1f} MiB read, "
+                         f"stalled {st.stall_s:.2f} s, {st.evictions} evictions")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -105,7 +112,9 @@ class Selection:
                 "hardware": self.hardware.to_dict() if self.hardware is not None else None,
                 "candidates": [c.to_dict() for c in self.candidates], "cache": self.cache,
                 "notes": self.notes, "step_wrappers": self.step_wrappers,
-                "fallbacks": self.fallbacks}
+                "fallbacks": self.fallbacks,
+                "offload": None if self.offload is None else
+                dict(self.offload[0].stats.as_dict(), plan=self.offload[1].describe())}
 
 
 def reference_backend() -> Backend:

@@ -51,6 +51,8 @@ def test_offloaded_logits_equal_resident(files, kind, slots):
     np.testing.assert_allclose(inc, want, rtol=0, atol=1e-5 * np.abs(want).max())
     st = m.offload.stats
     assert st.bytes_read == st.reads * m.memory_plan.expert_bytes > 0
+    assert "expert cache so far: hit rate" in m.selection.explain()
+    assert m.selection.to_dict()["offload"]["bytes_read"] == st.bytes_read
     if slots < 8 * 4:   # fewer slots than experts: the cache must have evicted
         assert st.evictions > 0
     assert 0.0 <= st.hit_rate <= 1.0
