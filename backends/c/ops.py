@@ -12,6 +12,7 @@ import numpy as np
 
 from st_sdk.backend import Param
 from st_sdk.errors import BackendError, InputError
+from st_sdk.weights.mapping import release_map
 from st_sdk.weights.tensor import BLOCK, BLOCK_BYTES, STORAGE_DTYPE
 
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
@@ -85,36 +86,6 @@ def _storage(arr: np.ndarray, fmt: str, rows_shape: tuple, cols: int, name: str)
         return arr, 0
     arr = np.ascontiguousarray(arr)
     return arr, arr.nbytes
-
-
-def _read_only_file_map(arr: np.ndarray) -> bool:
-    """True when arr lives in a read-only file mapping (a GGUF opened by numpy.memmap mode 'r'): its
-    pages can be dropped from this process and will refault, unchanged, from the file."""
-    b = arr
-    while b is not None:
-        if isinstance(b, np.memmap):
-            return b.mode == "r"
-        b = getattr(b, "base", None)
-    return False
-
-
-def release_map(arr: np.ndarray) -> int:
-    """Drop the resident pages of a repacked source from this process (MADV_DONTNEED on a read-only
-    file map), so the repacked copy does not double the resident memory; returns the bytes released.
-    Anything else (anonymous memory, writable maps) is left alone."""
-    import mmap
-
-    if arr.nbytes < mmap.PAGESIZE or not _read_only_file_map(arr) or not hasattr(mmap, "MADV_DONTNEED"):
-        return 0
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    start = arr.ctypes.data
-    lo = (start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE   # whole pages inside arr only
-    hi = (start + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi <= lo or libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED) != 0:
-        return 0
-    return hi - lo
 
 
 def can_repack(fmt: str, rows: int) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 
 from st_sdk.backend import Backend, ModelParams, Param
 from st_sdk.errors import BackendError
+from st_sdk.weights.mapping import release_map
 
 DTYPES = ("float32", "bfloat16")
 ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
@@ -131,10 +132,12 @@ class TorchBackend(Backend):
 
         t = param.raw
         dtype = torch.float32 if role in FLOAT32_ROLES else self.torch_dtype
+        # a converted copy replaces the file's pages in this process (they refault if ever read again)
         if t.parts is not None:   # HF per-expert tensors: stack once into [E, ...]
             out = torch.empty(t.shape, dtype=dtype, device=self.device)
             for e, part in enumerate(t.parts):
                 out[e] = self._convert(part.fmt, part.data, part.shape, dtype)
+                release_map(part.data)
             return out
         if self._can_map(t.fmt, dtype, t.data):
             return self._map(t.data, dtype)
@@ -142,8 +145,11 @@ class TorchBackend(Backend):
             out = torch.empty(t.shape, dtype=dtype, device=self.device)
             for e in range(t.shape[0]):
                 out[e] = self._convert(t.fmt, t.data[e], t.shape[1:], dtype)
+                release_map(t.data[e])
             return out
-        return self._convert(t.fmt, t.data, t.shape, dtype)
+        out = self._convert(t.fmt, t.data, t.shape, dtype)
+        release_map(t.data)
+        return out
 
     def _can_map(self, fmt: str, dtype, data: np.ndarray) -> bool:
         """Stored exactly as computed, on the CPU: use the (memory-mapped) storage in place."""
