@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..numpy.cache import LayerKV as _ReferenceLayerKV
 from .ops import ffi_lib
 
 
@@ -44,13 +45,8 @@ class CLayerKV:
         if need > len(self.pos):
             self._alloc(max(need, 2 * len(self.pos)), copy_from=(self.k, self.v, self.pos))
 
-    def entries(self):
-        """(k, v, positions) of every stored token, unordered (as the reference cache)."""
-        if self.window:
-            valid = self.pos >= 0
-            return self.k[valid], self.v[valid], self.pos[valid]
-        n = self.length
-        return self.k[:n], self.v[:n], self.pos[:n]
+    #: (k, v, positions) of every stored token, unordered: the reference cache's own reader
+    entries = _ReferenceLayerKV.entries
 
     @property
     def nbytes(self) -> int:
