@@ -16,7 +16,8 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     """Load a SmallThinker model from an HF directory or a `.gguf` file (contract).
 
     quantize: convert the matrices in memory at load ('q8_0', 'q4_0', 'f16', 'bf16', 'f32');
-    norms and the router stay f32. Other keyword arguments go to `st_sdk.model.build_model`.
+    norms and the router stay f32. Other keyword arguments go to `st_sdk.model.build_model`
+    (max_memory, context, prefetch: the memory-budget mode).
     """
     from .model import build_model
     from .weights import open_model
