@@ -37,13 +37,6 @@ LLAMA = "llama.cpp"
 
 
 # ---- machine ---------------------------------------------------------------------------------
-def default_threads() -> int:
-    """Physical cores (hyper-threads slow memory-bound decode down)."""
-    from .hardware import probe
-
-    return probe().physical_cores
-
-
 def clamp_threads(n: int | None) -> int:
     from .hardware import probe
 

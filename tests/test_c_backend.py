@@ -157,7 +157,7 @@ def test_gguf_weights_used_in_place(tmp_path, monkeypatch, fmt):
 
 def test_auto_selection_prefers_c_for_quantised_weights():
     _available()
-    if not (cbackend.cpu_flags() & {"avx2", "avx512f", "asimd"}):
+    if not (cbackend.cpu_flags() & {"avx2", "avx512f", "neon"}):
         pytest.skip("no SIMD the C backend ranks itself high for")
     m = _tiny("q4_0", backend="auto")
     assert m.selection.chosen == "c"

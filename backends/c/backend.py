@@ -28,33 +28,19 @@ _EXPERT_ROLES = {"gate", "up", "down"}
 _NORM_ROLES = {"attn_norm", "ffn_norm", "norm"}
 
 
-def cpu_flags(hardware=None) -> set[str]:
-    """CPU feature flags: from st_sdk.hardware's HardwareInfo when given, else /proc/cpuinfo."""
-    feats = getattr(hardware, "features", None) if hardware is not None else None
-    if feats:
-        return {str(f).lower() for f in feats}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def cpu_flags(hardware=None) -> frozenset[str]:
+    """CPU feature flags, normalised by st_sdk.hardware (e.g. "avx512_vnni", "neon")."""
+    from st_sdk.hardware import probe
+
+    return (hardware or probe()).features
 
 
 def core_count() -> int:
-    try:
-        logical = len(os.sched_getaffinity(0))
-    except AttributeError:
-        logical = os.cpu_count() or 1
-    try:
-        import psutil
+    """Physical cores this process may use (hyper-threads slow memory-bound decode down)."""
+    from st_sdk.hardware import probe
 
-        physical = psutil.cpu_count(logical=False) or logical
-    except ImportError:
-        physical = logical
-    return max(1, min(logical, physical))
+    hw = probe()
+    return max(1, min(hw.logical_cores, hw.physical_cores))
 
 
 def best_variant(lib) -> str:
@@ -156,8 +142,8 @@ class CBackend(Backend):
 
     def score(self, hardware, fmt: str) -> float:
         flags = cpu_flags(hardware)
-        simd = 2.0 if {"avx512f", "avx512_vnni"} <= flags or "avx512vnni" in flags else \
-            1.5 if "avx2" in flags else 1.2 if ("asimd" in flags or "neon" in flags) else 1.0
+        simd = 2.0 if {"avx512f", "avx512_vnni"} <= flags else \
+            1.5 if "avx2" in flags else 1.2 if "neon" in flags else 1.0
         base = 40.0 if fmt in ("q8_0", "q4_0") else 20.0   # native integer kernels beat dequantise-then-BLAS
         return base * simd
 
