@@ -89,6 +89,18 @@ def get_pool(n: int):
         return _pools[key]
 
 
+def _moe_inputs(x, ids, weights, H: int, E: int):
+    """x as float32 [T, H], ids int64 [T, k] in [0, E) and weights float32 [T, k], all contiguous."""
+    xs = activations(x, H, "moe x")
+    T = xs.shape[0]
+    ids, weights = np.asarray(ids), np.asarray(weights)
+    if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
+        raise InputError(f"moe: ids and weights must both be [T={T}, k], got {list(ids.shape)} and "
+                         f"{list(weights.shape)}")
+    flat = int64_vector(ids.reshape(-1), ids.size, "moe ids", 0, E)
+    return xs, flat.reshape(ids.shape), np.ascontiguousarray(weights, np.float32)
+
+
 class CBackend(Backend):
     name = "c"
     version = "0.1"
@@ -371,16 +383,8 @@ class CBackend(Backend):
         if (u.n, u.rows, u.cols) != (g.n, g.rows, g.cols) or (d.n, d.rows, d.cols) != (g.n, g.cols, g.rows):
             raise InputError(f"moe: expert shapes disagree: gate {[g.n, g.rows, g.cols]}, up {[u.n, u.rows, u.cols]}, "
                              f"down {[d.n, d.rows, d.cols]}")
-        xs = activations(x, g.cols, "moe x")
-        T = xs.shape[0]
-        ids = np.asarray(ids)
-        weights = np.asarray(weights)
-        if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
-            raise InputError(f"moe: ids and weights must both be [T={T}, k], got {list(ids.shape)} and "
-                             f"{list(weights.shape)}")
-        kk = ids.shape[1]
-        ids = int64_vector(ids.reshape(-1), T * kk, "moe ids", 0, g.n)
-        weights = np.ascontiguousarray(weights, np.float32).reshape(-1)
+        xs, ids, weights = _moe_inputs(x, ids, weights, g.cols, g.n)
+        T, kk = ids.shape
         out = np.empty((T, g.cols), np.float32)
         check(lib.st_moe(pool, g.struct, u.struct, d.struct, ptr(ffi, "float *", xs), T, kk,
                          ptr(ffi, "int64_t *", ids), ptr(ffi, "float *", weights),
@@ -394,14 +398,8 @@ class CBackend(Backend):
         ffi, lib, pool = self._lib()
         cache, layer = gate.cache, gate.layer
         E, F, H = (int(n) for n in gate.shape)
-        xs = activations(x, H, "moe x")
+        xs, ids, weights = _moe_inputs(x, ids, weights, H, E)
         T = xs.shape[0]
-        ids = np.asarray(ids)
-        weights = np.asarray(weights, np.float32)
-        if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
-            raise InputError(f"moe: ids and weights must both be [T={T}, k], got {list(ids.shape)} and "
-                             f"{list(weights.shape)}")
-        ids = int64_vector(ids.reshape(-1), ids.size, "moe ids", 0, E).reshape(ids.shape)
         picked = list(dict.fromkeys(ids.ravel().tolist()))
         group = max(1, cache.slots - 1)
         out = np.zeros((T, H), np.float32)
