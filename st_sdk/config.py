@@ -59,6 +59,12 @@ class ModelConfig:
     def layer_uses_rope(self, i: int) -> bool:
         return bool(self.rope_layout[i])
 
+    def kv_cache_bytes(self, tokens: int, itemsize: int = 4) -> int:
+        """KV cache for `tokens` tokens: sliding-window layers keep at most their window."""
+        per_token = 2 * self.kv_dim * itemsize
+        return sum(per_token * (min(tokens, w) if (w := self.layer_window(i)) else tokens)
+                   for i in range(self.num_hidden_layers))
+
     def parameter_count(self) -> int:
         H, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers
         E, F = self.moe_num_primary_experts, self.moe_ffn_hidden_size

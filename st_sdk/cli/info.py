@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from st_sdk.sizes import fmt_bytes
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="describe a model file (layout, sizes, types, memory)")
@@ -19,13 +21,6 @@ def active_parameters(cfg) -> int:
     experts = cfg.moe_num_active_primary_experts * 3 * cfg.moe_ffn_hidden_size * H
     per_layer = attn + 2 * H + cfg.moe_num_primary_experts * H + experts
     return cfg.num_hidden_layers * per_layer + H + cfg.vocab_size * H
-
-
-def kv_bytes(cfg, tokens: int, itemsize: int = 4) -> int:
-    """KV cache bytes for `tokens` tokens: sliding-window layers keep at most the window."""
-    per_token = 2 * cfg.kv_dim * itemsize
-    return sum(per_token * (min(tokens, w) if (w := cfg.layer_window(i)) else tokens)
-               for i in range(cfg.num_hidden_layers))
 
 
 GROUPS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "router": "router",
@@ -63,18 +58,11 @@ def describe(path) -> dict:
         "parameters": cfg.parameter_count(), "active_parameters": active_parameters(cfg),
         "weight_types": {g: dict(c) for g, c in types.items()},
         "file_bytes": mf.file_size, "weight_bytes": weight_bytes,
-        "kv_cache_bytes_per_1k_tokens_f32": kv_bytes(cfg, 1024),
-        "memory_bytes_at_1k_tokens": weight_bytes + kv_bytes(cfg, 1024),
+        "kv_cache_bytes_per_1k_tokens_f32": cfg.kv_cache_bytes(1024),
+        "memory_bytes_at_1k_tokens": weight_bytes + cfg.kv_cache_bytes(1024),
         "tokenizer": tok is not None, "chat_template": bool(tok is not None and tok.chat_template),
         "eos_ids": list(tok.eos_ids) if tok is not None else list(cfg.eos_token_id),
     }
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
 
 
 def _compact(layers: list[str]) -> str:
@@ -99,9 +87,9 @@ def run(args) -> int:
         ("parameters", f"{d['parameters']:,} total, {d['active_parameters']:,} active per token"),
         ("weight types", "; ".join(f"{g} {', '.join(f'{k} x{v}' for k, v in c.items())}"
                                    for g, c in d["weight_types"].items())),
-        ("file size", _size(d["file_bytes"])), ("weights", _size(d["weight_bytes"])),
-        ("KV cache", f"{_size(d['kv_cache_bytes_per_1k_tokens_f32'])} per 1k tokens (f32)"),
-        ("memory @1k tokens", _size(d["memory_bytes_at_1k_tokens"])),
+        ("file size", fmt_bytes(d["file_bytes"])), ("weights", fmt_bytes(d["weight_bytes"])),
+        ("KV cache", f"{fmt_bytes(d['kv_cache_bytes_per_1k_tokens_f32'])} per 1k tokens (f32)"),
+        ("memory @1k tokens", fmt_bytes(d["memory_bytes_at_1k_tokens"])),
         ("tokenizer", "yes" if d["tokenizer"] else "no"),
         ("chat template", "yes" if d["chat_template"] else "no"), ("eos ids", d["eos_ids"]),
     ]

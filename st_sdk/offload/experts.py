@@ -44,12 +44,6 @@ def _expert_extents(stacked: WeightTensor, e: int) -> Extent:
     return file_extent(part.data, f"{stacked.source}: tensor '{part.name}'")
 
 
-def kv_cache_bytes(cfg, context: int) -> int:
-    per_token = 2 * cfg.kv_dim * 4
-    return sum(per_token * (min(context, cfg.layer_window(i)) if cfg.layer_window(i) else context)
-               for i in range(cfg.num_hidden_layers))
-
-
 def process_baseline_bytes() -> int:
     """What the process already holds (interpreter, libraries): counted against the budget."""
     try:
@@ -81,7 +75,7 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
         # headroom for the code pages and page cache a process needs to run inside a hard limit
         # without thrashing (measured: a plan with none ran 3x slower in a 1 GiB cgroup)
         scratch_bytes = 64 * 2**20 + process_baseline_bytes() + headroom_bytes(budget)
-    plan = plan_memory(budget, dense, kv_cache_bytes(cfg, context), expert_bytes,
+    plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
                        cfg.moe_num_active_primary_experts, scratch_bytes)
     cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads)

@@ -1,0 +1,33 @@
+"""Byte sizes as people write and read them ('1GiB', '512 MiB')."""
+from __future__ import annotations
+
+import re
+
+from .errors import InputError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: str | int, name: str = "max_memory") -> int:
+    """'1GiB', '512 MB', '8g' or a number of bytes -> bytes."""
+    if isinstance(size, bool):
+        raise InputError(f"{name}: expected a size such as '1GiB', got {size!r}")
+    if isinstance(size, (int, float)):
+        value = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InputError(f"{name}: cannot read {size!r} as a size (examples: '1GiB', '512MiB', '8GB')")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise InputError(f"{name}: must be positive, got {size!r}")
+    return value
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
