@@ -118,34 +118,19 @@ def bytes_per_token(params, cfg) -> int:
 
 
 def gguf_bytes_per_token(path: str | os.PathLike) -> int:
-    """The same count read from a GGUF file's tensor table."""
-    from gguf import GGUFReader
+    """The same count for a model file, read through st-sdk's own (fast) reader without a backend."""
+    from .weights import open_model
 
-    r = GGUFReader(str(path))
-    arch = str(bytes(r.fields["general.architecture"].parts[-1]), "utf-8")
-
-    def meta(key):
-        return int(r.fields[f"{arch}.{key}"].parts[-1][0])
-
-    k, E = meta("expert_used_count"), meta("expert_count")
-    sizes = {t.name: int(t.n_bytes) for t in r.tensors}
-    vocab = next(int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight")
-    total = sizes["token_embd.weight"] // vocab + sizes["output_norm.weight"]
-    total += sizes.get("output.weight", sizes["token_embd.weight"])
-    for name, n in sizes.items():
-        if name.startswith("blk."):
-            total += n * k // E if "_exps." in name else n
-    return int(total)
+    f = open_model(path)
+    return bytes_per_token(f.params(), f.config)
 
 
 def gguf_format(path: str | os.PathLike) -> str:
-    """The dominant weight type of a GGUF file (by bytes), as an st-sdk format name."""
-    from gguf import GGUFReader
+    """The dominant weight type of a model file (by bytes), as an st-sdk format name."""
+    from .loader import weight_format
+    from .weights import open_model
 
-    by_type: dict[str, int] = {}
-    for t in GGUFReader(str(path)).tensors:
-        by_type[t.tensor_type.name.lower()] = by_type.get(t.tensor_type.name.lower(), 0) + int(t.n_bytes)
-    return max(by_type, key=by_type.get)
+    return weight_format(open_model(path).params())
 
 
 # ---- model files ------------------------------------------------------------------------------
