@@ -37,7 +37,7 @@ class Session:
             if all_logits or s + chunk >= len(ids):
                 out.append(m.ops.to_numpy(logits))
             self.tokens.extend(int(t) for t in part)
-        logits = np.concatenate(out).astype(np.float32, copy=False)
+        logits = (out[0] if len(out) == 1 else np.concatenate(out)).astype(np.float32, copy=False)
         return logits if all_logits else logits[-1]
 
 

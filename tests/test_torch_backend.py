@@ -213,3 +213,30 @@ def test_bf16_file_is_used_in_place_without_a_copy(tmp_path):
     for p in (m.params.layers[0].gate, m.params.layers[0].down, m.params.embed):
         assert p.value.data_ptr() == p.raw.data.ctypes.data     # the file's pages, not a copy
     assert rel_err(m.logits(ids), want) <= BF16_MODEL_TOL
+    s = m.session()                                             # one-token steps on the mapped gate/up
+    s.feed(ids[:12])
+    steps = np.stack([s.feed([t]) for t in ids[12:]])
+    assert rel_err(steps, want[12:]) <= BF16_MODEL_TOL
+
+
+def test_one_token_steps_at_gapped_and_rewound_positions_match_reference():
+    """A one-token step skips the attention mask only while positions ran 0, 1, 2, ...; after a gap
+    (stale ring slots) or a rewind (keys after the query) it must mask them as the reference does."""
+    ref, m = synth.build_model("tiny", backend="numpy"), torch_model()
+    caches = [model.session().cache for model in (ref, m)]
+    steps = [(np.arange(6), np.arange(6)), ([7], [6]), ([9], [12]), ([4], [13]), ([2], [5]), ([8], [14])]
+    for ids, pos in steps:                                      # tiny: window 8, so 6 -> 12 leaves stale slots
+        want, got = (model._forward(np.asarray(ids), np.asarray(pos), c, last_only=True)
+                     for model, c in zip((ref, m), caches))
+        assert rel_err(m.ops.to_numpy(got), ref.ops.to_numpy(want)) <= 1e-5, pos
+
+
+def test_thread_and_page_settings_default_only_when_unset():
+    code = ("import os; from st_sdk_backends.torch.backend import TorchBackend; TorchBackend()._setup(); "
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "THP_MEM_ALLOC_ENABLE")}
+    run = lambda **extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, text=True,  # noqa: E731
+                                         capture_output=True, check=True).stdout.split()
+    assert run() == ["1000", "1"]
+    assert run(OMP_WAIT_POLICY="PASSIVE", THP_MEM_ALLOC_ENABLE="0") == ["None", "0"]

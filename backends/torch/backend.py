@@ -23,6 +23,7 @@ ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
 #: roles kept in float32 whatever the compute dtype: cheap, and precision there decides the top-k
 FLOAT32_ROLES = ("attn_norm", "ffn_norm", "norm", "router")
 ROWS_PER_CHUNK = 8192   # dequantise this many rows at a time: bounded float32 scratch at load
+SPIN_COUNT = "1000"     # libgomp's busy-wait iterations before a worker sleeps (its default: 300000)
 
 
 def _cpu_has_bf16() -> bool:
@@ -77,11 +78,16 @@ class TorchBackend(Backend):
     def _setup(self) -> None:
         if self._ready:
             return
-        if "torch" not in sys.modules:
-            # OpenMP reads this once, when torch loads. Spinning barriers stall every matmul when the
-            # machine has more runnable threads than cores (measured 3-6x slower decode on a busy
-            # 2-core host); sleeping costs microseconds per op on an idle one. The user's setting wins.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+            # OpenMP reads this once, when torch loads. A decode step is hundreds of short matmuls a few
+            # microseconds apart: workers that sleep at once pay a wake-up on each (27% slower layers,
+            # measured), while libgomp's default 3 ms of spinning stalls every matmul on a busy host.
+            # About 10 us of spinning bridges the gaps and no more. The user's setting wins.
+            os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        # Weights in 4 KiB pages cost a TLB miss every 4 KiB a token streams, and the page tables of
+        # 8 GiB of weights do not fit in cache; torch's allocator asks for 2 MiB pages with this set,
+        # read at its first large allocation (4b-a0.6b F16 decode: 11.2 -> 14.7 tok/s, measured)
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         import torch
 
         type(self).version = torch.__version__
@@ -246,7 +252,10 @@ class TorchBackend(Backend):
                 gu = torch.cat([lp.gate.value, lp.up.value], dim=1)
                 lp.gate.value, lp.up.value = gu[:, :F_], gu[:, F_:]
                 self._stacked[id(lp.gate.value)] = (lp.gate.value, gu)
-            fused.append((qkv, gu))
+            # per-expert views for one-token steps: a list index, not a tensor op, per picked expert
+            views = (tuple(list(t.unbind(0)) for t in gu) if isinstance(gu, tuple) else list(gu.unbind(0)),
+                     list(lp.down.value.unbind(0)))
+            fused.append((qkv, gu, views))
         params.extra["torch"] = fused
 
     # ---- fused ---------------------------------------------------------------------------
@@ -262,6 +271,8 @@ class TorchBackend(Backend):
             return self._forward(cfg, params, ids, pt, host, T, cache, last_only)
         torch.backends.mkldnn.enabled = False
         try:
+            if "torch" in params.extra and not self.gather:
+                return self._decode_one(cfg, params, int(ids[0]), pt, host, cache)
             return self._forward(cfg, params, ids, pt, host, T, cache, last_only)
         finally:   # the value seen at setup, not at entry: concurrent sessions cannot leave it off
             torch.backends.mkldnn.enabled = self._onednn
@@ -276,8 +287,8 @@ class TorchBackend(Backend):
             cos, sin = o.rope_tables(pt, cfg.rope_theta, cfg.head_dim, dt)
             eps, k_act, softmax = cfg.rms_norm_eps, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
             nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-            fused = params.extra.get("torch") or [(None, None)] * len(params.layers)
-            for i, (p, (wqkv, gu)) in enumerate(zip(params.layers, fused)):
+            fused = params.extra.get("torch") or [(None, None, None)] * len(params.layers)
+            for i, (p, (wqkv, gu, _)) in enumerate(zip(params.layers, fused)):
                 w, e = o.route(h, p.router.value, k_act, softmax)     # router reads the raw layer input
                 a = o.rms_norm(h, p.attn_norm.value, eps, dt)
                 if wqkv is None:   # params prepared without prepare_model
@@ -297,3 +308,26 @@ class TorchBackend(Backend):
             if last_only:
                 h = h[-1:]
             return o.linear(o.rms_norm(h, params.norm.value, eps, dt), params.head.value)
+
+    def _decode_one(self, cfg, params, token: int, pt, host, cache):
+        """One token on the CPU, the same layer as `_forward` on 1-D vectors with matrix-vector
+        products. Each op costs microseconds of dispatch that the weights streaming through the
+        caches make several times longer, so this step runs as few as it can: about 40 per layer."""
+        import torch
+
+        o = self.ops
+        dt = self.torch_dtype
+        eps, k_act, softmax = cfg.rms_norm_eps, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
+        nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        with torch.no_grad():
+            h = params.embed.value[token].float()                       # float32 residual stream [H]
+            cos, sin = o.rope_tables(pt, cfg.rope_theta, hd, dt)
+            for i, (p, (wqkv, _, experts)) in enumerate(zip(params.layers, params.extra["torch"])):
+                ids, w = o.route_one(h, p.router.value, k_act, softmax)  # router reads the raw layer input
+                qkv = torch.mv(wqkv, o.rms_norm(h, p.attn_norm.value, eps, dt)).view(1, nH + 2 * nKV, hd)
+                qk = o.apply_rope(qkv[:, :nH + nKV], cos, sin) if cfg.layer_uses_rope(i) else qkv[:, :nH + nKV]
+                attn = o.attention(qk[:, :nH], qk[:, nH:], qkv[:, nH + nKV:], cache.layers[i], host,
+                                   cfg.layer_window(i), positions_t=pt)
+                h = h + torch.mv(p.wo.value, attn[0])
+                o.moe_one(o.rms_norm(h, p.ffn_norm.value, eps, dt), *experts, ids, w, h)
+            return torch.mv(params.head.value, o.rms_norm(h, params.norm.value, eps, dt))[None]

@@ -24,6 +24,7 @@ class LayerKV:
         self.used = 0     # slots [0, used) may hold a token; the rest are still empty
         self.last = -1    # highest position appended
         self.monotone = True   # positions only ever increased: a single new query sees every key
+        self.dense = True      # positions were exactly 0, 1, 2, ...: every used ring slot is in the window
 
     @property
     def slots(self) -> int:
@@ -47,10 +48,22 @@ class LayerKV:
         """k, v: [T, n_kv, hd] on the device; positions_t: int64 [T] absolute positions on the device,
         positions: the same on the host (bookkeeping reads those, never the device)."""
         T = positions_t.shape[0]
-        first, top = int(positions[0]), int(np.max(positions))
-        self.monotone = self.monotone and first > self.last and bool(np.all(np.diff(positions) > 0))
+        first = int(positions[0])
+        if T == 1:   # decode: no numpy calls, and ring slots written by host index
+            top, increasing = first, first > self.last
+        else:
+            top = int(np.max(positions))
+            increasing = first > self.last and bool(np.all(np.diff(positions) > 0))
+        self.monotone = self.monotone and increasing
+        self.dense = self.dense and increasing and first == self.length and top == first + T - 1
         self.last = max(self.last, top)
-        if self.window:
+        if self.window and T == 1:
+            slot = top % self.window
+            self.k[:, slot] = k[0]
+            self.v[:, slot] = v[0]
+            self.pos[slot] = top
+            self.used = min(self.window, max(self.used, top + 1))
+        elif self.window:
             keep = max(0, T - self.window)             # older rows of a long chunk fall out anyway
             pt = positions_t[keep:]
             slots = pt % self.window                   # on the device: no host read
