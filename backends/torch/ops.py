@@ -79,7 +79,8 @@ def attention(q, k, v, cache: LayerKV, positions, window: int | None,
     visible where key position <= query position (and > query - window). Returns [T, nH*hd]."""
     T, nH, hd = q.shape
     host, pt = device_positions(positions, q.device) if positions_t is None else (np.asarray(positions), positions_t)
-    k, v = k.to(cache.k.dtype), v.to(cache.v.dtype)
+    if k.dtype != cache.k.dtype:
+        k, v = k.to(cache.k.dtype), v.to(cache.v.dtype)
     if window and T > 1:
         # a chunk may need ring slots it is about to overwrite: read the ring first, as the reference does
         n = cache.used
@@ -137,16 +138,22 @@ def route_one(x: torch.Tensor, router: torch.Tensor, k: int, softmax: bool):
 def moe_one(x: torch.Tensor, gu, down, ids, weights, out: torch.Tensor) -> None:
     """Add the picked experts' weighted ReGLU outputs for one token x [H] into `out` (float32, in
     place). `gu`: per-expert [2F, H] views, or a (gate, up) pair of lists of [F, H] views (weights
-    used in place from the file); `down`: per-expert [H, F] views. The k outputs land in one buffer
-    and are summed by one float32 matrix-vector product instead of k mixed-dtype adds."""
-    ys = torch.empty((len(ids), out.shape[0]), dtype=x.dtype)
+    used in place from the file); `down`: per-expert [H, F] views. All k gate/up products land in
+    one buffer and are activated together, then all k down products, summed by one float32
+    matrix-vector product: the small ops run once per layer, not once per expert."""
+    k, (H, F_) = len(ids), down[ids[0]].shape
+    gus = torch.empty((2, k, F_) if isinstance(gu, tuple) else (k, 2 * F_), dtype=x.dtype)
     for j, e in enumerate(ids):
         if isinstance(gu, tuple):
-            act = torch.relu(torch.mv(gu[0][e], x)).mul_(torch.mv(gu[1][e], x))
+            torch.mv(gu[0][e], x, out=gus[0, j])
+            torch.mv(gu[1][e], x, out=gus[1, j])
         else:
-            y = torch.mv(gu[e], x)
-            act = y[:len(y) // 2].relu_().mul_(y[len(y) // 2:])
-        torch.mv(down[e], act, out=ys[j])
+            torch.mv(gu[e], x, out=gus[j])
+    gate, up = (gus[0], gus[1]) if isinstance(gu, tuple) else (gus[:, :F_], gus[:, F_:])
+    act = gate.relu_().mul_(up)
+    ys = torch.empty((k, H), dtype=x.dtype)
+    for j, e in enumerate(ids):
+        torch.mv(down[e], act[j], out=ys[j])
     out.addmv_(ys.t().float(), weights)
 
 
