@@ -240,3 +240,19 @@ def test_thread_and_page_settings_default_only_when_unset():
                                          capture_output=True, check=True).stdout.split()
     assert run() == ["1000", "1"]
     assert run(OMP_WAIT_POLICY="PASSIVE", THP_MEM_ALLOC_ENABLE="0") == ["None", "0"]
+
+
+def test_memory_budget_mode_matches_reference(tmp_path):
+    """Under max_memory the experts stay in the file and the step runs op by op; the fused-step
+    preparation must leave those experts alone."""
+    import st_sdk
+
+    out = synth.write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0")
+    ids = np.arange(20) * 7 % 500
+    want = st_sdk.load(out["gguf"], backend="numpy").logits(ids)
+    m = st_sdk.load(out["gguf"], backend="torch", dtype="float32", max_memory="4GiB")
+    assert m.offload is not None
+    assert rel_err(m.logits(ids), want) <= 1e-5
+    s = m.session()
+    s.feed(ids[:10])
+    assert rel_err(np.stack([s.feed([t]) for t in ids[10:]]), want[10:]) <= 1e-5

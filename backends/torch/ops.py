@@ -159,8 +159,7 @@ def moe_one(x: torch.Tensor, gu, down, ids, weights, out: torch.Tensor) -> None:
 
 def expert_act(x: torch.Tensor, gu, e: int, F_: int) -> torch.Tensor:
     """relu(gate_e(x)) * up_e(x). `gu` is gate and up stacked as one [E, 2F, H] tensor (one GEMM,
-    not two) or a (gate, up) pair of [E, F, H] tensors (weights used in place from the file); either
-    may also be a list of per-expert views."""
+    not two) or a (gate, up) pair of [E, F, H] tensors (weights used in place from the file)."""
     if isinstance(gu, tuple):
         return torch.relu(F.linear(x, gu[0][e])).mul_(F.linear(x, gu[1][e]))
     y = F.linear(x, gu[e])
@@ -183,16 +182,13 @@ def moe_gather(x, gu, down, ids, weights) -> torch.Tensor:
 
 
 def moe_loop(x, gu, down, ids, weights) -> torch.Tensor:
-    """One token, weights in host memory: the k picked experts' weights are used in place (no copy).
-    Their ids are read as Python ints, which on the CPU is a pointer read, not a device round trip.
-    `gu` as in `expert_act`; `down` [E, H, F] or a list of per-expert views."""
+    """One token, weights in host memory: slice the k picked experts in place (no copy of their
+    weights); reading k ids from a CPU tensor is a pointer read, not a device round trip."""
+    xt = x.to(down.dtype)
+    F_ = down.shape[2]
     out = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
-    xt = None
     for e, w in zip(ids[0].tolist(), weights[0].unbind()):
-        d = down[e]
-        if xt is None:
-            xt = x.to(d.dtype)
-        out.addcmul_(F.linear(expert_act(xt, gu, e, d.shape[1]), d), w)   # float32 sum of the k experts
+        out.addcmul_(F.linear(expert_act(xt, gu, e, F_), down[e]), w)   # float32 sum of the k experts
     return out
 
 
