@@ -255,9 +255,10 @@ class TorchBackend(Backend):
                 gu = torch.cat([lp.gate.value, lp.up.value], dim=1)
                 lp.gate.value, lp.up.value = gu[:, :F_], gu[:, F_:]
                 self._stacked[id(lp.gate.value)] = (lp.gate.value, gu)
-            # per-expert views for one-token steps: a list index, not a tensor op, per picked expert
-            views = (tuple(list(t.unbind(0)) for t in gu) if isinstance(gu, tuple) else list(gu.unbind(0)),
-                     list(lp.down.value.unbind(0)))
+            # per-expert views for the CPU's one-token step: a list index, not a tensor op, per expert
+            views = None if self.gather else (
+                tuple(list(t.unbind(0)) for t in gu) if isinstance(gu, tuple) else list(gu.unbind(0)),
+                list(lp.down.value.unbind(0)))
             fused.append((qkv, gu, views))
         params.extra["torch"] = fused
 

@@ -128,21 +128,21 @@ def route(x: torch.Tensor, router: torch.Tensor, k: int, softmax: bool):
 
 
 def route_one(x: torch.Tensor, router: torch.Tensor, k: int, softmax: bool):
-    """`route` for one token [H] on the CPU: the picked ids as Python ints (a read of host memory)
+    """`route` for one token [H]: the picked ids as Python ints (on the CPU a read of host memory)
     and their weights [k] as a tensor."""
-    top, idx = torch.topk(torch.mv(router, x), k)
-    w = torch.softmax(top, 0) if softmax else torch.sigmoid(top)
-    return idx.tolist(), w / w.sum()
+    w, idx = route(x[None], router, k, softmax)
+    return idx[0].tolist(), w[0]
 
 
 def moe_one(x: torch.Tensor, gu, down, ids, weights, out: torch.Tensor) -> None:
-    """Add the picked experts' weighted ReGLU outputs for one token x [H] into `out` (float32, in
-    place). `gu`: per-expert [2F, H] views, or a (gate, up) pair of lists of [F, H] views (weights
-    used in place from the file); `down`: per-expert [H, F] views. All k gate/up products land in
-    one buffer and are activated together, then all k down products, summed by one float32
-    matrix-vector product: the small ops run once per layer, not once per expert."""
+    """Add the picked experts' weighted ReGLU outputs for one token x [H] into `out` (float32 [H], in
+    place). `gu` and `down` are indexed by expert id: the stacked tensors or lists of per-expert
+    views; `gu` gate and up stacked ([2F, H] each) or a (gate, up) pair ([F, H] each; weights used in
+    place from the file). The picked weights are sliced in place, never copied. All k gate/up
+    products land in one buffer and are activated together, then all k down products, summed by one
+    float32 matrix-vector product: the small ops run once per layer, not once per expert."""
     k, (H, F_) = len(ids), down[ids[0]].shape
-    gus = torch.empty((2, k, F_) if isinstance(gu, tuple) else (k, 2 * F_), dtype=x.dtype)
+    gus = torch.empty((2, k, F_) if isinstance(gu, tuple) else (k, 2 * F_), dtype=x.dtype, device=x.device)
     for j, e in enumerate(ids):
         if isinstance(gu, tuple):
             torch.mv(gu[0][e], x, out=gus[0, j])
@@ -151,7 +151,7 @@ def moe_one(x: torch.Tensor, gu, down, ids, weights, out: torch.Tensor) -> None:
             torch.mv(gu[e], x, out=gus[j])
     gate, up = (gus[0], gus[1]) if isinstance(gu, tuple) else (gus[:, :F_], gus[:, F_:])
     act = gate.relu_().mul_(up)
-    ys = torch.empty((k, H), dtype=x.dtype)
+    ys = torch.empty((k, H), dtype=x.dtype, device=x.device)
     for j, e in enumerate(ids):
         torch.mv(down[e], act[j], out=ys[j])
     out.addmv_(ys.t().float(), weights)
@@ -182,13 +182,10 @@ def moe_gather(x, gu, down, ids, weights) -> torch.Tensor:
 
 
 def moe_loop(x, gu, down, ids, weights) -> torch.Tensor:
-    """One token, weights in host memory: slice the k picked experts in place (no copy of their
-    weights); reading k ids from a CPU tensor is a pointer read, not a device round trip."""
-    xt = x.to(down.dtype)
-    F_ = down.shape[2]
+    """One token, weights in host memory: `moe_one` on the stacked tensors. Reading k ids from a CPU
+    tensor is a pointer read, not a device round trip."""
     out = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
-    for e, w in zip(ids[0].tolist(), weights[0].unbind()):
-        out.addcmul_(F.linear(expert_act(xt, gu, e, F_), down[e]), w)   # float32 sum of the k experts
+    moe_one(x[0].to(down.dtype), gu, down, ids[0].tolist(), weights[0], out[0])
     return out
 
 
