@@ -9,6 +9,22 @@ hd head dim, E experts, F expert width, k active experts. Activations are the ba
 (float32 unless the backend documents a compute dtype); `to_numpy`/`from_numpy` cross the boundary.
 Weights arrive as `Param`: `param.raw` is the stored `WeightTensor` (any format), `param.value` is
 what this backend's `prepare` made of it, once, at load.
+
+The op set (contract; the NumPy reference in backends/numpy/ops.py is the exact semantics):
+    context(config, positions) -> ctx   what every layer of one step shares (`StepContext`)
+    embed(table, ids) -> [T, H]         ids: int64 NumPy [T]
+    rms_norm(x, weight, eps) -> like x
+    linear(x, weight) -> [T, N]         weight [N, K], any stored format
+    qkv(x, wq, wk, wv) -> q [T, nH*hd], k, v [T, nKV*hd]   (default: three `linear`s)
+    rope(q, k, ctx) -> (q, k)           q [T, nH, hd], k [T, nKV, hd] rotated to ctx's positions
+    new_cache(config, capacity) -> cache with `.layers`, one per layer
+    attention(q, k, v, layer_cache, ctx, window) -> (out [T, nH*hd], layer_cache)
+                                        appends k, v to the layer's cache and returns it (a backend
+                                        whose arrays are immutable returns the updated one)
+    route(x, router, k, softmax) -> (weights [T, k], ids [T, k])
+    moe(x, gate, up, down, ids, weights) -> [T, H]
+and the optional fused ops `layer(config, i, layer_params, h, ctx, layer_cache) -> (h, layer_cache)`
+and `forward(config, params, ids, positions, cache, last_only) -> logits`.
 """
 from __future__ import annotations
 
@@ -20,11 +36,34 @@ import numpy as np
 from .errors import BackendError
 from .weights.tensor import WeightTensor
 
-#: ops every graph step uses, in forward order
+#: ops every graph step uses, in forward order; one a backend lacks runs on the NumPy reference
 CORE_OPS = ("embed", "rms_norm", "linear", "rope", "new_cache", "attention", "route", "moe")
+#: ops with a default made of the backend's own (never a fallback): the step context and q/k/v
+STEP_OPS = ("context", "qkv")
 #: optional fused ops: a backend that provides them replaces a whole layer or a whole step
 FUSED_OPS = ("layer", "forward")
-OPS = CORE_OPS + FUSED_OPS
+OPS = CORE_OPS + STEP_OPS + FUSED_OPS
+
+
+class StepContext:
+    """What every layer of one step shares (contract): made once per step by the `context` op and
+    entered for the step (`with ops.context(config, positions) as ctx:`).
+
+    `positions` are the step's absolute positions (int64 NumPy [T], host memory) and `theta` RoPE's
+    base. A backend subclasses it to carry more (its positions on the device, RoPE tables, a padding
+    mask) and to set up and tear down a step in `__enter__`/`__exit__`."""
+
+    __slots__ = ("positions", "theta")
+
+    def __init__(self, positions, theta: float):
+        self.positions = positions
+        self.theta = theta
+
+    def __enter__(self) -> "StepContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class Param:
@@ -138,6 +177,10 @@ class Backend:
     def prepare_model(self, params: ModelParams, config: Any) -> None:
         """Called once after every param is prepared: build fused/whole-model state in params.extra."""
 
+    def context(self, config: Any, positions) -> StepContext:
+        """The step context of `positions` (default: the positions on the host and RoPE's base)."""
+        return StepContext(np.asarray(positions, dtype=np.int64), float(config.rope_theta))
+
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
 
@@ -157,7 +200,9 @@ class OpTable:
     embed: Callable
     rms_norm: Callable
     linear: Callable
+    qkv: Callable
     rope: Callable
+    context: Callable
     new_cache: Callable
     attention: Callable
     route: Callable
@@ -196,6 +241,13 @@ def fallback_op(op: str, ref: Callable, backend: Backend) -> Callable:
     return call
 
 
+def _qkv_of(linear: Callable) -> Callable:
+    """The `qkv` op of a backend that does not fuse it: three products."""
+    def qkv(x, wq, wk, wv):
+        return linear(x, wq), linear(x, wk), linear(x, wv)
+    return qkv
+
+
 def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTable:
     provided = set(backend.provides())
     missing = [op for op in CORE_OPS if op not in provided]
@@ -213,6 +265,8 @@ def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTa
             table[op] = getattr(backend, op)
         else:
             table[op] = fallback_op(op, getattr(reference, op), backend)
+    table["context"] = backend.context
+    table["qkv"] = backend.qkv if "qkv" in provided else _qkv_of(table["linear"])
     for op in FUSED_OPS:
         table[op] = getattr(backend, op) if op in provided else None
     return OpTable(**table, to_numpy=backend.to_numpy, from_numpy=backend.from_numpy,
