@@ -85,8 +85,8 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
 
     max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
     into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
-    memory plan provides for (default min(max_position_embeddings, 4096)); prefetch=False stops
-    reading experts as soon as the router picks them (to measure what prefetch buys).
+    memory plan provides for (default `config.default_context`: min(max_position_embeddings, 4096));
+    prefetch=False stops reading experts as soon as the router picks them (to measure what prefetch buys).
     """
     offload = None
     if max_memory is not None:
