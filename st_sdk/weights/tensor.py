@@ -40,6 +40,21 @@ def block_size(fmt: str) -> int:
     return QUANT_SIZES[fmt][0] if fmt in QUANT_SIZES else 1
 
 
+#: a type whose blocks do not divide a row's length -> what llama.cpp stores instead (tensor_type_fallback)
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl",
+            "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
+            "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "tq1_0": "q4_0", "tq2_0": "q4_0"}
+
+
+def fallback(fmt: str, cols: int) -> str:
+    """The type a row of `cols` weights is stored as when `fmt`'s blocks do not divide it: llama.cpp's
+    fallback (q4_k -> q5_0, q6_k -> q8_0, ...), f16 when that does not fit either."""
+    if cols % block_size(fmt) == 0:
+        return fmt
+    fmt = FALLBACK.get(fmt, fmt)
+    return fmt if cols % block_size(fmt) == 0 else "f16"
+
+
 def row_bytes(fmt: str, cols: int) -> int:
     """Bytes of one stored row of `cols` weights (cols a multiple of block_size(fmt))."""
     if fmt in QUANT_SIZES:
