@@ -170,6 +170,16 @@ class GGUFModelFile:
     def file_size(self) -> int:
         return self.path.stat().st_size
 
+    def file_type(self) -> str | None:
+        """general.file_type as llama.cpp names it ('q4_k_m', 'q8_0'...), or None when absent."""
+        v = self.value("general.file_type")
+        if not isinstance(v, int):
+            return None
+        names = {}
+        for name, code in FILE_TYPES.items():
+            names.setdefault(code, name)
+        return names.get(v, "guessed" if v == FILE_TYPE_GUESSED else f"llama_ftype {v}")
+
 
 #: GGUF metadata value types: id -> struct format (8 string, 9 array handled apart)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
