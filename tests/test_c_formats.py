@@ -392,3 +392,17 @@ def test_mixed_k_quants_under_a_memory_budget(tmp_path, monkeypatch):
     got = m.logits(IDS)
     assert m.offload.stats.evictions > 0
     assert _rel(got, want) < 1e-5
+
+
+def test_long_prefill_shares_its_q8k_copies(mixed):
+    """A prefill long enough that the Q8_K copies of the attention output and of the expert activations
+    are split across threads (more than 65536 values) instead of made by each thread for itself."""
+    _available()
+    from st_sdk.model import build_model
+
+    cfg, all_params = mixed
+    ids = (np.arange(300) * 53 + 11) % cfg.vocab_size
+    want = build_model(cfg, all_params["q4_k_m"], backend="numpy").logits(ids)
+    for threads in (1, 2):
+        got = build_model(cfg, all_params["q4_k_m"], backend="c", n_threads=threads).logits(ids)
+        assert _rel(got, want) < 5e-2, f"{threads} threads: {_rel(got, want):.3g}"
