@@ -124,3 +124,23 @@ def test_every_backend_agrees_with_the_peer(f32_file, mix, backend, tmp_path_fac
     assert decisive.sum() >= len(IDS) // 3
     assert same[decisive].mean() >= ARGMAX
     assert np.median(per_position) < MEDIAN and per_position.max() < MAX
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("mix", [m for m in ROWS if m != "iq4_nl"])   # st-sdk has no iq4_nl quantiser
+def test_st_sdk_quantize_writes_what_llama_cpp_writes(f32_file, mix, tmp_path, tmp_path_factory):
+    """Same types, same bytes (the C k-quant quantisers are llama.cpp's search, gguf-py's rounding is
+    ggml's reference), and llama.cpp loads the file and computes the same logits from it."""
+    from st_sdk.weights.requantize import quantize_gguf
+
+    theirs = quantised(f32_file, mix, tmp_path_factory)
+    ours = tmp_path / f"{mix}.gguf"
+    assert quantize_gguf(f32_file, ours, mix, quantizer="st-sdk") == "st-sdk"
+    a, b = open_model(ours), open_model(theirs)
+    assert sorted(a.names) == sorted(b.names)
+    for n in a.names:
+        ta, tb = a.get(n), b.get(n)
+        assert ta.fmt == tb.fmt, n
+        np.testing.assert_array_equal(ta.data, tb.data, err_msg=n)
+    _peer.pop("ours", None)
+    np.testing.assert_array_equal(peer_logits(ours, "ours"), peer_logits(theirs, mix))
