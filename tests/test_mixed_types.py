@@ -168,3 +168,5 @@ def test_load_quantize_takes_types_and_mixes(tiny_f32):
     assert m.params.layers[0].wq.raw.fmt == "q5_1" and m.params.layers[0].router.raw.fmt == "f32"
     with pytest.raises(InputError, match="q4_k_m"):
         st_sdk.load(tiny_f32, quantize="q4_k_x")
+    with pytest.raises(InputError, match="cannot quantise to iq4_nl"):
+        st_sdk.load(tiny_f32, quantize="iq4_nl")
