@@ -4,7 +4,7 @@ and compiled with `jax.jit` once per shape bucket.
 Device: the first GPU/TPU jax sees, else CPU. Compute dtype "float32" or "bfloat16" (default
 bfloat16: it halves the bytes every decode step streams and the memory held; on CPU it decodes about
 1.6x faster than float32, measured; norms, the router and every activation stay float32). Weights are
-converted once at load (Q8_0/Q4_0/F16/BF16 dequantised to the compute dtype; HF per-expert tensors
+converted once at load (every GGUF block type and F16/BF16 dequantised to the compute dtype; HF per-expert tensors
 stacked). The decode step (one token) and prefill chunks (padded to 8/32/128 tokens, padding masked)
 each compile once; the KV cache is a donated pytree of static shapes updated with
 dynamic_update_slice (the graph's `attention` returns the updated arrays); experts are picked with
@@ -24,6 +24,7 @@ from st_sdk.backend import (COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backen
                             OpTable, Param)
 from st_sdk.errors import InputError
 from st_sdk.hardware import resolve_threads
+from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
 
 #: prefill chunk buckets (tokens); a longer feed runs in chunks of the largest
 BUCKETS = (1, 8, 32, 128)
@@ -42,6 +43,8 @@ class JaxBackend(Backend):
     name = "jax"
     version = _version()
     requires = ("jax",)
+    formats = FLOATS
+    converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
     install_hint = "pip install -e .[jax]"
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
@@ -92,7 +95,7 @@ class JaxBackend(Backend):
         self.check_available()
         return {"device": f"{self.device.platform}:{self.device.id} ({self.device.device_kind})",
                 "compute_dtype": self.dtype,
-                "weights": f"converted once at load to {self.dtype} (F16/BF16/Q8_0/Q4_0 dequantised at load; "
+                "weights": f"converted once at load to {self.dtype} (F16/BF16 and quantised types dequantised at load; "
                            f"norms and router float32)" + ("" if self.accelerator else
                                                            "; matmuls convert cache-sized chunks to float32"),
                 "compiled": "decode step and prefill chunks of " + "/".join(map(str, BUCKETS[1:])) +
@@ -122,7 +125,7 @@ class JaxBackend(Backend):
         tree = {"embed": params.embed.value, "norm": params.norm.value, "head": params.head.value,
                 "cos": self.jnp.asarray(cos), "sin": self.jnp.asarray(sin),
                 "layers": [{f: getattr(lp, f).value for f in layer_fields} for lp in params.layers]}
-        params.extra["jax"] = (tree, self._make_step(config, params))
+        params.extra["jax"] = (tree, self._step(config, params))
 
     def to_numpy(self, x) -> np.ndarray:
         a = np.asarray(x)
@@ -197,6 +200,16 @@ class JaxBackend(Backend):
             route=lambda x, w, k, softmax: o.route(x, w.value, k, softmax),
             moe=lambda x, g, u, d, ids, w: o.moe(x, g.value, u.value, d.value, ids, w, n_experts),
             layer=None, forward=None, to_numpy=self.to_numpy, from_numpy=self.from_numpy, native=[], fallbacks=[])
+
+    def _step(self, cfg, params: ModelParams):
+        """The jitted step of this config, made once per backend instance: another model of the same
+        shape (the same weights in another type, all converted to the compute dtype) reuses its
+        compilations."""
+        steps = self.__dict__.setdefault("_steps", {})
+        key = (cfg, params.head is params.embed)
+        if key not in steps:
+            steps[key] = self._make_step(cfg, params)
+        return steps[key]
 
     def _make_step(self, cfg, params: ModelParams):
         jax, jnp = self.jax, self.jnp

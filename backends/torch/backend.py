@@ -3,8 +3,8 @@
 Device: CUDA when torch sees one, else CPU. Compute dtype: bfloat16 where the hardware runs it well
 (CUDA with bf16 support, or a CPU with AVX-512 BF16 / AMX, where oneDNN has bf16 GEMM kernels and the
 weights move half the bytes of float32), float32 otherwise; `dtype="float32" | "bfloat16"` overrides.
-Weights are converted (dequantised from Q8_0/Q4_0, widened/narrowed from F16/BF16/F32) and placed on
-the device once, at load. This module imports torch lazily so discovery never pays for it.
+Weights are converted (every GGUF block type dequantised through gguf-py, widened/narrowed from
+F16/BF16/F32) and placed on the device once, at load. This module imports torch lazily so discovery never pays for it.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from st_sdk.backend import COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backend
 from st_sdk.errors import BackendError
 from st_sdk.hardware import THREADS_ENV, resolve_threads
 from st_sdk.weights.mapping import release_map
+from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
 
 ROWS_PER_CHUNK = 8192   # dequantise this many rows at a time: bounded float32 scratch at load
 SPIN_COUNT = "1000"     # libgomp's busy-wait iterations before a worker sleeps (its default: 300000)
@@ -43,6 +44,8 @@ class TorchBackend(Backend):
     name = "torch"
     version = "0"
     install_hint = "pip install st-sdk[torch]"
+    formats = FLOATS
+    converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None, device: str | None = None,
                  moe_decode: str | None = None):
@@ -108,7 +111,7 @@ class TorchBackend(Backend):
             dev += f" ({torch.cuda.get_device_name(self.device)})"
         return {"device": dev, "compute_dtype": self.dtype,
                 "weights": f"converted once at load to {self.dtype} on {self.device.type} "
-                           f"(Q8_0/Q4_0 dequantised at load; norms and router kept float32)",
+                           f"(quantised types dequantised at load; norms and router kept float32)",
                 "moe_decode": "gather picked experts on device" if self.gather else "slice picked experts in place",
                 "threads": torch.get_num_threads()}
 
