@@ -12,7 +12,7 @@ import numpy as np
 
 from st_sdk.errors import BackendError, InputError
 from st_sdk.weights.mapping import release_map
-from st_sdk.weights.tensor import KQUANTS, STORAGE_DTYPE, block_size
+from st_sdk.weights.formats import KQUANTS, STORAGE_DTYPE, block_size
 from st_sdk.weights.tensor import row_bytes as _row_bytes
 
 #: stored formats the kernels run as they lie in the file, and their codes (csrc/st_kernels.h)
