@@ -22,3 +22,11 @@ STORAGE_DTYPE = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, **{f: 
 def block_size(fmt: str) -> int:
     """Weights per block (1 for the float formats): a row's length must be a multiple of it."""
     return QUANT_SIZES[fmt][0] if fmt in QUANT_SIZES else 1
+
+
+def row_bytes(fmt: str, cols: int) -> int:
+    """Bytes of one stored row of `cols` weights (cols a multiple of block_size(fmt))."""
+    if fmt in QUANT_SIZES:
+        block, size = QUANT_SIZES[fmt]
+        return cols // block * size
+    return cols * np.dtype(STORAGE_DTYPE[fmt]).itemsize

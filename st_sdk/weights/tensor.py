@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import WeightError
-from .formats import FLOATS, FORMATS, KQUANTS, QUANT_SIZES, STORAGE_DTYPE, block_size  # noqa: F401 (re-exported)
+from .formats import FLOATS, FORMATS, KQUANTS, QUANT_SIZES, STORAGE_DTYPE, block_size, row_bytes  # noqa: F401 (re-exported)
 
 #: the 32-weight block formats of the original kernels (q8_0, q4_0): kept for their callers
 BLOCK = 32
@@ -35,14 +35,6 @@ def fallback(fmt: str, cols: int) -> str:
         return fmt
     fmt = FALLBACK.get(fmt, fmt)
     return fmt if cols % block_size(fmt) == 0 else "f16"
-
-
-def row_bytes(fmt: str, cols: int) -> int:
-    """Bytes of one stored row of `cols` weights (cols a multiple of block_size(fmt))."""
-    if fmt in QUANT_SIZES:
-        block, size = QUANT_SIZES[fmt]
-        return cols // block * size
-    return cols * np.dtype(STORAGE_DTYPE[fmt]).itemsize
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
