@@ -30,7 +30,7 @@ def child(spec: dict) -> None:
     sys.stdout = sys.stderr
     import numpy as np
 
-    from st_sdk.bench import _load_case
+    from st_sdk.bench.worker import load_case as _load_case
     from st_sdk.timing import prompt_ids
 
     runner, facts = _load_case(spec)

@@ -277,7 +277,7 @@ def _mixed_params(cfg, mix: str):
 
 def _run(cfg, params, backend="c", **kw):
     """Logits of a 9-token prefill (two blocks of four and one) then 4 decode steps."""
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
 
     m = build_model(cfg, params, backend=backend, **kw)
     if backend == "numpy":
@@ -398,7 +398,7 @@ def test_long_prefill_shares_its_q8k_copies(mixed):
     """A prefill long enough that the Q8_K copies of the attention output and of the expert activations
     are split across threads (more than 65536 values) instead of made by each thread for itself."""
     _available()
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
 
     cfg, all_params = mixed
     ids = (np.arange(300) * 53 + 11) % cfg.vocab_size
@@ -413,7 +413,7 @@ def test_rarer_types_are_converted_at_load_and_reported(mixed):
     as q8_0; describe() and the selection report say so, and the model matches the reference."""
     _available()
     from st_sdk.backend import LayerParams, ModelParams
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
 
     cfg, all_params = mixed
     params = all_params["q4_k_m"]

@@ -19,6 +19,8 @@ FLOATS = ("f32", "f16", "bf16")
 FORMATS = FLOATS + tuple(QUANT_SIZES)
 KQUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 STORAGE_DTYPE = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, **{f: np.uint8 for f in QUANT_SIZES}}
+
+
 def block_size(fmt: str) -> int:
     """Weights per block (1 for the float formats): a row's length must be a multiple of it."""
     return QUANT_SIZES[fmt][0] if fmt in QUANT_SIZES else 1
