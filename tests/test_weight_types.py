@@ -120,7 +120,9 @@ def test_torch_and_jax_convert_every_type_as_gguf_dequantises(backend):
         if backend == "torch":
             from st_sdk_backends.torch.backend import TorchBackend
 
-            got = TorchBackend(dtype="float32").prepare(Param(t), "gate").numpy()
+            tb = TorchBackend(dtype="float32")
+            tb.setup()
+            got = tb.prepare(Param(t), "gate").numpy()
         else:
             from st_sdk_backends.jax import ops
 
