@@ -19,7 +19,7 @@ class Session:
 
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
-        self.capacity = capacity or model.config.max_position_embeddings
+        self.capacity = min(capacity or model.context, model.context)
         self.cache = model.ops.new_cache(model.config, min(self.capacity, 4096))
         self.tokens: list[int] = []
 
@@ -55,6 +55,7 @@ class Model:
         self.chunk_size = chunk_size
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
+        self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
 
     def __repr__(self) -> str:
         c = self.config
@@ -77,9 +78,10 @@ class Model:
         if bad.any():
             j = int(np.argmax(bad))
             raise InputError(f"{name}[{j}] = {int(arr[j])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if start + arr.size > self.config.max_position_embeddings:
-            raise InputError(f"{name}: {start + arr.size} tokens exceed the context length "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if start + arr.size > self.context:
+            raise InputError(f"{name}: {start + arr.size} tokens exceed the model's context of {self.context} "
+                             f"tokens (load(..., context=N) sets it, up to max_position_embeddings="
+                             f"{self.config.max_position_embeddings})")
         return arr.astype(np.int64)
 
     def session(self, capacity: int | None = None) -> Session:
@@ -89,6 +91,30 @@ class Model:
         """float32 logits [T, vocab] for a fresh sequence."""
         ids = self.check_ids(ids)
         return self.session(capacity=len(ids)).feed(ids, all_logits=True)
+
+    # ---- text <-> ids ----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of `text` with the model's tokenizer. Special tokens written in the text
+        ("<|im_end|>") become their ids; add_special=True also adds what the tokenizer adds around a
+        sequence (nothing for SmallThinker's Qwen2 tokenizer)."""
+        from .generation.options import need_tokenizer
+
+        if not isinstance(text, str):
+            raise InputError(f"text: expected a str, got {type(text).__name__}")
+        return list(need_tokenizer(self, "tokenize").encode(text, add_special_tokens=bool(add_special)))
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """The text of token ids (special tokens written out unless skip_special); invalid UTF-8 (a
+        character cut between ids) becomes U+FFFD."""
+        from .generation.options import need_tokenizer
+
+        tok = need_tokenizer(self, "detokenize")
+        if isinstance(ids, (int, np.integer)) or not isinstance(ids, (list, tuple, np.ndarray)):
+            raise InputError(f"ids: expected a list of token ids, got {type(ids).__name__}")
+        if len(ids) == 0:
+            return ""
+        arr = self.check_ids(ids, name="ids")
+        return tok.decode(arr.tolist(), skip_special_tokens=bool(skip_special))
 
     # ---- generation (text in, text out) ------------------------------------------------------
     def generate(self, prompt, **kwargs):
@@ -142,14 +168,18 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 prefetch: bool = True, **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
 
-    max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
-    into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
-    memory plan provides for (default min(max_position_embeddings, 4096)); prefetch=False stops
+    context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
+    st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
+    the file and are read on demand into an LRU cache sized from the budget (st_sdk.offload), with the
+    KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
     reading experts as soon as the router picks them (to measure what prefetch buys).
     """
     from .registry import get_registry
     from .selection import select_backend
 
+    from .context import resolve_context
+
+    context = resolve_context(config, context, budget=max_memory is not None)
     offload = None
     if max_memory is not None:
         from .offload.experts import setup_offload
@@ -170,6 +200,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
             cache.resize(plan.slots)
         ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
+    model.context = context
     if offload is not None:
         model.offload, model.memory_plan = offload
         selection.offload = tuple(offload)

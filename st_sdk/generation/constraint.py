@@ -2,8 +2,8 @@
 
 A `ConstraintSpec` is what the caller asked for, checked without importing anything;
 `ConstraintSpec.compile(tokenizer, vocab_size, eos_ids)` makes a `Constraint`, one request's grammar
-state. Each step the sampler calls `constraint.mask(logits)` (every id the grammar forbids gets -inf),
-samples, then `constraint.advance(token)`; `constraint.done` is True once the grammar is complete
+state. Each step the sampler draws among `constraint.allowed_ids()` (every other id is forbidden),
+then calls `constraint.advance(token)`; `constraint.done` is True once the grammar is complete
 and nothing more may follow, which ends the generation (finish_reason "stop").
 
 Why llguidance (measured by `benchmarks/constrained_overhead.py` on a 151,936-token Qwen2
@@ -119,14 +119,10 @@ class Constraint:
         self.vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
-    def allowed(self) -> np.ndarray:
-        """bool [V]: the ids the grammar allows next (eos ids only where the grammar may end)."""
+    def allowed_ids(self) -> np.ndarray:
+        """int64 ids the grammar allows next (eos ids only where the grammar may end), ascending."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        return np.unpackbits(self._bits.view(np.uint8), count=self.vocab_size, bitorder="little").view(bool)
-
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        """logits with -inf on every id the grammar forbids (a new array)."""
-        return np.where(self.allowed(), logits, -np.inf).astype(np.float32, copy=False)
+        return np.flatnonzero(np.unpackbits(self._bits.view(np.uint8), count=self.vocab_size, bitorder="little"))
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):

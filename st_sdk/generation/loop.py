@@ -80,10 +80,16 @@ def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on
     `on_done(result)` runs when it ends."""
     if opts.stop and model.tokenizer is None:
         raise InputError("stop: stop strings need a tokenizer; this model has none")
+    ctx = context_of(model)
+    if opts.max_new_tokens is not None and len(prompt_ids) + opts.max_new_tokens > ctx:
+        raise InputError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens={opts.max_new_tokens} = "
+                         f"{len(prompt_ids) + opts.max_new_tokens} tokens exceed the model's context of {ctx} tokens "
+                         "(lower max_new_tokens, pass max_new_tokens=None to stop when the context is full, or "
+                         "load(..., context=N))")
     cancel = opts.cancel or threading.Event()
     opts.cancel = cancel
     # made now: bad options (a logit_bias id, a grammar that does not compile) fail before any work
-    sampler = Sampler(model, opts, prompt_ids, room=context_of(model) - len(prompt_ids))
+    sampler = Sampler(model, opts, prompt_ids, room=ctx - len(prompt_ids))
     out: dict = {}
     gen = run(model, session, prompt_ids, sampler, out)
     if stream:

@@ -105,7 +105,7 @@ class Sampler:
 
     # ---- logits -> token ------------------------------------------------------------------------
     def process(self, logits: np.ndarray) -> np.ndarray:
-        """Steps 1-4: the logits the draw is made from (a new float32 array)."""
+        """Steps 1-3: the logits before the constraint and the draw (a new float32 array)."""
         x = np.array(logits, dtype=np.float32)
         if len(self.bias_ids):
             x[self.bias_ids] += self.bias
@@ -124,17 +124,20 @@ class Sampler:
             if x is None or x.shape != (self.vocab_size,):
                 raise InputError(f"logits_processors[{i}]: must return logits of shape [{self.vocab_size}], "
                                  f"got {type(out).__name__} {getattr(out, 'shape', '')}")
-        if self.constraint is not None:
-            x = self.constraint.mask(x)
-        if not np.any(x > -np.inf):
-            raise InputError("no token is allowed: logit_bias, logits_processors or the constraint "
-                             "exclude every id")
         return x
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token (does not commit it)."""
         x = self.process(logits)
+        sub = None
+        if self.constraint is not None:   # step 4: draw among the ids the grammar allows
+            sub = self.constraint.allowed_ids()
+            x = x[sub]
+        if not len(x) or x.max() == -np.inf:
+            raise InputError("no token is allowed: logit_bias, logits_processors or the constraint exclude every id")
         ids, p = candidate_distribution(x, self.params)   # penalties are applied already
+        if sub is not None:
+            ids = sub[ids]
         if len(ids) == 1:
             return int(ids[0])
         j = int(np.searchsorted(np.cumsum(p), self.rng.random(), side="right"))
