@@ -40,6 +40,18 @@ class Session:
         logits = (out[0] if len(out) == 1 else np.concatenate(out)).astype(np.float32, copy=False)
         return logits if all_logits else logits[-1]
 
+    def rewind(self, n: int) -> bool:
+        """Keep only the first n tokens (and their KV). False, with nothing changed, when the cache
+        cannot (a sliding-window ring that already dropped some of them, or a backend cache without
+        `truncate`)."""
+        if n >= len(self.tokens):
+            return n == len(self.tokens)
+        truncate = getattr(self.cache, "truncate", None)
+        if n < 0 or truncate is None or not truncate(n):
+            return False
+        del self.tokens[n:]
+        return True
+
 
 class Model:
     def __init__(self, config: ModelConfig, params: ModelParams, backend: Backend, ops: OpTable,
@@ -56,6 +68,9 @@ class Model:
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
         self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
+        from .generation.prompt_cache import PromptCache
+
+        self.prompt_cache = PromptCache(self)   # the KV of the last request, for the next one's shared prefix
 
     def __repr__(self) -> str:
         c = self.config

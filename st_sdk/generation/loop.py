@@ -113,8 +113,18 @@ def generate(model, prompt, *, stream: bool = False, **kw):
     Returns a GenerationResult, or with stream=True a GenerationStream of text pieces."""
     opts = Options.parse(**kw)
     ids = encode_prompt(model, prompt)
-    session = model.session(capacity=capacity(model, len(ids), opts))
-    return start(model, session, ids, opts, stream)
+    return start_cached(model, ids, opts, stream)
+
+
+def start_cached(model, ids: list[int], opts: Options, stream: bool):
+    """`start` on a session from the model's prompt cache, given back to it when the request ends."""
+    session = model.prompt_cache.acquire(ids, capacity(model, len(ids), opts))
+
+    def done(res: GenerationResult) -> None:
+        if res.finish_reason != "error":       # an error may leave half a step in the cache
+            model.prompt_cache.release(session)
+
+    return start(model, session, ids, opts, stream, on_done=done)
 
 
 async def agenerate(model, prompt, **kw) -> AsyncIterator[str]:
