@@ -12,8 +12,10 @@ QUANTIZE_TO = ("q8_0", "q4_0", "f16", "bf16", "f32")
 
 def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: str | None = None,
          n_threads: int | None = None, strict: bool = False, tune: bool = False,
-         quantize: str | None = None, **kw):
-    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract).
+         quantize: str | None = None, file: str | None = None, **kw):
+    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract), or a Hugging Face
+    Hub repository name ("owner/repo", with file="...gguf" for one file of a GGUF repository; see
+    st_sdk.hub: the local cache first, then a download when a network is there).
 
     quantize: convert the matrices in memory at load ('q8_0', 'q4_0', 'f16', 'bf16', 'f32');
     norms and the router stay f32. Other keyword arguments go to `st_sdk.model.build_model`
@@ -24,7 +26,9 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
 
     if quantize is not None and quantize not in QUANTIZE_TO:
         raise InputError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_TO)}")
-    mf = open_model(path)
+    from .hub import resolve
+
+    mf = open_model(resolve(path, file))
     params = mf.params()
     if quantize is not None:
         params = convert_params(params, quantize)
