@@ -12,6 +12,8 @@ from typing import AsyncIterator, Iterator
 
 import numpy as np
 
+import numpy as np
+
 from ..errors import InputError
 from .options import Options, context_of, encode_prompt
 from .result import GenerationResult
@@ -110,10 +112,29 @@ def capacity(model, n_prompt: int, opts: Options) -> int:
 
 def generate(model, prompt, *, stream: bool = False, **kw):
     """Generate from text or token ids. See `Model.generate` and docs/generation.md for the options.
-    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces."""
+    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces; a list of
+    prompts returns the list of their results, each what the prompt alone would give."""
     opts = Options.parse(**kw)
+    if is_batch(prompt):
+        if stream:
+            raise InputError("stream: a list of prompts cannot be streamed; stream each prompt on its own")
+        batch = [encode_prompt(model, p) for p in prompt]     # every prompt checked before any work
+        return [start_cached(model, ids, Options.parse(**kw), False) for ids in batch]
     ids = encode_prompt(model, prompt)
     return start_cached(model, ids, opts, stream)
+
+
+def is_batch(prompt) -> bool:
+    """A list of prompts (texts or lists of ids), as opposed to one prompt (a text or a list of ids)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    kinds = {"text" if isinstance(p, str) else "ids" if isinstance(p, (list, tuple, np.ndarray)) else "id"
+             for p in prompt}
+    if kinds in ({"text"}, {"ids"}):
+        return True
+    if kinds != {"id"}:
+        raise InputError("prompt: expected a text, a list of token ids, or a list of either (not a mix)")
+    return False
 
 
 def start_cached(model, ids: list[int], opts: Options, stream: bool):
