@@ -20,7 +20,8 @@ def backends(threads):
 
     def get(name):
         if name not in made:
-            from st_sdk.selection import reference_backend, select_backend
+            from st_sdk.registry import reference_backend
+            from st_sdk.selection import select_backend
 
             b, _ = select_backend(name, n_threads=threads)
             made[name] = (b, bind_ops(b, reference_backend()))

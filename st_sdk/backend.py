@@ -175,7 +175,9 @@ class OpTable:
         return OpTable(**{**self.__dict__, **changes})
 
 
-def _fallback(op: str, ref: Callable, backend: Backend) -> Callable:
+def fallback_op(op: str, ref: Callable, backend: Backend) -> Callable:
+    """`ref` (the reference's op) callable with `backend`'s arrays: inputs go through its `to_numpy`,
+    outputs through its `from_numpy`. What `bind_ops` puts in the table for an op a backend lacks."""
     to_np, from_np = backend.to_numpy, backend.from_numpy
     if op == "new_cache":
         return ref
@@ -210,9 +212,30 @@ def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTa
         if op in provided:
             table[op] = getattr(backend, op)
         else:
-            table[op] = _fallback(op, getattr(reference, op), backend)
+            table[op] = fallback_op(op, getattr(reference, op), backend)
     for op in FUSED_OPS:
         table[op] = getattr(backend, op) if op in provided else None
     return OpTable(**table, to_numpy=backend.to_numpy, from_numpy=backend.from_numpy,
                    native=sorted(provided), fallbacks=[] if backend is reference else
                    [op for op in CORE_OPS if op not in provided and "forward" not in provided])
+
+
+def prepare_params(backend: Backend, params: ModelParams, config: Any) -> ModelParams:
+    """Each weight through `backend.prepare` once (shared tensors, like a tied head, once), then
+    `backend.prepare_model`."""
+    done: dict[int, Param] = {}
+
+    def prep(p: Param, role: str) -> Param:
+        if getattr(p.raw, "offloaded", False):
+            return p   # experts under a memory budget are read through the cache, never prepared
+        if id(p) not in done:
+            done[id(p)] = Param(p.raw, backend.prepare(p, role))
+        return done[id(p)]
+
+    embed = prep(params.embed, "embed")
+    prepared = ModelParams(embed=embed, layers=[], norm=prep(params.norm, "norm"),
+                           head=prep(params.head, "head") if params.head is not params.embed else embed)
+    for lp in params.layers:
+        prepared.layers.append(type(lp)(**{f: prep(getattr(lp, f), f) for f in lp.__dataclass_fields__}))
+    backend.prepare_model(prepared, config)
+    return prepared

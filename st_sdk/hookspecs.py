@@ -42,7 +42,7 @@ def st_sdk_select_backend(candidates, hardware, config, weight_format):
 def st_sdk_wrap_step(step, backend, config):
     """Wrap the model's forward step for tracing or profiling; return a callable or None.
 
-    Called by `st_sdk.model.build_model` once per model load, after the op table is bound. `step` is a
+    Called by `st_sdk.loader.build_model` once per model load, after the op table is bound. `step` is a
     callable `step(ids, positions, cache, last_only=False) -> logits` (one prefill chunk or one decode
     step); return a callable with the same signature that calls it (timing, logging, counting...), or
     None to leave it alone. Every plugin's wrapper is applied in turn, so wrappers nest. The wrapped

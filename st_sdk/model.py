@@ -6,7 +6,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import graph
-from .backend import Backend, ModelParams, OpTable, Param
+from .backend import Backend, ModelParams, OpTable
 from .config import ModelConfig
 from .errors import InputError
 
@@ -153,75 +153,3 @@ class Model:
         from .generation import Conversation
 
         return Conversation(self, system=system, **defaults)
-
-
-def prepare_params(backend: Backend, params: ModelParams, config: ModelConfig) -> ModelParams:
-    """Each weight through `backend.prepare` once (shared tensors, like a tied head, once), then
-    `backend.prepare_model`."""
-    done: dict[int, Param] = {}
-
-    def prep(p: Param, role: str) -> Param:
-        if getattr(p.raw, "offloaded", False):
-            return p   # experts under a memory budget are read through the cache, never prepared
-        if id(p) not in done:
-            done[id(p)] = Param(p.raw, backend.prepare(p, role))
-        return done[id(p)]
-
-    embed = prep(params.embed, "embed")
-    prepared = ModelParams(embed=embed, layers=[], norm=prep(params.norm, "norm"),
-                           head=prep(params.head, "head") if params.head is not params.embed else embed)
-    for lp in params.layers:
-        prepared.layers.append(type(lp)(**{f: prep(getattr(lp, f), f) for f in lp.__dataclass_fields__}))
-    backend.prepare_model(prepared, config)
-    return prepared
-
-
-def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend | Sequence[str] = "auto",
-                dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
-                tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
-                tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool = True, **kw) -> Model:
-    """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
-
-    context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
-    st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
-    the file and are read on demand into an LRU cache sized from the budget (st_sdk.offload), with the
-    KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
-    reading experts as soon as the router picks them (to measure what prefetch buys).
-    """
-    from .registry import get_registry
-    from .selection import select_backend
-
-    from .context import resolve_context
-
-    context = resolve_context(config, context, budget=max_memory is not None)
-    offload = None
-    if max_memory is not None:
-        from .offload.experts import setup_offload
-
-        params, *offload = setup_offload(config, params, max_memory, context=context)
-
-    backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
-                                            n_threads=n_threads, strict=strict, tune=tune,
-                                            weight_format=weight_format)
-    prepared = prepare_params(backend_obj, params, config)
-    ops = selection.ops
-    if offload is not None:
-        from .offload.experts import offload_ops
-
-        cache, plan = offload
-        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)))
-        if plan.slots != cache.slots:
-            cache.resize(plan.slots)
-        ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
-    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
-    model.context = context
-    if offload is not None:
-        model.offload, model.memory_plan = offload
-        selection.offload = tuple(offload)
-    # tracing/profiling plugins wrap the whole step once here; nothing is dispatched per op or token
-    step, wrappers = get_registry().wrap_step(model._forward, backend_obj, config)
-    if wrappers:
-        model._forward = step
-        selection.step_wrappers = wrappers
-    return model

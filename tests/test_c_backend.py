@@ -327,7 +327,7 @@ def test_whole_block_heads_path(fmt):
     """head_dim a multiple of 32 (as in the real models) takes the path that quantises each head's
     attention output where it is computed; it agrees with the reference too."""
     _available()
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
     from st_sdk.synth import preset_config, random_params
 
     cfg = preset_config("tiny", head_dim=32, hidden_size=96)

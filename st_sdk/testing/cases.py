@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backend import Backend, Param, bind_ops
+from ..backend import Backend, Param, bind_ops, prepare_params
 from ..config import ModelConfig
 from ..weights.tensor import WeightTensor
 from . import data
@@ -210,7 +210,7 @@ def _model_config(ctx: Ctx) -> ModelConfig:
 
 def _params(ctx: Ctx, cfg: ModelConfig):
     raw = data.random_params(cfg, ctx.fmt or "f32", seed=ctx.seed)
-    return data.prepare_params(ctx.backend, raw, cfg), data.prepare_params(ctx.reference, raw, cfg)
+    return prepare_params(ctx.backend, raw, cfg), prepare_params(ctx.reference, raw, cfg)
 
 
 def layer_case(layer: int, steps: list[int]):

@@ -122,7 +122,7 @@ def check_backend(backend, formats: Iterable[str] = ("f32",), dtypes: Iterable =
     """Check every op `backend` provides (or only `ops`), and whole-model logits, against the NumPy
     reference for each stored weight format and compute dtype; returns a Report (`.ok`, `.failures`,
     printable). An unavailable backend yields one skipped result that says why."""
-    from ..selection import reference_backend
+    from ..registry import reference_backend
 
     reference = reference_backend()
     results: list[Result] = []

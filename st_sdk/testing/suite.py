@@ -65,7 +65,7 @@ class ConformanceSuite:
         return b
 
     def _check(self, op, case, fmt, dtype):
-        from ..selection import reference_backend
+        from ..registry import reference_backend
 
         result = run_case(self._instance(dtype), reference_backend(), op, case, fmt, dtype,
                           self.tolerances, self.seed)
