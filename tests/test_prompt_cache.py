@@ -179,3 +179,20 @@ def test_a_file_from_another_model_is_refused(tiny_dir, tmp_path):
         Conversation.load(model, tmp_path / "bad.safetensors")
     with pytest.raises(InputError, match="no such"):
         Conversation.load(model, tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_state_restores_into_a_new_session(backend):
+    """What a saved conversation relies on, on each backend's cache (sliding-window rings included)."""
+    from st_sdk.synth import build_model
+
+    available(backend)
+    m = build_model("tiny", seed=0, backend=backend)      # three of four layers are 8-token rings
+    s = m.session()
+    s.feed(list(range(3, 30)))
+    state = s.cache.state()
+    assert [len(pos) for _, _, pos in state] == [27 if m.config.layer_window(i) is None else 8 for i in range(4)]
+    fresh = m.session()
+    fresh.cache.restore(state, len(s.tokens))
+    fresh.tokens = list(s.tokens)
+    np.testing.assert_array_equal(fresh.feed([5, 6], all_logits=True), s.feed([5, 6], all_logits=True))
