@@ -2,9 +2,9 @@
 
 A `ConstraintSpec` is what the caller asked for, checked without importing anything;
 `ConstraintSpec.compile(tokenizer, vocab_size, eos_ids)` makes a `Constraint`, one request's grammar
-state. Each step the sampler draws among `constraint.allowed_ids()` (every other id is forbidden),
-then calls `constraint.advance(token)`; `constraint.done` is True once the grammar is complete
-and nothing more may follow, which ends the generation (finish_reason "stop").
+state. Each step the sampler draws among the ids `constraint.restrict(logits)` leaves (every other id
+is forbidden), then calls `constraint.advance(token)`; `constraint.done` is True once the grammar is
+complete and nothing more may follow, which ends the generation (finish_reason "stop").
 
 Why llguidance (measured by `benchmarks/constrained_overhead.py` on a 151,936-token Qwen2
 vocabulary; figures in docs/generation.md): per token (mask + commit) it is as fast as xgrammar on a
@@ -120,10 +120,20 @@ class Constraint:
         self.vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
-    def allowed_ids(self) -> np.ndarray:
-        """int64 ids the grammar allows next (eos ids only where the grammar may end), ascending."""
+    def restrict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The logits [V] restricted to the ids the grammar allows next (eos ids only where it may end):
+        (x[ids], ids ascending) when few are allowed, else (a copy of x with -inf at every forbidden id,
+        None). Either way the cost stays near one pass over the 32-id words of the mask."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        return np.flatnonzero(np.unpackbits(self._bits.view(np.uint8), count=self.vocab_size, bitorder="little"))
+        words = np.flatnonzero(self._bits)
+        if len(words) * 16 < len(self._bits):    # few words hold an allowed id: unpack only those
+            bits = np.unpackbits(self._bits[words].view(np.uint8), bitorder="little").reshape(len(words), 32)
+            row, col = np.nonzero(bits)
+            ids = words[row] * 32 + col
+            ids = ids[ids < self.vocab_size]
+            return x[ids], ids
+        mask = np.unpackbits(self._bits.view(np.uint8), count=self.vocab_size, bitorder="little").view(bool)
+        return np.where(mask, x, np.float32(-np.inf)), None
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):

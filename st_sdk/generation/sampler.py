@@ -130,8 +130,7 @@ class Sampler:
         x = self.process(logits)
         sub = None
         if self.constraint is not None:   # step 4: draw among the ids the grammar allows
-            sub = self.constraint.allowed_ids()
-            x = x[sub]
+            x, sub = self.constraint.restrict(x)
         if not len(x) or x.max() == -np.inf:
             raise InputError("no token is allowed: logit_bias, logits_processors or the constraint exclude every id")
         ids, p = candidate_distribution(x, self.params)   # penalties are applied already
