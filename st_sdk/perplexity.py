@@ -81,39 +81,64 @@ def default_context(model) -> int:
     return int(min(model.config.max_position_embeddings, 512))
 
 
-def perplexity(model, ids: Sequence[int] | str, context: int | None = None, base=None,
-               progress: bool = False, desc: str = "perplexity") -> PerplexityResult:
-    """Perplexity of `model` on `ids` (token ids, or text encoded with the model's tokenizer), and with
-    `base` (another loaded model with the same vocabulary) the KL divergence statistics against it."""
-    if isinstance(ids, str):
-        if model.tokenizer is None:
-            raise InputError(f"{model.path or 'model'}: no tokenizer in the model file, cannot encode the text")
-        ids = model.tokenizer.encode(ids)
-    ids = np.asarray(ids, dtype=np.int64)
-    V = model.config.vocab_size
-    if base is not None and base.config.vocab_size != V:
-        raise InputError(f"base model {base.path}: vocabulary of {base.config.vocab_size} tokens, the model has "
-                         f"{V}: KL divergence needs the same vocabulary")
+def check_context(model, ids, context: int | None) -> int:
     ctx = default_context(model) if context is None else context
-    if not isinstance(ctx, int) or ctx < 2:
+    if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 2:
         raise InputError(f"context must be an integer >= 2, got {ctx!r}")
     if ctx > model.config.max_position_embeddings:
         raise InputError(f"context {ctx} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
     if len(ids) < 2:
         raise InputError(f"the text has {len(ids)} token(s): perplexity needs at least 2")
-    starts = [s for s in range(0, len(ids), ctx) if len(ids) - s >= 2]
+    return ctx
+
+
+def chunks(n: int, context: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk of n tokens; a last chunk of one token is dropped (nothing to score)."""
+    return [(s, min(s + context, n)) for s in range(0, n, context) if n - s >= 2]
+
+
+def chunk_logits(model, ids, context: int | None = None) -> list[np.ndarray]:
+    """The float32 logits of each chunk but its last position: what `perplexity(base=...)` compares
+    with, computed once to compare many models with one base."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ctx = check_context(model, ids, context)
+    return [model.logits(ids[s:e])[:-1] for s, e in chunks(len(ids), ctx)]
+
+
+def perplexity(model, ids: Sequence[int] | str, context: int | None = None, base=None,
+               progress: bool = False, desc: str = "perplexity") -> PerplexityResult:
+    """Perplexity of `model` on `ids` (token ids, or text encoded with the model's tokenizer); with
+    `base` (another loaded model with the same vocabulary, or its `chunk_logits` on the same ids and
+    context) also the KL divergence statistics against it."""
+    if isinstance(ids, str):
+        if model.tokenizer is None:
+            raise InputError(f"{model.path or 'model'}: no tokenizer in the model file, cannot encode the text")
+        ids = model.tokenizer.encode(ids)
+    ids = np.asarray(ids, dtype=np.int64)
+    V = model.config.vocab_size
+    ctx = check_context(model, ids, context)
+    spans = chunks(len(ids), ctx)
+    if isinstance(base, list):
+        if len(base) != len(spans) or any(b.shape != (e - s - 1, V) for b, (s, e) in zip(base, spans)):
+            raise InputError("base logits do not match these tokens, context and vocabulary")
+    elif base is not None and base.config.vocab_size != V:
+        raise InputError(f"base model {base.path}: vocabulary of {base.config.vocab_size} tokens, the model has "
+                         f"{V}: KL divergence needs the same vocabulary")
     from tqdm import tqdm
 
     # progress=True: a bar on stderr when it is a terminal
-    bar = tqdm(total=sum(min(ctx, len(ids) - s) for s in starts), unit="tok", desc=desc, leave=False,
+    bar = tqdm(total=sum(e - s for s, e in spans), unit="tok", desc=desc, leave=False,
                disable=None if progress else True)
     parts: list[tuple] = []
     try:
-        for s in starts:
-            chunk = ids[s:s + ctx]
+        for j, (s, e) in enumerate(spans):
+            chunk = ids[s:e]
             logits = model.logits(chunk)[:-1]
-            base_logits = base.logits(chunk)[:-1] if base is not None else None
+            if base is None:
+                base_logits = None
+            else:
+                base_logits = base[j] if isinstance(base, list) else base.logits(chunk)[:-1]
             parts.append(chunk_scores(logits, chunk[1:], base_logits))
             bar.update(len(chunk))
     finally:
@@ -128,4 +153,4 @@ def perplexity(model, ids: Sequence[int] | str, context: int | None = None, base
                      max=float(k.max()), top1_agreement=float(agree.mean()),
                      base_perplexity=float(np.exp(bnll.mean())))
     return PerplexityResult(perplexity=float(np.exp(nll.mean())), nll=float(nll.mean()), tokens=int(len(ids)),
-                            scored=int(len(nll)), chunks=len(starts), context=ctx, vocab_size=V, kl=kl)
+                            scored=int(len(nll)), chunks=len(spans), context=ctx, vocab_size=V, kl=kl)

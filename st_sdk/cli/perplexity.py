@@ -53,7 +53,8 @@ def run(args) -> int:
     model = st_sdk.load(resolve_model(args.model), backend=backend, dtype=args.dtype)
     base = None
     if args.kl_divergence is not None:
-        base = st_sdk.load(resolve_model(args.kl_divergence), backend=backend, dtype=args.dtype)
+        # on the backend the model got, so the comparison measures the weights, not two backends
+        base = st_sdk.load(resolve_model(args.kl_divergence), backend=model.backend.name, dtype=args.dtype)
     if model.tokenizer is None:
         raise InputError(f"{model.path}: the model file carries no tokenizer, so TEXT cannot be encoded")
     ids = model.tokenizer.encode(text)
