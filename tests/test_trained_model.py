@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 128
 N_TOKENS = 256          # two chunks of 128 tokens, longer than the 64-token sliding window
 
-pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"{MODEL} is not built (tools/train_smallthinker.py --ship)")
+needs_model = pytest.mark.skipif(not MODEL.is_file(), reason=f"{MODEL} is not built (tools/train_smallthinker.py --ship)")
 
 
 def numpy_model(fmt: str | None = None):
@@ -70,6 +70,7 @@ def _backend_or_skip(name: str):
         pytest.skip(f"backend {name!r} unavailable: {b.unavailable_reason()}")
 
 
+@needs_model
 @pytest.mark.parametrize("backend", ["numpy", "c", "torch", "jax"])
 def test_perplexity_matches_the_float64_reference(backend, ids, reference_ppl):
     """Every backend at its default settings (torch and jax compute in bfloat16 on CPU) within 1%."""
@@ -80,11 +81,13 @@ def test_perplexity_matches_the_float64_reference(backend, ids, reference_ppl):
     assert abs(res.perplexity / reference_ppl - 1) < 0.01, (res.perplexity, reference_ppl)
 
 
+@needs_model
 def test_far_better_than_a_uniform_model(model, reference_ppl):
     """Trained, not random: the held-out cross-entropy is well under log(vocab) (uniform guessing)."""
     assert math.log(reference_ppl) < 0.6 * math.log(model.config.vocab_size), reference_ppl
 
 
+@needs_model
 def test_kl_divergence_grows_as_bits_drop(model, ids):
     """Re-quantised from the shipped Q8_0 weights (exact in float32, the base here): Q8_0 again is
     lossless; F16 changes little; Q4_0 (and Q2_K where the quantiser has it) changes more."""
@@ -100,6 +103,7 @@ def test_kl_divergence_grows_as_bits_drop(model, ids):
         assert kl["q2_k"].mean > kl["q4_0"].mean
 
 
+@needs_model
 def test_perplexity_cli_json(capsys, tmp_path):
     stats = tmp_path / "routing.json"
     code = cli(["perplexity", "demo", "demo", "--backend", "numpy", "--max-tokens", "100", "--context", "64",
@@ -116,6 +120,7 @@ def test_perplexity_cli_json(capsys, tmp_path):
     assert rs.tokens == 100 and len(rs.layers) == 8 and rs.experts == 8 and rs.active == 2
 
 
+@needs_model
 def test_perplexity_cli_text_output_and_errors(capsys, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Return the number of items in the list.\n" * 5)
@@ -128,6 +133,7 @@ def test_perplexity_cli_text_output_and_errors(capsys, tmp_path):
     assert "max_position_embeddings" in capsys.readouterr().err
 
 
+@needs_model
 def test_demo_prints_readable_text_from_the_shipped_model(capsys):
     """Words of the generated text are mostly words of English documentation (those of the held-out
     text, which the model never saw), not byte soup."""
@@ -141,6 +147,7 @@ def test_demo_prints_readable_text_from_the_shipped_model(capsys):
     assert sum(w.lower() in known for w in words) / len(words) > 0.7, text
 
 
+@needs_model
 def test_llama_cpp_runs_the_shipped_file(model, ids):
     """llama.cpp loads the shipped GGUF, tokenizes as st-sdk does and predicts the same next tokens
     (64 tokens: llama.cpp fixes the sliding window at 4096, so longer sequences would differ)."""
@@ -157,6 +164,7 @@ def test_llama_cpp_runs_the_shipped_file(model, ids):
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 0.02
 
 
+@needs_model
 def test_shipped_routing_statistics_are_those_of_the_shipped_model(model, ids):
     """ROUTING_STATS was measured on the held-out text; the first N_TOKENS give close shares."""
     from st_sdk.routing import RoutingRecorder, RoutingStats
@@ -170,18 +178,37 @@ def test_shipped_routing_statistics_are_those_of_the_shipped_model(model, ids):
         assert np.abs(np.sort(a.expert_share) - np.sort(b.expert_share)).max() < 0.1
 
 
-def test_synth_routing_trained_reproduces_the_measured_statistics():
-    """A random-weight model written with routing='trained' routes random tokens as the trained model
-    routed real text: per layer, the sorted expert shares and the ReGLU zero fraction."""
+def _measured_like_stats(path: Path):
+    """Routing statistics of the kind a trained model has (skewed expert popularity that differs by
+    layer, ReGLU zero fractions from 0.35 to 0.8), written as `st-sdk perplexity --routing-stats` does."""
+    from st_sdk.routing import LayerRouting, RoutingStats
+
+    rng = np.random.default_rng(5)
+    layers = []
+    for i in range(8):
+        share = rng.dirichlet(np.full(8, 0.5 + i))
+        layers.append(LayerRouting(expert_share=[float(x) for x in share], relu_zero_fraction=0.35 + 0.06 * i,
+                                   reuse=0.3))
+    RoutingStats(experts=8, active=2, tokens=4096, layers=layers, source="test").save(path)
+    return RoutingStats.load(path)
+
+
+@pytest.mark.parametrize("shipped", [False, pytest.param(True, marks=needs_model)])
+def test_synth_routing_trained_reproduces_the_measured_statistics(tmp_path, shipped):
+    """A random-weight model written with routing='trained[:STATS]' routes random tokens as the measured
+    model routed real text: per layer, the sorted expert shares and the ReGLU zero fraction."""
     from st_sdk.model import build_model
     from st_sdk.routing import RoutingRecorder, RoutingStats
     from st_sdk.synth import random_weights, synth_config
     from st_sdk.weights.layout import assemble
     from st_sdk.weights.tensor import WeightTensor
 
-    target = RoutingStats.load(ROUTING_STATS)
+    if shipped:
+        target, spec = RoutingStats.load(ROUTING_STATS), "trained"
+    else:
+        target, spec = _measured_like_stats(tmp_path / "stats.json"), f"trained:{tmp_path / 'stats.json'}"
     cfg, _ = synth_config("tiny", layers=8)   # 8 experts, 2 active, like the trained model
-    tensors = {n: WeightTensor(n, "f32", x.shape, x, "<synth>") for n, x in random_weights(cfg, 0, routing="trained")}
+    tensors = {n: WeightTensor(n, "f32", x.shape, x, "<synth>") for n, x in random_weights(cfg, 0, routing=spec)}
     m = build_model(cfg, assemble(cfg, tensors.__getitem__, "hf"), backend="numpy")
     toks = np.random.default_rng(1).integers(0, cfg.vocab_size, 768)
     with RoutingRecorder(m) as rec:
@@ -258,3 +285,46 @@ def test_training_model_gives_st_sdk_logits(tied):
         ours = m(torch.as_tensor(ids[None]))[0][0].double().numpy()
     ref = reference_logits(cfg, dict(train.hf_tensors(m, cfg)), ids)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    """A run stopped after an evaluation and resumed with --resume ends with the weights of an
+    uninterrupted run (same data order, optimiser state and learning-rate schedule)."""
+    import argparse
+
+    import torch
+
+    from st_sdk.config import ModelConfig
+
+    train = _train_module()
+    hybrid = tuple(0 if i % 4 == 0 else 1 for i in range(8))
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=8, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, moe_num_primary_experts=4, moe_num_active_primary_experts=2,
+                      moe_ffn_hidden_size=16, rope_layout=hybrid, sliding_window_layout=hybrid, sliding_window_size=4,
+                      rope_theta=100.0, tie_word_embeddings=True, max_position_embeddings=64)
+    data = np.random.default_rng(3).integers(0, 64, 2000).astype(np.int32)
+
+    def run(out: Path, resume: bool, stop_at: int | None = None):
+        args = argparse.Namespace(out=out, resume=resume, steps=6, lr=3e-3, warmup=2, batch=2, seq=16, balance=0.01,
+                                  seed=0, eval_every=2, eval_seqs=2)
+        m = train.build_torch_model(cfg, seed=0)
+
+        def log(msg):
+            if stop_at is not None and msg.startswith(f"step {stop_at}/"):
+                raise KeyboardInterrupt   # stopped before that evaluation's checkpoint was written
+        try:
+            hist = train.train(m, cfg, data, data, args, log)
+        except KeyboardInterrupt:
+            return None, None
+        return m, hist
+
+    (tmp_path / "a").mkdir()
+    whole, hist = run(tmp_path / "a", resume=False)
+    (tmp_path / "b").mkdir()
+    assert run(tmp_path / "b", resume=False, stop_at=6) == (None, None)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 4
+    resumed, hist2 = run(tmp_path / "b", resume=True)
+    assert [r["step"] for r in hist2] == list(range(1, 7))
+    assert [r["loss"] for r in hist2] == [r["loss"] for r in hist]
+    for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n

@@ -16,6 +16,9 @@ training sequences), a tied head. Every matrix has rows of 256 so the k-quants a
 Tokenizer: byte-level BPE (Qwen2's pre-tokenizer, 2048 ids with the ChatML specials) trained by
 `tokenizers` on the training split. A Switch-style load-balancing loss (0.01) keeps experts in use.
 
+Training saves DIR/checkpoint.pt (weights, optimiser, data order, loss history) at every evaluation;
+--resume continues a stopped run from it with the same result as an uninterrupted one.
+
 Writes to DIR: corpus/ (train.txt, heldout.txt), hf/ and smallthinker-docs-f32.gguf (through
 st-sdk's own writers), loss.json and loss.png. Before writing it checks that st-sdk's NumPy backend
 gives the torch model's logits on the same weights. --ship also writes the package's checkpoint and
@@ -423,8 +426,20 @@ def train(model, cfg, train_ids, eval_ids, args, log) -> list[dict]:
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     rng = np.random.default_rng(args.seed)
     history: list[dict] = []
-    t0 = time.perf_counter()
-    for step in range(args.steps):
+    ckpt = args.out / "checkpoint.pt"
+    data_crc = zlib.crc32(train_ids.tobytes())
+    first = 0
+    if args.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state["data_crc"] != data_crc or state["steps"] != args.steps:
+            raise SystemExit(f"{ckpt}: written for other training tokens or another --steps; remove it to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        history, first = state["history"], state["step"]
+        log(f"resumed from {ckpt} at step {first}")
+    t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    for step in range(first, args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         x = torch.as_tensor(batches(train_ids, rng, args.batch, args.seq))
@@ -441,6 +456,11 @@ def train(model, cfg, train_ids, eval_ids, args, log) -> list[dict]:
             log(f"step {step + 1}/{args.steps}  loss {rec['loss']:.3f}  held-out {rec['eval_loss']:.3f}  "
                 f"aux {rec['aux']:.3f}  {rec['seconds']:.0f} s")
         history.append(rec)
+        if "eval_loss" in rec:   # a run stopped later resumes from here (--resume)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                        "history": history, "step": step + 1, "steps": args.steps, "data_crc": data_crc},
+                       ckpt.with_suffix(".part"))
+            ckpt.with_suffix(".part").replace(ckpt)
     return history
 
 
@@ -478,6 +498,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-seqs", type=int, default=32)
+    ap.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (written at every "
+                                                           "evaluation) instead of starting over")
     ap.add_argument("--ship", action="store_true", help=f"also write st_sdk/data/{SHIP_NAME}-{SHIP_FORMAT}.gguf "
                                                          "and the evaluation text")
     ap.add_argument("--ship-only", action="store_true", help="ship from an earlier run's --out, without training")
