@@ -356,7 +356,7 @@ def check_parity(model, cfg, ids: np.ndarray, tol: float = 1e-4) -> float:
     """max|torch - st-sdk numpy| / max|logit| on one sequence; raises above `tol`."""
     import torch
 
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
 
     with torch.no_grad():
         ours = model(torch.as_tensor(ids[None], dtype=torch.long))[0][0].numpy()
