@@ -58,23 +58,32 @@ def fast_normal(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarr
     return (_normal_table() * np.float32(scale))[u].reshape(shape)
 
 
-def random_weights(cfg: ModelConfig, seed: int = 0, routing_skew: float = 0.0):
+def random_weights(cfg: ModelConfig, seed: int = 0, routing_skew: float = 0.0, routing: str | None = None):
     """Yield (hf_name, float32 array) in HF order: normal(0, 0.02) like the reference init, norms near 1.
 
     routing_skew > 0 makes routing realistic for expert caching: every token embedding shares one
     direction, and in each layer a quarter of the experts' router rows lean towards it by about
     `routing_skew` standard deviations of a router logit, so those experts fire often and the rest rarely.
+    routing: a routing spec 'NAME[:PARAM]' from ROUTINGS (see `routing_modifier`).
     """
+    if routing and routing_skew:
+        from .errors import InputError
+        raise InputError("give either routing or routing_skew, not both")
+    mod = routing_modifier(cfg, seed, routing) if routing else \
+        _RoutingSkew(cfg, seed, routing_skew) if routing_skew else None
+    return _draw(cfg, seed, mod)   # a bad routing spec fails here, before any file is written
+
+
+def _draw(cfg: ModelConfig, seed: int, mod):
     from .weights.layout import hf_shapes
 
     rng = np.random.Generator(np.random.SFC64(seed))
-    skew = _RoutingSkew(cfg, seed, routing_skew) if routing_skew else None
     for name, shape in hf_shapes(cfg).items():
         if len(shape) == 1:
             x = 1.0 + fast_normal(rng, shape, 0.05)
         else:
             x = fast_normal(rng, shape, 0.02)
-        yield name, skew.apply(name, x) if skew else x
+        yield name, mod.apply(name, x) if mod else x
 
 
 class _RoutingSkew:
@@ -96,6 +105,125 @@ class _RoutingSkew:
             hot = self.rng.choice(x.shape[0], self.n_hot, replace=False)
             x[hot] += self.router_shift * self.u
         return x
+
+
+class _TrainedRouting:
+    """Random weights that route like a measured model (st_sdk.routing.RoutingStats): per layer, the
+    experts' shares of the picks (the measured popularity curve, re-cut for this model's expert count)
+    and the fraction of ReGLU gate neurons that are zero.
+
+    How: the first D = 1 + R coordinates of the residual stream (R = min(E, 16)) carry a designed
+    signal no layer writes to (those rows of o_proj and of every expert's down are zero). Each token's
+    embedding holds a constant A there, then R normal(0, 0.02) values g. Router rows read only those
+    coordinates: logit_e = mu_e + g . v_e / 0.02, with unit v_e and offsets mu_e fitted (Monte Carlo)
+    so that top-k picks land in the measured shares. Gate rows read only them too, as -beta A + g . u_j
+    with unit u_j: rms-normalising scales all coordinates alike, so the sign, and with it
+    relu(gate) == 0, depends only on the token, with probability Phi(beta A / 0.02) = the measured
+    fraction. Routing therefore depends on the token, not on its context."""
+
+    A = 0.02
+
+    def __init__(self, cfg: ModelConfig, seed: int, stats):
+        from .errors import InputError
+
+        self.cfg, self.stats = cfg, stats
+        E, H = cfg.moe_num_primary_experts, cfg.hidden_size
+        self.R = min(E, 16)
+        self.D = 1 + self.R
+        if H < 4 * self.D:
+            raise InputError(f"--routing trained needs hidden_size >= {4 * self.D} for {E} experts, got {H}")
+        self.rng = np.random.default_rng([seed, 0x7A1D])
+        self.fits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.layer: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+
+    def _source_layer(self, i: int) -> int:
+        return i * len(self.stats.layers) // self.cfg.num_hidden_layers
+
+    def _fit(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mu [E], v [E, R]) for measured layer j: logits mu + z . v (z ~ N(0, I_R)) whose top-k picks
+        follow the measured shares, most chosen expert first."""
+        from .routing import resample_shares
+
+        if j not in self.fits:
+            cfg = self.cfg
+            E, k = cfg.moe_num_primary_experts, cfg.moe_num_active_primary_experts
+            rng = np.random.default_rng([0x7A1D, j, E, k])
+            target = np.minimum(k * resample_shares(self.stats.layers[j].expert_share, E), 0.98)
+            target = np.maximum(target, 1e-4)
+            target *= k / target.sum()
+            v = rng.standard_normal((E, self.R))
+            if E <= self.R:
+                v = np.linalg.qr(v.T)[0].T                        # orthonormal: independent noise per expert
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            z = rng.standard_normal((4096, self.R)) @ v.T
+            mu = np.zeros(E)
+            for _ in range(100):
+                top = np.argpartition(-(mu + z), k - 1, axis=1)[:, :k]
+                freq = np.bincount(top.ravel(), minlength=E) / len(z)
+                mu += 0.7 * (np.log(target) - np.log(np.maximum(freq, 0.5 / len(z))))
+            self.fits[j] = (mu, v)
+        return self.fits[j]
+
+    def _layer(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(mu, v, beta) of layer i, experts in a random order per layer."""
+        if i not in self.layer:
+            from statistics import NormalDist
+
+            j = self._source_layer(i)
+            mu, v = self._fit(j)
+            perm = self.rng.permutation(len(mu))
+            zf = min(max(self.stats.layers[j].relu_zero_fraction, 0.001), 0.999)
+            self.layer[i] = (mu[perm], v[perm], NormalDist().inv_cdf(zf) * 0.02 / self.A)
+        return self.layer[i]
+
+    def apply(self, name: str, x: np.ndarray) -> np.ndarray:
+        D, A = self.D, np.float32(self.A)
+        if name == "model.embed_tokens.weight":
+            x[:, 0] = A                                             # x[:, 1:D] stay normal(0, 0.02)
+            return x
+        if not name.startswith("model.layers."):
+            return x
+        i = int(name.split(".")[2])
+        if name.endswith(("o_proj.weight", "down.weight")):
+            x[:D] = 0.0                                             # nothing writes the designed coordinates
+        elif name.endswith("post_attention_layernorm.weight"):
+            x[:D] = 1.0
+        elif name.endswith("primary_router.weight"):
+            mu, v, _ = self._layer(i)
+            x[:] = 0.0
+            x[:, 0] = mu / A
+            x[:, 1:D] = v / 0.02
+        elif name.endswith("gate.weight"):
+            _, _, beta = self._layer(i)
+            u = self.rng.standard_normal((x.shape[0], self.R)).astype(np.float32)
+            u /= np.linalg.norm(u, axis=1, keepdims=True)
+            x[:] = 0.0
+            x[:, 0] = -beta
+            x[:, 1:D] = u
+        return x
+
+
+def _routing_trained(cfg: ModelConfig, seed: int, param: str | None):
+    from .data import routing_stats_path
+    from .routing import RoutingStats
+
+    return _TrainedRouting(cfg, seed, RoutingStats.load(param or routing_stats_path()))
+
+
+#: routing specs 'NAME[:PARAM]' of `st-sdk synth --routing`: NAME -> factory(cfg, seed, PARAM or None)
+#: returning an object whose apply(hf_name, array) adjusts each freshly drawn tensor
+ROUTINGS = {
+    "trained": _routing_trained,    # PARAM: a routing statistics JSON (default: the shipped model's)
+}
+
+
+def routing_modifier(cfg: ModelConfig, seed: int, spec: str):
+    from .errors import InputError
+
+    name, _, param = str(spec).partition(":")
+    if name not in ROUTINGS:
+        raise InputError(f"unknown routing {spec!r}; choose one of {', '.join(ROUTINGS)} (as NAME[:PARAM])")
+    return ROUTINGS[name](cfg, seed, param or None)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, fmt: str = "f32"):
@@ -136,11 +264,11 @@ def synth_config(preset: str = "tiny", layers: int | None = None, **overrides) -
 
 def write_model(out, preset: str = "tiny", layers: int | None = None, formats=("hf", "gguf"),
                 dtype: str = "f32", seed: int = 0, shards: int = 1, routing_skew: float = 0.0,
-                **overrides) -> dict:
+                routing: str | None = None, **overrides) -> dict:
     """Write a random-weight SmallThinker to `out`: an HF directory (config.json, safetensors,
     tokenizer files) at `out` and/or `out/<preset>-<dtype>.gguf`, the same weights in both, streamed
-    tensor by tensor. Returns {"hf": dir, "gguf": file} for what was written. routing_skew: see
-    `random_weights`."""
+    tensor by tensor. Returns {"hf": dir, "gguf": file} for what was written. routing_skew, routing:
+    see `random_weights`."""
     from pathlib import Path
 
     from .errors import InputError
@@ -155,7 +283,7 @@ def write_model(out, preset: str = "tiny", layers: int | None = None, formats=("
     cfg, tok = synth_config(preset, layers, **overrides)
     cfg = cfg.replace(source=f"<synthetic {preset}>")
     out = Path(out)
-    return export(cfg, random_weights(cfg, seed, routing_skew), dtype,
+    return export(cfg, random_weights(cfg, seed, routing_skew, routing), dtype,
                   hf_dir=out if "hf" in formats else None,
                   gguf_path=out / f"{preset}-{dtype}.gguf" if "gguf" in formats else None,
                   shards=shards, tokenizer=tok, desc=f"synth {preset}", pure=True)

@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["demo", "generate", "chat", "synth", "info", "backends", "bench", "quantize"]
+COMMANDS = ["demo", "generate", "chat", "synth", "info", "backends", "bench", "quantize", "perplexity"]
 
 
 def build_parser() -> argparse.ArgumentParser:

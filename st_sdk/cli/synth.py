@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
     p.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
                    help="realistic routing for expert caching: a quarter of each layer's experts fire "
                         "often, the rest rarely (S = 1 sends most picks to that quarter; default 0: no added skew)")
+    p.add_argument("--routing", default=None, metavar="NAME[:PARAM]",
+                   help="route like a measured model: 'trained' matches, per layer, the expert shares and ReGLU "
+                        "zero fraction measured on the shipped trained model; 'trained:STATS.json' those of "
+                        "`st-sdk perplexity MODEL TEXT --routing-stats STATS.json` (default: plain random weights)")
     p.set_defaults(func=run)
 
 
@@ -27,7 +31,7 @@ def run(args) -> int:
 
     paths = write_model(args.out, preset=args.preset, layers=args.layers, formats=args.format,
                         dtype=args.dtype, seed=args.seed, shards=args.shards,
-                        routing_skew=args.routing_skew)
+                        routing_skew=args.routing_skew, routing=args.routing)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
