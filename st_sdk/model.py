@@ -1,6 +1,7 @@
 """Model: a loaded SmallThinker bound to one backend's op table."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -40,6 +41,14 @@ class Session:
         logits = (out[0] if len(out) == 1 else np.concatenate(out)).astype(np.float32, copy=False)
         return logits if all_logits else logits[-1]
 
+    def _check_step(self, ids) -> np.ndarray:
+        """ids for one step of feed_batch: validated, and no longer than one chunk."""
+        ids = self.model.check_ids(ids, start=len(self.tokens))
+        if len(ids) > self.model.chunk_size:
+            raise InputError(f"feed_batch: {len(ids)} ids for one session in one step exceed the chunk size "
+                             f"{self.model.chunk_size}; feed longer prompts in chunks")
+        return ids
+
 
 class Model:
     def __init__(self, config: ModelConfig, params: ModelParams, backend: Backend, ops: OpTable,
@@ -55,6 +64,8 @@ class Model:
         self.chunk_size = chunk_size
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
+        self._engine = None
+        self._engine_lock = threading.Lock()
 
     def __repr__(self) -> str:
         c = self.config
@@ -85,13 +96,42 @@ class Model:
     def session(self, capacity: int | None = None) -> Session:
         return Session(self, capacity)
 
+    def feed_batch(self, sessions: Sequence[Session], ids_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One step over several sessions: feed each its new ids (ragged: a prefill chunk for one, a single
+        token for others), advance its cache and tokens, and return each one's last-position float32
+        logits [V]. Each row equals what `session.feed(ids)` alone would give (see docs/serving.md)."""
+        if len(sessions) != len(ids_list) or not sessions:
+            raise InputError(f"feed_batch: expected as many id lists as sessions (at least one), got "
+                             f"{len(ids_list)} for {len(sessions)}")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise InputError("feed_batch: a session appears twice in one step")
+        for s in sessions:
+            if not isinstance(s, Session) or s.model is not self:
+                raise InputError("feed_batch: every session must come from this model's session()")
+        checked = [s._check_step(ids) for s, ids in zip(sessions, ids_list)]
+        return [s.feed(ids) for s, ids in zip(sessions, checked)]
+
     def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 logits [T, vocab] for a fresh sequence."""
         ids = self.check_ids(ids)
         return self.session(capacity=len(ids)).feed(ids, all_logits=True)
 
     # ---- generation (text in, text out) ------------------------------------------------------
+    @property
+    def engine(self):
+        """The scheduler every generation on this model runs through (continuous batching: one
+        thread, started on demand, runs one step for all running requests). `engine.configure(
+        max_batch=..., max_queue=..., max_kv_bytes=...)` sets its bounds."""
+        with self._engine_lock:
+            if self._engine is None:
+                from .generation.engine import Engine
+
+                self._engine = Engine(self)
+            return self._engine
+
     def generate(self, prompt, **kwargs):
+        """Text from a prompt (text or ids), or a list of results from a list of prompts run together
+        (see docs/generation.md and docs/serving.md)."""
         from .generation import generate
 
         return generate(self, prompt, **kwargs)

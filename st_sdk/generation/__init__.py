@@ -1,14 +1,17 @@
 """Text generation on top of `Session`: sampling, stopping, streaming, chat and conversations.
 
-One generation is a Python generator (`loop.run`) that prefills the prompt in chunks, then samples
-and feeds one token at a time, yielding text pieces. Everything user-facing wraps it:
-`generate(stream=False)` drains it into a `GenerationResult`, `generate(stream=True)` hands it out as
-a `GenerationStream`, `agenerate` drives that stream from a worker thread, and `Conversation` keeps
-its Session between turns so only the new tokens of each turn are prefilled.
+One generation is a `Request` that the model's `Engine` drives one step at a time: it prefills the
+prompt in chunks, then samples and feeds one token per step, alongside every other running request
+(continuous batching). The caller's thread reads its events: `generate(stream=False)` drains them into
+a `GenerationResult`, `generate(stream=True)` hands them out as a `GenerationStream`, `agenerate`
+drives that stream from a worker thread, and `Conversation` keeps its Session between turns so only
+the new tokens of each turn are prefilled.
 
-Modules: `options` (what a caller asks for, validated), `loop` (the sampling loop and `generate`),
-`stream`, `result`, `text` (detokenising and stop strings), `conversation` (chat).
+Modules: `options` (what a caller asks for, validated), `request` (one generation, step by step),
+`engine` (the scheduler), `loop` (`generate`, `start`), `stream`, `result`, `text` (detokenising and
+stop strings), `conversation` (chat).
 """
+from .engine import Engine
 from .conversation import Conversation, chat, chat_prompt_ids, check_messages
 from .loop import agenerate, generate
 from .options import DEFAULT_MAX_NEW_TOKENS, Options, encode_prompt, eos_ids
@@ -16,6 +19,6 @@ from .result import FINISH_REASONS, GenerationResult
 from .stream import GenerationStream
 from .text import IncrementalDecoder, StopStrings
 
-__all__ = ["Conversation", "chat", "chat_prompt_ids", "check_messages", "agenerate", "generate",
+__all__ = ["Engine", "Conversation", "chat", "chat_prompt_ids", "check_messages", "agenerate", "generate",
            "DEFAULT_MAX_NEW_TOKENS", "Options", "encode_prompt", "eos_ids", "FINISH_REASONS",
            "GenerationResult", "GenerationStream", "IncrementalDecoder", "StopStrings"]

@@ -1,135 +1,44 @@
-"""The generation loop: prefill what the session lacks, then sample and feed one token at a time.
+"""Generation entry points over the model's engine: `generate` for one prompt or a list, `start` for a
+prepared session (chat, conversations), `agenerate` as an async iterator.
 
-`run` is a Python generator yielding text pieces; `generate(stream=False)` drains it into a
-`GenerationResult`, `generate(stream=True)` hands it out as a `GenerationStream`, and `agenerate`
-drives that stream from a worker thread.
+Every generation runs as a `Request` on `model.engine` (continuous batching, one engine thread per
+model), so concurrent calls from threads and lists of prompts share each step's weight reads; the
+caller's thread waits on the request's events: drained into a `GenerationResult`, or handed out as a
+`GenerationStream` of text pieces.
 """
 from __future__ import annotations
 
-import threading
-import time
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import numpy as np
 
 from ..errors import InputError
-from ..sampling import log_softmax, sample
-from .options import Options, encode_prompt, eos_ids
-from .result import GenerationResult
+from .options import Options, encode_prompt
+from .request import Request
 from .stream import GenerationStream
-from .text import IncrementalDecoder, StopStrings
-
-
-def run(model, session, prompt_ids: list[int], opts: Options, out: dict) -> Iterator[str]:
-    """Prefill what `session` does not hold yet, then sample until a stop condition, yielding text pieces.
-    Fills `out["result"]` with the GenerationResult when it ends, also when closed early."""
-    t_start = time.perf_counter()
-    cfg = model.config
-    ctx = cfg.max_position_embeddings
-    rng = np.random.default_rng(opts.seed)
-    stop_ids = set() if opts.ignore_eos else eos_ids(model)
-    decoder = IncrementalDecoder(model.tokenizer) if model.tokenizer is not None else None
-    stops = StopStrings(opts.stop)
-    seen = None
-    if opts.sampling.repetition_penalty != 1.0:
-        seen = np.zeros(cfg.vocab_size, dtype=bool)
-        seen[prompt_ids] = True
-    cancel = opts.cancel
-    text_parts: list[str] = []
-    generated: list[int] = []
-    logprobs: list[float] | None = [] if opts.logprobs else None
-    top_logprobs: list[dict[int, float]] | None = [] if opts.top_logprobs else None
-    finish = "length"
-    cached = len(session.tokens)
-    prefill_s = decode_s = 0.0
-    n_decode = 0
-
-    def result() -> "GenerationResult":
-        n_new = len(prompt_ids) - cached
-        timings = dict(prompt_tokens=len(prompt_ids), cached_tokens=cached, prefill_s=prefill_s,
-                       prefill_tokens_per_s=n_new / prefill_s if prefill_s > 0 and n_new else float("nan"),
-                       generated_tokens=len(generated), decode_s=decode_s,
-                       decode_tokens_per_s=n_decode / decode_s if decode_s > 0 and n_decode else float("nan"),
-                       total_s=time.perf_counter() - t_start)
-        return GenerationResult("".join(text_parts), generated, prompt_ids, finish, logprobs, top_logprobs, timings)
-
-    try:
-        # prefill in chunks, checking for cancellation between them
-        todo = prompt_ids[cached:]
-        t0 = time.perf_counter()
-        logits = None
-        chunk = model.chunk_size
-        for s in range(0, len(todo), chunk):
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                return
-            logits = session.feed(todo[s:s + chunk], chunk=chunk)
-        prefill_s = time.perf_counter() - t0
-
-        while True:
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                return
-            t0 = time.perf_counter()
-            tok = sample(logits, opts.sampling, rng, seen)
-            generated.append(tok)
-            if seen is not None:
-                seen[tok] = True
-            if logprobs is not None:
-                lp = log_softmax(logits)
-                logprobs.append(float(lp[tok]))
-                if top_logprobs is not None:
-                    top = np.argsort(-lp, kind="stable")[:opts.top_logprobs]
-                    top_logprobs.append({int(i): float(lp[i]) for i in top})
-            if tok in stop_ids:
-                finish = "eos"
-                break
-            if decoder is not None:
-                piece, stopped = stops.push(decoder.push(tok))
-                if piece:
-                    text_parts.append(piece)
-                    yield piece
-                if stopped:
-                    finish = "stop"
-                    break
-            if opts.max_new_tokens is not None and len(generated) >= opts.max_new_tokens:
-                break
-            if len(session.tokens) + 1 >= ctx:   # the sampled token would not fit: context full
-                break
-            logits = session.feed([tok])
-            decode_s += time.perf_counter() - t0   # sampling + one forward step
-            n_decode += 1
-        if decoder is not None and finish != "stop":
-            # what the decoder held (an incomplete character) and the stop-string hold-back
-            piece, stopped = stops.push(decoder.flush())
-            if stopped:
-                finish = "stop"
-            else:
-                piece += stops.flush()
-            if piece:
-                text_parts.append(piece)
-                yield piece
-    except GeneratorExit:   # the consumer closed the stream
-        finish = "cancelled"
-        raise
-    except BaseException:
-        finish = "error"
-        raise
-    finally:
-        out["result"] = result()
 
 
 def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on_done=None):
-    """Run a generation on `session`: drained into a GenerationResult, or as a GenerationStream;
-    `on_done(result)` runs when it ends."""
+    """Run a generation on `session` through the model's engine: drained into a GenerationResult, or
+    as a GenerationStream; `on_done(result)` runs when it ends."""
+    req = submit(model, session, prompt_ids, opts)
+    return _wait(model, req, stream, on_done)
+
+
+def submit(model, session, prompt_ids: list[int], opts: Options) -> Request:
     if opts.stop and model.tokenizer is None:
         raise InputError("stop: stop strings need a tokenizer; this model has none")
-    cancel = opts.cancel or threading.Event()
-    opts.cancel = cancel
+    req = Request(model, session, prompt_ids, opts, chunk=model.engine.chunk)
+    opts.cancel = req.cancel
+    return model.engine.submit(req)
+
+
+def _wait(model, req: Request, stream: bool, on_done=None):
     out: dict = {}
-    gen = run(model, session, prompt_ids, opts, out)
+    gen = req.pieces(out, lambda: model.engine.release(req))
     if stream:
-        return GenerationStream(gen, out, cancel, prompt_ids, on_done)
+        return GenerationStream(gen, out, req.cancel, req.prompt_ids, on_done,
+                                release=lambda: model.engine.release(req) or req.result)
     try:
         for _ in gen:
             pass
@@ -144,9 +53,35 @@ def capacity(model, n_prompt: int, opts: Options) -> int:
     return ctx if opts.max_new_tokens is None else min(ctx, n_prompt + opts.max_new_tokens)
 
 
+def is_prompt_list(prompt) -> bool:
+    """A list of prompts (texts or id lists), as opposed to one prompt given as a list of ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
+        all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+
+
 def generate(model, prompt, *, stream: bool = False, **kw):
     """Generate from text or token ids. See `Model.generate` and docs/generation.md for the options.
-    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces."""
+    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces. A list of
+    prompts (texts or id lists) runs them together in the engine's batch and returns a list of those,
+    each equal to what generating it alone gives."""
+    if is_prompt_list(prompt):
+        # validate everything before anything is queued: a bad prompt fails the call, not half of it
+        jobs = [(ids, Options.parse(**kw)) for ids in (encode_prompt(model, p) for p in prompt)]
+        reqs = []
+        try:
+            for ids, opts in jobs:
+                reqs.append(submit(model, model.session(capacity=capacity(model, len(ids), opts)), ids, opts))
+        except BaseException:
+            for r in reqs:
+                r.cancel.set()
+            raise
+        if stream:
+            return [_wait(model, r, True) for r in reqs]
+        try:
+            return [_wait(model, r, False) for r in reqs]
+        finally:
+            for r in reqs:   # after an error or an interrupt, the others stop too
+                r.cancel.set()
     opts = Options.parse(**kw)
     ids = encode_prompt(model, prompt)
     session = model.session(capacity=capacity(model, len(ids), opts))
