@@ -100,7 +100,8 @@ class Engine:
             raise InputError(f"max_new_tokens: this request needs {req.kv_bytes} bytes of KV cache, more than "
                              f"the engine's bound of {self.max_kv_bytes} bytes; ask for fewer tokens")
         with self._cv:
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            has_room = len(self._running) + len(self._waiting) < self.max_batch   # it would run at once
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue and not has_room:
                 self.stats.rejected += 1
                 raise BusyError(f"the queue is full ({len(self._waiting)} requests waiting, "
                                 f"{len(self._running)} running); retry later")

@@ -25,10 +25,13 @@ def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on
     return _wait(model, req, stream, on_done)
 
 
-def submit(model, session, prompt_ids: list[int], opts: Options) -> Request:
+def submit(model, session, prompt_ids: list[int], opts: Options, events=None,
+           logit_bias: dict[int, float] | None = None) -> Request:
+    """Queue a generation on the model's engine; `events` (anything with put()) receives its
+    ("piece" | "done" | "error", value, tokens generated) events. Raises BusyError when the queue is full."""
     if opts.stop and model.tokenizer is None:
         raise InputError("stop: stop strings need a tokenizer; this model has none")
-    req = Request(model, session, prompt_ids, opts, chunk=model.engine.chunk)
+    req = Request(model, session, prompt_ids, opts, chunk=model.engine.chunk, events=events, logit_bias=logit_bias)
     opts.cancel = req.cancel
     return model.engine.submit(req)
 

@@ -20,7 +20,8 @@ from .text import IncrementalDecoder, StopStrings
 
 
 class Request:
-    def __init__(self, model, session, prompt_ids: list[int], opts: Options, chunk: int | None = None):
+    def __init__(self, model, session, prompt_ids: list[int], opts: Options, chunk: int | None = None,
+                 events=None, logit_bias: dict[int, float] | None = None):
         cfg = model.config
         self.model, self.session, self.prompt_ids, self.opts = model, session, prompt_ids, opts
         self.cancel = opts.cancel if opts.cancel is not None else threading.Event()
@@ -40,7 +41,14 @@ class Request:
         self.generated: list[int] = []
         self.logprobs: list[float] | None = [] if opts.logprobs else None
         self.top_logprobs: list[dict[int, float]] | None = [] if opts.top_logprobs else None
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        # (kind, value, tokens generated so far): ("piece", text), ("done", None), ("error", exception);
+        # anything with put() (the server hands in one that wakes its event loop)
+        self.events = events if events is not None else queue.SimpleQueue()
+        self.bias = None
+        if logit_bias:
+            self.bias = np.zeros(cfg.vocab_size, np.float32)
+            for tok, b in logit_bias.items():
+                self.bias[tok] = b
         self.finished = threading.Event()
         self.result: GenerationResult | None = None
         self.t_submit = time.perf_counter()
@@ -77,7 +85,7 @@ class Request:
 
     def _sample(self, logits: np.ndarray) -> bool:
         opts = self.opts
-        tok = sample(logits, opts.sampling, self.rng, self.seen)
+        tok = sample(logits if self.bias is None else logits + self.bias, opts.sampling, self.rng, self.seen)
         self.generated.append(tok)
         if self.seen is not None:
             self.seen[tok] = True
@@ -103,7 +111,7 @@ class Request:
     def _emit(self, piece: str) -> None:
         if piece:
             self.text.append(piece)
-            self.events.put(("piece", piece))
+            self.events.put(("piece", piece, len(self.generated)))
 
     def finish(self, reason: str, error: BaseException | None = None) -> bool:
         """End the request: flush held text (unless stopped, cancelled or failed), set the result and
@@ -119,7 +127,8 @@ class Request:
             self._emit(piece)
         self.result = GenerationResult("".join(self.text), self.generated, self.prompt_ids, reason, self.logprobs,
                                        self.top_logprobs, self.timings())
-        self.events.put(("error", error) if error is not None else ("done", None))
+        self.events.put(("error", error, len(self.generated)) if error is not None
+                        else ("done", None, len(self.generated)))
         self.finished.set()
         return True
 
@@ -144,7 +153,7 @@ class Request:
         the consumer) cancels the request and waits until the engine has let go of its session."""
         try:
             while True:
-                kind, value = self.events.get()
+                kind, value, _ = self.events.get()
                 if kind == "piece":
                     yield value
                 elif kind == "error":
