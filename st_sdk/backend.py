@@ -89,8 +89,11 @@ class Backend:
     requires: tuple[str, ...] = ()
     #: how to get the missing dependencies, appended to the reason ("pip install st-sdk[torch]")
     install_hint: str = ""
-    #: formats whose `linear`/`moe` this backend computes natively (others fall back or get converted)
+    #: stored weight formats whose ops this backend runs as stored (contract; names: st_sdk.weights.tensor.FORMATS)
     formats: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0")
+    #: stored formats it converts at load into one it runs (dequantised or repacked: the selection report
+    #: says so). A file holding a type in neither list is refused at load, naming the tensor (contract).
+    converts: tuple[str, ...] = ()
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         self.n_threads = n_threads
@@ -143,6 +146,10 @@ class Backend:
 
     def from_numpy(self, x: np.ndarray) -> Any:
         return x
+
+    def runs(self, fmt: str) -> bool:
+        """Whether weights stored as `fmt` can be loaded on this backend (natively or converted)."""
+        return fmt in self.formats or fmt in self.converts
 
     def provides(self) -> list[str]:
         """The ops this class overrides."""

@@ -14,26 +14,26 @@ from .offload.experts import offload_ops, setup_offload
 from .registry import get_registry
 from .selection import select_backend
 
-QUANTIZE_TO = ("q8_0", "q4_0", "f16", "bf16", "f32")
-
 
 def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: str | None = None,
          n_threads: int | None = None, strict: bool = False, tune: bool = False,
          quantize: str | None = None, **kw):
     """Load a SmallThinker model from an HF directory or a `.gguf` file (contract).
 
-    quantize: convert the matrices in memory at load ('q8_0', 'q4_0', 'f16', 'bf16', 'f32');
-    norms and the router stay f32. Other keyword arguments go to `build_model`
-    (max_memory, context, prefetch: the memory-budget mode).
+    quantize: convert the matrices in memory at load: a type ('q8_0', 'q4_0', 'q4_k', 'q6_k', 'f16',
+    ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
+    tensor the type llama-quantize gives it); norms and the router stay f32. Other keyword arguments go
+    to `build_model` (max_memory, context, prefetch: the memory-budget mode).
     """
     from .weights import open_model
+    from .weights.export import GGUF_FORMATS
 
-    if quantize is not None and quantize not in QUANTIZE_TO:
-        raise InputError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_TO)}")
+    if quantize is not None and quantize not in GGUF_FORMATS:
+        raise InputError(f"quantize={quantize!r}: choose one of {', '.join(GGUF_FORMATS)}")
     mf = open_model(path)
     params = mf.params()
     if quantize is not None:
-        params = convert_params(params, quantize)
+        params = convert_params(params, quantize, mf.config)
     return build_model(mf.config, params, backend=backend, dtype=dtype, n_threads=n_threads, strict=strict,
                        tokenizer=mf.tokenizer, path=str(mf.path), weight_format=weight_format(params),
                        tune=tune, **kw)
@@ -63,16 +63,24 @@ def convert_tensor(t, fmt: str):
     return WeightTensor(t.name, target, t.shape, quantize(target, t.numpy()), t.source)
 
 
-def convert_params(params, fmt: str):
-    def conv(p: Param, name_hint: str) -> Param:
-        t = p.raw
-        if name_hint == "router":   # routers keep full precision whatever they are called
-            return p
-        return Param(convert_tensor(t, fmt))
+def convert_params(params, fmt: str, config=None):
+    """ModelParams with the matrices re-stored as `fmt`: a type, or a llama.cpp mix (needs `config`:
+    the per-tensor types depend on the layer count and shapes)."""
+    from .weights.layout import EXPERT_NAMES, LAYER_NAMES
+    from .weights.mixes import MIXES, tensor_types
 
-    embed = conv(params.embed, "embed")
-    head = embed if params.head is params.embed else conv(params.head, "head")
-    layers = [LayerParams(**{f: conv(getattr(lp, f), f) for f in lp.__dataclass_fields__}) for lp in params.layers]
+    types = tensor_types(config, fmt) if fmt in MIXES else None
+    gguf_name = {field: gname for gname, field in list(LAYER_NAMES.values()) + list(EXPERT_NAMES.values())}
+
+    def conv(p: Param, role: str, name: str) -> Param:
+        if role == "router":   # routers keep full precision whatever they are called
+            return p
+        return Param(convert_tensor(p.raw, types[name] if types else fmt))
+
+    embed = conv(params.embed, "embed", "token_embd.weight")
+    head = embed if params.head is params.embed else conv(params.head, "head", "output.weight")
+    layers = [LayerParams(**{f: conv(getattr(lp, f), f, f"blk.{i}.{gguf_name[f]}") for f in lp.__dataclass_fields__})
+              for i, lp in enumerate(params.layers)]
     return ModelParams(embed=embed, layers=layers, norm=params.norm, head=head)
 
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from .backend import Backend, ModelParams, OpTable, bind_ops, prepare_params
 from .config import ModelConfig
-from .errors import BackendError
+from .errors import BackendError, WeightError
+from .format_support import converted, refusal, short_reason, stored_types
 from .model import Model
 from .registry import get_registry, reference_backend
 from .testing.data import random_params
@@ -95,7 +96,8 @@ class Selection:
             if c.available and c.reason:
                 state += f" ({c.reason})"
             fb = f", falls back for {', '.join(c.fallbacks)}" if c.fallbacks else ""
-            facts = ", ".join(f"{k} {c.details[k]}" for k in ("device", "compute_dtype", "variant") if k in c.details)
+            facts = ", ".join(f"{k} {c.details[k]}" for k in ("device", "compute_dtype", "variant", "converts")
+                              if k in c.details)
             facts = f" [{facts}]" if facts and c.available else ""
             lines.append(f" {mark} {c.name:10s} score {c.score:6.1f}  {speed}  {state}{fb}{facts}")
         if self.cache:
@@ -319,9 +321,22 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
                 c.reason = f"score() raised {type(e).__name__}: {e}"
     notes = list(registry.conflicts)
     cache_info: dict[str, Any] = {}
+    types = stored_types(params) if params is not None else {}
+    for c in candidates:   # a backend that cannot run every stored type of the file is not a candidate
+        b = instances.get(c.name)
+        if b is not None and c.available:
+            why = short_reason(b, types)
+            if why:
+                c.available, c.reason = False, why
+            elif converted(b, types):
+                c.details["converts"] = f"{', '.join(converted(b, types))} at load"
     usable = [c for c in candidates if c.available]
 
     if wanted:
+        refused = [instances[c.name] for c in candidates if c.name in instances and not c.available]
+        if not usable and refused:
+            source = next((p.raw.source for _, p in params.all() if p.raw.source), "")
+            raise WeightError(refusal(refused[0], types, classes, config, source))
         if not usable:
             raise BackendError(f"requested backend {', '.join(wanted)} ({rule}) cannot be used: " +
                                "; ".join(f"{c.name}: {c.reason}" for c in candidates))

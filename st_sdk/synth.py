@@ -158,4 +158,4 @@ def write_model(out, preset: str = "tiny", layers: int | None = None, formats=("
     return export(cfg, random_weights(cfg, seed, routing_skew), dtype,
                   hf_dir=out if "hf" in formats else None,
                   gguf_path=out / f"{preset}-{dtype}.gguf" if "gguf" in formats else None,
-                  shards=shards, tokenizer=tok, desc=f"synth {preset}")
+                  shards=shards, tokenizer=tok, desc=f"synth {preset}", pure=True)

@@ -92,4 +92,4 @@ def test_load_with_quantize_converts_matrices_only(tiny_dir, tiny_logits):
     assert lp.router.raw.fmt == "f32" and lp.attn_norm.raw.fmt == "f32"
     assert rel_err(m.logits(TINY_IDS), tiny_logits) < 0.1
     with pytest.raises(st_sdk.InputError, match="quantize"):
-        st_sdk.load(tiny_dir["hf"], quantize="q5_k")
+        st_sdk.load(tiny_dir["hf"], quantize="q7_k")

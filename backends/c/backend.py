@@ -14,6 +14,7 @@ import numpy as np
 
 from st_sdk.backend import Backend, Param
 from st_sdk.errors import BackendError, InputError
+from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
 from .cache import CKVCache, CLayerKV
@@ -104,6 +105,11 @@ def _moe_inputs(x, ids, weights, H: int, E: int):
 class CBackend(Backend):
     name = "c"
     version = "0.1"
+    #: types the kernels run as stored (from the memory map, or repacked 8 rows at a time)
+    formats = tuple(ops.FMT_CODE)
+    #: rarer GGUF types (IQ1/IQ2/IQ3, TQ, MXFP4, NVFP4): dequantised at load and re-stored as q8_0 (f16 for
+    #: rows that are not whole blocks of 32); describe()["converted"] gives the bytes
+    converts = tuple(f for f in QUANT_SIZES if f not in ops.FMT_CODE)
     #: moe reads experts through st_sdk.offload's cache under a memory budget (see _offloaded_moe)
     supports_offload = True
 
@@ -116,6 +122,7 @@ class CBackend(Backend):
         self.repack = os.environ.get("ST_C_REPACK", "1") != "0"
         self.copied_bytes = 0
         self.repacked_bytes = 0
+        self.converted: dict[str, int] = {}   # "iq2_xs -> q8_0": bytes of the converted copies
         self.released_map_bytes = 0   # resident pages of repacked GGUF tensors dropped from this process
         self._layer_structs: dict = {}
         self.threads = self._resolve_threads(n_threads)
@@ -156,7 +163,8 @@ class CBackend(Backend):
         flags = cpu_flags(hardware)
         simd = 2.0 if {"avx512f", "avx512_vnni"} <= flags else \
             1.5 if "avx2" in flags else 1.2 if "neon" in flags else 1.0
-        base = 40.0 if fmt in ("q8_0", "q4_0") else 20.0   # native integer kernels beat dequantise-then-BLAS
+        # native integer kernels beat dequantise-then-BLAS
+        base = 40.0 if fmt in ops.FMT_CODE and fmt not in ("f32", "f16", "bf16") else 20.0
         return base * simd
 
     def describe(self):
@@ -165,7 +173,10 @@ class CBackend(Backend):
              "sparse_reglu": self.sparse, "copied_weight_bytes": self.copied_bytes,
              "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes,
              # resident beyond the mapped file: what a memory budget must also hold
-             "extra_resident_bytes": self.copied_bytes + self.repacked_bytes - self.released_map_bytes}
+             "extra_resident_bytes": self.copied_bytes + self.repacked_bytes + sum(self.converted.values())
+             - self.released_map_bytes}
+        if self.converted:
+            d["converted"] = ", ".join(f"{k} ({v / 2**20:.1f} MiB)" for k, v in self.converted.items())
         try:
             _, lib = ffi_lib()
             d["variants_supported"] = [v for v, c in ops.VARIANTS.items() if lib.st_cpu_supports(c)]
@@ -184,6 +195,8 @@ class CBackend(Backend):
         raw = param.raw
         if role in _NORM_ROLES:
             return np.ascontiguousarray(raw.numpy(), np.float32)
+        if raw.fmt not in ops.FMT_CODE:
+            raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
         if role in _EXPERT_ROLES:
             v = CExperts(raw, repack_rows=rp)
@@ -195,6 +208,19 @@ class CBackend(Backend):
         self.repacked_bytes += v.repacked
         self.released_map_bytes += v.released
         return v
+
+    def _convert(self, raw):
+        """A type the kernels do not run, dequantised (gguf-py) and re-stored as q8_0, or f16 when its
+        rows are not whole blocks of 32."""
+        from st_sdk.weights.tensor import WeightTensor, quantize
+
+        if raw.fmt not in self.converts:
+            raise InputError(f"weight '{raw.name}': the C backend cannot run {raw.fmt!r}")
+        target = "q8_0" if raw.shape[-1] % 32 == 0 else "f16"
+        out = WeightTensor(raw.name, target, tuple(raw.shape), quantize(target, raw.numpy()), raw.source)
+        key = f"{raw.fmt} -> {target}"
+        self.converted[key] = self.converted.get(key, 0) + out.nbytes
+        return out
 
     def _repacking(self) -> bool:
         """Repack only for the SIMD variants (measured faster); generic C reads the file's layout."""
@@ -242,7 +268,7 @@ class CBackend(Backend):
             embed, head, norm = as_mat(params.embed), as_mat(params.head), f32_vector(params.norm, H)
             if head is embed and self._repacking() and ops.can_repack(head.fmt, head.rows):
                 # tied: the embedding stays as stored for row lookups; the head gets its own repacked copy
-                head = CMat(params.head.raw, repack_rows=True)
+                head = CMat(embed.tensor, repack_rows=True)
                 self.repacked_bytes += head.repacked
                 self.released_map_bytes += head.released
             keep += [embed, head, norm]
@@ -400,6 +426,12 @@ class CBackend(Backend):
         E, F, H = (int(n) for n in gate.shape)
         xs, ids, weights = _moe_inputs(x, ids, weights, H, E)
         T = xs.shape[0]
+        fmts = (gate.fmt, up.fmt, down.fmt)
+        for f, part in zip(fmts, (gate, up, down)):
+            if f not in ops.FMT_CODE:
+                raise BackendError(f"memory-budget mode on the C backend reads experts as stored; "
+                                   f"'{part.name}' is {f}, which it converts only when loaded whole "
+                                   f"(load without max_memory, or re-quantise the file)")
         picked = list(dict.fromkeys(ids.ravel().tolist()))
         group = max(1, cache.slots - 1)
         out = np.zeros((T, H), np.float32)
@@ -409,13 +441,13 @@ class CBackend(Backend):
             G = len(experts)
             structs = []
             for part, (rows, cols) in enumerate(((F, H), (F, H), (H, F))):
-                rb = ops.row_bytes(gate.fmt, cols)
+                rb = ops.row_bytes(fmts[part], cols)
                 if views[0][part].nbytes != rows * rb:
                     raise InputError(f"moe: expert slot holds {views[0][part].nbytes} bytes, expected {rows * rb}")
                 ptrs = ffi.new("void *[]", [ffi.cast("void *", v[part].ctypes.data) for v in views])
                 structs.append((ptrs, ffi.new("st_experts *", {"experts": ptrs, "n_experts": G, "rows": rows,
                                                                 "cols": cols, "row_bytes": rb,
-                                                                "fmt": ops.FMT_CODE[gate.fmt]})))
+                                                                "fmt": ops.FMT_CODE[fmts[part]]})))
             local = np.full(E, -1, np.int64)          # expert id -> its place in this group
             local[experts] = np.arange(G)
             if G == len(picked):

@@ -3,7 +3,7 @@
 Device: the first GPU/TPU jax sees, else CPU. Compute dtype "float32" or "bfloat16" (default
 bfloat16: it halves the bytes every decode step streams and the memory held; on CPU it decodes about
 1.6x faster than float32, measured; norms, the router and every activation stay float32). Weights are
-converted once at load (Q8_0/Q4_0/F16/BF16 dequantised to the compute dtype; HF per-expert tensors
+converted once at load (every GGUF block type and F16/BF16 dequantised to the compute dtype; HF per-expert tensors
 stacked). The decode step (one token) and prefill chunks (padded to 8/32/128 tokens, padding masked)
 each compile once; the KV cache is a donated pytree of static shapes updated with
 dynamic_update_slice; experts are picked with gathers; only the logits come back to the host.
@@ -19,6 +19,7 @@ import numpy as np
 
 from st_sdk.backend import Backend, ModelParams, Param
 from st_sdk.errors import InputError
+from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
 
 log = logging.getLogger("st_sdk")
 
@@ -42,6 +43,8 @@ class JaxBackend(Backend):
     name = "jax"
     version = _version()
     requires = ("jax",)
+    formats = FLOATS
+    converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
     install_hint = "pip install -e .[jax]"
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
@@ -95,7 +98,7 @@ class JaxBackend(Backend):
         self._setup()
         return {"device": f"{self.device.platform}:{self.device.id} ({self.device.device_kind})",
                 "compute_dtype": self.dtype,
-                "weights": f"converted once at load to {self.dtype} (F16/BF16/Q8_0/Q4_0 dequantised at load; "
+                "weights": f"converted once at load to {self.dtype} (F16/BF16 and quantised types dequantised at load; "
                            f"norms and router float32)" + ("" if self.accelerator else
                                                            "; matmuls convert cache-sized chunks to float32"),
                 "compiled": "decode step and prefill chunks of " + "/".join(map(str, BUCKETS[1:])) +

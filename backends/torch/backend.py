@@ -3,8 +3,8 @@
 Device: CUDA when torch sees one, else CPU. Compute dtype: bfloat16 where the hardware runs it well
 (CUDA with bf16 support, or a CPU with AVX-512 BF16 / AMX, where oneDNN has bf16 GEMM kernels and the
 weights move half the bytes of float32), float32 otherwise; `dtype="float32" | "bfloat16"` overrides.
-Weights are converted (dequantised from Q8_0/Q4_0, widened/narrowed from F16/BF16/F32) and placed on
-the device once, at load. This module imports torch lazily so discovery never pays for it.
+Weights are converted (every GGUF block type dequantised through gguf-py, widened/narrowed from
+F16/BF16/F32) and placed on the device once, at load. This module imports torch lazily so discovery never pays for it.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 from st_sdk.backend import Backend, ModelParams, Param
 from st_sdk.errors import BackendError
 from st_sdk.weights.mapping import release_map
+from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
 
 DTYPES = ("float32", "bfloat16")
 ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
@@ -45,6 +46,8 @@ def default_dtype(device) -> str:
 class TorchBackend(Backend):
     name = "torch"
     version = "0"
+    formats = FLOATS
+    converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None, device: str | None = None,
                  moe_decode: str | None = None):
@@ -127,7 +130,7 @@ class TorchBackend(Backend):
             dev += f" ({torch.cuda.get_device_name(self.device)})"
         return {"device": dev, "compute_dtype": self.dtype,
                 "weights": f"converted once at load to {self.dtype} on {self.device.type} "
-                           f"(Q8_0/Q4_0 dequantised at load; norms and router kept float32)",
+                           f"(quantised types dequantised at load; norms and router kept float32)",
                 "moe_decode": "gather picked experts on device" if self.gather else "slice picked experts in place",
                 "threads": torch.get_num_threads()}
 

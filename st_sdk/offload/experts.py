@@ -67,8 +67,9 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     context = context or min(cfg.max_position_embeddings, 4096)
     locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
                   for e in range(cfg.moe_num_primary_experts)] for lp in params.layers]
-    part_bytes = [ext.nbytes for ext in locations[0][0]]
-    expert_bytes = sum(part_bytes)
+    # each layer's own stored sizes (types can differ per layer); a slot fits the largest layer's expert
+    part_bytes = [[ext.nbytes for ext in layer[0]] for layer in locations]
+    expert_bytes = max(sum(parts) for parts in part_bytes)
     expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
     dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
     if scratch_bytes is None:
@@ -79,6 +80,7 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
                        cfg.moe_num_active_primary_experts, scratch_bytes)
+    plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
     cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads)
     layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
                                          for j, p in enumerate(PARTS)})

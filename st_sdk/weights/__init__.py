@@ -22,6 +22,7 @@ class ModelFile:
     names: list[str]
     tokenizer: Any
     file_size: int
+    file_type: str | None = None   # GGUF general.file_type as llama.cpp names it ("q4_k_m"), if any
 
     def params(self):
         """ModelParams over the file's tensors (shapes checked)."""
@@ -55,7 +56,7 @@ def open_model(path: str | Path) -> ModelFile:
             g = GGUFModelFile(p)
             cfg = g.config()
             tok = Tokenizer.from_gguf_metadata(g.metadata("tokenizer."), source=str(p))
-            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size())
+            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size(), g.file_type())
         if p.suffix == ".gguf":
             raise WeightError(f"{p}: not a GGUF file (bad magic {magic!r})")
         if p.name == "config.json":
