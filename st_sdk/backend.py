@@ -4,11 +4,18 @@ A backend overrides the ops it accelerates. Any op it does not override runs on 
 with its arrays converted at the boundary; the binding records each such fallback so that the
 selection report can show it, and `strict=True` turns a fallback into an error.
 
-Shapes use T for tokens in the step (batch is 1), H hidden size, nH / nKV query / key-value heads,
+Shapes use T for tokens in the step, H hidden size, nH / nKV query / key-value heads,
 hd head dim, E experts, F expert width, k active experts. Activations are the backend's own array type
 (float32 unless the backend documents a compute dtype); `to_numpy`/`from_numpy` cross the boundary.
 Weights arrive as `Param`: `param.raw` is the stored `WeightTensor` (any format), `param.value` is
 what this backend's `prepare` made of it, once, at load.
+
+Batched steps (several sequences in one step, docs/serving.md): the graph packs B sequences' tokens
+into one [T, H] activation, T = seg[-1], where sequence b owns rows seg[b]..seg[b+1]-1 (seg: int64
+[B+1], seg[0] = 0, each segment non-empty) and has its own KV cache. Every op but attention is
+row-wise, so it runs once on all T rows; `attention_batch` runs attention per sequence. A backend
+that does not provide `attention_batch` gets one built from its `attention` and `concat`; one that
+provides `forward_batch` runs the whole batched step itself.
 """
 from __future__ import annotations
 
@@ -24,7 +31,10 @@ from .weights.tensor import WeightTensor
 CORE_OPS = ("embed", "rms_norm", "linear", "rope", "new_cache", "attention", "route", "moe")
 #: optional fused ops: a backend that provides them replaces a whole layer or a whole step
 FUSED_OPS = ("layer", "forward")
-OPS = CORE_OPS + FUSED_OPS
+#: ops of batched steps: attention of several sequences (built from `attention` when not provided) and
+#: an optional whole batched step
+BATCH_OPS = ("attention_batch", "forward_batch")
+OPS = CORE_OPS + FUSED_OPS + BATCH_OPS
 
 
 class Param:
@@ -147,6 +157,11 @@ class Backend:
     def from_numpy(self, x: np.ndarray) -> Any:
         return x
 
+    def concat(self, xs: list) -> Any:
+        """Arrays of this backend joined along the first axis (what a batched step's per-sequence
+        attention outputs need). The default goes through NumPy; backends override it."""
+        return self.from_numpy(np.concatenate([self.to_numpy(x) for x in xs]))
+
     def runs(self, fmt: str) -> bool:
         """Whether weights stored as `fmt` can be loaded on this backend (natively or converted)."""
         return fmt in self.formats or fmt in self.converts
@@ -171,14 +186,19 @@ class OpTable:
     moe: Callable
     layer: Callable | None
     forward: Callable | None
+    attention_batch: Callable
+    forward_batch: Callable | None
     to_numpy: Callable
     from_numpy: Callable
+    concat: Callable
     native: list[str]
     fallbacks: list[str]
 
     def wrapped(self, wrapper: Callable[[str, Callable], Callable]) -> "OpTable":
         """A copy whose every op is `wrapper(name, op)`: tracing and profiling wrap the table."""
         changes = {op: (wrapper(op, getattr(self, op)) if getattr(self, op) is not None else None) for op in OPS}
+        if "attention_batch" not in self.native:   # built from attention: rebuild it from the wrapped one
+            changes["attention_batch"] = wrapper("attention_batch", batched_attention(changes["attention"], self.concat))
         return OpTable(**{**self.__dict__, **changes})
 
 
@@ -222,9 +242,24 @@ def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTa
             table[op] = fallback_op(op, getattr(reference, op), backend)
     for op in FUSED_OPS:
         table[op] = getattr(backend, op) if op in provided else None
-    return OpTable(**table, to_numpy=backend.to_numpy, from_numpy=backend.from_numpy,
+    # attention_batch lives with attention and its cache: the backend's own only beside its attention
+    table["attention_batch"] = backend.attention_batch if "attention_batch" in provided and "attention" in provided \
+        else batched_attention(table["attention"], backend.concat)
+    table["forward_batch"] = backend.forward_batch if "forward_batch" in provided else None
+    return OpTable(**table, to_numpy=backend.to_numpy, from_numpy=backend.from_numpy, concat=backend.concat,
                    native=sorted(provided), fallbacks=[] if backend is reference else
                    [op for op in CORE_OPS if op not in provided and "forward" not in provided])
+
+
+def batched_attention(attention: Callable, concat: Callable) -> Callable:
+    """attention_batch(q, k, v, caches, positions, seg, window) from a one-sequence attention op: each
+    sequence's rows against its own layer cache, outputs joined in row order."""
+    def attention_batch(q, k, v, caches, positions, seg, window):
+        outs = [attention(q[a:b], k[a:b], v[a:b], cache, positions[a:b], window)
+                for cache, a, b in zip(caches, seg[:-1], seg[1:])]
+        return outs[0] if len(outs) == 1 else concat(outs)
+
+    return attention_batch
 
 
 def prepare_params(backend: Backend, params: ModelParams, config: Any) -> ModelParams:

@@ -2,7 +2,12 @@
 
 Reads top to bottom like the forward in SMALLTHINKER.md. Every op is a plain callable of the chosen
 backend (or the NumPy reference fallback); nothing here depends on a backend's array type except
-slicing the last row.
+slicing and picking rows.
+
+`forward_batch` is the same pass over several sequences at once: their tokens packed into one
+[T, H] activation (sequence b owns rows seg[b]..seg[b+1]-1), so every dense op (norms, projections,
+router, head) reads its weights once per step for all of them and the MoE groups all their tokens by
+expert; only attention runs per sequence, against its own cache and positions.
 """
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from .backend import LayerParams, ModelParams, OpTable
 from .config import ModelConfig
 
 
-def decoder_layer(ops: OpTable, cfg: ModelConfig, i: int, p: LayerParams, h, positions, cache):
+def decoder_layer(ops: OpTable, cfg: ModelConfig, i: int, p: LayerParams, h, positions, cache, seg=None):
+    """One layer on h [T, H]. seg: None for one sequence (cache: its layer cache), else the batch's row
+    offsets (cache: one layer cache per sequence)."""
     T = h.shape[0]
     router_in = h                                             # the raw layer input, before any norm
     a = ops.rms_norm(h, p.attn_norm, cfg.rms_norm_eps)
@@ -24,7 +31,10 @@ def decoder_layer(ops: OpTable, cfg: ModelConfig, i: int, p: LayerParams, h, pos
     if cfg.layer_uses_rope(i):                                # NoPE layers skip it for q and k
         q = ops.rope(q, positions, cfg.rope_theta)
         k = ops.rope(k, positions, cfg.rope_theta)
-    attn = ops.attention(q, k, v, cache, positions, cfg.layer_window(i))
+    if seg is None:
+        attn = ops.attention(q, k, v, cache, positions, cfg.layer_window(i))
+    else:
+        attn = ops.attention_batch(q, k, v, cache, positions, seg, cfg.layer_window(i))
     h = h + ops.linear(attn, p.wo)
     m = ops.rms_norm(h, p.ffn_norm, cfg.rms_norm_eps)
     return h + ops.moe(m, p.gate, p.up, p.down, expert_ids, expert_w)
@@ -46,5 +56,25 @@ def forward(ops: OpTable, cfg: ModelConfig, params: ModelParams, ids, positions,
             h = decoder_layer(ops, cfg, i, layer, h, positions, cache.layers[i])
     if last_only:
         h = h[-1:]
+    h = ops.rms_norm(h, params.norm, cfg.rms_norm_eps)
+    return ops.linear(h, params.head)
+
+
+def forward_batch(ops: OpTable, cfg: ModelConfig, params: ModelParams, ids, positions, caches, seg):
+    """Logits of each sequence's last position after one step over several sequences.
+
+    ids, positions: int64 [T] numpy arrays, sequence b's at rows seg[b]..seg[b+1]-1 (seg: int64 [B+1]);
+    caches: B caches, each appended to. Returns backend logits [B, vocab]. A backend with a fused
+    one-sequence `forward` but no `forward_batch` runs it once per sequence.
+    """
+    if ops.forward_batch is not None:
+        return ops.forward_batch(cfg, params, ids, positions, caches, seg)
+    if ops.forward is not None:
+        return ops.concat([ops.forward(cfg, params, ids[a:b], positions[a:b], cache, True)
+                           for cache, a, b in zip(caches, seg[:-1], seg[1:])])
+    h = ops.embed(params.embed, ids)
+    for i, layer in enumerate(params.layers):
+        h = decoder_layer(ops, cfg, i, layer, h, positions, [c.layers[i] for c in caches], seg)
+    h = h[seg[1:] - 1]                                        # each sequence's last row
     h = ops.rms_norm(h, params.norm, cfg.rms_norm_eps)
     return ops.linear(h, params.head)

@@ -99,7 +99,9 @@ class Model:
     def feed_batch(self, sessions: Sequence[Session], ids_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """One step over several sessions: feed each its new ids (ragged: a prefill chunk for one, a single
         token for others), advance its cache and tokens, and return each one's last-position float32
-        logits [V]. Each row equals what `session.feed(ids)` alone would give (see docs/serving.md)."""
+        logits [V]. The dense ops read each weight once for all sessions (graph.forward_batch). Each row
+        equals what `session.feed(ids)` alone gives: bit for bit on the C backend, within float32
+        rounding on the others (docs/serving.md)."""
         if len(sessions) != len(ids_list) or not sessions:
             raise InputError(f"feed_batch: expected as many id lists as sessions (at least one), got "
                              f"{len(ids_list)} for {len(sessions)}")
@@ -109,7 +111,20 @@ class Model:
             if not isinstance(s, Session) or s.model is not self:
                 raise InputError("feed_batch: every session must come from this model's session()")
         checked = [s._check_step(ids) for s, ids in zip(sessions, ids_list)]
-        return [s.feed(ids) for s, ids in zip(sessions, checked)]
+        if getattr(self._forward, "__func__", None) is not Model._forward:
+            # the step is wrapped (a tracing plugin's st_sdk_wrap_step, a test double): its contract is
+            # one sequence per call, so each session steps through it in turn
+            return [s.feed(ids) for s, ids in zip(sessions, checked)]
+        seg = np.zeros(len(sessions) + 1, np.int64)
+        seg[1:] = np.cumsum([len(ids) for ids in checked])
+        positions = np.concatenate([np.arange(len(s.tokens), len(s.tokens) + len(ids), dtype=np.int64)
+                                    for s, ids in zip(sessions, checked)])
+        out = graph.forward_batch(self.ops, self.config, self.params, np.concatenate(checked), positions,
+                                  [s.cache for s in sessions], seg)
+        logits = np.asarray(self.ops.to_numpy(out), np.float32)
+        for s, ids in zip(sessions, checked):
+            s.tokens.extend(int(t) for t in ids)
+        return list(logits)
 
     def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 logits [T, vocab] for a fresh sequence."""
