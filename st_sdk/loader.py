@@ -91,11 +91,15 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 prefetch: bool = True, **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
 
-    max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
-    into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
-    memory plan provides for (default min(max_position_embeddings, 4096)); prefetch=False stops
+    context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
+    st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
+    the file and are read on demand into an LRU cache sized from the budget (st_sdk.offload), with the
+    KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
     reading experts as soon as the router picks them (to measure what prefetch buys).
     """
+    from .context import resolve_context
+
+    context = resolve_context(config, context, budget=max_memory is not None)
     offload = None
     if max_memory is not None:
         params, *offload = setup_offload(config, params, max_memory, context=context)
@@ -112,6 +116,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
             cache.resize(plan.slots)
         ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
+    model.context = context
     if offload is not None:
         model.offload, model.memory_plan = offload
         selection.offload = tuple(offload)

@@ -20,7 +20,7 @@ class Session:
 
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
-        self.capacity = capacity or model.config.max_position_embeddings
+        self.capacity = min(capacity or model.context, model.context)
         self.cache = model.ops.new_cache(model.config, min(self.capacity, 4096))
         self.tokens: list[int] = []
 
@@ -64,6 +64,7 @@ class Model:
         self.chunk_size = chunk_size
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
+        self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
         self._engine = None
         self._engine_lock = threading.Lock()
 
@@ -88,9 +89,10 @@ class Model:
         if bad.any():
             j = int(np.argmax(bad))
             raise InputError(f"{name}[{j}] = {int(arr[j])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if start + arr.size > self.config.max_position_embeddings:
-            raise InputError(f"{name}: {start + arr.size} tokens exceed the context length "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if start + arr.size > self.context:
+            raise InputError(f"{name}: {start + arr.size} tokens exceed the model's context of {self.context} "
+                             f"tokens (load(..., context=N) sets it, up to max_position_embeddings="
+                             f"{self.config.max_position_embeddings})")
         return arr.astype(np.int64)
 
     def session(self, capacity: int | None = None) -> Session:
@@ -130,6 +132,30 @@ class Model:
         """float32 logits [T, vocab] for a fresh sequence."""
         ids = self.check_ids(ids)
         return self.session(capacity=len(ids)).feed(ids, all_logits=True)
+
+    # ---- text <-> ids ----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of `text` with the model's tokenizer. Special tokens written in the text
+        ("<|im_end|>") become their ids; add_special=True also adds what the tokenizer adds around a
+        sequence (nothing for SmallThinker's Qwen2 tokenizer)."""
+        from .generation.options import need_tokenizer
+
+        if not isinstance(text, str):
+            raise InputError(f"text: expected a str, got {type(text).__name__}")
+        return list(need_tokenizer(self, "tokenize").encode(text, add_special_tokens=bool(add_special)))
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """The text of token ids (special tokens written out unless skip_special); invalid UTF-8 (a
+        character cut between ids) becomes U+FFFD."""
+        from .generation.options import need_tokenizer
+
+        tok = need_tokenizer(self, "detokenize")
+        if isinstance(ids, (int, np.integer)) or not isinstance(ids, (list, tuple, np.ndarray)):
+            raise InputError(f"ids: expected a list of token ids, got {type(ids).__name__}")
+        if len(ids) == 0:
+            return ""
+        arr = self.check_ids(ids, name="ids")
+        return tok.decode(arr.tolist(), skip_special_tokens=bool(skip_special))
 
     # ---- generation (text in, text out) ------------------------------------------------------
     @property

@@ -167,6 +167,8 @@ def test_completions_plain_streamed_lists_and_echo(client, model):
 @pytest.mark.parametrize("body, param", [
     ({"messages": MESSAGES, "temperature": 5}, "temperature"),
     ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ({"messages": MESSAGES, "max_tokens": 10**6}, "max_tokens"),                 # past the context
+    ({"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format"),
     ({"messages": []}, "messages"),
     ({"messages": MESSAGES, "logit_bias": {"99999999": 1}}, "logit_bias"),
     ({"messages": MESSAGES, "stop": 3}, "stop"),
@@ -227,7 +229,7 @@ def test_a_full_queue_answers_503_with_retry_after(model, server):
 
 def test_a_client_that_goes_away_cancels_its_request(client, model):
     before = model.engine.stats.finished["cancelled"]
-    stream = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5000, stream=True, **GREEDY)
+    stream = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=1500, stream=True, **GREEDY)
     n = 0
     for _ in stream:
         n += 1
@@ -276,3 +278,17 @@ def test_metrics_count_requests_tokens_and_batches(server, client):
     assert values["st_sdk_requests_total"] >= 1 and values["st_sdk_generation_tokens_total"] >= 2
     assert values["st_sdk_steps_total"] >= 1 and "st_sdk_queue_depth" in values and "st_sdk_batch_size" in values
     assert values['st_sdk_http_requests_total{route="/v1/completions",code="200"}'] >= 1
+
+
+def test_response_format_json_schema_constrains_the_answer(client):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=200, temperature=1.0, seed=2,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "answer", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    r = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=3, presence_penalty=0.5,
+                                       frequency_penalty=0.5, **GREEDY)
+    assert r.usage.completion_tokens == 3

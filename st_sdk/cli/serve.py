@@ -51,16 +51,20 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and (v < 0 or (v == 0 and name != "max_queue")):
             raise InputError(f"--{name.replace('_', '-')}: must be positive, got {v}")
     backend = args.backend.split(",") if "," in args.backend else args.backend
-    extra = {}
-    if args.max_memory:   # plan the budget's KV cache for every parallel sequence
-        from st_sdk.weights import open_model
+    from st_sdk.context import resolve_context
+    from st_sdk.weights import open_model
 
-        ctx = min(args.context or DEFAULT_CONTEXT, open_model(args.model).config.max_position_embeddings)
-        extra = {"max_memory": args.max_memory, "context": ctx * args.parallel}
-    model = st_sdk.load(args.model, backend=backend, n_threads=args.threads, **extra)
-    context = min(args.context or DEFAULT_CONTEXT, model.config.max_position_embeddings)
-    model.engine.configure(max_batch=args.parallel, max_queue=args.max_queue, max_context=context,
-                           max_kv_bytes=args.parallel * model.config.kv_cache_bytes(context))
+    cfg = open_model(args.model).config   # to size the context before loading
+    context = resolve_context(cfg, min(args.context or DEFAULT_CONTEXT, cfg.max_position_embeddings))
+    # under a budget the memory plan holds the KV caches of every parallel sequence
+    planned = min(context * args.parallel, cfg.max_position_embeddings) if args.max_memory else context
+    extra = {"max_memory": args.max_memory} if args.max_memory else {}
+    model = st_sdk.load(args.model, backend=backend, n_threads=args.threads, context=planned, **extra)
+    model.context = context                 # tokens per sequence, prompt included
+    kv = args.parallel * cfg.kv_cache_bytes(context)
+    if model.memory_plan is not None:
+        kv = min(kv, model.memory_plan.kv_bytes)
+    model.engine.configure(max_batch=args.parallel, max_queue=args.max_queue, max_kv_bytes=kv)
     print(f"st-sdk serve: {model.path} on {model.backend.name}, {args.parallel} parallel sequences of up to "
           f"{context} tokens, http://{args.host}:{args.port}/v1", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

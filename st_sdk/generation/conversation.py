@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import InputError
 from .loop import capacity, start
-from .options import Options, encode_prompt, need_tokenizer
+from .options import Options, context_of, encode_prompt, need_tokenizer
 from .result import GenerationResult
 
 
@@ -61,7 +61,7 @@ class Conversation:
         s = self.session
         if s is not None and len(s.tokens) < len(ids) and ids[:len(s.tokens)] == s.tokens:
             return s
-        self.session = self.model.session(capacity=self.model.config.max_position_embeddings)
+        self.session = self.model.session(capacity=context_of(self.model))
         return self.session
 
     def send(self, text: str, *, stream: bool = False, **kw):

@@ -8,7 +8,7 @@ same places (multiples of `chunk` from what its session lacks), whatever else ru
 step equal to the per-sequence step row by row, a request's tokens do not depend on its neighbours.
 
 Bounds: at most `max_batch` requests run at once and their KV caches (reserved for prompt plus
-max_new_tokens, or `max_context`) stay within `max_kv_bytes`; the rest wait in FIFO order, at most
+max_new_tokens, or the model's whole context) stay within `max_kv_bytes`; the rest wait in FIFO order, at most
 `max_queue` of them (beyond that `submit` raises BusyError). The thread starts on the first request
 and ends after `idle_s` without work, so an unused model holds no thread.
 """
@@ -20,6 +20,7 @@ import threading
 import time
 
 from ..errors import BusyError, InputError
+from .options import context_of
 from .request import Request
 
 log = logging.getLogger("st_sdk")
@@ -43,13 +44,12 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int | None = None, max_kv_bytes: int | None = None,
-                 chunk: int | None = None, max_context: int | None = None, idle_s: float = 0.5):
+                 chunk: int | None = None, idle_s: float = 0.5):
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_kv_bytes = max_kv_bytes
         self.chunk = chunk or model.chunk_size
-        self.max_context = max_context
         self.idle_s = idle_s
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -59,9 +59,9 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     def configure(self, **settings) -> "Engine":
-        """Change bounds (max_batch, max_queue, max_kv_bytes, chunk, max_context, idle_s); checked."""
+        """Change bounds (max_batch, max_queue, max_kv_bytes, chunk, idle_s); checked."""
         for name, value in settings.items():
-            if name not in ("max_batch", "max_queue", "max_kv_bytes", "chunk", "max_context", "idle_s"):
+            if name not in ("max_batch", "max_queue", "max_kv_bytes", "chunk", "idle_s"):
                 raise InputError(f"engine setting {name!r}: unknown")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or value < (0 if name in ("max_queue", "idle_s") else 1)):
@@ -83,18 +83,13 @@ class Engine:
         return len(self._running)
 
     def kv_reservation(self, req: Request) -> int:
-        cfg, opts = self.model.config, req.opts
-        limit = min(cfg.max_position_embeddings, self.max_context or cfg.max_position_embeddings)
-        tokens = limit if opts.max_new_tokens is None else min(limit, len(req.prompt_ids) + opts.max_new_tokens)
-        req.limit = limit
-        return cfg.kv_cache_bytes(tokens)
+        """The KV cache a request may grow to: prompt plus max_new_tokens, else the model's context."""
+        ctx, n = context_of(self.model), req.opts.max_new_tokens
+        return self.model.config.kv_cache_bytes(ctx if n is None else min(ctx, len(req.prompt_ids) + n))
 
     def submit(self, req: Request) -> Request:
         """Queue a request; the engine thread runs it. BusyError when the queue is full, InputError when
-        it can never fit (its prompt exceeds max_context or its KV cache max_kv_bytes)."""
-        if self.max_context is not None and len(req.prompt_ids) >= self.max_context:
-            raise InputError(f"prompt: {len(req.prompt_ids)} tokens leave no room to generate within the "
-                             f"server's context of {self.max_context} tokens per sequence")
+        it can never fit (its KV cache exceeds max_kv_bytes)."""
         req.kv_bytes = self.kv_reservation(req)
         if self.max_kv_bytes is not None and req.kv_bytes > self.max_kv_bytes:
             raise InputError(f"max_new_tokens: this request needs {req.kv_bytes} bytes of KV cache, more than "

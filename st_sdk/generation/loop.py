@@ -13,8 +13,9 @@ from typing import AsyncIterator
 import numpy as np
 
 from ..errors import InputError
-from .options import Options, encode_prompt
+from .options import Options, context_of, encode_prompt
 from .request import Request
+from .sampler import Sampler
 from .stream import GenerationStream
 
 
@@ -25,13 +26,20 @@ def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on
     return _wait(model, req, stream, on_done)
 
 
-def submit(model, session, prompt_ids: list[int], opts: Options, events=None,
-           logit_bias: dict[int, float] | None = None) -> Request:
+def submit(model, session, prompt_ids: list[int], opts: Options, events=None) -> Request:
     """Queue a generation on the model's engine; `events` (anything with put()) receives its
     ("piece" | "done" | "error", value, tokens generated) events. Raises BusyError when the queue is full."""
     if opts.stop and model.tokenizer is None:
         raise InputError("stop: stop strings need a tokenizer; this model has none")
-    req = Request(model, session, prompt_ids, opts, chunk=model.engine.chunk, events=events, logit_bias=logit_bias)
+    ctx = context_of(model)
+    if opts.max_new_tokens is not None and len(prompt_ids) + opts.max_new_tokens > ctx:
+        raise InputError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens={opts.max_new_tokens} = "
+                         f"{len(prompt_ids) + opts.max_new_tokens} tokens exceed the model's context of {ctx} tokens "
+                         "(lower max_new_tokens, pass max_new_tokens=None to stop when the context is full, or "
+                         "load(..., context=N))")
+    # made now: bad options (a logit_bias id, a grammar that does not compile) fail before any work
+    sampler = Sampler(model, opts, prompt_ids, room=ctx - len(prompt_ids))
+    req = Request(model, session, prompt_ids, sampler, chunk=model.engine.chunk, events=events)
     opts.cancel = req.cancel
     return model.engine.submit(req)
 
@@ -52,7 +60,7 @@ def _wait(model, req: Request, stream: bool, on_done=None):
 
 
 def capacity(model, n_prompt: int, opts: Options) -> int:
-    ctx = model.config.max_position_embeddings
+    ctx = context_of(model)
     return ctx if opts.max_new_tokens is None else min(ctx, n_prompt + opts.max_new_tokens)
 
 

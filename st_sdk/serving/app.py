@@ -139,8 +139,7 @@ def create_app(target, model_name: str | None = None, api_key: str | None = None
                         kw["seed"] = (kw["seed"] + j) % 2**64   # n choices with one seed still differ
                     opts = Options.parse(**kw)
                     session = model.session(capacity=capacity(model, len(ids), opts))
-                    req = submit(model, session, ids, opts, events=_Sink(loop, queue, len(runs)),
-                                 logit_bias=job.logit_bias)
+                    req = submit(model, session, ids, opts, events=_Sink(loop, queue, len(runs)))
                     req.prompt_text = text
                     runs.append(req)
         except BusyError as e:
@@ -148,7 +147,7 @@ def create_app(target, model_name: str | None = None, api_key: str | None = None
             raise P.APIError(503, str(e), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except STError as e:
             _cancel(runs)
-            raise P.APIError(400, str(e), code="invalid_value") from None
+            raise P.sdk_error(e) from None
         metrics.submitted(len(runs))
         return runs
 
@@ -168,7 +167,7 @@ def create_app(target, model_name: str | None = None, api_key: str | None = None
                     raise value
                 left -= kind == "done"
         except STError as e:
-            raise P.APIError(400, str(e), code="invalid_value") from None
+            raise P.sdk_error(e) from None
         except P.APIError:
             raise
         except Exception as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import STError
@@ -50,7 +50,6 @@ class Job:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
-    logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None                 # None: none; else the number of top alternatives
     echo: bool = False
     model: str | None = None
@@ -110,7 +109,7 @@ def parse(body: Any, kind: str, vocab_size: int) -> Job:
     for name in ("presence_penalty", "frequency_penalty"):
         v = _number(body, name, -2, 2)
         if v:
-            raise bad(name, "not supported by this server yet; use repetition_penalty")
+            opts[name] = v
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -126,6 +125,8 @@ def parse(body: Any, kind: str, vocab_size: int) -> Job:
         raise bad("stream_options", f"expected an object, got {so!r}")
     include_usage = bool((so or {}).get("include_usage", False))
     bias = logit_bias(body.get("logit_bias"), vocab_size)
+    if bias:
+        opts["logit_bias"] = bias
     if kind == "chat":
         lp = None
         if _flag(body, "logprobs"):
@@ -140,14 +141,36 @@ def parse(body: Any, kind: str, vocab_size: int) -> Job:
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
             raise bad("response_format", f"expected {{'type': 'text' | 'json_object' | 'json_schema'}}, got {fmt!r}")
-        if fmt["type"] != "text":
-            raise bad("response_format", f"{fmt['type']!r} is not supported by this server yet")
+        if fmt["type"] == "json_object":
+            opts["json_schema"] = {"type": "object"}
+        elif fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise bad("response_format", "json_schema: expected {'name': ..., 'schema': {...}}")
+            opts["json_schema"] = spec.get("schema") or {}
     try:
         Options.parse(**opts)                  # the SDK's own checks (names the field)
     except STError as e:
-        raise APIError(400, str(e), code="invalid_value") from None
-    return Job(kind, prompts, opts, n=n, stream=stream, include_usage=include_usage, logit_bias=bias,
+        raise sdk_error(e) from None
+    return Job(kind, prompts, opts, n=n, stream=stream, include_usage=include_usage,
                logprobs=lp, echo=kind == "completion" and _flag(body, "echo"), model=model)
+
+
+#: the SDK's argument names -> the request fields they come from
+FIELDS = {"max_new_tokens": "max_tokens", "json_schema": "response_format", "prompt": "prompt",
+          "logit_bias": "logit_bias", "stop": "stop", "seed": "seed"}
+
+
+def sdk_error(e: Exception) -> APIError:
+    """An SDK InputError as a 400 naming the request field its message starts with."""
+    msg = str(e)
+    head = msg.split(":")[0].split("[")[0].split(" ")[0]
+    if msg.startswith("prompt of") and "max_new_tokens" in msg:
+        head = "max_new_tokens"
+    param = FIELDS.get(head, head if head.isidentifier() else None)
+    if param and not msg.startswith(param):
+        msg = f"{param}: {msg}"
+    return APIError(400, msg, param=param, code="invalid_value")
 
 
 def messages(value) -> list[dict]:
