@@ -102,7 +102,7 @@ def run_case(backend: Backend, reference: Backend, op: str, case: str, fmt: str 
         return Result(op, case, fmt, dtype, "skip", detail=reason)
     computes_in = effective_dtype(backend, dtype)
     tol = tolerance(fmt if op in WEIGHTED else None, computes_in,
-                    "model" if op in (MODEL_CHECK, "forward") else "op", overrides)
+                    "model" if op in (MODEL_CHECK, "forward", "forward_batch") else "op", overrides)
     try:
         measures = fn(Ctx(backend, reference, fmt if op in WEIGHTED else None, computes_in, seed))
     except Exception as e:
