@@ -191,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--soak", type=int, default=0, help="then this many requests, 16 at a time, RSS tracked")
     p.add_argument("--soak-tokens", type=int, default=16)
+    p.add_argument("--soak-server", default="st-sdk", help="which servers get the soak (comma list)")
     p.add_argument("--json", default=None, help="write every result to this file")
     a = p.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",")]
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
                 r["rss_mib"] = server.rss() / 2**20
                 records.append(r)
                 print(fmt_row(r) + f"  rss {r['rss_mib']:.0f} MiB", flush=True)
-            if a.soak:
+            if a.soak and kind in a.soak_server.split(","):
                 warm = run_level(server, 16, 64, a.soak_tokens)
                 rss_warm = server.rss()
                 r = run_level(server, 16, a.soak, a.soak_tokens)
