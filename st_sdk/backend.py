@@ -10,12 +10,31 @@ hd head dim, E experts, F expert width, k active experts. Activations are the ba
 Weights arrive as `Param`: `param.raw` is the stored `WeightTensor` (any format), `param.value` is
 what this backend's `prepare` made of it, once, at load.
 
+The op set (contract; the NumPy reference in backends/numpy/ops.py is the exact semantics):
+    context(config, positions) -> ctx   what every layer of one step shares (`StepContext`)
+    embed(table, ids) -> [T, H]         ids: int64 NumPy [T]
+    rms_norm(x, weight, eps) -> like x
+    linear(x, weight) -> [T, N]         weight [N, K], any stored format
+    qkv(x, wq, wk, wv) -> q [T, nH*hd], k, v [T, nKV*hd]   (default: three `linear`s)
+    rope(q, k, ctx) -> (q, k)           q [T, nH, hd], k [T, nKV, hd] rotated to ctx's positions
+    new_cache(config, capacity) -> cache with `.layers`, one per layer
+    attention(q, k, v, layer_cache, ctx, window) -> (out [T, nH*hd], layer_cache)
+                                        appends k, v to the layer's cache and returns it (a backend
+                                        whose arrays are immutable returns the updated one)
+    route(x, router, k, softmax) -> (weights [T, k], ids [T, k])
+    moe(x, gate, up, down, ids, weights) -> [T, H]
+and the optional fused ops `layer(config, i, layer_params, h, ctx, layer_cache) -> (h, layer_cache)`
+and `forward(config, params, ids, positions, cache, last_only) -> logits`.
+
 Batched steps (several sequences in one step, docs/serving.md): the graph packs B sequences' tokens
 into one [T, H] activation, T = seg[-1], where sequence b owns rows seg[b]..seg[b+1]-1 (seg: int64
 [B+1], seg[0] = 0, each segment non-empty) and has its own KV cache. Every op but attention is
-row-wise, so it runs once on all T rows; `attention_batch` runs attention per sequence. A backend
-that does not provide `attention_batch` gets one built from its `attention` and `concat`; one that
-provides `forward_batch` runs the whole batched step itself.
+row-wise, so it runs once on all T rows, under one step context of all T positions;
+    attention_batch(q, k, v, layer_caches, ctxs, seg, window) -> (out [T, nH*hd], layer_caches)
+runs attention per sequence (ctxs: each sequence's own step context). A backend that does not provide
+it gets one built from its `attention` and `concat`; the optional fused
+    forward_batch(config, params, ids, positions, caches, seg) -> logits [B, vocab]
+runs the whole batched step (each sequence's last row).
 """
 from __future__ import annotations
 
@@ -27,14 +46,37 @@ import numpy as np
 from .errors import BackendError
 from .weights.tensor import WeightTensor
 
-#: ops every graph step uses, in forward order
+#: ops every graph step uses, in forward order; one a backend lacks runs on the NumPy reference
 CORE_OPS = ("embed", "rms_norm", "linear", "rope", "new_cache", "attention", "route", "moe")
+#: ops with a default made of the backend's own (never a fallback): the step context and q/k/v
+STEP_OPS = ("context", "qkv")
 #: optional fused ops: a backend that provides them replaces a whole layer or a whole step
 FUSED_OPS = ("layer", "forward")
 #: ops of batched steps: attention of several sequences (built from `attention` when not provided) and
 #: an optional whole batched step
 BATCH_OPS = ("attention_batch", "forward_batch")
-OPS = CORE_OPS + FUSED_OPS + BATCH_OPS
+OPS = CORE_OPS + STEP_OPS + FUSED_OPS + BATCH_OPS
+
+
+class StepContext:
+    """What every layer of one step shares (contract): made once per step by the `context` op and
+    entered for the step (`with ops.context(config, positions) as ctx:`).
+
+    `positions` are the step's absolute positions (int64 NumPy [T], host memory) and `theta` RoPE's
+    base. A backend subclasses it to carry more (its positions on the device, RoPE tables, a padding
+    mask) and to set up and tear down a step in `__enter__`/`__exit__`."""
+
+    __slots__ = ("positions", "theta")
+
+    def __init__(self, positions, theta: float):
+        self.positions = positions
+        self.theta = theta
+
+    def __enter__(self) -> "StepContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class Param:
@@ -151,6 +193,10 @@ class Backend:
     def prepare_model(self, params: ModelParams, config: Any) -> None:
         """Called once after every param is prepared: build fused/whole-model state in params.extra."""
 
+    def context(self, config: Any, positions) -> StepContext:
+        """The step context of `positions` (default: the positions on the host and RoPE's base)."""
+        return StepContext(np.asarray(positions, dtype=np.int64), float(config.rope_theta))
+
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
 
@@ -179,25 +225,28 @@ class OpTable:
     embed: Callable
     rms_norm: Callable
     linear: Callable
+    qkv: Callable
     rope: Callable
+    context: Callable
     new_cache: Callable
     attention: Callable
     route: Callable
     moe: Callable
     layer: Callable | None
     forward: Callable | None
-    attention_batch: Callable
-    forward_batch: Callable | None
     to_numpy: Callable
     from_numpy: Callable
-    concat: Callable
     native: list[str]
     fallbacks: list[str]
+    # batched steps (bind_ops fills them; a table built by hand for one-sequence steps may leave them)
+    attention_batch: Callable | None = None
+    forward_batch: Callable | None = None
+    concat: Callable | None = None
 
     def wrapped(self, wrapper: Callable[[str, Callable], Callable]) -> "OpTable":
         """A copy whose every op is `wrapper(name, op)`: tracing and profiling wrap the table."""
         changes = {op: (wrapper(op, getattr(self, op)) if getattr(self, op) is not None else None) for op in OPS}
-        if "attention_batch" not in self.native:   # built from attention: rebuild it from the wrapped one
+        if "attention_batch" not in self.native and self.concat is not None:   # built from attention: rebuild it
             changes["attention_batch"] = wrapper("attention_batch", batched_attention(changes["attention"], self.concat))
         return OpTable(**{**self.__dict__, **changes})
 
@@ -223,6 +272,13 @@ def fallback_op(op: str, ref: Callable, backend: Backend) -> Callable:
     return call
 
 
+def _qkv_of(linear: Callable) -> Callable:
+    """The `qkv` op of a backend that does not fuse it: three products."""
+    def qkv(x, wq, wk, wv):
+        return linear(x, wq), linear(x, wk), linear(x, wv)
+    return qkv
+
+
 def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTable:
     provided = set(backend.provides())
     missing = [op for op in CORE_OPS if op not in provided]
@@ -240,6 +296,8 @@ def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTa
             table[op] = getattr(backend, op)
         else:
             table[op] = fallback_op(op, getattr(reference, op), backend)
+    table["context"] = backend.context
+    table["qkv"] = backend.qkv if "qkv" in provided else _qkv_of(table["linear"])
     for op in FUSED_OPS:
         table[op] = getattr(backend, op) if op in provided else None
     # attention_batch lives with attention and its cache: the backend's own only beside its attention
@@ -252,12 +310,15 @@ def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTa
 
 
 def batched_attention(attention: Callable, concat: Callable) -> Callable:
-    """attention_batch(q, k, v, caches, positions, seg, window) from a one-sequence attention op: each
-    sequence's rows against its own layer cache, outputs joined in row order."""
-    def attention_batch(q, k, v, caches, positions, seg, window):
-        outs = [attention(q[a:b], k[a:b], v[a:b], cache, positions[a:b], window)
-                for cache, a, b in zip(caches, seg[:-1], seg[1:])]
-        return outs[0] if len(outs) == 1 else concat(outs)
+    """attention_batch(q, k, v, layer_caches, ctxs, seg, window) from a one-sequence attention op: each
+    sequence's rows against its own layer cache and step context, outputs joined in row order."""
+    def attention_batch(q, k, v, caches, ctxs, seg, window):
+        outs, kept = [], []
+        for cache, ctx, a, b in zip(caches, ctxs, seg[:-1], seg[1:]):
+            out, cache = attention(q[a:b], k[a:b], v[a:b], cache, ctx, window)
+            outs.append(out)
+            kept.append(cache)
+        return (outs[0] if len(outs) == 1 else concat(outs)), kept
 
     return attention_batch
 

@@ -230,11 +230,11 @@ def test_bad_cache_and_positions():
     q = np.zeros((2, cfg.num_attention_heads, cfg.head_dim), np.float32)
     kv = np.zeros((2, cfg.num_key_value_heads, cfg.head_dim), np.float32)
     with pytest.raises(InputError, match="window"):
-        b.attention(q, kv, kv, cache.layers[0], np.arange(2), 5)
+        b.attention(q, kv, kv, cache.layers[0], b.context(cfg, np.arange(2)), 5)
     with pytest.raises(InputError, match="positions"):
-        b.attention(q, kv, kv, cache.layers[0], np.array([0, -1]), None)
+        b.attention(q, kv, kv, cache.layers[0], b.context(cfg, np.array([0, -1])), None)
     with pytest.raises(InputError, match="own new_cache"):
-        b.attention(q, kv, kv, object(), np.arange(2), None)
+        b.attention(q, kv, kv, object(), b.context(cfg, np.arange(2)), None)
     with pytest.raises(InputError):
         b.forward(cfg, m.params, np.array([0, cfg.vocab_size]), np.arange(2), cache)
     other = cfg.replace(num_key_value_heads=1, num_attention_heads=2)

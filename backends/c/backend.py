@@ -277,7 +277,7 @@ class CBackend(Backend):
         return (ffi.new("st_model *", fields), keep, cfg)
 
     # ---- fused ops -----------------------------------------------------------------------------
-    def layer(self, cfg, i, layer_params, h, positions, layer_cache):
+    def layer(self, cfg, i, layer_params, h, ctx, layer_cache):
         """One whole decoder layer in one C call (h [T, H] in, h [T, H] out)."""
         ffi, lib, pool = self._lib()
         if not isinstance(layer_cache, CLayerKV):
@@ -294,11 +294,11 @@ class CBackend(Backend):
                              f"{cfg.layer_window(i)}")
         out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
         T = out.shape[0]
-        pos = int64_vector(positions, T, "positions", 0)
+        pos = int64_vector(ctx.positions, T, "positions", 0)
         layer_cache.reserve(T)
         check(lib.st_layer_forward(pool, hit[1][0], 0, layer_cache.kv, ptr(ffi, "float *", out),
                                    ptr(ffi, "int64_t *", pos), T), f"layer {i}")
-        return out
+        return out, layer_cache
 
     # ---- the fused step --------------------------------------------------------------------------
     def forward(self, cfg, params, ids, positions, cache, last_only=False):
@@ -377,7 +377,10 @@ class CBackend(Backend):
               f"linear '{m.name}'")
         return y.reshape(*np.shape(x)[:-1], m.rows)
 
-    def rope(self, x, positions, theta: float):
+    def rope(self, q, k, ctx):
+        return self._rope(q, ctx.positions, ctx.theta), self._rope(k, ctx.positions, ctx.theta)
+
+    def _rope(self, x, positions, theta: float):
         ffi, lib, _ = self._lib()
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[-1] % 2:
@@ -392,7 +395,7 @@ class CBackend(Backend):
         ffi_lib()
         return CKVCache(config, capacity)
 
-    def attention(self, q, k, v, cache, positions, window):
+    def attention(self, q, k, v, cache, ctx, window):
         ffi, lib, pool = self._lib()
         if not isinstance(cache, CLayerKV):
             raise InputError("C backend attention needs a layer of a cache made by its own new_cache()")
@@ -408,14 +411,14 @@ class CBackend(Backend):
                              f"k has [{nKV}, {hd}]")
         if (window or None) != cache.window:
             raise InputError(f"attention: window {window} does not match the cache's {cache.window}")
-        pos = int64_vector(positions, T, "positions", 0)
+        pos = int64_vector(ctx.positions, T, "positions", 0)
         q, k, v = (np.ascontiguousarray(a, np.float32) for a in (q, k, v))
         cache.reserve(T)
         out = np.empty((T, nH * hd), np.float32)
         check(lib.st_attention(pool, ptr(ffi, "float *", q), ptr(ffi, "float *", k), ptr(ffi, "float *", v), T, nH,
                                nKV, hd, cache.kv, ptr(ffi, "int64_t *", pos), int(window or 0),
                                ptr(ffi, "float *", out)), "attention")
-        return out
+        return out, cache
 
     def route(self, x, router: Param, k: int, softmax: bool):
         ffi, lib, pool = self._lib()

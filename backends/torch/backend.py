@@ -1,4 +1,4 @@
-"""The PyTorch backend: every op plus a fused whole-step `forward`, on the best device torch sees.
+"""The PyTorch backend: every op of the graph (st_sdk/graph.py), on the best device torch sees.
 
 Device: CUDA when torch sees one, else CPU. Compute dtype: bfloat16 where the hardware runs it well
 (CUDA with bf16 support, or a CPU with AVX-512 BF16 / AMX, where oneDNN has bf16 GEMM kernels and the
@@ -59,7 +59,8 @@ class TorchBackend(Backend):
         self._moe_decode = moe_decode   # "gather" | "loop" | None (gather on accelerators, loop on CPU)
         self._error: str | None = None
         self._ready = False
-        self._stacked: dict[int, tuple] = {}   # id(gate view) -> (the view, its [E, 2F, H] gate+up tensor)
+        self._qkv: dict[int, tuple] = {}       # id(wq view) -> (the view, its [nq + 2 nkv, H] q/k/v matrix)
+        self._stacked: dict[int, tuple] = {}   # id(gate view) -> (the view, gate+up, per-expert views)
         self._mapped: set[int] = set()         # ids of tensors that alias the weight file (not copies)
         self._keep: list = []
 
@@ -209,7 +210,11 @@ class TorchBackend(Backend):
         self._setup()
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
-    # ---- the op set ----------------------------------------------------------------------
+    # ---- the op set: the graph (st_sdk/graph.py) runs these -------------------------------
+    def context(self, config, positions):
+        self._setup()
+        return self.ops.TorchContext(positions, config.rope_theta, self.device, self._onednn)
+
     def embed(self, table: Param, ids):
         return self.ops.embed(table.value, ids)
 
@@ -219,37 +224,40 @@ class TorchBackend(Backend):
     def linear(self, x, weight: Param):
         return self.ops.linear(x, weight.value)
 
-    def rope(self, x, positions, theta: float):
-        return self.ops.rope(x, positions, theta)
+    def qkv(self, x, wq: Param, wk: Param, wv: Param):
+        view, stacked = self._qkv.get(id(wq.value), (None, None))
+        return self.ops.qkv(x, wq.value, wk.value, wv.value, stacked if view is wq.value else None)
+
+    def rope(self, q, k, ctx):
+        return self.ops.rope(q, k, ctx)
 
     def new_cache(self, config, capacity: int):
         self._setup()
         return self.ops.new_cache(config, capacity, self.torch_dtype, self.device)
 
-    def attention(self, q, k, v, layer_cache, positions, window):
-        return self.ops.attention(q, k, v, layer_cache, positions, window)
+    def attention(self, q, k, v, layer_cache, ctx, window):
+        return self.ops.attention(q, k, v, layer_cache, ctx, window)
 
     def route(self, x, router: Param, k: int, softmax: bool):
         return self.ops.route(x, router.value, k, softmax)
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights):
-        view, gu = self._stacked.get(id(gate.value), (None, None))
+        view, gu, experts = self._stacked.get(id(gate.value), (None, None, None))
         if view is not gate.value:   # not stacked by prepare_model: use the two tensors as they are
-            gu = (gate.value, up.value)
-        return self.ops.moe(x, gu, down.value, ids, weights, self.gather)
+            gu, experts = (gate.value, up.value), None
+        return self.ops.moe(x, gu, down.value, ids, weights, self.gather, experts)
 
     def prepare_model(self, params: ModelParams, config) -> None:
         """Stack each layer's q/k/v rows into one matrix and gate/up into one [E, 2F, H] tensor, so a
         step runs one GEMM where it would run three (or two); the per-role params become views of
-        them, so nothing is held twice."""
+        them, so nothing is held twice. `qkv` and `moe` find the stacked tensors by their views."""
         torch = self.torch
-        fused = []
         for lp in params.layers:
             qkv = torch.cat([lp.wq.value, lp.wk.value, lp.wv.value])
             nq, nk = lp.wq.value.shape[0], lp.wk.value.shape[0]
             lp.wq.value, lp.wk.value, lp.wv.value = qkv[:nq], qkv[nq:nq + nk], qkv[nq + nk:]
+            self._qkv[id(lp.wq.value)] = (lp.wq.value, qkv)
             if not isinstance(lp.gate.value, torch.Tensor):   # read on demand under a memory budget
-                fused.append((qkv, None, None))
                 continue
             if id(lp.gate.value) in self._mapped or id(lp.up.value) in self._mapped:
                 gu = (lp.gate.value, lp.up.value)   # used in place from the file: stacking would copy them
@@ -257,84 +265,8 @@ class TorchBackend(Backend):
                 F_ = lp.gate.value.shape[1]
                 gu = torch.cat([lp.gate.value, lp.up.value], dim=1)
                 lp.gate.value, lp.up.value = gu[:, :F_], gu[:, F_:]
-                self._stacked[id(lp.gate.value)] = (lp.gate.value, gu)
             # per-expert views for the CPU's one-token step: a list index, not a tensor op, per expert
-            views = None if self.gather else (
+            experts = None if self.gather else (
                 tuple(list(t.unbind(0)) for t in gu) if isinstance(gu, tuple) else list(gu.unbind(0)),
                 list(lp.down.value.unbind(0)))
-            fused.append((qkv, gu, views))
-        params.extra["torch"] = fused
-
-    # ---- fused ---------------------------------------------------------------------------
-    def forward(self, cfg, params: ModelParams, ids, positions, cache, last_only: bool = False):
-        """The whole step in torch: one host->device copy of ids/positions in, logits out on the device."""
-        import torch
-
-        host, pt = self.ops.device_positions(positions, self.device)
-        T = len(host)
-        # oneDNN wins for prefill GEMMs but its bf16 matrix-vector path reads weights at about half
-        # the speed of ATen's own gemv kernel (measured: docs/torch_backend.md); decode skips it
-        if self.device.type != "cpu" or T > 1:
-            return self._forward(cfg, params, ids, pt, host, T, cache, last_only)
-        torch.backends.mkldnn.enabled = False
-        try:
-            if "torch" in params.extra and not self.gather:
-                return self._decode_one(cfg, params, int(ids[0]), pt, host, cache)
-            return self._forward(cfg, params, ids, pt, host, T, cache, last_only)
-        finally:   # the value seen at setup, not at entry: concurrent sessions cannot leave it off
-            torch.backends.mkldnn.enabled = self._onednn
-
-    def _forward(self, cfg, params, ids, pt, host, T, cache, last_only):
-        import torch
-
-        o = self.ops
-        dt = self.torch_dtype
-        with torch.no_grad():   # not inference_mode: a cache grown here must stay writable outside it
-            h = o.embed(params.embed.value, ids)                       # float32 residual stream
-            cos, sin = o.rope_tables(pt, cfg.rope_theta, cfg.head_dim, dt)
-            eps, k_act, softmax = cfg.rms_norm_eps, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
-            nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-            fused = params.extra.get("torch") or [(None, None, None)] * len(params.layers)
-            for i, (p, (wqkv, gu, _)) in enumerate(zip(params.layers, fused)):
-                w, e = o.route(h, p.router.value, k_act, softmax)     # router reads the raw layer input
-                a = o.rms_norm(h, p.attn_norm.value, eps, dt)
-                if wqkv is None:   # params prepared without prepare_model
-                    wqkv = torch.cat([p.wq.value, p.wk.value, p.wv.value])
-                    gu = (p.gate.value, p.up.value)
-                qkv = o.linear(a, wqkv).view(T, nH + 2 * nKV, hd)
-                if cfg.layer_uses_rope(i):                           # q and k heads rotated together
-                    qk = o.apply_rope(qkv[:, :nH + nKV], cos, sin)
-                    q, k = qk[:, :nH], qk[:, nH:]
-                else:
-                    q, k = qkv[:, :nH], qkv[:, nH:nH + nKV]
-                v = qkv[:, nH + nKV:]
-                attn = o.attention(q, k, v, cache.layers[i], host, cfg.layer_window(i), positions_t=pt)
-                h = h + o.linear(attn, p.wo.value)
-                m = o.rms_norm(h, p.ffn_norm.value, eps, dt)
-                h = h + o.moe(m, gu, p.down.value, e, w, self.gather)
-            if last_only:
-                h = h[-1:]
-            return o.linear(o.rms_norm(h, params.norm.value, eps, dt), params.head.value)
-
-    def _decode_one(self, cfg, params, token: int, pt, host, cache):
-        """One token on the CPU, the same layer as `_forward` on 1-D vectors with matrix-vector
-        products. Each op costs microseconds of dispatch that the weights streaming through the
-        caches make several times longer, so this step runs as few as it can (about 60 per layer)."""
-        import torch
-
-        o = self.ops
-        dt = self.torch_dtype
-        eps, k_act, softmax = cfg.rms_norm_eps, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
-        nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        with torch.no_grad():
-            h = params.embed.value[token].float()                       # float32 residual stream [H]
-            cos, sin = o.rope_tables(pt, cfg.rope_theta, hd, dt)
-            for i, (p, (wqkv, _, experts)) in enumerate(zip(params.layers, params.extra["torch"])):
-                ids, w = o.route_one(h, p.router.value, k_act, softmax)  # router reads the raw layer input
-                qkv = torch.mv(wqkv, o.rms_norm(h, p.attn_norm.value, eps, dt)).view(1, nH + 2 * nKV, hd)
-                qk = o.apply_rope(qkv[:, :nH + nKV], cos, sin) if cfg.layer_uses_rope(i) else qkv[:, :nH + nKV]
-                attn = o.attention(qk[:, :nH], qk[:, nH:], qkv[:, nH + nKV:], cache.layers[i], host,
-                                   cfg.layer_window(i), positions_t=pt)
-                h = h + torch.mv(p.wo.value, attn[0])
-                o.moe_one(o.rms_norm(h, p.ffn_norm.value, eps, dt), *experts, ids, w, h)
-            return torch.mv(params.head.value, o.rms_norm(h, params.norm.value, eps, dt))[None]
+            self._stacked[id(lp.gate.value)] = (lp.gate.value, gu, experts)

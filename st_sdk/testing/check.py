@@ -87,7 +87,10 @@ def op_formats(op: str, formats: Iterable[str]) -> list[str | None]:
 def skip_reason(backend: Backend, op: str, fmt: str | None) -> str | None:
     """Why this op/format pair is not checked on this backend, or None."""
     if op != MODEL_CHECK and op not in backend.provides():
-        return f"backend '{backend.name}' does not provide '{op}' (it runs on the NumPy reference)"
+        instead = {"qkv": "its own `linear`, three times", "layer": "the graph's parts", "forward": "the graph's parts",
+                   "forward_batch": "the graph's parts", "attention_batch": "its `attention`, once per sequence"
+                   }.get(op, "the NumPy reference")
+        return f"backend '{backend.name}' does not provide '{op}' (it runs on {instead})"
     if fmt in NOT_STORED.get(op, ()):
         return f"'{op}' weights are never stored as {fmt} (they stay full precision)"
     return None
