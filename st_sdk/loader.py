@@ -17,8 +17,10 @@ from .selection import select_backend
 
 def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: str | None = None,
          n_threads: int | None = None, strict: bool = False, tune: bool = False,
-         quantize: str | None = None, **kw):
-    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract).
+         quantize: str | None = None, file: str | None = None, **kw):
+    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract), or a Hugging Face
+    Hub repository name ("owner/repo", with file="...gguf" for one file of a GGUF repository; see
+    st_sdk.hub: the local cache first, then a download when a network is there).
 
     quantize: convert the matrices in memory at load: a type ('q8_0', 'q4_0', 'q4_k', 'q6_k', 'f16',
     ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
@@ -30,7 +32,9 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
 
     if quantize is not None and quantize not in GGUF_FORMATS:
         raise InputError(f"quantize={quantize!r}: choose one of {', '.join(GGUF_FORMATS)}")
-    mf = open_model(path)
+    from .hub import resolve
+
+    mf = open_model(resolve(path, file))
     params = mf.params()
     if quantize is not None:
         params = convert_params(params, quantize, mf.config)

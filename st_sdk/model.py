@@ -49,6 +49,18 @@ class Session:
                              f"{self.model.chunk_size}; feed longer prompts in chunks")
         return ids
 
+    def rewind(self, n: int) -> bool:
+        """Keep only the first n tokens (and their KV). False, with nothing changed, when the cache
+        cannot (a sliding-window ring that already dropped some of them, or a backend cache without
+        `truncate`)."""
+        if n >= len(self.tokens):
+            return n == len(self.tokens)
+        truncate = getattr(self.cache, "truncate", None)
+        if n < 0 or truncate is None or not truncate(n):
+            return False
+        del self.tokens[n:]
+        return True
+
 
 class Model:
     def __init__(self, config: ModelConfig, params: ModelParams, backend: Backend, ops: OpTable,
@@ -67,6 +79,9 @@ class Model:
         self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
         self._engine = None
         self._engine_lock = threading.Lock()
+        from .generation.prompt_cache import PromptCache
+
+        self.prompt_cache = PromptCache(self)   # the KV of the last request, for the next one's shared prefix
 
     def __repr__(self) -> str:
         c = self.config

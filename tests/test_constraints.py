@@ -132,3 +132,11 @@ def test_a_model_without_tokenizer_is_refused():
     m.tokenizer = None
     with pytest.raises(InputError, match="tokenizer"):
         m.generate([1, 2, 3], regex="[a-z]+")
+
+
+def test_without_llguidance_the_error_says_how_to_install(model, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)     # import llguidance -> ImportError
+    with pytest.raises(InputError, match=r"st-sdk\[structured\]"):
+        model.generate("Hi", regex="[a-z]+")

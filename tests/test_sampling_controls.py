@@ -113,3 +113,27 @@ def test_sampler_driven_by_hand_equals_generate(model):
     assert sampler.token_ids == want.token_ids and "".join(pieces) == want.text
     assert sampler.finish_reason == want.finish_reason and sampler.logprobs == want.logprobs
     assert step.finish_reason == want.finish_reason and step.top_logprobs == want.top_logprobs[-1]
+
+
+# ---- a list of prompts ------------------------------------------------------------------------------
+def test_a_list_of_prompts_gives_each_ones_result(model):
+    kw = dict(max_new_tokens=6, seed=4, temperature=0.9, logprobs=True)
+    prompts = ["Hello", "The cat sat", "Hello there"]
+    batch = model.generate(prompts, **kw)
+    assert isinstance(batch, list) and len(batch) == 3
+    for p, res in zip(prompts, batch):
+        model.prompt_cache.clear()
+        alone = model.generate(p, **kw)
+        assert res.text == alone.text and res.token_ids == alone.token_ids and res.logprobs == alone.logprobs
+    ids = [text_ids("ab"), text_ids("abc")]
+    assert [r.token_ids for r in model.generate(ids, **kw)] == [model.generate(i, **kw).token_ids for i in ids]
+    assert isinstance(model.generate(text_ids("ab"), **kw), str)    # a list of ids is one prompt
+
+
+def test_a_list_of_prompts_is_checked_first(model):
+    with pytest.raises(InputError, match="not a mix"):
+        model.generate(["a", [1, 2]])
+    with pytest.raises(InputError, match="prompt"):
+        model.generate(["a", ""])
+    with pytest.raises(InputError, match="stream"):
+        model.generate(["a", "b"], stream=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..numpy.cache import LayerKV as _ReferenceLayerKV
+from ..numpy.cache import LayerKV as _ReferenceLayerKV, ordered_state
 from .ops import ffi_lib
 
 
@@ -47,6 +47,20 @@ class CLayerKV:
 
     #: (k, v, positions) of every stored token, unordered: the reference cache's own reader
     entries = _ReferenceLayerKV.entries
+    can_truncate = _ReferenceLayerKV.can_truncate
+
+    def truncate(self, n: int) -> None:
+        self.pos[self.pos >= n] = -1
+        self.kv.length = min(self.length, n)
+
+    def restore(self, k, v, pos, n: int) -> None:
+        if self.window:
+            slots = pos % self.window
+        else:
+            self.reserve(len(pos))
+            slots = np.arange(len(pos))
+        self.k[slots], self.v[slots], self.pos[slots] = k, v, pos
+        self.kv.length = n
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +93,20 @@ class CKVCache:
     def reserve(self, n_new: int) -> None:
         for layer in self.layers:
             layer.reserve(n_new)
+
+    def truncate(self, n: int) -> bool:
+        if not all(layer.can_truncate(n) for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.truncate(n)
+        return True
+
+    def state(self):
+        return ordered_state(self.layers)
+
+    def restore(self, state, n: int) -> None:
+        for layer, (k, v, pos) in zip(self.layers, state):
+            layer.restore(k, v, pos, n)
 
     @property
     def nbytes(self) -> int:

@@ -64,39 +64,66 @@ def capacity(model, n_prompt: int, opts: Options) -> int:
     return ctx if opts.max_new_tokens is None else min(ctx, n_prompt + opts.max_new_tokens)
 
 
-def is_prompt_list(prompt) -> bool:
-    """A list of prompts (texts or id lists), as opposed to one prompt given as a list of ids."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
-        all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
-
-
 def generate(model, prompt, *, stream: bool = False, **kw):
     """Generate from text or token ids. See `Model.generate` and docs/generation.md for the options.
     Returns a GenerationResult, or with stream=True a GenerationStream of text pieces. A list of
-    prompts (texts or id lists) runs them together in the engine's batch and returns a list of those,
-    each equal to what generating it alone gives."""
-    if is_prompt_list(prompt):
-        # validate everything before anything is queued: a bad prompt fails the call, not half of it
+    prompts (texts or id lists) runs them together in the engine's batch and returns a list of those
+    (of streams with stream=True), each what the prompt alone would give."""
+    if is_batch(prompt):
+        # every prompt and option checked before anything is queued: a bad one fails the call, not half of it
         jobs = [(ids, Options.parse(**kw)) for ids in (encode_prompt(model, p) for p in prompt)]
         reqs = []
         try:
             for ids, opts in jobs:
-                reqs.append(submit(model, model.session(capacity=capacity(model, len(ids), opts)), ids, opts))
+                reqs.append(submit_cached(model, ids, opts))
         except BaseException:
             for r in reqs:
                 r.cancel.set()
             raise
         if stream:
-            return [_wait(model, r, True) for r in reqs]
+            return [_wait(model, r, True, r.on_done) for r in reqs]
         try:
-            return [_wait(model, r, False) for r in reqs]
+            return [_wait(model, r, False, r.on_done) for r in reqs]
         finally:
             for r in reqs:   # after an error or an interrupt, the others stop too
                 r.cancel.set()
     opts = Options.parse(**kw)
     ids = encode_prompt(model, prompt)
-    session = model.session(capacity=capacity(model, len(ids), opts))
-    return start(model, session, ids, opts, stream)
+    return start_cached(model, ids, opts, stream)
+
+
+def is_batch(prompt) -> bool:
+    """A list of prompts (texts or lists of ids), as opposed to one prompt (a text or a list of ids)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    kinds = {"text" if isinstance(p, str) else "ids" if isinstance(p, (list, tuple, np.ndarray)) else "id"
+             for p in prompt}
+    if kinds in ({"text"}, {"ids"}):
+        return True
+    if kinds != {"id"}:
+        raise InputError("prompt: expected a text, a list of token ids, or a list of either (not a mix)")
+    return False
+
+
+def start_cached(model, ids: list[int], opts: Options, stream: bool):
+    """`start` on a session from the model's prompt cache (see submit_cached)."""
+    req = submit_cached(model, ids, opts)
+    return _wait(model, req, stream, req.on_done)
+
+
+def submit_cached(model, ids: list[int], opts: Options, events=None) -> Request:
+    """`submit` on a session from the model's prompt cache (the longest shared prefix of a recent
+    request's KV), given back to the cache when the request ends (`req.on_done`, which the caller
+    runs with the result)."""
+    session = model.prompt_cache.acquire(ids, capacity(model, len(ids), opts))
+    req = submit(model, session, ids, opts, events=events)
+
+    def done(res) -> None:
+        if res.finish_reason != "error":       # an error may leave half a step in the cache
+            model.prompt_cache.release(session)
+
+    req.on_done = done
+    return req
 
 
 async def agenerate(model, prompt, **kw) -> AsyncIterator[str]:

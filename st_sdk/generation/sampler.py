@@ -65,7 +65,6 @@ class Sampler:
         self.eos = eos_ids(model)
         self.stop_ids = set() if opts.ignore_eos else self.eos
         self.history = [int(i) for i in prompt_ids]
-        self.n_prompt = len(self.history)
         limits = [n for n in (opts.max_new_tokens, room) if n is not None]
         self.limit = min(limits) if limits else None
         tok = model.tokenizer
@@ -111,7 +110,7 @@ class Sampler:
             x[self.bias_ids] += self.bias
         if self.seen is not None:
             x = apply_repetition_penalty(x, self.seen, self.params.repetition_penalty)
-        if self.counts:
+        if self.counts and (self.params.presence_penalty or self.params.frequency_penalty):
             ids = np.fromiter(self.counts, np.int64, len(self.counts))
             x = apply_presence_frequency(x, ids, np.fromiter(self.counts.values(), np.float32, len(ids)),
                                          self.params.presence_penalty, self.params.frequency_penalty)

@@ -21,7 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..errors import BusyError, InputError, STError
 from ..generation.conversation import chat_prompt_ids
 from ..generation.engine import Engine
-from ..generation.loop import capacity, submit
+from ..generation.loop import submit_cached
 from ..generation.options import Options, encode_prompt
 from . import protocol as P
 from .metrics import Metrics
@@ -138,8 +138,7 @@ def create_app(target, model_name: str | None = None, api_key: str | None = None
                     if j and "seed" in kw:
                         kw["seed"] = (kw["seed"] + j) % 2**64   # n choices with one seed still differ
                     opts = Options.parse(**kw)
-                    session = model.session(capacity=capacity(model, len(ids), opts))
-                    req = submit(model, session, ids, opts, events=_Sink(loop, queue, len(runs)))
+                    req = submit_cached(model, ids, opts, events=_Sink(loop, queue, len(runs)))
                     req.prompt_text = text
                     runs.append(req)
         except BusyError as e:
@@ -261,8 +260,12 @@ def create_app(target, model_name: str | None = None, api_key: str | None = None
 
 
 def _cancel(runs) -> None:
+    """Cancel what still runs; a finished request's session goes back to the prompt cache."""
     for r in runs:
         r.cancel.set()
+        if r.result is not None and not getattr(r, "given_back", False):
+            r.given_back = True
+            r.on_done(r.result)
 
 
 def _model_card(name: str, created: int) -> dict:
