@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from st_sdk import bench
+from st_sdk.hardware import resolve_threads
 
 LLAMA = bench.LLAMA
 
@@ -94,7 +95,7 @@ def preset(pytestconfig) -> str:
 
 @pytest.fixture(scope="session")
 def threads(pytestconfig) -> int:
-    return bench.clamp_threads(_opt(pytestconfig, "--st-threads"))
+    return resolve_threads(_opt(pytestconfig, "--st-threads"))
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +139,7 @@ def bandwidth(threads) -> float:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Saved results carry what decides speed: CPU, flags, cores, library versions, bandwidth."""
-    threads = bench.clamp_threads(config.getoption("--st-threads", None))
+    threads = resolve_threads(config.getoption("--st-threads", None))
     machine_info["st_sdk"] = bench.machine_info(bench.read_bandwidth(threads))
     machine_info["st_sdk"]["threads"] = threads
     machine_info["st_sdk"]["preset"] = config.getoption("--st-preset", "tiny")

@@ -96,6 +96,23 @@ class Param:
         return f"Param({self.raw.name}, {self.raw.fmt}{list(self.raw.shape)})"
 
 
+#: the role of each weight, as `Backend.prepare(param, role)` receives it
+NORM_ROLES = ("attn_norm", "ffn_norm", "norm")
+MATRIX_ROLES = ("embed", "head", "wq", "wk", "wv", "wo", "router")
+EXPERT_ROLES = ("gate", "up", "down")
+#: kept float32 whatever a backend computes in: cheap, and the router's precision decides the top-k
+FLOAT32_ROLES = NORM_ROLES + ("router",)
+#: the compute dtypes a backend may offer, and the short names users also write
+COMPUTE_DTYPES = ("float32", "bfloat16")
+DTYPE_ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
+
+
+def is_offloaded(param: Param) -> bool:
+    """True for experts that a memory budget leaves in the file (read through st_sdk.offload's cache,
+    never prepared by a backend)."""
+    return bool(getattr(param.raw, "offloaded", False))
+
+
 @dataclass
 class LayerParams:
     attn_norm: Param
@@ -131,8 +148,9 @@ class ModelParams:
 class Backend:
     """Base class of a compute backend (contract).
 
-    Subclasses set `name` and `version`, implement `is_available`, and override any of the ops below.
-    The NumPy reference backend implements all of them and documents their exact semantics.
+    Subclasses set `name` and `version`, do their one-time work in `setup` (or list `requires`), and
+    override any of the ops below. The NumPy reference backend implements all of them and documents
+    their exact semantics.
     """
 
     name: str = ""
@@ -147,29 +165,59 @@ class Backend:
     #: says so). A file holding a type in neither list is refused at load, naming the tensor (contract).
     converts: tuple[str, ...] = ()
 
+    #: why `is_available()` is False (the missing dependency, the failed build...), else None
+    unavailable: str | None = None
+    #: `setup()` has run and succeeded
+    ready: bool = False
+
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         self.n_threads = n_threads
         self.dtype = dtype
 
     # ---- control plane -------------------------------------------------------------------
     def is_available(self) -> bool:
-        """True when the backend's dependencies import here. Import them lazily, in this method.
-
-        The default imports each module of `requires` and remembers the first failure."""
+        """True when the backend can run here: every module of `requires` imports and `setup()`
+        succeeds. Runs them once (later calls answer from memory); on failure `unavailable` says why."""
+        if self.ready:
+            return True
+        if self.unavailable is not None:
+            return False
         import importlib
 
+        hint = f"; install it with `{self.install_hint}`" if self.install_hint else ""
         for mod in self.requires:
             try:
                 importlib.import_module(mod)
             except Exception as e:
-                hint = f"; install it with `{self.install_hint}`" if self.install_hint else ""
-                self._unavailable = f"missing dependency {mod!r} ({type(e).__name__}: {e}){hint}"
+                self.unavailable = f"missing dependency {mod!r} ({type(e).__name__}: {e}){hint}"
                 return False
+        try:
+            self.setup()
+        except ImportError as e:
+            self.unavailable = f"missing dependency ({type(e).__name__}: {e}){hint}"
+            return False
+        except Exception as e:   # a broken install (a CUDA driver, a failed build) must not break selection
+            self.unavailable = str(e) if isinstance(e, BackendError) else \
+                f"{self.name} failed to set up: {type(e).__name__}: {e}"
+            return False
+        self.ready = True
         return True
+
+    def setup(self) -> None:
+        """Get ready to run, once: import heavy libraries, pick the device, the dtype, the kernels.
+        Called by `is_available()` (selection probes every candidate; `bind_ops` checks it), never
+        by an op. Raise to make the backend unavailable: an ImportError or BackendError message is
+        the reason shown. The default does nothing."""
+
+    def check_available(self) -> None:
+        """BackendError unless `is_available()`: what the control plane calls before using a backend."""
+        if not self.is_available():
+            raise BackendError(f"backend '{self.name}' is unavailable: "
+                               f"{self.unavailable_reason() or 'is_available() returned False'}")
 
     def unavailable_reason(self) -> str | None:
         """Why `is_available()` is False (the missing dependency, the failed build...)."""
-        return getattr(self, "_unavailable", None)
+        return self.unavailable
 
     def score(self, hardware: Any, fmt: str) -> float:
         """Static preference on this hardware for weights of `fmt` (higher is better).
@@ -280,6 +328,8 @@ def _qkv_of(linear: Callable) -> Callable:
 
 
 def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTable:
+    """The op table of `backend`: its own ops, the reference's (converted) for those it lacks."""
+    backend.check_available()
     provided = set(backend.provides())
     missing = [op for op in CORE_OPS if op not in provided]
     if "forward" in provided:
@@ -329,7 +379,7 @@ def prepare_params(backend: Backend, params: ModelParams, config: Any) -> ModelP
     done: dict[int, Param] = {}
 
     def prep(p: Param, role: str) -> Param:
-        if getattr(p.raw, "offloaded", False):
+        if is_offloaded(p):
             return p   # experts under a memory budget are read through the cache, never prepared
         if id(p) not in done:
             done[id(p)] = Param(p.raw, backend.prepare(p, role))

@@ -14,7 +14,6 @@ import re
 from .errors import InputError
 
 log = logging.getLogger("st_sdk")
-BUDGET_DEFAULT = 4096
 
 
 def available_memory() -> int | None:
@@ -44,7 +43,7 @@ def resolve_context(config, context: int | None, budget: bool = False) -> int:
             raise InputError(f"context={context} exceeds the model's max_position_embeddings={top}")
         return context
     if budget:
-        return min(top, BUDGET_DEFAULT)
+        return config.default_context
     avail = available_memory()
     if avail is None or config.kv_cache_bytes(top) <= avail // 2:
         return top

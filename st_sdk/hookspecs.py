@@ -17,7 +17,7 @@ def st_sdk_backends():
     first enumerated (the first `st_sdk.load`, `st-sdk backends`, ...), one plugin at a time: a plugin
     whose implementation raises is recorded with its error and the others still count. Return classes,
     not instances: the SDK instantiates them with `n_threads` and `dtype`. Import heavy dependencies
-    inside the backend's `is_available()`, never here.
+    in the backend's `setup()` (run once by `is_available()`), never here.
     """
 
 

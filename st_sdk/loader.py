@@ -28,13 +28,15 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     to `build_model` (max_memory, context, prefetch: the memory-budget mode).
     """
     from .weights import open_model
-    from .weights.export import GGUF_FORMATS
+    from .weights.export import GGUF_FORMATS, gguf_specs
 
     if quantize is not None and quantize not in GGUF_FORMATS:
         raise InputError(f"quantize={quantize!r}: choose one of {', '.join(GGUF_FORMATS)}")
     from .hub import resolve
 
     mf = open_model(resolve(path, file))
+    if quantize is not None:
+        gguf_specs(mf.config, quantize)   # a mix using a type st-sdk cannot quantise fails here, not midway
     params = mf.params()
     if quantize is not None:
         params = convert_params(params, quantize, mf.config)

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import graph
 from .backend import Backend, ModelParams, OpTable
-from .config import ModelConfig
+from .config import DEFAULT_CONTEXT, ModelConfig
 from .errors import InputError
 
 DEFAULT_CHUNK = 256
@@ -21,7 +21,7 @@ class Session:
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
         self.capacity = min(capacity or model.context, model.context)
-        self.cache = model.ops.new_cache(model.config, min(self.capacity, 4096))
+        self.cache = model.ops.new_cache(model.config, min(self.capacity, DEFAULT_CONTEXT))   # grows past it
         self.tokens: list[int] = []
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, chunk: int | None = None) -> np.ndarray:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from st_sdk.backend import Param
 from st_sdk.errors import BackendError, InputError
 from st_sdk.weights.mapping import release_map
-from st_sdk.weights.tensor import KQUANTS, STORAGE_DTYPE, block_size
-from st_sdk.weights.tensor import row_bytes as _row_bytes
+from st_sdk.weights.formats import KQUANTS, STORAGE_DTYPE, block_size
+from st_sdk.weights.formats import row_bytes as _row_bytes
 
 #: stored formats the kernels run as they lie in the file, and their codes (csrc/st_kernels.h)
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 7, "q5_0": 8, "q5_1": 9, "iq4_nl": 10,
@@ -218,7 +217,8 @@ def quantize_act(fmt: str, x) -> np.ndarray:
     return out
 
 
-def f32_vector(param: Param, n: int | None = None) -> np.ndarray:
+def f32_vector(param, n: int | None = None) -> np.ndarray:
+    """A weight `Param`'s float32 vector (its prepared value when that already is one)."""
     v = param.value if isinstance(param.value, np.ndarray) and param.value.dtype == np.float32 \
         and param.value.flags.c_contiguous and param.value.ndim == 1 else np.ascontiguousarray(param.raw.numpy(), np.float32)
     if v.ndim != 1 or (n is not None and v.shape[0] != n):
@@ -226,11 +226,11 @@ def f32_vector(param: Param, n: int | None = None) -> np.ndarray:
     return v
 
 
-def as_mat(param: Param) -> CMat:
+def as_mat(param) -> CMat:   # param: st_sdk.backend.Param
     return param.value if isinstance(param.value, CMat) else CMat(param.raw)
 
 
-def as_experts(param: Param) -> CExperts:
+def as_experts(param) -> CExperts:
     return param.value if isinstance(param.value, CExperts) else CExperts(param.raw)
 
 

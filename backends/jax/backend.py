@@ -13,7 +13,6 @@ gathers; only the logits come back to the host.
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 from collections import Counter
 from types import SimpleNamespace
@@ -21,15 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from st_sdk import graph
-from st_sdk.backend import Backend, LayerParams, ModelParams, OpTable, Param
+from st_sdk.backend import (COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backend, LayerParams, ModelParams,
+                            OpTable, Param)
 from st_sdk.errors import InputError
+from st_sdk.hardware import resolve_threads
 from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
 
-log = logging.getLogger("st_sdk")
-
-DTYPES = ("float32", "bfloat16")
-#: roles kept float32 whatever the compute dtype: cheap, and their precision decides the top-k
-FLOAT32_ROLES = ("attn_norm", "ffn_norm", "norm", "router")
 #: prefill chunk buckets (tokens); a longer feed runs in chunks of the largest
 BUCKETS = (1, 8, 32, 128)
 #: elements per converted chunk of a Packed weight on CPU (2 MiB of float32: about one core's L2)
@@ -52,17 +48,16 @@ class JaxBackend(Backend):
     install_hint = "pip install -e .[jax]"
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
         super().__init__(n_threads=n_threads, dtype=dtype)
-        if dtype not in (None, "auto", *DTYPES):
-            raise InputError(f"jax backend: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self._ready = False
+        if dtype not in (None, "auto", *COMPUTE_DTYPES):
+            raise InputError(f"jax backend: dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
         #: traces of the fused step per (bucket, cache capacities, last_only): each is one compilation
         self.compilations: Counter = Counter()
 
-    # ---- control plane (is_available imports `requires`) ---------------------------------
-    def _setup(self) -> None:
-        if self._ready:
-            return
+    # ---- control plane (is_available imports `requires`, then runs setup) ------------------
+    def setup(self) -> None:
+        """Import jax, pick the device and compute dtype, jit the op-level API."""
         import jax
         import jax.numpy as jnp
 
@@ -71,12 +66,11 @@ class JaxBackend(Backend):
         self.jax, self.jnp, self.ops = jax, jnp, ops
         self.device = jax.devices()[0]
         self.accelerator = self.device.platform != "cpu"
-        if self.dtype not in DTYPES:
+        if self.dtype not in COMPUTE_DTYPES:
             self.dtype = "bfloat16"
         self.compute_dtype = getattr(jnp, self.dtype)
-        cores = os.cpu_count() or 1
-        if self.n_threads and self.n_threads > cores:
-            log.warning("jax backend: n_threads=%d is more than the %d cores here", self.n_threads, cores)
+        if self.n_threads is not None:   # XLA's pool is fixed when jax starts: only say when it is too big
+            resolve_threads(self.n_threads)
         # the op-level API: each op jitted once per input shape
         self._matmul = jax.jit(ops.matmul)
         self._embed = jax.jit(ops.embed)
@@ -85,7 +79,6 @@ class JaxBackend(Backend):
         self._attend = jax.jit(ops.attend_and_append, static_argnums=6)
         self._route = jax.jit(ops.route, static_argnums=(2, 3))
         self._moe = jax.jit(ops.moe, static_argnums=6)
-        self._ready = True
 
     def devices(self) -> list[str]:
         try:
@@ -95,11 +88,11 @@ class JaxBackend(Backend):
         return [f"{d.platform}:{d.id}" for d in jax.devices()]
 
     def score(self, hardware, fmt: str) -> float:
-        self._setup()
+        self.check_available()
         return 90.0 if self.accelerator else 4.0
 
     def describe(self):
-        self._setup()
+        self.check_available()
         return {"device": f"{self.device.platform}:{self.device.id} ({self.device.device_kind})",
                 "compute_dtype": self.dtype,
                 "weights": f"converted once at load to {self.dtype} (F16/BF16 and quantised types dequantised at load; "
@@ -115,7 +108,6 @@ class JaxBackend(Backend):
 
     # ---- weights -------------------------------------------------------------------------
     def prepare(self, param: Param, role: str):
-        self._setup()
         t = param.raw
         jnp = self.jnp
         if role in FLOAT32_ROLES or len(t.shape) == 1:
@@ -127,56 +119,48 @@ class JaxBackend(Backend):
         return self.ops.pack(t, self.dtype, CHUNK_ELEMS)
 
     def prepare_model(self, params: ModelParams, config) -> None:
-        self._setup()
         cos, sin = self.ops.rope_tables(np.arange(config.max_position_embeddings), config.head_dim,
                                         config.rope_theta)
         layer_fields = params.layers[0].__dataclass_fields__ if params.layers else ()
         tree = {"embed": params.embed.value, "norm": params.norm.value, "head": params.head.value,
                 "cos": self.jnp.asarray(cos), "sin": self.jnp.asarray(sin),
                 "layers": [{f: getattr(lp, f).value for f in layer_fields} for lp in params.layers]}
-        params.extra["jax"] = (tree, self._make_step(config, params))
+        params.extra["jax"] = (tree, self._step(config, params))
 
     def to_numpy(self, x) -> np.ndarray:
         a = np.asarray(x)
         return a.astype(np.float32, copy=False) if a.dtype.kind == "f" or a.dtype == object else a
 
     def from_numpy(self, x: np.ndarray):
-        self._setup()
         return self.jnp.asarray(x)
 
     # ---- the op set, one jitted op at a time -----------------------------------------------
     def context(self, config, positions):
-        self._setup()
         pos = np.asarray(positions, np.int64)
         cos, sin = self.ops.rope_tables(pos, config.head_dim, config.rope_theta)
         return self.ops.JaxContext(pos, config.rope_theta, self.jnp.asarray(pos, self.jnp.int32),
                                    self.jnp.ones(len(pos), bool), cos, sin)
 
     def embed(self, table: Param, ids):
-        self._setup()
         return self._embed(table.value, self.jnp.asarray(np.asarray(ids), self.jnp.int32))
 
     def rms_norm(self, x, weight: Param, eps: float):
-        self._setup()
         return self._rms_norm(self.jnp.asarray(x), weight.value, float(eps))
 
     def linear(self, x, weight: Param):
-        self._setup()
         return self._matmul(self.jnp.asarray(x, self.jnp.float32), weight.value)
 
     def rope(self, q, k, ctx):
-        self._setup()
         return self._rope(self.jnp.asarray(q), self.jnp.asarray(k), ctx.cos, ctx.sin)
 
     def new_cache(self, config, capacity: int):
-        self._setup()
         from .cache import JaxCache
 
         # on CPU the cache stays float32: bf16-typed arrays are slow there, and it is small next to the weights
-        return JaxCache(config, capacity, self.compute_dtype if self.accelerator else self.jnp.float32)
+        return JaxCache(config, capacity, self.dtype if self.accelerator else "float32")
 
     def attention(self, q, k, v, layer_cache, ctx, window):
-        self._setup()
+        layer_cache.spec.check(k.shape[1], k.shape[2], window)
         layer_cache.ensure(int(ctx.positions.max()) + 1)
         jnp = self.jnp
         out, layer_cache.arrays = self._attend(
@@ -185,11 +169,9 @@ class JaxBackend(Backend):
         return out, layer_cache
 
     def route(self, x, router: Param, k: int, softmax: bool):
-        self._setup()
         return self._route(self.jnp.asarray(x, self.jnp.float32), router.value, int(k), bool(softmax))
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights):
-        self._setup()
         jnp = self.jnp
         return self._moe(jnp.asarray(x, jnp.float32), gate.value, up.value, down.value,
                          jnp.asarray(np.asarray(ids), jnp.int32), jnp.asarray(weights, jnp.float32),
@@ -219,6 +201,16 @@ class JaxBackend(Backend):
             moe=lambda x, g, u, d, ids, w: o.moe(x, g.value, u.value, d.value, ids, w, n_experts),
             layer=None, forward=None, to_numpy=self.to_numpy, from_numpy=self.from_numpy, native=[], fallbacks=[])
 
+    def _step(self, cfg, params: ModelParams):
+        """The jitted step of this config, made once per backend instance: another model of the same
+        shape (the same weights in another type, all converted to the compute dtype) reuses its
+        compilations."""
+        steps = self.__dict__.setdefault("_steps", {})
+        key = (cfg, params.head is params.embed)
+        if key not in steps:
+            steps[key] = self._make_step(cfg, params)
+        return steps[key]
+
     def _make_step(self, cfg, params: ModelParams):
         jax, jnp = self.jax, self.jnp
         names = params.layers[0].__dataclass_fields__ if params.layers else ()
@@ -243,7 +235,6 @@ class JaxBackend(Backend):
         return jax.jit(step, static_argnames="last_only", donate_argnums=1)
 
     def forward(self, cfg, params: ModelParams, ids, positions, cache, last_only: bool = False):
-        self._setup()
         jnp = self.jnp
         if "jax" not in params.extra:
             self.prepare_model(params, cfg)

@@ -49,9 +49,10 @@ def attention(q, k, v, cache: LayerKV, ctx, window: int | None) -> tuple[np.ndar
     positions = ctx.positions
     T, nH, hd = q.shape
     nKV = k.shape[1]
+    cache.spec.check(nKV, hd, window)
     ck, cv, cpos = cache.entries()
-    keys = np.concatenate([ck, k]) if len(ck) else k
-    vals = np.concatenate([cv, v]) if len(cv) else v
+    keys = np.concatenate([ck.astype(np.float32, copy=False), k]) if len(ck) else k
+    vals = np.concatenate([cv.astype(np.float32, copy=False), v]) if len(cv) else v
     kpos = np.concatenate([cpos, positions]) if len(cpos) else np.asarray(positions)
     cache.append(k, v, np.asarray(positions, np.int64))
     qpos = np.asarray(positions)[:, None]

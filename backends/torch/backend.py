@@ -14,15 +14,12 @@ import warnings
 
 import numpy as np
 
-from st_sdk.backend import Backend, ModelParams, Param
+from st_sdk.backend import COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backend, ModelParams, Param, is_offloaded
 from st_sdk.errors import BackendError
+from st_sdk.hardware import THREADS_ENV, resolve_threads
 from st_sdk.weights.mapping import release_map
 from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
 
-DTYPES = ("float32", "bfloat16")
-ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
-#: roles kept in float32 whatever the compute dtype: cheap, and precision there decides the top-k
-FLOAT32_ROLES = ("attn_norm", "ffn_norm", "norm", "router")
 ROWS_PER_CHUNK = 8192   # dequantise this many rows at a time: bounded float32 scratch at load
 SPIN_COUNT = "1000"     # libgomp's busy-wait iterations before a worker sleeps (its default: 300000)
 
@@ -46,42 +43,26 @@ def default_dtype(device) -> str:
 class TorchBackend(Backend):
     name = "torch"
     version = "0"
+    install_hint = "pip install st-sdk[torch]"
     formats = FLOATS
     converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None, device: str | None = None,
                  moe_decode: str | None = None):
-        dtype = ALIASES.get(dtype, dtype)
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
         super().__init__(n_threads=n_threads, dtype=dtype)
-        if dtype not in (None, "auto", *DTYPES):
-            raise BackendError(f"torch backend: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in (None, "auto", *COMPUTE_DTYPES):
+            raise BackendError(f"torch backend: dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
         self._device_req = device
         self._moe_decode = moe_decode   # "gather" | "loop" | None (gather on accelerators, loop on CPU)
-        self._error: str | None = None
-        self._ready = False
         self._qkv: dict[int, tuple] = {}       # id(wq view) -> (the view, its [nq + 2 nkv, H] q/k/v matrix)
         self._stacked: dict[int, tuple] = {}   # id(gate view) -> (the view, gate+up, per-expert views)
         self._mapped: set[int] = set()         # ids of tensors that alias the weight file (not copies)
         self._keep: list = []
 
     # ---- control plane -------------------------------------------------------------------
-    def is_available(self) -> bool:
-        try:
-            self._setup()
-        except ImportError as e:
-            self._error = f"torch is not installed ({e}); install with `pip install st-sdk[torch]`"
-            return False
-        except Exception as e:  # a broken CUDA install must not break selection
-            self._error = f"torch failed to initialise: {type(e).__name__}: {e}"
-            return False
-        return True
-
-    def unavailable_reason(self) -> str | None:
-        return self._error
-
-    def _setup(self) -> None:
-        if self._ready:
-            return
+    def setup(self) -> None:
+        """Import torch (with the process settings below), pick the device and compute dtype."""
         if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
             # OpenMP reads this once, when torch loads. A decode step is hundreds of short matmuls a few
             # microseconds apart: workers that sleep at once pay a wake-up on each (27% slower layers,
@@ -99,17 +80,16 @@ class TorchBackend(Backend):
             self.device = torch.device(self._device_req)
         else:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = self.dtype if self.dtype in DTYPES else default_dtype(self.device)
+        self.dtype = self.dtype if self.dtype in COMPUTE_DTYPES else default_dtype(self.device)
         self.torch_dtype = getattr(torch, self.dtype)
         self.gather = (self._moe_decode or ("loop" if self.device.type == "cpu" else "gather")) == "gather"
-        if self.n_threads:
-            torch.set_num_threads(int(self.n_threads))
+        if self.n_threads is not None or os.environ.get(THREADS_ENV):   # else torch's own default
+            torch.set_num_threads(resolve_threads(self.n_threads))
         from . import ops
 
         self.ops = ops
         self.torch = torch
         self._onednn = torch.backends.mkldnn.enabled
-        self._ready = True
 
     def devices(self) -> list[str]:
         try:
@@ -119,11 +99,11 @@ class TorchBackend(Backend):
         return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
     def score(self, hardware, fmt: str) -> float:
-        self._setup()
+        self.check_available()
         return 100.0 if self.device.type == "cuda" else 5.0
 
     def describe(self):
-        self._setup()
+        self.check_available()
         import torch
 
         dev = str(self.device)
@@ -137,7 +117,6 @@ class TorchBackend(Backend):
 
     # ---- weights -------------------------------------------------------------------------
     def prepare(self, param: Param, role: str):
-        self._setup()
         import torch
 
         t = param.raw
@@ -207,12 +186,10 @@ class TorchBackend(Backend):
     def from_numpy(self, x: np.ndarray):
         import torch
 
-        self._setup()
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     # ---- the op set: the graph (st_sdk/graph.py) runs these -------------------------------
     def context(self, config, positions):
-        self._setup()
         return self.ops.TorchContext(positions, config.rope_theta, self.device, self._onednn)
 
     def embed(self, table: Param, ids):
@@ -232,8 +209,7 @@ class TorchBackend(Backend):
         return self.ops.rope(q, k, ctx)
 
     def new_cache(self, config, capacity: int):
-        self._setup()
-        return self.ops.new_cache(config, capacity, self.torch_dtype, self.device)
+        return self.ops.new_cache(config, capacity, self.dtype, self.device)
 
     def attention(self, q, k, v, layer_cache, ctx, window):
         return self.ops.attention(q, k, v, layer_cache, ctx, window)
@@ -257,7 +233,7 @@ class TorchBackend(Backend):
             nq, nk = lp.wq.value.shape[0], lp.wk.value.shape[0]
             lp.wq.value, lp.wk.value, lp.wv.value = qkv[:nq], qkv[nq:nq + nk], qkv[nq + nk:]
             self._qkv[id(lp.wq.value)] = (lp.wq.value, qkv)
-            if not isinstance(lp.gate.value, torch.Tensor):   # read on demand under a memory budget
+            if is_offloaded(lp.gate):   # read on demand under a memory budget
                 continue
             if id(lp.gate.value) in self._mapped or id(lp.up.value) in self._mapped:
                 gu = (lp.gate.value, lp.up.value)   # used in place from the file: stacking would copy them

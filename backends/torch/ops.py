@@ -128,7 +128,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, ctx: TorchContext):
     return apply_rope(q, cos, sin), apply_rope(k.to(q.dtype), cos, sin).to(k.dtype)
 
 
-def new_cache(config, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+def new_cache(config, capacity: int, dtype: str, device: torch.device) -> KVCache:
     return KVCache(config, capacity, dtype, device)
 
 
@@ -136,6 +136,7 @@ def attention(q, k, v, cache: LayerKV, ctx: TorchContext, window: int | None):
     """GQA attention of q [T, nH, hd] over the cached keys plus k/v [T, nKV, hd] (appended to the cache),
     visible where key position <= query position (and > query - window). Returns ([T, nH*hd], cache)."""
     T, nH, hd = q.shape
+    cache.spec.check(k.shape[1], hd, window)
     host, pt = ctx.positions, ctx.device_positions
     if k.dtype != cache.k.dtype:
         k, v = k.to(cache.k.dtype), v.to(cache.v.dtype)

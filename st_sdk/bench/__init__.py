@@ -11,12 +11,12 @@ head (`traffic`). Those bytes over this machine's measured read bandwidth (`mach
 ceiling, and every decode figure is also shown as a fraction of it.
 """
 from .files import models_dir, synth_gguf
-from .machine import clamp_threads, machine_info, read_bandwidth
+from .machine import machine_info, read_bandwidth
 from .report import format_table, plot, to_json
 from .run import DEFAULT_FORMATS, BenchOptions, Record, llama_cpp_missing, registered_backends, run_bench
 from .traffic import bytes_per_token, gguf_bytes_per_token, gguf_format
 from .worker import LLAMA, peak_rss
 
-__all__ = ["models_dir", "synth_gguf", "clamp_threads", "machine_info", "read_bandwidth", "format_table", "plot",
+__all__ = ["models_dir", "synth_gguf", "machine_info", "read_bandwidth", "format_table", "plot",
            "to_json", "DEFAULT_FORMATS", "BenchOptions", "Record", "llama_cpp_missing", "registered_backends",
            "run_bench", "bytes_per_token", "gguf_bytes_per_token", "gguf_format", "LLAMA", "peak_rss"]

@@ -1,7 +1,6 @@
-"""The machine a benchmark runs on: its threads, description and measured read bandwidth."""
+"""The machine a benchmark runs on: its description and measured read bandwidth."""
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -13,21 +12,8 @@ import numpy as np
 from ..environment import library_versions
 from ..hardware import probe
 
-log = logging.getLogger("st_sdk")
 #: distributions whose versions decide speed, printed with every result
 VERSIONED = ("st-sdk", "numpy", "torch", "jax", "jaxlib", "cffi", "llama-cpp-python", "gguf")
-
-
-def clamp_threads(n: int | None) -> int:
-    hw = probe()
-    if not n:
-        return hw.physical_cores
-    if n > hw.logical_cores:
-        log.warning("--threads %d is more than the %d cores this process may use; using %d",
-                    n, hw.logical_cores, hw.logical_cores)
-        return hw.logical_cores
-    return n
-
 
 
 def machine_info(bandwidth: float | None = None) -> dict[str, Any]:

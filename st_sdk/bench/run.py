@@ -10,10 +10,11 @@ from statistics import median
 from typing import Any
 
 from ..errors import InputError
+from ..hardware import resolve_threads
 from ..registry import get_registry
 from ..timing import summary
 from .files import synth_gguf
-from .machine import clamp_threads, machine_info, read_bandwidth
+from .machine import machine_info, read_bandwidth
 from .traffic import gguf_format
 from .worker import LLAMA, Worker
 
@@ -96,7 +97,7 @@ def run_bench(opts: BenchOptions, progress: bool = True) -> tuple[list[Record], 
     """Run every case; returns (records, context: configuration, machine, bandwidth)."""
     from tqdm import tqdm
 
-    threads = clamp_threads(opts.threads)
+    threads = resolve_threads(opts.threads, "--threads")
     broken: dict[str, str] = {}
     if opts.backends:
         backends = list(opts.backends)

@@ -75,7 +75,10 @@ class Conversation:
         """A conversation saved with `save`, in this process, on `model` (the same model, checked)."""
         from .saved import load
 
-        return load(model, path)
+        saved = load(model, path)
+        conv = cls(model, system=saved["system"], **saved["defaults"])
+        conv.messages, conv.session = saved["messages"], saved["session"]
+        return conv
 
     def send(self, text: str, *, stream: bool = False, **kw):
         """Add a user message and generate the assistant's answer (a GenerationResult, or a

@@ -61,10 +61,9 @@ def save(conv, path) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def load(model, path):
+def load(model, path) -> dict:
+    """What `save` wrote, checked against `model`: {system, defaults, messages, session (or None)}."""
     from safetensors import safe_open
-
-    from .conversation import Conversation
 
     p = Path(path)
     if not p.is_file():
@@ -91,8 +90,7 @@ def load(model, path):
         raise InputError(f"{p}: saved from another model (its {what}: file {_short(saved)} vs this model "
                          f"{_short(mine)})")
     cfg = model.config
-    conv = Conversation(model, system=system, **defaults)
-    conv.messages = messages
+    session = None
     if tokens:
         state = []
         for i in range(cfg.num_hidden_layers):
@@ -109,8 +107,7 @@ def load(model, path):
         session = model.session(capacity=len(tokens) + 1)
         session.cache.restore(state, len(tokens))
         session.tokens = tokens
-        conv.session = session
-    return conv
+    return dict(system=system, defaults=defaults, messages=messages, session=session)
 
 
 def _jsonable(v) -> bool:

@@ -64,7 +64,7 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     """Params whose experts are cache-backed (the given params are left as they are), the cache and
     the plan."""
     budget = parse_size(max_memory)
-    context = context or min(cfg.max_position_embeddings, 4096)
+    context = context or cfg.default_context
     locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
                   for e in range(cfg.moe_num_primary_experts)] for lp in params.layers]
     # each layer's own stored sizes (types can differ per layer); a slot fits the largest layer's expert
