@@ -292,3 +292,54 @@ def test_response_format_json_schema_constrains_the_answer(client):
     r = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=3, presence_penalty=0.5,
                                        frequency_penalty=0.5, **GREEDY)
     assert r.usage.completion_tokens == 3
+
+
+def test_st_sdk_serve_command_serves_a_file_within_a_memory_budget(tiny_dir):
+    """`st-sdk serve FILE` as a user runs it: bad options fail with a message, then a server on a
+    loopback port under --max-memory answers two concurrent requests and stops on SIGTERM."""
+    import subprocess
+    import sys
+
+    from st_sdk.cli import main
+
+    path = str(tiny_dir["gguf"])
+    assert main(["serve", path, "--parallel", "0"]) == 1
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from st_sdk.cli import main; sys.exit(main())",
+                             "serve", path, "--port", str(port), "--backend", "numpy", "--threads", "1",
+                             "--parallel", "2", "--context", "64", "--max-memory", "2GiB", "--model-name", "tiny",
+                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                assert [m.id for m in c.models.list().data] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "st-sdk serve did not start"
+                time.sleep(0.2)
+        out = [None, None]
+
+        def work(i):
+            out[i] = c.completions.create(model="tiny", prompt=[5 + i, 6, 7], max_tokens=4, **GREEDY)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [r.usage.completion_tokens for r in out] == [4, 4]
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="tiny", prompt=[1], max_tokens=-1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
