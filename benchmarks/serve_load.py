@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -56,16 +57,21 @@ class Server:
                    str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
                    "--interrupt_requests", "False", "--n_ctx", str(context), "--model_alias", "m"]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the server's log goes to a file: a pipe nobody reads fills up and stops a chatty server
+        # (llama.cpp logs every tensor while it loads)
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"{kind} server exited: {self.log.read()[-2000:]}")
             try:
                 urllib.request.urlopen(f"{self.url}/models", timeout=2).read()
                 return
             except Exception:
                 time.sleep(0.5)
+        self.stop()
         raise RuntimeError(f"{kind} server did not start in 600 s")
 
     @property
@@ -90,6 +96,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def one_request(client, i: int, max_tokens: int, st_sdk: bool) -> dict:
@@ -102,7 +109,10 @@ def one_request(client, i: int, max_tokens: int, st_sdk: bool) -> dict:
             max_tokens=max_tokens, temperature=0.6, top_p=0.95, seed=i, stream=True,
             stream_options={"include_usage": True} if st_sdk else None, extra_body=extra)
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
+            # a token: any chunk with content that is not the opening role chunk (llama-cpp-python sends
+            # one chunk per token, with content "" for a token without text of its own)
+            d = chunk.choices[0].delta if chunk.choices else None
+            if d is not None and d.content is not None and not d.role and (d.content or not st_sdk):
                 times.append(time.perf_counter())
                 n += 1
             if getattr(chunk, "usage", None):
