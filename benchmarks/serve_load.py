@@ -7,7 +7,7 @@ p50/p99 time between tokens, errors, the engine's mean batch (st-sdk, from /metr
 RSS. `--soak N` then sends N more requests (16 at a time) and reports the RSS after warm-up and at the
 end. Everything stops by itself; the servers are terminated at exit.
 
-    flock /work/bench.lock python benchmarks/serve_load.py /work/cache/models/4b-a0.6b-q4_0-seed0.gguf \\
+    flock /work/bench.lock python benchmarks/serve_load.py 4b-a0.6b-q4_0-seed0.gguf \\
         --threads 2 --levels 1,2,4,8,16 --server st-sdk,llama-cpp
 
 The weights of the synthesised files are random, so the text is meaningless; end-of-sequence is
@@ -191,7 +191,7 @@ def fmt_row(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
+    p.add_argument("model", help="a .gguf file, or the name of one in $ST_SDK_CACHE_DIR/models")
     p.add_argument("--server", default="st-sdk,llama-cpp", help="comma list: st-sdk, llama-cpp")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parallel", type=int, default=16, help="st-sdk --parallel (sequences per step)")
@@ -204,6 +204,11 @@ def main(argv=None) -> int:
     p.add_argument("--soak-server", default="st-sdk", help="which servers get the soak (comma list)")
     p.add_argument("--json", default=None, help="write every result to this file")
     a = p.parse_args(argv)
+    if not os.path.exists(a.model):   # a synthetic file's name: look in st-sdk's models folder
+        from st_sdk.bench.files import models_dir
+
+        if (models_dir() / a.model).exists():
+            a.model = str(models_dir() / a.model)
     levels = [int(x) for x in a.levels.split(",")]
     print(f"# serve_load: model {a.model}, threads {a.threads}, st-sdk --parallel {a.parallel}, context {a.context}, "
           f"levels {levels}, requests/level {a.requests or '2 x C'}, max_tokens {a.max_tokens}, streamed chat, "
