@@ -624,10 +624,15 @@ static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax,
 }
 
 /* ---- the fused layer ---------------------------------------------------------------------------- */
+/* A step over B sequences packed row after row: sequence b owns rows seg[b]..seg[b+1]-1 and its KV
+ * caches kvs[b][0..] (one per layer, from layer0). Every dense stage runs once over all T rows; only
+ * attention runs per sequence. */
 typedef struct {
     const st_model *m;
     st_pool *pool;
-    st_kv *caches;
+    st_kv *const *kvs;
+    const int64_t *seg;
+    int64_t B;
     int64_t layer0, layer1, T;
     float *h;
     const int64_t *pos, *ids;
@@ -677,15 +682,27 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     split(T, ith, nth, 1, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) topk_row(s->rl + t * E, E, k, m->softmax, s->rw + t * k, s->rid + t * k);
     barrier(f->pool, nth);
-    /* 4. attention over the cache plus this step's keys */
+    /* 4. attention of each sequence over its cache plus its rows of this step */
     jctx c = {.pool = f->pool, .m = m, .T = T, .pos = f->pos, .nH = nH, .nKV = nKV, .hd = hd, .window = L->window,
-              .q = s->q, .k = s->k, .v = s->v, .kv = &f->caches[li - f->layer0], .att = s->att, .scores = s->scores,
+              .q = s->q, .k = s->k, .v = s->v, .att = s->att, .scores = s->scores,
               .smax = f->smax, .gate = &L->gate, .up = &L->up, .down = &L->down, .E = E, .topk = k, .F = m->ffn,
               .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .mK = s->mK, .ids = s->rid, .w = s->rw,
               .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .ZK = s->ZK, .ZKp = s->priv, .out = h};
     const int wo_act = fmt_act(L->wo.fmt);
-    if (hd % QK == 0 && wo_act == ACT_Q8) c.attq = s->attq;   /* each head's output is quantised where it is computed */
-    attention_stage(&c, ith, nth);
+    const int quant_heads = hd % QK == 0 && wo_act == ACT_Q8;   /* each head's output quantised where computed */
+    for (int64_t b = 0; b < f->B; b++) {   /* no barrier between sequences: their rows and caches are disjoint */
+        const int64_t r0 = f->seg[b];
+        jctx cb = c;
+        cb.T = f->seg[b + 1] - r0;
+        cb.pos = f->pos + r0;
+        cb.q = s->q + r0 * qw;
+        cb.k = s->k + r0 * kw;
+        cb.v = s->v + r0 * kw;
+        cb.att = s->att + r0 * qw;
+        cb.attq = quant_heads ? s->attq + r0 * (qw / QK) : NULL;
+        cb.kv = &f->kvs[b][li - f->layer0];
+        attention_stage(&cb, ith, nth);
+    }
     barrier(f->pool, nth);
     st_act xo = {s->att, s->attq, NULL};
     if (wo_act == ACT_Q8 && hd % QK) {
@@ -696,7 +713,18 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     }
     /* 5. h += attn @ Wo; meanwhile thread 0 appends k/v (nothing reads the cache now) and groups the
      * token-expert pairs by expert */
-    if (ith == 0) { kv_append(&c); group_pairs(&c); }
+    if (ith == 0) {
+        for (int64_t b = 0; b < f->B; b++) {
+            jctx cb = c;
+            cb.T = f->seg[b + 1] - f->seg[b];
+            cb.pos = f->pos + f->seg[b];
+            cb.k = s->k + f->seg[b] * kw;
+            cb.v = s->v + f->seg[b] * kw;
+            cb.kv = &f->kvs[b][li - f->layer0];
+            kv_append(&cb);
+        }
+        group_pairs(&c);
+    }
     mm(ith, nth, &L->wo, &xo, T, h, H, 1);
     barrier(f->pool, nth);
     /* 6. ffn norm and its quantised copies */
@@ -725,10 +753,13 @@ static void forward_job(void *arg, int ith, int nth) {
     barrier(f->pool, nth);
     for (int64_t li = f->layer0; li < f->layer1; li++) layer_body(f, li, ith, nth);
     if (!f->logits) return;
-    /* final norm and head (only the last row when last_only) */
-    int64_t t0 = f->last_only ? T - 1 : 0, n = T - t0;
+    /* final norm and head (only each sequence's last row when last_only) */
+    int64_t n = f->last_only ? f->B : T;
     split(n, ith, nth, 1, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) rms_row(f->h + (t0 + t) * H, m->norm, H, m->eps, f->s.a + t * H);
+    for (int64_t t = lo; t < hi; t++) {
+        int64_t row = f->last_only ? f->seg[t + 1] - 1 : t;
+        rms_row(f->h + row * H, m->norm, H, m->eps, f->s.a + t * H);
+    }
     barrier(f->pool, nth);
     quantize_rows(ith, nth, f->s.a, n, H, act_need(m->head.fmt), f->s.aq, f->s.aK);
     barrier(f->pool, nth);
@@ -765,21 +796,29 @@ static int kv_ok(const st_kv *kv, int64_t window, int64_t T) {
     return kv->length + T <= kv->cap;
 }
 
-static int run_layers(st_pool *pool, const st_model *m, st_kv *caches, int64_t l0, int64_t l1, const int64_t *ids,
-                      const int64_t *pos, int64_t T, int32_t last_only, float *h, float *logits) {
-    if (T <= 0 || !pos || !h || !caches || !model_ok(m, ids || logits) || l0 < 0 || l1 > m->n_layers || l0 >= l1) return ST_EARG;
+static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64_t B, const int64_t *seg, int64_t l0,
+                      int64_t l1, const int64_t *ids, const int64_t *pos, int64_t T, int32_t last_only, float *h,
+                      float *logits) {
+    if (T <= 0 || B <= 0 || !seg || !pos || !h || !kvs || !model_ok(m, ids || logits) || l0 < 0 || l1 > m->n_layers ||
+        l0 >= l1 || seg[0] != 0 || seg[B] != T)
+        return ST_EARG;
     int64_t smax = 0;
-    for (int64_t i = l0; i < l1; i++) {
-        const st_kv *kv = &caches[i - l0];   /* caches[0] belongs to layer l0 */
-        if (!kv_ok(kv, m->layers[i].window, T)) return ST_ECACHE;
-        int64_t n = (m->layers[i].window ? kv->cap : kv->length) + T;
-        if (n > smax) smax = n;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t Tb = seg[b + 1] - seg[b];
+        if (Tb <= 0 || !kvs[b]) return ST_EARG;
+        for (int64_t c = 0; c < b; c++) if (kvs[c] == kvs[b]) return ST_ECACHE;   /* one cache, one sequence */
+        for (int64_t i = l0; i < l1; i++) {
+            const st_kv *kv = &kvs[b][i - l0];   /* kvs[b][0] belongs to layer l0 */
+            if (!kv_ok(kv, m->layers[i].window, Tb)) return ST_ECACHE;
+            int64_t n = (m->layers[i].window ? kv->cap : kv->length) + Tb;
+            if (n > smax) smax = n;
+        }
     }
     if (ids)
         for (int64_t t = 0; t < T; t++) if (ids[t] < 0 || ids[t] >= m->vocab) return ST_EIDS;
     for (int64_t t = 0; t < T; t++) if (pos[t] < 0) return ST_EARG;
-    fctx f = {.m = m, .pool = pool, .caches = caches, .layer0 = l0, .layer1 = l1, .T = T, .h = h, .pos = pos,
-              .ids = ids, .last_only = last_only, .logits = logits, .smax = smax};
+    fctx f = {.m = m, .pool = pool, .kvs = kvs, .seg = seg, .B = B, .layer0 = l0, .layer1 = l1, .T = T, .h = h,
+              .pos = pos, .ids = ids, .last_only = last_only, .logits = logits, .smax = smax};
     int nth = pool ? pool->n : 1;
     if (scratch_alloc(&f.s, m, T, smax, nth)) return ST_ENOMEM;
     pool_run(pool, forward_job, &f);
@@ -792,7 +831,21 @@ int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *i
     if (!m || !ids || !logits || T <= 0) return ST_EARG;
     float *h = malloc((size_t)(T * (m->hidden > 0 ? m->hidden : 1)) * 4);
     if (!h) return ST_ENOMEM;
-    int rc = run_layers(pool, m, caches, 0, m->n_layers, ids, pos, T, last_only, h, logits);
+    st_kv *kvs[1] = {caches};
+    const int64_t seg[2] = {0, T};
+    int rc = run_layers(pool, m, kvs, 1, seg, 0, m->n_layers, ids, pos, T, last_only, h, logits);
+    free(h);
+    return rc;
+}
+
+int st_forward_batch(st_pool *pool, const st_model *m, st_kv *const *caches, int64_t B, const int64_t *seg,
+                     const int64_t *ids, const int64_t *pos, float *logits) {
+    if (!m || !caches || !seg || !ids || !logits || B <= 0 || seg[B] <= 0) return ST_EARG;
+    for (int64_t b = 0; b < B; b++) if (seg[b + 1] <= seg[b]) return ST_EARG;
+    const int64_t T = seg[B];
+    float *h = malloc((size_t)(T * (m->hidden > 0 ? m->hidden : 1)) * 4);
+    if (!h) return ST_ENOMEM;
+    int rc = run_layers(pool, m, caches, B, seg, 0, m->n_layers, ids, pos, T, 1, h, logits);
     free(h);
     return rc;
 }
@@ -800,7 +853,9 @@ int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *i
 int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
                      int64_t T) {
     if (!m || !cache || layer < 0 || layer >= m->n_layers) return ST_EARG;
-    return run_layers(pool, m, cache, layer, layer + 1, NULL, pos, T, 0, h, NULL);
+    st_kv *kvs[1] = {cache};
+    const int64_t seg[2] = {0, T};
+    return run_layers(pool, m, kvs, 1, seg, layer, layer + 1, NULL, pos, T, 0, h, NULL);
 }
 
 /* ---- per-op entry points (the conformance kit checks each op alone) ------------------------------ */

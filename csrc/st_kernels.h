@@ -88,4 +88,10 @@ int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cac
                      const int64_t *pos, int64_t T);
 int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *ids, const int64_t *pos,
                int64_t T, int32_t last_only, float *logits);
+/* one step over B sequences packed row after row: sequence b owns rows seg[b]..seg[b+1]-1 of ids/pos
+ * (seg[0] = 0, seg[B] = T, each segment non-empty) and the per-layer caches caches[b][0..n_layers-1];
+ * logits [B, vocab] of each sequence's last row. Dense stages read each weight once for all rows;
+ * every row is computed exactly as a one-sequence step would compute it. */
+int st_forward_batch(st_pool *pool, const st_model *m, st_kv *const *caches, int64_t B, const int64_t *seg,
+                     const int64_t *ids, const int64_t *pos, float *logits);
 #endif

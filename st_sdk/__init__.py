@@ -21,6 +21,7 @@ _LAZY = {
     "TokenizerError": ("st_sdk.errors", "TokenizerError"),
     "InputError": ("st_sdk.errors", "InputError"),
     "BackendError": ("st_sdk.errors", "BackendError"),
+    "BusyError": ("st_sdk.errors", "BusyError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -4,7 +4,7 @@ A backend overrides the ops it accelerates. Any op it does not override runs on 
 with its arrays converted at the boundary; the binding records each such fallback so that the
 selection report can show it, and `strict=True` turns a fallback into an error.
 
-Shapes use T for tokens in the step (batch is 1), H hidden size, nH / nKV query / key-value heads,
+Shapes use T for tokens in the step, H hidden size, nH / nKV query / key-value heads,
 hd head dim, E experts, F expert width, k active experts. Activations are the backend's own array type
 (float32 unless the backend documents a compute dtype); `to_numpy`/`from_numpy` cross the boundary.
 Weights arrive as `Param`: `param.raw` is the stored `WeightTensor` (any format), `param.value` is
@@ -25,6 +25,16 @@ The op set (contract; the NumPy reference in backends/numpy/ops.py is the exact 
     moe(x, gate, up, down, ids, weights) -> [T, H]
 and the optional fused ops `layer(config, i, layer_params, h, ctx, layer_cache) -> (h, layer_cache)`
 and `forward(config, params, ids, positions, cache, last_only) -> logits`.
+
+Batched steps (several sequences in one step, docs/serving.md): the graph packs B sequences' tokens
+into one [T, H] activation, T = seg[-1], where sequence b owns rows seg[b]..seg[b+1]-1 (seg: int64
+[B+1], seg[0] = 0, each segment non-empty) and has its own KV cache. Every op but attention is
+row-wise, so it runs once on all T rows, under one step context of all T positions;
+    attention_batch(q, k, v, layer_caches, ctxs, seg, window) -> (out [T, nH*hd], layer_caches)
+runs attention per sequence (ctxs: each sequence's own step context). A backend that does not provide
+it gets one built from its `attention` and `concat`; the optional fused
+    forward_batch(config, params, ids, positions, caches, seg) -> logits [B, vocab]
+runs the whole batched step (each sequence's last row).
 """
 from __future__ import annotations
 
@@ -42,7 +52,10 @@ CORE_OPS = ("embed", "rms_norm", "linear", "rope", "new_cache", "attention", "ro
 STEP_OPS = ("context", "qkv")
 #: optional fused ops: a backend that provides them replaces a whole layer or a whole step
 FUSED_OPS = ("layer", "forward")
-OPS = CORE_OPS + STEP_OPS + FUSED_OPS
+#: ops of batched steps: attention of several sequences (built from `attention` when not provided) and
+#: an optional whole batched step
+BATCH_OPS = ("attention_batch", "forward_batch")
+OPS = CORE_OPS + STEP_OPS + FUSED_OPS + BATCH_OPS
 
 
 class StepContext:
@@ -238,6 +251,11 @@ class Backend:
     def from_numpy(self, x: np.ndarray) -> Any:
         return x
 
+    def concat(self, xs: list) -> Any:
+        """Arrays of this backend joined along the first axis (what a batched step's per-sequence
+        attention outputs need). The default goes through NumPy; backends override it."""
+        return self.from_numpy(np.concatenate([self.to_numpy(x) for x in xs]))
+
     def runs(self, fmt: str) -> bool:
         """Whether weights stored as `fmt` can be loaded on this backend (natively or converted)."""
         return fmt in self.formats or fmt in self.converts
@@ -268,10 +286,16 @@ class OpTable:
     from_numpy: Callable
     native: list[str]
     fallbacks: list[str]
+    # batched steps (bind_ops fills them; a table built by hand for one-sequence steps may leave them)
+    attention_batch: Callable | None = None
+    forward_batch: Callable | None = None
+    concat: Callable | None = None
 
     def wrapped(self, wrapper: Callable[[str, Callable], Callable]) -> "OpTable":
         """A copy whose every op is `wrapper(name, op)`: tracing and profiling wrap the table."""
         changes = {op: (wrapper(op, getattr(self, op)) if getattr(self, op) is not None else None) for op in OPS}
+        if "attention_batch" not in self.native and self.concat is not None:   # built from attention: rebuild it
+            changes["attention_batch"] = wrapper("attention_batch", batched_attention(changes["attention"], self.concat))
         return OpTable(**{**self.__dict__, **changes})
 
 
@@ -326,9 +350,27 @@ def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTa
     table["qkv"] = backend.qkv if "qkv" in provided else _qkv_of(table["linear"])
     for op in FUSED_OPS:
         table[op] = getattr(backend, op) if op in provided else None
-    return OpTable(**table, to_numpy=backend.to_numpy, from_numpy=backend.from_numpy,
+    # attention_batch lives with attention and its cache: the backend's own only beside its attention
+    table["attention_batch"] = backend.attention_batch if "attention_batch" in provided and "attention" in provided \
+        else batched_attention(table["attention"], backend.concat)
+    table["forward_batch"] = backend.forward_batch if "forward_batch" in provided else None
+    return OpTable(**table, to_numpy=backend.to_numpy, from_numpy=backend.from_numpy, concat=backend.concat,
                    native=sorted(provided), fallbacks=[] if backend is reference else
                    [op for op in CORE_OPS if op not in provided and "forward" not in provided])
+
+
+def batched_attention(attention: Callable, concat: Callable) -> Callable:
+    """attention_batch(q, k, v, layer_caches, ctxs, seg, window) from a one-sequence attention op: each
+    sequence's rows against its own layer cache and step context, outputs joined in row order."""
+    def attention_batch(q, k, v, caches, ctxs, seg, window):
+        outs, kept = [], []
+        for cache, ctx, a, b in zip(caches, ctxs, seg[:-1], seg[1:]):
+            out, cache = attention(q[a:b], k[a:b], v[a:b], cache, ctx, window)
+            outs.append(out)
+            kept.append(cache)
+        return (outs[0] if len(outs) == 1 else concat(outs)), kept
+
+    return attention_batch
 
 
 def prepare_params(backend: Backend, params: ModelParams, config: Any) -> ModelParams:

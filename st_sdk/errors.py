@@ -23,3 +23,7 @@ class InputError(STError, ValueError):
 
 class BackendError(STError, RuntimeError):
     """A backend cannot be found, is unavailable, or failed validation."""
+
+
+class BusyError(STError, RuntimeError):
+    """The engine's queue of waiting requests is full: retry later (HTTP 503)."""

@@ -46,6 +46,8 @@ def st_sdk_wrap_step(step, backend, config):
     callable `step(ids, positions, cache, last_only=False) -> logits` (one prefill chunk or one decode
     step); return a callable with the same signature that calls it (timing, logging, counting...), or
     None to leave it alone. Every plugin's wrapper is applied in turn, so wrappers nest. The wrapped
-    step is bound once: nothing is dispatched through pluggy per token. To wrap single ops instead, use
+    step is bound once: nothing is dispatched through pluggy per token. A model whose step is wrapped
+    runs the sequences of a batched step (`Model.feed_batch`, the engine) through it one at a time, so
+    the wrapper sees every step of every sequence. To wrap single ops instead, use
     `model.ops = model.ops.wrapped(fn)` in application code.
     """

@@ -1,6 +1,7 @@
 """Model: a loaded SmallThinker bound to one backend's op table."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -40,6 +41,14 @@ class Session:
         logits = (out[0] if len(out) == 1 else np.concatenate(out)).astype(np.float32, copy=False)
         return logits if all_logits else logits[-1]
 
+    def _check_step(self, ids) -> np.ndarray:
+        """ids for one step of feed_batch: validated, and no longer than one chunk."""
+        ids = self.model.check_ids(ids, start=len(self.tokens))
+        if len(ids) > self.model.chunk_size:
+            raise InputError(f"feed_batch: {len(ids)} ids for one session in one step exceed the chunk size "
+                             f"{self.model.chunk_size}; feed longer prompts in chunks")
+        return ids
+
     def rewind(self, n: int) -> bool:
         """Keep only the first n tokens (and their KV). False, with nothing changed, when the cache
         cannot (a sliding-window ring that already dropped some of them, or a backend cache without
@@ -68,6 +77,8 @@ class Model:
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
         self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
+        self._engine = None
+        self._engine_lock = threading.Lock()
         from .generation.prompt_cache import PromptCache
 
         self.prompt_cache = PromptCache(self)   # the KV of the last request, for the next one's shared prefix
@@ -102,6 +113,36 @@ class Model:
     def session(self, capacity: int | None = None) -> Session:
         return Session(self, capacity)
 
+    def feed_batch(self, sessions: Sequence[Session], ids_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One step over several sessions: feed each its new ids (ragged: a prefill chunk for one, a single
+        token for others), advance its cache and tokens, and return each one's last-position float32
+        logits [V]. The dense ops read each weight once for all sessions (graph.forward_batch). Each row
+        equals what `session.feed(ids)` alone gives: bit for bit on the C backend, within float32
+        rounding on the others (docs/serving.md)."""
+        if len(sessions) != len(ids_list) or not sessions:
+            raise InputError(f"feed_batch: expected as many id lists as sessions (at least one), got "
+                             f"{len(ids_list)} for {len(sessions)}")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise InputError("feed_batch: a session appears twice in one step")
+        for s in sessions:
+            if not isinstance(s, Session) or s.model is not self:
+                raise InputError("feed_batch: every session must come from this model's session()")
+        checked = [s._check_step(ids) for s, ids in zip(sessions, ids_list)]
+        if getattr(self._forward, "__func__", None) is not Model._forward:
+            # the step is wrapped (a tracing plugin's st_sdk_wrap_step, a test double): its contract is
+            # one sequence per call, so each session steps through it in turn
+            return [s.feed(ids) for s, ids in zip(sessions, checked)]
+        seg = np.zeros(len(sessions) + 1, np.int64)
+        seg[1:] = np.cumsum([len(ids) for ids in checked])
+        positions = np.concatenate([np.arange(len(s.tokens), len(s.tokens) + len(ids), dtype=np.int64)
+                                    for s, ids in zip(sessions, checked)])
+        out = graph.forward_batch(self.ops, self.config, self.params, np.concatenate(checked), positions,
+                                  [s.cache for s in sessions], seg)
+        logits = np.asarray(self.ops.to_numpy(out), np.float32)
+        for s, ids in zip(sessions, checked):
+            s.tokens.extend(int(t) for t in ids)
+        return list(logits)
+
     def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 logits [T, vocab] for a fresh sequence."""
         ids = self.check_ids(ids)
@@ -132,7 +173,21 @@ class Model:
         return tok.decode(arr.tolist(), skip_special_tokens=bool(skip_special))
 
     # ---- generation (text in, text out) ------------------------------------------------------
+    @property
+    def engine(self):
+        """The scheduler every generation on this model runs through (continuous batching: one
+        thread, started on demand, runs one step for all running requests). `engine.configure(
+        max_batch=..., max_queue=..., max_kv_bytes=...)` sets its bounds."""
+        with self._engine_lock:
+            if self._engine is None:
+                from .generation.engine import Engine
+
+                self._engine = Engine(self)
+            return self._engine
+
     def generate(self, prompt, **kwargs):
+        """Text from a prompt (text or ids), or a list of results from a list of prompts run together
+        (see docs/generation.md and docs/serving.md)."""
         from .generation import generate
 
         return generate(self, prompt, **kwargs)

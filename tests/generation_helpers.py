@@ -45,13 +45,21 @@ def byte_tokenizer(vocab_size: int = 512):
                      special_tokens={"eos_token": "<|im_end|>"})
 
 
-def tiny_model(seed: int = 0, **overrides):
-    """The tiny preset with random weights and the byte tokenizer (NumPy backend)."""
+def tiny_model(seed: int = 0, backend: str = "numpy", **overrides):
+    """The tiny preset with random weights and the byte tokenizer (NumPy backend unless told)."""
     from st_sdk.synth import build_model, preset_config
 
-    model = build_model(preset_config("tiny", **overrides), seed=seed)
+    model = build_model(preset_config("tiny", **overrides), seed=seed, backend=backend)
     model.tokenizer = byte_tokenizer(model.config.vocab_size)
     return model
+
+
+def c_available() -> bool:
+    """Whether the C backend is built and runs here."""
+    from st_sdk.registry import get_registry
+
+    cls = get_registry().backends().get("c")
+    return cls is not None and cls().is_available()
 
 
 def text_ids(text: str) -> list[int]:

@@ -113,9 +113,38 @@ class FusedLayerNormedRouter(NumpyBackend):
         return decoder_layer(ops, cfg, i, p, h, ctx, cache)
 
 
+class BatchSharesOnePosition(NumpyBackend):
+    name = "batch-shares-one-position"   # batched attention that gives every sequence the first's positions
+
+    @staticmethod
+    def attention_batch(q, k, v, caches, ctxs, seg, window):
+        from st_sdk.backend import StepContext
+
+        outs, kept = [], []
+        for c, a, e in zip(caches, seg[:-1], seg[1:]):
+            step = StepContext(np.asarray(ctxs[0].positions[:e - a]) + (0 if a == 0 else 1), ctxs[0].theta)
+            out, c = np_ops.attention(q[a:e], k[a:e], v[a:e], c, step, window)
+            outs.append(out)
+            kept.append(c)
+        return np.concatenate(outs), kept
+
+
+class BatchLastRowOfAll(NumpyBackend):
+    name = "batch-last-row-of-all"       # a batched step that returns the batch's last row for every sequence
+
+    def forward_batch(self, cfg, params, ids, positions, caches, seg):
+        from st_sdk.backend import bind_ops
+        from st_sdk.graph import forward_batch
+
+        ops = bind_ops(NumpyBackend(), NumpyBackend())
+        out = forward_batch(ops, cfg, params, ids, positions, caches, seg)
+        return np.repeat(out[-1:], len(out), axis=0)
+
+
 BROKEN = [(NormPlusOne, "rms_norm"), (EpsOutsideSqrt, "rms_norm"), (EmbedOffByOne, "embed"),
           (LinearDropsLastBlock, "linear"), (InterleavedRope, "rope"), (WindowOffByOne, "attention"),
-          (AlwaysSigmoid, "route"), (SiluExperts, "moe"), (FusedLayerNormedRouter, "layer")]
+          (AlwaysSigmoid, "route"), (SiluExperts, "moe"), (FusedLayerNormedRouter, "layer"),
+          (BatchSharesOnePosition, "attention_batch"), (BatchLastRowOfAll, "forward_batch")]
 
 
 @pytest.mark.parametrize("cls,op", BROKEN, ids=[c.name for c, _ in BROKEN])
@@ -126,6 +155,12 @@ def test_check_backend_reports_the_broken_op(cls, op):
     assert cls.name in str(report) and "FAIL" in str(report)
     # the failures name the case and how far off it was
     assert all(r.err > r.tol and r.detail for r in report.failures)
+
+
+def test_whole_model_check_catches_a_wrong_batched_step():
+    """Model.feed_batch runs through the backend's forward_batch: the always-run model check sees it."""
+    report = check_backend(BatchLastRowOfAll, formats=("f32",), ops=["model"])
+    assert {(r.op, r.case) for r in report.failures} == {("model", "batch")}
 
 
 def test_whole_model_check_catches_a_wrong_op():

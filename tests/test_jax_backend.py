@@ -88,6 +88,26 @@ def test_cache_grows_by_buckets_with_one_compilation_each(f32_model):
     assert s.cache.capacities == (32, 8, 8, 8)
 
 
+def test_batched_decode_runs_the_sequences_in_one_compiled_step(f32_model):
+    """Model.feed_batch: sequences decoding one token each share one compiled call (compiled once per
+    batch size and cache shapes, not per step); a prompt chunk beside them runs its own step; every
+    row equals the NumPy reference's sequence alone."""
+    m, ref = f32_model, _reference()
+    prompts = [IDS[:5], IDS[5:7], IDS[7:8]]
+    seqs, alone = [m.session(capacity=16) for _ in prompts], [ref.session() for _ in prompts]
+    got, want = m.feed_batch(seqs, prompts), [s.feed(p) for s, p in zip(alone, prompts)]
+    counts = []
+    for j in range(6):
+        ids = [[j + 1], IDS[8:11] if j == 2 else [j + 2], [j + 3]]   # step 2: one sequence takes a chunk
+        got += m.feed_batch(seqs, ids)
+        want += [s.feed(i) for s, i in zip(alone, ids)]
+        counts.append(m.backend.compile_count)
+    assert max(_rel(g, w) for g, w in zip(got, want)) <= 1e-4
+    assert ("batch", 3, ((16, 8, 8, 8),) * 3) in m.backend.compilations
+    assert ("batch", 2, ((16, 8, 8, 8),) * 2) in m.backend.compilations     # beside the chunk
+    assert counts[3:] == [counts[3]] * 3                                    # no compilation per step
+
+
 def test_bfloat16_tracks_float32_on_64_teacher_forced_tokens():
     ids = np.random.default_rng(3).integers(0, 512, 64)
     f32 = _model("float32").session().feed(ids, all_logits=True, chunk=32)

@@ -130,3 +130,30 @@ def test_c_backend_reads_experts_through_the_cache(files):
         inc = np.stack([s.feed([int(t)]) for t in IDS])
         np.testing.assert_allclose(inc, got, rtol=0, atol=2e-2 * np.abs(want).max())
         assert m.offload.stats.bytes_read > 0
+
+
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_batched_steps_under_a_budget_equal_each_sequence_alone(files, backend):
+    """The server's engine under max_memory: one step over several sequences reads their experts
+    through the cache and gives each sequence what it gets alone."""
+    from st_sdk.registry import get_registry
+
+    if backend == "c" and not ((cls := get_registry().backends().get("c")) and cls().is_available()):
+        pytest.skip("the C backend is not available here")
+    path = files["gguf-q8_0"]
+    m = st_sdk.load(path, backend=backend, n_threads=1, max_memory=budget_for(path, 8, backend=backend),
+                    context=64)
+    assert m.memory_plan is not None and m.ops.forward_batch is None   # experts through the cache
+    prompts = [[int(t) for t in IDS[:11]], [int(t) for t in IDS[11:14]], [int(t) for t in IDS[20:27]]]
+    solo = [m.session() for _ in prompts]
+    want = [s.feed(p) for s, p in zip(solo, prompts)]
+    want += [solo[0].feed([7]), solo[1].feed(prompts[2])]
+    together = [m.session() for _ in prompts]
+    got = m.feed_batch(together, prompts)
+    got += m.feed_batch(together[:2], [[7], prompts[2]])   # ragged: one decodes, one takes a chunk
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+    # the engine on top: two requests at once, greedy, each as it runs alone
+    alone = [m.generate(p, max_new_tokens=4, temperature=0, ignore_eos=True).token_ids for p in prompts[:2]]
+    assert [r.token_ids for r in m.generate(prompts[:2], max_new_tokens=4, temperature=0, ignore_eos=True)] == alone
+    assert m.offload.stats.bytes_read > 0

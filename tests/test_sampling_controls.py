@@ -124,7 +124,9 @@ def test_a_list_of_prompts_gives_each_ones_result(model):
     for p, res in zip(prompts, batch):
         model.prompt_cache.clear()
         alone = model.generate(p, **kw)
-        assert res.text == alone.text and res.token_ids == alone.token_ids and res.logprobs == alone.logprobs
+        assert res.text == alone.text and res.token_ids == alone.token_ids
+        # NumPy's batched step rounds within float32 of the one-sequence step (docs/serving.md)
+        assert res.logprobs == pytest.approx(alone.logprobs, rel=1e-5, abs=1e-6)
     ids = [text_ids("ab"), text_ids("abc")]
     assert [r.token_ids for r in model.generate(ids, **kw)] == [model.generate(i, **kw).token_ids for i in ids]
     assert isinstance(model.generate(text_ids("ab"), **kw), str)    # a list of ids is one prompt
@@ -135,5 +137,7 @@ def test_a_list_of_prompts_is_checked_first(model):
         model.generate(["a", [1, 2]])
     with pytest.raises(InputError, match="prompt"):
         model.generate(["a", ""])
-    with pytest.raises(InputError, match="stream"):
-        model.generate(["a", "b"], stream=True)
+    streams = model.generate(["a", "b"], stream=True, max_new_tokens=2, ignore_eos=True)   # one stream each
+    assert len(streams) == 2
+    for s in streams:
+        assert "".join(s) == s.result.text and len(s.result.token_ids) == 2

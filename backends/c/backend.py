@@ -269,6 +269,35 @@ class CBackend(Backend):
               "forward")
         return logits
 
+    def forward_batch(self, cfg, params, ids, positions, caches, seg):
+        """One step over several sequences in one C call (st_forward_batch): logits [B, vocab]."""
+        ffi, lib, pool = self._lib()
+        state = params.extra.get("c_model")
+        if state is None or (state[2] is not cfg and state[2] != cfg):
+            state = params.extra["c_model"] = self._model_struct(params, cfg)
+        seg = np.asarray(seg)
+        B = len(seg) - 1
+        if seg.ndim != 1 or B < 1 or not np.issubdtype(seg.dtype, np.integer) or seg[0] != 0 \
+                or np.any(np.diff(seg) <= 0) or len(caches) != B:
+            raise InputError(f"forward_batch: seg must be increasing row offsets from 0, one segment per cache "
+                             f"({len(caches)} caches), got {seg.tolist()}")
+        if len({id(c) for c in caches}) != B:
+            raise InputError("forward_batch: a cache appears twice in one step")
+        T = int(seg[-1])
+        ids = int64_vector(ids, T, "ids", 0, cfg.vocab_size)
+        positions = int64_vector(positions, T, "positions", 0)
+        seg = np.ascontiguousarray(seg, np.int64)
+        for cache, a, b in zip(caches, seg[:-1], seg[1:]):
+            if not isinstance(cache, CKVCache):
+                raise InputError("C backend forward_batch needs caches made by its own new_cache()")
+            cache.check(cfg)
+            cache.reserve(int(b - a))
+        kvs = ffi.new("st_kv *[]", [c.structs for c in caches])
+        logits = np.empty((B, cfg.vocab_size), np.float32)
+        check(lib.st_forward_batch(pool, state[0], kvs, B, ptr(ffi, "int64_t *", seg), ptr(ffi, "int64_t *", ids),
+                                   ptr(ffi, "int64_t *", positions), ptr(ffi, "float *", logits)), "forward_batch")
+        return logits
+
     # ---- individual ops --------------------------------------------------------------------------
     def embed(self, table: Param, ids):
         ffi, lib, _ = self._lib()

@@ -6,7 +6,8 @@ bfloat16: it halves the bytes every decode step streams and the memory held; on 
 1.6x faster than float32, measured; norms, the router and every activation stay float32). Weights are
 converted once at load (every GGUF block type and F16/BF16 dequantised to the compute dtype; HF per-expert tensors
 stacked). The decode step (one token) and prefill chunks (padded to 8/32/128 tokens, padding masked)
-each compile once; the KV cache is a donated pytree of static shapes updated with
+each compile once; a batched step (several sequences, one token each: the server's decode) compiles
+once per batch size and cache shapes; the KV cache is a donated pytree of static shapes updated with
 dynamic_update_slice (the graph's `attention` returns the updated arrays); experts are picked with
 gathers; only the logits come back to the host.
 """
@@ -99,7 +100,7 @@ class JaxBackend(Backend):
                            f"norms and router float32)" + ("" if self.accelerator else
                                                            "; matmuls convert cache-sized chunks to float32"),
                 "compiled": "decode step and prefill chunks of " + "/".join(map(str, BUCKETS[1:])) +
-                            " tokens, once per bucket",
+                            " tokens, once per bucket; batched decode once per batch size",
                 "threads": f"XLA's CPU pool, {os.cpu_count()} cores (fixed when jax starts)"}
 
     @property
@@ -180,14 +181,24 @@ class JaxBackend(Backend):
     # ---- the compiled step: the graph traced over jax functions ---------------------------
     def _traced_ops(self, tree, valid, n_experts: int) -> OpTable:
         """The op table the graph runs on inside the compiled step: weights are the traced arrays of
-        `tree`, the cache of each layer its (keys, values, positions) arrays, returned updated."""
-        o = self.ops
+        `tree`, the cache of each layer its (keys, values, positions) arrays, returned updated.
+        valid=None: every row of every context is real (the batched decode step)."""
+        o, jnp = self.ops, self.jnp
 
         def context(cfg, pos):
-            return o.JaxContext(pos, cfg.rope_theta, pos, valid, tree["cos"][pos], tree["sin"][pos])
+            ok = jnp.ones(pos.shape[0], bool) if valid is None else valid
+            return o.JaxContext(pos, cfg.rope_theta, pos, ok, tree["cos"][pos], tree["sin"][pos])
 
         def attention(q, k, v, kv, ctx, window):
             return o.attend_and_append(q, k, v, kv, ctx.device_positions, ctx.valid, window)
+
+        def attention_batch(q, k, v, kvs, ctxs, seg, window):   # seg is static: one row per sequence
+            outs, kept = [], []
+            for kv, ctx, a, b in zip(kvs, ctxs, seg[:-1], seg[1:]):
+                out, kv = attention(q[a:b], k[a:b], v[a:b], kv, ctx, window)
+                outs.append(out)
+                kept.append(kv)
+            return jnp.concatenate(outs), kept
 
         return OpTable(
             context=context,
@@ -199,7 +210,8 @@ class JaxBackend(Backend):
             new_cache=self.new_cache, attention=attention,
             route=lambda x, w, k, softmax: o.route(x, w.value, k, softmax),
             moe=lambda x, g, u, d, ids, w: o.moe(x, g.value, u.value, d.value, ids, w, n_experts),
-            layer=None, forward=None, to_numpy=self.to_numpy, from_numpy=self.from_numpy, native=[], fallbacks=[])
+            layer=None, forward=None, to_numpy=self.to_numpy, from_numpy=self.from_numpy, native=[], fallbacks=[],
+            attention_batch=attention_batch)
 
     def _step(self, cfg, params: ModelParams):
         """The jitted step of this config, made once per backend instance: another model of the same
@@ -211,28 +223,78 @@ class JaxBackend(Backend):
             steps[key] = self._make_step(cfg, params)
         return steps[key]
 
+    @staticmethod
+    def _traced_params(params: ModelParams, tree) -> ModelParams:
+        """`params` with the traced arrays of `tree` as values (the raw tensors kept for their shapes)."""
+        names = params.layers[0].__dataclass_fields__ if params.layers else ()
+        layers = [LayerParams(**{f: Param(getattr(lp, f).raw, tree["layers"][i][f]) for f in names})
+                  for i, lp in enumerate(params.layers)]
+        embed = Param(params.embed.raw, tree["embed"])
+        head = embed if params.head is params.embed else Param(params.head.raw, tree["head"])
+        return ModelParams(embed, layers, Param(params.norm.raw, tree["norm"]), head)
+
     def _make_step(self, cfg, params: ModelParams):
         jax, jnp = self.jax, self.jnp
-        names = params.layers[0].__dataclass_fields__ if params.layers else ()
-
-        def traced(p: Param, value) -> Param:
-            return Param(p.raw, value)
 
         def step(tree, caches, ids, pos, n_valid, last_only):
             T = ids.shape[0]
             # runs only while tracing: one count per compilation
             self.compilations[(T, tuple(kv[0].shape[0] for kv in caches), last_only)] += 1
             ops = self._traced_ops(tree, jnp.arange(T) >= T - n_valid, cfg.moe_num_primary_experts)
-            layers = [LayerParams(**{f: traced(getattr(lp, f), tree["layers"][i][f]) for f in names})
-                      for i, lp in enumerate(params.layers)]
-            embed = traced(params.embed, tree["embed"])
-            head = embed if params.head is params.embed else traced(params.head, tree["head"])
             cache = SimpleNamespace(layers=list(caches))
-            logits = graph.forward(ops, cfg, ModelParams(embed, layers, traced(params.norm, tree["norm"]), head),
-                                   ids, pos, cache, last_only)
+            logits = graph.forward(ops, cfg, self._traced_params(params, tree), ids, pos, cache, last_only)
             return logits, cache.layers
 
         return jax.jit(step, static_argnames="last_only", donate_argnums=1)
+
+    def _batch_step(self, cfg, params: ModelParams):
+        """The jitted decode step over B sequences (one token each, each its own cache): the graph's
+        forward_batch traced once per (B, cache capacities)."""
+        steps = self.__dict__.setdefault("_batch_steps", {})
+        key = (cfg, params.head is params.embed)
+        if key not in steps:
+            def step(tree, caches, ids, pos):
+                B = ids.shape[0]
+                self.compilations[("batch", B, tuple(tuple(kv[0].shape[0] for kv in c) for c in caches))] += 1
+                ops = self._traced_ops(tree, None, cfg.moe_num_primary_experts)
+                seqs = [SimpleNamespace(layers=list(c)) for c in caches]
+                logits = graph.forward_batch(ops, cfg, self._traced_params(params, tree), ids, pos, seqs,
+                                             np.arange(B + 1))
+                return logits, [c.layers for c in seqs]
+
+            steps[key] = self.jax.jit(step, donate_argnums=1)
+        return steps[key]
+
+    def forward_batch(self, cfg, params: ModelParams, ids, positions, caches, seg):
+        """One step over several sequences: those decoding one token run together in one compiled
+        call (each dense weight read once for all of them); a sequence feeding
+        a prompt chunk runs its own compiled step beside it. Logits [B, vocab], in `caches` order."""
+        seg = np.asarray(seg, np.int64)
+        if seg.ndim != 1 or len(seg) != len(caches) + 1 or seg[0] != 0 or np.any(np.diff(seg) <= 0):
+            raise InputError(f"forward_batch: seg must be increasing row offsets from 0, one segment per cache "
+                             f"({len(caches)} caches), got {seg.tolist()}")
+        if len({id(c) for c in caches}) != len(caches):
+            raise InputError("forward_batch: a cache appears twice in one step")
+        if "jax" not in params.extra:
+            self.prepare_model(params, cfg)
+        ids, positions = np.asarray(ids, np.int64), np.asarray(positions, np.int64)
+        one = [b for b in range(len(caches)) if seg[b + 1] - seg[b] == 1]
+        rows: dict[int, object] = {}
+        if len(one) > 1:
+            for b in one:
+                caches[b].ensure(int(positions[seg[b]]) + 1)
+            dev = self.jax.device_put((ids[seg[one]].astype(np.int32), positions[seg[one]].astype(np.int32)),
+                                      self.device)
+            logits, arrays = self._batch_step(cfg, params)(params.extra["jax"][0], [caches[b].arrays for b in one],
+                                                           *dev)
+            for j, b in enumerate(one):
+                caches[b].arrays = arrays[j]
+                rows[b] = logits[j:j + 1]
+        for b in range(len(caches)):
+            if b not in rows:
+                a, e = seg[b], seg[b + 1]
+                rows[b] = self.forward(cfg, params, ids[a:e], positions[a:e], caches[b], last_only=True)
+        return self.jnp.concatenate([rows[b] for b in range(len(caches))])
 
     def forward(self, cfg, params: ModelParams, ids, positions, cache, last_only: bool = False):
         jnp = self.jnp

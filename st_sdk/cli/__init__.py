@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["demo", "generate", "chat", "synth", "info", "backends", "bench", "quantize", "perplexity"]
+COMMANDS = ["demo", "generate", "chat", "synth", "info", "backends", "bench", "quantize", "perplexity", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

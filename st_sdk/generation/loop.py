@@ -1,85 +1,34 @@
-"""The generation loop: prefill what the session lacks, then sample and feed one token at a time.
+"""Generation entry points over the model's engine: `generate` for one prompt or a list, `start` for a
+prepared session (chat, conversations), `agenerate` as an async iterator.
 
-`run` is a Python generator yielding text pieces; `generate(stream=False)` drains it into a
-`GenerationResult`, `generate(stream=True)` hands it out as a `GenerationStream`, and `agenerate`
-drives that stream from a worker thread.
+Every generation runs as a `Request` on `model.engine` (continuous batching, one engine thread per
+model), so concurrent calls from threads and lists of prompts share each step's weight reads; the
+caller's thread waits on the request's events: drained into a `GenerationResult`, or handed out as a
+`GenerationStream` of text pieces.
 """
 from __future__ import annotations
 
-import threading
-import time
-from typing import AsyncIterator, Iterator
-
-import numpy as np
+from typing import AsyncIterator
 
 import numpy as np
 
 from ..errors import InputError
 from .options import Options, context_of, encode_prompt
-from .result import GenerationResult
+from .request import Request
 from .sampler import Sampler
 from .stream import GenerationStream
 
 
-def run(model, session, prompt_ids: list[int], sampler: Sampler, out: dict) -> Iterator[str]:
-    """Prefill what `session` does not hold yet, then sample until a stop condition, yielding text pieces.
-    Fills `out["result"]` with the GenerationResult when it ends, also when closed early."""
-    t_start = time.perf_counter()
-    cancel = sampler.opts.cancel
-    finish = None
-    cached = len(session.tokens)
-    prefill_s = decode_s = 0.0
-    n_decode = 0
-
-    def result() -> "GenerationResult":
-        n_new = len(prompt_ids) - cached
-        timings = dict(prompt_tokens=len(prompt_ids), cached_tokens=cached, prefill_s=prefill_s,
-                       prefill_tokens_per_s=n_new / prefill_s if prefill_s > 0 and n_new else float("nan"),
-                       generated_tokens=len(sampler.token_ids), decode_s=decode_s,
-                       decode_tokens_per_s=n_decode / decode_s if decode_s > 0 and n_decode else float("nan"),
-                       total_s=time.perf_counter() - t_start)
-        return GenerationResult(sampler.text, sampler.token_ids, prompt_ids, finish or sampler.finish_reason,
-                                sampler.logprobs, sampler.top_logprobs, timings)
-
-    try:
-        # prefill in chunks, checking for cancellation between them
-        todo = prompt_ids[cached:]
-        t0 = time.perf_counter()
-        logits = None
-        chunk = model.chunk_size
-        for s in range(0, len(todo), chunk):
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                return
-            logits = session.feed(todo[s:s + chunk], chunk=chunk)
-        prefill_s = time.perf_counter() - t0
-
-        while True:
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                return
-            t0 = time.perf_counter()
-            step = sampler.step(logits)
-            if step.text:
-                yield step.text
-            if sampler.finished:
-                break
-            logits = session.feed([step.token])
-            decode_s += time.perf_counter() - t0   # sampling + one forward step
-            n_decode += 1
-    except GeneratorExit:   # the consumer closed the stream
-        finish = "cancelled"
-        raise
-    except BaseException:
-        finish = "error"
-        raise
-    finally:
-        out["result"] = result()
-
-
 def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on_done=None):
-    """Run a generation on `session`: drained into a GenerationResult, or as a GenerationStream;
-    `on_done(result)` runs when it ends."""
+    """Run a generation on `session` through the model's engine: drained into a GenerationResult, or
+    as a GenerationStream; `on_done(result)` runs when it ends."""
+    req = submit(model, session, prompt_ids, opts)
+    return _wait(model, req, stream, on_done)
+
+
+def submit(model, session, prompt_ids: list[int], opts: Options, events=None) -> Request:
+    """Queue a generation on the model's engine; `events` (anything with put()) receives its
+    ("piece" | "done" | "error", value, tokens generated) events. Raises BusyError when the queue is full."""
     if opts.stop and model.tokenizer is None:
         raise InputError("stop: stop strings need a tokenizer; this model has none")
     ctx = context_of(model)
@@ -88,14 +37,19 @@ def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on
                          f"{len(prompt_ids) + opts.max_new_tokens} tokens exceed the model's context of {ctx} tokens "
                          "(lower max_new_tokens, pass max_new_tokens=None to stop when the context is full, or "
                          "load(..., context=N))")
-    cancel = opts.cancel or threading.Event()
-    opts.cancel = cancel
     # made now: bad options (a logit_bias id, a grammar that does not compile) fail before any work
     sampler = Sampler(model, opts, prompt_ids, room=ctx - len(prompt_ids))
+    req = Request(model, session, prompt_ids, sampler, chunk=model.engine.chunk, events=events)
+    opts.cancel = req.cancel
+    return model.engine.submit(req)
+
+
+def _wait(model, req: Request, stream: bool, on_done=None):
     out: dict = {}
-    gen = run(model, session, prompt_ids, sampler, out)
+    gen = req.pieces(out, lambda: model.engine.release(req))
     if stream:
-        return GenerationStream(gen, out, cancel, prompt_ids, on_done)
+        return GenerationStream(gen, out, req.cancel, req.prompt_ids, on_done,
+                                release=lambda: model.engine.release(req) or req.result)
     try:
         for _ in gen:
             pass
@@ -112,14 +66,28 @@ def capacity(model, n_prompt: int, opts: Options) -> int:
 
 def generate(model, prompt, *, stream: bool = False, **kw):
     """Generate from text or token ids. See `Model.generate` and docs/generation.md for the options.
-    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces; a list of
-    prompts returns the list of their results, each what the prompt alone would give."""
-    opts = Options.parse(**kw)
+    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces. A list of
+    prompts (texts or id lists) runs them together in the engine's batch and returns a list of those
+    (of streams with stream=True), each what the prompt alone would give."""
     if is_batch(prompt):
+        # every prompt and option checked before anything is queued: a bad one fails the call, not half of it
+        jobs = [(ids, Options.parse(**kw)) for ids in (encode_prompt(model, p) for p in prompt)]
+        reqs = []
+        try:
+            for ids, opts in jobs:
+                reqs.append(submit_cached(model, ids, opts))
+        except BaseException:
+            for r in reqs:
+                r.cancel.set()
+            raise
         if stream:
-            raise InputError("stream: a list of prompts cannot be streamed; stream each prompt on its own")
-        batch = [encode_prompt(model, p) for p in prompt]     # every prompt checked before any work
-        return [start_cached(model, ids, Options.parse(**kw), False) for ids in batch]
+            return [_wait(model, r, True, r.on_done) for r in reqs]
+        try:
+            return [_wait(model, r, False, r.on_done) for r in reqs]
+        finally:
+            for r in reqs:   # after an error or an interrupt, the others stop too
+                r.cancel.set()
+    opts = Options.parse(**kw)
     ids = encode_prompt(model, prompt)
     return start_cached(model, ids, opts, stream)
 
@@ -138,14 +106,24 @@ def is_batch(prompt) -> bool:
 
 
 def start_cached(model, ids: list[int], opts: Options, stream: bool):
-    """`start` on a session from the model's prompt cache, given back to it when the request ends."""
-    session = model.prompt_cache.acquire(ids, capacity(model, len(ids), opts))
+    """`start` on a session from the model's prompt cache (see submit_cached)."""
+    req = submit_cached(model, ids, opts)
+    return _wait(model, req, stream, req.on_done)
 
-    def done(res: GenerationResult) -> None:
+
+def submit_cached(model, ids: list[int], opts: Options, events=None) -> Request:
+    """`submit` on a session from the model's prompt cache (the longest shared prefix of a recent
+    request's KV), given back to the cache when the request ends (`req.on_done`, which the caller
+    runs with the result)."""
+    session = model.prompt_cache.acquire(ids, capacity(model, len(ids), opts))
+    req = submit(model, session, ids, opts, events=events)
+
+    def done(res) -> None:
         if res.finish_reason != "error":       # an error may leave half a step in the cache
             model.prompt_cache.release(session)
 
-    return start(model, session, ids, opts, stream, on_done=done)
+    req.on_done = done
+    return req
 
 
 async def agenerate(model, prompt, **kw) -> AsyncIterator[str]:

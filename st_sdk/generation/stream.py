@@ -14,8 +14,9 @@ class GenerationStream:
     it at once."""
 
     def __init__(self, gen: Iterator[str], out: dict, cancel: threading.Event, prompt_ids: list[int],
-                 on_done=None):
+                 on_done=None, release=None):
         self._gen = gen
+        self._release = release   # waits until the engine has let go; returns the final result
         self._prompt_ids = prompt_ids
         self._out = out
         self._cancel = cancel
@@ -52,7 +53,8 @@ class GenerationStream:
             except ValueError:   # closed from another thread while running: the event stops it
                 return
             # closed before the first piece was asked for: the generator never ran
-            self._out.setdefault("result", GenerationResult("", [], self._prompt_ids, "cancelled"))
+            res = self._release() if self._release is not None else None
+            self._out.setdefault("result", res or GenerationResult("", [], self._prompt_ids, "cancelled"))
             self._finish()
 
     def __enter__(self) -> "GenerationStream":

@@ -105,6 +105,6 @@ def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool):
     reads experts through the cache (`supports_offload`), otherwise on the NumPy reference."""
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
-    return dataclasses.replace(ops, forward=None, layer=None, moe=moe,
+    return dataclasses.replace(ops, forward=None, layer=None, forward_batch=None, moe=moe,
                                route=prefetching_route(ops.route, params, cache) if prefetch else ops.route,
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))

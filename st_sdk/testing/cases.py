@@ -152,6 +152,43 @@ def attention_case(steps: list[int], window: int | None, n_heads: int, n_kv: int
     return case
 
 
+def attention_batch_case(steps: list[list[int]], window: int | None, n_heads: int = 4, n_kv: int = 2, hd: int = 16):
+    """Several sequences, each with its own cache, fed together step by step (ragged: `steps[j][b]`
+    tokens of sequence b in step j; 0 = it sits the step out); each sequence's rows must equal the
+    reference attention of that sequence alone."""
+    def case(ctx: Ctx) -> list[Measure]:
+        cfg = _config(n_heads, n_kv, hd, window=window)
+        layer = 1 if window else 0
+        B = len(steps[0])
+        bcaches = [ctx.backend.new_cache(cfg, 8).layers[layer] for _ in range(B)]
+        rcaches = [ctx.reference.new_cache(cfg, 8).layers[layer] for _ in range(B)]
+        starts, out = [0] * B, []
+        for j, step in enumerate(steps):
+            who = [b for b in range(B) if step[b]]
+            seg = np.concatenate([[0], np.cumsum([step[b] for b in who])]).astype(np.int64)
+            pos = np.concatenate([np.arange(starts[b], starts[b] + step[b]) for b in who]).astype(np.int64)
+            T = int(seg[-1])
+            q = ctx.rng.standard_normal((T, n_heads, hd)).astype(np.float32)
+            k = ctx.rng.standard_normal((T, n_kv, hd)).astype(np.float32)
+            v = ctx.rng.standard_normal((T, n_kv, hd)).astype(np.float32)
+            with ctx.backend.context(cfg, pos):
+                ctxs = [ctx.backend.context(cfg, pos[a:e]) for a, e in zip(seg[:-1], seg[1:])]
+                got, kept = ctx.backend.attention_batch(ctx.x(q), ctx.x(k), ctx.x(v), [bcaches[b] for b in who],
+                                                        ctxs, seg, window)
+            for b, c in zip(who, kept):
+                bcaches[b] = c
+            want = []
+            for b, a, e in zip(who, seg[:-1], seg[1:]):
+                w, rcaches[b] = ctx.reference.attention(q[a:e], k[a:e], v[a:e], rcaches[b],
+                                                        ctx.reference.context(cfg, pos[a:e]), window)
+                want.append(w)
+            out.append(compare(f"step {j}: sequences {who}", ctx.backend.to_numpy(got), np.concatenate(want)))
+            for b in who:
+                starts[b] += step[b]
+        return out
+    return case
+
+
 # ---- route, moe ----------------------------------------------------------------------------------
 
 def _separated_inputs(ctx: Ctx, router: np.ndarray, T: int, k: int) -> np.ndarray:
@@ -283,6 +320,35 @@ def forward_case(steps: list[tuple[int, bool]]):
     return case
 
 
+def forward_batch_case(steps: list[list[int]]):
+    """A batched step over several sequences (each its own cache; 0 tokens = it sits the step out)
+    against the reference forward of each sequence alone: each sequence's last-row logits."""
+    def case(ctx: Ctx) -> list[Measure]:
+        from ..graph import forward
+
+        cfg = _model_config(ctx)
+        bparams, rparams = _params(ctx, cfg)
+        ops, ref_ops = bind_ops(ctx.backend, ctx.reference), bind_ops(ctx.reference, ctx.reference)
+        B = len(steps[0])
+        bcaches = [ops.new_cache(cfg, 4) for _ in range(B)]
+        rcaches = [ref_ops.new_cache(cfg, 4) for _ in range(B)]
+        starts, out = [0] * B, []
+        for j, step in enumerate(steps):
+            who = [b for b in range(B) if step[b]]
+            ids = [ctx.rng.integers(0, cfg.vocab_size, step[b]).astype(np.int64) for b in who]
+            pos = [np.arange(starts[b], starts[b] + step[b], dtype=np.int64) for b in who]
+            seg = np.concatenate([[0], np.cumsum([step[b] for b in who])]).astype(np.int64)
+            got = ctx.call("forward_batch", cfg, bparams, np.concatenate(ids), np.concatenate(pos),
+                           [bcaches[b] for b in who], seg)
+            want = np.concatenate([ref_ops.to_numpy(forward(ref_ops, cfg, rparams, i, p, rcaches[b], True))
+                                   for b, i, p in zip(who, ids, pos)])
+            out.append(compare(f"step {j}: sequences {who}", got, want))
+            for b in who:
+                starts[b] += step[b]
+        return out
+    return case
+
+
 def model_case(kind: str):
     """Whole-model logits through `Model` (every op the backend provides, the rest falling back)."""
     def case(ctx: Ctx) -> list[Measure]:
@@ -296,6 +362,17 @@ def model_case(kind: str):
         if kind == "logits":
             ref = Model(cfg, rparams, ctx.reference, bind_ops(ctx.reference, ctx.reference))
             return [compare(f"{len(ids)} tokens, window {cfg.sliding_window_size}", full, ref.logits(ids))]
+        if kind == "batch":   # Model.feed_batch: ragged steps over three sessions vs each session alone
+            rng = np.random.default_rng(ctx.seed + 2)
+            prompts = [rng.integers(0, cfg.vocab_size, n) for n in (5, 1, 3)]
+            solo = [model.session() for _ in prompts]
+            together = [model.session() for _ in prompts]
+            want = [s.feed(p) for s, p in zip(solo, prompts)]
+            got = model.feed_batch(together, prompts)
+            nxt = [int(t) for t in rng.integers(0, cfg.vocab_size, 3)]
+            want += [solo[0].feed([nxt[0]]), solo[2].feed(nxt[1:])]
+            got += model.feed_batch([together[0], together[2]], [[nxt[0]], nxt[1:]])
+            return [compare("each session's last logits, batched vs alone", np.stack(got), np.stack(want))]
         s = model.session()
         if kind == "decode":
             steps = np.stack([s.feed([int(t)]) for t in ids])
@@ -330,11 +407,14 @@ CASES: dict[str, list[tuple[str, Case]]] = {
             ("decode", moe_case(1, 8, 2, "gguf")), ("all-experts", moe_case(3, 4, 4, "gguf"))],
     "layer": [("nope-global", layer_case(0, [5, 1, 3])), ("rope-window", layer_case(1, [6, 1, 1, 4]))],
     "forward": [("prefill-then-decode", forward_case([(6, False), (1, True), (4, True), (3, False)]))],
+    "attention_batch": [("global-ragged", attention_batch_case([[5, 1, 3], [1, 1, 1], [0, 4, 1]], None)),
+                        ("window-ragged", attention_batch_case([[6, 2, 1], [1, 3, 1], [2, 0, 5]], 4))],
+    "forward_batch": [("ragged", forward_batch_case([[5, 1, 3], [1, 1, 1], [2, 0, 1], [1, 4, 0]]))],
     "model": [("logits", model_case("logits")), ("decode", model_case("decode")),
-              ("chunked", model_case("chunked"))],
+              ("chunked", model_case("chunked")), ("batch", model_case("batch"))],
 }
 
 #: ops whose result depends on the stored weight format; the others run once, without one
-WEIGHTED = {"embed", "rms_norm", "linear", "qkv", "route", "moe", "layer", "forward", "model"}
+WEIGHTED = {"embed", "rms_norm", "linear", "qkv", "route", "moe", "layer", "forward", "forward_batch", "model"}
 #: formats an op never sees in a real file (norms and routers stay full precision beside block formats)
 NOT_STORED = {"rms_norm": data.QUANTISED, "route": data.QUANTISED}

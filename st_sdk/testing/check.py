@@ -87,8 +87,9 @@ def op_formats(op: str, formats: Iterable[str]) -> list[str | None]:
 def skip_reason(backend: Backend, op: str, fmt: str | None) -> str | None:
     """Why this op/format pair is not checked on this backend, or None."""
     if op != MODEL_CHECK and op not in backend.provides():
-        instead = "its own `linear`, three times" if op == "qkv" else \
-            "the graph's parts" if op in ("layer", "forward") else "the NumPy reference"
+        instead = {"qkv": "its own `linear`, three times", "layer": "the graph's parts", "forward": "the graph's parts",
+                   "forward_batch": "the graph's parts", "attention_batch": "its `attention`, once per sequence"
+                   }.get(op, "the NumPy reference")
         return f"backend '{backend.name}' does not provide '{op}' (it runs on {instead})"
     if fmt in NOT_STORED.get(op, ()):
         return f"'{op}' weights are never stored as {fmt} (they stay full precision)"
@@ -104,7 +105,7 @@ def run_case(backend: Backend, reference: Backend, op: str, case: str, fmt: str 
         return Result(op, case, fmt, dtype, "skip", detail=reason)
     computes_in = effective_dtype(backend, dtype)
     tol = tolerance(fmt if op in WEIGHTED else None, computes_in,
-                    "model" if op in (MODEL_CHECK, "forward") else "op", overrides)
+                    "model" if op in (MODEL_CHECK, "forward", "forward_batch") else "op", overrides)
     try:
         measures = fn(Ctx(backend, reference, fmt if op in WEIGHTED else None, computes_in, seed))
     except Exception as e:

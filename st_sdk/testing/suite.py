@@ -84,4 +84,6 @@ class ConformanceSuite:
     test_moe = _op("moe")
     test_layer = _op("layer")
     test_forward = _op("forward")
+    test_attention_batch = _op("attention_batch")
+    test_forward_batch = _op("forward_batch")
     test_model = _op("model")
