@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 ARCHITECTURE = "SmallThinkerForCausalLM"
 GGUF_ARCH = "smallthinker"
+#: bytes per stored key or value element of each KV-cache storage type (q8_0: ggml's blocks of 32 values,
+#: 34 bytes); the slot positions the caches keep beside them (8 bytes a slot) are not counted
+KV_ITEM_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "bf16": 2.0, "f32": 4.0}
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,14 @@ class ModelConfig:
     def layer_uses_rope(self, i: int) -> bool:
         return bool(self.rope_layout[i])
 
-    def kv_cache_bytes(self, tokens: int, itemsize: int = 4) -> int:
-        """KV cache for `tokens` tokens: sliding-window layers keep at most their window."""
-        per_token = 2 * self.kv_dim * itemsize
-        return sum(per_token * (min(tokens, w) if (w := self.layer_window(i)) else tokens)
-                   for i in range(self.num_hidden_layers))
+    def kv_cache_bytes(self, tokens: int, dtype: str = "f16") -> int:
+        """KV cache for `tokens` tokens stored as `dtype` (KV_ITEM_BYTES): keys and values of every kv
+        head; sliding-window layers keep at most their window."""
+        if dtype not in KV_ITEM_BYTES:
+            raise InputError(f"kv_dtype={dtype!r}: KV cache storage types are {', '.join(KV_ITEM_BYTES)}")
+        per_token = 2 * self.kv_dim * KV_ITEM_BYTES[dtype]
+        return int(sum(per_token * (min(tokens, w) if (w := self.layer_window(i)) else tokens)
+                       for i in range(self.num_hidden_layers)))
 
     def parameter_count(self) -> int:
         H, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers

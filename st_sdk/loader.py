@@ -16,7 +16,8 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     quantize: convert the matrices in memory at load: a type ('q8_0', 'q4_0', 'q4_k', 'q6_k', 'f16',
     ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
     tensor the type llama-quantize gives it); norms and the router stay f32. Other keyword arguments go
-    to `st_sdk.model.build_model` (max_memory, context, prefetch: the memory-budget mode).
+    to `st_sdk.model.build_model`: kv_dtype ('f16', 'q8_0', 'f32': how the KV cache stores keys and
+    values), max_memory, context, prefetch (the memory-budget mode).
     """
     from .model import build_model
     from .weights import open_model

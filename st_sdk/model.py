@@ -20,7 +20,7 @@ class Session:
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
         self.capacity = capacity or model.config.max_position_embeddings
-        self.cache = model.ops.new_cache(model.config, min(self.capacity, 4096))
+        self.cache = model.new_cache(min(self.capacity, 4096))
         self.tokens: list[int] = []
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, chunk: int | None = None) -> np.ndarray:
@@ -44,7 +44,7 @@ class Session:
 class Model:
     def __init__(self, config: ModelConfig, params: ModelParams, backend: Backend, ops: OpTable,
                  tokenizer: Any = None, selection: Any = None, path: str | None = None,
-                 chunk_size: int = DEFAULT_CHUNK):
+                 chunk_size: int = DEFAULT_CHUNK, kv_dtype: str | None = None):
         self.config = config
         self.params = params
         self.backend = backend
@@ -53,6 +53,7 @@ class Model:
         self.selection = selection
         self.path = path
         self.chunk_size = chunk_size
+        self.kv_dtype = kv_dtype   # the KV cache's storage type (None: the cache's own, no choice offered)
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
 
@@ -64,6 +65,16 @@ class Model:
     # ---- the data plane --------------------------------------------------------------------
     def _forward(self, ids: np.ndarray, positions: np.ndarray, cache, last_only: bool = False):
         return graph.forward(self.ops, self.config, self.params, ids, positions, cache, last_only)
+
+    def new_cache(self, capacity: int):
+        """An empty KV cache for `capacity` tokens (it grows past that) in this model's kv_dtype."""
+        if self.kv_dtype is None:
+            return self.ops.new_cache(self.config, capacity)
+        return self.ops.new_cache(self.config, capacity, kv_dtype=self.kv_dtype)
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes the KV cache holds at `tokens` tokens (st_sdk.config.ModelConfig.kv_cache_bytes)."""
+        return self.config.kv_cache_bytes(tokens, self.kv_dtype or "f32")
 
     def check_ids(self, ids: Iterable[int] | np.ndarray, start: int = 0, name: str = "ids") -> np.ndarray:
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
@@ -139,8 +150,12 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
                 tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
                 tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool = True, **kw) -> Model:
+                prefetch: bool = True, kv_dtype: str | None = None, **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
+
+    kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
+    --cache-type-k/v), among the types the backend's cache offers (`Backend.kv_dtypes`); default: its
+    first (f16 on the c, torch and jax backends; f32 on the NumPy reference, the exact oracle).
 
     max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
     into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
@@ -154,22 +169,25 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     if max_memory is not None:
         from .offload.experts import setup_offload
 
-        params, *offload = setup_offload(config, params, max_memory, context=context)
+        params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16")
 
     backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
                                             n_threads=n_threads, strict=strict, tune=tune,
                                             weight_format=weight_format)
-    prepared = prepare_params(backend_obj, params, config)
     ops = selection.ops
+    kv_dtype = resolve_kv_dtype(backend_obj, ops, kv_dtype)
+    prepared = prepare_params(backend_obj, params, config)
     if offload is not None:
         from .offload.experts import offload_ops
 
         cache, plan = offload
-        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)))
+        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)),
+                     kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
         ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
-    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
+    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
+                  kv_dtype=kv_dtype, **kw)
     if offload is not None:
         model.offload, model.memory_plan = offload
         selection.offload = tuple(offload)
@@ -179,3 +197,22 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
         model._forward = step
         selection.step_wrappers = wrappers
     return model
+
+
+def resolve_kv_dtype(backend: Backend, ops: OpTable, requested: str | None) -> str | None:
+    """The KV cache storage type: `requested` if the cache's maker offers it (the backend when it
+    provides new_cache, else the NumPy reference), else that maker's default; None when it offers no
+    choice. InputError names the choices."""
+    if "new_cache" in ops.native:
+        maker = backend
+    else:
+        from .selection import reference_backend
+
+        maker = reference_backend()
+    choices = tuple(getattr(maker, "kv_dtypes", ()) or ())
+    if requested is None:
+        return choices[0] if choices else None
+    if requested not in choices:
+        offered = f"one of {', '.join(choices)}" if choices else "no choice of kv_dtype"
+        raise InputError(f"kv_dtype={requested!r}: the KV cache of backend '{maker.name}' offers {offered}")
+    return requested

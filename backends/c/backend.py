@@ -17,7 +17,7 @@ from st_sdk.errors import BackendError, InputError
 from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
-from .cache import CKVCache, CLayerKV
+from .cache import KV_DTYPES, CKVCache, CLayerKV
 from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr
 
 log = logging.getLogger("st_sdk")
@@ -112,6 +112,8 @@ class CBackend(Backend):
     converts = tuple(f for f in QUANT_SIZES if f not in ops.FMT_CODE)
     #: moe reads experts through st_sdk.offload's cache under a memory budget (see _offloaded_moe)
     supports_offload = True
+    #: KV cache storage types (f16 by default; q8_0 needs head_dim % 32 == 0)
+    kv_dtypes = tuple(KV_DTYPES)
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         super().__init__(n_threads, dtype)
@@ -286,8 +288,8 @@ class CBackend(Backend):
         hit = self._layer_structs.get(key)
         if hit is None or hit[0] is not layer_params or hit[1][2] != cfg:
             hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
-        if layer_cache.k.shape[1:] != (cfg.num_key_value_heads, cfg.head_dim):
-            raise InputError(f"layer {i}: the cache holds {list(layer_cache.k.shape[1:])} kv heads x dims, the config "
+        if layer_cache.shape != (cfg.num_key_value_heads, cfg.head_dim):
+            raise InputError(f"layer {i}: the cache holds {list(layer_cache.shape)} kv heads x dims, the config "
                              f"[{cfg.num_key_value_heads}, {cfg.head_dim}]")
         if (cfg.layer_window(i) or None) != layer_cache.window:
             raise InputError(f"layer {i}: the cache's window {layer_cache.window} does not match the config's "
@@ -359,9 +361,16 @@ class CBackend(Backend):
                           float(theta)), "rope")
         return out
 
-    def new_cache(self, config, capacity: int):
+    def new_cache(self, config, capacity: int, kv_dtype: str | None = None):
         ffi_lib()
-        return CKVCache(config, capacity)
+        kv_dtype = kv_dtype or self.kv_dtypes[0]
+        if kv_dtype not in KV_DTYPES:
+            raise InputError(f"kv_dtype={kv_dtype!r}: the C backend stores its KV cache as one of "
+                             f"{', '.join(KV_DTYPES)}")
+        if kv_dtype == "q8_0" and config.head_dim % 32:
+            raise InputError(f"kv_dtype='q8_0' needs head_dim % 32 == 0 (blocks of 32), this model's head_dim "
+                             f"is {config.head_dim}")
+        return CKVCache(config, capacity, kv_dtype)
 
     def attention(self, q, k, v, cache, positions, window):
         ffi, lib, pool = self._lib()
@@ -374,9 +383,8 @@ class CBackend(Backend):
                              f"got q {list(q.shape)} k {list(k.shape)} v {list(v.shape)}")
         T, nH, hd = q.shape
         nKV = k.shape[1]
-        if cache.k.shape[1:] != (nKV, hd):
-            raise InputError(f"attention: cache holds [{cache.k.shape[1]}, {cache.k.shape[2]}] heads x dims, "
-                             f"k has [{nKV}, {hd}]")
+        if cache.shape != (nKV, hd):
+            raise InputError(f"attention: cache holds {list(cache.shape)} heads x dims, k has [{nKV}, {hd}]")
         if (window or None) != cache.window:
             raise InputError(f"attention: window {window} does not match the cache's {cache.window}")
         pos = int64_vector(positions, T, "positions", 0)
