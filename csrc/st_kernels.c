@@ -646,9 +646,11 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     split(T, ith, nth, 1, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) topk_row(s->rl + t * E, E, k, m->softmax, s->rw + t * k, s->rid + t * k);
     barrier(f->pool, nth);
-    /* 4. attention over the cache plus this step's keys */
+    /* 4. attention over the cache plus this step's keys (thread 0 times the stage, barrier included) */
+    const double a0 = ith == 0 ? st_attn_clock() : 0;
     st_attn_run(&at, ith, nth);
     barrier(f->pool, nth);
+    if (ith == 0) st_attn_account(st_attn_clock() - a0);
     jctx c = {.pool = f->pool, .m = m, .T = T, .pos = f->pos, .gate = &L->gate, .up = &L->up, .down = &L->down,
               .E = E, .topk = k, .F = m->ffn, .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .mK = s->mK,
               .ids = s->rid, .w = s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .ZK = s->ZK,

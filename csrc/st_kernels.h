@@ -85,6 +85,9 @@ int st_rope(float *x, int64_t T, int64_t n, int64_t hd, const int64_t *pos, doub
 int64_t st_kv_bytes(int32_t dtype, int64_t cap, int64_t n_kv, int64_t head_dim);
 /* slots [0, n) of a cache as float32 k, v [n, n_kv, head_dim] */
 int st_kv_read(const st_kv *kv, int64_t n_kv, int64_t head_dim, int64_t n, float *k, float *v);
+/* wall seconds the fused passes (st_forward, st_layer_forward) have spent in their attention stage
+ * since the module loaded, every thread done: what a profile of decode at long contexts needs */
+double st_attention_seconds(void);
 int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH,
                  int64_t nKV, int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out);
 int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int64_t k, int32_t softmax,
