@@ -33,6 +33,9 @@ from .errors import InputError
 log = logging.getLogger("st_sdk")
 
 DEFAULT_FORMATS = ("q4_0", "q8_0", "f16")
+#: formats `synth_gguf` makes by quantising the F16 file with llama.cpp's mixes (as published files are)
+QUANTIZED_FROM_F16 = ("q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+                      "q6_k", "iq4_nl", "iq4_xs")
 LLAMA = "llama.cpp"
 
 
@@ -146,7 +149,9 @@ def cache_dir() -> Path:
 def synth_gguf(preset: str, fmt: str, seed: int = 0) -> Path | None:
     """A synthetic GGUF of `preset` in `fmt`, written once into the cache directory and reused
     (written under a temporary name, then renamed, so concurrent runs never see half a file).
-    None when this st-sdk cannot write model files yet."""
+    The 32-block types and floats are written directly (every matrix `fmt`); the k-quant and IQ4 mixes
+    (q4_k_m, q6_k, ...) are quantised from the F16 file, by llama.cpp's quantiser when installed, else
+    st-sdk's. None when this st-sdk cannot write model files yet."""
     from . import synth
 
     if not hasattr(synth, "write_model"):
@@ -154,11 +159,19 @@ def synth_gguf(preset: str, fmt: str, seed: int = 0) -> Path | None:
     target = cache_dir() / f"{preset}-{fmt}-seed{seed}.gguf"
     if target.exists():
         return target
+    source = synth_gguf(preset, "f16", seed) if fmt in QUANTIZED_FROM_F16 else None
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{target.name}.lock"):   # a second writer waits, then reuses
         if target.exists():
             return target
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".writing-") as tmp:
+            if source is not None:   # what people download: llama.cpp's mix of the F16 file
+                from .weights.requantize import quantize_gguf
+
+                used = quantize_gguf(source, Path(tmp) / target.name, fmt, quantizer="auto")
+                log.warning("quantised %s to %s with %s's quantiser into %s (once)", source, fmt, used, target)
+                os.replace(Path(tmp) / target.name, target)
+                return target
             log.warning("synthesising %s %s into %s (once)", preset, fmt, target)
             out = synth.write_model(tmp, preset=preset, formats=("gguf",), dtype=fmt, seed=seed)
             os.replace(_find_gguf(out, tmp), target)

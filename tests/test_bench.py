@@ -179,3 +179,20 @@ def test_bench_under_a_memory_budget_reports_the_expert_cache(capsys, tmp_path):
     assert code == 0 and rec["status"] == "ok"
     assert doc["config"]["memory_mode"] == "max_memory=4GiB"
     assert rec["offload"]["bytes_read"] > 0 and "expert cache" in rec["memory_plan"]
+
+
+def test_bench_format_q4_k_m_quantises_the_f16_file(capsys):
+    """A llama.cpp mix is made as people get it: the synthesised F16 file, quantised (llama.cpp's
+    quantiser when installed, else st-sdk's), with the mix's per-tensor types."""
+    from st_sdk.weights import open_model
+    from st_sdk.weights.mixes import tensor_types
+
+    code, out, _ = run_cli(capsys, "--json", "--backend", "numpy", "--format", "q4_k_m",
+                           "--prompt-len", "4", "--gen-len", "2", "--rounds", "1")
+    assert code == 0
+    (rec,) = json.loads(out)["records"]
+    assert rec["format"] == "q4_k_m" and rec["status"] == "ok", rec
+    mf = open_model(bench.cache_dir() / "tiny-q4_k_m-seed0.gguf")
+    assert {n: mf.get(n).fmt for n in mf.names} == tensor_types(mf.config, "q4_k_m")
+    assert (bench.cache_dir() / "tiny-f16-seed0.gguf").exists()
+    assert run_cli(capsys, "--format", "q4_k_x")[0] == 1

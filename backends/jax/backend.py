@@ -130,7 +130,7 @@ class JaxBackend(Backend):
         tree = {"embed": params.embed.value, "norm": params.norm.value, "head": params.head.value,
                 "cos": self.jnp.asarray(cos), "sin": self.jnp.asarray(sin),
                 "layers": [{f: getattr(lp, f).value for f in layer_fields} for lp in params.layers]}
-        params.extra["jax"] = (tree, self._make_step(config))
+        params.extra["jax"] = (tree, self._step(config))
 
     def to_numpy(self, x) -> np.ndarray:
         a = np.asarray(x)
@@ -221,6 +221,15 @@ class JaxBackend(Backend):
             cfg, i, lp, jnp.asarray(h, jnp.float32), jnp.asarray(pos, jnp.int32), jnp.ones(len(pos), bool),
             layer_cache.arrays, cos, sin)
         return out
+
+    def _step(self, cfg):
+        """The jitted step of this config, made once per backend instance: another model of the same
+        shape (the same weights in another type, all converted to the compute dtype) reuses its
+        compilations."""
+        steps = self.__dict__.setdefault("_steps", {})
+        if cfg not in steps:
+            steps[cfg] = self._make_step(cfg)
+        return steps[cfg]
 
     def _make_step(self, cfg):
         jax, jnp, ops = self.jax, self.jnp, self.ops

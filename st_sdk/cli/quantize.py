@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("--type", default="q8_0", choices=list(GGUF_FORMATS), metavar="TYPE",
                    help=f"one of {', '.join(GGUF_FORMATS)} (default q8_0)")
     p.add_argument("--pure", action="store_true", help="every matrix the main type (as llama-quantize --pure)")
+    p.add_argument("--quantizer", default="st-sdk", choices=["st-sdk", "llama.cpp", "auto"],
+                   help="whose quantiser rounds the weights: st-sdk's (default) or llama.cpp's "
+                        "(llama-cpp-python's llama_model_quantize, GGUF input only); 'auto': llama.cpp's when installed")
     p.set_defaults(func=run)
 
 
@@ -28,7 +31,8 @@ def run(args) -> int:
     from st_sdk.errors import InputError
     from st_sdk.sizes import fmt_bytes
     from st_sdk.weights import open_model
-    from st_sdk.weights.export import export, gguf_specs, model_tensors
+    from st_sdk.weights.export import gguf_specs
+    from st_sdk.weights.requantize import quantize_gguf
 
     out = Path(args.output)
     if out.suffix != ".gguf":
@@ -36,17 +40,14 @@ def run(args) -> int:
     mf = open_model(args.input)
     if out.resolve() == Path(mf.path).resolve():
         raise InputError(f"{out}: refusing to overwrite the input file")
-    types = Counter(fmt for fmt, _ in gguf_specs(mf.config, args.type, args.pure).values())   # fails early
-    tmp = out.with_name(out.name + ".part")   # never leave a half-written OUT behind
+    if args.quantizer == "st-sdk":
+        gguf_specs(mf.config, args.type, args.pure)   # a type st-sdk cannot write fails here, not midway
     t0 = time.perf_counter()
-    try:
-        export(mf.config, model_tensors(mf), args.type, gguf_path=tmp, tokenizer=mf.tokenizer,
-               desc=f"quantize {args.type}", pure=args.pure)
-        tmp.replace(out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    used = quantize_gguf(mf.path, out, args.type, args.quantizer, args.pure)
+    seconds = time.perf_counter() - t0
+    written = open_model(out)
+    types = Counter(written.get(n).fmt for n in written.names)
     mix = ", ".join(f"{t} x{n}" for t, n in types.most_common())
     print(f"gguf: {out} ({fmt_bytes(out.stat().st_size)}, {args.type}{' pure' if args.pure else ''}: {mix}; "
-          f"{time.perf_counter() - t0:.1f} s)")
+          f"{used} quantiser, {seconds:.1f} s)")
     return 0

@@ -77,7 +77,7 @@ def compare(label: str, got, want) -> Measure:
 # ---- embed, rms_norm, linear ---------------------------------------------------------------------
 
 def embed_case(ctx: Ctx) -> list[Measure]:
-    b, r = ctx.weight("embed", ctx.rng.standard_normal((64, 64)), "embed")
+    b, r = ctx.weight("embed", ctx.rng.standard_normal((64, 64 * data.width(ctx.fmt))), "embed")
     ids = np.array([0, 5, 5, 63, 17], np.int64)      # first, last and a repeated row
     return [compare("rows", ctx.call("embed", b, ids), ctx.reference.embed(r, ids))]
 
@@ -91,9 +91,11 @@ def rms_norm_case(scale: float, eps: float, T: int):
 
 
 def linear_case(T: int, n_in: int, n_out: int, role: str):
+    """Dimensions grow with the format's block (data.width)."""
     def case(ctx: Ctx) -> list[Measure]:
-        b, r = ctx.weight(role, ctx.rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), role)
-        x = ctx.rng.standard_normal((T, n_in)).astype(np.float32)
+        i, o = n_in * data.width(ctx.fmt), n_out * data.width(ctx.fmt)
+        b, r = ctx.weight(role, ctx.rng.standard_normal((o, i)) / np.sqrt(i), role)
+        x = ctx.rng.standard_normal((T, i)).astype(np.float32)
         return [compare("out", ctx.call("linear", ctx.x(x), b), ctx.reference.linear(x, r))]
     return case
 
@@ -179,7 +181,7 @@ def moe_case(T: int, E: int, k: int, layout: str):
     """Experts from `ops.route` (the backend's own when it provides one, as the graph calls it), so
     several tokens share experts and some experts stay idle; experts stacked or per-expert."""
     def case(ctx: Ctx) -> list[Measure]:
-        H, F = 64, 32
+        H, F = 64 * data.width(ctx.fmt), 32 * data.width(ctx.fmt)
         weights = {}
         for part, shape in (("gate", (F, H)), ("up", (F, H)), ("down", (H, F))):
             x = ctx.rng.standard_normal((E, *shape)) / np.sqrt(shape[1])
@@ -209,7 +211,7 @@ def moe_case(T: int, E: int, k: int, layout: str):
 def _model_config(ctx: Ctx) -> ModelConfig:
     from .tolerances import LOSSY, tolerance
 
-    cfg = data.MODEL_CONFIG
+    cfg = data.model_config(ctx.fmt)
     if tolerance(ctx.fmt, ctx.dtype, "model", kv_dtype=ctx.kv_dtype) > LOSSY:
         cfg = cfg.replace(moe_num_active_primary_experts=cfg.moe_num_primary_experts)
     return cfg
@@ -313,5 +315,5 @@ CASES: dict[str, list[tuple[str, Case]]] = {
 
 #: ops whose result depends on the stored weight format; the others run once, without one
 WEIGHTED = {"embed", "rms_norm", "linear", "route", "moe", "layer", "forward", "model"}
-#: formats an op never sees in a real file (norms and routers stay full precision beside Q8_0/Q4_0)
+#: formats an op never sees in a real file (norms and routers stay full precision beside block formats)
 NOT_STORED = {"rms_norm": data.QUANTISED, "route": data.QUANTISED}
