@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError
+from .kv import STORAGE, storage
 
 ARCHITECTURE = "SmallThinkerForCausalLM"
 GGUF_ARCH = "smallthinker"
-#: bytes per stored key or value element of each KV-cache storage type (q8_0: ggml's blocks of 32 values,
-#: 34 bytes); the slot positions the caches keep beside them (8 bytes a slot) are not counted
-KV_ITEM_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "bf16": 2.0, "f32": 4.0}
+#: tokens a session's KV cache starts with, and a memory plan provides for, when nobody says
+DEFAULT_CONTEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,12 @@ class ModelConfig:
     def gqa_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def default_context(self) -> int:
+        """The context a memory plan provides for when none is given: min(max_position_embeddings,
+        DEFAULT_CONTEXT)."""
+        return min(self.max_position_embeddings, DEFAULT_CONTEXT)
+
     def layer_window(self, i: int) -> int | None:
         """Sliding window of layer i, or None for global attention."""
         return self.sliding_window_size if self.sliding_window_layout[i] else None
@@ -63,11 +69,9 @@ class ModelConfig:
         return bool(self.rope_layout[i])
 
     def kv_cache_bytes(self, tokens: int, dtype: str = "f16") -> int:
-        """KV cache for `tokens` tokens stored as `dtype` (KV_ITEM_BYTES): keys and values of every kv
+        """KV cache for `tokens` tokens stored as `dtype` (st_sdk.kv.STORAGE): keys and values of every kv
         head; sliding-window layers keep at most their window."""
-        if dtype not in KV_ITEM_BYTES:
-            raise InputError(f"kv_dtype={dtype!r}: KV cache storage types are {', '.join(KV_ITEM_BYTES)}")
-        per_token = 2 * self.kv_dim * KV_ITEM_BYTES[dtype]
+        per_token = 2 * self.kv_dim * STORAGE[storage(dtype)]
         return int(sum(per_token * (min(tokens, w) if (w := self.layer_window(i)) else tokens)
                        for i in range(self.num_hidden_layers)))
 

@@ -1,11 +1,18 @@
-"""`st_sdk.load(path, ...)`: open a model file, optionally convert its weights, bind a backend."""
+"""Loading and assembly: `st_sdk.load(path, ...)` opens a model file and optionally converts its
+weights; `build_model` chooses a backend, prepares the weights once and binds the op table."""
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from .backend import Backend, LayerParams, ModelParams, OpTable, Param, prepare_params
+from .config import ModelConfig
 from .errors import InputError
+from .model import Model
+from .offload.experts import offload_ops, setup_offload
+from .registry import get_registry, reference_backend
+from .selection import select_backend
 
 
 def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: str | None = None,
@@ -16,10 +23,9 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     quantize: convert the matrices in memory at load: a type ('q8_0', 'q4_0', 'q4_k', 'q6_k', 'f16',
     ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
     tensor the type llama-quantize gives it); norms and the router stay f32. Other keyword arguments go
-    to `st_sdk.model.build_model`: kv_dtype ('f16', 'q8_0', 'f32': how the KV cache stores keys and
-    values), max_memory, context, prefetch (the memory-budget mode).
+    to `build_model`: kv_dtype ('f16', 'q8_0', 'f32': how the KV cache stores keys and values),
+    max_memory, context, prefetch (the memory-budget mode).
     """
-    from .model import build_model
     from .weights import open_model
     from .weights.export import GGUF_FORMATS
 
@@ -61,7 +67,6 @@ def convert_tensor(t, fmt: str):
 def convert_params(params, fmt: str, config=None):
     """ModelParams with the matrices re-stored as `fmt`: a type, or a llama.cpp mix (needs `config`:
     the per-tensor types depend on the layer count and shapes)."""
-    from .backend import LayerParams, ModelParams, Param
     from .weights.layout import EXPERT_NAMES, LAYER_NAMES
     from .weights.mixes import MIXES, tensor_types
 
@@ -78,3 +83,66 @@ def convert_params(params, fmt: str, config=None):
     layers = [LayerParams(**{f: conv(getattr(lp, f), f, f"blk.{i}.{gguf_name[f]}") for f in lp.__dataclass_fields__})
               for i, lp in enumerate(params.layers)]
     return ModelParams(embed=embed, layers=layers, norm=params.norm, head=head)
+
+
+def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend | Sequence[str] = "auto",
+                dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
+                tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
+                tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
+                prefetch: bool = True, kv_dtype: str | None = None, **kw) -> Model:
+    """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
+
+    kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
+    --cache-type-k/v), among the types the backend's cache offers (`Backend.kv_dtypes`); default: its
+    first (f16 on the c, torch and jax backends; f32 on the NumPy reference, the exact oracle).
+
+    max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
+    into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
+    memory plan provides for (default `config.default_context`: min(max_position_embeddings, 4096));
+    prefetch=False stops reading experts as soon as the router picks them (to measure what prefetch buys).
+    """
+    offload = None
+    if max_memory is not None:
+        params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16")
+
+    backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
+                                            n_threads=n_threads, strict=strict, tune=tune,
+                                            weight_format=weight_format)
+    ops = selection.ops
+    kv_dtype = resolve_kv_dtype(backend_obj, ops, kv_dtype)
+    prepared = prepare_params(backend_obj, params, config)
+    if offload is not None:
+        cache, plan = offload
+        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)),
+                     kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
+        if plan.slots != cache.slots:
+            cache.resize(plan.slots)
+        ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
+    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
+                  kv_dtype=kv_dtype, **kw)
+    if offload is not None:
+        model.offload, model.memory_plan = offload
+        selection.offload = tuple(offload)
+    # tracing/profiling plugins wrap the whole step once here; nothing is dispatched per op or token
+    step, wrappers = get_registry().wrap_step(model._forward, backend_obj, config)
+    if wrappers:
+        model._forward = step
+        selection.step_wrappers = wrappers
+    return model
+
+
+def resolve_kv_dtype(backend: Backend, ops: OpTable, requested: str | None) -> str | None:
+    """The KV cache storage type: `requested` if the cache's maker offers it (the backend when it
+    provides new_cache, else the NumPy reference), else that maker's default; None when it offers no
+    choice. InputError names the choices."""
+    from . import kv
+
+    maker = backend if "new_cache" in ops.native else reference_backend()
+    choices = tuple(getattr(maker, "kv_dtypes", ()) or ())
+    if requested is None:
+        return choices[0] if choices else None
+    name = kv.storage(requested)
+    if name not in choices:
+        offered = f"one of {', '.join(choices)}" if choices else "no choice of kv_dtype"
+        raise InputError(f"kv_dtype={requested!r}: the KV cache of backend '{maker.name}' offers {offered}")
+    return name

@@ -6,8 +6,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import graph
-from .backend import Backend, ModelParams, OpTable, Param
-from .config import ModelConfig
+from .backend import Backend, ModelParams, OpTable
+from .config import DEFAULT_CONTEXT, ModelConfig
 from .errors import InputError
 
 DEFAULT_CHUNK = 256
@@ -20,7 +20,7 @@ class Session:
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
         self.capacity = capacity or model.config.max_position_embeddings
-        self.cache = model.new_cache(min(self.capacity, 4096))
+        self.cache = model.new_cache(min(self.capacity, DEFAULT_CONTEXT))   # grows past it
         self.tokens: list[int] = []
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, chunk: int | None = None) -> np.ndarray:
@@ -123,96 +123,3 @@ class Model:
         from .generation import Conversation
 
         return Conversation(self, system=system, **defaults)
-
-
-def prepare_params(backend: Backend, params: ModelParams, config: ModelConfig) -> ModelParams:
-    """Each weight through `backend.prepare` once (shared tensors, like a tied head, once), then
-    `backend.prepare_model`."""
-    done: dict[int, Param] = {}
-
-    def prep(p: Param, role: str) -> Param:
-        if getattr(p.raw, "offloaded", False):
-            return p   # experts under a memory budget are read through the cache, never prepared
-        if id(p) not in done:
-            done[id(p)] = Param(p.raw, backend.prepare(p, role))
-        return done[id(p)]
-
-    embed = prep(params.embed, "embed")
-    prepared = ModelParams(embed=embed, layers=[], norm=prep(params.norm, "norm"),
-                           head=prep(params.head, "head") if params.head is not params.embed else embed)
-    for lp in params.layers:
-        prepared.layers.append(type(lp)(**{f: prep(getattr(lp, f), f) for f in lp.__dataclass_fields__}))
-    backend.prepare_model(prepared, config)
-    return prepared
-
-
-def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend | Sequence[str] = "auto",
-                dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
-                tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
-                tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool = True, kv_dtype: str | None = None, **kw) -> Model:
-    """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
-
-    kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
-    --cache-type-k/v), among the types the backend's cache offers (`Backend.kv_dtypes`); default: its
-    first (f16 on the c, torch and jax backends; f32 on the NumPy reference, the exact oracle).
-
-    max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
-    into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
-    memory plan provides for (default min(max_position_embeddings, 4096)); prefetch=False stops
-    reading experts as soon as the router picks them (to measure what prefetch buys).
-    """
-    from .registry import get_registry
-    from .selection import select_backend
-
-    offload = None
-    if max_memory is not None:
-        from .offload.experts import setup_offload
-
-        params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16")
-
-    backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
-                                            n_threads=n_threads, strict=strict, tune=tune,
-                                            weight_format=weight_format)
-    ops = selection.ops
-    kv_dtype = resolve_kv_dtype(backend_obj, ops, kv_dtype)
-    prepared = prepare_params(backend_obj, params, config)
-    if offload is not None:
-        from .offload.experts import offload_ops
-
-        cache, plan = offload
-        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)),
-                     kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
-        if plan.slots != cache.slots:
-            cache.resize(plan.slots)
-        ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
-    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
-                  kv_dtype=kv_dtype, **kw)
-    if offload is not None:
-        model.offload, model.memory_plan = offload
-        selection.offload = tuple(offload)
-    # tracing/profiling plugins wrap the whole step once here; nothing is dispatched per op or token
-    step, wrappers = get_registry().wrap_step(model._forward, backend_obj, config)
-    if wrappers:
-        model._forward = step
-        selection.step_wrappers = wrappers
-    return model
-
-
-def resolve_kv_dtype(backend: Backend, ops: OpTable, requested: str | None) -> str | None:
-    """The KV cache storage type: `requested` if the cache's maker offers it (the backend when it
-    provides new_cache, else the NumPy reference), else that maker's default; None when it offers no
-    choice. InputError names the choices."""
-    if "new_cache" in ops.native:
-        maker = backend
-    else:
-        from .selection import reference_backend
-
-        maker = reference_backend()
-    choices = tuple(getattr(maker, "kv_dtypes", ()) or ())
-    if requested is None:
-        return choices[0] if choices else None
-    if requested not in choices:
-        offered = f"one of {', '.join(choices)}" if choices else "no choice of kv_dtype"
-        raise InputError(f"kv_dtype={requested!r}: the KV cache of backend '{maker.name}' offers {offered}")
-    return requested

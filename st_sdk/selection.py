@@ -19,9 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, ModelParams, OpTable, bind_ops
+from .backend import Backend, ModelParams, OpTable, bind_ops, prepare_params
+from .config import ModelConfig
 from .errors import BackendError, WeightError
 from .format_support import converted, refusal, short_reason, stored_types
+from .model import Model
+from .registry import get_registry, reference_backend
+from .testing.data import random_params
 
 log = logging.getLogger("st_sdk")
 
@@ -119,29 +123,16 @@ class Selection:
                 dict(self.offload[0].stats.as_dict(), plan=self.offload[1].describe())}
 
 
-def reference_backend() -> Backend:
-    from .registry import get_registry
-
-    cls = get_registry().backends().get("numpy")
-    if cls is None:
-        raise BackendError("the NumPy reference backend is not registered (is st-sdk installed? "
-                           "try `pip install -e .`)")
-    return cls()
-
-
 # ---- correctness checks ------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _micro_model(fmt: str):
     """Two layers (a global NoPE one and a windowed RoPE one), every op on a tiny shape."""
-    from .config import ModelConfig
-    from .synth import random_params
-
     cfg = ModelConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, moe_num_primary_experts=4,
                       moe_num_active_primary_experts=2, moe_ffn_hidden_size=32, rope_layout=(0, 1),
                       sliding_window_layout=(0, 1), sliding_window_size=2, max_position_embeddings=64,
                       source="<smoke model>")
-    return cfg, random_params(cfg, seed=1234, fmt=fmt)
+    return cfg, random_params(cfg, fmt=fmt, seed=1234, layout="hf")
 
 
 def _decode_logits(model, context: int) -> np.ndarray:
@@ -163,8 +154,6 @@ def _logits_error(got: np.ndarray, want: np.ndarray) -> float:
 def smoke_test(backend: Backend, reference: Backend, fmt: str = "f32") -> str | None:
     """Run a micro model (every op, a prefill then a decode step) on the backend and compare its logits
     with the reference; None when right, else what went wrong."""
-    from .model import Model, prepare_params
-
     cfg, raw = _micro_model(fmt if fmt in ("f32", "f16", "bf16", "q8_0", "q4_0") else "f32")
     try:
         got = _decode_logits(Model(cfg, prepare_params(backend, raw, cfg), backend, bind_ops(backend, reference)), 3)
@@ -218,7 +207,6 @@ def measure(candidates: list[Candidate], instances: dict[str, Backend], referenc
     """Time decode steps of the loaded model on each candidate and validate one step's logits against
     the reference on the same model (all layers: the reference needs no prepared copy). Fills the
     candidates in place; a candidate that fails or disagrees is marked unavailable with the reason."""
-    from .model import Model, prepare_params
     from .timing import time_decode
 
     want = _decode_logits(Model(config, params, reference, bind_ops(reference, reference)), context)
@@ -306,7 +294,6 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
     allows measuring (when no cached measurement fits); remeasure=True measures even on a cache hit.
     """
     from .hardware import probe, probe_gpus
-    from .registry import get_registry
 
     registry = get_registry()
     classes = registry.backends()

@@ -112,7 +112,7 @@ def random_params(cfg: ModelConfig, seed: int = 0, fmt: str = "f32"):
 
 def build_model(cfg: ModelConfig | str = "tiny", seed: int = 0, fmt: str = "f32", backend="numpy", **kw):
     """An in-memory model with random weights: what tests use when no file is needed."""
-    from .model import build_model as _build
+    from .loader import build_model as _build
 
     if isinstance(cfg, str):
         cfg = preset_config(cfg)

@@ -118,10 +118,9 @@ def test_every_stored_format_at_op_level():
 class _AcceleratorPath(JaxBackend):
     """The GPU/TPU code path (native bf16 dots, plain stacked experts, bf16 cache), run on the CPU."""
 
-    def _setup(self):
-        if not self._ready:
-            super()._setup()
-            self.accelerator = True
+    def setup(self):
+        super().setup()
+        self.accelerator = True
 
 
 def test_accelerator_code_path_on_cpu():

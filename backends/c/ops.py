@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from st_sdk.backend import Param
 from st_sdk.errors import BackendError, InputError
 from st_sdk.weights.mapping import release_map
 from st_sdk.weights.tensor import KQUANTS, STORAGE_DTYPE, block_size
@@ -218,7 +217,8 @@ def quantize_act(fmt: str, x) -> np.ndarray:
     return out
 
 
-def f32_vector(param: Param, n: int | None = None) -> np.ndarray:
+def f32_vector(param, n: int | None = None) -> np.ndarray:
+    """A weight `Param`'s float32 vector (its prepared value when that already is one)."""
     v = param.value if isinstance(param.value, np.ndarray) and param.value.dtype == np.float32 \
         and param.value.flags.c_contiguous and param.value.ndim == 1 else np.ascontiguousarray(param.raw.numpy(), np.float32)
     if v.ndim != 1 or (n is not None and v.shape[0] != n):
@@ -226,11 +226,11 @@ def f32_vector(param: Param, n: int | None = None) -> np.ndarray:
     return v
 
 
-def as_mat(param: Param) -> CMat:
+def as_mat(param) -> CMat:   # param: st_sdk.backend.Param (not imported: st_sdk.weights.tensor imports this module)
     return param.value if isinstance(param.value, CMat) else CMat(param.raw)
 
 
-def as_experts(param: Param) -> CExperts:
+def as_experts(param) -> CExperts:
     return param.value if isinstance(param.value, CExperts) else CExperts(param.raw)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 from st_sdk.backend import Param
 from st_sdk.weights.tensor import dequantize
 
+from .cache import DTYPES as KV_DTYPES  # noqa: F401  (the backend's kv_dtypes)
 from .cache import KVCache, LayerKV
 
 
@@ -23,7 +24,8 @@ def linear(x: np.ndarray, weight: Param) -> np.ndarray:
     return x @ weight.raw.numpy().T
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+def rotate(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """x [T, n, hd] rotated to `positions`: NeoX rotate-half over all hd dims, angles in float64."""
     hd = x.shape[-1]
     inv_freq = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
     angle = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
@@ -34,13 +36,24 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return x * cos + rotated * sin
 
 
-def new_cache(config, capacity: int) -> KVCache:
-    return KVCache(config, capacity)
+def rope(q: np.ndarray, k: np.ndarray, ctx) -> tuple[np.ndarray, np.ndarray]:
+    return rotate(q, ctx.positions, ctx.theta), rotate(k, ctx.positions, ctx.theta)
 
 
-def attention(q, k, v, cache: LayerKV, positions, window: int | None) -> np.ndarray:
+def new_cache(config, capacity: int, kv_dtype: str | None = None) -> KVCache:
+    """A cache keeping keys and values as kv_dtype (f32 by default: exact; f16 and q8_0 round them as
+    a cache of that type would)."""
+    return KVCache(config, capacity, kv_dtype or "f32")
+
+
+def attention(q, k, v, cache: LayerKV, ctx, window: int | None) -> tuple[np.ndarray, LayerKV]:
+    """Causal GQA attention over the cached keys plus k/v (appended to the cache), in float32; keys
+    visible when their position is <= the query's and, with a window, > the query's - window."""
+    positions = ctx.positions
     T, nH, hd = q.shape
     nKV = k.shape[1]
+    cache.spec.check(nKV, hd, window)
+    k, v = cache.stored(k), cache.stored(v)           # this step's keys as the cache will hold them
     ck, cv, cpos = cache.entries()
     keys = np.concatenate([ck, k]) if len(ck) else k
     vals = np.concatenate([cv, v]) if len(cv) else v
@@ -59,7 +72,7 @@ def attention(q, k, v, cache: LayerKV, positions, window: int | None) -> np.ndar
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
     out = np.einsum("hts,shd->thd", p, vals)
-    return out.reshape(T, nH * hd).astype(np.float32)
+    return out.reshape(T, nH * hd).astype(np.float32), cache
 
 
 def route(x: np.ndarray, weight: Param, k: int, softmax: bool):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
-from ..backend import Param
+from ..backend import Param, fallback_op
+from ..registry import reference_backend
 from ..weights.tensor import STORAGE_DTYPE, WeightTensor, storage_shape
 from .budget import parse_size, plan_memory
 from .cache import ExpertCache, Extent, file_extent
@@ -64,7 +65,7 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     the plan (the KV cache counted as `kv_dtype` at `context` tokens; build_model refits it once the
     backend's storage type is known)."""
     budget = parse_size(max_memory)
-    context = context or min(cfg.max_position_embeddings, 4096)
+    context = context or cfg.default_context
     locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
                   for e in range(cfg.moe_num_primary_experts)] for lp in params.layers]
     # each layer's own stored sizes (types can differ per layer); a slot fits the largest layer's expert
@@ -104,11 +105,8 @@ def prefetching_route(route, params, cache: ExpertCache):
 def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool):
     """The per-op path with the router prefetching experts. The MoE runs on the backend only if it
     reads experts through the cache (`supports_offload`), otherwise on the NumPy reference."""
-    from ..backend import _fallback
-    from ..selection import reference_backend
-
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
-    moe = ops.moe if native else _fallback("moe", reference_backend().moe, backend)
+    moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     return dataclasses.replace(ops, forward=None, layer=None, moe=moe,
                                route=prefetching_route(ops.route, params, cache) if prefetch else ops.route,
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import ModelParams, Param
+from ..backend import ModelParams
 from ..config import ModelConfig
 from ..weights.layout import assemble, gguf_shapes, hf_shapes
 from ..weights.tensor import QUANT_SIZES, WeightTensor, block_size, quantize
@@ -65,20 +65,3 @@ def random_params(cfg: ModelConfig, fmt: str = "f32", seed: int = 0, layout: str
     shapes = gguf_shapes(cfg) if layout == "gguf" else hf_shapes(cfg)
     tensors = {n: tensor(n, random_array(n, s, rng), storage_format(n, len(s), fmt)) for n, s in shapes.items()}
     return assemble(cfg, tensors.__getitem__, layout)
-
-
-def prepare_params(backend, params: ModelParams, cfg: ModelConfig) -> ModelParams:
-    """What `st_sdk.model.build_model` does at load: each weight through `backend.prepare` once (a
-    tied head shares the embedding's), then `backend.prepare_model`."""
-    done: dict[int, Param] = {}
-
-    def prep(p: Param, role: str) -> Param:
-        if id(p) not in done:
-            done[id(p)] = Param(p.raw, backend.prepare(Param(p.raw), role))
-        return done[id(p)]
-
-    layers = [type(lp)(**{f: prep(getattr(lp, f), f) for f in lp.__dataclass_fields__}) for lp in params.layers]
-    out = ModelParams(embed=prep(params.embed, "embed"), layers=layers, norm=prep(params.norm, "norm"),
-                      head=prep(params.head, "head"))
-    backend.prepare_model(out, cfg)
-    return out

@@ -121,7 +121,7 @@ class GGUFModelFile:
         H = int(key("embedding_length"))
         n_heads = int(key("attention.head_count"))
         swa = key("attention.sliding_window", None)
-        # GGUF stores no per-layer layout: llama.cpp's rule (SMALLTHINKER.md)
+        # GGUF stores no per-layer layout: llama.cpp's rule (docs/model.md)
         hybrid = tuple(0 if i % 4 == 0 else 1 for i in range(L))
         tokens = self.value("tokenizer.ggml.tokens")
         if tokens is not None:
