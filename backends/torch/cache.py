@@ -1,4 +1,5 @@
-"""KV cache of the torch backend: preallocated on the device, keys and values in the compute dtype.
+"""KV cache of the torch backend: preallocated on the device, keys and values in the storage type
+load(kv_dtype=) chose (f16 by default; bf16 or f32 on request).
 
 The policy is st_sdk.kv's: global layers hold `capacity` slots and grow to at least twice their size
 when a sequence outgrows them; sliding-window layers are rings of `window` slots indexed by absolute
