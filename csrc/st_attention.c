@@ -175,6 +175,24 @@ int st_kv_read(const st_kv *kv, int64_t nKV, int64_t hd, int64_t n, float *k, fl
     return ST_OK;
 }
 
+int st_kv_write(st_kv *kv, int64_t nKV, int64_t hd, int64_t n, const int64_t *slots, const int64_t *pos,
+                const float *k, const float *v) {
+    if (!kv || !kv->k || !kv->v || !kv->pos || nKV <= 0 || n < 0 || (n && (!slots || !pos || !k || !v)) ||
+        !st_attn_dtype_ok(kv->dtype, hd))
+        return ST_EARG;
+    for (int64_t i = 0; i < n; i++)
+        if (slots[i] < 0 || slots[i] >= kv->cap) return ST_EARG;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t s = slots[i];
+        for (int64_t g = 0; g < nKV; g++) {
+            put_key(kv->dtype, hd, kblock(kv, nKV, hd, s / KVB, g), s % KVB, k + (i * nKV + g) * hd);
+            put_value(kv->dtype, hd, vblock(kv, nKV, hd, s / KVB, g), s % KVB, v + (i * nKV + g) * hd);
+        }
+        kv->pos[s] = pos[i];
+    }
+    return ST_OK;
+}
+
 int st_attn_kv_ok(const st_kv *kv, int64_t window, int64_t T, int64_t hd) {
     if (!kv || !kv->k || !kv->v || !kv->pos || kv->length < 0 || kv->cap <= 0 || kv->cap % KVB) return 0;
     if (kv->window != window || !st_attn_dtype_ok(kv->dtype, hd)) return 0;

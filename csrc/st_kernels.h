@@ -85,6 +85,10 @@ int st_rope(float *x, int64_t T, int64_t n, int64_t hd, const int64_t *pos, doub
 int64_t st_kv_bytes(int32_t dtype, int64_t cap, int64_t n_kv, int64_t head_dim);
 /* slots [0, n) of a cache as float32 k, v [n, n_kv, head_dim] */
 int st_kv_read(const st_kv *kv, int64_t n_kv, int64_t head_dim, int64_t n, float *k, float *v);
+/* rows i < n of float32 k, v [n, n_kv, head_dim] into slots[i] (position pos[i]), rounded to the cache's
+ * storage type; the length is left to the caller */
+int st_kv_write(st_kv *kv, int64_t n_kv, int64_t head_dim, int64_t n, const int64_t *slots, const int64_t *pos,
+                const float *k, const float *v);
 /* wall seconds the fused passes (st_forward, st_layer_forward) have spent in their attention stage
  * since the module loaded, every thread done: what a profile of decode at long contexts needs */
 double st_attention_seconds(void);

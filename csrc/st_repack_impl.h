@@ -57,6 +57,10 @@ ST_INLINE void FN(q45_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *
                 HH = _mm256_loadu_si256((const __m256i *)(q + 32));
                 q += 64;
             }
+            const __m256i scl = _mm256_and_si256(_mm256_srli_epi32(sc[c / 2], 16 * (c & 1)), b8);
+            const __m256i sch = _mm256_and_si256(_mm256_srli_epi32(sc[c / 2], 16 * (c & 1) + 8), b8);
+#if defined(ST_SIMD_AVX512)
+            /* VNNI: exact int32 sums per sub-block, then one multiply by the row's scale */
             __m256i slo[4], shi[4];
             for (int t = 0; t < nt; t++) slo[t] = shi[t] = _mm256_setzero_si256();
 #pragma GCC unroll 8
@@ -74,11 +78,37 @@ ST_INLINE void FN(q45_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *
                     shi[t] = ST_DPBUSD_ACC(shi[t], hi, FN(bcast4)(a + 32));
                 }
             }
-            q += 256;
-            const __m256i scl = _mm256_and_si256(_mm256_srli_epi32(sc[c / 2], 16 * (c & 1)), b8);
-            const __m256i sch = _mm256_and_si256(_mm256_srli_epi32(sc[c / 2], 16 * (c & 1) + 8), b8);
             for (int t = 0; t < nt; t++)
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_mullo_epi32(slo[t], scl), _mm256_mullo_epi32(shi[t], sch)));
+#else
+            /* AVX2: maddubs pair sums add up in int16 (8 groups of 4-bit quants: <= 8 * 2 * 15 * 127 =
+             * 30480; 4 of 5-bit ones), then one madd with the row's scale in both int16 halves */
+            const __m256i sl16 = _mm256_or_si256(scl, _mm256_slli_epi32(scl, 16));
+            const __m256i sh16 = _mm256_or_si256(sch, _mm256_slli_epi32(sch, 16));
+            const int span = five ? 4 : 8;
+            for (int m0 = 0; m0 < 8; m0 += span) {
+                __m256i plo[4], phi[4];
+                for (int t = 0; t < nt; t++) plo[t] = phi[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int m = m0; m < m0 + span; m++) {
+                    const __m256i L = _mm256_loadu_si256((const __m256i *)(q + 32 * m));
+                    __m256i lo = _mm256_and_si256(L, m4), hi = _mm256_and_si256(_mm256_srli_epi16(L, 4), m4);
+                    if (five) {
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(HL, m), 4), m10));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(HH, m), 4), m10));
+                    }
+#pragma GCC unroll 4
+                    for (int t = 0; t < nt; t++) {
+                        const int8_t *a = x[t][b].qs + 64 * c + 4 * m;
+                        plo[t] = _mm256_add_epi16(plo[t], _mm256_maddubs_epi16(lo, FN(bcast4)(a)));
+                        phi[t] = _mm256_add_epi16(phi[t], _mm256_maddubs_epi16(hi, FN(bcast4)(a + 32)));
+                    }
+                }
+                for (int t = 0; t < nt; t++)
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(plo[t], sl16), _mm256_madd_epi16(phi[t], sh16)));
+            }
+#endif
+            q += 256;
         }
         for (int t = 0; t < nt; t++)
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(dw, _mm256_set1_ps(x[t][b].d)), acc[t]);
@@ -105,6 +135,7 @@ ST_INLINE void FN(q6_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *x
             const __m256i C = _mm256_or_si256(_mm256_and_si256(Q1, m4), _mm256_and_si256(H, m30));
             const __m256i D = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(Q1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
             const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(S + 8 * s)));
+#if defined(ST_SIMD_AVX512)
 #pragma GCC unroll 4
             for (int t = 0; t < nt; t++) {
                 const int8_t *a = x[t][b].qs + 16 * s;
@@ -115,7 +146,32 @@ ST_INLINE void FN(q6_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *x
                 p = _mm256_sub_epi32(p, _mm256_set1_epi32(32 * x[t][b].bsums[s]));
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(p, sc));
             }
+#else
+            /* AVX2: two maddubs pair sums fit int16 (2 * 2 * 63 * 127 = 32004), then one madd with the
+             * row's scale in both int16 halves; the -32 offset goes through the sums below */
+            const __m256i sc16 = _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc, 16));
+#pragma GCC unroll 4
+            for (int t = 0; t < nt; t++) {
+                const int8_t *a = x[t][b].qs + 16 * s;
+                __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(A, FN(bcast4)(a)), _mm256_maddubs_epi16(B, FN(bcast4)(a + 4)));
+                __m256i r = _mm256_add_epi16(_mm256_maddubs_epi16(C, FN(bcast4)(a + 8)), _mm256_maddubs_epi16(D, FN(bcast4)(a + 12)));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(p, sc16), _mm256_madd_epi16(r, sc16)));
+            }
+#endif
         }
+#if !defined(ST_SIMD_AVX512)
+        /* sum over sub-blocks of scale * 32 * bsum, two sub-blocks per madd (scales of s and s + 1
+         * interleaved per row as int16 pairs) */
+        for (int s = 0; s < 16; s += 2) {
+            const __m256i sp = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(S + 8 * s)),
+                                                                      _mm_loadl_epi64((const __m128i *)(S + 8 * s + 8))));
+            for (int t = 0; t < nt; t++) {
+                const int16_t *bs = x[t][b].bsums + s;
+                const __m256i pr = _mm256_set1_epi32((int)((uint32_t)(uint16_t)bs[0] | ((uint32_t)(uint16_t)bs[1] << 16)));
+                sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(_mm256_madd_epi16(sp, pr), 5));
+            }
+        }
+#endif
         for (int t = 0; t < nt; t++)
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(dw, _mm256_set1_ps(x[t][b].d)), acc[t]);
     }
@@ -155,6 +211,7 @@ ST_INLINE void FN(q3_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *x
                     u[k] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 2 * k), m3), hi);
                 }
                 const __m256i sc = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(sv[s / 4], 8 * (s % 4)), b8), c32);
+#if defined(ST_SIMD_AVX512)
 #pragma GCC unroll 4
                 for (int t = 0; t < nt; t++) {
                     const int8_t *a = x[t][b].qs + 16 * s;
@@ -165,8 +222,40 @@ ST_INLINE void FN(q3_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *x
                     pp = _mm256_sub_epi32(pp, _mm256_set1_epi32(4 * x[t][b].bsums[s]));
                     sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(pp, sc));
                 }
+#else
+                /* AVX2: the four maddubs pair sums of a sub-block fit int16 (4 * 2 * 7 * 127 = 7112), then one
+                 * madd with the row's scale in both int16 halves; the -4 offset goes through the sums below */
+                const __m256i sc16 = _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc, 16));
+#pragma GCC unroll 4
+                for (int t = 0; t < nt; t++) {
+                    const int8_t *a = x[t][b].qs + 16 * s;
+                    __m256i pp = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u[0], FN(bcast4)(a)), _mm256_maddubs_epi16(u[1], FN(bcast4)(a + 4))),
+                                                  _mm256_add_epi16(_mm256_maddubs_epi16(u[2], FN(bcast4)(a + 8)), _mm256_maddubs_epi16(u[3], FN(bcast4)(a + 12))));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(pp, sc16));
+                }
+#endif
             }
         }
+#if !defined(ST_SIMD_AVX512)
+        /* - 4 * sum over sub-blocks of (stored scale - 32) * bsum: the stored scales (bytes 4k..4k+3 of
+         * sv[k] per row) as int16 pairs (4k, 4k+2) and (4k+1, 4k+3) against the sums' pairs */
+        const __m256i e16 = _mm256_set1_epi32(0x00FF00FF);
+        for (int t = 0; t < nt; t++) {
+            const int16_t *bs = x[t][b].bsums;
+            __m256i corr = _mm256_setzero_si256();
+            int total = 0;
+            for (int k = 0; k < 4; k++) {
+#define ST_PAIR(a, b) _mm256_set1_epi32((int)((uint32_t)(uint16_t)(a) | ((uint32_t)(uint16_t)(b) << 16)))
+                corr = _mm256_add_epi32(corr, _mm256_madd_epi16(_mm256_and_si256(sv[k], e16), ST_PAIR(bs[4 * k], bs[4 * k + 2])));
+                corr = _mm256_add_epi32(corr, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(sv[k], 8), e16),
+                                                                ST_PAIR(bs[4 * k + 1], bs[4 * k + 3])));
+#undef ST_PAIR
+                total += bs[4 * k] + bs[4 * k + 1] + bs[4 * k + 2] + bs[4 * k + 3];
+            }
+            corr = _mm256_sub_epi32(corr, _mm256_set1_epi32(32 * total));
+            sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(corr, 2));
+        }
+#endif
         for (int t = 0; t < nt; t++)
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(dw, _mm256_set1_ps(x[t][b].d)), acc[t]);
     }

@@ -17,8 +17,10 @@ from .selection import select_backend
 
 def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: str | None = None,
          n_threads: int | None = None, strict: bool = False, tune: bool = False,
-         quantize: str | None = None, **kw):
-    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract).
+         quantize: str | None = None, file: str | None = None, **kw):
+    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract), or a Hugging Face
+    Hub repository name ("owner/repo", with file="...gguf" for one file of a GGUF repository; see
+    st_sdk.hub: the local cache first, then a download when a network is there).
 
     quantize: convert the matrices in memory at load: a type ('q8_0', 'q4_0', 'q4_k', 'q6_k', 'f16',
     ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
@@ -27,11 +29,15 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     max_memory, context, prefetch (the memory-budget mode).
     """
     from .weights import open_model
-    from .weights.export import GGUF_FORMATS
+    from .weights.export import GGUF_FORMATS, gguf_specs
 
     if quantize is not None and quantize not in GGUF_FORMATS:
         raise InputError(f"quantize={quantize!r}: choose one of {', '.join(GGUF_FORMATS)}")
-    mf = open_model(path)
+    from .hub import resolve
+
+    mf = open_model(resolve(path, file))
+    if quantize is not None:
+        gguf_specs(mf.config, quantize)   # a mix using a type st-sdk cannot quantise fails here, not midway
     params = mf.params()
     if quantize is not None:
         params = convert_params(params, quantize, mf.config)
@@ -96,11 +102,15 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     --cache-type-k/v), among the types the backend's cache offers (`Backend.kv_dtypes`); default: its
     first (f16 on the c, torch and jax backends; f32 on the NumPy reference, the exact oracle).
 
-    max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
-    into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
-    memory plan provides for (default `config.default_context`: min(max_position_embeddings, 4096));
-    prefetch=False stops reading experts as soon as the router picks them (to measure what prefetch buys).
+    context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
+    st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
+    the file and are read on demand into an LRU cache sized from the budget (st_sdk.offload), with the
+    KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
+    reading experts as soon as the router picks them (to measure what prefetch buys).
     """
+    from .context import resolve_context
+
+    context = resolve_context(config, context, budget=max_memory is not None)
     offload = None
     if max_memory is not None:
         params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16")
@@ -120,6 +130,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
         ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)
+    model.context = context
     if offload is not None:
         model.offload, model.memory_plan = offload
         selection.offload = tuple(offload)

@@ -19,7 +19,7 @@ class Session:
 
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
-        self.capacity = capacity or model.config.max_position_embeddings
+        self.capacity = min(capacity or model.context, model.context)
         self.cache = model.new_cache(min(self.capacity, DEFAULT_CONTEXT))   # grows past it
         self.tokens: list[int] = []
 
@@ -40,6 +40,18 @@ class Session:
         logits = (out[0] if len(out) == 1 else np.concatenate(out)).astype(np.float32, copy=False)
         return logits if all_logits else logits[-1]
 
+    def rewind(self, n: int) -> bool:
+        """Keep only the first n tokens (and their KV). False, with nothing changed, when the cache
+        cannot (a sliding-window ring that already dropped some of them, or a backend cache without
+        `truncate`)."""
+        if n >= len(self.tokens):
+            return n == len(self.tokens)
+        truncate = getattr(self.cache, "truncate", None)
+        if n < 0 or truncate is None or not truncate(n):
+            return False
+        del self.tokens[n:]
+        return True
+
 
 class Model:
     def __init__(self, config: ModelConfig, params: ModelParams, backend: Backend, ops: OpTable,
@@ -56,6 +68,10 @@ class Model:
         self.kv_dtype = kv_dtype   # the KV cache's storage type (None: the cache's own, no choice offered)
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
+        self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
+        from .generation.prompt_cache import PromptCache
+
+        self.prompt_cache = PromptCache(self)   # the KV of the last request, for the next one's shared prefix
 
     def __repr__(self) -> str:
         c = self.config
@@ -88,9 +104,10 @@ class Model:
         if bad.any():
             j = int(np.argmax(bad))
             raise InputError(f"{name}[{j}] = {int(arr[j])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if start + arr.size > self.config.max_position_embeddings:
-            raise InputError(f"{name}: {start + arr.size} tokens exceed the context length "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if start + arr.size > self.context:
+            raise InputError(f"{name}: {start + arr.size} tokens exceed the model's context of {self.context} "
+                             f"tokens (load(..., context=N) sets it, up to max_position_embeddings="
+                             f"{self.config.max_position_embeddings})")
         return arr.astype(np.int64)
 
     def session(self, capacity: int | None = None) -> Session:
@@ -100,6 +117,30 @@ class Model:
         """float32 logits [T, vocab] for a fresh sequence."""
         ids = self.check_ids(ids)
         return self.session(capacity=len(ids)).feed(ids, all_logits=True)
+
+    # ---- text <-> ids ----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of `text` with the model's tokenizer. Special tokens written in the text
+        ("<|im_end|>") become their ids; add_special=True also adds what the tokenizer adds around a
+        sequence (nothing for SmallThinker's Qwen2 tokenizer)."""
+        from .generation.options import need_tokenizer
+
+        if not isinstance(text, str):
+            raise InputError(f"text: expected a str, got {type(text).__name__}")
+        return list(need_tokenizer(self, "tokenize").encode(text, add_special_tokens=bool(add_special)))
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """The text of token ids (special tokens written out unless skip_special); invalid UTF-8 (a
+        character cut between ids) becomes U+FFFD."""
+        from .generation.options import need_tokenizer
+
+        tok = need_tokenizer(self, "detokenize")
+        if isinstance(ids, (int, np.integer)) or not isinstance(ids, (list, tuple, np.ndarray)):
+            raise InputError(f"ids: expected a list of token ids, got {type(ids).__name__}")
+        if len(ids) == 0:
+            return ""
+        arr = self.check_ids(ids, name="ids")
+        return tok.decode(arr.tolist(), skip_special_tokens=bool(skip_special))
 
     # ---- generation (text in, text out) ------------------------------------------------------
     def generate(self, prompt, **kwargs):

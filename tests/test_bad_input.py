@@ -188,7 +188,7 @@ def test_prompt_beyond_context(tmp_path):
     path = write_model(tmp_path, formats="gguf", max_position_embeddings=16)["gguf"]
     m = st_sdk.load(path, backend="numpy")
     assert m.config.max_position_embeddings == 16
-    with pytest.raises(InputError, match="17 tokens exceed the context length"):
+    with pytest.raises(InputError, match="17 tokens exceed the model.s context of 16 tokens"):
         m.logits(list(range(17)))
 
 

@@ -277,7 +277,7 @@ def _mixed_params(cfg, mix: str):
 
 def _run(cfg, params, backend="c", **kw):
     """Logits of a 9-token prefill (two blocks of four and one) then 4 decode steps."""
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
 
     m = build_model(cfg, params, backend=backend, **kw)
     if backend == "numpy":
@@ -392,3 +392,46 @@ def test_mixed_k_quants_under_a_memory_budget(tmp_path, monkeypatch):
     got = m.logits(IDS)
     assert m.offload.stats.evictions > 0
     assert _rel(got, want) < 1e-5
+
+
+def test_long_prefill_shares_its_q8k_copies(mixed):
+    """A prefill long enough that the Q8_K copies of the attention output and of the expert activations
+    are split across threads (more than 65536 values) instead of made by each thread for itself."""
+    _available()
+    from st_sdk.loader import build_model
+
+    cfg, all_params = mixed
+    ids = (np.arange(300) * 53 + 11) % cfg.vocab_size
+    want = build_model(cfg, all_params["q4_k_m"], backend="numpy").logits(ids)
+    for threads in (1, 2):
+        got = build_model(cfg, all_params["q4_k_m"], backend="c", n_threads=threads).logits(ids)
+        assert _rel(got, want) < 5e-2, f"{threads} threads: {_rel(got, want):.3g}"
+
+
+def test_rarer_types_are_converted_at_load_and_reported(mixed):
+    """A type the kernels do not run (here iq2_xxs, random blocks) is dequantised at load and re-stored
+    as q8_0; describe() and the selection report say so, and the model matches the reference."""
+    _available()
+    from st_sdk.backend import LayerParams, ModelParams
+    from st_sdk.loader import build_model
+
+    cfg, all_params = mixed
+    params = all_params["q4_k_m"]
+    wq = params.layers[1].wq.raw
+    data = np.random.default_rng(12).integers(0, 256, (wq.shape[0], wq.shape[1] // 256, 66), dtype=np.uint8)
+    data[..., :2] = np.full(data.shape[:2], 1e-3, np.float16)[..., None].view(np.uint8)
+    odd = WeightTensor(wq.name, "iq2_xxs", wq.shape, data.reshape(wq.shape[0], -1))
+    layers = list(params.layers)
+    layers[1] = LayerParams(**{**{f: getattr(layers[1], f) for f in layers[1].__dataclass_fields__}, "wq": Param(odd)})
+    params = ModelParams(embed=params.embed, layers=layers, norm=params.norm, head=params.head)
+    m = build_model(cfg, params, backend="c")
+    assert "iq2_xxs" in CBackend.converts and "iq2_xxs" not in CBackend.formats
+    d = m.backend.describe()
+    assert d["converted"].startswith("iq2_xxs -> q8_0") and d["extra_resident_bytes"] > 0
+    assert "converts iq2_xxs at load" in m.selection.explain()
+    want = build_model(cfg, params, backend="numpy").logits(IDS)
+    assert _rel(m.logits(IDS), want) < 5e-2
+    with pytest.raises(InputError, match="iq2_xxs"):
+        cops.CMat(odd)   # the kernels themselves never see it
+    with pytest.raises(InputError, match="quantize_act"):
+        cops.quantize_act("f32", np.zeros(32, np.float32))

@@ -130,7 +130,8 @@ def test_quantised_weights_are_dequantised_exactly_at_load(fmt):
 def test_every_stored_format_at_op_level():
     from st_sdk.testing import check_backend
 
-    report = check_backend(JaxBackend, formats=("f16", "bf16", "q8_0", "q4_0"), dtypes=("float32",),
+    report = check_backend(JaxBackend, formats=("f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_0"),
+                           dtypes=("float32",),
                            ops=["embed", "linear", "moe"])
     assert report.ok, str(report)
 

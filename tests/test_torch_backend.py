@@ -34,7 +34,7 @@ def one_thread():
 
 class TestTorchConformance(ConformanceSuite):
     backend = TorchBackend
-    formats = ("f32", "q8_0")            # every format is also checked at load below
+    formats = ("f32", "q8_0", "q4_k", "q5_0")   # every format is also checked at load below
     dtypes = ("float32", "bfloat16")
 
 

@@ -103,3 +103,28 @@ def test_gguf_file_holds_every_type(tmp_path):
     for t in r.tensors:
         assert t.tensor_type.name.lower() == t.name[2:]
         assert tuple(int(d) for d in reversed(t.shape)) == specs[t.name][1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_torch_and_jax_convert_every_type_as_gguf_dequantises(backend):
+    """What torch and jax hold after load is gguf-py's dequantisation of the stored blocks, for every
+    type (stacked experts included)."""
+    pytest.importorskip(backend)
+    from st_sdk.backend import Param
+
+    for fmt in QUANT_SIZES:
+        shape = (2, 3, 2 * max(block_size(fmt), 32))
+        data = _random_storage(fmt, shape, seed=len(fmt))
+        t = WeightTensor("w", fmt, shape, data)
+        want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[fmt.upper()]).reshape(shape)
+        if backend == "torch":
+            from st_sdk_backends.torch.backend import TorchBackend
+
+            tb = TorchBackend(dtype="float32")
+            tb.setup()
+            got = tb.prepare(Param(t), "gate").numpy()
+        else:
+            from st_sdk_backends.jax import ops
+
+            got = ops.convert(t, "float32")
+        np.testing.assert_array_equal(got, want, err_msg=fmt)

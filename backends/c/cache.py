@@ -8,6 +8,7 @@ import numpy as np
 
 from st_sdk import kv
 
+from ..numpy.cache import LayerKV as _ReferenceLayerKV, ordered_state
 from .ops import check, ffi_lib
 
 #: storage types and their codes (csrc/st_kernels.h), the default first
@@ -69,6 +70,32 @@ class CLayerKV:
         valid = self.pos[:n] != kv.EMPTY
         return k[valid], v[valid], self.pos[:n][valid]
 
+    #: whether positions < n are all still held (a ring that wrapped lost some): the reference's rule
+    can_truncate = _ReferenceLayerKV.can_truncate
+
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n (check can_truncate first)."""
+        self.pos[self.pos >= n] = kv.EMPTY
+        self.kv.length = min(self.length, n)
+
+    def restore(self, k, v, pos, n: int) -> None:
+        """Write float32 k, v [m, n_kv, hd] of positions `pos` (what entries() gave, in position order)
+        into this empty layer, rounded to its storage type, as a sequence of n tokens."""
+        ffi, lib = ffi_lib()
+        if len(pos):
+            if self.window:
+                slots = kv.ring_slot(np.asarray(pos, np.int64), self.window)
+            else:
+                self.reserve(len(pos))
+                slots = np.arange(len(pos), dtype=np.int64)
+            k, v = (np.ascontiguousarray(x, np.float32) for x in (k, v))
+            pos = np.ascontiguousarray(pos, np.int64)
+            check(lib.st_kv_write(self.kv, self.spec.n_kv, self.spec.head_dim, len(pos),
+                                  ffi.cast("const int64_t *", slots.ctypes.data), ffi.cast("const int64_t *", pos.ctypes.data),
+                                  ffi.cast("const float *", k.ctypes.data), ffi.cast("const float *", v.ctypes.data)),
+                  "KV cache write")
+        self.kv.length = n
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.pos.nbytes
@@ -95,6 +122,20 @@ class CKVCache:
     def reserve(self, n_new: int) -> None:
         for layer in self.layers:
             layer.reserve(n_new)
+
+    def truncate(self, n: int) -> bool:
+        if not all(layer.can_truncate(n) for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.truncate(n)
+        return True
+
+    def state(self):
+        return ordered_state(self.layers)
+
+    def restore(self, state, n: int) -> None:
+        for layer, (k, v, pos) in zip(self.layers, state):
+            layer.restore(k, v, pos, n)
 
     @property
     def nbytes(self) -> int:

@@ -12,8 +12,8 @@ import numpy as np
 
 from st_sdk.errors import BackendError, InputError
 from st_sdk.weights.mapping import release_map
-from st_sdk.weights.tensor import KQUANTS, STORAGE_DTYPE, block_size
-from st_sdk.weights.tensor import row_bytes as _row_bytes
+from st_sdk.weights.formats import KQUANTS, STORAGE_DTYPE, block_size
+from st_sdk.weights.formats import row_bytes as _row_bytes
 
 #: stored formats the kernels run as they lie in the file, and their codes (csrc/st_kernels.h)
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 7, "q5_0": 8, "q5_1": 9, "iq4_nl": 10,
@@ -226,7 +226,7 @@ def f32_vector(param, n: int | None = None) -> np.ndarray:
     return v
 
 
-def as_mat(param) -> CMat:   # param: st_sdk.backend.Param (not imported: st_sdk.weights.tensor imports this module)
+def as_mat(param) -> CMat:   # param: st_sdk.backend.Param
     return param.value if isinstance(param.value, CMat) else CMat(param.raw)
 
 

@@ -75,6 +75,42 @@ class JaxCache:
                 self.arrays[i] = (jnp.concatenate([K, extra[0]]), jnp.concatenate([V, extra[1]]),
                                   jnp.concatenate([P, extra[2]]))
 
+    # ---- prompt cache and saved conversations (st_sdk.generation.prompt_cache) ----------------------
+    def truncate(self, n: int) -> bool:
+        """Keep positions < n; False when a ring already dropped some of them."""
+        import numpy as np
+
+        for i, w in enumerate(self.windows):
+            P = np.asarray(self.arrays[i][2])
+            top = int(P.max()) + 1 if P.size else 0
+            if w and n < top and top > w:
+                return False
+        for i in range(len(self.windows)):
+            K, V, P = self.arrays[i]
+            self.arrays[i] = (K, V, jnp.where(P >= n, -1, P))
+        return True
+
+    def state(self):
+        import numpy as np
+
+        out = []
+        for K, V, P in self.arrays:
+            P = np.asarray(P).astype(np.int64)
+            keep = np.flatnonzero(P >= 0)
+            keep = keep[np.argsort(P[keep], kind="stable")]
+            out.append((np.asarray(K, np.float32)[keep], np.asarray(V, np.float32)[keep], P[keep]))
+        return out
+
+    def restore(self, state, n: int) -> None:
+        self.ensure(n)
+        for i, (k, v, pos) in enumerate(state):
+            if not len(pos):
+                continue
+            K, V, P = self.arrays[i]
+            slots = pos % self.windows[i] if self.windows[i] else pos
+            self.arrays[i] = (K.at[slots].set(jnp.asarray(k, K.dtype)), V.at[slots].set(jnp.asarray(v, V.dtype)),
+                              P.at[slots].set(jnp.asarray(pos, P.dtype)))
+
     @property
     def capacities(self) -> tuple[int, ...]:
         return tuple(int(kv[0].shape[0]) for kv in self.arrays)

@@ -97,6 +97,25 @@ class LayerKV:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.pos.nbytes
 
+    def can_truncate(self, n: int) -> bool:
+        """Whether the entries of positions < n are all still here (a ring that wrapped lost some)."""
+        return n >= self.length or not self.window or self.length <= self.window
+
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n (check can_truncate first)."""
+        self.pos[self.pos >= n] = -1
+        self.length = min(self.length, n)
+
+
+def ordered_state(layers) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(k, v, positions) of each layer's stored tokens in position order, float32/int64 on the host."""
+    out = []
+    for layer in layers:
+        k, v, pos = layer.entries()
+        order = np.argsort(pos, kind="stable")
+        out.append((np.asarray(k, np.float32)[order], np.asarray(v, np.float32)[order], np.asarray(pos, np.int64)[order]))
+    return out
+
 
 class KVCache:
     def __init__(self, config, capacity: int, dtype: str = "f32"):
@@ -105,3 +124,23 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    # ---- prompt cache and saved conversations (st_sdk.generation.prompt_cache) ----------------------
+    def truncate(self, n: int) -> bool:
+        """Keep only positions < n; False (and nothing changed) when a sliding-window ring already
+        dropped some of them."""
+        if not all(layer.can_truncate(n) for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.truncate(n)
+        return True
+
+    def state(self):
+        return ordered_state(self.layers)
+
+    def restore(self, state, n: int) -> None:
+        """Load what `state()` returned for a sequence of n tokens into this (empty) cache."""
+        for layer, (k, v, pos) in zip(self.layers, state):
+            if len(pos):
+                layer.append(k, v, pos)
+            layer.length = n

@@ -91,6 +91,17 @@ class LayerKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
 
+    def can_truncate(self, n: int) -> bool:
+        return n >= self.length or not self.window or self.length <= self.window
+
+    def truncate(self, n: int) -> None:
+        if n >= self.length:
+            return
+        self.pos[self.pos >= n] = -1
+        self.length = n
+        self.used = min(self.used, n)   # positions 0..n-1 sit in slots 0..n-1 (global, or a ring that never wrapped)
+        self.last = n - 1
+
 
 class KVCache:
     def __init__(self, config, capacity: int, dtype: str, device: torch.device):
@@ -99,3 +110,31 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    # ---- prompt cache and saved conversations (st_sdk.generation.prompt_cache) ----------------------
+    def truncate(self, n: int) -> bool:
+        if not all(layer.can_truncate(n) for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.truncate(n)
+        return True
+
+    def state(self):
+        out = []
+        for layer in self.layers:
+            keep = (layer.pos >= 0).nonzero().flatten()
+            pos = layer.pos[keep]
+            order = torch.argsort(pos)
+            keep, pos = keep[order], pos[order]
+            k = layer.k[:, keep].transpose(0, 1).float().cpu().numpy()
+            v = layer.v[:, keep].transpose(0, 1).float().cpu().numpy()
+            out.append((k, v, pos.cpu().numpy()))
+        return out
+
+    def restore(self, state, n: int) -> None:
+        for layer, (k, v, pos) in zip(self.layers, state):
+            if len(pos):
+                dev, dt = layer.k.device, layer.k.dtype
+                layer.append(torch.from_numpy(k).to(dev, dt), torch.from_numpy(v).to(dev, dt),
+                             torch.from_numpy(pos).to(dev), pos)
+            layer.length = n

@@ -26,7 +26,7 @@ def block_formats() -> None:
     and fused steps of small models that mix k-quants per tensor (llama.cpp's mixes)."""
     from st_sdk.backend import Param
     from st_sdk.loader import convert_params
-    from st_sdk.model import build_model as build
+    from st_sdk.loader import build_model as build
     from st_sdk.synth import preset_config, random_params
     from st_sdk.weights.tensor import WeightTensor, quantize
     from st_sdk_backends.c import ops

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError
-from .loop import capacity, start
-from .options import Options, encode_prompt, need_tokenizer
+from .loop import start, start_cached
+from .prompt_cache import common_prefix
+from .options import Options, context_of, encode_prompt, need_tokenizer
 from .result import GenerationResult
 
 
@@ -35,8 +36,7 @@ def chat(model, messages, *, stream: bool = False, **kw):
     """Answer the last message of a chat. Same options and return types as generate()."""
     opts = Options.parse(**kw)
     ids = chat_prompt_ids(model, messages)
-    session = model.session(capacity=capacity(model, len(ids), opts))
-    return start(model, session, ids, opts, stream)
+    return start_cached(model, ids, opts, stream)
 
 
 class Conversation:
@@ -59,10 +59,26 @@ class Conversation:
 
     def _session_for(self, ids: list[int]):
         s = self.session
-        if s is not None and len(s.tokens) < len(ids) and ids[:len(s.tokens)] == s.tokens:
+        if s is not None and s.rewind(min(common_prefix(s.tokens, ids), len(ids) - 1)):
             return s
-        self.session = self.model.session(capacity=self.model.config.max_position_embeddings)
+        self.session = self.model.session(capacity=context_of(self.model))
         return self.session
+
+    def save(self, path) -> None:
+        """Write the history and the KV cache to `path` (see st_sdk.generation.saved for the format)."""
+        from .saved import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, model, path) -> "Conversation":
+        """A conversation saved with `save`, in this process, on `model` (the same model, checked)."""
+        from .saved import load
+
+        saved = load(model, path)
+        conv = cls(model, system=saved["system"], **saved["defaults"])
+        conv.messages, conv.session = saved["messages"], saved["session"]
+        return conv
 
     def send(self, text: str, *, stream: bool = False, **kw):
         """Add a user message and generate the assistant's answer (a GenerationResult, or a

@@ -12,34 +12,21 @@ from typing import AsyncIterator, Iterator
 
 import numpy as np
 
+import numpy as np
+
 from ..errors import InputError
-from ..sampling import log_softmax, sample
-from .options import Options, encode_prompt, eos_ids
+from .options import Options, context_of, encode_prompt
 from .result import GenerationResult
+from .sampler import Sampler
 from .stream import GenerationStream
-from .text import IncrementalDecoder, StopStrings
 
 
-def run(model, session, prompt_ids: list[int], opts: Options, out: dict) -> Iterator[str]:
+def run(model, session, prompt_ids: list[int], sampler: Sampler, out: dict) -> Iterator[str]:
     """Prefill what `session` does not hold yet, then sample until a stop condition, yielding text pieces.
     Fills `out["result"]` with the GenerationResult when it ends, also when closed early."""
     t_start = time.perf_counter()
-    cfg = model.config
-    ctx = cfg.max_position_embeddings
-    rng = np.random.default_rng(opts.seed)
-    stop_ids = set() if opts.ignore_eos else eos_ids(model)
-    decoder = IncrementalDecoder(model.tokenizer) if model.tokenizer is not None else None
-    stops = StopStrings(opts.stop)
-    seen = None
-    if opts.sampling.repetition_penalty != 1.0:
-        seen = np.zeros(cfg.vocab_size, dtype=bool)
-        seen[prompt_ids] = True
-    cancel = opts.cancel
-    text_parts: list[str] = []
-    generated: list[int] = []
-    logprobs: list[float] | None = [] if opts.logprobs else None
-    top_logprobs: list[dict[int, float]] | None = [] if opts.top_logprobs else None
-    finish = "length"
+    cancel = sampler.opts.cancel
+    finish = None
     cached = len(session.tokens)
     prefill_s = decode_s = 0.0
     n_decode = 0
@@ -48,10 +35,11 @@ def run(model, session, prompt_ids: list[int], opts: Options, out: dict) -> Iter
         n_new = len(prompt_ids) - cached
         timings = dict(prompt_tokens=len(prompt_ids), cached_tokens=cached, prefill_s=prefill_s,
                        prefill_tokens_per_s=n_new / prefill_s if prefill_s > 0 and n_new else float("nan"),
-                       generated_tokens=len(generated), decode_s=decode_s,
+                       generated_tokens=len(sampler.token_ids), decode_s=decode_s,
                        decode_tokens_per_s=n_decode / decode_s if decode_s > 0 and n_decode else float("nan"),
                        total_s=time.perf_counter() - t_start)
-        return GenerationResult("".join(text_parts), generated, prompt_ids, finish, logprobs, top_logprobs, timings)
+        return GenerationResult(sampler.text, sampler.token_ids, prompt_ids, finish or sampler.finish_reason,
+                                sampler.logprobs, sampler.top_logprobs, timings)
 
     try:
         # prefill in chunks, checking for cancellation between them
@@ -71,44 +59,14 @@ def run(model, session, prompt_ids: list[int], opts: Options, out: dict) -> Iter
                 finish = "cancelled"
                 return
             t0 = time.perf_counter()
-            tok = sample(logits, opts.sampling, rng, seen)
-            generated.append(tok)
-            if seen is not None:
-                seen[tok] = True
-            if logprobs is not None:
-                lp = log_softmax(logits)
-                logprobs.append(float(lp[tok]))
-                if top_logprobs is not None:
-                    top = np.argsort(-lp, kind="stable")[:opts.top_logprobs]
-                    top_logprobs.append({int(i): float(lp[i]) for i in top})
-            if tok in stop_ids:
-                finish = "eos"
+            step = sampler.step(logits)
+            if step.text:
+                yield step.text
+            if sampler.finished:
                 break
-            if decoder is not None:
-                piece, stopped = stops.push(decoder.push(tok))
-                if piece:
-                    text_parts.append(piece)
-                    yield piece
-                if stopped:
-                    finish = "stop"
-                    break
-            if opts.max_new_tokens is not None and len(generated) >= opts.max_new_tokens:
-                break
-            if len(session.tokens) + 1 >= ctx:   # the sampled token would not fit: context full
-                break
-            logits = session.feed([tok])
+            logits = session.feed([step.token])
             decode_s += time.perf_counter() - t0   # sampling + one forward step
             n_decode += 1
-        if decoder is not None and finish != "stop":
-            # what the decoder held (an incomplete character) and the stop-string hold-back
-            piece, stopped = stops.push(decoder.flush())
-            if stopped:
-                finish = "stop"
-            else:
-                piece += stops.flush()
-            if piece:
-                text_parts.append(piece)
-                yield piece
     except GeneratorExit:   # the consumer closed the stream
         finish = "cancelled"
         raise
@@ -124,10 +82,18 @@ def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on
     `on_done(result)` runs when it ends."""
     if opts.stop and model.tokenizer is None:
         raise InputError("stop: stop strings need a tokenizer; this model has none")
+    ctx = context_of(model)
+    if opts.max_new_tokens is not None and len(prompt_ids) + opts.max_new_tokens > ctx:
+        raise InputError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens={opts.max_new_tokens} = "
+                         f"{len(prompt_ids) + opts.max_new_tokens} tokens exceed the model's context of {ctx} tokens "
+                         "(lower max_new_tokens, pass max_new_tokens=None to stop when the context is full, or "
+                         "load(..., context=N))")
     cancel = opts.cancel or threading.Event()
     opts.cancel = cancel
+    # made now: bad options (a logit_bias id, a grammar that does not compile) fail before any work
+    sampler = Sampler(model, opts, prompt_ids, room=ctx - len(prompt_ids))
     out: dict = {}
-    gen = run(model, session, prompt_ids, opts, out)
+    gen = run(model, session, prompt_ids, sampler, out)
     if stream:
         return GenerationStream(gen, out, cancel, prompt_ids, on_done)
     try:
@@ -140,17 +106,46 @@ def start(model, session, prompt_ids: list[int], opts: Options, stream: bool, on
 
 
 def capacity(model, n_prompt: int, opts: Options) -> int:
-    ctx = model.config.max_position_embeddings
+    ctx = context_of(model)
     return ctx if opts.max_new_tokens is None else min(ctx, n_prompt + opts.max_new_tokens)
 
 
 def generate(model, prompt, *, stream: bool = False, **kw):
     """Generate from text or token ids. See `Model.generate` and docs/generation.md for the options.
-    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces."""
+    Returns a GenerationResult, or with stream=True a GenerationStream of text pieces; a list of
+    prompts returns the list of their results, each what the prompt alone would give."""
     opts = Options.parse(**kw)
+    if is_batch(prompt):
+        if stream:
+            raise InputError("stream: a list of prompts cannot be streamed; stream each prompt on its own")
+        batch = [encode_prompt(model, p) for p in prompt]     # every prompt checked before any work
+        return [start_cached(model, ids, Options.parse(**kw), False) for ids in batch]
     ids = encode_prompt(model, prompt)
-    session = model.session(capacity=capacity(model, len(ids), opts))
-    return start(model, session, ids, opts, stream)
+    return start_cached(model, ids, opts, stream)
+
+
+def is_batch(prompt) -> bool:
+    """A list of prompts (texts or lists of ids), as opposed to one prompt (a text or a list of ids)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    kinds = {"text" if isinstance(p, str) else "ids" if isinstance(p, (list, tuple, np.ndarray)) else "id"
+             for p in prompt}
+    if kinds in ({"text"}, {"ids"}):
+        return True
+    if kinds != {"id"}:
+        raise InputError("prompt: expected a text, a list of token ids, or a list of either (not a mix)")
+    return False
+
+
+def start_cached(model, ids: list[int], opts: Options, stream: bool):
+    """`start` on a session from the model's prompt cache, given back to it when the request ends."""
+    session = model.prompt_cache.acquire(ids, capacity(model, len(ids), opts))
+
+    def done(res: GenerationResult) -> None:
+        if res.finish_reason != "error":       # an error may leave half a step in the cache
+            model.prompt_cache.release(session)
+
+    return start(model, session, ids, opts, stream, on_done=done)
 
 
 async def agenerate(model, prompt, **kw) -> AsyncIterator[str]:

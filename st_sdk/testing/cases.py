@@ -113,8 +113,9 @@ def _config(n_heads: int, n_kv: int, hd: int, theta: float = 1e4, window: int | 
 
 def qkv_case(T: int):
     def case(ctx: Ctx) -> list[Measure]:
-        x = ctx.rng.standard_normal((T, 64)).astype(np.float32)
-        ws = [ctx.weight(role, ctx.rng.standard_normal((n, 64)) / 8.0, role)
+        h = 64 * data.width(ctx.fmt)
+        x = ctx.rng.standard_normal((T, h)).astype(np.float32)
+        ws = [ctx.weight(role, ctx.rng.standard_normal((n, h)) / np.sqrt(h), role)
               for role, n in (("wq", 128), ("wk", 32), ("wv", 32))]
         got = ctx.call("qkv", ctx.x(x), *(b for b, _ in ws))
         want = [ctx.reference.linear(x, r) for _, r in ws]

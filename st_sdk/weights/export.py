@@ -3,6 +3,9 @@ pass, tensor by tensor, with a progress bar. `st-sdk synth` and `st-sdk quantize
 from __future__ import annotations
 
 import json
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -103,22 +106,44 @@ def export(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], fmt: str
     names = hf_to_gguf(cfg)
     bar = progress_bar(total, desc)
     seen: set[str] = set()
+
+    def encode(name: str, x: np.ndarray) -> list:
+        """(writer, write arguments) for each file; the same storage for both when the formats agree."""
+        cache: dict[str, np.ndarray] = {}
+
+        def stored(f: str) -> np.ndarray:
+            if f not in cache:
+                cache[f] = quantize(f, x)
+            return cache[f]
+
+        jobs = []
+        if hf_w is not None:
+            jobs.append((hf_w, (name, stored(hf_spec[name][0]))))
+        if gg_w is not None:
+            gname, e = names[name]
+            jobs.append((gg_w, (gname, e, stored(gg_spec[gname][0]))))
+        return jobs
+
+    # quantising (the k-quants' scale search above all) runs on every core; writes stay on this thread
+    workers = max(1, min(8, os.cpu_count() or 1))
+    pending: deque = deque()
+
+    def write_oldest() -> None:
+        for w, a in pending.popleft().result():
+            bar.update(w.write(*a))
+
     try:
-        for name, x in tensors:
-            seen.add(name)
-            cache: dict[str, np.ndarray] = {}   # same storage for both files when the formats agree
-
-            def stored(f: str) -> np.ndarray:
-                if f not in cache:
-                    cache[f] = quantize(f, x)
-                return cache[f]
-
-            if hf_w is not None:
-                bar.update(hf_w.write(name, stored(hf_spec[name][0])))
-            if gg_w is not None:
-                gname, e = names[name]
-                bar.update(gg_w.write(gname, e, stored(gg_spec[gname][0])))
+        with ThreadPoolExecutor(workers, thread_name_prefix="st-sdk-quantize") as pool:
+            for name, x in tensors:
+                seen.add(name)
+                pending.append(pool.submit(encode, name, x))
+                while len(pending) > 2 * workers:   # bounded: a few tensors in flight
+                    write_oldest()
+            while pending:
+                write_oldest()
     finally:
+        for f in pending:
+            f.cancel()
         bar.close()
         for w in writers:
             w.close()
