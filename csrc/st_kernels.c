@@ -5,7 +5,7 @@
  * ggml's graph compute does. So a decode step is one call into C and one wake-up of the workers.
  */
 #define _GNU_SOURCE
-#include "st_internal.h"
+#include "st_attention.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -41,6 +41,7 @@ int st_set_variant(int variant) {
     else
 #endif
         K = &kern_generic;
+    st_attn_set_variant(variant);
     g_variant = variant;
     return ST_OK;
 }
@@ -345,13 +346,6 @@ typedef struct {
     const st_model *m;
     int64_t T;
     const int64_t *pos;
-    /* attention */
-    int64_t nH, nKV, hd, window;
-    const float *q, *k, *v;
-    st_kv *kv;
-    float *att, *scores;   /* scores: per thread, smax floats */
-    block_q8 *attq;        /* when set (head_dim % 32 == 0): q8 copy of att, written head by head */
-    int64_t smax;
     /* moe */
     const st_experts *gate, *up, *down;
     int64_t E, topk, F, H;
@@ -380,52 +374,6 @@ static const block_q8K *q8K_for_all(st_pool *pool, int ith, int nth, const float
     quantize_rows(ith, nth, x, rows, cols, 1 << ACT_Q8K, NULL, shared);
     barrier(pool, nth);
     return shared;
-}
-
-static void attention_stage(jctx *c, int ith, int nth) {
-    const int64_t T = c->T, nH = c->nH, nKV = c->nKV, hd = c->hd, group = nH / nKV, win = c->window;
-    const float scale = 1.0f / sqrtf((float)hd);
-    st_kv *kv = c->kv;
-    const int64_t nslots = win ? kv->cap : kv->length;
-    float *sc = c->scores + (int64_t)ith * c->smax;
-    int64_t lo, hi;
-    split(T * nH, ith, nth, 1, &lo, &hi);
-    for (int64_t it = lo; it < hi; it++) {
-        int64_t t = it / nH, h = it % nH, g = h / group, pt = c->pos[t];
-        const float *qv = c->q + (t * nH + h) * hd;
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < nslots + T; s++) {
-            int64_t ps = s < nslots ? kv->pos[s] : c->pos[s - nslots];
-            if (ps < 0 || ps > pt || (win && ps <= pt - win)) { sc[s] = -INFINITY; continue; }
-            const float *kk = s < nslots ? kv->k + (s * nKV + g) * hd : c->k + ((s - nslots) * nKV + g) * hd;
-            sc[s] = K->dot[ST_F32](hd, kk, qv) * scale;
-            if (sc[s] > mx) mx = sc[s];
-        }
-        float *o = c->att + (t * nH + h) * hd, sum = 0;
-        memset(o, 0, (size_t)hd * 4);
-        for (int64_t s = 0; s < nslots + T; s++) {
-            if (sc[s] == -INFINITY) continue;
-            float p = expf(sc[s] - mx);
-            sum += p;
-            const float *vv = s < nslots ? kv->v + (s * nKV + g) * hd : c->v + ((s - nslots) * nKV + g) * hd;
-            for (int64_t j = 0; j < hd; j++) o[j] += p * vv[j];
-        }
-        float inv = sum > 0 ? 1.0f / sum : 0.0f;
-        for (int64_t j = 0; j < hd; j++) o[j] *= inv;
-        if (c->attq) K->quantize_q8(hd, o, c->attq + (t * nH + h) * (hd / QK));
-    }
-}
-
-static void kv_append(jctx *c) {
-    st_kv *kv = c->kv;
-    const int64_t row = c->nKV * c->hd;
-    for (int64_t t = 0; t < c->T; t++) {
-        int64_t slot = c->window ? c->pos[t] % c->window : kv->length + t;
-        memcpy(kv->k + slot * row, c->k + t * row, (size_t)row * 4);
-        memcpy(kv->v + slot * row, c->v + t * row, (size_t)row * 4);
-        kv->pos[slot] = c->pos[t];
-    }
-    kv->length += c->T;
 }
 
 static void group_pairs(jctx *c) {
@@ -585,31 +533,41 @@ static void experts_stage(jctx *c, int ith, int nth) {
 
 /* ---- scratch: one allocation per call, carved into the buffers a layer needs ------------------ */
 typedef struct {
-    float *a, *q, *k, *v, *att, *rl, *rw, *mf, *Z, *scores, *cs;
+    float *a, *q, *k, *v, *att, *rl, *rw, *mf, *Z, *cs;
     block_q8 *aq, *hq, *attq, *mq, *Zq;
     block_q8K *aK, *hK, *attK, *mK, *ZK, *priv;   /* priv: ST_PRIVATE_Q8K values per thread */
     int64_t *rid, *order, *offs;
+    /* attention: shared counters and partials (zeroed), per-thread tiles, the step's keys and values
+     * in the cache's storage type */
+    char *attn_shared, *attn_thread, *stage_k, *stage_v;
+    int64_t attn_stride;
     void *mem;
 } scratch;
 
-static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax, int nth) {
+static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax, int n_seq, int64_t stage_bytes,
+                         int nth) {
     const int64_t H = m->hidden, qw = m->n_heads * m->head_dim, kw = m->n_kv * m->head_dim, P = T * m->top_k;
     const int64_t F = m->ffn, E = m->n_experts;
     const size_t q8 = sizeof(block_q8), qk = sizeof(block_q8K);
+    int64_t attn_shared, attn_thread;
+    st_attn_bytes(m->n_heads, m->n_kv, m->head_dim, T, smax, n_seq, nth, &attn_shared, &attn_thread);
+    s->attn_stride = (attn_thread + 63) / 64 * 64;
+    const size_t stage = (size_t)stage_bytes;
     void **dst[] = {(void **)&s->a, (void **)&s->q, (void **)&s->k, (void **)&s->v, (void **)&s->att, (void **)&s->rl,
-                    (void **)&s->rw, (void **)&s->mf, (void **)&s->Z, (void **)&s->scores, (void **)&s->cs,
+                    (void **)&s->rw, (void **)&s->mf, (void **)&s->Z, (void **)&s->attn_shared, (void **)&s->cs,
                     (void **)&s->aq, (void **)&s->hq, (void **)&s->attq, (void **)&s->mq, (void **)&s->Zq,
                     (void **)&s->aK, (void **)&s->hK, (void **)&s->attK, (void **)&s->mK, (void **)&s->ZK,
-                    (void **)&s->priv, (void **)&s->rid, (void **)&s->order, (void **)&s->offs};
+                    (void **)&s->priv, (void **)&s->rid, (void **)&s->order, (void **)&s->offs,
+                    (void **)&s->attn_thread, (void **)&s->stage_k, (void **)&s->stage_v};
     const size_t sz[] = {
         (size_t)(T * H) * 4, (size_t)(T * qw) * 4, (size_t)(T * kw) * 4, (size_t)(T * kw) * 4, (size_t)(T * qw) * 4,
-        (size_t)(T * E) * 4, (size_t)P * 4, (size_t)(T * H) * 4, (size_t)(P * F) * 4, (size_t)(smax * nth) * 4,
+        (size_t)(T * E) * 4, (size_t)P * 4, (size_t)(T * H) * 4, (size_t)(P * F) * 4, (size_t)attn_shared,
         (size_t)(T * (m->head_dim / 2 + 1)) * 8,
         (size_t)(T * (H / QK + 1)) * q8, (size_t)(T * (H / QK + 1)) * q8, (size_t)(T * (qw / QK + 1)) * q8,
         (size_t)(T * (H / QK + 1)) * q8, (size_t)(P * (F / QK + 1)) * q8,
         (size_t)(T * (H / QKK + 1)) * qk, (size_t)(T * (H / QKK + 1)) * qk, (size_t)(T * (qw / QKK + 1)) * qk,
         (size_t)(T * (H / QKK + 1)) * qk, (size_t)(P * (F / QKK + 1)) * qk, (size_t)nth * (ST_PRIVATE_Q8K / QKK) * qk,
-        (size_t)P * 8, (size_t)P * 8, (size_t)(2 * E + 2) * 8};
+        (size_t)P * 8, (size_t)P * 8, (size_t)(2 * E + 2) * 8, (size_t)(s->attn_stride * nth), stage, stage};
     const int n = (int)(sizeof sz / sizeof sz[0]);
     size_t total = 0;
     for (int i = 0; i < n; i++) total += (sz[i] + 63) & ~(size_t)63;
@@ -620,6 +578,10 @@ static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax,
         *dst[i] = p;
         p += (sz[i] + 63) & ~(size_t)63;
     }
+    memset(s->attn_shared, 0, (size_t)attn_shared);
+    /* the lanes of each sequence's last staged block past its rows are read (and masked): numbers */
+    memset(s->stage_k, 0, stage);
+    memset(s->stage_v, 0, stage);
     return ST_OK;
 }
 
@@ -639,7 +601,8 @@ typedef struct {
     int32_t last_only, rope_ready;
     float *logits;
     scratch s;
-    int64_t smax;
+    int32_t *row_seq;       /* [T] the sequence of each row */
+    st_attn_seq *seqs;      /* [nth][B]: each thread's description of the sequences' attention */
 } fctx;
 
 static void layer_body(fctx *f, int64_t li, int ith, int nth) {
@@ -670,40 +633,46 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     mm(ith, nth, &L->wv, &xa, T, s->v, kw, 0);
     mm(ith, nth, &L->router, &xh, T, s->rl, E, 0);
     barrier(f->pool, nth);
-    /* 3. rope, routing */
-    if (L->use_rope) {
-        split(T * (nH + nKV), ith, nth, 1, &lo, &hi);
-        for (int64_t it = lo; it < hi; it++) {
-            int64_t t = it / (nH + nKV), j = it % (nH + nKV);
-            float *x = j < nH ? s->q + (t * nH + j) * hd : s->k + (t * nKV + (j - nH)) * hd;
-            rope_apply(x, hd, s->cs + t * (hd / 2) * 2);
-        }
+    /* 3. rope, routing; each key is put into its cache's storage type (staged) by the thread that
+     * rotated it */
+    const int wo_act = fmt_act(L->wo.fmt);
+    const int quant_heads = hd % QK == 0 && wo_act == ACT_Q8;   /* each head's output quantised where computed */
+    st_attn_seq *sq = f->seqs + (int64_t)ith * f->B;   /* every thread describes the same sequences */
+    char *sk = s->stage_k, *sv = s->stage_v;
+    for (int64_t b = 0; b < f->B; b++) {
+        const int64_t r0 = f->seg[b], Tb = f->seg[b + 1] - r0;
+        const int64_t cap = (Tb + ST_KV_BLOCK - 1) / ST_KV_BLOCK * ST_KV_BLOCK;
+        st_kv *kv = &f->kvs[b][li - f->layer0];
+        sq[b] = (st_attn_seq){.T = Tb, .window = L->window, .pos = f->pos + r0, .q = s->q + r0 * qw,
+                              .k = s->k + r0 * kw, .v = s->v + r0 * kw, .kv = kv,
+                              .stage = {.k = sk, .v = sv, .pos = (int64_t *)(f->pos + r0), .cap = cap, .dtype = kv->dtype},
+                              .out = s->att + r0 * qw, .outq = quant_heads ? s->attq + r0 * (qw / QK) : NULL};
+        const int64_t bytes = (st_kv_bytes(kv->dtype, cap, nKV, hd) + 63) / 64 * 64;
+        sk += bytes;
+        sv += bytes;
+    }
+    const st_attn at = {.nH = nH, .nKV = nKV, .hd = hd, .n_seq = (int)f->B, .seq = sq, .quantize_q8 = K->quantize_q8,
+                        .shared = s->attn_shared, .scratch = s->attn_thread, .scratch_stride = s->attn_stride};
+    split(T * (nH + nKV), ith, nth, 1, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) {
+        int64_t t = it / (nH + nKV), j = it % (nH + nKV);
+        float *x = j < nH ? s->q + (t * nH + j) * hd : s->k + (t * nKV + (j - nH)) * hd;
+        if (L->use_rope) rope_apply(x, hd, s->cs + t * (hd / 2) * 2);
+        if (j >= nH) st_attn_stage(&at, f->row_seq[t], t - f->seg[f->row_seq[t]], j - nH);
     }
     split(T, ith, nth, 1, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) topk_row(s->rl + t * E, E, k, m->softmax, s->rw + t * k, s->rid + t * k);
     barrier(f->pool, nth);
-    /* 4. attention of each sequence over its cache plus its rows of this step */
-    jctx c = {.pool = f->pool, .m = m, .T = T, .pos = f->pos, .nH = nH, .nKV = nKV, .hd = hd, .window = L->window,
-              .q = s->q, .k = s->k, .v = s->v, .att = s->att, .scores = s->scores,
-              .smax = f->smax, .gate = &L->gate, .up = &L->up, .down = &L->down, .E = E, .topk = k, .F = m->ffn,
-              .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .mK = s->mK, .ids = s->rid, .w = s->rw,
-              .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .ZK = s->ZK, .ZKp = s->priv, .out = h};
-    const int wo_act = fmt_act(L->wo.fmt);
-    const int quant_heads = hd % QK == 0 && wo_act == ACT_Q8;   /* each head's output quantised where computed */
-    for (int64_t b = 0; b < f->B; b++) {   /* no barrier between sequences: their rows and caches are disjoint */
-        const int64_t r0 = f->seg[b];
-        jctx cb = c;
-        cb.T = f->seg[b + 1] - r0;
-        cb.pos = f->pos + r0;
-        cb.q = s->q + r0 * qw;
-        cb.k = s->k + r0 * kw;
-        cb.v = s->v + r0 * kw;
-        cb.att = s->att + r0 * qw;
-        cb.attq = quant_heads ? s->attq + r0 * (qw / QK) : NULL;
-        cb.kv = &f->kvs[b][li - f->layer0];
-        attention_stage(&cb, ith, nth);
-    }
+    /* 4. attention of every sequence over its cache plus its rows of this step, one pass over the pool
+     * (thread 0 times the stage, barrier included) */
+    const double a0 = ith == 0 ? st_attn_clock() : 0;
+    st_attn_run(&at, ith, nth);
     barrier(f->pool, nth);
+    if (ith == 0) st_attn_account(st_attn_clock() - a0);
+    jctx c = {.pool = f->pool, .m = m, .T = T, .pos = f->pos, .gate = &L->gate, .up = &L->up, .down = &L->down,
+              .E = E, .topk = k, .F = m->ffn, .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .mK = s->mK,
+              .ids = s->rid, .w = s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .ZK = s->ZK,
+              .ZKp = s->priv, .out = h};
     st_act xo = {s->att, s->attq, NULL};
     if (wo_act == ACT_Q8 && hd % QK) {
         quantize_rows(ith, nth, s->att, T, qw, 1 << ACT_Q8, s->attq, NULL);
@@ -711,20 +680,9 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     } else if (wo_act == ACT_Q8K) {
         xo.k = q8K_for_all(f->pool, ith, nth, s->att, T, qw, s->attK, s->priv);
     }
-    /* 5. h += attn @ Wo; meanwhile thread 0 appends k/v (nothing reads the cache now) and groups the
-     * token-expert pairs by expert */
-    if (ith == 0) {
-        for (int64_t b = 0; b < f->B; b++) {
-            jctx cb = c;
-            cb.T = f->seg[b + 1] - f->seg[b];
-            cb.pos = f->pos + f->seg[b];
-            cb.k = s->k + f->seg[b] * kw;
-            cb.v = s->v + f->seg[b] * kw;
-            cb.kv = &f->kvs[b][li - f->layer0];
-            kv_append(&cb);
-        }
-        group_pairs(&c);
-    }
+    /* 5. h += attn @ Wo; meanwhile thread 0 appends the staged k/v (nothing reads the cache now) and
+     * groups the token-expert pairs by expert */
+    if (ith == 0) { st_attn_finish(&at); group_pairs(&c); }
     mm(ith, nth, &L->wo, &xo, T, h, H, 1);
     barrier(f->pool, nth);
     /* 6. ffn norm and its quantised copies */
@@ -789,41 +747,45 @@ static int model_ok(const st_model *m, int io) {
     return 1;
 }
 
-static int kv_ok(const st_kv *kv, int64_t window, int64_t T) {
-    if (!kv || !kv->k || !kv->v || !kv->pos || kv->length < 0) return 0;
-    if (kv->window != window) return 0;
-    if (window) return kv->cap == window;
-    return kv->length + T <= kv->cap;
-}
-
 static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64_t B, const int64_t *seg, int64_t l0,
                       int64_t l1, const int64_t *ids, const int64_t *pos, int64_t T, int32_t last_only, float *h,
                       float *logits) {
-    if (T <= 0 || B <= 0 || !seg || !pos || !h || !kvs || !model_ok(m, ids || logits) || l0 < 0 || l1 > m->n_layers ||
-        l0 >= l1 || seg[0] != 0 || seg[B] != T)
+    if (T <= 0 || B <= 0 || B > INT32_MAX || !seg || !pos || !h || !kvs || !model_ok(m, ids || logits) || l0 < 0 ||
+        l1 > m->n_layers || l0 >= l1 || seg[0] != 0 || seg[B] != T)
         return ST_EARG;
-    int64_t smax = 0;
+    const int64_t kw = m->n_kv * m->head_dim;
+    int64_t smax = 0, stage = 0;
     for (int64_t b = 0; b < B; b++) {
         const int64_t Tb = seg[b + 1] - seg[b];
         if (Tb <= 0 || !kvs[b]) return ST_EARG;
         for (int64_t c = 0; c < b; c++) if (kvs[c] == kvs[b]) return ST_ECACHE;   /* one cache, one sequence */
         for (int64_t i = l0; i < l1; i++) {
             const st_kv *kv = &kvs[b][i - l0];   /* kvs[b][0] belongs to layer l0 */
-            if (!kv_ok(kv, m->layers[i].window, Tb)) return ST_ECACHE;
+            if (!st_attn_kv_ok(kv, m->layers[i].window, Tb, m->head_dim)) return ST_ECACHE;
             int64_t n = (m->layers[i].window ? kv->cap : kv->length) + Tb;
             if (n > smax) smax = n;
         }
+        /* the sequence's staged keys (or values): whole blocks, f32 the largest storage type */
+        stage += ((Tb + ST_KV_BLOCK - 1) / ST_KV_BLOCK * ST_KV_BLOCK * kw * 4 + 63) / 64 * 64;
     }
     if (ids)
         for (int64_t t = 0; t < T; t++) if (ids[t] < 0 || ids[t] >= m->vocab) return ST_EIDS;
     for (int64_t t = 0; t < T; t++) if (pos[t] < 0) return ST_EARG;
-    fctx f = {.m = m, .pool = pool, .kvs = kvs, .seg = seg, .B = B, .layer0 = l0, .layer1 = l1, .T = T, .h = h,
-              .pos = pos, .ids = ids, .last_only = last_only, .logits = logits, .smax = smax};
     int nth = pool ? pool->n : 1;
-    if (scratch_alloc(&f.s, m, T, smax, nth)) return ST_ENOMEM;
-    pool_run(pool, forward_job, &f);
-    free(f.s.mem);
-    return ST_OK;
+    fctx f = {.m = m, .pool = pool, .kvs = kvs, .seg = seg, .B = B, .layer0 = l0, .layer1 = l1, .T = T, .h = h,
+              .pos = pos, .ids = ids, .last_only = last_only, .logits = logits};
+    f.row_seq = malloc((size_t)T * sizeof(int32_t));
+    f.seqs = malloc((size_t)(B * nth) * sizeof(st_attn_seq));
+    int rc = !f.row_seq || !f.seqs ? ST_ENOMEM : scratch_alloc(&f.s, m, T, smax, (int)B, stage, nth);
+    if (rc == ST_OK) {
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t t = seg[b]; t < seg[b + 1]; t++) f.row_seq[t] = (int32_t)b;
+        pool_run(pool, forward_job, &f);
+        free(f.s.mem);
+    }
+    free(f.row_seq);
+    free(f.seqs);
+    return rc;
 }
 
 int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *ids, const int64_t *pos, int64_t T,
@@ -906,25 +868,40 @@ int st_rope(float *x, int64_t T, int64_t n, int64_t hd, const int64_t *pos, doub
     return ST_OK;
 }
 
+typedef struct { st_pool *pool; st_attn a; int64_t n; } attn_ctx;
 static void attention_job(void *arg, int ith, int nth) {
-    jctx *c = arg;
-    attention_stage(c, ith, nth);
+    attn_ctx *c = arg;
+    int64_t lo, hi;
+    split(c->n, ith, nth, 1, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) st_attn_stage(&c->a, 0, i / c->a.nKV, i % c->a.nKV);
     barrier(c->pool, nth);
-    if (ith == 0) kv_append(c);
+    st_attn_run(&c->a, ith, nth);
+    barrier(c->pool, nth);
+    if (ith == 0) st_attn_finish(&c->a);
 }
 int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH, int64_t nKV,
                  int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out) {
     if (!q || !k || !v || !pos || !out || T <= 0 || nH <= 0 || nKV <= 0 || hd <= 0 || nH % nKV || window < 0)
         return ST_EARG;
-    if (!kv_ok(cache, window, T)) return ST_ECACHE;
+    if (!st_attn_kv_ok(cache, window, T, hd)) return ST_ECACHE;
     for (int64_t t = 0; t < T; t++) if (pos[t] < 0) return ST_EARG;
-    int nth = pool ? pool->n : 1;
-    int64_t smax = (window ? cache->cap : cache->length) + T;
-    jctx c = {.pool = pool, .T = T, .pos = pos, .nH = nH, .nKV = nKV, .hd = hd, .window = window, .q = q, .k = k,
-              .v = v, .kv = cache, .att = out, .smax = smax};
-    if (!(c.scores = malloc((size_t)(smax * nth) * 4))) return ST_ENOMEM;
+    const int nth = pool ? pool->n : 1;
+    int64_t shared, per_thread;
+    st_attn_bytes(nH, nKV, hd, T, window ? cache->cap : cache->length, 1, nth, &shared, &per_thread);
+    const int64_t stride = (per_thread + 63) / 64 * 64, cap = (T + ST_KV_BLOCK - 1) / ST_KV_BLOCK * ST_KV_BLOCK;
+    const int64_t stage = st_kv_bytes(cache->dtype, cap, nKV, hd);
+    char *mem = aligned_alloc(64, (size_t)((shared + 63) / 64 * 64 + stride * nth + 2 * stage + 64));
+    if (!mem) return ST_ENOMEM;
+    memset(mem, 0, (size_t)shared);
+    char *scratch = mem + (shared + 63) / 64 * 64, *sk = scratch + stride * nth, *sv = sk + stage;
+    memset(sk, 0, (size_t)(2 * stage));   /* the staged lanes past T are read (and masked): numbers */
+    st_attn_seq sq = {.T = T, .window = window, .pos = pos, .q = q, .k = k, .v = v, .kv = cache, .out = out,
+                      .stage = {.k = sk, .v = sv, .pos = (int64_t *)pos, .cap = cap, .dtype = cache->dtype}};
+    attn_ctx c = {.pool = pool, .n = T * nKV,
+                  .a = {.nH = nH, .nKV = nKV, .hd = hd, .n_seq = 1, .seq = &sq, .quantize_q8 = K->quantize_q8,
+                        .shared = mem, .scratch = scratch, .scratch_stride = stride}};
     pool_run(pool, attention_job, &c);
-    free(c.scores);
+    free(mem);
     return ST_OK;
 }
 

@@ -46,9 +46,13 @@ typedef struct {
     st_layer *layers;
 } st_model;
 
-/* one layer's KV cache: k/v [cap, n_kv, head_dim] f32, pos [cap] (-1 = empty). Sliding-window
- * layers are rings of `window` slots indexed by position % window; global ones fill 0..length-1. */
-typedef struct { float *k, *v; int64_t *pos; int64_t cap, window, length; } st_kv;
+/* one layer's KV cache, stored as `dtype` (ST_F32, ST_F16 or ST_Q8_0; q8_0 needs head_dim % 32 == 0) in
+ * blocks of ST_KV_BLOCK positions: k and v hold st_kv_bytes(dtype, cap, n_kv, head_dim) bytes each
+ * (csrc/st_attention.h gives the layout), pos [cap] the position in each slot (-1 = empty). cap is a
+ * multiple of ST_KV_BLOCK. Sliding-window layers are rings indexed by position % window (cap >= window);
+ * global ones fill slots 0..length-1. */
+enum { ST_KV_BLOCK = 16 };
+typedef struct { void *k, *v; int64_t *pos; int64_t cap, window, length; int32_t dtype; } st_kv;
 
 typedef struct st_pool st_pool;
 
@@ -77,6 +81,17 @@ int st_get_rows(const st_mat *table, const int64_t *ids, int64_t T, float *out);
 int st_linear(st_pool *pool, const st_mat *w, const float *x, int64_t T, float *y);
 int st_rms_norm(st_pool *pool, const float *x, const float *w, int64_t T, int64_t H, float eps, float *out);
 int st_rope(float *x, int64_t T, int64_t n, int64_t hd, const int64_t *pos, double theta);
+/* bytes of a cache's k (or v) buffer of `cap` slots; -1 if dtype, cap or head_dim do not fit */
+int64_t st_kv_bytes(int32_t dtype, int64_t cap, int64_t n_kv, int64_t head_dim);
+/* slots [0, n) of a cache as float32 k, v [n, n_kv, head_dim] */
+int st_kv_read(const st_kv *kv, int64_t n_kv, int64_t head_dim, int64_t n, float *k, float *v);
+/* rows i < n of float32 k, v [n, n_kv, head_dim] into slots[i] (position pos[i]), rounded to the cache's
+ * storage type; the length is left to the caller */
+int st_kv_write(st_kv *kv, int64_t n_kv, int64_t head_dim, int64_t n, const int64_t *slots, const int64_t *pos,
+                const float *k, const float *v);
+/* wall seconds the fused passes (st_forward, st_layer_forward) have spent in their attention stage
+ * since the module loaded, every thread done: what a profile of decode at long contexts needs */
+double st_attention_seconds(void);
 int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH,
                  int64_t nKV, int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out);
 int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int64_t k, int32_t softmax,

@@ -9,7 +9,7 @@
  * int16 scales (dpwssd on AVX-512).
  */
 #define _GNU_SOURCE
-#include "st_internal.h"
+#include "st_attention.h"
 
 #include <stdlib.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -19,6 +19,7 @@
 
 #define ST_SUFFIX generic
 #include "st_simd_impl.h"
+#include "st_attention_impl.h"
 #undef ST_SUFFIX
 
 #ifdef ST_X86
@@ -30,6 +31,7 @@
 #define ST_DPBUSD_ACC(acc, a, b) _mm256_add_epi32(acc, ST_DPBUSD(a, b))
 #define ST_KDOT(acc, a, b, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), s))
 #include "st_simd_impl.h"
+#include "st_attention_impl.h"
 #undef ST_DPBUSD
 #undef ST_DPBUSD_ACC
 #undef ST_KDOT
@@ -45,6 +47,7 @@
 #define ST_DPBUSD_ACC(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
 #define ST_KDOT(acc, a, b, s) _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(a, b), s)
 #include "st_simd_impl.h"
+#include "st_attention_impl.h"
 #undef ST_DPBUSD
 #undef ST_DPBUSD_ACC
 #undef ST_KDOT

@@ -164,6 +164,10 @@ class Backend:
     #: stored formats it converts at load into one it runs (dequantised or repacked: the selection report
     #: says so). A file holding a type in neither list is refused at load, naming the tensor (contract).
     converts: tuple[str, ...] = ()
+    #: KV-cache storage types its `new_cache(config, capacity, kv_dtype=...)` accepts, the default first
+    #: ("f16", "q8_0", "f32", ...: st_sdk.config.KV_ITEM_BYTES); empty when its new_cache takes no
+    #: kv_dtype (contract). `load(..., kv_dtype=)` picks one; the conformance kit checks each.
+    kv_dtypes: tuple[str, ...] = ()
 
     #: why `is_available()` is False (the missing dependency, the failed build...), else None
     unavailable: str | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .kv import STORAGE, storage
 
 ARCHITECTURE = "SmallThinkerForCausalLM"
 GGUF_ARCH = "smallthinker"
@@ -67,11 +68,12 @@ class ModelConfig:
     def layer_uses_rope(self, i: int) -> bool:
         return bool(self.rope_layout[i])
 
-    def kv_cache_bytes(self, tokens: int, itemsize: int = 4) -> int:
-        """KV cache for `tokens` tokens: sliding-window layers keep at most their window."""
-        per_token = 2 * self.kv_dim * itemsize
-        return sum(per_token * (min(tokens, w) if (w := self.layer_window(i)) else tokens)
-                   for i in range(self.num_hidden_layers))
+    def kv_cache_bytes(self, tokens: int, dtype: str = "f16") -> int:
+        """KV cache for `tokens` tokens stored as `dtype` (st_sdk.kv.STORAGE): keys and values of every kv
+        head; sliding-window layers keep at most their window."""
+        per_token = 2 * self.kv_dim * STORAGE[storage(dtype)]
+        return int(sum(per_token * (min(tokens, w) if (w := self.layer_window(i)) else tokens)
+                       for i in range(self.num_hidden_layers)))
 
     def parameter_count(self) -> int:
         H, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers

@@ -6,12 +6,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .backend import Backend, LayerParams, ModelParams, Param, prepare_params
+from .backend import Backend, LayerParams, ModelParams, OpTable, Param, prepare_params
 from .config import ModelConfig
 from .errors import InputError
 from .model import Model
 from .offload.experts import offload_ops, setup_offload
-from .registry import get_registry
+from .registry import get_registry, reference_backend
 from .selection import select_backend
 
 
@@ -25,7 +25,8 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     quantize: convert the matrices in memory at load: a type ('q8_0', 'q4_0', 'q4_k', 'q6_k', 'f16',
     ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
     tensor the type llama-quantize gives it); norms and the router stay f32. Other keyword arguments go
-    to `build_model` (max_memory, context, prefetch: the memory-budget mode).
+    to `build_model`: kv_dtype ('f16', 'q8_0', 'f32': how the KV cache stores keys and values),
+    max_memory, context, prefetch (the memory-budget mode).
     """
     from .weights import open_model
     from .weights.export import GGUF_FORMATS, gguf_specs
@@ -94,8 +95,12 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
                 tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
                 tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool = True, **kw) -> Model:
+                prefetch: bool = True, kv_dtype: str | None = None, **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
+
+    kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
+    --cache-type-k/v), among the types the backend's cache offers (`Backend.kv_dtypes`); default: its
+    first (f16 on the c, torch and jax backends; f32 on the NumPy reference, the exact oracle).
 
     context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
     st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
@@ -108,20 +113,23 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     context = resolve_context(config, context, budget=max_memory is not None)
     offload = None
     if max_memory is not None:
-        params, *offload = setup_offload(config, params, max_memory, context=context)
+        params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16")
 
     backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
                                             n_threads=n_threads, strict=strict, tune=tune,
                                             weight_format=weight_format)
-    prepared = prepare_params(backend_obj, params, config)
     ops = selection.ops
+    kv_dtype = resolve_kv_dtype(backend_obj, ops, kv_dtype)
+    prepared = prepare_params(backend_obj, params, config)
     if offload is not None:
         cache, plan = offload
-        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)))
+        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)),
+                     kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
         ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
-    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
+    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
+                  kv_dtype=kv_dtype, **kw)
     model.context = context
     if offload is not None:
         model.offload, model.memory_plan = offload
@@ -132,3 +140,20 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
         model._forward = step
         selection.step_wrappers = wrappers
     return model
+
+
+def resolve_kv_dtype(backend: Backend, ops: OpTable, requested: str | None) -> str | None:
+    """The KV cache storage type: `requested` if the cache's maker offers it (the backend when it
+    provides new_cache, else the NumPy reference), else that maker's default; None when it offers no
+    choice. InputError names the choices."""
+    from . import kv
+
+    maker = backend if "new_cache" in ops.native else reference_backend()
+    choices = tuple(getattr(maker, "kv_dtypes", ()) or ())
+    if requested is None:
+        return choices[0] if choices else None
+    name = kv.storage(requested)
+    if name not in choices:
+        offered = f"one of {', '.join(choices)}" if choices else "no choice of kv_dtype"
+        raise InputError(f"kv_dtype={requested!r}: the KV cache of backend '{maker.name}' offers {offered}")
+    return name

@@ -21,7 +21,7 @@ class Session:
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
         self.capacity = min(capacity or model.context, model.context)
-        self.cache = model.ops.new_cache(model.config, min(self.capacity, DEFAULT_CONTEXT))   # grows past it
+        self.cache = model.new_cache(min(self.capacity, DEFAULT_CONTEXT))   # grows past it
         self.tokens: list[int] = []
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, chunk: int | None = None) -> np.ndarray:
@@ -65,7 +65,7 @@ class Session:
 class Model:
     def __init__(self, config: ModelConfig, params: ModelParams, backend: Backend, ops: OpTable,
                  tokenizer: Any = None, selection: Any = None, path: str | None = None,
-                 chunk_size: int = DEFAULT_CHUNK):
+                 chunk_size: int = DEFAULT_CHUNK, kv_dtype: str | None = None):
         self.config = config
         self.params = params
         self.backend = backend
@@ -74,6 +74,7 @@ class Model:
         self.selection = selection
         self.path = path
         self.chunk_size = chunk_size
+        self.kv_dtype = kv_dtype   # the KV cache's storage type (None: the cache's own, no choice offered)
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
         self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
@@ -91,6 +92,16 @@ class Model:
     # ---- the data plane --------------------------------------------------------------------
     def _forward(self, ids: np.ndarray, positions: np.ndarray, cache, last_only: bool = False):
         return graph.forward(self.ops, self.config, self.params, ids, positions, cache, last_only)
+
+    def new_cache(self, capacity: int):
+        """An empty KV cache for `capacity` tokens (it grows past that) in this model's kv_dtype."""
+        if self.kv_dtype is None:
+            return self.ops.new_cache(self.config, capacity)
+        return self.ops.new_cache(self.config, capacity, kv_dtype=self.kv_dtype)
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes the KV cache holds at `tokens` tokens (st_sdk.config.ModelConfig.kv_cache_bytes)."""
+        return self.config.kv_cache_bytes(tokens, self.kv_dtype or "f32")
 
     def check_ids(self, ids: Iterable[int] | np.ndarray, start: int = 0, name: str = "ids") -> np.ndarray:
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)

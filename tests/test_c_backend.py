@@ -85,7 +85,7 @@ def test_every_variant_matches_generic(fmt):
     results = {}
     for v in ["generic"] + others:
         cbackend.use_variant(v)
-        m = _tiny(fmt)
+        m = _tiny(fmt, kv_dtype="f32")   # attention's variants on f16 / q8_0 caches: test_c_attention.py
         assert m.backend.describe()["variant"] == v
         s = m.session()
         prefill = s.feed(IDS[:10], all_logits=True)
@@ -315,7 +315,7 @@ def test_hf_checkpoint_runs_and_quantises_at_load(tmp_path, quantize):
     from st_sdk.synth import write_model
 
     hf = write_model(tmp_path, preset="tiny", formats=("hf",), dtype="bf16", seed=0)["hf"]
-    c = st_sdk.load(hf, backend="c", quantize=quantize)
+    c = st_sdk.load(hf, backend="c", quantize=quantize, kv_dtype="f32")
     ref = st_sdk.load(hf, backend="numpy", quantize=quantize)
     assert c.params.layers[0].gate.raw.parts is not None
     assert c.backend.describe()["copied_weight_bytes"] == 0
@@ -332,7 +332,7 @@ def test_whole_block_heads_path(fmt):
 
     cfg = preset_config("tiny", head_dim=32, hidden_size=96)
     params = random_params(cfg, 0, fmt)
-    c = build_model(cfg, params, backend="c", weight_format=fmt)
+    c = build_model(cfg, params, backend="c", weight_format=fmt, kv_dtype="f32")
     ref = build_model(cfg, params, backend="numpy", weight_format=fmt)
     s = c.session()
     got = np.concatenate([s.feed(IDS[:9], all_logits=True), np.stack([s.feed([t]) for t in IDS[9:]])])

@@ -46,8 +46,8 @@ def test_default_context_is_the_maximum_capped_by_available_memory(tiny_dir, mon
 def test_the_memory_plan_is_sized_by_context(tiny_dir):
     small = st_sdk.load(tiny_dir["gguf"], backend="numpy", max_memory="2GiB", context=64)
     default = st_sdk.load(tiny_dir["gguf"], backend="numpy", max_memory="2GiB")
-    assert small.context == 64 and small.memory_plan.kv_bytes == small.config.kv_cache_bytes(64)
-    assert default.context == 2048 and default.memory_plan.kv_bytes == default.config.kv_cache_bytes(2048)
+    assert small.context == 64 and small.memory_plan.kv_bytes == small.kv_bytes(64) == small.config.kv_cache_bytes(64, "f32")
+    assert default.context == 2048 and default.memory_plan.kv_bytes == default.kv_bytes(2048)
 
 
 # ---- tokenize / detokenize -------------------------------------------------------------------------------

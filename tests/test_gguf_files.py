@@ -113,6 +113,8 @@ def test_info_cli(tiny_dir, source, capsys):
     assert d["parameters"] == stored
     assert d["tokenizer"] and d["chat_template"]
     assert d["weight_types"]["router"] == {"f32": 4}
+    kv = d["kv_cache_bytes_per_1k_tokens"]      # every storage type; f16 half of f32, q8_0 34/32 bytes each
+    assert kv["f32"] == 2 * kv["f16"] and kv["q8_0"] * 64 == kv["f16"] * 34
     assert cli(["info", str(tiny_dir[source])]) == 0
     text = capsys.readouterr().out
     assert "active per token" in text and "KV cache" in text

@@ -23,9 +23,11 @@ class TestJaxConformance(ConformanceSuite):
     dtypes = ("float32", "bfloat16")
 
 
-def _model(dtype="float32", fmt="f32", preset="tiny", seed=0, **overrides):
+def _model(dtype="float32", fmt="f32", preset="tiny", seed=0, kv_dtype="f32", **overrides):
+    """The model on jax; its KV cache float32 so that float32 compute holds the reference to 1e-4 (the
+    default f16 cache is tested on its own below)."""
     cfg = synth.preset_config(preset, **overrides)
-    return synth.build_model(cfg, seed=seed, fmt=fmt, backend="jax", dtype=dtype)
+    return synth.build_model(cfg, seed=seed, fmt=fmt, backend="jax", dtype=dtype, kv_dtype=kv_dtype)
 
 
 def _reference(fmt="f32", preset="tiny", seed=0, **overrides):
@@ -116,6 +118,24 @@ def test_bfloat16_tracks_float32_on_64_teacher_forced_tokens():
     assert agree >= 0.95, f"top-1 agrees on {agree:.0%} of positions"
     # st_sdk.testing's whole-model bound for bfloat16 (4e-3 measured here; top-1 agrees on 100%)
     assert _rel(bf16, _reference().logits(ids)) <= 8e-2
+
+
+def test_default_f16_kv_cache_matches_the_reference_storing_f16():
+    """The default cache stores keys and values as float16 (half the bytes of float32) and the logits
+    are those of the reference that rounds its cache the same way, to float32 precision, in chunks past
+    the windows and token by token alike."""
+    import jax.numpy as jnp
+
+    m = _model(kv_dtype=None)
+    assert m.kv_dtype == "f16"
+    want = synth.build_model("tiny", backend="numpy", kv_dtype="f16").logits(IDS)
+    s = m.session()
+    steps = np.stack([s.feed([int(t)]) for t in IDS])
+    assert s.cache.dtype == jnp.float16
+    assert _rel(m.session().feed(IDS, all_logits=True, chunk=8), want) <= 1e-4
+    assert _rel(steps, want) <= 1e-4
+    with pytest.raises(InputError, match="kv_dtype='q8_0'.*jax"):
+        _model(kv_dtype="q8_0")
 
 
 @pytest.mark.parametrize("fmt", ["q4_0"])     # every format at op level: test_every_stored_format_at_op_level

@@ -181,13 +181,15 @@ def test_a_file_from_another_model_is_refused(tiny_dir, tmp_path):
         Conversation.load(model, tmp_path / "missing.safetensors")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cache_state_restores_into_a_new_session(backend):
-    """What a saved conversation relies on, on each backend's cache (sliding-window rings included)."""
-    from st_sdk.synth import build_model
+@pytest.mark.parametrize("backend,kv_dtype", [(b, None) for b in BACKENDS] + [("c", "q8_0"), ("numpy", "q8_0")])
+def test_cache_state_restores_into_a_new_session(backend, kv_dtype):
+    """What a saved conversation relies on, on each backend's cache (sliding-window rings included),
+    in its default storage type and in q8_0 (values read back and stored again round to themselves)."""
+    from st_sdk.synth import build_model, preset_config
 
     available(backend)
-    m = build_model("tiny", seed=0, backend=backend)      # three of four layers are 8-token rings
+    cfg = preset_config("tiny", head_dim=32) if kv_dtype == "q8_0" else "tiny"   # q8_0: blocks of 32 along head_dim
+    m = build_model(cfg, seed=0, backend=backend, kv_dtype=kv_dtype)   # three of four layers are 8-token rings
     s = m.session()
     s.feed(list(range(3, 30)))
     state = s.cache.state()

@@ -16,6 +16,7 @@ from st_sdk.config import ModelConfig
 from st_sdk.loader import build_model
 from st_sdk.registry import get_registry
 from st_sdk.testing import tolerance
+from st_sdk.testing.check import kv_dtypes
 from st_sdk.testing.tolerances import LOSSY, compute_dtype
 
 #: f32 weights, float32 compute vs float64: max|diff| <= REL_TOL * max|logit|
@@ -91,11 +92,22 @@ def _err(got, want) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
-def _build(backend: str, cfg, params, dtype="float32"):
+def _kv_choices(backend: str) -> tuple[str, ...]:
+    """The KV cache storage types the backend offers (empty: its cache offers no choice)."""
+    return tuple(kv for kv in kv_dtypes(get_registry().backends()[backend], "attention") if kv)
+
+
+def _f32_kv(backend: str) -> str | None:
+    return "f32" if "f32" in _kv_choices(backend) else None
+
+
+def _build(backend: str, cfg, params, dtype="float32", kv_dtype=None):
     """The model on `backend`, asking for float32 compute (the bound REL_TOL is for float32), and the
-    kit's whole-model tolerance for the compute dtype the backend reports it really uses."""
-    model = build_model(cfg, params, backend=backend, dtype=dtype)
-    return model, tolerance(params.layers[0].wq.raw.fmt, compute_dtype(model.backend), "model")
+    kit's whole-model tolerance for the compute dtype the backend reports it really uses and the KV
+    cache storage type the model got."""
+    model = build_model(cfg, params, backend=backend, dtype=dtype, kv_dtype=kv_dtype)
+    return model, tolerance(params.layers[0].wq.raw.fmt, compute_dtype(model.backend), "model",
+                            kv_dtype=model.kv_dtype)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -103,11 +115,41 @@ def _build(backend: str, cfg, params, dtype="float32"):
 def test_f32_logits_match_reference(backend, config, cases):
     _require(backend)
     cfg, w, ids, ref = cases[config]
-    model, tol = _build(backend, cfg, params_from_hf(cfg, w, "f32"))
+    model, tol = _build(backend, cfg, params_from_hf(cfg, w, "f32"), kv_dtype=_f32_kv(backend))
     assert tol == REL_TOL, f"{backend} computes in {compute_dtype(model.backend)} when asked for float32"
     got = model.logits(ids)
     assert got.shape == ref.shape and got.dtype == np.float32
     assert _err(got, ref) <= REL_TOL, f"{backend} on {config}: relative error {_err(got, ref):.2e}"
+
+
+def _kv_cases():
+    """(backend, storage type) for every rounding KV cache type a backend offers (f32 is above)."""
+    out = []
+    for p in _backend_params():
+        name = p.values[0]
+        kvs = _kv_choices(name) if not p.marks else ("f16",)
+        out += [pytest.param(name, kv, id=f"{name}-{kv}", marks=p.marks) for kv in kvs if kv != "f32"]
+    return out
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("backend,kv", _kv_cases())
+def test_kv_cache_storage_matches_reference(backend, kv, config, cases):
+    """A KV cache that rounds keys and values (f16, q8_0, bf16) stays within the conformance kit's
+    bound for that storage type, and every position's argmax is the reference's, sliding windows
+    included (the hybrid and crossed configs run past their windows)."""
+    _require(backend)
+    cfg, w, ids, ref = cases[config]
+    if kv == "q8_0" and cfg.head_dim % 32:
+        pytest.skip(f"q8_0 stores blocks of 32 along head_dim; {config} has head_dim {cfg.head_dim}")
+    model, tol = _build(backend, cfg, params_from_hf(cfg, w, "f32"), kv_dtype=kv)
+    assert model.kv_dtype == kv and tol == tolerance("f32", compute_dtype(model.backend), "model", kv_dtype=kv)
+    got = model.logits(ids)
+    s = model.session()
+    steps = np.stack([s.feed([int(t)]) for t in ids])       # decode through the cache, token by token
+    for what, out in (("one pass", got), ("decode", steps)):
+        assert _err(out, ref) <= tol, f"{backend} kv {kv} on {config} ({what}): relative error {_err(out, ref):.2e}"
+        assert (out.argmax(-1) == ref.argmax(-1)).all(), f"{backend} kv {kv} on {config} ({what}): argmax differs"
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -159,7 +201,7 @@ def test_stored_formats_match_reference_on_dequantised_weights(backend, fmt):
     if tol > LOSSY:
         cfg = cfg.replace(moe_num_active_primary_experts=cfg.moe_num_primary_experts)
     model = build_model(cfg, params_from_hf(cfg, random_hf_weights(cfg, seed=3), fmt), backend=backend,
-                        dtype="float32")
+                        dtype="float32", kv_dtype=_f32_kv(backend))
     assert model.params.layers[0].wq.raw.fmt == fmt          # really stored in that format
     ids = np.random.default_rng(4).integers(0, cfg.vocab_size, T)
     ref = reference_logits(cfg, hf_weights_from_params(model.params), ids)

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from st_sdk import synth  # noqa: E402
 from st_sdk.backend import Param  # noqa: E402
-from st_sdk.errors import BackendError  # noqa: E402
+from st_sdk.errors import BackendError, InputError  # noqa: E402
 from st_sdk.testing import ConformanceSuite  # noqa: E402
 from st_sdk.weights.tensor import WeightTensor, quantize  # noqa: E402
 from st_sdk_backends.torch.backend import TorchBackend  # noqa: E402
@@ -38,8 +38,10 @@ class TestTorchConformance(ConformanceSuite):
     dtypes = ("float32", "bfloat16")
 
 
-def torch_model(cfg="tiny", dtype="float32", fmt="f32", seed=0, **kw):
-    return synth.build_model(cfg, seed=seed, fmt=fmt, backend=TorchBackend(dtype=dtype, **kw))
+def torch_model(cfg="tiny", dtype="float32", fmt="f32", seed=0, kv_dtype="f32", **kw):
+    """The tiny model on torch; its KV cache float32 so that float32 compute holds the reference to 1e-4
+    (the default f16 cache is tested on its own below)."""
+    return synth.build_model(cfg, seed=seed, fmt=fmt, backend=TorchBackend(dtype=dtype, **kw), kv_dtype=kv_dtype)
 
 
 def rel_err(got, want):
@@ -66,6 +68,29 @@ def test_float32_logits_match_reference(ids64, reference_logits):
     got = torch_model(dtype="float32").logits(ids64)
     assert got.dtype == np.float32 and got.shape == reference_logits.shape
     assert rel_err(got, reference_logits) <= 1e-4
+
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "bf16"])
+def test_half_kv_cache_matches_the_reference_storing_the_same(ids64, kv_dtype):
+    """The default cache is f16 (bf16 on request): keys and values stored at half the bytes, and the
+    logits those of the reference that rounds its cache the same way, to float32 precision; the whole
+    sequence at once and token by token alike."""
+    m = torch_model(kv_dtype=None if kv_dtype == "f16" else kv_dtype)
+    assert m.kv_dtype == kv_dtype
+    ref = synth.build_model("tiny", backend="numpy", kv_dtype="f16" if kv_dtype == "f16" else "f32")
+    want = ref.logits(ids64)
+    s = m.session()
+    steps = np.stack([s.feed([int(t)]) for t in ids64[:20]])
+    layer = s.cache.layers[0]
+    assert layer.k.dtype == getattr(torch, {"f16": "float16", "bf16": "bfloat16"}[kv_dtype])
+    tol = 1e-4 if kv_dtype == "f16" else 3e-2          # the reference has no bf16 cache: the kit's bf16 bound
+    assert rel_err(m.logits(ids64), want) <= tol
+    assert rel_err(steps, want[:20]) <= tol
+
+
+def test_kv_dtype_the_torch_cache_cannot_store_is_refused():
+    with pytest.raises(InputError, match="kv_dtype='q8_0'.*torch"):
+        torch_model(kv_dtype="q8_0")
 
 
 def test_bfloat16_logits_within_tolerance_and_top1(ids64, reference_logits):
@@ -122,7 +147,7 @@ def test_gguf_file_loads_through_st_sdk_load(tmp_path):
     out = synth.write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0")
     ids = np.arange(12) * 11 % 512
     want = st_sdk.load(out["gguf"], backend="numpy").logits(ids)
-    m = st_sdk.load(out["gguf"], backend="torch", dtype="float32")
+    m = st_sdk.load(out["gguf"], backend="torch", dtype="float32", kv_dtype="f32")
     assert m.selection.chosen == "torch"
     d = m.backend.describe()
     assert d["compute_dtype"] == "float32" and "dequantised at load" in d["weights"]
@@ -250,7 +275,7 @@ def test_memory_budget_mode_matches_reference(tmp_path):
     out = synth.write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0")
     ids = np.arange(20) * 7 % 500
     want = st_sdk.load(out["gguf"], backend="numpy").logits(ids)
-    m = st_sdk.load(out["gguf"], backend="torch", dtype="float32", max_memory="4GiB")
+    m = st_sdk.load(out["gguf"], backend="torch", dtype="float32", max_memory="4GiB", kv_dtype="f32")
     assert m.offload is not None
     assert rel_err(m.logits(ids), want) <= 1e-5
     s = m.session()

@@ -11,13 +11,14 @@ import threading
 
 import numpy as np
 
+from st_sdk import kv
 from st_sdk.backend import EXPERT_ROLES, MATRIX_ROLES, NORM_ROLES, Backend, Param, is_offloaded
 from st_sdk.errors import BackendError, InputError
 from st_sdk.hardware import probe, resolve_threads
 from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
-from .cache import CKVCache, CLayerKV
+from .cache import KV_DTYPES, CKVCache, CLayerKV
 from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr
 
 _pools: dict[int, object] = {}
@@ -97,6 +98,8 @@ class CBackend(Backend):
     converts = tuple(f for f in QUANT_SIZES if f not in ops.FMT_CODE)
     #: moe reads experts through st_sdk.offload's cache under a memory budget (see _offloaded_moe)
     supports_offload = True
+    #: KV cache storage types (f16 by default; q8_0 needs head_dim % 32 == 0)
+    kv_dtypes = tuple(KV_DTYPES)
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         super().__init__(n_threads, dtype)
@@ -339,8 +342,15 @@ class CBackend(Backend):
                           float(theta)), "rope")
         return out
 
-    def new_cache(self, config, capacity: int):
-        return CKVCache(config, capacity)
+    def new_cache(self, config, capacity: int, kv_dtype: str | None = None):
+        kv_dtype = kv.storage(kv_dtype or self.kv_dtypes[0])
+        if kv_dtype not in self.kv_dtypes:
+            raise InputError(f"kv_dtype={kv_dtype!r}: the C backend stores its KV cache as one of "
+                             f"{', '.join(self.kv_dtypes)}")
+        if kv_dtype == "q8_0" and config.head_dim % 32:
+            raise InputError(f"kv_dtype='q8_0' needs head_dim % 32 == 0 (blocks of 32), this model's head_dim "
+                             f"is {config.head_dim}")
+        return CKVCache(config, capacity, kv_dtype)
 
     def attention(self, q, k, v, cache, ctx, window):
         ffi, lib, pool = self._lib()

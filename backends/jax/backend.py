@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from st_sdk import graph
+from st_sdk import graph, kv
 from st_sdk.backend import (COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backend, LayerParams, ModelParams,
                             OpTable, Param)
 from st_sdk.errors import InputError
@@ -47,6 +47,8 @@ class JaxBackend(Backend):
     formats = FLOATS
     converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
     install_hint = "pip install -e .[jax]"
+    #: KV cache storage types (f16 by default: half the bytes of float32 per token)
+    kv_dtypes = ("f16", "bf16", "f32")
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         dtype = DTYPE_ALIASES.get(dtype, dtype)
@@ -99,6 +101,9 @@ class JaxBackend(Backend):
                 "weights": f"converted once at load to {self.dtype} (F16/BF16 and quantised types dequantised at load; "
                            f"norms and router float32)" + ("" if self.accelerator else
                                                            "; matmuls convert cache-sized chunks to float32"),
+                "attention": "jax.nn.dot_product_attention, " + (
+                    "in the cache's storage type (cuDNN's fused kernel where it applies, else XLA)" if self.accelerator
+                    else "float32 on XLA (keys and values widened from the cache's storage type)"),
                 "compiled": "decode step and prefill chunks of " + "/".join(map(str, BUCKETS[1:])) +
                             " tokens, once per bucket; batched decode once per batch size",
                 "threads": f"XLA's CPU pool, {os.cpu_count()} cores (fixed when jax starts)"}
@@ -154,11 +159,14 @@ class JaxBackend(Backend):
     def rope(self, q, k, ctx):
         return self._rope(self.jnp.asarray(q), self.jnp.asarray(k), ctx.cos, ctx.sin)
 
-    def new_cache(self, config, capacity: int):
+    def new_cache(self, config, capacity: int, kv_dtype: str | None = None):
         from .cache import JaxCache
 
-        # on CPU the cache stays float32: bf16-typed arrays are slow there, and it is small next to the weights
-        return JaxCache(config, capacity, self.dtype if self.accelerator else "float32")
+        kv_dtype = kv.storage(kv_dtype or self.kv_dtypes[0])
+        if kv_dtype not in self.kv_dtypes:
+            raise InputError(f"kv_dtype={kv_dtype!r}: the jax backend stores its KV cache as one of "
+                             f"{', '.join(self.kv_dtypes)}")
+        return JaxCache(config, capacity, kv_dtype)
 
     def attention(self, q, k, v, layer_cache, ctx, window):
         layer_cache.spec.check(k.shape[1], k.shape[2], window)
@@ -216,7 +224,7 @@ class JaxBackend(Backend):
     def _step(self, cfg, params: ModelParams):
         """The jitted step of this config, made once per backend instance: another model of the same
         shape (the same weights in another type, all converted to the compute dtype) reuses its
-        compilations."""
+        compilations (the step reads only the traced weights, never the stored ones)."""
         steps = self.__dict__.setdefault("_steps", {})
         key = (cfg, params.head is params.embed)
         if key not in steps:

@@ -51,7 +51,7 @@ class JaxCache:
     def __init__(self, config, capacity: int, dtype: str = "float32"):
         self.specs = kv.layer_specs(config, dtype)
         self.windows = [spec.window for spec in self.specs]
-        self.dtype = getattr(jnp, dtype)
+        self.dtype = getattr(jnp, self.specs[0].framework_dtype if self.specs else kv.FRAMEWORK_DTYPE[kv.storage(dtype)])
         cap = bucket(capacity)
         self.arrays = [self._alloc(self._fit(i, cap)) for i in range(len(self.specs))]
         self.layers = [LayerCache(self, i) for i in range(len(self.specs))]

@@ -169,18 +169,19 @@ def rope(x, cos, sin):
 
 
 def attention(q, keys, vals, kpos, kvalid, qpos, window: int | None):
-    """q [T, nH, hd] over keys/vals [S, nKV, hd] at kpos [S] (kvalid marks real entries) -> [T, nH*hd]."""
+    """q [T, nH, hd] over keys/vals [S, nKV, hd] at kpos [S] (kvalid marks real entries) -> [T, nH*hd].
+
+    jax.nn.dot_product_attention (GQA: query head h reads kv head h // group) with the visibility as
+    its mask: on an accelerator in the cache's storage type (jax picks cuDNN's fused kernel where it
+    applies, else XLA's), on the CPU in float32 (XLA has no fast half-precision dot there)."""
     T, nH, hd = q.shape
-    nKV = keys.shape[1]
-    qg = q.reshape(T, nKV, nH // nKV, hd)                            # query head h reads kv head h // group
-    scores = jnp.einsum("tkgd,skd->kgts", qg, f32(keys)) / math.sqrt(hd)
     visible = kvalid[None, :] & (kpos[None, :] <= qpos[:, None])
     if window:
         visible &= kpos[None, :] > qpos[:, None] - window
-    scores = jnp.where(visible, scores, -jnp.inf)
-    p = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("kgts,skd->tkgd", p, f32(vals))
-    return out.reshape(T, nH * hd)
+    dtype = F32 if jax.default_backend() == "cpu" else keys.dtype
+    out = jax.nn.dot_product_attention(q.astype(dtype)[None], keys.astype(dtype)[None], vals.astype(dtype)[None],
+                                       mask=visible[None, None], scale=1.0 / math.sqrt(hd))
+    return out[0].reshape(T, nH * hd).astype(F32)
 
 
 def attend_and_append(q, k, v, kv, pos, valid, window: int | None):
@@ -205,8 +206,8 @@ def attend_and_append(q, k, v, kv, pos, valid, window: int | None):
         P = lax.dynamic_update_slice(P, pos.astype(P.dtype), (s,))
         out = attention(q, K, V, P, P >= 0, pos, window)
         return out, (K, V, P)
-    keys = jnp.concatenate([f32(K), k])
-    vals = jnp.concatenate([f32(V), v])
+    keys = jnp.concatenate([K, k.astype(K.dtype)])    # the step's keys rounded as the cache stores them
+    vals = jnp.concatenate([V, v.astype(V.dtype)])
     kpos = jnp.concatenate([P, pos.astype(P.dtype)])
     kvalid = jnp.concatenate([P >= 0, valid])
     out = attention(q, keys, vals, kpos, kvalid, pos, window)

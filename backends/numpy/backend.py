@@ -13,6 +13,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     version = np.__version__
     formats = FORMATS   # every type gguf-py dequantises, dequantised per use
+    kv_dtypes = ops.KV_DTYPES   # f32 first: the oracle is exact; f16 and q8_0 round as those caches do
 
     def score(self, hardware, fmt: str) -> float:
         return 1.0   # always works, never fast

@@ -6,6 +6,7 @@ import numpy as np
 from st_sdk.backend import Param
 from st_sdk.weights.tensor import dequantize
 
+from .cache import DTYPES as KV_DTYPES  # noqa: F401  (the backend's kv_dtypes)
 from .cache import KVCache, LayerKV
 
 
@@ -39,8 +40,10 @@ def rope(q: np.ndarray, k: np.ndarray, ctx) -> tuple[np.ndarray, np.ndarray]:
     return rotate(q, ctx.positions, ctx.theta), rotate(k, ctx.positions, ctx.theta)
 
 
-def new_cache(config, capacity: int) -> KVCache:
-    return KVCache(config, capacity)
+def new_cache(config, capacity: int, kv_dtype: str | None = None) -> KVCache:
+    """A cache keeping keys and values as kv_dtype (f32 by default: exact; f16 and q8_0 round them as
+    a cache of that type would)."""
+    return KVCache(config, capacity, kv_dtype or "f32")
 
 
 def attention(q, k, v, cache: LayerKV, ctx, window: int | None) -> tuple[np.ndarray, LayerKV]:
@@ -50,9 +53,10 @@ def attention(q, k, v, cache: LayerKV, ctx, window: int | None) -> tuple[np.ndar
     T, nH, hd = q.shape
     nKV = k.shape[1]
     cache.spec.check(nKV, hd, window)
+    k, v = cache.stored(k), cache.stored(v)           # this step's keys as the cache will hold them
     ck, cv, cpos = cache.entries()
-    keys = np.concatenate([ck.astype(np.float32, copy=False), k]) if len(ck) else k
-    vals = np.concatenate([cv.astype(np.float32, copy=False), v]) if len(cv) else v
+    keys = np.concatenate([ck, k]) if len(ck) else k
+    vals = np.concatenate([cv, v]) if len(cv) else v
     kpos = np.concatenate([cpos, positions]) if len(cpos) else np.asarray(positions)
     cache.append(k, v, np.asarray(positions, np.int64))
     qpos = np.asarray(positions)[:, None]

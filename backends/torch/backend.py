@@ -14,8 +14,9 @@ import warnings
 
 import numpy as np
 
+from st_sdk import kv
 from st_sdk.backend import COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backend, ModelParams, Param, is_offloaded
-from st_sdk.errors import BackendError
+from st_sdk.errors import BackendError, InputError
 from st_sdk.hardware import THREADS_ENV, resolve_threads
 from st_sdk.weights.mapping import release_map
 from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
@@ -43,9 +44,11 @@ def default_dtype(device) -> str:
 class TorchBackend(Backend):
     name = "torch"
     version = "0"
-    install_hint = "pip install st-sdk[torch]"
     formats = FLOATS
     converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
+    install_hint = "pip install st-sdk[torch]"
+    #: KV cache storage types (f16 by default: half the bytes of float32 per token)
+    kv_dtypes = ("f16", "bf16", "f32")
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None, device: str | None = None,
                  moe_decode: str | None = None):
@@ -109,7 +112,10 @@ class TorchBackend(Backend):
         dev = str(self.device)
         if self.device.type == "cuda":
             dev += f" ({torch.cuda.get_device_name(self.device)})"
+        cache = "float32" if self.device.type == "cpu" else kv.FRAMEWORK_DTYPE[self.kv_dtypes[0]]
         return {"device": dev, "compute_dtype": self.dtype,
+                "attention": f"scaled_dot_product_attention ({self.ops.sdpa_kernel(self.device, getattr(torch, cache))}"
+                             f", {cache}) for chunks" + ("; one token: float32 bmm" if self.device.type == "cpu" else ""),
                 "weights": f"converted once at load to {self.dtype} on {self.device.type} "
                            f"(quantised types dequantised at load; norms and router kept float32)",
                 "moe_decode": "gather picked experts on device" if self.gather else "slice picked experts in place",
@@ -208,8 +214,12 @@ class TorchBackend(Backend):
     def rope(self, q, k, ctx):
         return self.ops.rope(q, k, ctx)
 
-    def new_cache(self, config, capacity: int):
-        return self.ops.new_cache(config, capacity, self.dtype, self.device)
+    def new_cache(self, config, capacity: int, kv_dtype: str | None = None):
+        kv_dtype = kv.storage(kv_dtype or self.kv_dtypes[0])
+        if kv_dtype not in self.kv_dtypes:
+            raise InputError(f"kv_dtype={kv_dtype!r}: the torch backend stores its KV cache as one of "
+                             f"{', '.join(self.kv_dtypes)}")
+        return self.ops.new_cache(config, capacity, kv_dtype, self.device)
 
     def attention(self, q, k, v, layer_cache, ctx, window):
         return self.ops.attention(q, k, v, layer_cache, ctx, window)

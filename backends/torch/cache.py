@@ -1,4 +1,5 @@
-"""KV cache of the torch backend: preallocated on the device, keys and values in the compute dtype.
+"""KV cache of the torch backend: preallocated on the device, keys and values in the storage type
+load(kv_dtype=) chose (f16 by default; bf16 or f32 on request).
 
 The policy is st_sdk.kv's: global layers hold `capacity` slots and grow to at least twice their size
 when a sequence outgrows them; sliding-window layers are rings of `window` slots indexed by absolute
@@ -18,7 +19,7 @@ class LayerKV:
         self.spec = spec
         self.window = spec.window
         cap = spec.initial_slots(capacity)
-        n_kv, head_dim, dtype = spec.n_kv, spec.head_dim, getattr(torch, spec.dtype)
+        n_kv, head_dim, dtype = spec.n_kv, spec.head_dim, getattr(torch, spec.framework_dtype)
         # [n_kv, slots, hd]: the layout attention reads, so no transpose per step
         self.k = torch.zeros((n_kv, cap, head_dim), dtype=dtype, device=device)
         self.v = torch.zeros((n_kv, cap, head_dim), dtype=dtype, device=device)

@@ -66,8 +66,9 @@ def describe(path) -> dict:
         "tensor_types": {f: {"tensors": n, "bytes": b} for f, (n, b) in
                          sorted(stored.items(), key=lambda kv: -kv[1][1])},
         "file_bytes": mf.file_size, "weight_bytes": weight_bytes,
-        "kv_cache_bytes_per_1k_tokens_f32": cfg.kv_cache_bytes(1024),
-        "memory_bytes_at_1k_tokens": weight_bytes + cfg.kv_cache_bytes(1024),
+        # per storage type (load(kv_dtype=)): f16 is the default of the c, torch and jax backends
+        "kv_cache_bytes_per_1k_tokens": {t: cfg.kv_cache_bytes(1024, t) for t in ("f16", "q8_0", "f32")},
+        "memory_bytes_at_1k_tokens": weight_bytes + cfg.kv_cache_bytes(1024, "f16"),
         "tokenizer": tok is not None, "chat_template": bool(tok is not None and tok.chat_template),
         "eos_ids": list(tok.eos_ids) if tok is not None else list(cfg.eos_token_id),
     }
@@ -99,8 +100,8 @@ def run(args) -> int:
                                    for f, v in d["tensor_types"].items())
          + (f" (file type {d['file_type']})" if d["file_type"] else "")),
         ("file size", fmt_bytes(d["file_bytes"])), ("weights", fmt_bytes(d["weight_bytes"])),
-        ("KV cache", f"{fmt_bytes(d['kv_cache_bytes_per_1k_tokens_f32'])} per 1k tokens (f32)"),
-        ("memory @1k tokens", fmt_bytes(d["memory_bytes_at_1k_tokens"])),
+        ("KV cache per 1k tokens", ", ".join(f"{fmt_bytes(b)} ({t})" for t, b in d["kv_cache_bytes_per_1k_tokens"].items())),
+        ("memory @1k tokens", fmt_bytes(d["memory_bytes_at_1k_tokens"]) + " (f16 KV cache)"),
         ("tokenizer", "yes" if d["tokenizer"] else "no"),
         ("chat template", "yes" if d["chat_template"] else "no"), ("eos ids", d["eos_ids"]),
     ]

@@ -18,21 +18,27 @@ class MemoryPlan:
     minimum_slots: int = 2  # the layer being computed and the one being prefetched
     converted_bytes: int = 0  # a backend's converted copies beyond the mapped file (repacked weights)
     smallest_expert_bytes: int = 0  # the smallest layer's expert, when a file's types differ per layer
+    context: int = 0        # tokens the KV cache is planned for
 
     @property
     def cache_bytes(self) -> int:
         return self.slots * self.expert_bytes
 
-    def account(self, extra_bytes: int) -> None:
-        """Another resident copy appeared (a backend's repacked weights): take it from the expert cache."""
-        if extra_bytes <= 0:
+    def account(self, extra_bytes: int, kv_bytes: int | None = None) -> None:
+        """Another resident copy appeared (a backend's repacked weights), or the KV cache's size is known
+        from the storage type the backend uses (kv_bytes): refit the expert cache into what is left."""
+        if kv_bytes is not None:
+            self.kv_bytes = int(kv_bytes)
+        extra_bytes = max(int(extra_bytes), 0)
+        if not extra_bytes and kv_bytes is None:
             return
         room = self.budget - self.dense_bytes - self.kv_bytes - self.scratch_bytes - extra_bytes
         slots = min(self.n_experts, room // self.expert_bytes)
         if slots < self.minimum_slots:
             raise InputError(
                 f"max_memory={fmt_bytes(self.budget)} is too small: the backend keeps {fmt_bytes(extra_bytes)} of "
-                f"converted weights besides the file, leaving room for {max(slots, 0)} experts "
+                f"converted weights besides the file and a KV cache of {fmt_bytes(self.kv_bytes)}, leaving room "
+                f"for {max(slots, 0)} experts "
                 f"(at least {self.minimum_slots} needed); raise the budget by "
                 f"{fmt_bytes((self.minimum_slots - slots) * self.expert_bytes)} or choose another backend")
         self.converted_bytes = extra_bytes

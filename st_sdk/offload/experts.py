@@ -60,9 +60,10 @@ def headroom_bytes(budget: int) -> int:
 
 
 def setup_offload(cfg, params, max_memory, context: int | None = None, io_threads: int = 4,
-                  scratch_bytes: int | None = None):
+                  scratch_bytes: int | None = None, kv_dtype: str = "f16"):
     """Params whose experts are cache-backed (the given params are left as they are), the cache and
-    the plan."""
+    the plan (the KV cache counted as `kv_dtype` at `context` tokens; build_model refits it once the
+    backend's storage type is known)."""
     budget = parse_size(max_memory)
     context = context or cfg.default_context
     locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
@@ -77,10 +78,11 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
         # headroom for the code pages and page cache a process needs to run inside a hard limit
         # without thrashing (measured: a plan with none ran 3x slower in a 1 GiB cgroup)
         scratch_bytes = 64 * 2**20 + process_baseline_bytes() + headroom_bytes(budget)
-    plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context), expert_bytes,
+    plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context, kv_dtype), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
                        cfg.moe_num_active_primary_experts, scratch_bytes)
     plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
+    plan.context = context
     cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads)
     layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
                                          for j, p in enumerate(PARTS)})

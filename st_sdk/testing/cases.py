@@ -33,6 +33,7 @@ class Ctx:
     fmt: str | None
     dtype: Any
     seed: int = 0
+    kv_dtype: str | None = None   # the backend's KV cache storage type under test (None: its own)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +53,12 @@ class Ctx:
 
     def x(self, a: np.ndarray):
         return self.backend.from_numpy(np.ascontiguousarray(a, np.float32))
+
+    def new_cache(self, new_cache, cfg: ModelConfig, capacity: int):
+        """A cache from the backend's `new_cache` (or a bound table's) in the storage type under test."""
+        if self.kv_dtype is None:
+            return new_cache(cfg, capacity)
+        return new_cache(cfg, capacity, kv_dtype=self.kv_dtype)
 
 
 def compare(label: str, got, want) -> Measure:
@@ -129,13 +136,13 @@ def rope_case(positions, n: int, hd: int, theta: float):
     return case
 
 
-def attention_case(steps: list[int], window: int | None, n_heads: int, n_kv: int, hd: int = 16):
+def attention_case(steps: list[int], window: int | None, n_heads: int, n_kv: int, hd: int = 32):
     """Feed chunks of `steps` tokens through one layer's cache (prefill, more chunks, decode) and
     compare every chunk's output: the cache must hold what earlier chunks appended."""
     def case(ctx: Ctx) -> list[Measure]:
         cfg = _config(n_heads, n_kv, hd, window=window)
         layer = 1 if window else 0
-        bcache = ctx.backend.new_cache(cfg, 8).layers[layer]     # small capacity: global layers must grow
+        bcache = ctx.new_cache(ctx.backend.new_cache, cfg, 8).layers[layer]   # small: global layers must grow
         rcache = ctx.reference.new_cache(cfg, 8).layers[layer]
         out, start = [], 0
         for n in steps:
@@ -160,7 +167,7 @@ def attention_batch_case(steps: list[list[int]], window: int | None, n_heads: in
         cfg = _config(n_heads, n_kv, hd, window=window)
         layer = 1 if window else 0
         B = len(steps[0])
-        bcaches = [ctx.backend.new_cache(cfg, 8).layers[layer] for _ in range(B)]
+        bcaches = [ctx.new_cache(ctx.backend.new_cache, cfg, 8).layers[layer] for _ in range(B)]
         rcaches = [ctx.reference.new_cache(cfg, 8).layers[layer] for _ in range(B)]
         starts, out = [0] * B, []
         for j, step in enumerate(steps):
@@ -265,7 +272,7 @@ def _model_config(ctx: Ctx) -> ModelConfig:
     from .tolerances import LOSSY, tolerance
 
     cfg = data.model_config(ctx.fmt)
-    if tolerance(ctx.fmt, ctx.dtype, "model") > LOSSY:
+    if tolerance(ctx.fmt, ctx.dtype, "model", kv_dtype=ctx.kv_dtype) > LOSSY:
         cfg = cfg.replace(moe_num_active_primary_experts=cfg.moe_num_primary_experts)
     return cfg
 
@@ -282,7 +289,7 @@ def layer_case(layer: int, steps: list[int]):
         cfg = _model_config(ctx)
         bparams, rparams = _params(ctx, cfg)
         ops, ref_ops = bind_ops(ctx.backend, ctx.reference), bind_ops(ctx.reference, ctx.reference)
-        bcache, rcache = ops.new_cache(cfg, 4), ref_ops.new_cache(cfg, 4)
+        bcache, rcache = ctx.new_cache(ops.new_cache, cfg, 4), ref_ops.new_cache(cfg, 4)
         out, start = [], 0
         for n in steps:
             pos = np.arange(start, start + n, dtype=np.int64)
@@ -306,7 +313,7 @@ def forward_case(steps: list[tuple[int, bool]]):
         cfg = _model_config(ctx)
         bparams, rparams = _params(ctx, cfg)
         ref_ops = bind_ops(ctx.reference, ctx.reference)
-        bcache = bind_ops(ctx.backend, ctx.reference).new_cache(cfg, 4)
+        bcache = ctx.new_cache(bind_ops(ctx.backend, ctx.reference).new_cache, cfg, 4)
         rcache = ref_ops.new_cache(cfg, 4)
         out, start = [], 0
         for n, last_only in steps:
@@ -330,7 +337,7 @@ def forward_batch_case(steps: list[list[int]]):
         bparams, rparams = _params(ctx, cfg)
         ops, ref_ops = bind_ops(ctx.backend, ctx.reference), bind_ops(ctx.reference, ctx.reference)
         B = len(steps[0])
-        bcaches = [ops.new_cache(cfg, 4) for _ in range(B)]
+        bcaches = [ctx.new_cache(ops.new_cache, cfg, 4) for _ in range(B)]
         rcaches = [ref_ops.new_cache(cfg, 4) for _ in range(B)]
         starts, out = [0] * B, []
         for j, step in enumerate(steps):
@@ -356,7 +363,7 @@ def model_case(kind: str):
 
         cfg = _model_config(ctx)
         bparams, rparams = _params(ctx, cfg)
-        model = Model(cfg, bparams, ctx.backend, bind_ops(ctx.backend, ctx.reference))
+        model = Model(cfg, bparams, ctx.backend, bind_ops(ctx.backend, ctx.reference), kv_dtype=ctx.kv_dtype)
         ids = np.random.default_rng(ctx.seed + 1).integers(0, cfg.vocab_size, data.MODEL_TOKENS)
         full = model.logits(ids)
         if kind == "logits":

@@ -27,10 +27,12 @@ class Result:
     detail: str = ""
     measures: list[Measure] = field(default_factory=list)
     compute_dtype: str | None = None   # what the backend reports computing in (decides the tolerance)
+    kv_dtype: str | None = None        # the KV cache's storage type, for ops that read a cache
 
     @property
     def id(self) -> str:
-        return "-".join(str(p) for p in (self.op, self.case, self.fmt or "", self.dtype or "") if p)
+        kv = f"kv_{self.kv_dtype}" if self.kv_dtype else ""
+        return "-".join(str(p) for p in (self.op, self.case, self.fmt or "", self.dtype or "", kv) if p)
 
     def __str__(self) -> str:
         err = "" if self.err is None else f" err {self.err:.2e} (tol {self.tol:.0e}, {self.compute_dtype})"
@@ -84,6 +86,22 @@ def op_formats(op: str, formats: Iterable[str]) -> list[str | None]:
     return [f for f in formats if f not in NOT_STORED.get(op, ())]
 
 
+#: ops that read a KV cache: checked with the cache's storage type and judged by its tolerance too
+KV_OPS = ("attention", "attention_batch", "layer", "forward", "forward_batch", MODEL_CHECK)
+
+
+def kv_dtypes(backend, op: str) -> list[str | None]:
+    """The KV-cache storage types `op` is checked with: every type the backend's cache offers
+    (`Backend.kv_dtypes`) for attention, its default for the fused ops and the model; [None] when the op
+    reads no cache or the backend's cache offers no choice (or it has none: the reference's is used)."""
+    cls = backend if isinstance(backend, type) else type(backend)
+    own_cache = getattr(cls, "new_cache", None) not in (None, getattr(Backend, "new_cache", None))
+    choices = list(getattr(cls, "kv_dtypes", ()) or ()) if own_cache else []
+    if op not in KV_OPS or not choices:
+        return [None]
+    return choices if op == "attention" else choices[:1]
+
+
 def skip_reason(backend: Backend, op: str, fmt: str | None) -> str | None:
     """Why this op/format pair is not checked on this backend, or None."""
     if op != MODEL_CHECK and op not in backend.provides():
@@ -97,26 +115,28 @@ def skip_reason(backend: Backend, op: str, fmt: str | None) -> str | None:
 
 
 def run_case(backend: Backend, reference: Backend, op: str, case: str, fmt: str | None, dtype=None,
-             overrides: dict | None = None, seed: int = 0) -> Result:
-    """Run one named case and judge it against the tolerance table."""
+             overrides: dict | None = None, seed: int = 0, kv_dtype: str | None = None) -> Result:
+    """Run one named case (with the backend's KV cache stored as `kv_dtype` where the op reads one)
+    and judge it against the tolerance table."""
     fn = dict(CASES[op])[case]
     reason = skip_reason(backend, op, fmt)
     if reason:
-        return Result(op, case, fmt, dtype, "skip", detail=reason)
+        return Result(op, case, fmt, dtype, "skip", detail=reason, kv_dtype=kv_dtype)
     computes_in = effective_dtype(backend, dtype)
     tol = tolerance(fmt if op in WEIGHTED else None, computes_in,
-                    "model" if op in (MODEL_CHECK, "forward", "forward_batch") else "op", overrides)
+                    "model" if op in (MODEL_CHECK, "forward", "forward_batch") else "op", overrides, kv_dtype=kv_dtype)
     try:
-        measures = fn(Ctx(backend, reference, fmt if op in WEIGHTED else None, computes_in, seed))
+        measures = fn(Ctx(backend, reference, fmt if op in WEIGHTED else None, computes_in, seed, kv_dtype))
     except Exception as e:
         where = traceback.extract_tb(e.__traceback__)[-1]
         return Result(op, case, fmt, dtype, "fail", tol, math.inf,
                       f"raised {type(e).__name__}: {e} (at {where.filename}:{where.lineno})",
-                      compute_dtype=computes_in)
+                      compute_dtype=computes_in, kv_dtype=kv_dtype)
     worst = max(measures, key=lambda m: m.err)
     bad = [m for m in measures if not m.err <= tol]
     detail = "; ".join(f"{m.label}: err {m.err:.2e} {m.detail}" for m in bad)
-    return Result(op, case, fmt, dtype, "fail" if bad else "pass", tol, worst.err, detail, measures, computes_in)
+    return Result(op, case, fmt, dtype, "fail" if bad else "pass", tol, worst.err, detail, measures, computes_in,
+                  kv_dtype)
 
 
 def check_backend(backend, formats: Iterable[str] = ("f32",), dtypes: Iterable = (None,),
@@ -140,6 +160,7 @@ def check_backend(backend, formats: Iterable[str] = ("f32",), dtypes: Iterable =
             if op == "new_cache":
                 continue   # checked with attention
             for fmt in op_formats(op, formats):
-                for case, _ in CASES[op]:
-                    results.append(run_case(b, reference, op, case, fmt, dtype, overrides))
+                for kv in kv_dtypes(b, op):
+                    for case, _ in CASES[op]:
+                        results.append(run_case(b, reference, op, case, fmt, dtype, overrides, kv_dtype=kv))
     return Report(getattr(backend, "name", str(backend)), results)

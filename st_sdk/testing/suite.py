@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from .cases import CASES
-from .check import make_backend, op_formats, run_case
+from .check import kv_dtypes, make_backend, op_formats, run_case
 
 _instances: dict = {}
 
@@ -48,9 +48,10 @@ class ConformanceSuite:
         params = []
         for dtype in self.dtypes:
             for fmt in op_formats(op, self.formats):
-                for case, _ in CASES[op]:
-                    pid = "-".join(str(p) for p in (case, fmt, dtype) if p is not None)
-                    params.append(pytest.param((op, case, fmt, dtype), id=pid))
+                for kv in kv_dtypes(self.backend, op) if self.backend is not None else [None]:
+                    for case, _ in CASES[op]:
+                        pid = "-".join(str(p) for p in (case, fmt, dtype, kv and f"kv_{kv}") if p is not None)
+                        params.append(pytest.param((op, case, fmt, dtype, kv), id=pid))
         metafunc.parametrize("conformance_case", params)
 
     def _instance(self, dtype):
@@ -64,11 +65,11 @@ class ConformanceSuite:
             pytest.skip(f"backend {b.name!r} unavailable: {b.unavailable_reason() or 'no reason given'}")
         return b
 
-    def _check(self, op, case, fmt, dtype):
+    def _check(self, op, case, fmt, dtype, kv_dtype=None):
         from ..registry import reference_backend
 
         result = run_case(self._instance(dtype), reference_backend(), op, case, fmt, dtype,
-                          self.tolerances, self.seed)
+                          self.tolerances, self.seed, kv_dtype)
         if result.status == "skip":
             pytest.skip(result.detail)
         if result.status == "fail":

@@ -36,6 +36,16 @@ _DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
 }
 
+#: KV-cache storage type -> (op tolerance, whole-model tolerance) against the reference's float32 cache:
+#: keys and values rounded to f16 (11-bit significand) or to q8_0's 8-bit blocks of 32 (the C backend
+#: measures up to 6e-4 on `attention` and 4e-4 on whole-model logits with f16, 5e-3 with q8_0)
+KV_TOLERANCE = {
+    "f32": (1e-4, 1e-4),
+    "f16": (2e-3, 1e-3),
+    "bf16": (1.5e-2, 3e-2),
+    "q8_0": (3e-2, 3e-2),
+}
+
 #: above this whole-model tolerance a rounding difference may legitimately flip a top-k choice, so the
 #: whole-model check routes every token to all experts (top-k itself is checked op by op)
 LOSSY = 1e-3
@@ -58,18 +68,23 @@ def compute_dtype(backend) -> str:
     return canonical_dtype(backend.describe().get("compute_dtype") or backend.dtype)
 
 
-def tolerance(fmt: str | None, dtype=None, level: str = "op", overrides: dict | None = None) -> float:
+def tolerance(fmt: str | None, dtype=None, level: str = "op", overrides: dict | None = None,
+              kv_dtype: str | None = None) -> float:
     """The relative tolerance for an op (`level="op"`) or whole-model logits (`level="model"`).
 
-    fmt None means an op without weights (rope, attention). `overrides` maps (fmt, dtype) or fmt or
-    dtype to a (op, model) pair and wins over the table; an author who loosens a bound should say why.
+    fmt None means an op without weights (rope, attention). kv_dtype: the KV cache's storage type, for
+    what reads a cache (attention, layer, forward, the model); None means float32. `overrides` maps
+    (fmt, dtype) or fmt or dtype to a (op, model) pair and wins over the table; an author who loosens a
+    bound should say why.
     """
     col = {"op": 0, "model": 1}[level]
     d = canonical_dtype(dtype)
     for key in ((fmt, d), (fmt, dtype), fmt, d):
         if overrides and key in overrides:
             return float(overrides[key][col])
-    return max(FORMAT_TOLERANCE[fmt or "f32"][col], DTYPE_TOLERANCE[d][col])
+    if kv_dtype is not None and kv_dtype not in KV_TOLERANCE:
+        raise ValueError(f"unknown KV cache storage type {kv_dtype!r}; known: {sorted(KV_TOLERANCE)}")
+    return max(FORMAT_TOLERANCE[fmt or "f32"][col], DTYPE_TOLERANCE[d][col], KV_TOLERANCE[kv_dtype or "f32"][col])
 
 
 def table() -> str:
@@ -79,4 +94,11 @@ def table() -> str:
     for fmt in FORMAT_TOLERANCE:
         cells = [f"{tolerance(fmt, d):.0e} / {tolerance(fmt, d, 'model'):.0e}" for d in DTYPE_TOLERANCE]
         rows.append(f"| {fmt} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def kv_table() -> str:
+    """The KV-cache tolerances as Markdown (what docs/conformance.md shows)."""
+    rows = ["| KV cache storage | op / whole model |", "|---|---|"]
+    rows += [f"| {kv} | {op:.0e} / {model:.0e} |" for kv, (op, model) in KV_TOLERANCE.items()]
     return "\n".join(rows)
