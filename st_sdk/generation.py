@@ -161,7 +161,13 @@ class Options:
               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
               repetition_penalty: float | None = None, seed: int | None = None,
               stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool | int = False,
-              cancel: threading.Event | None = None) -> "Options":
+              cancel: threading.Event | None = None, **unknown) -> "Options":
+        if unknown:
+            from .arguments import GENERATE_SYNONYMS, unknown_argument
+
+            code = cls.parse.__code__
+            known = ["stream", *code.co_varnames[1:code.co_argcount]]
+            raise unknown_argument("generate", next(iter(unknown)), known, GENERATE_SYNONYMS)
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
                                            or not isinstance(max_new_tokens, (int, np.integer))
                                            or max_new_tokens < 1):

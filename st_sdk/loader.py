@@ -19,18 +19,23 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     norms and the router stay f32. Other keyword arguments go to `st_sdk.model.build_model`
     (max_memory, context, prefetch: the memory-budget mode).
     """
+    from .arguments import check_context, check_load
     from .model import build_model
     from .weights import open_model
 
+    path, backend, dtype, n_threads, kw = check_load(path, backend, dtype, n_threads, strict, tune, quantize, kw)
     if quantize is not None and quantize not in QUANTIZE_TO:
         raise InputError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_TO)}")
     mf = open_model(path)
+    check_context(kw.get("context"), mf.config)
     params = mf.params()
     if quantize is not None:
         params = convert_params(params, quantize)
-    return build_model(mf.config, params, backend=backend, dtype=dtype, n_threads=n_threads, strict=strict,
-                       tokenizer=mf.tokenizer, path=str(mf.path), weight_format=weight_format(params),
-                       tune=tune, **kw)
+    model = build_model(mf.config, params, backend=backend, dtype=dtype, n_threads=n_threads, strict=strict,
+                        tokenizer=mf.tokenizer, path=str(mf.path), weight_format=weight_format(params),
+                        tune=tune, **kw)
+    model.files = mf.watch
+    return model
 
 
 def weight_format(params) -> str:

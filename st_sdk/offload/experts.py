@@ -78,7 +78,8 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
                        cfg.moe_num_active_primary_experts, scratch_bytes)
-    cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads)
+    files = tuple(sorted({ext.path for layer in locations for expert in layer for ext in expert}))
+    cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads, files=files)
     layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
                                          for j, p in enumerate(PARTS)})
               for i, lp in enumerate(params.layers)]

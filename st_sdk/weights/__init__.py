@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 from ..config import ModelConfig
 from ..errors import ConfigError, WeightError
+from . import validate
 from .tensor import WeightTensor
+from .watch import FileWatch
 
 
 @dataclass
@@ -22,6 +24,7 @@ class ModelFile:
     names: list[str]
     tokenizer: Any
     file_size: int
+    watch: Any = None   # FileWatch over the mapped files: `check()` raises if one changed on disk
 
     def params(self):
         """ModelParams over the file's tensors (shapes checked)."""
@@ -44,7 +47,10 @@ def open_model(path: str | Path) -> ModelFile:
             raise ConfigError(f"{p / 'config.json'}: config.json not found{hint}")
         cfg = ModelConfig.from_json_file(p / "config.json")
         ckpt = HFCheckpoint(p)
-        return ModelFile(p, "hf", cfg, ckpt.get, ckpt.names(), Tokenizer.from_hf_dir(p), ckpt.file_size())
+        validate.config_against_file(cfg, len(ckpt.names()), ckpt.file_size(), "hf", str(p))
+        tok = Tokenizer.from_hf_dir(p)
+        return ModelFile(p, "hf", cfg, ckpt.get, ckpt.names(), tok, ckpt.file_size(),
+                         FileWatch([f.watched for f in ckpt.files.values()]))
     if p.is_file():
         with open(p, "rb") as f:
             magic = f.read(4)
@@ -54,8 +60,10 @@ def open_model(path: str | Path) -> ModelFile:
 
             g = GGUFModelFile(p)
             cfg = g.config()
+            validate.config_against_file(cfg, len(g.tensors), g.file_size(), "gguf", str(p))
+            validate.gguf_extra_tensors(cfg, g.tensors, str(p))
             tok = Tokenizer.from_gguf_metadata(g.metadata("tokenizer."), source=str(p))
-            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size())
+            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size(), FileWatch([g.watched]))
         if p.suffix == ".gguf":
             raise WeightError(f"{p}: not a GGUF file (bad magic {magic!r})")
         if p.name == "config.json":

@@ -7,6 +7,7 @@ from ..backend import LayerParams, ModelParams, Param
 from ..config import ModelConfig
 from ..errors import WeightError
 from .tensor import WeightTensor
+from .validate import tensor_type
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -70,6 +71,7 @@ EXPERT_NAMES = {"gate": ("ffn_gate_exps.weight", "gate"), "up": ("ffn_up_exps.we
 def check_shape(t: WeightTensor, want: tuple[int, ...]) -> WeightTensor:
     if tuple(t.shape) != tuple(want):
         raise WeightError(f"{t.source}: tensor '{t.name}' has shape {list(t.shape)}, expected {list(want)}")
+    tensor_type(t, "norm" if len(want) == 1 else "weight")
     return t
 
 
