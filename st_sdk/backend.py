@@ -87,7 +87,7 @@ class Backend:
     version: str = "0"
     #: modules the default `is_available` imports (lazily); the first that fails is the reason shown
     requires: tuple[str, ...] = ()
-    #: how to get the missing dependencies, appended to the reason ("pip install st-sdk[torch]")
+    #: how to get the missing dependencies, appended to the reason ('pip install -e ".[torch]"')
     install_hint: str = ""
     #: formats whose `linear`/`moe` this backend computes natively (others fall back or get converted)
     formats: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0")

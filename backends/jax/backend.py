@@ -42,7 +42,7 @@ class JaxBackend(Backend):
     name = "jax"
     version = _version()
     requires = ("jax",)
-    install_hint = "pip install -e .[jax]"
+    install_hint = 'pip install -e ".[jax]" (from a clone of st-sdk)'
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         super().__init__(n_threads=n_threads, dtype=dtype)
