@@ -384,3 +384,25 @@ def test_hf_chat_template_of_the_wrong_type(hf_copy, value):
     (hf_copy / "tokenizer_config.json").write_text(json.dumps(tcfg))
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: 'chat_template' must be a string"):
         st_sdk.load(hf_copy, backend="numpy")
+
+
+def test_hf_tensors_at_misaligned_offsets_reach_the_kernels_aligned(hf_copy, tiny_logits):
+    """safetensors does not align tensor data: a 2-byte tensor first shifts every float32 tensor off its
+    4-byte alignment. The C backend copies such storage before its kernels load whole elements."""
+    import numpy as np
+
+    from conftest import TINY_IDS, rel_err
+
+    f = hf_copy / "model.safetensors"
+    blob, n, h = _header(f)
+    for e in h.values():
+        if isinstance(e, dict) and "data_offsets" in e:
+            e["data_offsets"] = [x + 2 for x in e["data_offsets"]]
+    h["aaa.padding"] = {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}
+    text = json.dumps(h).encode()
+    text += b" " * (-len(text) % 8)
+    f.write_bytes(struct.pack("<Q", len(text)) + text + b"\0\0" + blob[8 + n:])
+    m = st_sdk.load(hf_copy, backend="c")
+    assert not m.params.layers[0].attn_norm.raw.data.flags.aligned   # the file's view is misaligned
+    assert all(lp.attn_norm.value.flags.aligned and lp.ffn_norm.value.flags.aligned for lp in m.params.layers)
+    assert rel_err(m.logits(TINY_IDS), tiny_logits) < 1e-4

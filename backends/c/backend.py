@@ -183,7 +183,7 @@ class CBackend(Backend):
         ffi_lib()
         raw = param.raw
         if role in _NORM_ROLES:
-            return np.ascontiguousarray(raw.numpy(), np.float32)
+            return np.require(raw.numpy(), np.float32, ("C", "A"))   # a copy when the map is misaligned
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
         if role in _EXPERT_ROLES:
             v = CExperts(raw, repack_rows=rp)
