@@ -65,7 +65,7 @@ class TorchBackend(Backend):
         try:
             self._setup()
         except ImportError as e:
-            self._error = f"torch is not installed ({e}); install with `pip install -e ".[torch]"` from a clone of st-sdk"
+            self._error = f'torch is not installed ({e}); install with `pip install -e ".[torch]"` from a clone of st-sdk'
             return False
         except Exception as e:  # a broken CUDA install must not break selection
             self._error = f"torch failed to initialise: {type(e).__name__}: {e}"
