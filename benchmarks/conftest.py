@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from st_sdk import bench
+from st_sdk.hardware import resolve_threads
 
 LLAMA = bench.LLAMA
 
@@ -75,8 +76,7 @@ def pytest_generate_tests(metafunc):
                 marks = [pytest.mark.skip(reason=f"{name}: {why}")] if why else []
                 params.append(pytest.param((name, fmt), id=f"{name}-{fmt}", marks=marks))
         for fmt in formats:
-            why = bench.llama_cpp_missing() or (None if _gguf(config, fmt) else
-                                                "no GGUF file (st_sdk.synth.write_model is not available)")
+            why = bench.llama_cpp_missing()
             params.append(pytest.param((LLAMA, fmt), id=f"{LLAMA}-{fmt}",
                                        marks=[pytest.mark.skip(reason=f"{LLAMA}: {why}")] if why else []))
         metafunc.parametrize("case", params)
@@ -95,7 +95,7 @@ def preset(pytestconfig) -> str:
 
 @pytest.fixture(scope="session")
 def threads(pytestconfig) -> int:
-    return bench.clamp_threads(_opt(pytestconfig, "--st-threads"))
+    return resolve_threads(_opt(pytestconfig, "--st-threads"))
 
 
 @pytest.fixture(scope="session")
@@ -108,8 +108,7 @@ def _runners():
 @pytest.fixture
 def runner(case, preset, threads, pytestconfig, _runners):
     """A timing runner for (backend, format), built once per run (tiny) or per test function (larger
-    presets, so that only one model is resident): ours loads the cached GGUF file when
-    one exists (else the same synthetic weights in memory); llama.cpp always reads the file."""
+    presets, so that only one model is resident): ours and llama.cpp read the same cached GGUF file."""
     from st_sdk.timing import LlamaRunner, ModelRunner
 
     if case not in _runners:
@@ -126,15 +125,10 @@ def runner(case, preset, threads, pytestconfig, _runners):
             llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
                         n_batch=512, logits_all=False, verbose=False)
             _runners[case] = LlamaRunner(llm)
-        elif path and bench._has_loader():
+        else:
             import st_sdk
 
             _runners[case] = ModelRunner(st_sdk.load(str(path), backend=name, n_threads=threads), room=128)
-        else:
-            from st_sdk import synth
-
-            _runners[case] = ModelRunner(synth.build_model(preset, fmt=fmt, backend=name, n_threads=threads),
-                                         room=128)
     return _runners[case]
 
 
@@ -145,7 +139,7 @@ def bandwidth(threads) -> float:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Saved results carry what decides speed: CPU, flags, cores, library versions, bandwidth."""
-    threads = bench.clamp_threads(config.getoption("--st-threads", None))
+    threads = resolve_threads(config.getoption("--st-threads", None))
     machine_info["st_sdk"] = bench.machine_info(bench.read_bandwidth(threads))
     machine_info["st_sdk"]["threads"] = threads
     machine_info["st_sdk"]["preset"] = config.getoption("--st-preset", "tiny")

@@ -20,7 +20,8 @@ def backends(threads):
 
     def get(name):
         if name not in made:
-            from st_sdk.selection import reference_backend, select_backend
+            from st_sdk.registry import reference_backend
+            from st_sdk.selection import select_backend
 
             b, _ = select_backend(name, n_threads=threads)
             made[name] = (b, bind_ops(b, reference_backend()))
@@ -81,13 +82,13 @@ def test_attention(benchmark, backends, backend_name, preset, cache_len):
     def qkv(T):
         return [ops.from_numpy(rng.standard_normal((T, n, hd), dtype=np.float32)) for n in (nH, nKV, nKV)]
 
-    ops.attention(*qkv(cache_len), cache, np.arange(cache_len, dtype=np.int64), None)   # fill
+    ops.attention(*qkv(cache_len), cache, ops.context(cfg, np.arange(cache_len, dtype=np.int64)), None)   # fill
     q, k, v = qkv(1)
     pos = {"next": cache_len}
 
     def one():
         # the cache grows by one per call, as in decode (a few hundred calls at most)
-        ops.attention(q, k, v, cache, np.array([pos["next"]], dtype=np.int64), None)
+        ops.attention(q, k, v, cache, ops.context(cfg, np.array([pos["next"]], dtype=np.int64)), None)
         pos["next"] += 1
 
     benchmark.group = f"attention {nH}/{nKV} heads x {hd}, 1 token ({preset})"

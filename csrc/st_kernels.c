@@ -5,93 +5,19 @@
  * ggml's graph compute does. So a decode step is one call into C and one wake-up of the workers.
  */
 #define _GNU_SOURCE
-#include "st_kernels.h"
+#include "st_internal.h"
 
-#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
-#include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define ST_X86 1
 #endif
 
-#define QK 32
-#ifndef ST_PREFETCH
-#define ST_PREFETCH 2048
-#endif
-typedef struct { float d, s; int8_t qs[QK]; } block_q8;   /* s = d * sum(qs) */
-typedef float (*dot_fn)(int64_t K, const void *w, const void *x);
-typedef void (*dot4_fn)(int64_t K, const void *w, int64_t stride, const void *x, float *out);
-typedef void (*dot8_fn)(int64_t K, const void *group, const void *x, float *out);
-typedef struct {
-    dot_fn dot[7];     /* indexed by format; NULL for the repacked ones */
-    dot4_fn dot4[7];   /* four consecutive rows, `stride` bytes apart, against one activation row */
-    dot8_fn dot8[7];   /* one repacked group of eight rows (ST_Q8_0X8, ST_Q4_0X8) */
-    void (*gemm4[7])(int64_t K, const void *group, const block_q8 *const *x, float *out);   /* x 4 rows */
-    void (*quantize_q8)(int64_t K, const float *x, block_q8 *y);
-} st_kern;
-
-static inline float st_fp16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else {   /* subnormal: renormalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7F800000 | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-/* f16 -> f32 by table for the generic kernels (filled by st_init_tables before any kernel runs) */
-static float st_f16_table[65536];
-static inline float st_fp16_lut(uint16_t h) { return st_f16_table[h]; }
-static inline float st_bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-
-/* ---- the variants: the same source compiled for each instruction set ---------------------------- */
-#define ST_SUFFIX generic
-#include "st_simd_impl.h"
-#undef ST_SUFFIX
-
-#ifdef ST_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define ST_SIMD_AVX2 1
-#define ST_SUFFIX avx2
-#define ST_DPBUSD(a, b) _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
-#define ST_DPBUSD_ACC(acc, a, b) _mm256_add_epi32(acc, ST_DPBUSD(a, b))
-#include "st_simd_impl.h"
-#undef ST_DPBUSD
-#undef ST_DPBUSD_ACC
-#undef ST_SUFFIX
-#undef ST_SIMD_AVX2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")
-#define ST_SIMD_AVX512 1
-#define ST_SUFFIX avx512
-#define ST_DPBUSD(a, b) _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
-#define ST_DPBUSD_ACC(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
-#include "st_simd_impl.h"
-#undef ST_DPBUSD
-#undef ST_DPBUSD_ACC
-#undef ST_SUFFIX
-#undef ST_SIMD_AVX512
-#pragma GCC pop_options
-#endif
-
 static const st_kern *K = &kern_generic;
 
-__attribute__((constructor)) static void st_init_tables(void) {
-    for (uint32_t i = 0; i < 65536; i++) st_f16_table[i] = st_fp16_to_f32((uint16_t)i);
-}
 static int g_variant = ST_GENERIC;
 
 int st_cpu_supports(int variant) {
@@ -241,39 +167,9 @@ static inline void split(int64_t n, int ith, int nth, int64_t align, int64_t *lo
     *lo = a * align < n ? a * align : n;
     *hi = b * align < n ? b * align : n;
 }
-static inline int fmt_quantised(int32_t fmt) { return fmt >= ST_Q8_0 && fmt <= ST_Q4_0X8; }
-static inline int fmt_x8(int32_t fmt) { return fmt == ST_Q8_0X8 || fmt == ST_Q4_0X8; }
-static int64_t fmt_row_bytes(int32_t fmt, int64_t cols) {
-    switch (fmt) {
-    case ST_F32: return cols * 4;
-    case ST_F16: case ST_BF16: return cols * 2;
-    case ST_Q8_0: return cols % QK ? -1 : cols / QK * 34;
-    case ST_Q4_0: return cols % QK ? -1 : cols / QK * 18;
-    case ST_Q8_0X8: return cols % QK ? -1 : cols / QK * (16 + 8 * 32);   /* per group of 8 rows */
-    case ST_Q4_0X8: return cols % QK ? -1 : cols / QK * (16 + 8 * 16);
-    }
-    return -1;
-}
+static inline int fmt_quantised(int32_t fmt) { return fmt_valid(fmt) && fmt_act(fmt) != ACT_F32; }
+#define fmt_row_bytes st_fmt_row_bytes
 
-int64_t st_repacked_bytes(int32_t fmt, int64_t rows, int64_t cols) {
-    if ((fmt != ST_Q8_0 && fmt != ST_Q4_0) || rows <= 0 || rows % 8 || cols <= 0 || cols % QK) return -1;
-    return rows / 8 * fmt_row_bytes(fmt == ST_Q8_0 ? ST_Q8_0X8 : ST_Q4_0X8, cols);
-}
-
-int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst) {
-    if (!src || !dst || st_repacked_bytes(fmt, rows, cols) < 0 || src_row_bytes < fmt_row_bytes(fmt, cols)) return ST_EARG;
-    const int64_t nb = cols / QK, bb = fmt == ST_Q8_0 ? 34 : 18, qb = bb - 2;
-    uint8_t *o = dst;
-    for (int64_t g = 0; g < rows / 8; g++)
-        for (int64_t b = 0; b < nb; b++) {
-            for (int j = 0; j < 8; j++) memcpy(o + 2 * j, (const uint8_t *)src + (g * 8 + j) * src_row_bytes + b * bb, 2);
-            o += 16;
-            for (int64_t m = 0; m < qb / 4; m++)
-                for (int j = 0; j < 8; j++, o += 4)
-                    memcpy(o, (const uint8_t *)src + (g * 8 + j) * src_row_bytes + b * bb + 2 + 4 * m, 4);
-        }
-    return ST_OK;
-}
 static int mat_ok(const st_mat *w, int64_t rows, int64_t cols) {
     if (!w || !w->data || w->rows != rows || w->cols != cols || rows <= 0 || (fmt_x8(w->fmt) && rows % 8)) return 0;
     int64_t rb = fmt_row_bytes(w->fmt, cols);
@@ -289,45 +185,30 @@ static int experts_ok(const st_experts *w, int64_t E, int64_t rows, int64_t cols
     return 1;
 }
 
-static void dequant_row(int32_t fmt, const uint8_t *src, int64_t n, float *out) {
-    switch (fmt) {
-    case ST_F32: memcpy(out, src, (size_t)n * 4); break;
-    case ST_F16: for (int64_t j = 0; j < n; j++) { uint16_t u; memcpy(&u, src + 2 * j, 2); out[j] = st_fp16_to_f32(u); } break;
-    case ST_BF16: for (int64_t j = 0; j < n; j++) { uint16_t u; memcpy(&u, src + 2 * j, 2); out[j] = st_bf16_to_f32(u); } break;
-    case ST_Q8_0:
-        for (int64_t b = 0; b < n / QK; b++) {
-            uint16_t u; memcpy(&u, src + b * 34, 2);
-            float d = st_fp16_to_f32(u);
-            for (int j = 0; j < QK; j++) out[b * QK + j] = d * (float)(int8_t)src[b * 34 + 2 + j];
-        }
-        break;
-    case ST_Q4_0:
-        for (int64_t b = 0; b < n / QK; b++) {
-            uint16_t u; memcpy(&u, src + b * 18, 2);
-            float d = st_fp16_to_f32(u);
-            const uint8_t *q = src + b * 18 + 2;
-            for (int j = 0; j < 16; j++) {
-                out[b * QK + j] = d * (float)((q[j] & 0x0F) - 8);
-                out[b * QK + j + 16] = d * (float)((q[j] >> 4) - 8);
-            }
-        }
-        break;
+/* an activation matrix [T, cols] in the forms the weights that read it need: float, Q8_0-style blocks
+ * of 32, Q8_K blocks of 256 (whichever are set) */
+typedef struct { const float *f; const block_q8 *q; const block_q8K *k; } st_act;
+static inline const void *act_row(const st_act *x, int32_t fmt, int64_t t, int64_t cols) {
+    switch (fmt_act(fmt)) {
+    case ACT_Q8: return x->q + t * (cols / QK);
+    case ACT_Q8K: return x->k + t * (cols / QKK);
     }
+    return x->f + t * cols;
 }
+/* the activation forms weights of these formats read (bit ACT_*) */
+static inline int act_need(int32_t fmt) { return 1 << fmt_act(fmt); }
 
 /* y[t, r] (+)= W[r] . x[t] for this thread's rows; weight tiles stay in cache across all T tokens,
  * which makes prefill a blocked matrix-matrix product rather than T matrix-vector passes */
-static void mm_rows(int ith, int nth, int64_t r_lo, int64_t r_hi, const int32_t fmt, const void *data,
-                    int64_t row_bytes, int64_t cols, const float *xf, const block_q8 *xq, int64_t T, float *y,
-                    int64_t ldy, int add, float scale) {
-    (void)ith; (void)nth;
+static void mm_rows(int64_t r_lo, int64_t r_hi, const int32_t fmt, const void *data, int64_t row_bytes, int64_t cols,
+                    const st_act *x, int64_t T, float *y, int64_t ldy, int add, float scale) {
     if (fmt_x8(fmt)) {   /* repacked: groups of 8 rows; callers split rows on multiples of 8 */
-        const int64_t nbk = cols / QK;
         for (int64_t rt = r_lo; rt < r_hi; rt += 16) {
             int64_t re = rt + 16 < r_hi ? rt + 16 : r_hi;
             int64_t t = 0;
             for (; t + 4 <= T; t += 4) {   /* four tokens per unpacked weight chunk */
-                const block_q8 *xs[4] = {xq + t * nbk, xq + (t + 1) * nbk, xq + (t + 2) * nbk, xq + (t + 3) * nbk};
+                const void *xs[4];
+                for (int u = 0; u < 4; u++) xs[u] = act_row(x, fmt, t + u, cols);
                 float v[32];
                 for (int64_t r = rt; r < re; r += 8) {
                     K->gemm4[fmt](cols, (const uint8_t *)data + r / 8 * row_bytes, xs, v);
@@ -340,7 +221,7 @@ static void mm_rows(int ith, int nth, int64_t r_lo, int64_t r_hi, const int32_t 
             for (; t < T; t++) {
                 float *yt = y + t * ldy, v[8];
                 for (int64_t r = rt; r < re; r += 8) {
-                    K->dot8[fmt](cols, (const uint8_t *)data + r / 8 * row_bytes, xq + t * nbk, v);
+                    K->dot8[fmt](cols, (const uint8_t *)data + r / 8 * row_bytes, act_row(x, fmt, t, cols), v);
                     for (int i = 0; i < 8; i++) yt[r + i] = add ? yt[r + i] + scale * v[i] : scale * v[i];
                 }
             }
@@ -349,30 +230,43 @@ static void mm_rows(int ith, int nth, int64_t r_lo, int64_t r_hi, const int32_t 
     }
     const dot_fn dot = K->dot[fmt];
     const dot4_fn dot4 = K->dot4[fmt];
-    const int quant = fmt_quantised(fmt);
-    const int64_t nbk = cols / QK, TILE = 16;
+    const dotx4_fn dotx4 = K->dotx4[fmt];
+    const int64_t TILE = 16;
     for (int64_t rt = r_lo; rt < r_hi; rt += TILE) {
         int64_t re = rt + TILE < r_hi ? rt + TILE : r_hi;
-        for (int64_t t = 0; t < T; t++) {
-            const void *x = quant ? (const void *)(xq + t * nbk) : (const void *)(xf + t * cols);
+        int64_t t = 0;
+        if (dotx4)   /* quantised rows: each row read once for four tokens */
+            for (; t + 4 <= T; t += 4) {
+                const void *xs[4];
+                for (int u = 0; u < 4; u++) xs[u] = act_row(x, fmt, t + u, cols);
+                for (int64_t r = rt; r < re; r++) {
+                    float v[4];
+                    dotx4(cols, (const uint8_t *)data + r * row_bytes, xs, v);
+                    for (int u = 0; u < 4; u++) {
+                        float *yr = y + (t + u) * ldy + r;
+                        *yr = add ? *yr + scale * v[u] : scale * v[u];
+                    }
+                }
+            }
+        for (; t < T; t++) {
+            const void *xt = act_row(x, fmt, t, cols);
             float *yt = y + t * ldy, v[4];
             int64_t r = rt;
             for (; r + 4 <= re; r += 4) {
-                dot4(cols, (const uint8_t *)data + r * row_bytes, row_bytes, x, v);
+                dot4(cols, (const uint8_t *)data + r * row_bytes, row_bytes, xt, v);
                 for (int i = 0; i < 4; i++) yt[r + i] = add ? yt[r + i] + scale * v[i] : scale * v[i];
             }
             for (; r < re; r++) {
-                float u = scale * dot(cols, (const uint8_t *)data + r * row_bytes, x);
+                float u = scale * dot(cols, (const uint8_t *)data + r * row_bytes, xt);
                 yt[r] = add ? yt[r] + u : u;
             }
         }
     }
 }
-static void mm(int ith, int nth, const st_mat *w, const float *xf, const block_q8 *xq, int64_t T, float *y,
-               int64_t ldy, int add) {
+static void mm(int ith, int nth, const st_mat *w, const st_act *x, int64_t T, float *y, int64_t ldy, int add) {
     int64_t lo, hi;
     split(w->rows, ith, nth, fmt_x8(w->fmt) ? 8 : 1, &lo, &hi);
-    mm_rows(ith, nth, lo, hi, w->fmt, w->data, w->row_bytes, w->cols, xf, xq, T, y, ldy, add, 1.0f);
+    mm_rows(lo, hi, w->fmt, w->data, w->row_bytes, w->cols, x, T, y, ldy, add, 1.0f);
 }
 
 static void rms_row(const float *x, const float *w, int64_t H, float eps, float *out) {
@@ -382,12 +276,23 @@ static void rms_row(const float *x, const float *w, int64_t H, float eps, float 
     for (int64_t j = 0; j < H; j++) out[j] = w[j] * (x[j] * r);
 }
 
-/* quantise rows of x [T, K] into q8 blocks, work split by blocks across threads */
-static void quantize_rows(int ith, int nth, const float *x, int64_t T, int64_t Kc, block_q8 *q) {
-    if (Kc % QK) return;
-    int64_t nb = Kc / QK, lo, hi;
-    split(T * nb, ith, nth, 1, &lo, &hi);
-    for (int64_t i = lo; i < hi; i++) K->quantize_q8(QK, x + i * QK, q + i);
+/* quantise rows of x [T, Kc] into the activation forms in `need` (bits ACT_Q8, ACT_Q8K), work split by
+ * blocks across threads (the caller meets the others at a barrier before using them) */
+static void quantize_rows(int ith, int nth, const float *x, int64_t T, int64_t Kc, int need, block_q8 *q, block_q8K *qk) {
+    int64_t lo, hi;
+    if ((need & (1 << ACT_Q8)) && Kc % QK == 0) {
+        split(T * (Kc / QK), ith, nth, 1, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) K->quantize_q8(QK, x + i * QK, q + i);
+    }
+    if ((need & (1 << ACT_Q8K)) && Kc % QKK == 0) {
+        split(T * (Kc / QKK), ith, nth, 1, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) K->quantize_q8K(QKK, x + i * QKK, qk + i);
+    }
+}
+/* one row of x into the forms in `need` */
+static void quantize_row(const float *x, int64_t Kc, int need, block_q8 *q, block_q8K *qk) {
+    if ((need & (1 << ACT_Q8)) && Kc % QK == 0) K->quantize_q8(Kc, x, q);
+    if ((need & (1 << ACT_Q8K)) && Kc % QKK == 0) K->quantize_q8K(Kc, x, qk);
 }
 
 static void rope_table(const int64_t *pos, int64_t T, int64_t hd, double theta, float *cs) {
@@ -430,6 +335,11 @@ static void topk_row(const float *logits, int64_t E, int64_t k, int softmax, flo
 }
 
 /* ---- one job context shared by the fused and the per-op entry points ----------------------------- */
+/* Q8_K copies of an activation matrix every thread reads (attention output, expert activations) up to
+ * this many values are made by each thread for itself (no barrier: cheaper than one at decode);
+ * larger ones are split across threads, then a barrier */
+#define ST_PRIVATE_Q8K 65536
+
 typedef struct {
     st_pool *pool;
     const st_model *m;
@@ -448,13 +358,29 @@ typedef struct {
     int32_t sparse;
     const float *mf;
     block_q8 *mq;
+    block_q8K *mK;
     const int64_t *ids;
     const float *w;
     int64_t *order, *offs;   /* pairs t*k+j grouped by expert; offs[E+1] */
     float *Z;
     block_q8 *Zq;
+    block_q8K *ZK, *ZKp;     /* Q8_K copy of Z: shared, and ST_PRIVATE_Q8K values per thread */
     float *out;
 } jctx;
+
+/* x [rows, cols] as Q8_K for every thread: small matrices are quantised by each thread into its own
+ * slice of `priv`, larger ones split across threads into `shared` and followed by a barrier */
+static const block_q8K *q8K_for_all(st_pool *pool, int ith, int nth, const float *x, int64_t rows, int64_t cols,
+                                    block_q8K *shared, block_q8K *priv) {
+    if (rows * cols <= ST_PRIVATE_Q8K) {
+        block_q8K *mine = priv + (int64_t)ith * (ST_PRIVATE_Q8K / QKK);
+        K->quantize_q8K(rows * cols, x, mine);
+        return mine;
+    }
+    quantize_rows(ith, nth, x, rows, cols, 1 << ACT_Q8K, NULL, shared);
+    barrier(pool, nth);
+    return shared;
+}
 
 static void attention_stage(jctx *c, int ith, int nth) {
     const int64_t T = c->T, nH = c->nH, nKV = c->nKV, hd = c->hd, group = nH / nKV, win = c->window;
@@ -513,12 +439,13 @@ static void group_pairs(jctx *c) {
 }
 
 /* fused ReGLU: per expert, gate rows, then up rows only where relu(gate) > 0 (sparse), z = relu(g)*u;
- * each thread owns whole 32-row blocks of F so it can quantise its part of z without a barrier */
+ * each thread owns whole 32-row blocks of F so it can quantise its part of z (to blocks of 32) without
+ * a barrier. Gate and up may be stored in different formats. */
 static void gate_up_stage(jctx *c, int ith, int nth) {
     const st_experts *G = c->gate, *U = c->up;
-    const int64_t F = c->F, H = c->H, nbh = H / QK;
-    const int qg = fmt_quantised(G->fmt), qu = fmt_quantised(U->fmt);
+    const int64_t F = c->F, H = c->H;
     const dot_fn dg = K->dot[G->fmt], du = K->dot[U->fmt];
+    const st_act xm = {c->mf, c->mq, c->mK};
     int64_t lo, hi;
     split(F, ith, nth, QK, &lo, &hi);
     for (int64_t e = 0; e < c->E; e++) {
@@ -527,15 +454,19 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
         const uint8_t *gw = G->experts[e], *uw = U->experts[e];
         if (fmt_x8(G->fmt) && fmt_x8(U->fmt)) {   /* repacked: 8 neurons per group; skip a group only if all are dead */
             int64_t i = p0;
-            for (; i + 4 <= p1 && G->fmt == U->fmt; i += 4) {   /* four token-expert pairs per unpacked chunk */
-                const block_q8 *xs[4];
-                for (int q = 0; q < 4; q++) xs[q] = c->mq + c->order[i + q] / c->topk * nbh;
+            for (; i + 4 <= p1; i += 4) {   /* four token-expert pairs per unpacked chunk */
+                const void *xg[4], *xu[4];
+                for (int q = 0; q < 4; q++) {
+                    int64_t t = c->order[i + q] / c->topk;
+                    xg[q] = act_row(&xm, G->fmt, t, H);
+                    xu[q] = act_row(&xm, U->fmt, t, H);
+                }
                 for (int64_t r = lo; r < hi; r += 8) {
                     float g[32], u[32];
-                    K->gemm4[G->fmt](H, gw + r / 8 * G->row_bytes, xs, g);
+                    K->gemm4[G->fmt](H, gw + r / 8 * G->row_bytes, xg, g);
                     int live = 0;
                     for (int j = 0; j < 32; j++) live += g[j] > 0.0f;
-                    if (live || !c->sparse) K->gemm4[U->fmt](H, uw + r / 8 * U->row_bytes, xs, u);
+                    if (live || !c->sparse) K->gemm4[U->fmt](H, uw + r / 8 * U->row_bytes, xu, u);
                     for (int q = 0; q < 4; q++)
                         for (int j = 0; j < 8; j++)
                             c->Z[c->order[i + q] * F + r + j] = g[8 * q + j] > 0.0f ? g[8 * q + j] * u[8 * q + j] : 0.0f;
@@ -543,12 +474,13 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
             }
             for (; i < p1; i++) {
                 int64_t p = c->order[i], t = p / c->topk;
+                const void *xg = act_row(&xm, G->fmt, t, H), *xu = act_row(&xm, U->fmt, t, H);
                 for (int64_t r = lo; r < hi; r += 8) {
                     float g[8], u[8];
-                    K->dot8[G->fmt](H, gw + r / 8 * G->row_bytes, c->mq + t * nbh, g);
+                    K->dot8[G->fmt](H, gw + r / 8 * G->row_bytes, xg, g);
                     int live = 0;
                     for (int j = 0; j < 8; j++) live += g[j] > 0.0f;
-                    if (live || !c->sparse) K->dot8[U->fmt](H, uw + r / 8 * U->row_bytes, c->mq + t * nbh, u);
+                    if (live || !c->sparse) K->dot8[U->fmt](H, uw + r / 8 * U->row_bytes, xu, u);
                     for (int j = 0; j < 8; j++) c->Z[p * F + r + j] = g[j] > 0.0f ? g[j] * u[j] : 0.0f;
                 }
             }
@@ -558,8 +490,7 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
             int64_t re = rt + 16 < hi ? rt + 16 : hi;
             for (int64_t i = p0; i < p1; i++) {
                 int64_t p = c->order[i], t = p / c->topk;
-                const void *xg = qg ? (const void *)(c->mq + t * nbh) : (const void *)(c->mf + t * H);
-                const void *xu = qu ? (const void *)(c->mq + t * nbh) : (const void *)(c->mf + t * H);
+                const void *xg = act_row(&xm, G->fmt, t, H), *xu = act_row(&xm, U->fmt, t, H);
                 int64_t r = rt;
                 for (; r + 4 <= re; r += 4) {
                     float g[4], u[4];
@@ -567,9 +498,9 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
                     int live = (g[0] > 0) + (g[1] > 0) + (g[2] > 0) + (g[3] > 0);
                     if (live == 4 || (!c->sparse && live)) K->dot4[U->fmt](H, uw + r * U->row_bytes, U->row_bytes, xu, u);
                     else
-                        for (int i = 0; i < 4; i++)   /* the sparse skip: no up row for a dead neuron */
-                            u[i] = g[i] > 0.0f ? du(H, uw + (r + i) * U->row_bytes, xu) : 0.0f;
-                    for (int i = 0; i < 4; i++) c->Z[p * F + r + i] = (g[i] > 0.0f ? g[i] : 0.0f) * u[i];
+                        for (int j = 0; j < 4; j++)   /* the sparse skip: no up row for a dead neuron */
+                            u[j] = g[j] > 0.0f ? du(H, uw + (r + j) * U->row_bytes, xu) : 0.0f;
+                    for (int j = 0; j < 4; j++) c->Z[p * F + r + j] = (g[j] > 0.0f ? g[j] : 0.0f) * u[j];
                 }
                 for (; r < re; r++) {
                     float g = dg(H, gw + r * G->row_bytes, xg);
@@ -580,19 +511,20 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
             }
         }
     }
-    if (fmt_quantised(c->down->fmt) && F % QK == 0) {
+    if (fmt_act(c->down->fmt) == ACT_Q8 && F % QK == 0) {
         const int64_t P = c->T * c->topk;
         for (int64_t p = 0; p < P; p++)
             for (int64_t r = lo; r < hi; r += QK) K->quantize_q8(QK, c->Z + p * F + r, c->Zq + p * (F / QK) + r / QK);
     }
 }
 
-/* out[t, r] += w[p] * down_e[r] . z[p] over the pairs p of each expert; threads own rows of H */
-static void down_stage(jctx *c, int ith, int nth) {
+/* out[t, r] += w[p] * down_e[r] . z[p] over the pairs p of each expert; threads own rows of H. zk: z's
+ * Q8_K copy when down reads one. */
+static void down_stage(jctx *c, const block_q8K *zk, int ith, int nth) {
     const st_experts *D = c->down;
     const int64_t F = c->F, H = c->H;
-    const int qd = fmt_quantised(D->fmt);
     const dot_fn dd = K->dot[D->fmt];
+    const st_act za = {c->Z, c->Zq, zk};
     int64_t lo, hi;
     split(H, ith, nth, fmt_x8(D->fmt) ? 8 : 1, &lo, &hi);
     for (int64_t e = 0; e < c->E; e++) {
@@ -602,8 +534,8 @@ static void down_stage(jctx *c, int ith, int nth) {
         if (fmt_x8(D->fmt)) {
             int64_t i = p0;
             for (; i + 4 <= p1; i += 4) {
-                const block_q8 *xs[4];
-                for (int q = 0; q < 4; q++) xs[q] = c->Zq + c->order[i + q] * (F / QK);
+                const void *xs[4];
+                for (int q = 0; q < 4; q++) xs[q] = act_row(&za, D->fmt, c->order[i + q], F);
                 for (int64_t r = lo; r < hi; r += 8) {
                     float v[32];
                     K->gemm4[D->fmt](F, dw + r / 8 * D->row_bytes, xs, v);
@@ -617,8 +549,9 @@ static void down_stage(jctx *c, int ith, int nth) {
             for (; i < p1; i++) {
                 int64_t p = c->order[i], t = p / c->topk;
                 float wp = c->w[p], *o = c->out + t * H, v[8];
+                const void *z = act_row(&za, D->fmt, p, F);
                 for (int64_t r = lo; r < hi; r += 8) {
-                    K->dot8[D->fmt](F, dw + r / 8 * D->row_bytes, c->Zq + p * (F / QK), v);
+                    K->dot8[D->fmt](F, dw + r / 8 * D->row_bytes, z, v);
                     for (int j = 0; j < 8; j++) o[r + j] += wp * v[j];
                 }
             }
@@ -628,7 +561,7 @@ static void down_stage(jctx *c, int ith, int nth) {
             int64_t re = rt + 16 < hi ? rt + 16 : hi;
             for (int64_t i = p0; i < p1; i++) {
                 int64_t p = c->order[i], t = p / c->topk;
-                const void *z = qd ? (const void *)(c->Zq + p * (F / QK)) : (const void *)(c->Z + p * F);
+                const void *z = act_row(&za, D->fmt, p, F);
                 float wp = c->w[p], *o = c->out + t * H, v[4];
                 int64_t r = rt;
                 for (; r + 4 <= re; r += 4) {
@@ -641,37 +574,52 @@ static void down_stage(jctx *c, int ith, int nth) {
     }
 }
 
+/* gate/up, then (with a Q8_K down) z's Q8_K copy, then down */
+static void experts_stage(jctx *c, int ith, int nth) {
+    gate_up_stage(c, ith, nth);
+    barrier(c->pool, nth);
+    const block_q8K *zk = NULL;
+    if (fmt_act(c->down->fmt) == ACT_Q8K) zk = q8K_for_all(c->pool, ith, nth, c->Z, c->T * c->topk, c->F, c->ZK, c->ZKp);
+    down_stage(c, zk, ith, nth);
+}
+
 /* ---- scratch: one allocation per call, carved into the buffers a layer needs ------------------ */
 typedef struct {
     float *a, *q, *k, *v, *att, *rl, *rw, *mf, *Z, *scores, *cs;
     block_q8 *aq, *hq, *attq, *mq, *Zq;
+    block_q8K *aK, *hK, *attK, *mK, *ZK, *priv;   /* priv: ST_PRIVATE_Q8K values per thread */
     int64_t *rid, *order, *offs;
     void *mem;
 } scratch;
 
-static void *carve(char **p, size_t n) { void *r = *p; *p += (n + 63) & ~(size_t)63; return r; }
-
 static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax, int nth) {
     const int64_t H = m->hidden, qw = m->n_heads * m->head_dim, kw = m->n_kv * m->head_dim, P = T * m->top_k;
     const int64_t F = m->ffn, E = m->n_experts;
-    size_t sz[22] = {
+    const size_t q8 = sizeof(block_q8), qk = sizeof(block_q8K);
+    void **dst[] = {(void **)&s->a, (void **)&s->q, (void **)&s->k, (void **)&s->v, (void **)&s->att, (void **)&s->rl,
+                    (void **)&s->rw, (void **)&s->mf, (void **)&s->Z, (void **)&s->scores, (void **)&s->cs,
+                    (void **)&s->aq, (void **)&s->hq, (void **)&s->attq, (void **)&s->mq, (void **)&s->Zq,
+                    (void **)&s->aK, (void **)&s->hK, (void **)&s->attK, (void **)&s->mK, (void **)&s->ZK,
+                    (void **)&s->priv, (void **)&s->rid, (void **)&s->order, (void **)&s->offs};
+    const size_t sz[] = {
         (size_t)(T * H) * 4, (size_t)(T * qw) * 4, (size_t)(T * kw) * 4, (size_t)(T * kw) * 4, (size_t)(T * qw) * 4,
         (size_t)(T * E) * 4, (size_t)P * 4, (size_t)(T * H) * 4, (size_t)(P * F) * 4, (size_t)(smax * nth) * 4,
         (size_t)(T * (m->head_dim / 2 + 1)) * 8,
-        (size_t)(T * (H / QK + 1)) * sizeof(block_q8), (size_t)(T * (H / QK + 1)) * sizeof(block_q8),
-        (size_t)(T * (qw / QK + 1)) * sizeof(block_q8), (size_t)(T * (H / QK + 1)) * sizeof(block_q8),
-        (size_t)(P * (F / QK + 1)) * sizeof(block_q8),
-        (size_t)P * 8, (size_t)P * 8, (size_t)(2 * E + 2) * 8, 0, 0, 0};
+        (size_t)(T * (H / QK + 1)) * q8, (size_t)(T * (H / QK + 1)) * q8, (size_t)(T * (qw / QK + 1)) * q8,
+        (size_t)(T * (H / QK + 1)) * q8, (size_t)(P * (F / QK + 1)) * q8,
+        (size_t)(T * (H / QKK + 1)) * qk, (size_t)(T * (H / QKK + 1)) * qk, (size_t)(T * (qw / QKK + 1)) * qk,
+        (size_t)(T * (H / QKK + 1)) * qk, (size_t)(P * (F / QKK + 1)) * qk, (size_t)nth * (ST_PRIVATE_Q8K / QKK) * qk,
+        (size_t)P * 8, (size_t)P * 8, (size_t)(2 * E + 2) * 8};
+    const int n = (int)(sizeof sz / sizeof sz[0]);
     size_t total = 0;
-    for (int i = 0; i < 22; i++) total += (sz[i] + 63) & ~(size_t)63;
+    for (int i = 0; i < n; i++) total += (sz[i] + 63) & ~(size_t)63;
     char *p = aligned_alloc(64, total + 64);
     if (!p) return ST_ENOMEM;
     s->mem = p;
-    s->a = carve(&p, sz[0]); s->q = carve(&p, sz[1]); s->k = carve(&p, sz[2]); s->v = carve(&p, sz[3]);
-    s->att = carve(&p, sz[4]); s->rl = carve(&p, sz[5]); s->rw = carve(&p, sz[6]); s->mf = carve(&p, sz[7]);
-    s->Z = carve(&p, sz[8]); s->scores = carve(&p, sz[9]); s->cs = carve(&p, sz[10]);
-    s->aq = carve(&p, sz[11]); s->hq = carve(&p, sz[12]); s->attq = carve(&p, sz[13]); s->mq = carve(&p, sz[14]);
-    s->Zq = carve(&p, sz[15]); s->rid = carve(&p, sz[16]); s->order = carve(&p, sz[17]); s->offs = carve(&p, sz[18]);
+    for (int i = 0; i < n; i++) {
+        *dst[i] = p;
+        p += (sz[i] + 63) & ~(size_t)63;
+    }
     return ST_OK;
 }
 
@@ -695,26 +643,27 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     scratch *s = &f->s;
     const int64_t T = f->T, H = m->hidden, nH = m->n_heads, nKV = m->n_kv, hd = m->head_dim;
     const int64_t qw = nH * hd, kw = nKV * hd, E = m->n_experts, k = m->top_k;
+    const int need_a = act_need(L->wq.fmt) | act_need(L->wk.fmt) | act_need(L->wv.fmt), need_h = act_need(L->router.fmt);
+    const int need_m = act_need(L->gate.fmt) | act_need(L->up.fmt);
     float *h = f->h;
     int64_t lo, hi;
 
     /* Barriers are what a busy machine makes expensive (a waiting thread needs its partner scheduled),
-     * so each stage does as much as it can without one: 8 per layer. */
-    /* 1. attn norm; q8 copies of its output and of the raw input (the router's), token by token */
+     * so each stage does as much as it can without one: 8 per layer (+1 for large Q8_K copies). */
+    /* 1. attn norm; quantised copies of its output and of the raw input (the router's), token by token */
     split(T, ith, nth, 1, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
         rms_row(h + t * H, L->attn_norm, H, m->eps, s->a + t * H);
-        if (H % QK == 0) {
-            K->quantize_q8(H, s->a + t * H, s->aq + t * (H / QK));
-            K->quantize_q8(H, h + t * H, s->hq + t * (H / QK));
-        }
+        quantize_row(s->a + t * H, H, need_a, s->aq + t * (H / QK), s->aK + t * (H / QKK));
+        quantize_row(h + t * H, H, need_h, s->hq + t * (H / QK), s->hK + t * (H / QKK));
     }
     barrier(f->pool, nth);
     /* 2. q, k, v and router logits */
-    mm(ith, nth, &L->wq, s->a, s->aq, T, s->q, qw, 0);
-    mm(ith, nth, &L->wk, s->a, s->aq, T, s->k, kw, 0);
-    mm(ith, nth, &L->wv, s->a, s->aq, T, s->v, kw, 0);
-    mm(ith, nth, &L->router, h, s->hq, T, s->rl, E, 0);
+    const st_act xa = {s->a, s->aq, s->aK}, xh = {h, s->hq, s->hK};
+    mm(ith, nth, &L->wq, &xa, T, s->q, qw, 0);
+    mm(ith, nth, &L->wk, &xa, T, s->k, kw, 0);
+    mm(ith, nth, &L->wv, &xa, T, s->v, kw, 0);
+    mm(ith, nth, &L->router, &xh, T, s->rl, E, 0);
     barrier(f->pool, nth);
     /* 3. rope, routing */
     if (L->use_rope) {
@@ -732,31 +681,33 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     jctx c = {.pool = f->pool, .m = m, .T = T, .pos = f->pos, .nH = nH, .nKV = nKV, .hd = hd, .window = L->window,
               .q = s->q, .k = s->k, .v = s->v, .kv = &f->caches[li - f->layer0], .att = s->att, .scores = s->scores,
               .smax = f->smax, .gate = &L->gate, .up = &L->up, .down = &L->down, .E = E, .topk = k, .F = m->ffn,
-              .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .ids = s->rid, .w = s->rw, .order = s->order,
-              .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .out = h};
-    if (hd % QK == 0) c.attq = s->attq;   /* each head's output is quantised where it is computed */
+              .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .mK = s->mK, .ids = s->rid, .w = s->rw,
+              .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .ZK = s->ZK, .ZKp = s->priv, .out = h};
+    const int wo_act = fmt_act(L->wo.fmt);
+    if (hd % QK == 0 && wo_act == ACT_Q8) c.attq = s->attq;   /* each head's output is quantised where it is computed */
     attention_stage(&c, ith, nth);
     barrier(f->pool, nth);
-    if (hd % QK) {
-        quantize_rows(ith, nth, s->att, T, qw, s->attq);
+    st_act xo = {s->att, s->attq, NULL};
+    if (wo_act == ACT_Q8 && hd % QK) {
+        quantize_rows(ith, nth, s->att, T, qw, 1 << ACT_Q8, s->attq, NULL);
         barrier(f->pool, nth);
+    } else if (wo_act == ACT_Q8K) {
+        xo.k = q8K_for_all(f->pool, ith, nth, s->att, T, qw, s->attK, s->priv);
     }
     /* 5. h += attn @ Wo; meanwhile thread 0 appends k/v (nothing reads the cache now) and groups the
      * token-expert pairs by expert */
     if (ith == 0) { kv_append(&c); group_pairs(&c); }
-    mm(ith, nth, &L->wo, s->att, s->attq, T, h, H, 1);
+    mm(ith, nth, &L->wo, &xo, T, h, H, 1);
     barrier(f->pool, nth);
-    /* 6. ffn norm and its q8 copy */
+    /* 6. ffn norm and its quantised copies */
     split(T, ith, nth, 1, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
         rms_row(h + t * H, L->ffn_norm, H, m->eps, s->mf + t * H);
-        if (H % QK == 0) K->quantize_q8(H, s->mf + t * H, s->mq + t * (H / QK));
+        quantize_row(s->mf + t * H, H, need_m, s->mq + t * (H / QK), s->mK + t * (H / QKK));
     }
     barrier(f->pool, nth);
     /* 8-9. experts: fused sparse gate/up, then down accumulated into h */
-    gate_up_stage(&c, ith, nth);
-    barrier(f->pool, nth);
-    down_stage(&c, ith, nth);
+    experts_stage(&c, ith, nth);
     barrier(f->pool, nth);
 }
 
@@ -768,7 +719,7 @@ static void forward_job(void *arg, int ith, int nth) {
     if (f->ids) {   /* embedding rows */
         split(T, ith, nth, 1, &lo, &hi);
         for (int64_t t = lo; t < hi; t++)
-            dequant_row(m->embed.fmt, (const uint8_t *)m->embed.data + f->ids[t] * m->embed.row_bytes, H, f->h + t * H);
+            st_dequant_row(m->embed.fmt, (const uint8_t *)m->embed.data + f->ids[t] * m->embed.row_bytes, H, f->h + t * H);
     }
     if (ith == 0) rope_table(f->pos, T, m->head_dim, m->rope_theta, f->s.cs);
     barrier(f->pool, nth);
@@ -779,12 +730,14 @@ static void forward_job(void *arg, int ith, int nth) {
     split(n, ith, nth, 1, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) rms_row(f->h + (t0 + t) * H, m->norm, H, m->eps, f->s.a + t * H);
     barrier(f->pool, nth);
-    quantize_rows(ith, nth, f->s.a, n, H, f->s.aq);
+    quantize_rows(ith, nth, f->s.a, n, H, act_need(m->head.fmt), f->s.aq, f->s.aK);
     barrier(f->pool, nth);
-    mm(ith, nth, &m->head, f->s.a, f->s.aq, n, f->logits, m->vocab, 0);
+    const st_act xa = {f->s.a, f->s.aq, f->s.aK};
+    mm(ith, nth, &m->head, &xa, n, f->logits, m->vocab, 0);
 }
 
-/* io: the embedding, final norm and head are used too (a whole forward, not layers alone) */
+/* io: the embedding, final norm and head are used too (a whole forward, not layers alone). A weight's
+ * row size check (mat_ok) also guarantees its activations quantise in whole blocks. */
 static int model_ok(const st_model *m, int io) {
     if (!m || !m->layers || m->n_layers <= 0 || m->hidden <= 0 || m->n_heads <= 0 || m->n_kv <= 0 ||
         m->head_dim <= 0 || m->head_dim % 2 || m->n_heads % m->n_kv || m->n_experts <= 0 || m->top_k <= 0 ||
@@ -800,10 +753,6 @@ static int model_ok(const st_model *m, int io) {
             !mat_ok(&L->router, m->n_experts, H) || !L->attn_norm || !L->ffn_norm || L->window < 0 ||
             !experts_ok(&L->gate, m->n_experts, m->ffn, H) || !experts_ok(&L->up, m->n_experts, m->ffn, H) ||
             !experts_ok(&L->down, m->n_experts, H, m->ffn) || fmt_x8(L->gate.fmt) != fmt_x8(L->up.fmt))
-            return 0;
-        /* quantised weights read q8 activations, which need whole blocks */
-        if ((H % QK && (fmt_quantised(L->wq.fmt) || fmt_quantised(L->gate.fmt))) || (qw % QK && fmt_quantised(L->wo.fmt)) ||
-            (m->ffn % QK && fmt_quantised(L->down.fmt)))
             return 0;
     }
     return 1;
@@ -859,22 +808,28 @@ int st_get_rows(const st_mat *tb, const int64_t *ids, int64_t T, float *out) {
     if (!tb || !ids || !out || T <= 0 || !mat_ok(tb, tb->rows, tb->cols) || fmt_x8(tb->fmt)) return ST_EARG;
     for (int64_t t = 0; t < T; t++) if (ids[t] < 0 || ids[t] >= tb->rows) return ST_EIDS;
     for (int64_t t = 0; t < T; t++)
-        dequant_row(tb->fmt, (const uint8_t *)tb->data + ids[t] * tb->row_bytes, tb->cols, out + t * tb->cols);
+        st_dequant_row(tb->fmt, (const uint8_t *)tb->data + ids[t] * tb->row_bytes, tb->cols, out + t * tb->cols);
     return ST_OK;
 }
 
-typedef struct { st_pool *pool; const st_mat *w; const float *x; int64_t T; float *y; block_q8 *xq; } lin_ctx;
+typedef struct { st_pool *pool; const st_mat *w; const float *x; int64_t T; float *y; block_q8 *xq; block_q8K *xk; } lin_ctx;
 static void linear_job(void *arg, int ith, int nth) {
     lin_ctx *c = arg;
-    if (c->xq) { quantize_rows(ith, nth, c->x, c->T, c->w->cols, c->xq); barrier(c->pool, nth); }
-    mm(ith, nth, c->w, c->x, c->xq, c->T, c->y, c->w->rows, 0);
+    if (c->xq || c->xk) {
+        quantize_rows(ith, nth, c->x, c->T, c->w->cols, act_need(c->w->fmt), c->xq, c->xk);
+        barrier(c->pool, nth);
+    }
+    const st_act xa = {c->x, c->xq, c->xk};
+    mm(ith, nth, c->w, &xa, c->T, c->y, c->w->rows, 0);
 }
 int st_linear(st_pool *pool, const st_mat *w, const float *x, int64_t T, float *y) {
     if (!w || !x || !y || T <= 0 || !mat_ok(w, w->rows, w->cols)) return ST_EARG;
-    lin_ctx c = {pool, w, x, T, y, NULL};
-    if (fmt_quantised(w->fmt) && !(c.xq = malloc((size_t)(T * (w->cols / QK)) * sizeof(block_q8)))) return ST_ENOMEM;
+    lin_ctx c = {pool, w, x, T, y, NULL, NULL};
+    if (fmt_act(w->fmt) == ACT_Q8 && !(c.xq = malloc((size_t)(T * (w->cols / QK)) * sizeof(block_q8)))) return ST_ENOMEM;
+    if (fmt_act(w->fmt) == ACT_Q8K && !(c.xk = malloc((size_t)(T * (w->cols / QKK)) * sizeof(block_q8K)))) return ST_ENOMEM;
     pool_run(pool, linear_job, &c);
     free(c.xq);
+    free(c.xk);
     return ST_OK;
 }
 
@@ -933,12 +888,10 @@ int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int
 
 static void moe_job(void *arg, int ith, int nth) {
     jctx *c = arg;
-    quantize_rows(ith, nth, c->mf, c->T, c->H, c->mq);
+    quantize_rows(ith, nth, c->mf, c->T, c->H, act_need(c->gate->fmt) | act_need(c->up->fmt), c->mq, c->mK);
     if (ith == 0) group_pairs(c);
     barrier(c->pool, nth);
-    gate_up_stage(c, ith, nth);
-    barrier(c->pool, nth);
-    down_stage(c, ith, nth);
+    experts_stage(c, ith, nth);
 }
 int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st_experts *down, const float *x,
            int64_t T, int64_t k, const int64_t *ids, const float *weights, int32_t sparse, float *out) {
@@ -947,23 +900,25 @@ int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st
     if (!experts_ok(gate, E, F, H) || !experts_ok(up, E, F, H) || !experts_ok(down, E, H, F) ||
         fmt_x8(gate->fmt) != fmt_x8(up->fmt))
         return ST_EARG;
-    if ((H % QK && (fmt_quantised(gate->fmt) || fmt_quantised(up->fmt))) || (F % QK && fmt_quantised(down->fmt)))
-        return ST_EARG;
     for (int64_t p = 0; p < T * k; p++) if (ids[p] < 0 || ids[p] >= E) return ST_EIDS;
     const int64_t P = T * k;
+    const int nth = pool ? pool->n : 1;
     jctx c = {.pool = pool, .T = T, .gate = gate, .up = up, .down = down, .E = E, .topk = k, .F = F, .H = H,
               .sparse = sparse, .mf = x, .ids = ids, .w = weights, .out = out};
     c.mq = malloc((size_t)(T * (H / QK + 1)) * sizeof(block_q8));
+    c.mK = malloc((size_t)(T * (H / QKK + 1)) * sizeof(block_q8K));
     c.order = malloc((size_t)P * 8);
     c.offs = malloc((size_t)(2 * E + 2) * 8);
     c.Z = malloc((size_t)(P * F) * 4);
     c.Zq = malloc((size_t)(P * (F / QK + 1)) * sizeof(block_q8));
+    c.ZK = malloc((size_t)(P * (F / QKK + 1)) * sizeof(block_q8K));
+    c.ZKp = malloc((size_t)nth * (ST_PRIVATE_Q8K / QKK) * sizeof(block_q8K));
     int rc = ST_ENOMEM;
-    if (c.mq && c.order && c.offs && c.Z && c.Zq) {
+    if (c.mq && c.mK && c.order && c.offs && c.Z && c.Zq && c.ZK && c.ZKp) {
         memset(out, 0, (size_t)(T * H) * 4);
         pool_run(pool, moe_job, &c);
         rc = ST_OK;
     }
-    free(c.mq); free(c.order); free(c.offs); free(c.Z); free(c.Zq);
+    free(c.mq); free(c.mK); free(c.order); free(c.offs); free(c.Z); free(c.Zq); free(c.ZK); free(c.ZKp);
     return rc;
 }

@@ -8,10 +8,17 @@
 #define ST_KERNELS_H
 #include <stdint.h>
 
-/* Q4_0X8 / Q8_0X8: the same blocks repacked 8 rows at a time (per block: the 8 rows' f16 scales, then
- * their quants 4 bytes per row at a time) so one vector instruction works on 8 rows; row_bytes then
- * counts the bytes of one group of 8 rows. */
-enum { ST_F32 = 0, ST_F16 = 1, ST_BF16 = 2, ST_Q8_0 = 3, ST_Q4_0 = 4, ST_Q8_0X8 = 5, ST_Q4_0X8 = 6 };
+/* Stored formats: ggml's block layouts (blocks of 32 for Q8_0..IQ4_NL, super-blocks of 256 for the
+ * k-quants and IQ4_XS). The *X8 codes are the same blocks repacked 8 rows at a time so one vector
+ * instruction works on 8 rows (csrc/st_formats.c documents each layout); row_bytes then counts the
+ * bytes of one group of 8 rows. */
+enum {
+    ST_F32 = 0, ST_F16 = 1, ST_BF16 = 2, ST_Q8_0 = 3, ST_Q4_0 = 4, ST_Q8_0X8 = 5, ST_Q4_0X8 = 6,
+    ST_Q4_1 = 7, ST_Q5_0 = 8, ST_Q5_1 = 9, ST_IQ4_NL = 10,
+    ST_Q2_K = 11, ST_Q3_K = 12, ST_Q4_K = 13, ST_Q5_K = 14, ST_Q6_K = 15, ST_IQ4_XS = 16,
+    ST_Q2_KX8 = 17, ST_Q3_KX8 = 18, ST_Q4_KX8 = 19, ST_Q5_KX8 = 20, ST_Q6_KX8 = 21, ST_IQ4_XSX8 = 22,
+    ST_NFMT = 23
+};
 enum { ST_GENERIC = 0, ST_AVX2 = 1, ST_AVX512 = 2, ST_NEON = 3 };
 enum { ST_OK = 0, ST_EARG = -1, ST_ENOMEM = -2, ST_ECACHE = -3, ST_EIDS = -4, ST_EVARIANT = -5 };
 
@@ -52,9 +59,20 @@ st_pool *st_pool_new(int n_threads);
 void st_pool_free(st_pool *pool);
 int st_pool_threads(const st_pool *pool);
 
-/* repack a Q4_0 / Q8_0 matrix [rows, cols] (rows % 8 == 0) into `dst` of st_repacked_bytes() bytes */
+/* bytes of one row of `cols` values in `fmt` (of one group of 8 rows for the *X8 codes); -1 if cols
+ * is not a whole number of blocks or fmt is unknown */
+int64_t st_row_bytes(int32_t fmt, int64_t cols);
+/* the repacked code of a format (ST_Q4_K -> ST_Q4_KX8), or -1 if it has none */
+int32_t st_repacked_format(int32_t fmt);
+/* repack a [rows, cols] matrix (rows % 8 == 0) into `dst` of st_repacked_bytes() bytes */
 int64_t st_repacked_bytes(int32_t fmt, int64_t rows, int64_t cols);
 int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst);
+/* float32 rows -> Q2_K..Q6_K blocks with ggml's reference rounding (no importance matrix) */
+int st_quantize_rows(int32_t fmt, const float *x, int64_t rows, int64_t cols, void *dst);
+/* activations as the kernels quantise them: Q8_0-style blocks of 32 ({float d, s; int8 qs[32]}, 40
+ * bytes, s = d * sum(qs)) or Q8_K blocks of 256 ({float d; int8 qs[256]; int16 bsums[16]}, 292 bytes) */
+int st_quantize_act(int32_t fmt, const float *x, int64_t cols, void *dst);
+
 int st_get_rows(const st_mat *table, const int64_t *ids, int64_t T, float *out);
 int st_linear(st_pool *pool, const st_mat *w, const float *x, int64_t T, float *y);
 int st_rms_norm(st_pool *pool, const float *x, const float *w, int64_t T, int64_t H, float eps, float *out);

@@ -1,9 +1,14 @@
-/* The hot row kernels, written once and compiled once per instruction set: st_kernels.c includes this
- * file inside a `#pragma GCC target(...)` region with ST_SUFFIX set (generic, avx2, avx512), so one
- * build carries every variant and the dispatcher picks one at run time (never -march=native).
+/* The hot row kernels, written once and compiled once per instruction set: st_variants.c includes
+ * this file inside a `#pragma GCC target(...)` region with ST_SUFFIX set (generic, avx2, avx512), so
+ * one build carries every variant and the dispatcher picks one at run time (never -march=native).
  *
- * Activations for quantised weights are blocks of 32 int8 with a float scale (block_q8); the integer
- * dot products use VNNI (dpbusd) on AVX-512, maddubs on AVX2, plain int loops on generic.
+ * This file: float formats, Q8_0 and Q4_0 (and their 8-row repacked forms). st_kquant_impl.h: the
+ * other block formats in the file layout; st_repack_impl.h: their repacked forms. The table at the end
+ * collects them all.
+ *
+ * Activations for quantised weights are blocks of 32 int8 with a float scale (block_q8) or ggml's
+ * Q8_K blocks of 256 (block_q8K); the integer dot products use VNNI (dpbusd) on AVX-512, maddubs on
+ * AVX2, plain int loops on generic.
  */
 #define ST_CAT_(a, b) a##_##b
 #define ST_CAT(a, b) ST_CAT_(a, b)
@@ -302,8 +307,9 @@ static void FN(dot8_q8_0x8)(int64_t K, const void *gv, const void *xv, float *ou
 
 /* one repacked group of 8 rows against 4 activation rows (prefill, or several token-expert pairs):
  * each weight chunk is unpacked once and used for 4 tokens. out[t * 8 + j] = row j . x[t] */
-static void FN(gemm4_q4_0x8)(int64_t K, const void *gv, const block_q8 *const *x, float *out) {
+static void FN(gemm4_q4_0x8)(int64_t K, const void *gv, const void *const *xv, float *out) {
     const uint8_t *g = (const uint8_t *)gv;
+    const block_q8 *const *x = (const block_q8 *const *)xv;
     const int64_t nb = K / QK;
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -346,16 +352,35 @@ static void FN(gemm4_q4_0x8)(int64_t K, const void *gv, const block_q8 *const *x
 #endif
 }
 
-static void FN(gemm4_q8_0x8)(int64_t K, const void *gv, const block_q8 *const *x, float *out) {
+static void FN(gemm4_q8_0x8)(int64_t K, const void *gv, const void *const *x, float *out) {
     for (int t = 0; t < 4; t++) FN(dot8_q8_0x8)(K, gv, x[t], out + 8 * t);
 }
 
-static const st_kern FN(kern) = {
-    {FN(dot_f32), FN(dot_f16), FN(dot_bf16), FN(dot_q8_0), FN(dot_q4_0)},
-    {FN(dot4_f32), FN(dot4_f16), FN(dot4_bf16), FN(dot4_q8_0), FN(dot4_q4_0)},
-    {NULL, NULL, NULL, NULL, NULL, FN(dot8_q8_0x8), FN(dot8_q4_0x8)},
-    {NULL, NULL, NULL, NULL, NULL, FN(gemm4_q8_0x8), FN(gemm4_q4_0x8)},
-    FN(quantize_q8),
+#include "st_kquant_impl.h"
+#include "st_repack_impl.h"
+
+const st_kern FN(kern) = {
+    .dot = {[ST_F32] = FN(dot_f32), [ST_F16] = FN(dot_f16), [ST_BF16] = FN(dot_bf16), [ST_Q8_0] = FN(dot_q8_0),
+            [ST_Q4_0] = FN(dot_q4_0), [ST_Q4_1] = FN(dot_q4_1), [ST_Q5_0] = FN(dot_q5_0), [ST_Q5_1] = FN(dot_q5_1),
+            [ST_IQ4_NL] = FN(dot_iq4_nl), [ST_Q2_K] = FN(dot_q2_k), [ST_Q3_K] = FN(dot_q3_k), [ST_Q4_K] = FN(dot_q4_k),
+            [ST_Q5_K] = FN(dot_q5_k), [ST_Q6_K] = FN(dot_q6_k), [ST_IQ4_XS] = FN(dot_iq4_xs)},
+    .dot4 = {[ST_F32] = FN(dot4_f32), [ST_F16] = FN(dot4_f16), [ST_BF16] = FN(dot4_bf16), [ST_Q8_0] = FN(dot4_q8_0),
+             [ST_Q4_0] = FN(dot4_q4_0), [ST_Q4_1] = FN(dot4_q4_1), [ST_Q5_0] = FN(dot4_q5_0), [ST_Q5_1] = FN(dot4_q5_1),
+             [ST_IQ4_NL] = FN(dot4_iq4_nl), [ST_Q2_K] = FN(dot4_q2_k), [ST_Q3_K] = FN(dot4_q3_k),
+             [ST_Q4_K] = FN(dot4_q4_k), [ST_Q5_K] = FN(dot4_q5_k), [ST_Q6_K] = FN(dot4_q6_k),
+             [ST_IQ4_XS] = FN(dot4_iq4_xs)},
+    .dotx4 = {[ST_Q8_0] = FN(dotx4_q8_0), [ST_Q4_0] = FN(dotx4_q4_0), [ST_Q4_1] = FN(dotx4_q4_1),
+              [ST_Q5_0] = FN(dotx4_q5_0), [ST_Q5_1] = FN(dotx4_q5_1), [ST_IQ4_NL] = FN(dotx4_iq4_nl),
+              [ST_Q2_K] = FN(dotx4_q2_k), [ST_Q3_K] = FN(dotx4_q3_k), [ST_Q4_K] = FN(dotx4_q4_k),
+              [ST_Q5_K] = FN(dotx4_q5_k), [ST_Q6_K] = FN(dotx4_q6_k), [ST_IQ4_XS] = FN(dotx4_iq4_xs)},
+    .dot8 = {[ST_Q8_0X8] = FN(dot8_q8_0x8), [ST_Q4_0X8] = FN(dot8_q4_0x8), [ST_Q2_KX8] = FN(dot8_q2_kx8),
+             [ST_Q3_KX8] = FN(dot8_q3_kx8), [ST_Q4_KX8] = FN(dot8_q4_kx8), [ST_Q5_KX8] = FN(dot8_q5_kx8),
+             [ST_Q6_KX8] = FN(dot8_q6_kx8), [ST_IQ4_XSX8] = FN(dot8_iq4_xsx8)},
+    .gemm4 = {[ST_Q8_0X8] = FN(gemm4_q8_0x8), [ST_Q4_0X8] = FN(gemm4_q4_0x8), [ST_Q2_KX8] = FN(gemm4_q2_kx8),
+              [ST_Q3_KX8] = FN(gemm4_q3_kx8), [ST_Q4_KX8] = FN(gemm4_q4_kx8), [ST_Q5_KX8] = FN(gemm4_q5_kx8),
+              [ST_Q6_KX8] = FN(gemm4_q6_kx8), [ST_IQ4_XSX8] = FN(gemm4_iq4_xsx8)},
+    .quantize_q8 = FN(quantize_q8),
+    .quantize_q8K = FN(quantize_q8K),
 };
 
 #undef FN

@@ -33,8 +33,7 @@ GENERATE_SYNONYMS = {
     "n_tokens": "max_new_tokens", "new_tokens": "max_new_tokens", "max_new": "max_new_tokens",
     "stop_sequences": "stop", "stop_words": "stop", "stop_strings": "stop", "eos": "stop",
     "random_seed": "seed", "rng_seed": "seed",
-    "repeat_penalty": "repetition_penalty", "frequency_penalty": "repetition_penalty",
-    "presence_penalty": "repetition_penalty",
+    "repeat_penalty": "repetition_penalty", "repetition": "repetition_penalty",
     "temp": "temperature", "topk": "top_k", "topp": "top_p", "minp": "min_p",
     "streaming": "stream", "return_logprobs": "logprobs", "top_logprobs": "logprobs",
     "stop_event": "cancel", "cancel_event": "cancel",
@@ -129,8 +128,6 @@ def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: d
     flag(tune, "tune")
     if "prefetch" in extra:
         flag(extra["prefetch"], "prefetch")
-    if "context" in extra:
-        positive_int(extra["context"], "context")
     if extra.get("max_memory") is not None:
         from .sizes import parse_size
 
@@ -138,12 +135,6 @@ def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: d
     if quantize is not None and not isinstance(quantize, str):
         raise InputError(f"quantize: expected a weight format name such as 'q8_0', got {quantize!r}")
     return path, backend_spec(backend, n_threads, dtype), dtype, n_threads, extra
-
-
-def check_context(context: int | None, config) -> None:
-    if context is not None and context > config.max_position_embeddings:
-        raise InputError(f"context: {context} tokens exceed the model's context length "
-                         f"max_position_embeddings={config.max_position_embeddings}")
 
 
 def token_ids(ids: Any, name: str = "ids") -> np.ndarray:

@@ -9,6 +9,22 @@ hd head dim, E experts, F expert width, k active experts. Activations are the ba
 (float32 unless the backend documents a compute dtype); `to_numpy`/`from_numpy` cross the boundary.
 Weights arrive as `Param`: `param.raw` is the stored `WeightTensor` (any format), `param.value` is
 what this backend's `prepare` made of it, once, at load.
+
+The op set (contract; the NumPy reference in backends/numpy/ops.py is the exact semantics):
+    context(config, positions) -> ctx   what every layer of one step shares (`StepContext`)
+    embed(table, ids) -> [T, H]         ids: int64 NumPy [T]
+    rms_norm(x, weight, eps) -> like x
+    linear(x, weight) -> [T, N]         weight [N, K], any stored format
+    qkv(x, wq, wk, wv) -> q [T, nH*hd], k, v [T, nKV*hd]   (default: three `linear`s)
+    rope(q, k, ctx) -> (q, k)           q [T, nH, hd], k [T, nKV, hd] rotated to ctx's positions
+    new_cache(config, capacity) -> cache with `.layers`, one per layer
+    attention(q, k, v, layer_cache, ctx, window) -> (out [T, nH*hd], layer_cache)
+                                        appends k, v to the layer's cache and returns it (a backend
+                                        whose arrays are immutable returns the updated one)
+    route(x, router, k, softmax) -> (weights [T, k], ids [T, k])
+    moe(x, gate, up, down, ids, weights) -> [T, H]
+and the optional fused ops `layer(config, i, layer_params, h, ctx, layer_cache) -> (h, layer_cache)`
+and `forward(config, params, ids, positions, cache, last_only) -> logits`.
 """
 from __future__ import annotations
 
@@ -20,11 +36,34 @@ import numpy as np
 from .errors import BackendError
 from .weights.tensor import WeightTensor
 
-#: ops every graph step uses, in forward order
+#: ops every graph step uses, in forward order; one a backend lacks runs on the NumPy reference
 CORE_OPS = ("embed", "rms_norm", "linear", "rope", "new_cache", "attention", "route", "moe")
+#: ops with a default made of the backend's own (never a fallback): the step context and q/k/v
+STEP_OPS = ("context", "qkv")
 #: optional fused ops: a backend that provides them replaces a whole layer or a whole step
 FUSED_OPS = ("layer", "forward")
-OPS = CORE_OPS + FUSED_OPS
+OPS = CORE_OPS + STEP_OPS + FUSED_OPS
+
+
+class StepContext:
+    """What every layer of one step shares (contract): made once per step by the `context` op and
+    entered for the step (`with ops.context(config, positions) as ctx:`).
+
+    `positions` are the step's absolute positions (int64 NumPy [T], host memory) and `theta` RoPE's
+    base. A backend subclasses it to carry more (its positions on the device, RoPE tables, a padding
+    mask) and to set up and tear down a step in `__enter__`/`__exit__`."""
+
+    __slots__ = ("positions", "theta")
+
+    def __init__(self, positions, theta: float):
+        self.positions = positions
+        self.theta = theta
+
+    def __enter__(self) -> "StepContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class Param:
@@ -42,6 +81,23 @@ class Param:
 
     def __repr__(self) -> str:
         return f"Param({self.raw.name}, {self.raw.fmt}{list(self.raw.shape)})"
+
+
+#: the role of each weight, as `Backend.prepare(param, role)` receives it
+NORM_ROLES = ("attn_norm", "ffn_norm", "norm")
+MATRIX_ROLES = ("embed", "head", "wq", "wk", "wv", "wo", "router")
+EXPERT_ROLES = ("gate", "up", "down")
+#: kept float32 whatever a backend computes in: cheap, and the router's precision decides the top-k
+FLOAT32_ROLES = NORM_ROLES + ("router",)
+#: the compute dtypes a backend may offer, and the short names users also write
+COMPUTE_DTYPES = ("float32", "bfloat16")
+DTYPE_ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
+
+
+def is_offloaded(param: Param) -> bool:
+    """True for experts that a memory budget leaves in the file (read through st_sdk.offload's cache,
+    never prepared by a backend)."""
+    return bool(getattr(param.raw, "offloaded", False))
 
 
 @dataclass
@@ -79,8 +135,9 @@ class ModelParams:
 class Backend:
     """Base class of a compute backend (contract).
 
-    Subclasses set `name` and `version`, implement `is_available`, and override any of the ops below.
-    The NumPy reference backend implements all of them and documents their exact semantics.
+    Subclasses set `name` and `version`, do their one-time work in `setup` (or list `requires`), and
+    override any of the ops below. The NumPy reference backend implements all of them and documents
+    their exact semantics.
     """
 
     name: str = ""
@@ -89,8 +146,16 @@ class Backend:
     requires: tuple[str, ...] = ()
     #: how to get the missing dependencies, appended to the reason ('pip install -e ".[torch]"')
     install_hint: str = ""
-    #: formats whose `linear`/`moe` this backend computes natively (others fall back or get converted)
+    #: stored weight formats whose ops this backend runs as stored (contract; names: st_sdk.weights.tensor.FORMATS)
     formats: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0")
+    #: stored formats it converts at load into one it runs (dequantised or repacked: the selection report
+    #: says so). A file holding a type in neither list is refused at load, naming the tensor (contract).
+    converts: tuple[str, ...] = ()
+
+    #: why `is_available()` is False (the missing dependency, the failed build...), else None
+    unavailable: str | None = None
+    #: `setup()` has run and succeeded
+    ready: bool = False
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         self.n_threads = n_threads
@@ -98,23 +163,48 @@ class Backend:
 
     # ---- control plane -------------------------------------------------------------------
     def is_available(self) -> bool:
-        """True when the backend's dependencies import here. Import them lazily, in this method.
-
-        The default imports each module of `requires` and remembers the first failure."""
+        """True when the backend can run here: every module of `requires` imports and `setup()`
+        succeeds. Runs them once (later calls answer from memory); on failure `unavailable` says why."""
+        if self.ready:
+            return True
+        if self.unavailable is not None:
+            return False
         import importlib
 
+        hint = f"; install it with `{self.install_hint}`" if self.install_hint else ""
         for mod in self.requires:
             try:
                 importlib.import_module(mod)
             except Exception as e:
-                hint = f"; install it with `{self.install_hint}`" if self.install_hint else ""
-                self._unavailable = f"missing dependency {mod!r} ({type(e).__name__}: {e}){hint}"
+                self.unavailable = f"missing dependency {mod!r} ({type(e).__name__}: {e}){hint}"
                 return False
+        try:
+            self.setup()
+        except ImportError as e:
+            self.unavailable = f"missing dependency ({type(e).__name__}: {e}){hint}"
+            return False
+        except Exception as e:   # a broken install (a CUDA driver, a failed build) must not break selection
+            self.unavailable = str(e) if isinstance(e, BackendError) else \
+                f"{self.name} failed to set up: {type(e).__name__}: {e}"
+            return False
+        self.ready = True
         return True
+
+    def setup(self) -> None:
+        """Get ready to run, once: import heavy libraries, pick the device, the dtype, the kernels.
+        Called by `is_available()` (selection probes every candidate; `bind_ops` checks it), never
+        by an op. Raise to make the backend unavailable: an ImportError or BackendError message is
+        the reason shown. The default does nothing."""
+
+    def check_available(self) -> None:
+        """BackendError unless `is_available()`: what the control plane calls before using a backend."""
+        if not self.is_available():
+            raise BackendError(f"backend '{self.name}' is unavailable: "
+                               f"{self.unavailable_reason() or 'is_available() returned False'}")
 
     def unavailable_reason(self) -> str | None:
         """Why `is_available()` is False (the missing dependency, the failed build...)."""
-        return getattr(self, "_unavailable", None)
+        return self.unavailable
 
     def score(self, hardware: Any, fmt: str) -> float:
         """Static preference on this hardware for weights of `fmt` (higher is better).
@@ -138,11 +228,19 @@ class Backend:
     def prepare_model(self, params: ModelParams, config: Any) -> None:
         """Called once after every param is prepared: build fused/whole-model state in params.extra."""
 
+    def context(self, config: Any, positions) -> StepContext:
+        """The step context of `positions` (default: the positions on the host and RoPE's base)."""
+        return StepContext(np.asarray(positions, dtype=np.int64), float(config.rope_theta))
+
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
 
     def from_numpy(self, x: np.ndarray) -> Any:
         return x
+
+    def runs(self, fmt: str) -> bool:
+        """Whether weights stored as `fmt` can be loaded on this backend (natively or converted)."""
+        return fmt in self.formats or fmt in self.converts
 
     def provides(self) -> list[str]:
         """The ops this class overrides."""
@@ -157,7 +255,9 @@ class OpTable:
     embed: Callable
     rms_norm: Callable
     linear: Callable
+    qkv: Callable
     rope: Callable
+    context: Callable
     new_cache: Callable
     attention: Callable
     route: Callable
@@ -175,7 +275,9 @@ class OpTable:
         return OpTable(**{**self.__dict__, **changes})
 
 
-def _fallback(op: str, ref: Callable, backend: Backend) -> Callable:
+def fallback_op(op: str, ref: Callable, backend: Backend) -> Callable:
+    """`ref` (the reference's op) callable with `backend`'s arrays: inputs go through its `to_numpy`,
+    outputs through its `from_numpy`. What `bind_ops` puts in the table for an op a backend lacks."""
     to_np, from_np = backend.to_numpy, backend.from_numpy
     if op == "new_cache":
         return ref
@@ -194,7 +296,16 @@ def _fallback(op: str, ref: Callable, backend: Backend) -> Callable:
     return call
 
 
+def _qkv_of(linear: Callable) -> Callable:
+    """The `qkv` op of a backend that does not fuse it: three products."""
+    def qkv(x, wq, wk, wv):
+        return linear(x, wq), linear(x, wk), linear(x, wv)
+    return qkv
+
+
 def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTable:
+    """The op table of `backend`: its own ops, the reference's (converted) for those it lacks."""
+    backend.check_available()
     provided = set(backend.provides())
     missing = [op for op in CORE_OPS if op not in provided]
     if "forward" in provided:
@@ -210,9 +321,32 @@ def bind_ops(backend: Backend, reference: Backend, strict: bool = False) -> OpTa
         if op in provided:
             table[op] = getattr(backend, op)
         else:
-            table[op] = _fallback(op, getattr(reference, op), backend)
+            table[op] = fallback_op(op, getattr(reference, op), backend)
+    table["context"] = backend.context
+    table["qkv"] = backend.qkv if "qkv" in provided else _qkv_of(table["linear"])
     for op in FUSED_OPS:
         table[op] = getattr(backend, op) if op in provided else None
     return OpTable(**table, to_numpy=backend.to_numpy, from_numpy=backend.from_numpy,
                    native=sorted(provided), fallbacks=[] if backend is reference else
                    [op for op in CORE_OPS if op not in provided and "forward" not in provided])
+
+
+def prepare_params(backend: Backend, params: ModelParams, config: Any) -> ModelParams:
+    """Each weight through `backend.prepare` once (shared tensors, like a tied head, once), then
+    `backend.prepare_model`."""
+    done: dict[int, Param] = {}
+
+    def prep(p: Param, role: str) -> Param:
+        if is_offloaded(p):
+            return p   # experts under a memory budget are read through the cache, never prepared
+        if id(p) not in done:
+            done[id(p)] = Param(p.raw, backend.prepare(p, role))
+        return done[id(p)]
+
+    embed = prep(params.embed, "embed")
+    prepared = ModelParams(embed=embed, layers=[], norm=prep(params.norm, "norm"),
+                           head=prep(params.head, "head") if params.head is not params.embed else embed)
+    for lp in params.layers:
+        prepared.layers.append(type(lp)(**{f: prep(getattr(lp, f), f) for f in lp.__dataclass_fields__}))
+    backend.prepare_model(prepared, config)
+    return prepared

@@ -11,6 +11,8 @@ from .errors import ConfigError
 
 ARCHITECTURE = "SmallThinkerForCausalLM"
 GGUF_ARCH = "smallthinker"
+#: tokens a session's KV cache starts with, and a memory plan provides for, when nobody says
+DEFAULT_CONTEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class ModelConfig:
     @property
     def gqa_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def default_context(self) -> int:
+        """The context a memory plan provides for when none is given: min(max_position_embeddings,
+        DEFAULT_CONTEXT)."""
+        return min(self.max_position_embeddings, DEFAULT_CONTEXT)
 
     def layer_window(self, i: int) -> int | None:
         """Sliding window of layer i, or None for global attention (also when the window is at least the

@@ -1,8 +1,10 @@
 """The SmallThinker forward pass, written once against the bound op table.
 
-Reads top to bottom like the forward in SMALLTHINKER.md. Every op is a plain callable of the chosen
-backend (or the NumPy reference fallback); nothing here depends on a backend's array type except
-slicing the last row.
+Reads top to bottom like the forward pass in docs/model.md. Every op is a plain callable of the
+chosen backend (or the NumPy reference fallback). The NumPy, torch and jax backends all run this
+code: jax traces it inside its compiled step, with an op table of jax functions. The one exception
+is the C backend's fused step (`csrc/st_kernels.c`), held to this graph by the conformance kit
+(st_sdk.testing: its `layer` and `forward` cases run this file as the reference).
 """
 from __future__ import annotations
 
@@ -10,24 +12,25 @@ from .backend import LayerParams, ModelParams, OpTable
 from .config import ModelConfig
 
 
-def decoder_layer(ops: OpTable, cfg: ModelConfig, i: int, p: LayerParams, h, positions, cache):
+def decoder_layer(ops: OpTable, cfg: ModelConfig, i: int, p: LayerParams, h, ctx, cache):
+    """Layer i on the residual stream h [T, H]; returns (h, the layer's cache after this step)."""
     T = h.shape[0]
     router_in = h                                             # the raw layer input, before any norm
     a = ops.rms_norm(h, p.attn_norm, cfg.rms_norm_eps)
-    q = ops.linear(a, p.wq).reshape(T, cfg.num_attention_heads, cfg.head_dim)
-    k = ops.linear(a, p.wk).reshape(T, cfg.num_key_value_heads, cfg.head_dim)
-    v = ops.linear(a, p.wv).reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+    q, k, v = ops.qkv(a, p.wq, p.wk, p.wv)
+    q = q.reshape(T, cfg.num_attention_heads, cfg.head_dim)
+    k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+    v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
     # the router only needs router_in: picking experts here lets an offloading backend start
     # fetching them while attention runs
     expert_w, expert_ids = ops.route(router_in, p.router, cfg.moe_num_active_primary_experts,
                                      cfg.moe_primary_router_apply_softmax)
     if cfg.layer_uses_rope(i):                                # NoPE layers skip it for q and k
-        q = ops.rope(q, positions, cfg.rope_theta)
-        k = ops.rope(k, positions, cfg.rope_theta)
-    attn = ops.attention(q, k, v, cache, positions, cfg.layer_window(i))
+        q, k = ops.rope(q, k, ctx)
+    attn, cache = ops.attention(q, k, v, cache, ctx, cfg.layer_window(i))
     h = h + ops.linear(attn, p.wo)
     m = ops.rms_norm(h, p.ffn_norm, cfg.rms_norm_eps)
-    return h + ops.moe(m, p.gate, p.up, p.down, expert_ids, expert_w)
+    return h + ops.moe(m, p.gate, p.up, p.down, expert_ids, expert_w), cache
 
 
 def forward(ops: OpTable, cfg: ModelConfig, params: ModelParams, ids, positions, cache,
@@ -38,13 +41,14 @@ def forward(ops: OpTable, cfg: ModelConfig, params: ModelParams, ids, positions,
     """
     if ops.forward is not None:
         return ops.forward(cfg, params, ids, positions, cache, last_only)
-    h = ops.embed(params.embed, ids)
-    for i, layer in enumerate(params.layers):
-        if ops.layer is not None:
-            h = ops.layer(cfg, i, layer, h, positions, cache.layers[i])
-        else:
-            h = decoder_layer(ops, cfg, i, layer, h, positions, cache.layers[i])
-    if last_only:
-        h = h[-1:]
-    h = ops.rms_norm(h, params.norm, cfg.rms_norm_eps)
-    return ops.linear(h, params.head)
+    with ops.context(cfg, positions) as ctx:                 # what every layer of this step shares
+        h = ops.embed(params.embed, ids)
+        for i, p in enumerate(params.layers):
+            if ops.layer is not None:                         # a backend's fused layer
+                h, cache.layers[i] = ops.layer(cfg, i, p, h, ctx, cache.layers[i])
+            else:
+                h, cache.layers[i] = decoder_layer(ops, cfg, i, p, h, ctx, cache.layers[i])
+        if last_only:
+            h = h[-1:]
+        h = ops.rms_norm(h, params.norm, cfg.rms_norm_eps)
+        return ops.linear(h, params.head)

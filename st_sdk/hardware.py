@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import platform
 import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+
+from .errors import InputError
+
+log = logging.getLogger("st_sdk")
+
+#: the environment variable that sets the thread count when no argument does
+THREADS_ENV = "ST_NUM_THREADS"
 
 #: feature flags worth reporting and keying caches on (x86 names as in /proc/cpuinfo; Arm as below)
 KNOWN_FEATURES = (
@@ -230,3 +238,24 @@ def probe_gpus(hw: HardwareInfo | None = None, import_frameworks: bool = False) 
             if not any(g.kind == o.kind and g.name == o.name for o in gpus):
                 gpus.append(g)
     return dataclasses.replace(hw, gpus=gpus, gpus_probed=tuple(asked))
+
+
+def resolve_threads(n: int | None = None, what: str = "n_threads") -> int:
+    """The number of threads to compute with, st-sdk's one policy: `n`, else ST_NUM_THREADS, else the
+    physical cores this process may use (hyper-threads slow memory-bound decode down). A request
+    above that is clamped to it with a warning; one below 1 is an InputError naming `what`."""
+    cores = probe().physical_cores
+    if n is None and os.environ.get(THREADS_ENV, "").strip():
+        env, what = os.environ[THREADS_ENV].strip(), THREADS_ENV
+        try:
+            n = int(env)
+        except ValueError:
+            raise InputError(f"{THREADS_ENV}={env!r} is not an integer") from None
+    if n is None:
+        return cores
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise InputError(f"{what} must be an integer >= 1, got {n!r}")
+    if n > cores:
+        log.warning("%s=%d is more than the %d cores this process may use; using %d", what, n, cores, cores)
+        return cores
+    return int(n)

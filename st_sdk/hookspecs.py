@@ -17,7 +17,7 @@ def st_sdk_backends():
     first enumerated (the first `st_sdk.load`, `st-sdk backends`, ...), one plugin at a time: a plugin
     whose implementation raises is recorded with its error and the others still count. Return classes,
     not instances: the SDK instantiates them with `n_threads` and `dtype`. Import heavy dependencies
-    inside the backend's `is_available()`, never here.
+    in the backend's `setup()` (run once by `is_available()`), never here.
     """
 
 
@@ -42,7 +42,7 @@ def st_sdk_select_backend(candidates, hardware, config, weight_format):
 def st_sdk_wrap_step(step, backend, config):
     """Wrap the model's forward step for tracing or profiling; return a callable or None.
 
-    Called by `st_sdk.model.build_model` once per model load, after the op table is bound. `step` is a
+    Called by `st_sdk.loader.build_model` once per model load, after the op table is bound. `step` is a
     callable `step(ids, positions, cache, last_only=False) -> logits` (one prefill chunk or one decode
     step); return a callable with the same signature that calls it (timing, logging, counting...), or
     None to leave it alone. Every plugin's wrapper is applied in turn, so wrappers nest. The wrapped

@@ -1,36 +1,49 @@
-"""`st_sdk.load(path, ...)`: open a model file, optionally convert its weights, bind a backend."""
+"""Loading and assembly: `st_sdk.load(path, ...)` opens a model file and optionally converts its
+weights; `build_model` chooses a backend, prepares the weights once and binds the op table."""
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from .backend import Backend, LayerParams, ModelParams, Param, prepare_params
+from .config import ModelConfig
 from .errors import InputError
-
-QUANTIZE_TO = ("q8_0", "q4_0", "f16", "bf16", "f32")
+from .model import Model
+from .offload.experts import offload_ops, setup_offload
+from .registry import get_registry
+from .selection import select_backend
 
 
 def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: str | None = None,
          n_threads: int | None = None, strict: bool = False, tune: bool = False,
-         quantize: str | None = None, **kw):
-    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract).
+         quantize: str | None = None, file: str | None = None, **kw):
+    """Load a SmallThinker model from an HF directory or a `.gguf` file (contract), or a Hugging Face
+    Hub repository name ("owner/repo", with file="...gguf" for one file of a GGUF repository; see
+    st_sdk.hub: the local cache first, then a download when a network is there).
 
-    quantize: convert the matrices in memory at load ('q8_0', 'q4_0', 'f16', 'bf16', 'f32');
-    norms and the router stay f32. Other keyword arguments go to `st_sdk.model.build_model`
-    (max_memory, context, prefetch: the memory-budget mode).
+    quantize: convert the matrices in memory at load: a type ('q8_0', 'q4_0', 'q4_k', 'q6_k', 'f16',
+    ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
+    tensor the type llama-quantize gives it); norms and the router stay f32. Other keyword arguments go
+    to `build_model` (max_memory, context, prefetch: the memory-budget mode).
     """
-    from .arguments import check_context, check_load
-    from .model import build_model
+    from .arguments import check_load
     from .weights import open_model
+    from .weights.export import GGUF_FORMATS, gguf_specs
 
     path, backend, dtype, n_threads, kw = check_load(path, backend, dtype, n_threads, strict, tune, quantize, kw)
-    if quantize is not None and quantize not in QUANTIZE_TO:
-        raise InputError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_TO)}")
-    mf = open_model(path)
-    check_context(kw.get("context"), mf.config)
+    if file is not None and not isinstance(file, str):
+        raise InputError(f"file: expected the name of a .gguf file in the repository, got {file!r}")
+    if quantize is not None and quantize not in GGUF_FORMATS:
+        raise InputError(f"quantize={quantize!r}: choose one of {', '.join(GGUF_FORMATS)}")
+    from .hub import resolve
+
+    mf = open_model(resolve(path, file))
+    if quantize is not None:
+        gguf_specs(mf.config, quantize)   # a mix using a type st-sdk cannot quantise fails here, not midway
     params = mf.params()
     if quantize is not None:
-        params = convert_params(params, quantize)
+        params = convert_params(params, quantize, mf.config)
     model = build_model(mf.config, params, backend=backend, dtype=dtype, n_threads=n_threads, strict=strict,
                         tokenizer=mf.tokenizer, path=str(mf.path), weight_format=weight_format(params),
                         tune=tune, **kw)
@@ -62,16 +75,66 @@ def convert_tensor(t, fmt: str):
     return WeightTensor(t.name, target, t.shape, quantize(target, t.numpy()), t.source)
 
 
-def convert_params(params, fmt: str):
-    from .backend import LayerParams, ModelParams, Param
+def convert_params(params, fmt: str, config=None):
+    """ModelParams with the matrices re-stored as `fmt`: a type, or a llama.cpp mix (needs `config`:
+    the per-tensor types depend on the layer count and shapes)."""
+    from .weights.layout import EXPERT_NAMES, LAYER_NAMES
+    from .weights.mixes import MIXES, tensor_types
 
-    def conv(p: Param, name_hint: str) -> Param:
-        t = p.raw
-        if name_hint == "router":   # routers keep full precision whatever they are called
+    types = tensor_types(config, fmt) if fmt in MIXES else None
+    gguf_name = {field: gname for gname, field in list(LAYER_NAMES.values()) + list(EXPERT_NAMES.values())}
+
+    def conv(p: Param, role: str, name: str) -> Param:
+        if role == "router":   # routers keep full precision whatever they are called
             return p
-        return Param(convert_tensor(t, fmt))
+        return Param(convert_tensor(p.raw, types[name] if types else fmt))
 
-    embed = conv(params.embed, "embed")
-    head = embed if params.head is params.embed else conv(params.head, "head")
-    layers = [LayerParams(**{f: conv(getattr(lp, f), f) for f in lp.__dataclass_fields__}) for lp in params.layers]
+    embed = conv(params.embed, "embed", "token_embd.weight")
+    head = embed if params.head is params.embed else conv(params.head, "head", "output.weight")
+    layers = [LayerParams(**{f: conv(getattr(lp, f), f, f"blk.{i}.{gguf_name[f]}") for f in lp.__dataclass_fields__})
+              for i, lp in enumerate(params.layers)]
     return ModelParams(embed=embed, layers=layers, norm=params.norm, head=head)
+
+
+def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend | Sequence[str] = "auto",
+                dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
+                tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
+                tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
+                prefetch: bool = True, **kw) -> Model:
+    """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
+
+    context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
+    st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
+    the file and are read on demand into an LRU cache sized from the budget (st_sdk.offload), with the
+    KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
+    reading experts as soon as the router picks them (to measure what prefetch buys).
+    """
+    from .context import resolve_context
+
+    context = resolve_context(config, context, budget=max_memory is not None)
+    offload = None
+    if max_memory is not None:
+        params, *offload = setup_offload(config, params, max_memory, context=context)
+
+    backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
+                                            n_threads=n_threads, strict=strict, tune=tune,
+                                            weight_format=weight_format)
+    prepared = prepare_params(backend_obj, params, config)
+    ops = selection.ops
+    if offload is not None:
+        cache, plan = offload
+        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)))
+        if plan.slots != cache.slots:
+            cache.resize(plan.slots)
+        ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
+    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
+    model.context = context
+    if offload is not None:
+        model.offload, model.memory_plan = offload
+        selection.offload = tuple(offload)
+    # tracing/profiling plugins wrap the whole step once here; nothing is dispatched per op or token
+    step, wrappers = get_registry().wrap_step(model._forward, backend_obj, config)
+    if wrappers:
+        model._forward = step
+        selection.step_wrappers = wrappers
+    return model

@@ -6,8 +6,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import graph
-from .backend import Backend, ModelParams, OpTable, Param
-from .config import ModelConfig
+from .backend import Backend, ModelParams, OpTable
+from .config import DEFAULT_CONTEXT, ModelConfig
 from .errors import InputError
 
 DEFAULT_CHUNK = 256
@@ -19,8 +19,8 @@ class Session:
 
     def __init__(self, model: "Model", capacity: int | None = None):
         self.model = model
-        self.capacity = capacity or model.config.max_position_embeddings
-        self.cache = model.ops.new_cache(model.config, min(self.capacity, 4096))
+        self.capacity = min(capacity or model.context, model.context)
+        self.cache = model.ops.new_cache(model.config, min(self.capacity, DEFAULT_CONTEXT))   # grows past it
         self.tokens: list[int] = []
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, chunk: int | None = None) -> np.ndarray:
@@ -41,6 +41,18 @@ class Session:
         logits = (out[0] if len(out) == 1 else np.concatenate(out)).astype(np.float32, copy=False)
         return logits if all_logits else logits[-1]
 
+    def rewind(self, n: int) -> bool:
+        """Keep only the first n tokens (and their KV). False, with nothing changed, when the cache
+        cannot (a sliding-window ring that already dropped some of them, or a backend cache without
+        `truncate`)."""
+        if n >= len(self.tokens):
+            return n == len(self.tokens)
+        truncate = getattr(self.cache, "truncate", None)
+        if n < 0 or truncate is None or not truncate(n):
+            return False
+        del self.tokens[n:]
+        return True
+
 
 class Model:
     def __init__(self, config: ModelConfig, params: ModelParams, backend: Backend, ops: OpTable,
@@ -57,6 +69,10 @@ class Model:
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
         self.files = None          # FileWatch over the mapped weight files (st_sdk.weights.watch)
+        self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
+        from .generation.prompt_cache import PromptCache
+
+        self.prompt_cache = PromptCache(self)   # the KV of the last request, for the next one's shared prefix
 
     def __repr__(self) -> str:
         c = self.config
@@ -87,9 +103,10 @@ class Model:
         if bad.any():
             j = int(np.argmax(bad))
             raise InputError(f"{name}[{j}] = {int(arr[j])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if start + arr.size > self.config.max_position_embeddings:
-            raise InputError(f"{name}: {start + arr.size} tokens exceed the context length "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if start + arr.size > self.context:
+            raise InputError(f"{name}: {start + arr.size} tokens exceed the model's context of {self.context} "
+                             f"tokens (load(..., context=N) sets it, up to max_position_embeddings="
+                             f"{self.config.max_position_embeddings})")
         return arr.astype(np.int64)
 
     def session(self, capacity: int | None = None) -> Session:
@@ -99,6 +116,30 @@ class Model:
         """float32 logits [T, vocab] for a fresh sequence."""
         ids = self.check_ids(ids)
         return self.session(capacity=len(ids)).feed(ids, all_logits=True)
+
+    # ---- text <-> ids ----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of `text` with the model's tokenizer. Special tokens written in the text
+        ("<|im_end|>") become their ids; add_special=True also adds what the tokenizer adds around a
+        sequence (nothing for SmallThinker's Qwen2 tokenizer)."""
+        from .generation.options import need_tokenizer
+
+        if not isinstance(text, str):
+            raise InputError(f"text: expected a str, got {type(text).__name__}")
+        return list(need_tokenizer(self, "tokenize").encode(text, add_special_tokens=bool(add_special)))
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """The text of token ids (special tokens written out unless skip_special); invalid UTF-8 (a
+        character cut between ids) becomes U+FFFD."""
+        from .generation.options import need_tokenizer
+
+        tok = need_tokenizer(self, "detokenize")
+        if isinstance(ids, (int, np.integer)) or not isinstance(ids, (list, tuple, np.ndarray)):
+            raise InputError(f"ids: expected a list of token ids, got {type(ids).__name__}")
+        if len(ids) == 0:
+            return ""
+        arr = self.check_ids(ids, name="ids")
+        return tok.decode(arr.tolist(), skip_special_tokens=bool(skip_special))
 
     # ---- generation (text in, text out) ------------------------------------------------------
     def generate(self, prompt, **kwargs):
@@ -122,70 +163,3 @@ class Model:
         from .generation import Conversation
 
         return Conversation(self, system=system, **defaults)
-
-
-def prepare_params(backend: Backend, params: ModelParams, config: ModelConfig) -> ModelParams:
-    """Each weight through `backend.prepare` once (shared tensors, like a tied head, once), then
-    `backend.prepare_model`."""
-    done: dict[int, Param] = {}
-
-    def prep(p: Param, role: str) -> Param:
-        if getattr(p.raw, "offloaded", False):
-            return p   # experts under a memory budget are read through the cache, never prepared
-        if id(p) not in done:
-            done[id(p)] = Param(p.raw, backend.prepare(p, role))
-        return done[id(p)]
-
-    embed = prep(params.embed, "embed")
-    prepared = ModelParams(embed=embed, layers=[], norm=prep(params.norm, "norm"),
-                           head=prep(params.head, "head") if params.head is not params.embed else embed)
-    for lp in params.layers:
-        prepared.layers.append(type(lp)(**{f: prep(getattr(lp, f), f) for f in lp.__dataclass_fields__}))
-    backend.prepare_model(prepared, config)
-    return prepared
-
-
-def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend | Sequence[str] = "auto",
-                dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
-                tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
-                tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool = True, **kw) -> Model:
-    """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
-
-    max_memory: run within this many bytes ('1GiB'): experts stay in the file and are read on demand
-    into an LRU cache sized from the budget (st_sdk.offload); context is the longest sequence the
-    memory plan provides for (default min(max_position_embeddings, 4096)); prefetch=False stops
-    reading experts as soon as the router picks them (to measure what prefetch buys).
-    """
-    from .registry import get_registry
-    from .selection import select_backend
-
-    offload = None
-    if max_memory is not None:
-        from .offload.experts import setup_offload
-
-        params, *offload = setup_offload(config, params, max_memory, context=context)
-
-    backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
-                                            n_threads=n_threads, strict=strict, tune=tune,
-                                            weight_format=weight_format)
-    prepared = prepare_params(backend_obj, params, config)
-    ops = selection.ops
-    if offload is not None:
-        from .offload.experts import offload_ops
-
-        cache, plan = offload
-        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)))
-        if plan.slots != cache.slots:
-            cache.resize(plan.slots)
-        ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
-    model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path, **kw)
-    if offload is not None:
-        model.offload, model.memory_plan = offload
-        selection.offload = tuple(offload)
-    # tracing/profiling plugins wrap the whole step once here; nothing is dispatched per op or token
-    step, wrappers = get_registry().wrap_step(model._forward, backend_obj, config)
-    if wrappers:
-        model._forward = step
-        selection.step_wrappers = wrappers
-    return model

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pluggy
 
 from . import hookspecs
+from .errors import BackendError
 from .plugins import ENTRY_POINT_GROUP, PROJECT
 
 log = logging.getLogger("st_sdk")
@@ -216,3 +217,12 @@ def reset_registry() -> None:
     global _registry
     with _lock:
         _registry = None
+
+
+def reference_backend():
+    """A fresh instance of the NumPy reference backend: the oracle and every fallback's implementation."""
+    cls = get_registry().backends().get(REFERENCE_PLUGIN)
+    if cls is None:
+        raise BackendError("the NumPy reference backend is not registered (is st-sdk installed? "
+                           "try `pip install -e .`)")
+    return cls()

@@ -2,7 +2,9 @@
 
 Order of the transforms (as in Hugging Face transformers): repetition penalty, temperature, top-k,
 top-p, min-p, then one draw from the renormalised distribution. Temperature 0 is greedy (argmax after
-the repetition penalty; the other filters cannot change the argmax).
+the repetition penalty; the other filters cannot change the argmax). Presence and frequency penalties
+(OpenAI's rule, over the generated ids) are applied by `generation.sampler.Sampler` with the
+repetition penalty; ids whose logit is -inf (a constraint's mask, a -inf logit_bias) are never drawn.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class SamplingParams:
     top_p: float = DEFAULT_TOP_P        # 1.0 disables
     min_p: float = 0.0                  # 0.0 disables; else drop p < min_p * p_max
     repetition_penalty: float = 1.0     # 1.0 disables; CTRL rule over prompt + generated ids
+    presence_penalty: float = 0.0       # 0.0 disables; subtracted once from every generated id's logit
+    frequency_penalty: float = 0.0      # 0.0 disables; subtracted once per occurrence of a generated id
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -44,6 +48,8 @@ class SamplingParams:
             raise InputError(f"min_p: must be in [0, 1], got {self.min_p!r}")
         if number("repetition_penalty") <= 0:
             raise InputError(f"repetition_penalty: must be > 0 (1 = disabled), got {self.repetition_penalty!r}")
+        number("presence_penalty")
+        number("frequency_penalty")
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +64,18 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     out = logits.copy()
     x = out[seen]
     out[seen] = np.where(x > 0, x / penalty, x * penalty)
+    return out
+
+
+def apply_presence_frequency(logits: np.ndarray, ids: np.ndarray, counts: np.ndarray, presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's rule: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, for the generated
+    ids `ids` (unique) seen `counts` times. Positive values discourage repeats, negative ones
+    encourage them."""
+    if (presence == 0.0 and frequency == 0.0) or len(ids) == 0:
+        return logits
+    out = logits.copy()
+    out[ids] -= counts * frequency + presence
     return out
 
 
@@ -93,6 +111,7 @@ def candidate_distribution(logits: np.ndarray, params: SamplingParams,
     T = params.temperature
     if 0 < params.top_k < V:
         ids = np.sort(_top_k_ids(x, params.top_k))
+        ids = ids[x[ids] > -np.inf]          # fewer than k allowed ids: the k-th largest is -inf
     else:
         # tokens e^-50 below the best carry less than V * 2e-22 of the mass: not worth sorting
         ids = np.flatnonzero(x >= x.max() - 50.0 * T)

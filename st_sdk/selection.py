@@ -19,8 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, ModelParams, OpTable, bind_ops
-from .errors import BackendError
+from .backend import Backend, ModelParams, OpTable, bind_ops, prepare_params
+from .config import ModelConfig
+from .errors import BackendError, WeightError
+from .format_support import converted, refusal, short_reason, stored_types
+from .model import Model
+from .registry import get_registry, reference_backend
+from .testing.data import random_params
 
 log = logging.getLogger("st_sdk")
 
@@ -96,7 +101,8 @@ class Selection:
             if c.available and c.reason:
                 state += f" ({c.reason})"
             fb = f", falls back for {', '.join(c.fallbacks)}" if c.fallbacks else ""
-            facts = ", ".join(f"{k} {c.details[k]}" for k in ("device", "compute_dtype", "variant") if k in c.details)
+            facts = ", ".join(f"{k} {c.details[k]}" for k in ("device", "compute_dtype", "variant", "converts")
+                              if k in c.details)
             facts = f" [{facts}]" if facts and c.available else ""
             lines.append(f" {mark} {c.name:10s} score {c.score:6.1f}  {speed}  {state}{fb}{facts}")
         if self.cache:
@@ -125,29 +131,16 @@ class Selection:
                 dict(self.offload[0].stats.as_dict(), plan=self.offload[1].describe())}
 
 
-def reference_backend() -> Backend:
-    from .registry import get_registry
-
-    cls = get_registry().backends().get("numpy")
-    if cls is None:
-        raise BackendError("the NumPy reference backend is not registered (is st-sdk installed? "
-                           "try `pip install -e .`)")
-    return cls()
-
-
 # ---- correctness checks ------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _micro_model(fmt: str):
     """Two layers (a global NoPE one and a windowed RoPE one), every op on a tiny shape."""
-    from .config import ModelConfig
-    from .synth import random_params
-
     cfg = ModelConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, moe_num_primary_experts=4,
                       moe_num_active_primary_experts=2, moe_ffn_hidden_size=32, rope_layout=(0, 1),
                       sliding_window_layout=(0, 1), sliding_window_size=2, max_position_embeddings=64,
                       source="<smoke model>")
-    return cfg, random_params(cfg, seed=1234, fmt=fmt)
+    return cfg, random_params(cfg, fmt=fmt, seed=1234, layout="hf")
 
 
 def _decode_logits(model, context: int) -> np.ndarray:
@@ -169,8 +162,6 @@ def _logits_error(got: np.ndarray, want: np.ndarray) -> float:
 def smoke_test(backend: Backend, reference: Backend, fmt: str = "f32") -> str | None:
     """Run a micro model (every op, a prefill then a decode step) on the backend and compare its logits
     with the reference; None when right, else what went wrong."""
-    from .model import Model, prepare_params
-
     cfg, raw = _micro_model(fmt if fmt in ("f32", "f16", "bf16", "q8_0", "q4_0") else "f32")
     try:
         got = _decode_logits(Model(cfg, prepare_params(backend, raw, cfg), backend, bind_ops(backend, reference)), 3)
@@ -236,8 +227,6 @@ def measure(candidates: list[Candidate], instances: dict[str, Backend], referenc
     candidates' decode steps interleaved round by round (`time_candidates`), on the model's first
     MEASURE_LAYERS layers. Fills the candidates in place (a candidate that fails or disagrees is marked
     unavailable with the reason); returns the prepared models, name -> Model, for timing them again."""
-    from .model import Model, prepare_params
-
     config, params = measured_slice(config, params)
     want = _decode_logits(Model(config, params, reference, bind_ops(reference, reference)), context)
     models = {}
@@ -353,7 +342,6 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
     allows measuring (when no cached measurement fits); remeasure=True measures even on a cache hit.
     """
     from .hardware import probe, probe_gpus
-    from .registry import get_registry
 
     registry = get_registry()
     classes = registry.backends()
@@ -381,9 +369,22 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
                 c.reason = f"score() raised {type(e).__name__}: {e}"
     notes = list(registry.conflicts)
     cache_info: dict[str, Any] = {}
+    types = stored_types(params) if params is not None else {}
+    for c in candidates:   # a backend that cannot run every stored type of the file is not a candidate
+        b = instances.get(c.name)
+        if b is not None and c.available:
+            why = short_reason(b, types)
+            if why:
+                c.available, c.reason = False, why
+            elif converted(b, types):
+                c.details["converts"] = f"{', '.join(converted(b, types))} at load"
     usable = [c for c in candidates if c.available]
 
     if wanted:
+        refused = [instances[c.name] for c in candidates if c.name in instances and not c.available]
+        if not usable and refused:
+            source = next((p.raw.source for _, p in params.all() if p.raw.source), "")
+            raise WeightError(refusal(refused[0], types, classes, config, source))
         if not usable:
             raise BackendError(f"requested backend {', '.join(wanted)} ({rule}) cannot be used: " +
                                "; ".join(f"{c.name}: {c.reason}" for c in candidates))

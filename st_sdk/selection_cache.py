@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .environment import cache_dir, library_versions
+
 log = logging.getLogger("st_sdk")
 
 FILE_NAME = "selection.json"
@@ -32,29 +34,8 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 LIBRARIES = ("numpy", "cffi", "torch", "jax", "jaxlib")
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("ST_SDK_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("st-sdk"))   # the same directory as st_sdk.bench uses
-
-
 def cache_path() -> Path:
     return cache_dir() / FILE_NAME
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def model_shape(config) -> dict[str, Any]:
@@ -74,7 +55,7 @@ def cache_key(hardware, config, weight_format: str, backends: dict[str, str], dt
         "cpu": hardware.cpu_model, "machine": hardware.machine, "features": sorted(hardware.features),
         "physical_cores": hardware.physical_cores, "logical_cores": hardware.logical_cores,
         "gpus": sorted(f"{g.kind}:{g.name}:{g.driver}" for g in hardware.gpus),
-        "sdk": __version__, "libraries": _library_versions(),
+        "sdk": __version__, "libraries": {k: v for k, v in library_versions(LIBRARIES).items() if v},
         "backends": dict(sorted(backends.items())),
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "model": model_shape(config), "weight_format": weight_format,

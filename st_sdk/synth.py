@@ -112,7 +112,7 @@ def random_params(cfg: ModelConfig, seed: int = 0, fmt: str = "f32"):
 
 def build_model(cfg: ModelConfig | str = "tiny", seed: int = 0, fmt: str = "f32", backend="numpy", **kw):
     """An in-memory model with random weights: what tests use when no file is needed."""
-    from .model import build_model as _build
+    from .loader import build_model as _build
 
     if isinstance(cfg, str):
         cfg = preset_config(cfg)
@@ -158,4 +158,4 @@ def write_model(out, preset: str = "tiny", layers: int | None = None, formats=("
     return export(cfg, random_weights(cfg, seed, routing_skew), dtype,
                   hf_dir=out if "hf" in formats else None,
                   gguf_path=out / f"{preset}-{dtype}.gguf" if "gguf" in formats else None,
-                  shards=shards, tokenizer=tok, desc=f"synth {preset}")
+                  shards=shards, tokenizer=tok, desc=f"synth {preset}", pure=True)

@@ -28,7 +28,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_logits(tiny_config):
     """float32 logits of the in-memory tiny model (seed 0, f32, NumPy reference backend) on TINY_IDS."""
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
     from st_sdk.synth import random_params
 
     cfg, _ = tiny_config

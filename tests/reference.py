@@ -1,4 +1,4 @@
-"""An independent float64 SmallThinker forward pass, written from SMALLTHINKER.md alone.
+"""An independent float64 SmallThinker forward pass, written from docs/model.md alone.
 
 It shares no compute code with st_sdk (no graph, ops, cache or backend): it only reads fields of a
 `ModelConfig` and weight arrays keyed by HF tensor names (experts one tensor each). Loops over
@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-#: deliberate mistakes `reference_logits(..., flaws=...)` can make (SMALLTHINKER.md parity checklist)
+#: deliberate mistakes `reference_logits(..., flaws=...)` can make (docs/model.md, the mistakes it invites)
 FLAWS = (
     "router_on_normed_input",   # router reads rmsnorm(h) instead of the raw layer input
     "silu_experts",             # silu(gate) * up instead of relu(gate) * up

@@ -40,14 +40,14 @@ def test_bad_thread_count(tiny_dir, backend, n_threads):
         st_sdk.load(tiny_dir["gguf"], backend=backend, n_threads=n_threads)
 
 
-@pytest.mark.parametrize("context", [0, -5, "512", 2.5])
+@pytest.mark.parametrize("context", [0, 1, -5, "512", 2.5])
 def test_bad_context(tiny_dir, context):
-    with pytest.raises(InputError, match=r"context: expected a positive integer"):
+    with pytest.raises(InputError, match=r"context: expected an integer number of tokens >= 2"):
         st_sdk.load(tiny_dir["gguf"], backend="numpy", context=context)
 
 
 def test_context_beyond_the_model(tiny_dir):
-    with pytest.raises(InputError, match=r"context: 4096 tokens exceed the model's context length"):
+    with pytest.raises(InputError, match=r"context=4096 exceeds the model's max_position_embeddings=2048"):
         st_sdk.load(tiny_dir["gguf"], backend="numpy", context=4096)
 
 

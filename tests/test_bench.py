@@ -78,9 +78,9 @@ def test_gguf_count_agrees_with_loaded_params(tmp_path):
 
 
 def test_peak_rss_is_measured(tmp_path):
-    before = bench._peak_rss()
+    before = bench.peak_rss()
     a = np.ones(96 * 2**20 // 8)   # touch 96 MiB
-    assert bench._peak_rss() - before >= 64 * 2**20 or before > 96 * 2**20
+    assert bench.peak_rss() - before >= 64 * 2**20 or before > 96 * 2**20
     del a
 
 
@@ -120,7 +120,7 @@ def test_bench_table_and_unknown_backend_skipped_with_reason(capsys):
 
 
 @pytest.mark.parametrize("args, needle", [(["--prompt-len", "0"], "--prompt-len"),
-                                          (["--format", "q5_k"], "q5_k"),
+                                          (["--format", "iq2_xxs"], "iq2_xxs"),   # a type st-sdk cannot write
                                           (["--preset", "huge"], "huge")])
 def test_bench_rejects_bad_arguments(capsys, args, needle):
     code, _, err = run_cli(capsys, *args)
@@ -179,3 +179,21 @@ def test_bench_under_a_memory_budget_reports_the_expert_cache(capsys, tmp_path):
     assert code == 0 and rec["status"] == "ok"
     assert doc["config"]["memory_mode"] == "max_memory=4GiB"
     assert rec["offload"]["bytes_read"] > 0 and "expert cache" in rec["memory_plan"]
+
+
+def test_bench_format_q4_k_m_quantises_the_f16_file(capsys):
+    """A llama.cpp mix is made as people get it: the synthesised F16 file, quantised (llama.cpp's
+    quantiser when installed, else st-sdk's), with the mix's per-tensor types."""
+    from st_sdk.bench.files import models_dir
+    from st_sdk.weights import open_model
+    from st_sdk.weights.mixes import tensor_types
+
+    code, out, _ = run_cli(capsys, "--json", "--backend", "numpy", "--format", "q4_k_m",
+                           "--prompt-len", "4", "--gen-len", "2", "--rounds", "1")
+    assert code == 0
+    (rec,) = json.loads(out)["records"]
+    assert rec["format"] == "q4_k_m" and rec["status"] == "ok", rec
+    mf = open_model(models_dir() / "tiny-q4_k_m-seed0.gguf")
+    assert {n: mf.get(n).fmt for n in mf.names} == tensor_types(mf.config, "q4_k_m")
+    assert (models_dir() / "tiny-f16-seed0.gguf").exists()
+    assert run_cli(capsys, "--format", "q4_k_x")[0] == 1

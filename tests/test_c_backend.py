@@ -230,11 +230,11 @@ def test_bad_cache_and_positions():
     q = np.zeros((2, cfg.num_attention_heads, cfg.head_dim), np.float32)
     kv = np.zeros((2, cfg.num_key_value_heads, cfg.head_dim), np.float32)
     with pytest.raises(InputError, match="window"):
-        b.attention(q, kv, kv, cache.layers[0], np.arange(2), 5)
+        b.attention(q, kv, kv, cache.layers[0], b.context(cfg, np.arange(2)), 5)
     with pytest.raises(InputError, match="positions"):
-        b.attention(q, kv, kv, cache.layers[0], np.array([0, -1]), None)
+        b.attention(q, kv, kv, cache.layers[0], b.context(cfg, np.array([0, -1])), None)
     with pytest.raises(InputError, match="own new_cache"):
-        b.attention(q, kv, kv, object(), np.arange(2), None)
+        b.attention(q, kv, kv, object(), b.context(cfg, np.arange(2)), None)
     with pytest.raises(InputError):
         b.forward(cfg, m.params, np.array([0, cfg.vocab_size]), np.arange(2), cache)
     other = cfg.replace(num_key_value_heads=1, num_attention_heads=2)
@@ -327,7 +327,7 @@ def test_whole_block_heads_path(fmt):
     """head_dim a multiple of 32 (as in the real models) takes the path that quantises each head's
     attention output where it is computed; it agrees with the reference too."""
     _available()
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
     from st_sdk.synth import preset_config, random_params
 
     cfg = preset_config("tiny", head_dim=32, hidden_size=96)

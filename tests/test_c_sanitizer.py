@@ -27,7 +27,7 @@ def test_kernels_clean_under_address_sanitizer(tmp_path):
     if libasan is None:
         pytest.skip("gcc with the AddressSanitizer runtime (libasan) is not installed")
     build = subprocess.run([sys.executable, str(ROOT / "csrc" / "tools" / "asan_build.py"), str(tmp_path)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=1200)
     if build.returncode != 0:
         pytest.skip(f"sanitizer build failed (toolchain without ASan support?): {build.stderr[-500:]}")
     module = build.stdout.strip().splitlines()[-1]
@@ -37,7 +37,7 @@ def test_kernels_clean_under_address_sanitizer(tmp_path):
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86",
                UBSAN_OPTIONS="halt_on_error=1:exitcode=87:print_stacktrace=1")
     run = subprocess.run([sys.executable, str(ROOT / "csrc" / "tools" / "asan_drive.py")], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=1200)
     log = run.stdout[-3000:] + run.stderr[-6000:]
     assert "AddressSanitizer" not in run.stderr and "runtime error" not in run.stderr, log
     assert run.returncode == 0, log

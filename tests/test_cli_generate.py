@@ -6,10 +6,6 @@ import pytest
 
 from st_sdk.cli import main
 
-synth = pytest.importorskip("st_sdk.synth")
-if not hasattr(synth, "write_model"):
-    pytest.skip("st_sdk.synth.write_model (synthetic model files) is not available yet", allow_module_level=True)
-
 BASE = ["--backend", "numpy", "--seed", "3"]
 
 

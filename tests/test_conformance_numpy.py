@@ -58,22 +58,24 @@ class InterleavedRope(NumpyBackend):
     name = "interleaved-rope"
 
     @staticmethod
-    def rope(x, positions, theta):
-        T, n, hd = x.shape
-        pairs = x.reshape(T, n, hd // 2, 2)
-        inv_freq = theta ** (-np.arange(0, hd, 2) / hd)
-        ang = np.asarray(positions)[:, None, None] * inv_freq[None, None, :]
-        c, s = np.cos(ang), np.sin(ang)
-        a, b = pairs[..., 0], pairs[..., 1]
-        return np.stack([a * c - b * s, b * c + a * s], axis=-1).reshape(T, n, hd).astype(np.float32)
+    def rope(q, k, ctx):
+        def rotate(x):
+            T, n, hd = x.shape
+            pairs = x.reshape(T, n, hd // 2, 2)
+            inv_freq = ctx.theta ** (-np.arange(0, hd, 2) / hd)
+            ang = np.asarray(ctx.positions)[:, None, None] * inv_freq[None, None, :]
+            c, s = np.cos(ang), np.sin(ang)
+            a, b = pairs[..., 0], pairs[..., 1]
+            return np.stack([a * c - b * s, b * c + a * s], axis=-1).reshape(T, n, hd).astype(np.float32)
+        return rotate(q), rotate(k)
 
 
 class WindowOffByOne(NumpyBackend):
     name = "window-off-by-one"      # sees window + 1 keys
 
     @staticmethod
-    def attention(q, k, v, cache, positions, window):
-        return np_ops.attention(q, k, v, cache, positions, window + 1 if window else None)
+    def attention(q, k, v, cache, ctx, window):
+        return np_ops.attention(q, k, v, cache, ctx, window + 1 if window else None)
 
 
 class AlwaysSigmoid(NumpyBackend):
@@ -101,14 +103,14 @@ class SiluExperts(NumpyBackend):
 class FusedLayerNormedRouter(NumpyBackend):
     name = "fused-layer-normed-router"   # a fused layer that routes on the normed stream
 
-    def layer(self, cfg, i, p, h, positions, cache):
+    def layer(self, cfg, i, p, h, ctx, cache):
         from st_sdk.backend import bind_ops
         from st_sdk.graph import decoder_layer
 
         ops = bind_ops(NumpyBackend(), NumpyBackend())
         route = ops.route
         ops.route = lambda x, w, k, s: route(ops.rms_norm(x, p.attn_norm, cfg.rms_norm_eps), w, k, s)
-        return decoder_layer(ops, cfg, i, p, h, positions, cache)
+        return decoder_layer(ops, cfg, i, p, h, ctx, cache)
 
 
 BROKEN = [(NormPlusOne, "rms_norm"), (EpsOutsideSqrt, "rms_norm"), (EmbedOffByOne, "embed"),

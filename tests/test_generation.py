@@ -141,7 +141,9 @@ def test_earliest_stop_string_wins():
 
 def test_max_new_tokens_and_context_length():
     m = tiny_model(seed=2, max_position_embeddings=24)
-    res = m.generate(text_ids("0123456789"), max_new_tokens=100, ignore_eos=True, seed=0)
+    with pytest.raises(InputError, match=r"10 tokens \+ max_new_tokens=100 = 110 tokens exceed .* context of 24"):
+        m.generate(text_ids("0123456789"), max_new_tokens=100, ignore_eos=True, seed=0)
+    res = m.generate(text_ids("0123456789"), max_new_tokens=None, ignore_eos=True, seed=0)
     assert res.finish_reason == "length" and 10 + len(res.token_ids) == 24
     with pytest.raises(InputError, match="context"):
         m.generate(list(range(25)))
@@ -261,7 +263,7 @@ def test_agenerate_yields_the_same_pieces(model):
     assert asyncio.run(collect()) == expected
 
     async def first_then_leave():
-        agen = model.agenerate("abc", **dict(kw, max_new_tokens=10_000))
+        agen = model.agenerate("abc", **dict(kw, max_new_tokens=None))
         piece = await agen.__anext__()
         await agen.aclose()          # what leaving an `async for` early does
         return piece

@@ -10,7 +10,7 @@ import pytest
 import st_sdk
 from conftest import TINY_IDS, rel_err
 from st_sdk.cli import main as cli
-from st_sdk.model import build_model
+from st_sdk.loader import build_model
 from st_sdk.synth import random_params, write_model
 from st_sdk.weights import open_model
 

@@ -42,7 +42,7 @@ def test_half_precision_checkpoints(tmp_path, tiny_config, tiny_logits, dtype):
     """A half-precision file gives exactly the logits of the same weights rounded in memory; against
     f32 it stays within 0.1 of the logit range (random routers have near-tied experts, so one
     rounding can flip an expert at some position: a few % there, ~5e-4 (f16) / 4e-3 (bf16) elsewhere)."""
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
     from st_sdk.synth import random_params
 
     write_model(tmp_path, formats="hf", dtype=dtype)
@@ -92,4 +92,4 @@ def test_load_with_quantize_converts_matrices_only(tiny_dir, tiny_logits):
     assert lp.router.raw.fmt == "f32" and lp.attn_norm.raw.fmt == "f32"
     assert rel_err(m.logits(TINY_IDS), tiny_logits) < 0.1
     with pytest.raises(st_sdk.InputError, match="quantize"):
-        st_sdk.load(tiny_dir["hf"], quantize="q5_k")
+        st_sdk.load(tiny_dir["hf"], quantize="q7_k")

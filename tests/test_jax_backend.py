@@ -110,7 +110,8 @@ def test_quantised_weights_are_dequantised_exactly_at_load(fmt):
 def test_every_stored_format_at_op_level():
     from st_sdk.testing import check_backend
 
-    report = check_backend(JaxBackend, formats=("f16", "bf16", "q8_0", "q4_0"), dtypes=("float32",),
+    report = check_backend(JaxBackend, formats=("f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_0"),
+                           dtypes=("float32",),
                            ops=["embed", "linear", "moe"])
     assert report.ok, str(report)
 
@@ -118,10 +119,9 @@ def test_every_stored_format_at_op_level():
 class _AcceleratorPath(JaxBackend):
     """The GPU/TPU code path (native bf16 dots, plain stacked experts, bf16 cache), run on the CPU."""
 
-    def _setup(self):
-        if not self._ready:
-            super()._setup()
-            self.accelerator = True
+    def setup(self):
+        super().setup()
+        self.accelerator = True
 
 
 def test_accelerator_code_path_on_cpu():

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from reference import params_from_hf, random_hf_weights, reference_logits
 from st_sdk.config import ModelConfig
-from st_sdk.model import build_model
+from st_sdk.loader import build_model
 from st_sdk.registry import get_registry
 from st_sdk.testing import tolerance
 from st_sdk.testing.tolerances import compute_dtype
@@ -137,3 +137,31 @@ def test_any_chunk_split_gives_the_same_logits(full, cuts):
     bounds = [0, *sorted(cuts), T]
     got = np.concatenate([s.feed(IDS[a:b], all_logits=True) for a, b in zip(bounds, bounds[1:])])
     assert _close(got, full)
+
+
+@pytest.mark.parametrize("backend", _backend_names())
+def test_every_cache_checks_its_shape_and_window(backend):
+    """Every backend's attention refuses a layer cache made for other heads or another window, with
+    an InputError saying so, instead of writing past it or attending over the wrong keys."""
+    from st_sdk.errors import InputError
+
+    model = _model(backend)[0]
+    ops, other = model.ops, CFG.replace(num_key_value_heads=1, num_attention_heads=2)
+    q = ops.from_numpy(np.zeros((1, CFG.num_attention_heads, CFG.head_dim), np.float32))
+    k = ops.from_numpy(np.zeros((1, CFG.num_key_value_heads, CFG.head_dim), np.float32))
+    with ops.context(CFG, np.array([0])) as ctx:
+        with pytest.raises(InputError, match="kv heads"):
+            ops.attention(q, k, k, ops.new_cache(other, 4).layers[0], ctx, None)
+        with pytest.raises(InputError, match="window"):
+            ops.attention(q, k, k, ops.new_cache(CFG, 4).layers[1], ctx, None)
+
+
+def test_the_policy_of_every_cache():
+    from st_sdk import kv
+
+    ring, glob = kv.layer_specs(CFG)[1], kv.layer_specs(CFG, "bfloat16")[0]
+    assert (ring.window, glob.window, glob.dtype) == (WINDOW, None, "bfloat16")
+    assert ring.initial_slots(100) == WINDOW and glob.initial_slots(100) == 100 and glob.initial_slots(0) == 1
+    assert kv.grown_slots(8, 9) == 16 and kv.grown_slots(8, 40) == 40
+    assert [kv.ring_slot(p, WINDOW) for p in range(5)] == [0, 1, 2, 0, 1]
+    assert kv.ring_keep(2 * WINDOW + 1, WINDOW) == WINDOW + 1 and kv.ring_keep(2, WINDOW) == 0

@@ -13,7 +13,7 @@ import pytest
 
 from reference import hf_weights_from_params, params_from_hf, random_hf_weights, reference_logits
 from st_sdk.config import ModelConfig
-from st_sdk.model import build_model
+from st_sdk.loader import build_model
 from st_sdk.registry import get_registry
 from st_sdk.testing import tolerance
 from st_sdk.testing.tolerances import LOSSY, compute_dtype

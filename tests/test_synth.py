@@ -98,7 +98,7 @@ def test_routing_skew_concentrates_picks_on_a_quarter_of_the_experts():
     """`routing_skew` makes a few experts per layer hot, as the paper reports for real models."""
     from collections import Counter
 
-    from st_sdk.model import build_model
+    from st_sdk.loader import build_model
     from st_sdk.synth import preset_config
     from st_sdk.weights.layout import assemble
     from st_sdk.weights.tensor import WeightTensor

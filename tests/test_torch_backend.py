@@ -34,7 +34,7 @@ def one_thread():
 
 class TestTorchConformance(ConformanceSuite):
     backend = TorchBackend
-    formats = ("f32", "q8_0")            # every format is also checked at load below
+    formats = ("f32", "q8_0", "q4_k", "q5_0")   # every format is also checked at load below
     dtypes = ("float32", "bfloat16")
 
 
@@ -232,7 +232,7 @@ def test_one_token_steps_at_gapped_and_rewound_positions_match_reference():
 
 
 def test_thread_and_page_settings_default_only_when_unset():
-    code = ("import os; from st_sdk_backends.torch.backend import TorchBackend; TorchBackend()._setup(); "
+    code = ("import os; from st_sdk_backends.torch.backend import TorchBackend; TorchBackend().setup(); "
             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('THP_MEM_ALLOC_ENABLE'))")
     env = {k: v for k, v in __import__("os").environ.items()
            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "THP_MEM_ALLOC_ENABLE")}

@@ -6,41 +6,27 @@ kit can check each one against the reference.
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
 import numpy as np
 
-from st_sdk.backend import Backend, Param
+from st_sdk.backend import EXPERT_ROLES, MATRIX_ROLES, NORM_ROLES, Backend, Param, is_offloaded
 from st_sdk.errors import BackendError, InputError
+from st_sdk.hardware import probe, resolve_threads
+from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
 from .cache import CKVCache, CLayerKV
 from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr
 
-log = logging.getLogger("st_sdk")
-
 _pools: dict[int, object] = {}
 _pools_lock = threading.Lock()
-_MATRIX_ROLES = {"embed", "head", "wq", "wk", "wv", "wo", "router"}
-_EXPERT_ROLES = {"gate", "up", "down"}
-_NORM_ROLES = {"attn_norm", "ffn_norm", "norm"}
 
 
 def cpu_flags(hardware=None) -> frozenset[str]:
     """CPU feature flags, normalised by st_sdk.hardware (e.g. "avx512_vnni", "neon")."""
-    from st_sdk.hardware import probe
-
     return (hardware or probe()).features
-
-
-def core_count() -> int:
-    """Physical cores this process may use (hyper-threads slow memory-bound decode down)."""
-    from st_sdk.hardware import probe
-
-    hw = probe()
-    return max(1, min(hw.logical_cores, hw.physical_cores))
 
 
 def best_variant(lib) -> str:
@@ -121,61 +107,41 @@ def decode_bytes(params, cfg) -> int:
 class CBackend(Backend):
     name = "c"
     version = "0.1"
+    #: types the kernels run as stored (from the memory map, or repacked 8 rows at a time)
+    formats = tuple(ops.FMT_CODE)
+    #: rarer GGUF types (IQ1/IQ2/IQ3, TQ, MXFP4, NVFP4): dequantised at load and re-stored as q8_0 (f16 for
+    #: rows that are not whole blocks of 32); describe()["converted"] gives the bytes
+    converts = tuple(f for f in QUANT_SIZES if f not in ops.FMT_CODE)
     #: moe reads experts through st_sdk.offload's cache under a memory budget (see _offloaded_moe)
     supports_offload = True
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         super().__init__(n_threads, dtype)
-        self._reason: str | None = None
         self.variant: str | None = None
         self.sparse = os.environ.get("ST_C_SPARSE", "1") != "0"
         # Q4_0/Q8_0 matrices repacked 8 rows at a time for the SIMD kernels: faster, costs a copy
         self.repack = os.environ.get("ST_C_REPACK", "1") != "0"
         self.copied_bytes = 0
         self.repacked_bytes = 0
+        self.converted: dict[str, int] = {}   # "iq2_xs -> q8_0": bytes of the converted copies
         self.released_map_bytes = 0   # resident pages of repacked GGUF tensors dropped from this process
         self._layer_structs: dict = {}
-        self.threads = self._resolve_threads(n_threads)
+        self.threads = resolve_threads(n_threads)
         self._auto_threads = n_threads is None and not os.environ.get("ST_NUM_THREADS", "").strip()
         self._step_bytes: int | None = None   # decode_bytes of the prepared model
 
-    @staticmethod
-    def _resolve_threads(n: int | None) -> int:
-        cores = core_count()
-        if n is None:
-            env = os.environ.get("ST_NUM_THREADS", "").strip()
-            if env:
-                try:
-                    n = int(env)
-                except ValueError:
-                    raise InputError(f"ST_NUM_THREADS={env!r} is not an integer") from None
-        if n is None:
-            return cores
-        if n < 1:
-            raise InputError(f"n_threads must be >= 1, got {n}")
-        if n > cores:
-            log.warning("n_threads=%d exceeds the %d cores available; using %d", n, cores, cores)
-            return cores
-        return int(n)
-
     # ---- control plane -------------------------------------------------------------------------
-    def is_available(self) -> bool:
-        try:
-            ffi_lib()
-            self.variant = set_variant()
-        except BackendError as e:
-            self._reason = str(e)
-            return False
-        return True
-
-    def unavailable_reason(self) -> str | None:
-        return self._reason
+    def setup(self) -> None:
+        """The compiled kernels load, and the kernel variant is chosen (BackendError says why not)."""
+        ffi_lib()
+        self.variant = set_variant()
 
     def score(self, hardware, fmt: str) -> float:
         flags = cpu_flags(hardware)
         simd = 2.0 if {"avx512f", "avx512_vnni"} <= flags else \
             1.5 if "avx2" in flags else 1.2 if "neon" in flags else 1.0
-        base = 40.0 if fmt in ("q8_0", "q4_0") else 20.0   # native integer kernels beat dequantise-then-BLAS
+        # native integer kernels beat dequantise-then-BLAS
+        base = 40.0 if fmt in ops.FMT_CODE and fmt not in ("f32", "f16", "bf16") else 20.0
         return base * simd
 
     def describe(self):
@@ -184,7 +150,10 @@ class CBackend(Backend):
              "sparse_reglu": self.sparse, "copied_weight_bytes": self.copied_bytes,
              "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes,
              # resident beyond the mapped file: what a memory budget must also hold
-             "extra_resident_bytes": self.copied_bytes + self.repacked_bytes - self.released_map_bytes}
+             "extra_resident_bytes": self.copied_bytes + self.repacked_bytes + sum(self.converted.values())
+             - self.released_map_bytes}
+        if self.converted:
+            d["converted"] = ", ".join(f"{k} ({v / 2**20:.1f} MiB)" for k, v in self.converted.items())
         try:
             _, lib = ffi_lib()
             d["variants_supported"] = [v for v, c in ops.VARIANTS.items() if lib.st_cpu_supports(c)]
@@ -194,19 +163,18 @@ class CBackend(Backend):
 
     def _lib(self):
         ffi, lib = ffi_lib()
-        if self.variant is None:
-            self.variant = set_variant()
         return ffi, lib, get_pool(self.threads)
 
     def prepare(self, param: Param, role: str):
-        ffi_lib()
         raw = param.raw
-        if role in _NORM_ROLES:
+        if role in NORM_ROLES:
             return np.require(raw.numpy(), np.float32, ("C", "A"))   # a copy when the map is misaligned
+        if raw.fmt not in ops.FMT_CODE:
+            raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
-        if role in _EXPERT_ROLES:
+        if role in EXPERT_ROLES:
             v = CExperts(raw, repack_rows=rp)
-        elif role in _MATRIX_ROLES:
+        elif role in MATRIX_ROLES:
             v = CMat(raw, repack_rows=rp)
         else:
             return raw
@@ -215,10 +183,21 @@ class CBackend(Backend):
         self.released_map_bytes += v.released
         return v
 
+    def _convert(self, raw):
+        """A type the kernels do not run, dequantised (gguf-py) and re-stored as q8_0, or f16 when its
+        rows are not whole blocks of 32."""
+        from st_sdk.weights.tensor import WeightTensor, quantize
+
+        if raw.fmt not in self.converts:
+            raise InputError(f"weight '{raw.name}': the C backend cannot run {raw.fmt!r}")
+        target = "q8_0" if raw.shape[-1] % 32 == 0 else "f16"
+        out = WeightTensor(raw.name, target, tuple(raw.shape), quantize(target, raw.numpy()), raw.source)
+        key = f"{raw.fmt} -> {target}"
+        self.converted[key] = self.converted.get(key, 0) + out.nbytes
+        return out
+
     def _repacking(self) -> bool:
         """Repack only for the SIMD variants (measured faster); generic C reads the file's layout."""
-        if self.variant is None:
-            self.variant = set_variant()
         return self.repack and self.variant in ("avx2", "avx512")
 
     def prepare_model(self, params, config) -> None:
@@ -249,7 +228,7 @@ class CBackend(Backend):
                 keep.append(m)
                 setattr(L, f, m.struct[0])
             for f in ("gate", "up", "down"):
-                if getattr(getattr(lp, f).raw, "offloaded", False):
+                if is_offloaded(getattr(lp, f)):
                     continue   # read through the expert cache by moe(); the fused paths are not used
                 x = as_experts(getattr(lp, f))
                 keep.append(x)
@@ -269,7 +248,7 @@ class CBackend(Backend):
             embed, head, norm = as_mat(params.embed), as_mat(params.head), f32_vector(params.norm, H)
             if head is embed and self._repacking() and ops.can_repack(head.fmt, head.rows):
                 # tied: the embedding stays as stored for row lookups; the head gets its own repacked copy
-                head = CMat(params.head.raw, repack_rows=True)
+                head = CMat(embed.tensor, repack_rows=True)
                 self.repacked_bytes += head.repacked
                 self.released_map_bytes += head.released
             keep += [embed, head, norm]
@@ -278,7 +257,7 @@ class CBackend(Backend):
         return (ffi.new("st_model *", fields), keep, cfg)
 
     # ---- fused ops -----------------------------------------------------------------------------
-    def layer(self, cfg, i, layer_params, h, positions, layer_cache):
+    def layer(self, cfg, i, layer_params, h, ctx, layer_cache):
         """One whole decoder layer in one C call (h [T, H] in, h [T, H] out)."""
         ffi, lib, pool = self._lib()
         if not isinstance(layer_cache, CLayerKV):
@@ -287,19 +266,14 @@ class CBackend(Backend):
         hit = self._layer_structs.get(key)
         if hit is None or hit[0] is not layer_params or hit[1][2] != cfg:
             hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
-        if layer_cache.k.shape[1:] != (cfg.num_key_value_heads, cfg.head_dim):
-            raise InputError(f"layer {i}: the cache holds {list(layer_cache.k.shape[1:])} kv heads x dims, the config "
-                             f"[{cfg.num_key_value_heads}, {cfg.head_dim}]")
-        if (cfg.layer_window(i) or None) != layer_cache.window:
-            raise InputError(f"layer {i}: the cache's window {layer_cache.window} does not match the config's "
-                             f"{cfg.layer_window(i)}")
+        layer_cache.spec.check(cfg.num_key_value_heads, cfg.head_dim, cfg.layer_window(i), f"layer {i}")
         out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
         T = out.shape[0]
-        pos = int64_vector(positions, T, "positions", 0)
+        pos = int64_vector(ctx.positions, T, "positions", 0)
         layer_cache.reserve(T)
         check(lib.st_layer_forward(pool, hit[1][0], 0, layer_cache.kv, ptr(ffi, "float *", out),
                                    ptr(ffi, "int64_t *", pos), T), f"layer {i}")
-        return out
+        return out, layer_cache
 
     # ---- the fused step --------------------------------------------------------------------------
     def forward(self, cfg, params, ids, positions, cache, last_only=False):
@@ -350,7 +324,10 @@ class CBackend(Backend):
               f"linear '{m.name}'")
         return y.reshape(*np.shape(x)[:-1], m.rows)
 
-    def rope(self, x, positions, theta: float):
+    def rope(self, q, k, ctx):
+        return self._rope(q, ctx.positions, ctx.theta), self._rope(k, ctx.positions, ctx.theta)
+
+    def _rope(self, x, positions, theta: float):
         ffi, lib, _ = self._lib()
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[-1] % 2:
@@ -362,10 +339,9 @@ class CBackend(Backend):
         return out
 
     def new_cache(self, config, capacity: int):
-        ffi_lib()
         return CKVCache(config, capacity)
 
-    def attention(self, q, k, v, cache, positions, window):
+    def attention(self, q, k, v, cache, ctx, window):
         ffi, lib, pool = self._lib()
         if not isinstance(cache, CLayerKV):
             raise InputError("C backend attention needs a layer of a cache made by its own new_cache()")
@@ -376,19 +352,15 @@ class CBackend(Backend):
                              f"got q {list(q.shape)} k {list(k.shape)} v {list(v.shape)}")
         T, nH, hd = q.shape
         nKV = k.shape[1]
-        if cache.k.shape[1:] != (nKV, hd):
-            raise InputError(f"attention: cache holds [{cache.k.shape[1]}, {cache.k.shape[2]}] heads x dims, "
-                             f"k has [{nKV}, {hd}]")
-        if (window or None) != cache.window:
-            raise InputError(f"attention: window {window} does not match the cache's {cache.window}")
-        pos = int64_vector(positions, T, "positions", 0)
+        cache.spec.check(nKV, hd, window)
+        pos = int64_vector(ctx.positions, T, "positions", 0)
         q, k, v = (np.ascontiguousarray(a, np.float32) for a in (q, k, v))
         cache.reserve(T)
         out = np.empty((T, nH * hd), np.float32)
         check(lib.st_attention(pool, ptr(ffi, "float *", q), ptr(ffi, "float *", k), ptr(ffi, "float *", v), T, nH,
                                nKV, hd, cache.kv, ptr(ffi, "int64_t *", pos), int(window or 0),
                                ptr(ffi, "float *", out)), "attention")
-        return out
+        return out, cache
 
     def route(self, x, router: Param, k: int, softmax: bool):
         ffi, lib, pool = self._lib()
@@ -404,7 +376,7 @@ class CBackend(Backend):
         return w, ids
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights, sparse: bool | None = None):
-        if getattr(gate.raw, "offloaded", False):
+        if is_offloaded(gate):
             return self._offloaded_moe(x, gate.raw, up.raw, down.raw, ids, weights, sparse)
         ffi, lib, pool = self._lib()
         g, u, d = as_experts(gate), as_experts(up), as_experts(down)
@@ -428,6 +400,12 @@ class CBackend(Backend):
         E, F, H = (int(n) for n in gate.shape)
         xs, ids, weights = _moe_inputs(x, ids, weights, H, E)
         T = xs.shape[0]
+        fmts = (gate.fmt, up.fmt, down.fmt)
+        for f, part in zip(fmts, (gate, up, down)):
+            if f not in ops.FMT_CODE:
+                raise BackendError(f"memory-budget mode on the C backend reads experts as stored; "
+                                   f"'{part.name}' is {f}, which it converts only when loaded whole "
+                                   f"(load without max_memory, or re-quantise the file)")
         picked = list(dict.fromkeys(ids.ravel().tolist()))
         group = max(1, cache.slots - 1)
         out = np.zeros((T, H), np.float32)
@@ -437,13 +415,13 @@ class CBackend(Backend):
             G = len(experts)
             structs = []
             for part, (rows, cols) in enumerate(((F, H), (F, H), (H, F))):
-                rb = ops.row_bytes(gate.fmt, cols)
+                rb = ops.row_bytes(fmts[part], cols)
                 if views[0][part].nbytes != rows * rb:
                     raise InputError(f"moe: expert slot holds {views[0][part].nbytes} bytes, expected {rows * rb}")
                 ptrs = ffi.new("void *[]", [ffi.cast("void *", v[part].ctypes.data) for v in views])
                 structs.append((ptrs, ffi.new("st_experts *", {"experts": ptrs, "n_experts": G, "rows": rows,
                                                                 "cols": cols, "row_bytes": rb,
-                                                                "fmt": ops.FMT_CODE[gate.fmt]})))
+                                                                "fmt": ops.FMT_CODE[fmts[part]]})))
             local = np.full(E, -1, np.int64)          # expert id -> its place in this group
             local[experts] = np.arange(G)
             if G == len(picked):

@@ -1,8 +1,9 @@
 """cffi build of the C kernels (API mode): `setup.py` compiles it at install time through
 `cffi_modules`; `python -m st_sdk_backends.c.build` rebuilds it in place for development.
 
-No -march=native: st_kernels.c compiles each hot kernel for generic, AVX2 and AVX-512 itself (GCC
-target pragmas) and picks one at run time, so the built module runs on any CPU of its architecture.
+No -march=native: st_variants.c compiles each hot kernel for generic, AVX2 and AVX-512 itself (GCC
+target pragmas) and st_kernels.c picks one at run time, so the built module runs on any CPU of its
+architecture.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from cffi import FFI
 
 MODULE = "st_sdk_backends.c._st_kernels"
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-SOURCES = ["st_kernels.c"]
-DEPENDS = ["st_kernels.h", "st_simd_impl.h"]
+SOURCES = ["st_kernels.c", "st_variants.c", "st_formats.c", "st_quantize.c"]
+DEPENDS = ["st_kernels.h", "st_internal.h", "st_simd_impl.h", "st_kquant_impl.h", "st_repack_impl.h"]
 CFLAGS = ["-O3", "-std=gnu11", "-fno-math-errno", "-pthread"]
 
 

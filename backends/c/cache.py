@@ -1,29 +1,39 @@
-"""KV cache of the C backend: the same policy as the reference (global layers grow, sliding-window
-layers are rings of `window` slots indexed by position % window), held in numpy arrays that the C
-kernels write through one `st_kv` struct per layer. The struct's `length` is the source of truth."""
+"""KV cache of the C backend, following st_sdk.kv's policy (global layers grow, sliding-window layers
+are rings of `window` rows indexed by position % window), held in numpy arrays that the C kernels
+write through one `st_kv` struct per layer. The struct's `length` is the source of truth. The kernels
+store keys and values as float32."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..numpy.cache import LayerKV as _ReferenceLayerKV
+from st_sdk import kv
+from st_sdk.errors import InputError
+
+from ..numpy.cache import LayerKV as _ReferenceLayerKV, ordered_state
 from .ops import ffi_lib
+
+#: the dtype the kernels read and write keys and values in
+DTYPES = ("float32",)
 
 
 class CLayerKV:
-    def __init__(self, structs, index: int, n_kv: int, head_dim: int, window: int | None, capacity: int):
-        self.window = window or None
+    def __init__(self, structs, index: int, spec: kv.LayerSpec, capacity: int):
+        if spec.dtype not in DTYPES:
+            raise InputError(f"C backend: KV cache dtype {spec.dtype!r} is not supported (supported: "
+                             f"{', '.join(DTYPES)})")
+        self.spec = spec
+        self.window = spec.window
         self._structs = structs              # keeps the C structs alive as long as any layer is used
         self.kv = structs + index            # st_kv * for the kernels
-        self._shape = (n_kv, head_dim)
-        self._alloc(window if window else max(int(capacity), 1), copy_from=None)
-        self.kv.window = int(window or 0)
+        self._alloc(spec.initial_slots(capacity), copy_from=None)
+        self.kv.window = int(spec.window or 0)
         self.kv.length = 0
 
     def _alloc(self, cap: int, copy_from) -> None:
         ffi, _ = ffi_lib()
-        k = np.zeros((cap, *self._shape), np.float32)
-        v = np.zeros((cap, *self._shape), np.float32)
-        pos = np.full(cap, -1, np.int64)
+        shape = (cap, self.spec.n_kv, self.spec.head_dim)
+        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        pos = np.full(cap, kv.EMPTY, np.int64)
         if copy_from is not None:
             n = len(copy_from[2])
             k[:n], v[:n], pos[:n] = copy_from
@@ -38,47 +48,67 @@ class CLayerKV:
         return int(self.kv.length)
 
     def reserve(self, n_new: int) -> None:
-        """Room for n_new more tokens (global layers grow by doubling; rings never need to)."""
+        """Room for n_new more tokens (global layers grow; rings never need to)."""
         if self.window:
             return
         need = self.length + n_new
         if need > len(self.pos):
-            self._alloc(max(need, 2 * len(self.pos)), copy_from=(self.k, self.v, self.pos))
+            self._alloc(kv.grown_slots(len(self.pos), need), copy_from=(self.k, self.v, self.pos))
 
     #: (k, v, positions) of every stored token, unordered: the reference cache's own reader
     entries = _ReferenceLayerKV.entries
+    can_truncate = _ReferenceLayerKV.can_truncate
+
+    def truncate(self, n: int) -> None:
+        self.pos[self.pos >= n] = -1
+        self.kv.length = min(self.length, n)
+
+    def restore(self, k, v, pos, n: int) -> None:
+        if self.window:
+            slots = pos % self.window
+        else:
+            self.reserve(len(pos))
+            slots = np.arange(len(pos))
+        self.k[slots], self.v[slots], self.pos[slots] = k, v, pos
+        self.kv.length = n
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.pos.nbytes
 
 
-def cache_signature(config) -> tuple:
-    n = config.num_hidden_layers
-    return (n, config.num_key_value_heads, config.head_dim, tuple(config.layer_window(i) or 0 for i in range(n)))
-
-
 class CKVCache:
-    def __init__(self, config, capacity: int):
+    def __init__(self, config, capacity: int, dtype: str = "float32"):
         ffi, _ = ffi_lib()
-        n = config.num_hidden_layers
-        self.structs = ffi.new("st_kv[]", n)   # contiguous: st_forward takes the array
-        self.layers = [CLayerKV(self.structs, i, config.num_key_value_heads, config.head_dim,
-                                config.layer_window(i), capacity) for i in range(n)]
-        self.signature = cache_signature(config)
+        self.specs = kv.layer_specs(config, dtype)
+        self.structs = ffi.new("st_kv[]", len(self.specs))   # contiguous: st_forward takes the array
+        self.layers = [CLayerKV(self.structs, i, spec, capacity) for i, spec in enumerate(self.specs)]
 
     def check(self, config) -> None:
         """InputError unless this cache was made for `config`'s layers, heads and windows: the kernels
         index it with the config's sizes."""
-        from st_sdk.errors import InputError
-
-        if self.signature != cache_signature(config):
+        if [(s.n_kv, s.head_dim, s.window) for s in self.specs] != \
+                [(s.n_kv, s.head_dim, s.window) for s in kv.layer_specs(config)]:
             raise InputError("KV cache was made for a different model shape (layers, kv heads, head_dim or "
                              "windows); make it with this model's new_cache()/session()")
 
     def reserve(self, n_new: int) -> None:
         for layer in self.layers:
             layer.reserve(n_new)
+
+    def truncate(self, n: int) -> bool:
+        if not all(layer.can_truncate(n) for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.truncate(n)
+        return True
+
+    def state(self):
+        return ordered_state(self.layers)
+
+    def restore(self, state, n: int) -> None:
+        for layer, (k, v, pos) in zip(self.layers, state):
+            layer.restore(k, v, pos, n)
 
     @property
     def nbytes(self) -> int:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from st_sdk.backend import Param
 from st_sdk.errors import BackendError, InputError
 from st_sdk.weights.mapping import release_map
-from st_sdk.weights.tensor import BLOCK, BLOCK_BYTES, STORAGE_DTYPE
+from st_sdk.weights.formats import KQUANTS, STORAGE_DTYPE, block_size
+from st_sdk.weights.formats import row_bytes as _row_bytes
 
-FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
-#: formats the kernels can repack 8 rows at a time (see csrc/st_kernels.h), and their codes
-REPACKED_CODE = {"q8_0": 5, "q4_0": 6}
+#: stored formats the kernels run as they lie in the file, and their codes (csrc/st_kernels.h)
+FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 7, "q5_0": 8, "q5_1": 9, "iq4_nl": 10,
+            "q2_k": 11, "q3_k": 12, "q4_k": 13, "q5_k": 14, "q6_k": 15, "iq4_xs": 16}
+#: the kernels' activation blocks: {float d, s; int8 qs[32]} and Q8_K {float d; int8 qs[256]; int16 bsums[16]}
+Q8_BLOCK = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
+Q8K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
 VARIANTS = {"generic": 0, "avx2": 1, "avx512": 2, "neon": 3}
 _ERRORS = {-1: (InputError, "invalid argument (shape, size or pointer)"), -2: (BackendError, "out of memory"),
            -3: (InputError, "KV cache does not fit (capacity or window mismatch)"),
@@ -69,31 +72,46 @@ def check(rc: int, what: str) -> None:
 
 
 def row_bytes(fmt: str, cols: int) -> int:
-    if fmt in BLOCK_BYTES:
-        return cols // BLOCK * BLOCK_BYTES[fmt]
-    return cols * np.dtype(STORAGE_DTYPE[fmt]).itemsize
+    return _row_bytes(fmt, cols)
+
+
+def _code(fmt: str, name: str) -> int:
+    if fmt not in FMT_CODE:
+        raise InputError(f"weight '{name}': the C kernels do not run {fmt!r} as stored "
+                         f"(they run {', '.join(FMT_CODE)}); the backend converts other types at load")
+    return FMT_CODE[fmt]
 
 
 def _storage(arr: np.ndarray, fmt: str, rows_shape: tuple, cols: int, name: str) -> tuple[np.ndarray, int]:
     """The array as contiguous storage of exactly the expected size; (array, bytes copied)."""
+    _code(fmt, name)
+    if cols % block_size(fmt):
+        raise InputError(f"weight '{name}': {fmt} rows need a multiple of {block_size(fmt)} columns, got {cols}")
     want = (*rows_shape, row_bytes(fmt, cols) // np.dtype(STORAGE_DTYPE[fmt]).itemsize)
     if arr.dtype != STORAGE_DTYPE[fmt] or tuple(arr.shape) != want:
         raise InputError(f"weight '{name}': storage {arr.dtype}{list(arr.shape)} does not match "
                          f"{fmt} {list(rows_shape)}x{cols}")
-    if fmt in BLOCK_BYTES and cols % BLOCK:
-        raise InputError(f"weight '{name}': {fmt} rows need a multiple of {BLOCK} columns, got {cols}")
     if arr.flags.c_contiguous and arr.flags.aligned:
         return arr, 0
     arr = np.require(arr, requirements=("C", "A"))   # the kernels load whole elements: never misaligned
     return arr, arr.nbytes
 
 
+def repacked_code(fmt: str) -> int:
+    """The code of `fmt`'s 8-row repacked layout, -1 if the kernels have none."""
+    if fmt not in FMT_CODE:
+        return -1
+    _, lib = ffi_lib()
+    return int(lib.st_repacked_format(FMT_CODE[fmt]))
+
+
 def can_repack(fmt: str, rows: int) -> bool:
-    return fmt in REPACKED_CODE and rows % 8 == 0
+    return rows % 8 == 0 and repacked_code(fmt) >= 0
 
 
 def repack(arr: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, int]:
-    """Q4_0/Q8_0 [rows, cols] storage -> the 8-row interleaved copy; (copy, bytes per 8-row group)."""
+    """[rows, cols] storage -> the 8-row interleaved copy (Q8_0, Q4_0, the k-quants, IQ4_XS; same
+    size); (copy, bytes per 8-row group)."""
     ffi, lib = ffi_lib()
     n = lib.st_repacked_bytes(FMT_CODE[fmt], rows, cols)
     if n < 0:
@@ -106,7 +124,7 @@ def repack(arr: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray,
 
 class CMat:
     """A 2-D weight [rows, cols] as the kernels see it (st_mat): pointing into the stored array, or
-    into an 8-row interleaved copy when `repack` (Q4_0/Q8_0; its bytes are counted in `repacked`)."""
+    into an 8-row interleaved copy when `repack` (its bytes are counted in `repacked`)."""
 
     def __init__(self, tensor, repack_rows: bool = False):
         ffi, _ = ffi_lib()
@@ -114,13 +132,14 @@ class CMat:
             raise InputError(f"weight '{tensor.name}': expected a 2-D matrix, got shape {list(tensor.shape)}")
         rows, cols = (int(s) for s in tensor.shape)
         self.name, self.fmt, self.rows, self.cols = tensor.name, tensor.fmt, rows, cols
+        self.tensor = tensor   # as stored (or as converted at load): a tied head repacks its own copy from it
         self.data, self.copied = _storage(tensor.storage(), tensor.fmt, (rows,), cols, tensor.name)
         code, rb, self.repacked = FMT_CODE[tensor.fmt], row_bytes(tensor.fmt, cols), 0
         self.released = 0
         if repack_rows and can_repack(tensor.fmt, rows):
             source = self.data
             self.data, rb = repack(source, tensor.fmt, rows, cols)
-            code, self.repacked, self.copied = REPACKED_CODE[tensor.fmt], self.data.nbytes, 0
+            code, self.repacked, self.copied = repacked_code(tensor.fmt), self.data.nbytes, 0
             self.released = release_map(source)
         self.struct = ffi.new("st_mat *", {"data": ffi.cast("void *", self.data.ctypes.data), "rows": rows,
                                            "cols": cols, "row_bytes": rb, "fmt": code})
@@ -149,14 +168,14 @@ class CExperts:
             self.arrays = [a]
             stride = rows * row_bytes(tensor.fmt, cols)
             ptrs = [a.ctypes.data + e * stride for e in range(E)]
-        code, rb, self.repacked, self.released = FMT_CODE[tensor.fmt], row_bytes(tensor.fmt, cols), 0, 0
+        code, rb, self.repacked, self.released = _code(tensor.fmt, tensor.name), row_bytes(tensor.fmt, cols), 0, 0
         if repack_rows and can_repack(tensor.fmt, rows):
             sources = self.arrays
             src = [np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8) for p in ptrs]
             packed = [repack(a, tensor.fmt, rows, cols) for a in src]
             self.arrays = [p for p, _ in packed]
             ptrs = [a.ctypes.data for a in self.arrays]
-            code, rb, self.copied = REPACKED_CODE[tensor.fmt], packed[0][1], 0
+            code, rb, self.copied = repacked_code(tensor.fmt), packed[0][1], 0
             self.repacked = sum(a.nbytes for a in self.arrays)
             self.released = sum(release_map(a) for a in sources)
         self.ptrs = ffi.new("void *[]", [ffi.cast("void *", p) for p in ptrs])
@@ -164,7 +183,42 @@ class CExperts:
                                                "row_bytes": rb, "fmt": code})
 
 
-def f32_vector(param: Param, n: int | None = None) -> np.ndarray:
+def quantize_rows(fmt: str, x) -> np.ndarray:
+    """float32 [rows, cols] -> `fmt` storage uint8 [rows, cols // 256 * type_size] for the k-quants
+    q2_k..q6_k, with ggml's reference quantisers (what llama.cpp's quantiser writes without an
+    importance matrix). cols must be a multiple of 256."""
+    if fmt not in KQUANTS:
+        raise InputError(f"quantize_rows: {fmt!r} is not one of {', '.join(KQUANTS)}")
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0 or x.shape[1] % 256:
+        raise InputError(f"quantize_rows: expected float32 [rows, cols] with cols a multiple of 256, got "
+                         f"{x.dtype}{list(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"quantize_rows: expected floating point values, got {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ffi, lib = ffi_lib()
+    out = np.empty((x.shape[0], row_bytes(fmt, x.shape[1])), np.uint8)
+    check(lib.st_quantize_rows(FMT_CODE[fmt], ptr(ffi, "float *", x), x.shape[0], x.shape[1],
+                               ffi.cast("void *", out.ctypes.data)), f"quantize_rows {fmt}")
+    return out
+
+
+def quantize_act(fmt: str, x) -> np.ndarray:
+    """One float32 activation row as the kernels quantise it for weights of `fmt`: Q8_BLOCK records
+    (the 32-blocks) or Q8K_BLOCK records (the k-quants and iq4_xs); what kernel tests dequantise."""
+    ffi, lib = ffi_lib()
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    bs = 256 if fmt in KQUANTS or fmt == "iq4_xs" else 32
+    if fmt not in FMT_CODE or fmt in ("f32", "f16", "bf16") or x.size % bs:
+        raise InputError(f"quantize_act: no activation blocks for {fmt!r} of {x.size} values")
+    out = np.zeros(x.size // bs, Q8K_BLOCK if bs == 256 else Q8_BLOCK)
+    check(lib.st_quantize_act(FMT_CODE[fmt], ptr(ffi, "float *", x), x.size, ffi.cast("void *", out.ctypes.data)),
+          "quantize_act")
+    return out
+
+
+def f32_vector(param, n: int | None = None) -> np.ndarray:
+    """A weight `Param`'s float32 vector (its prepared value when that already is one)."""
     v = param.value if isinstance(param.value, np.ndarray) and param.value.dtype == np.float32 \
         and param.value.flags.c_contiguous and param.value.flags.aligned and param.value.ndim == 1 \
         else np.require(param.raw.numpy(), np.float32, ("C", "A"))
@@ -173,11 +227,11 @@ def f32_vector(param: Param, n: int | None = None) -> np.ndarray:
     return v
 
 
-def as_mat(param: Param) -> CMat:
+def as_mat(param) -> CMat:   # param: st_sdk.backend.Param
     return param.value if isinstance(param.value, CMat) else CMat(param.raw)
 
 
-def as_experts(param: Param) -> CExperts:
+def as_experts(param) -> CExperts:
     return param.value if isinstance(param.value, CExperts) else CExperts(param.raw)
 
 

@@ -1,30 +1,31 @@
-"""The JAX backend: every op, and a fused `forward` compiled with `jax.jit` once per shape bucket.
+"""The JAX backend: every op, and `forward`, the graph (st_sdk/graph.py) traced over jax functions
+and compiled with `jax.jit` once per shape bucket.
 
 Device: the first GPU/TPU jax sees, else CPU. Compute dtype "float32" or "bfloat16" (default
 bfloat16: it halves the bytes every decode step streams and the memory held; on CPU it decodes about
 1.6x faster than float32, measured; norms, the router and every activation stay float32). Weights are
-converted once at load (Q8_0/Q4_0/F16/BF16 dequantised to the compute dtype; HF per-expert tensors
+converted once at load (every GGUF block type and F16/BF16 dequantised to the compute dtype; HF per-expert tensors
 stacked). The decode step (one token) and prefill chunks (padded to 8/32/128 tokens, padding masked)
 each compile once; the KV cache is a donated pytree of static shapes updated with
-dynamic_update_slice; experts are picked with gathers; only the logits come back to the host.
+dynamic_update_slice (the graph's `attention` returns the updated arrays); experts are picked with
+gathers; only the logits come back to the host.
 """
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 
-from st_sdk.backend import Backend, ModelParams, Param
+from st_sdk import graph
+from st_sdk.backend import (COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backend, LayerParams, ModelParams,
+                            OpTable, Param)
 from st_sdk.errors import InputError
+from st_sdk.hardware import resolve_threads
+from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
 
-log = logging.getLogger("st_sdk")
-
-DTYPES = ("float32", "bfloat16")
-#: roles kept float32 whatever the compute dtype: cheap, and their precision decides the top-k
-FLOAT32_ROLES = ("attn_norm", "ffn_norm", "norm", "router")
 #: prefill chunk buckets (tokens); a longer feed runs in chunks of the largest
 BUCKETS = (1, 8, 32, 128)
 #: elements per converted chunk of a Packed weight on CPU (2 MiB of float32: about one core's L2)
@@ -42,20 +43,21 @@ class JaxBackend(Backend):
     name = "jax"
     version = _version()
     requires = ("jax",)
+    formats = FLOATS
+    converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
     install_hint = 'pip install -e ".[jax]" (from a clone of st-sdk)'
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
         super().__init__(n_threads=n_threads, dtype=dtype)
-        if dtype not in (None, "auto", *DTYPES):
-            raise InputError(f"jax backend: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self._ready = False
+        if dtype not in (None, "auto", *COMPUTE_DTYPES):
+            raise InputError(f"jax backend: dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
         #: traces of the fused step per (bucket, cache capacities, last_only): each is one compilation
         self.compilations: Counter = Counter()
 
-    # ---- control plane (is_available imports `requires`) ---------------------------------
-    def _setup(self) -> None:
-        if self._ready:
-            return
+    # ---- control plane (is_available imports `requires`, then runs setup) ------------------
+    def setup(self) -> None:
+        """Import jax, pick the device and compute dtype, jit the op-level API."""
         import jax
         import jax.numpy as jnp
 
@@ -64,21 +66,19 @@ class JaxBackend(Backend):
         self.jax, self.jnp, self.ops = jax, jnp, ops
         self.device = jax.devices()[0]
         self.accelerator = self.device.platform != "cpu"
-        if self.dtype not in DTYPES:
+        if self.dtype not in COMPUTE_DTYPES:
             self.dtype = "bfloat16"
         self.compute_dtype = getattr(jnp, self.dtype)
-        cores = os.cpu_count() or 1
-        if self.n_threads and self.n_threads > cores:
-            log.warning("jax backend: n_threads=%d is more than the %d cores here", self.n_threads, cores)
+        if self.n_threads is not None:   # XLA's pool is fixed when jax starts: only say when it is too big
+            resolve_threads(self.n_threads)
         # the op-level API: each op jitted once per input shape
         self._matmul = jax.jit(ops.matmul)
         self._embed = jax.jit(ops.embed)
         self._rms_norm = jax.jit(ops.rms_norm, static_argnums=2)
-        self._rope = jax.jit(ops.rope)
+        self._rope = jax.jit(lambda q, k, cos, sin: (ops.rope(q, cos, sin), ops.rope(k, cos, sin)))
         self._attend = jax.jit(ops.attend_and_append, static_argnums=6)
         self._route = jax.jit(ops.route, static_argnums=(2, 3))
         self._moe = jax.jit(ops.moe, static_argnums=6)
-        self._ready = True
 
     def devices(self) -> list[str]:
         try:
@@ -88,14 +88,14 @@ class JaxBackend(Backend):
         return [f"{d.platform}:{d.id}" for d in jax.devices()]
 
     def score(self, hardware, fmt: str) -> float:
-        self._setup()
+        self.check_available()
         return 90.0 if self.accelerator else 4.0
 
     def describe(self):
-        self._setup()
+        self.check_available()
         return {"device": f"{self.device.platform}:{self.device.id} ({self.device.device_kind})",
                 "compute_dtype": self.dtype,
-                "weights": f"converted once at load to {self.dtype} (F16/BF16/Q8_0/Q4_0 dequantised at load; "
+                "weights": f"converted once at load to {self.dtype} (F16/BF16 and quantised types dequantised at load; "
                            f"norms and router float32)" + ("" if self.accelerator else
                                                            "; matmuls convert cache-sized chunks to float32"),
                 "compiled": "decode step and prefill chunks of " + "/".join(map(str, BUCKETS[1:])) +
@@ -108,7 +108,6 @@ class JaxBackend(Backend):
 
     # ---- weights -------------------------------------------------------------------------
     def prepare(self, param: Param, role: str):
-        self._setup()
         t = param.raw
         jnp = self.jnp
         if role in FLOAT32_ROLES or len(t.shape) == 1:
@@ -120,128 +119,122 @@ class JaxBackend(Backend):
         return self.ops.pack(t, self.dtype, CHUNK_ELEMS)
 
     def prepare_model(self, params: ModelParams, config) -> None:
-        self._setup()
         cos, sin = self.ops.rope_tables(np.arange(config.max_position_embeddings), config.head_dim,
                                         config.rope_theta)
         layer_fields = params.layers[0].__dataclass_fields__ if params.layers else ()
         tree = {"embed": params.embed.value, "norm": params.norm.value, "head": params.head.value,
                 "cos": self.jnp.asarray(cos), "sin": self.jnp.asarray(sin),
                 "layers": [{f: getattr(lp, f).value for f in layer_fields} for lp in params.layers]}
-        params.extra["jax"] = (tree, self._make_step(config))
+        params.extra["jax"] = (tree, self._step(config, params))
 
     def to_numpy(self, x) -> np.ndarray:
         a = np.asarray(x)
         return a.astype(np.float32, copy=False) if a.dtype.kind == "f" or a.dtype == object else a
 
     def from_numpy(self, x: np.ndarray):
-        self._setup()
         return self.jnp.asarray(x)
 
-    # ---- the op set ----------------------------------------------------------------------
+    # ---- the op set, one jitted op at a time -----------------------------------------------
+    def context(self, config, positions):
+        pos = np.asarray(positions, np.int64)
+        cos, sin = self.ops.rope_tables(pos, config.head_dim, config.rope_theta)
+        return self.ops.JaxContext(pos, config.rope_theta, self.jnp.asarray(pos, self.jnp.int32),
+                                   self.jnp.ones(len(pos), bool), cos, sin)
+
     def embed(self, table: Param, ids):
-        self._setup()
         return self._embed(table.value, self.jnp.asarray(np.asarray(ids), self.jnp.int32))
 
     def rms_norm(self, x, weight: Param, eps: float):
-        self._setup()
         return self._rms_norm(self.jnp.asarray(x), weight.value, float(eps))
 
     def linear(self, x, weight: Param):
-        self._setup()
         return self._matmul(self.jnp.asarray(x, self.jnp.float32), weight.value)
 
-    def rope(self, x, positions, theta: float):
-        self._setup()
-        cos, sin = self.ops.rope_tables(np.asarray(positions), x.shape[-1], theta)
-        return self._rope(self.jnp.asarray(x), cos, sin)
+    def rope(self, q, k, ctx):
+        return self._rope(self.jnp.asarray(q), self.jnp.asarray(k), ctx.cos, ctx.sin)
 
     def new_cache(self, config, capacity: int):
-        self._setup()
         from .cache import JaxCache
 
         # on CPU the cache stays float32: bf16-typed arrays are slow there, and it is small next to the weights
-        return JaxCache(config, capacity, self.compute_dtype if self.accelerator else self.jnp.float32)
+        return JaxCache(config, capacity, self.dtype if self.accelerator else "float32")
 
-    def attention(self, q, k, v, layer_cache, positions, window):
-        self._setup()
-        pos = np.asarray(positions, np.int64)
-        layer_cache.ensure(int(pos.max()) + 1)
+    def attention(self, q, k, v, layer_cache, ctx, window):
+        layer_cache.spec.check(k.shape[1], k.shape[2], window)
+        layer_cache.ensure(int(ctx.positions.max()) + 1)
         jnp = self.jnp
         out, layer_cache.arrays = self._attend(
             jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
-            layer_cache.arrays, jnp.asarray(pos, jnp.int32), jnp.ones(len(pos), bool), window)
-        return out
+            layer_cache.arrays, ctx.device_positions, ctx.valid, window)
+        return out, layer_cache
 
     def route(self, x, router: Param, k: int, softmax: bool):
-        self._setup()
         return self._route(self.jnp.asarray(x, self.jnp.float32), router.value, int(k), bool(softmax))
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights):
-        self._setup()
         jnp = self.jnp
         return self._moe(jnp.asarray(x, jnp.float32), gate.value, up.value, down.value,
                          jnp.asarray(np.asarray(ids), jnp.int32), jnp.asarray(weights, jnp.float32),
                          int(gate.raw.shape[0]))
 
-    # ---- the fused layer and step --------------------------------------------------------
-    @staticmethod
-    def _layer(ops, cfg, i, lp, h, pos, valid, kv, cos, sin):
-        """One decoder layer, traced inside the step (or jitted alone for the `layer` op)."""
-        T = h.shape[0]
-        nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
-        a = ops.rms_norm(h, lp["attn_norm"], eps)
-        q = ops.matmul(a, lp["wq"]).reshape(T, nH, hd)
-        k = ops.matmul(a, lp["wk"]).reshape(T, nKV, hd)
-        v = ops.matmul(a, lp["wv"]).reshape(T, nKV, hd)
-        # the router reads the raw layer input, before any norm
-        w, picked = ops.route(h, lp["router"], cfg.moe_num_active_primary_experts,
-                              cfg.moe_primary_router_apply_softmax)
-        if cfg.layer_uses_rope(i):                               # NoPE layers skip it for q and k
-            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-        attn, kv = ops.attend_and_append(q, k, v, kv, pos, valid, cfg.layer_window(i))
-        h = h + ops.matmul(attn, lp["wo"])
-        m = ops.rms_norm(h, lp["ffn_norm"], eps)
-        return h + ops.moe(m, lp["gate"], lp["up"], lp["down"], picked, w, cfg.moe_num_primary_experts), kv
+    # ---- the compiled step: the graph traced over jax functions ---------------------------
+    def _traced_ops(self, tree, valid, n_experts: int) -> OpTable:
+        """The op table the graph runs on inside the compiled step: weights are the traced arrays of
+        `tree`, the cache of each layer its (keys, values, positions) arrays, returned updated."""
+        o = self.ops
 
-    def layer(self, cfg, i, layer_params, h, positions, layer_cache):
-        self._setup()
-        jnp = self.jnp
-        if not hasattr(self, "_layer_jit"):
-            self._layer_jit = self.jax.jit(lambda cfg, i, *a: self._layer(self.ops, cfg, i, *a),
-                                           static_argnums=(0, 1))
-        pos = np.asarray(positions, np.int64)
-        layer_cache.ensure(int(pos.max()) + 1)
-        cos, sin = self.ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-        lp = {f: getattr(layer_params, f).value for f in layer_params.__dataclass_fields__}
-        out, layer_cache.arrays = self._layer_jit(
-            cfg, i, lp, jnp.asarray(h, jnp.float32), jnp.asarray(pos, jnp.int32), jnp.ones(len(pos), bool),
-            layer_cache.arrays, cos, sin)
-        return out
+        def context(cfg, pos):
+            return o.JaxContext(pos, cfg.rope_theta, pos, valid, tree["cos"][pos], tree["sin"][pos])
 
-    def _make_step(self, cfg):
-        jax, jnp, ops = self.jax, self.jnp, self.ops
+        def attention(q, k, v, kv, ctx, window):
+            return o.attend_and_append(q, k, v, kv, ctx.device_positions, ctx.valid, window)
+
+        return OpTable(
+            context=context,
+            embed=lambda table, ids: o.embed(table.value, ids),
+            rms_norm=lambda x, w, eps: o.rms_norm(x, w.value, eps),
+            linear=lambda x, w: o.matmul(x, w.value),
+            qkv=lambda x, wq, wk, wv: (o.matmul(x, wq.value), o.matmul(x, wk.value), o.matmul(x, wv.value)),
+            rope=lambda q, k, ctx: (o.rope(q, ctx.cos, ctx.sin), o.rope(k, ctx.cos, ctx.sin)),
+            new_cache=self.new_cache, attention=attention,
+            route=lambda x, w, k, softmax: o.route(x, w.value, k, softmax),
+            moe=lambda x, g, u, d, ids, w: o.moe(x, g.value, u.value, d.value, ids, w, n_experts),
+            layer=None, forward=None, to_numpy=self.to_numpy, from_numpy=self.from_numpy, native=[], fallbacks=[])
+
+    def _step(self, cfg, params: ModelParams):
+        """The jitted step of this config, made once per backend instance: another model of the same
+        shape (the same weights in another type, all converted to the compute dtype) reuses its
+        compilations."""
+        steps = self.__dict__.setdefault("_steps", {})
+        key = (cfg, params.head is params.embed)
+        if key not in steps:
+            steps[key] = self._make_step(cfg, params)
+        return steps[key]
+
+    def _make_step(self, cfg, params: ModelParams):
+        jax, jnp = self.jax, self.jnp
+        names = params.layers[0].__dataclass_fields__ if params.layers else ()
+
+        def traced(p: Param, value) -> Param:
+            return Param(p.raw, value)
 
         def step(tree, caches, ids, pos, n_valid, last_only):
             T = ids.shape[0]
             # runs only while tracing: one count per compilation
             self.compilations[(T, tuple(kv[0].shape[0] for kv in caches), last_only)] += 1
-            valid = jnp.arange(T) < n_valid
-            h = ops.embed(tree["embed"], ids)
-            cos, sin = tree["cos"][pos], tree["sin"][pos]
-            new_caches = []
-            for i, lp in enumerate(tree["layers"]):
-                h, kv = self._layer(ops, cfg, i, lp, h, pos, valid, caches[i], cos, sin)
-                new_caches.append(kv)
-            if last_only:
-                h = jax.lax.dynamic_slice_in_dim(h, n_valid - 1, 1)
-            h = ops.rms_norm(h, tree["norm"], cfg.rms_norm_eps)
-            return ops.matmul(h, tree["head"]), new_caches
+            ops = self._traced_ops(tree, jnp.arange(T) >= T - n_valid, cfg.moe_num_primary_experts)
+            layers = [LayerParams(**{f: traced(getattr(lp, f), tree["layers"][i][f]) for f in names})
+                      for i, lp in enumerate(params.layers)]
+            embed = traced(params.embed, tree["embed"])
+            head = embed if params.head is params.embed else traced(params.head, tree["head"])
+            cache = SimpleNamespace(layers=list(caches))
+            logits = graph.forward(ops, cfg, ModelParams(embed, layers, traced(params.norm, tree["norm"]), head),
+                                   ids, pos, cache, last_only)
+            return logits, cache.layers
 
         return jax.jit(step, static_argnames="last_only", donate_argnums=1)
 
     def forward(self, cfg, params: ModelParams, ids, positions, cache, last_only: bool = False):
-        self._setup()
         jnp = self.jnp
         if "jax" not in params.extra:
             self.prepare_model(params, cfg)
@@ -254,11 +247,11 @@ class JaxBackend(Backend):
             part_ids, part_pos = ids[s:s + size], positions[s:s + size]
             n = len(part_ids)
             T = next(b for b in BUCKETS if b >= n)
-            # padding repeats the last token at its position: it sees what that token sees, and
-            # is neither written to the cache nor returned
-            pad_ids = np.concatenate([part_ids, np.repeat(part_ids[-1:], T - n)]).astype(np.int32)
-            pad_pos = np.concatenate([part_pos, np.repeat(part_pos[-1:], T - n)]).astype(np.int32)
+            # padding goes first and repeats the first token at its position: it is neither written to
+            # the cache nor returned, and the last row stays the last real token (the graph's last_only)
+            pad_ids = np.concatenate([np.repeat(part_ids[:1], T - n), part_ids]).astype(np.int32)
+            pad_pos = np.concatenate([np.repeat(part_pos[:1], T - n), part_pos]).astype(np.int32)
             inputs = self.jax.device_put((pad_ids, pad_pos, np.int32(n)), self.device)   # the only upload
             logits, cache.arrays = step(tree, cache.arrays, *inputs, last_only=bool(last_only))
-            out.append(logits if last_only else logits[:n])
+            out.append(logits if last_only else logits[T - n:])
         return out[-1] if last_only or len(out) == 1 else jnp.concatenate(out)

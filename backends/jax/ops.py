@@ -1,6 +1,7 @@
-"""The JAX ops: pure functions of jnp arrays. The fused step (backend.py) traces them once per shape
-bucket; the op-level API jits them one by one. Activations are float32; weights are float32 or
-bfloat16 (`Packed` on CPU). Semantics are the NumPy reference's (backends/numpy/ops.py)."""
+"""The JAX ops: pure functions of jnp arrays. The compiled step (backend.py) traces the graph
+(st_sdk/graph.py) over them once per shape bucket; the op-level API jits them one by one.
+Activations are float32; weights are float32 or bfloat16 (`Packed` on CPU). Semantics are the NumPy
+reference's (backends/numpy/ops.py)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from st_sdk.backend import StepContext
+
 F32 = jnp.float32
+
+
+class JaxContext(StepContext):
+    """A step on jax: its positions (host NumPy, or traced inside the compiled step), the same
+    positions as a device array, which of the step's rows are real (a padded chunk's are not), and
+    the RoPE tables cos/sin [T, hd/2] of those positions."""
+
+    __slots__ = ("device_positions", "valid", "cos", "sin")
+
+    def __init__(self, positions, theta: float, device_positions, valid, cos, sin):
+        super().__init__(positions, theta)
+        self.device_positions, self.valid, self.cos, self.sin = device_positions, valid, cos, sin
 
 
 @jax.tree_util.register_pytree_node_class

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from st_sdk.backend import Backend
+from st_sdk.weights.tensor import FORMATS
 
 from . import ops
 
@@ -11,6 +12,7 @@ from . import ops
 class NumpyBackend(Backend):
     name = "numpy"
     version = np.__version__
+    formats = FORMATS   # every type gguf-py dequantises, dequantised per use
 
     def score(self, hardware, fmt: str) -> float:
         return 1.0   # always works, never fast

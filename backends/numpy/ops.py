@@ -23,7 +23,8 @@ def linear(x: np.ndarray, weight: Param) -> np.ndarray:
     return x @ weight.raw.numpy().T
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+def rotate(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """x [T, n, hd] rotated to `positions`: NeoX rotate-half over all hd dims, angles in float64."""
     hd = x.shape[-1]
     inv_freq = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
     angle = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
@@ -34,16 +35,24 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return x * cos + rotated * sin
 
 
+def rope(q: np.ndarray, k: np.ndarray, ctx) -> tuple[np.ndarray, np.ndarray]:
+    return rotate(q, ctx.positions, ctx.theta), rotate(k, ctx.positions, ctx.theta)
+
+
 def new_cache(config, capacity: int) -> KVCache:
     return KVCache(config, capacity)
 
 
-def attention(q, k, v, cache: LayerKV, positions, window: int | None) -> np.ndarray:
+def attention(q, k, v, cache: LayerKV, ctx, window: int | None) -> tuple[np.ndarray, LayerKV]:
+    """Causal GQA attention over the cached keys plus k/v (appended to the cache), in float32; keys
+    visible when their position is <= the query's and, with a window, > the query's - window."""
+    positions = ctx.positions
     T, nH, hd = q.shape
     nKV = k.shape[1]
+    cache.spec.check(nKV, hd, window)
     ck, cv, cpos = cache.entries()
-    keys = np.concatenate([ck, k]) if len(ck) else k
-    vals = np.concatenate([cv, v]) if len(cv) else v
+    keys = np.concatenate([ck.astype(np.float32, copy=False), k]) if len(ck) else k
+    vals = np.concatenate([cv.astype(np.float32, copy=False), v]) if len(cv) else v
     kpos = np.concatenate([cpos, positions]) if len(cpos) else np.asarray(positions)
     cache.append(k, v, np.asarray(positions, np.int64))
     qpos = np.asarray(positions)[:, None]
@@ -59,7 +68,7 @@ def attention(q, k, v, cache: LayerKV, positions, window: int | None) -> np.ndar
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
     out = np.einsum("hts,shd->thd", p, vals)
-    return out.reshape(T, nH * hd).astype(np.float32)
+    return out.reshape(T, nH * hd).astype(np.float32), cache
 
 
 def route(x: np.ndarray, weight: Param, k: int, softmax: bool):

@@ -1,8 +1,8 @@
-"""KV cache of the torch backend: preallocated on the device in the compute dtype.
+"""KV cache of the torch backend: preallocated on the device, keys and values in the compute dtype.
 
-Global layers hold `capacity` slots and double when a sequence outgrows them (the reference grows
-too); sliding-window layers are rings of `window` slots indexed by absolute position % window, as
-in the NumPy reference. Slot bookkeeping (lengths, positions of the chunk) is host-side Python: the
+The policy is st_sdk.kv's: global layers hold `capacity` slots and grow to at least twice their size
+when a sequence outgrows them; sliding-window layers are rings of `window` slots indexed by absolute
+position % window. Slot bookkeeping (lengths, positions of the chunk) is host-side Python: the
 positions come from the caller as numpy, so writing a step never reads the device.
 """
 from __future__ import annotations
@@ -10,16 +10,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from st_sdk import kv
+
 
 class LayerKV:
-    def __init__(self, n_kv: int, head_dim: int, window: int | None, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.window = window
-        cap = window if window else max(int(capacity), 1)
+    def __init__(self, spec: kv.LayerSpec, capacity: int, device: torch.device):
+        self.spec = spec
+        self.window = spec.window
+        cap = spec.initial_slots(capacity)
+        n_kv, head_dim, dtype = spec.n_kv, spec.head_dim, getattr(torch, spec.dtype)
         # [n_kv, slots, hd]: the layout attention reads, so no transpose per step
         self.k = torch.zeros((n_kv, cap, head_dim), dtype=dtype, device=device)
         self.v = torch.zeros((n_kv, cap, head_dim), dtype=dtype, device=device)
-        self.pos = torch.full((cap,), -1, dtype=torch.int64, device=device)   # -1: empty slot
+        self.pos = torch.full((cap,), kv.EMPTY, dtype=torch.int64, device=device)
         self.length = 0   # tokens appended so far
         self.used = 0     # slots [0, used) may hold a token; the rest are still empty
         self.last = -1    # highest position appended
@@ -33,14 +36,14 @@ class LayerKV:
     def reserve(self, need: int) -> None:
         if self.window or need <= self.slots:
             return
-        grow = max(need, 2 * self.slots)
+        grow = kv.grown_slots(self.slots, need)
         n = self.slots
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_zeros((old.shape[0], grow, old.shape[2]))
             new[:, :n] = old
             setattr(self, name, new)
-        pos = self.pos.new_full((grow,), -1)
+        pos = self.pos.new_full((grow,), kv.EMPTY)
         pos[:n] = self.pos
         self.pos = pos
 
@@ -58,15 +61,15 @@ class LayerKV:
         self.dense = self.dense and increasing and first == self.length and top == first + T - 1
         self.last = max(self.last, top)
         if self.window and T == 1:
-            slot = top % self.window
+            slot = kv.ring_slot(top, self.window)
             self.k[:, slot] = k[0]
             self.v[:, slot] = v[0]
             self.pos[slot] = top
             self.used = min(self.window, max(self.used, top + 1))
         elif self.window:
-            keep = max(0, T - self.window)             # older rows of a long chunk fall out anyway
+            keep = kv.ring_keep(T, self.window)        # older rows of a long chunk fall out anyway
             pt = positions_t[keep:]
-            slots = pt % self.window                   # on the device: no host read
+            slots = kv.ring_slot(pt, self.window)      # on the device: no host read
             self.k.index_copy_(1, slots, k[keep:].transpose(0, 1))
             self.v.index_copy_(1, slots, v[keep:].transpose(0, 1))
             self.pos.index_copy_(0, slots, pt)
@@ -87,13 +90,50 @@ class LayerKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
 
+    def can_truncate(self, n: int) -> bool:
+        return n >= self.length or not self.window or self.length <= self.window
+
+    def truncate(self, n: int) -> None:
+        if n >= self.length:
+            return
+        self.pos[self.pos >= n] = -1
+        self.length = n
+        self.used = min(self.used, n)   # positions 0..n-1 sit in slots 0..n-1 (global, or a ring that never wrapped)
+        self.last = n - 1
+
 
 class KVCache:
-    def __init__(self, config, capacity: int, dtype: torch.dtype, device: torch.device):
-        self.layers = [LayerKV(config.num_key_value_heads, config.head_dim, config.layer_window(i), capacity,
-                               dtype, device)
-                       for i in range(config.num_hidden_layers)]
+    def __init__(self, config, capacity: int, dtype: str, device: torch.device):
+        self.layers = [LayerKV(spec, capacity, device) for spec in kv.layer_specs(config, dtype)]
 
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    # ---- prompt cache and saved conversations (st_sdk.generation.prompt_cache) ----------------------
+    def truncate(self, n: int) -> bool:
+        if not all(layer.can_truncate(n) for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.truncate(n)
+        return True
+
+    def state(self):
+        out = []
+        for layer in self.layers:
+            keep = (layer.pos >= 0).nonzero().flatten()
+            pos = layer.pos[keep]
+            order = torch.argsort(pos)
+            keep, pos = keep[order], pos[order]
+            k = layer.k[:, keep].transpose(0, 1).float().cpu().numpy()
+            v = layer.v[:, keep].transpose(0, 1).float().cpu().numpy()
+            out.append((k, v, pos.cpu().numpy()))
+        return out
+
+    def restore(self, state, n: int) -> None:
+        for layer, (k, v, pos) in zip(self.layers, state):
+            if len(pos):
+                dev, dt = layer.k.device, layer.k.dtype
+                layer.append(torch.from_numpy(k).to(dev, dt), torch.from_numpy(v).to(dev, dt),
+                             torch.from_numpy(pos).to(dev), pos)
+            layer.length = n

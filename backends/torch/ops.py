@@ -5,6 +5,11 @@ float32 (a quantised router scrambles the top-k). The residual stream is float32
 return float32); `rms_norm`, `linear` and `attention` return the compute dtype. Softmax and RMSNorm
 run in float32.
 
+One token on the CPU is a step of its own (docs/torch_backend.md): products of one row are 1-D
+matrix-vector products (`torch.mv`, ATen's gemv) with oneDNN off for the step (`TorchContext`),
+decode attention runs in float32 by two batched products, and the MoE slices the k picked experts
+in place and runs the small ops once per layer, not once per expert (`moe_one`).
+
 Host reads: none in `embed`, `rms_norm`, `linear`, `rope`, `attention`, `route`; the positions
 arrive as host numpy, so cache bookkeeping is host-side. `moe` reads the picked expert ids back only
 where the device is the host's memory (CPU: `tolist()` is a pointer read, no transfer) or to size
@@ -19,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from st_sdk.backend import StepContext
+
 from .cache import KVCache, LayerKV
 
 
@@ -28,6 +35,40 @@ def device_positions(positions, device) -> tuple[np.ndarray, torch.Tensor]:
         return positions.cpu().numpy(), positions.to(device)   # callers pass numpy; this is a fallback
     host = np.asarray(positions, dtype=np.int64)
     return host, torch.from_numpy(host).to(device)
+
+
+class TorchContext(StepContext):
+    """A step on torch: its positions on the host and on the device, and RoPE tables made once per
+    step (per dtype) for every layer. A one-token step on the CPU runs with oneDNN off: its bf16
+    matrix-vector product reads weights at about half the speed of ATen's own kernel. The step runs
+    without autograd (not inference_mode: a cache grown here must stay writable outside it)."""
+
+    __slots__ = ("device_positions", "_tables", "_onednn", "_decode", "_grad")
+
+    def __init__(self, positions, theta: float, device: torch.device, onednn: bool):
+        host, self.device_positions = device_positions(positions, device)
+        super().__init__(host, float(theta))
+        self._tables: dict = {}
+        self._onednn = onednn          # the setting seen at setup: concurrent steps cannot leave it off
+        self._decode = device.type == "cpu" and len(host) == 1
+
+    def tables(self, head_dim: int, dtype: torch.dtype):
+        key = (head_dim, dtype)
+        if key not in self._tables:
+            self._tables[key] = rope_tables(self.device_positions, self.theta, head_dim, dtype)
+        return self._tables[key]
+
+    def __enter__(self) -> "TorchContext":
+        self._grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        if self._decode:
+            torch.backends.mkldnn.enabled = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._decode:
+            torch.backends.mkldnn.enabled = self._onednn
+        torch.set_grad_enabled(self._grad)
 
 
 def embed(table: torch.Tensor, ids) -> torch.Tensor:
@@ -40,7 +81,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] == 1 and weight.device.type == "cpu":      # one row: ATen's matrix-vector kernel
+        return torch.mv(weight, x[0].to(weight.dtype))[None]
     return F.linear(x.to(weight.dtype), weight)
+
+
+def qkv(x: torch.Tensor, wq, wk, wv, stacked: torch.Tensor | None):
+    """q, k, v [T, n]: one product with the stacked [nq + 2 nkv, H] matrix when there is one."""
+    if stacked is None:
+        return linear(x, wq), linear(x, wk), linear(x, wv)
+    y = linear(x, stacked)
+    nq, nk = wq.shape[0], wk.shape[0]
+    return y[:, :nq], y[:, nq:nq + nk], y[:, nq + nk:]
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,22 +115,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def rope(x: torch.Tensor, positions, theta: float) -> torch.Tensor:
-    _, pt = device_positions(positions, x.device)
-    cos, sin = rope_tables(pt, theta, x.shape[-1], torch.float32)
-    return apply_rope(x.float(), cos, sin).to(x.dtype)
+def rope(q: torch.Tensor, k: torch.Tensor, ctx: TorchContext):
+    """q [T, nH, hd] and k [T, nKV, hd] rotated by the step's tables in their dtype. When k follows q
+    in one buffer (the rows of the q/k/v product), both rotate as one tensor: half the small ops."""
+    T, nq, hd = q.shape
+    cos, sin = ctx.tables(hd, q.dtype)
+    if k.dtype == q.dtype and q.stride()[1:] == k.stride()[1:] == (hd, 1) and (T == 1 or k.stride(0) == q.stride(0)) \
+            and k.data_ptr() == q.data_ptr() + nq * hd * q.element_size() \
+            and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+        qk = apply_rope(q.as_strided((T, nq + k.shape[1], hd), q.stride()), cos, sin)
+        return qk[:, :nq], qk[:, nq:]
+    return apply_rope(q, cos, sin), apply_rope(k.to(q.dtype), cos, sin).to(k.dtype)
 
 
-def new_cache(config, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+def new_cache(config, capacity: int, dtype: str, device: torch.device) -> KVCache:
     return KVCache(config, capacity, dtype, device)
 
 
-def attention(q, k, v, cache: LayerKV, positions, window: int | None,
-              positions_t: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q, k, v, cache: LayerKV, ctx: TorchContext, window: int | None):
     """GQA attention of q [T, nH, hd] over the cached keys plus k/v [T, nKV, hd] (appended to the cache),
-    visible where key position <= query position (and > query - window). Returns [T, nH*hd]."""
+    visible where key position <= query position (and > query - window). Returns ([T, nH*hd], cache)."""
     T, nH, hd = q.shape
-    host, pt = device_positions(positions, q.device) if positions_t is None else (np.asarray(positions), positions_t)
+    cache.spec.check(k.shape[1], hd, window)
+    host, pt = ctx.positions, ctx.device_positions
     if k.dtype != cache.k.dtype:
         k, v = k.to(cache.k.dtype), v.to(cache.v.dtype)
     if window and T > 1:
@@ -100,10 +159,10 @@ def attention(q, k, v, cache: LayerKV, positions, window: int | None,
         if window:
             mask &= kpos[None, :] > qp - window
     if T == 1 and q.device.type == "cpu":
-        return decode_attention(q, keys, vals, mask)
+        return decode_attention(q, keys, vals, mask), cache
     out = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(0, 1)[None], keys[None], vals[None],
                                          attn_mask=mask, enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(T, nH * hd)
+    return out[0].transpose(0, 1).reshape(T, nH * hd), cache
 
 
 def decode_attention(q, keys, vals, mask) -> torch.Tensor:
@@ -127,20 +186,13 @@ def route(x: torch.Tensor, router: torch.Tensor, k: int, softmax: bool):
     return w / w.sum(dim=-1, keepdim=True), idx
 
 
-def route_one(x: torch.Tensor, router: torch.Tensor, k: int, softmax: bool):
-    """`route` for one token [H]: the picked ids as Python ints (on the CPU a read of host memory)
-    and their weights [k] as a tensor."""
-    w, idx = route(x[None], router, k, softmax)
-    return idx[0].tolist(), w[0]
-
-
-def moe_one(x: torch.Tensor, gu, down, ids, weights, out: torch.Tensor) -> None:
-    """Add the picked experts' weighted ReGLU outputs for one token x [H] into `out` (float32 [H], in
-    place). `gu` and `down` are indexed by expert id: the stacked tensors or lists of per-expert
-    views; `gu` gate and up stacked ([2F, H] each) or a (gate, up) pair ([F, H] each; weights used in
-    place from the file). The picked weights are sliced in place, never copied. All k gate/up
-    products land in one buffer and are activated together, then all k down products, summed by one
-    float32 matrix-vector product: the small ops run once per layer, not once per expert."""
+def moe_one(x: torch.Tensor, gu, down, ids, weights) -> torch.Tensor:
+    """The picked experts' weighted ReGLU outputs for one token x [H], float32 [H]. `gu` and `down`
+    are indexed by expert id: the stacked tensors or lists of per-expert views; `gu` gate and up
+    stacked ([2F, H] each) or a (gate, up) pair ([F, H] each; weights used in place from the file).
+    The picked weights are sliced in place, never copied. All k gate/up products land in one buffer
+    and are activated together, then all k down products, summed by one float32 matrix-vector
+    product: the small ops run once per layer, not once per expert."""
     k, (H, F_) = len(ids), down[ids[0]].shape
     gus = torch.empty((2, k, F_) if isinstance(gu, tuple) else (k, 2 * F_), dtype=x.dtype, device=x.device)
     for j, e in enumerate(ids):
@@ -154,7 +206,7 @@ def moe_one(x: torch.Tensor, gu, down, ids, weights, out: torch.Tensor) -> None:
     ys = torch.empty((k, H), dtype=x.dtype, device=x.device)
     for j, e in enumerate(ids):
         torch.mv(down[e], act[j], out=ys[j])
-    out.addmv_(ys.t().float(), weights)
+    return torch.mv(ys.t().float(), weights)
 
 
 def expert_act(x: torch.Tensor, gu, e: int, F_: int) -> torch.Tensor:
@@ -181,14 +233,6 @@ def moe_gather(x, gu, down, ids, weights) -> torch.Tensor:
     return (weights[0, :, None] * out.float()).sum(0, keepdim=True)
 
 
-def moe_loop(x, gu, down, ids, weights) -> torch.Tensor:
-    """One token, weights in host memory: `moe_one` on the stacked tensors. Reading k ids from a CPU
-    tensor is a pointer read, not a device round trip."""
-    out = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
-    moe_one(x[0].to(down.dtype), gu, down, ids[0].tolist(), weights[0], out[0])
-    return out
-
-
 def moe_grouped(x, gu, down, ids, weights) -> torch.Tensor:
     """Many tokens: sort the (token, slot) pairs by expert and run each expert that appears once on
     its group of tokens. The group sizes are read back once per call (they size the matmuls)."""
@@ -209,8 +253,12 @@ def moe_grouped(x, gu, down, ids, weights) -> torch.Tensor:
     return torch.zeros((T, x.shape[1]), dtype=torch.float32, device=x.device).index_add_(0, tok, ys * ws)
 
 
-def moe(x, gu, down, ids, weights, gather: bool) -> torch.Tensor:
-    """ReGLU experts of the picked ids, weighted; `gu` as in `expert_act`."""
+def moe(x, gu, down, ids, weights, gather: bool, experts=None) -> torch.Tensor:
+    """ReGLU experts of the picked ids, weighted; `gu` as in `expert_act`. One token: gathered on
+    the device (`gather`), or sliced in place (`moe_one`, through the per-expert views `experts`
+    when given; reading k ids from a CPU tensor is a pointer read, not a device round trip)."""
     if x.shape[0] == 1:
-        return (moe_gather if gather else moe_loop)(x, gu, down, ids, weights)
+        if gather:
+            return moe_gather(x, gu, down, ids, weights)
+        return moe_one(x[0].to(down.dtype), *(experts or (gu, down)), ids[0].tolist(), weights[0])[None]
     return moe_grouped(x, gu, down, ids, weights)

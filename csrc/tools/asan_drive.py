@@ -10,9 +10,63 @@ from st_sdk_backends.c import backend as cb
 from st_sdk_backends.c.backend import CBackend
 
 
+def _random_blocks(fmt: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random bytes of `fmt`'s blocks with a small positive f16 scale in the first two bytes (iq4_nl,
+    iq4_xs, which st-sdk cannot quantise)."""
+    from st_sdk.weights.tensor import QUANT_SIZES
+
+    block, size = QUANT_SIZES[fmt]
+    data = np.random.default_rng(seed).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    data[:, :, :2] = np.full((rows, cols // block), 2e-3, np.float16)[..., None].view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+def block_formats() -> None:
+    """Every block format through linear (file layout and repacked, decode and prefill, every variant)
+    and fused steps of small models that mix k-quants per tensor (llama.cpp's mixes)."""
+    from st_sdk.backend import Param
+    from st_sdk.loader import convert_params
+    from st_sdk.loader import build_model as build
+    from st_sdk.synth import preset_config, random_params
+    from st_sdk.weights.tensor import WeightTensor, quantize
+    from st_sdk_backends.c import ops
+
+    _, lib = cb.ffi_lib()
+    variants = [v for v, c in cb.ops.VARIANTS.items() if lib.st_cpu_supports(c)]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    for fmt in ("q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"):
+        data = _random_blocks(fmt, 24, 512, 1) if fmt.startswith("iq4") else quantize(fmt, x[:1].repeat(24, 0) * 0.1)
+        t = WeightTensor("w", fmt, (24, 512), data)
+        for variant in variants:
+            cb.use_variant(variant)
+            b = CBackend()
+            b.is_available()
+            for repack in (False, True):
+                m = ops.CMat(t, repack_rows=repack and ops.can_repack(fmt, 24))
+                for T in (1, 5):
+                    assert np.isfinite(b.linear(x[:T], Param(t, m))).all()
+    cb.use_variant(None)
+    cfg = preset_config("tiny", layers=2, hidden_size=256, head_dim=128, num_attention_heads=2,
+                        num_key_value_heads=1, moe_ffn_hidden_size=256)
+    f32 = random_params(cfg, 0, "f32")
+    ids = np.array([3, 17, 256, 99, 400, 12, 7, 311, 64, 128, 5], np.int64)
+    for mix in ("q4_k_m", "q3_k_m", "q2_k", "q5_k_m"):
+        params = convert_params(f32, mix, cfg)
+        for variant in variants:
+            cb.use_variant(variant)
+            for threads in (1, 2):
+                s = build(cfg, params, backend="c", n_threads=threads).session(capacity=4)
+                s.feed(ids[:9], chunk=5)
+                for t in ids[9:]:
+                    s.feed([int(t)])
+    cb.use_variant(None)
+
+
 def main() -> None:
     report = check_backend(CBackend, formats=("f32", "f16", "bf16", "q8_0", "q4_0"))
     assert report.ok, str(report)
+    block_formats()
     from st_sdk.synth import build_model
 
     ids = np.array([3, 17, 256, 99, 400, 12, 7, 311, 64, 128, 5, 460, 33], np.int64)

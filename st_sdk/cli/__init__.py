@@ -18,13 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"st_sdk.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"st_sdk.cli.{name}":
-                continue   # command not built yet
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(f"st_sdk.cli.{name}").add_parser(sub)
     return parser
 
 

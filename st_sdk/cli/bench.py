@@ -16,7 +16,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", default="all", help="'all' or a comma list of backends (default: all)")
     p.add_argument("--preset", default="tiny", help="synthetic model shape when no MODEL: tiny, 4b-a0.6b, 21b-a3b")
     p.add_argument("--format", default=None,
-                   help="comma list of weight formats for the synthetic model (default: q4_0,q8_0,f16)")
+                   help="comma list of weight formats for the synthetic model (default: q4_0,q8_0,f16); "
+                        "llama.cpp's mixes (q4_k_m, q6_k, q3_k_m, ...) are quantised from the F16 file")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill (default 128)")
     p.add_argument("--gen-len", type=int, default=32, help="decoded tokens per round (default 32)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per case, interleaved (default 3)")
@@ -35,15 +36,17 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from st_sdk import bench
     from st_sdk.errors import InputError
+    from st_sdk.weights.mixes import MIXES
     from st_sdk.weights.tensor import FORMATS
 
     for flag in ("prompt_len", "gen_len", "rounds"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     formats = tuple(f.strip().lower() for f in args.format.split(",")) if args.format else bench.DEFAULT_FORMATS
-    bad = [f for f in formats if f not in FORMATS]
+    known = tuple(dict.fromkeys(FORMATS + tuple(MIXES)))
+    bad = [f for f in formats if f not in known]
     if bad:
-        raise InputError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+        raise InputError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(known)}")
     if args.plot:   # fail before a long run, not after it
         try:
             import matplotlib  # noqa: F401

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from st_sdk.config import DEFAULT_CONTEXT
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
@@ -14,7 +16,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run within this memory budget (e.g. 1GiB): experts are read from the file on demand")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="with --max-memory: the longest sequence the memory plan reserves KV cache for "
-                        "(default min(context length, 4096))")
+                        f"(default min(context length, {DEFAULT_CONTEXT}))")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -45,6 +45,11 @@ def describe(path) -> dict:
     for i in range(cfg.num_hidden_layers):
         w = cfg.layer_window(i)
         layers.append(("RoPE" if cfg.layer_uses_rope(i) else "NoPE") + (f"+SWA{w}" if w else "+global"))
+    stored: dict[str, list[int]] = defaultdict(lambda: [0, 0])   # type -> [tensors, bytes] over the file
+    for name in mf.names:
+        t = mf.get(name)
+        stored[t.fmt][0] += 1
+        stored[t.fmt][1] += t.nbytes
     tok = mf.tokenizer
     return {
         "path": str(mf.path), "format": mf.kind, "architecture": "SmallThinkerForCausalLM",
@@ -57,6 +62,9 @@ def describe(path) -> dict:
         "layer_layout": layers,
         "parameters": cfg.parameter_count(), "active_parameters": active_parameters(cfg),
         "weight_types": {g: dict(c) for g, c in types.items()},
+        "file_type": mf.file_type,
+        "tensor_types": {f: {"tensors": n, "bytes": b} for f, (n, b) in
+                         sorted(stored.items(), key=lambda kv: -kv[1][1])},
         "file_bytes": mf.file_size, "weight_bytes": weight_bytes,
         "kv_cache_bytes_per_1k_tokens_f32": cfg.kv_cache_bytes(1024),
         "memory_bytes_at_1k_tokens": weight_bytes + cfg.kv_cache_bytes(1024),
@@ -87,6 +95,9 @@ def run(args) -> int:
         ("parameters", f"{d['parameters']:,} total, {d['active_parameters']:,} active per token"),
         ("weight types", "; ".join(f"{g} {', '.join(f'{k} x{v}' for k, v in c.items())}"
                                    for g, c in d["weight_types"].items())),
+        ("tensor types", ", ".join(f"{f} {v['tensors']} tensors {fmt_bytes(v['bytes'])}"
+                                   for f, v in d["tensor_types"].items())
+         + (f" (file type {d['file_type']})" if d["file_type"] else "")),
         ("file size", fmt_bytes(d["file_bytes"])), ("weights", fmt_bytes(d["weight_bytes"])),
         ("KV cache", f"{fmt_bytes(d['kv_cache_bytes_per_1k_tokens_f32'])} per 1k tokens (f32)"),
         ("memory @1k tokens", fmt_bytes(d["memory_bytes_at_1k_tokens"])),

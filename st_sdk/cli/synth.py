@@ -3,6 +3,8 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from st_sdk.weights.tensor import QUANTIZABLE
+
     p = sub.add_parser("synth", help="write a synthetic (random-weight) model: HF directory and/or GGUF",
                        description="Write a SmallThinker with random weights and the real shapes: an HF "
                                    "directory at OUT and/or OUT/<preset>-<dtype>.gguf (same weights in both).")
@@ -10,8 +12,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="tiny", help="tiny | 4b-a0.6b | 21b-a3b (default tiny)")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--format", default="hf,gguf", help="comma list of hf, gguf (default both)")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
-                   help="weight type of the matrices (norms and router stay f32); q8_0/q4_0 are GGUF-only")
+    p.add_argument("--dtype", default="f32", choices=list(QUANTIZABLE),
+                   help="weight type of the matrices (norms and router stay f32); quantised types are GGUF-only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1, help="split the safetensors into N shards with an index")
     p.add_argument("--routing-skew", type=float, default=0.0, metavar="S",

@@ -12,11 +12,12 @@ class MemoryPlan:
     dense_bytes: int        # embeddings, attention, norms, routers, head: resident
     kv_bytes: int           # KV cache at the planned context
     scratch_bytes: int      # activations, dequantised rows, interpreter and library overhead
-    expert_bytes: int       # one expert (gate + up + down) as stored
+    expert_bytes: int       # one cache slot: the largest expert (gate + up + down) as stored
     slots: int              # experts the cache holds
     n_experts: int          # experts in the model (layers x experts per layer)
     minimum_slots: int = 2  # the layer being computed and the one being prefetched
     converted_bytes: int = 0  # a backend's converted copies beyond the mapped file (repacked weights)
+    smallest_expert_bytes: int = 0  # the smallest layer's expert, when a file's types differ per layer
 
     @property
     def cache_bytes(self) -> int:
@@ -39,10 +40,12 @@ class MemoryPlan:
 
     def describe(self) -> str:
         converted = f" + {fmt_bytes(self.converted_bytes)} converted" if self.converted_bytes else ""
+        mixed = "" if self.smallest_expert_bytes in (0, self.expert_bytes) else \
+            f" (slots fit the largest layer's expert; the smallest is {fmt_bytes(self.smallest_expert_bytes)})"
         return (f"budget {fmt_bytes(self.budget)}: dense {fmt_bytes(self.dense_bytes)}{converted}, "
                 f"KV cache {fmt_bytes(self.kv_bytes)}, scratch {fmt_bytes(self.scratch_bytes)}, "
                 f"expert cache {self.slots} x {fmt_bytes(self.expert_bytes)} = {fmt_bytes(self.cache_bytes)} "
-                f"({self.slots / self.n_experts:.0%} of {self.n_experts} experts)")
+                f"({self.slots / self.n_experts:.0%} of {self.n_experts} experts){mixed}")
 
 
 def plan_memory(budget: int, dense_bytes: int, kv_bytes: int, expert_bytes: int, n_experts: int,

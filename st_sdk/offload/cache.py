@@ -69,17 +69,20 @@ def file_extent(arr: np.ndarray, what: str) -> Extent:
 class ExpertCache:
     """LRU cache of whole experts (gate + up + down), in `slots` preallocated bundles.
 
+    `part_bytes[layer]` are the stored sizes of a layer's gate, up and down: they differ between layers
+    when a file mixes types per layer (llama.cpp's q4_k_m stores some layers' ffn_down as q6_k), so a
+    slot holds the largest layer's bundle and each layer's parts lie at its own offsets in it.
     Called from the compute thread only (`prefetch`, `get`); reads run on `io_threads` threads.
     Experts prefetched for the layer being computed are held (never evicted) until the next layer's
     prefetch releases them.
     """
 
-    def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[int], slots: int,
+    def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[list[int]], slots: int,
                  io_threads: int = 4, drop_page_cache: bool = True, files: tuple[str, ...] = ()):
         self.locate = locate
         self.part_bytes = part_bytes
-        self.offsets = np.cumsum([0] + part_bytes)
-        self.bundle_bytes = int(self.offsets[-1])
+        self.offsets = [np.cumsum([0] + list(parts)) for parts in part_bytes]
+        self.bundle_bytes = int(max(o[-1] for o in self.offsets))
         self.slots = slots
         self.buffer = np.zeros((slots, self.bundle_bytes), np.uint8)
         self.lru: OrderedDict[Key, int] = OrderedDict()   # resident, least recent first
@@ -143,7 +146,7 @@ class ExpertCache:
             self.stats.stall_s += time.perf_counter() - t0
             self.stats.misses += 1
         self._settle()
-        return self._views(slot)
+        return self._views(slot, layer)
 
     def get_many(self, layer: int, experts) -> list[list[np.ndarray]]:
         """Several experts resident together (for a kernel that takes them all at once): they are held
@@ -173,9 +176,9 @@ class ExpertCache:
         return int(self.buffer.nbytes)
 
     # ---- internals ------------------------------------------------------------------------
-    def _views(self, slot: int) -> list[np.ndarray]:
-        row = self.buffer[slot]
-        return [row[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+    def _views(self, slot: int, layer: int) -> list[np.ndarray]:
+        row, offsets = self.buffer[slot], self.offsets[layer]
+        return [row[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def _settle(self) -> None:
         """Move finished reads into the LRU (compute thread only, so the LRU needs no lock)."""
@@ -211,7 +214,7 @@ class ExpertCache:
 
     def _read(self, key: Key, slot: int) -> None:
         extents = self.locate(*key)
-        for ext, view in zip(extents, self._views(slot)):
+        for ext, view in zip(extents, self._views(slot, key[0])):
             fd = self._fd(ext.path)
             try:
                 got = os.preadv(fd, [memoryview(view)], ext.offset)
@@ -223,5 +226,5 @@ class ExpertCache:
             if self.drop_page_cache:
                 os.posix_fadvise(fd, ext.offset, ext.nbytes, os.POSIX_FADV_DONTNEED)
         with self._lock:
-            self.stats.bytes_read += self.bundle_bytes
+            self.stats.bytes_read += int(self.offsets[key[0]][-1])
             self.stats.reads += 1

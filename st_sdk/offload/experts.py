@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
-from ..backend import Param
+from ..backend import Param, fallback_op
+from ..registry import reference_backend
 from ..weights.tensor import STORAGE_DTYPE, WeightTensor, storage_shape
 from .budget import parse_size, plan_memory
 from .cache import ExpertCache, Extent, file_extent
@@ -63,11 +64,12 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     """Params whose experts are cache-backed (the given params are left as they are), the cache and
     the plan."""
     budget = parse_size(max_memory)
-    context = context or min(cfg.max_position_embeddings, 4096)
+    context = context or cfg.default_context
     locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
                   for e in range(cfg.moe_num_primary_experts)] for lp in params.layers]
-    part_bytes = [ext.nbytes for ext in locations[0][0]]
-    expert_bytes = sum(part_bytes)
+    # each layer's own stored sizes (types can differ per layer); a slot fits the largest layer's expert
+    part_bytes = [[ext.nbytes for ext in layer[0]] for layer in locations]
+    expert_bytes = max(sum(parts) for parts in part_bytes)
     expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
     dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
     if scratch_bytes is None:
@@ -78,6 +80,7 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
                        cfg.moe_num_active_primary_experts, scratch_bytes)
+    plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
     files = tuple(sorted({ext.path for layer in locations for expert in layer for ext in expert}))
     cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads, files=files)
     layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
@@ -101,11 +104,8 @@ def prefetching_route(route, params, cache: ExpertCache):
 def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool):
     """The per-op path with the router prefetching experts. The MoE runs on the backend only if it
     reads experts through the cache (`supports_offload`), otherwise on the NumPy reference."""
-    from ..backend import _fallback
-    from ..selection import reference_backend
-
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
-    moe = ops.moe if native else _fallback("moe", reference_backend().moe, backend)
+    moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     return dataclasses.replace(ops, forward=None, layer=None, moe=moe,
                                route=prefetching_route(ops.route, params, cache) if prefetch else ops.route,
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))

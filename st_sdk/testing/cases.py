@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backend import Backend, Param, bind_ops
+from ..backend import Backend, Param, bind_ops, prepare_params
 from ..config import ModelConfig
 from ..weights.tensor import WeightTensor
 from . import data
@@ -70,7 +70,7 @@ def compare(label: str, got, want) -> Measure:
 # ---- embed, rms_norm, linear ---------------------------------------------------------------------
 
 def embed_case(ctx: Ctx) -> list[Measure]:
-    b, r = ctx.weight("embed", ctx.rng.standard_normal((64, 64)), "embed")
+    b, r = ctx.weight("embed", ctx.rng.standard_normal((64, 64 * data.width(ctx.fmt))), "embed")
     ids = np.array([0, 5, 5, 63, 17], np.int64)      # first, last and a repeated row
     return [compare("rows", ctx.call("embed", b, ids), ctx.reference.embed(r, ids))]
 
@@ -84,20 +84,48 @@ def rms_norm_case(scale: float, eps: float, T: int):
 
 
 def linear_case(T: int, n_in: int, n_out: int, role: str):
+    """Dimensions grow with the format's block (data.width)."""
     def case(ctx: Ctx) -> list[Measure]:
-        b, r = ctx.weight(role, ctx.rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), role)
-        x = ctx.rng.standard_normal((T, n_in)).astype(np.float32)
+        i, o = n_in * data.width(ctx.fmt), n_out * data.width(ctx.fmt)
+        b, r = ctx.weight(role, ctx.rng.standard_normal((o, i)) / np.sqrt(i), role)
+        x = ctx.rng.standard_normal((T, i)).astype(np.float32)
         return [compare("out", ctx.call("linear", ctx.x(x), b), ctx.reference.linear(x, r))]
     return case
 
 
 # ---- rope, attention -----------------------------------------------------------------------------
 
+def _config(n_heads: int, n_kv: int, hd: int, theta: float = 1e4, window: int | None = None) -> ModelConfig:
+    """Two layers (a global one and one with `window`) of these attention shapes."""
+    return ModelConfig(vocab_size=32, hidden_size=n_heads * hd, num_hidden_layers=2,
+                       num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=hd,
+                       moe_num_primary_experts=2, moe_num_active_primary_experts=1, moe_ffn_hidden_size=32,
+                       rope_layout=(1, 1), sliding_window_layout=(0, 1), sliding_window_size=window or 4,
+                       rope_theta=theta, max_position_embeddings=2048, source="<conformance attention>")
+
+
+def qkv_case(T: int):
+    def case(ctx: Ctx) -> list[Measure]:
+        h = 64 * data.width(ctx.fmt)
+        x = ctx.rng.standard_normal((T, h)).astype(np.float32)
+        ws = [ctx.weight(role, ctx.rng.standard_normal((n, h)) / np.sqrt(h), role)
+              for role, n in (("wq", 128), ("wk", 32), ("wv", 32))]
+        got = ctx.call("qkv", ctx.x(x), *(b for b, _ in ws))
+        want = [ctx.reference.linear(x, r) for _, r in ws]
+        return [compare(name, g, w) for name, g, w in zip("qkv", got, want)]
+    return case
+
+
 def rope_case(positions, n: int, hd: int, theta: float):
     def case(ctx: Ctx) -> list[Measure]:
         pos = np.asarray(positions, np.int64)
-        x = ctx.rng.standard_normal((len(pos), n, hd)).astype(np.float32)
-        return [compare("out", ctx.call("rope", ctx.x(x), pos, theta), ctx.reference.rope(x, pos, theta))]
+        cfg = _config(n, 1, hd, theta)
+        q = ctx.rng.standard_normal((len(pos), n, hd)).astype(np.float32)
+        k = ctx.rng.standard_normal((len(pos), 1, hd)).astype(np.float32)
+        with ctx.backend.context(cfg, pos) as bstep:
+            got = ctx.call("rope", ctx.x(q), ctx.x(k), bstep)
+        want = ctx.reference.rope(q, k, ctx.reference.context(cfg, pos))
+        return [compare("q", got[0], want[0]), compare("k", got[1], want[1])]
     return case
 
 
@@ -105,11 +133,7 @@ def attention_case(steps: list[int], window: int | None, n_heads: int, n_kv: int
     """Feed chunks of `steps` tokens through one layer's cache (prefill, more chunks, decode) and
     compare every chunk's output: the cache must hold what earlier chunks appended."""
     def case(ctx: Ctx) -> list[Measure]:
-        cfg = ModelConfig(vocab_size=32, hidden_size=n_heads * hd, num_hidden_layers=2,
-                          num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=hd,
-                          moe_num_primary_experts=2, moe_num_active_primary_experts=1, moe_ffn_hidden_size=32,
-                          rope_layout=(1, 1), sliding_window_layout=(0, 1), sliding_window_size=window or 4,
-                          max_position_embeddings=256, source="<conformance attention>")
+        cfg = _config(n_heads, n_kv, hd, window=window)
         layer = 1 if window else 0
         bcache = ctx.backend.new_cache(cfg, 8).layers[layer]     # small capacity: global layers must grow
         rcache = ctx.reference.new_cache(cfg, 8).layers[layer]
@@ -119,9 +143,10 @@ def attention_case(steps: list[int], window: int | None, n_heads: int, n_kv: int
             q = ctx.rng.standard_normal((n, n_heads, hd)).astype(np.float32)
             k = ctx.rng.standard_normal((n, n_kv, hd)).astype(np.float32)
             v = ctx.rng.standard_normal((n, n_kv, hd)).astype(np.float32)
-            got = ctx.call("attention", ctx.x(q), ctx.x(k), ctx.x(v), bcache, pos, window)
-            out.append(compare(f"positions {start}..{start + n - 1}", got,
-                               ctx.reference.attention(q, k, v, rcache, pos, window)))
+            with ctx.backend.context(cfg, pos) as bstep:
+                got, bcache = ctx.backend.attention(ctx.x(q), ctx.x(k), ctx.x(v), bcache, bstep, window)
+            want, rcache = ctx.reference.attention(q, k, v, rcache, ctx.reference.context(cfg, pos), window)
+            out.append(compare(f"positions {start}..{start + n - 1}", ctx.backend.to_numpy(got), want))
             start += n
         return out
     return case
@@ -172,7 +197,7 @@ def moe_case(T: int, E: int, k: int, layout: str):
     """Experts from `ops.route` (the backend's own when it provides one, as the graph calls it), so
     several tokens share experts and some experts stay idle; experts stacked or per-expert."""
     def case(ctx: Ctx) -> list[Measure]:
-        H, F = 64, 32
+        H, F = 64 * data.width(ctx.fmt), 32 * data.width(ctx.fmt)
         weights = {}
         for part, shape in (("gate", (F, H)), ("up", (F, H)), ("down", (H, F))):
             x = ctx.rng.standard_normal((E, *shape)) / np.sqrt(shape[1])
@@ -202,7 +227,7 @@ def moe_case(T: int, E: int, k: int, layout: str):
 def _model_config(ctx: Ctx) -> ModelConfig:
     from .tolerances import LOSSY, tolerance
 
-    cfg = data.MODEL_CONFIG
+    cfg = data.model_config(ctx.fmt)
     if tolerance(ctx.fmt, ctx.dtype, "model") > LOSSY:
         cfg = cfg.replace(moe_num_active_primary_experts=cfg.moe_num_primary_experts)
     return cfg
@@ -210,7 +235,7 @@ def _model_config(ctx: Ctx) -> ModelConfig:
 
 def _params(ctx: Ctx, cfg: ModelConfig):
     raw = data.random_params(cfg, ctx.fmt or "f32", seed=ctx.seed)
-    return data.prepare_params(ctx.backend, raw, cfg), data.prepare_params(ctx.reference, raw, cfg)
+    return prepare_params(ctx.backend, raw, cfg), prepare_params(ctx.reference, raw, cfg)
 
 
 def layer_case(layer: int, steps: list[int]):
@@ -225,8 +250,12 @@ def layer_case(layer: int, steps: list[int]):
         for n in steps:
             pos = np.arange(start, start + n, dtype=np.int64)
             h = ctx.rng.standard_normal((n, cfg.hidden_size)).astype(np.float32)
-            got = ctx.call("layer", cfg, layer, bparams.layers[layer], ctx.x(h), pos, bcache.layers[layer])
-            want = decoder_layer(ref_ops, cfg, layer, rparams.layers[layer], h, pos, rcache.layers[layer])
+            with ctx.backend.context(cfg, pos) as bstep:
+                got, bcache.layers[layer] = ctx.backend.layer(cfg, layer, bparams.layers[layer], ctx.x(h), bstep,
+                                                              bcache.layers[layer])
+            want, rcache.layers[layer] = decoder_layer(ref_ops, cfg, layer, rparams.layers[layer], h,
+                                                       ref_ops.context(cfg, pos), rcache.layers[layer])
+            got = ctx.backend.to_numpy(got)
             out.append(compare(f"positions {start}..{start + n - 1}", got, want))
             start += n
         return out
@@ -285,6 +314,7 @@ CASES: dict[str, list[tuple[str, Case]]] = {
                  ("eps-dominates", rms_norm_case(0.01, 1e-3, 4))],
     "linear": [("decode", linear_case(1, 64, 96, "wq")), ("prefill", linear_case(7, 64, 32, "wk")),
                ("q-wider-than-hidden", linear_case(3, 128, 64, "wo"))],
+    "qkv": [("decode", qkv_case(1)), ("prefill", qkv_case(5))],
     "rope": [("from-0", rope_case(range(6), 3, 16, 1e4)),
              ("far-positions", rope_case(range(1000, 1004), 2, 128, 1.5e6)),
              ("decode", rope_case([37], 4, 32, 1.5e6))],
@@ -305,6 +335,6 @@ CASES: dict[str, list[tuple[str, Case]]] = {
 }
 
 #: ops whose result depends on the stored weight format; the others run once, without one
-WEIGHTED = {"embed", "rms_norm", "linear", "route", "moe", "layer", "forward", "model"}
-#: formats an op never sees in a real file (norms and routers stay full precision beside Q8_0/Q4_0)
+WEIGHTED = {"embed", "rms_norm", "linear", "qkv", "route", "moe", "layer", "forward", "model"}
+#: formats an op never sees in a real file (norms and routers stay full precision beside block formats)
 NOT_STORED = {"rms_norm": data.QUANTISED, "route": data.QUANTISED}

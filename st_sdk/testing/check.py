@@ -87,7 +87,9 @@ def op_formats(op: str, formats: Iterable[str]) -> list[str | None]:
 def skip_reason(backend: Backend, op: str, fmt: str | None) -> str | None:
     """Why this op/format pair is not checked on this backend, or None."""
     if op != MODEL_CHECK and op not in backend.provides():
-        return f"backend '{backend.name}' does not provide '{op}' (it runs on the NumPy reference)"
+        instead = "its own `linear`, three times" if op == "qkv" else \
+            "the graph's parts" if op in ("layer", "forward") else "the NumPy reference"
+        return f"backend '{backend.name}' does not provide '{op}' (it runs on {instead})"
     if fmt in NOT_STORED.get(op, ()):
         return f"'{op}' weights are never stored as {fmt} (they stay full precision)"
     return None
@@ -122,7 +124,7 @@ def check_backend(backend, formats: Iterable[str] = ("f32",), dtypes: Iterable =
     """Check every op `backend` provides (or only `ops`), and whole-model logits, against the NumPy
     reference for each stored weight format and compute dtype; returns a Report (`.ok`, `.failures`,
     printable). An unavailable backend yields one skipped result that says why."""
-    from ..selection import reference_backend
+    from ..registry import reference_backend
 
     reference = reference_backend()
     results: list[Result] = []

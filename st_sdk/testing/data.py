@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import ModelParams, Param
+from ..backend import ModelParams
 from ..config import ModelConfig
 from ..weights.layout import assemble, gguf_shapes, hf_shapes
-from ..weights.tensor import WeightTensor, quantize
+from ..weights.tensor import QUANT_SIZES, WeightTensor, block_size, quantize
 
-QUANTISED = ("q8_0", "q4_0")
+#: the block formats: norms and routers stay full precision beside them
+QUANTISED = tuple(QUANT_SIZES)
 
 #: whole-model config: 21B-like hybrid (NoPE+global layer 0, RoPE + a window of 4 elsewhere), untied,
 #: GQA 2, sigmoid router picking 2 of 4 experts; every dimension a multiple of 32 for Q8_0/Q4_0
@@ -21,8 +22,23 @@ MODEL_CONFIG = ModelConfig(
 MODEL_TOKENS = 12   # three windows long
 
 
+def width(fmt: str | None) -> int:
+    """The factor the checks' dimensions grow by so every row holds whole blocks of `fmt`: 1 for the
+    blocks of 32, 8 for the k-quants' super-blocks of 256 (hidden 512, expert width 256)."""
+    return max(1, block_size(fmt or "f32") // 32)
+
+
+def model_config(fmt: str | None) -> ModelConfig:
+    """MODEL_CONFIG widened for `fmt` (see width)."""
+    w = width(fmt)
+    if w == 1:
+        return MODEL_CONFIG
+    return MODEL_CONFIG.replace(hidden_size=MODEL_CONFIG.hidden_size * w, head_dim=MODEL_CONFIG.head_dim * w,
+                                moe_ffn_hidden_size=MODEL_CONFIG.moe_ffn_hidden_size * w)
+
+
 def tensor(name: str, x: np.ndarray, fmt: str) -> WeightTensor:
-    """`x` stored as `fmt` (quantised formats need the last dimension to be a multiple of 32)."""
+    """`x` stored as `fmt` (block formats need the last dimension to be a multiple of the block)."""
     x = np.ascontiguousarray(x, np.float32)
     return WeightTensor(name, fmt, x.shape, quantize(fmt, x), "<conformance>")
 
@@ -49,20 +65,3 @@ def random_params(cfg: ModelConfig, fmt: str = "f32", seed: int = 0, layout: str
     shapes = gguf_shapes(cfg) if layout == "gguf" else hf_shapes(cfg)
     tensors = {n: tensor(n, random_array(n, s, rng), storage_format(n, len(s), fmt)) for n, s in shapes.items()}
     return assemble(cfg, tensors.__getitem__, layout)
-
-
-def prepare_params(backend, params: ModelParams, cfg: ModelConfig) -> ModelParams:
-    """What `st_sdk.model.build_model` does at load: each weight through `backend.prepare` once (a
-    tied head shares the embedding's), then `backend.prepare_model`."""
-    done: dict[int, Param] = {}
-
-    def prep(p: Param, role: str) -> Param:
-        if id(p) not in done:
-            done[id(p)] = Param(p.raw, backend.prepare(Param(p.raw), role))
-        return done[id(p)]
-
-    layers = [type(lp)(**{f: prep(getattr(lp, f), f) for f in lp.__dataclass_fields__}) for lp in params.layers]
-    out = ModelParams(embed=prep(params.embed, "embed"), layers=layers, norm=prep(params.norm, "norm"),
-                      head=prep(params.head, "head"))
-    backend.prepare_model(out, cfg)
-    return out

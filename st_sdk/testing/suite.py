@@ -65,7 +65,7 @@ class ConformanceSuite:
         return b
 
     def _check(self, op, case, fmt, dtype):
-        from ..selection import reference_backend
+        from ..registry import reference_backend
 
         result = run_case(self._instance(dtype), reference_backend(), op, case, fmt, dtype,
                           self.tolerances, self.seed)
@@ -77,6 +77,7 @@ class ConformanceSuite:
     test_embed = _op("embed")
     test_rms_norm = _op("rms_norm")
     test_linear = _op("linear")
+    test_qkv = _op("qkv")
     test_rope = _op("rope")
     test_attention = _op("attention")
     test_route = _op("route")

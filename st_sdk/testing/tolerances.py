@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import re
 
+from ..weights.tensor import QUANT_SIZES
+
 #: weight format -> (op tolerance, whole-model tolerance) with float32 compute
 FORMAT_TOLERANCE = {
     "f32": (1e-4, 1e-4),
     "f16": (1e-4, 1e-4),
     "bf16": (1e-4, 1e-4),
     "q8_0": (3e-2, 6e-2),    # activations may be quantised to 8 bits per block of 32 (the C backend's
-    "q4_0": (3e-2, 6e-2),    # integer kernels measure ~1e-2 on moe, ~1.3e-2 on whole-model logits)
+    "q4_0": (3e-2, 6e-2),    # integer kernels measure ~1e-2 on moe, ~1.3e-2 on whole-model logits),
+    # and so for every other block format: 8-bit activation blocks of 32 (q4_1..iq4_nl) or ggml's Q8_K
+    # blocks of 256 (the k-quants, iq4_xs), as llama.cpp's CPU kernels do
+    **{f: (3e-2, 6e-2) for f in QUANT_SIZES if f not in ("q8_0", "q4_0")},
 }
 
 #: compute dtype -> (op tolerance, whole-model tolerance); None means float32

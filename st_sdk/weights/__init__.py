@@ -24,6 +24,7 @@ class ModelFile:
     names: list[str]
     tokenizer: Any
     file_size: int
+    file_type: str | None = None   # GGUF general.file_type as llama.cpp names it ("q4_k_m"), if any
     watch: Any = None   # FileWatch over the mapped files: `check()` raises if one changed on disk
 
     def params(self):
@@ -50,7 +51,7 @@ def open_model(path: str | Path) -> ModelFile:
         validate.config_against_file(cfg, len(ckpt.names()), ckpt.file_size(), "hf", str(p))
         tok = Tokenizer.from_hf_dir(p)
         return ModelFile(p, "hf", cfg, ckpt.get, ckpt.names(), tok, ckpt.file_size(),
-                         FileWatch([f.watched for f in ckpt.files.values()]))
+                         watch=FileWatch([f.watched for f in ckpt.files.values()]))
     if p.is_file():
         with open(p, "rb") as f:
             magic = f.read(4)
@@ -63,7 +64,8 @@ def open_model(path: str | Path) -> ModelFile:
             validate.config_against_file(cfg, len(g.tensors), g.file_size(), "gguf", str(p))
             validate.gguf_extra_tensors(cfg, g.tensors, str(p))
             tok = Tokenizer.from_gguf_metadata(g.metadata("tokenizer."), source=str(p))
-            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size(), FileWatch([g.watched]))
+            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size(), file_type=g.file_type(),
+                             watch=FileWatch([g.watched]))
         if p.suffix == ".gguf":
             raise WeightError(f"{p}: not a GGUF file (bad magic {magic!r})")
         if p.name == "config.json":

@@ -3,6 +3,9 @@ pass, tensor by tensor, with a progress bar. `st-sdk synth` and `st-sdk quantize
 from __future__ import annotations
 
 import json
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -11,18 +14,31 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import InputError
 from .layout import gguf_shapes, hf_shapes, hf_to_gguf, storage_format
-from .tensor import quantize
+from .mixes import MIXES, tensor_types
+from .tensor import QUANTIZABLE, quantize
 
 HF_FORMATS = ("f32", "f16", "bf16")
-GGUF_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+#: what a GGUF can be written as: llama.cpp's mixes (q4_k_m...) and, pure, every type st-sdk quantises
+GGUF_FORMATS = tuple(MIXES) + tuple(f for f in QUANTIZABLE if f not in MIXES)
 
 
 def hf_specs(cfg: ModelConfig, fmt: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {n: (storage_format(n, s, fmt), s) for n, s in hf_shapes(cfg).items()}
 
 
-def gguf_specs(cfg: ModelConfig, fmt: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    return {n: (storage_format(n, s, fmt), s) for n, s in gguf_shapes(cfg).items()}
+def gguf_specs(cfg: ModelConfig, fmt: str, pure: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF name -> (stored type, shape): a mix's per-tensor types (llama.cpp's rules), or `fmt` for
+    every matrix when it is a plain type or `pure`."""
+    shapes = gguf_shapes(cfg)
+    if fmt not in MIXES:
+        return {n: (storage_format(n, s, fmt), s) for n, s in shapes.items()}
+    types = tensor_types(cfg, fmt, pure)
+    unwritable = sorted({t for t in types.values() if t not in QUANTIZABLE})
+    if unwritable:
+        raise InputError(f"{fmt}: st-sdk cannot quantise to {', '.join(unwritable)} (the types this mix "
+                         f"uses); write it with llama.cpp's llama-quantize, or choose one of "
+                         f"{', '.join(m for m in MIXES if m not in ('iq4_nl', 'iq4_xs'))}")
+    return {n: (types[n], s) for n, s in shapes.items()}
 
 
 def model_tensors(mf) -> Iterator[tuple[str, np.ndarray]]:
@@ -48,8 +64,10 @@ def progress_bar(total: int, desc: str):
 
 def export(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], fmt: str = "f32",
            hf_dir: str | Path | None = None, gguf_path: str | Path | None = None, shards: int = 1,
-           tokenizer: Any = None, desc: str = "writing") -> dict[str, Path]:
-    """Write every tensor of `cfg` (HF names, float32) as `fmt` (norms and router stay f32)."""
+           tokenizer: Any = None, desc: str = "writing", pure: bool = False) -> dict[str, Path]:
+    """Write every tensor of `cfg` (HF names, float32) as `fmt`: a type, or for GGUF one of llama.cpp's
+    mixes (q4_k_m: per-tensor types as llama-quantize chooses them; `pure`: the main type everywhere).
+    Norms and router stay f32."""
     if hf_dir is not None and fmt not in HF_FORMATS:
         raise InputError(f"HF safetensors cannot hold {fmt}; use one of {', '.join(HF_FORMATS)} "
                          f"or write GGUF only")
@@ -68,7 +86,7 @@ def export(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], fmt: str
             meta.update(tokenizer.gguf_metadata(cfg.vocab_size))
         gguf_path = Path(gguf_path)
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
-        gg_spec = gguf_specs(cfg, fmt)
+        gg_spec = gguf_specs(cfg, fmt, pure)
     if hf_dir is not None:
         hf_dir = Path(hf_dir)
         hf_dir.mkdir(parents=True, exist_ok=True)
@@ -88,22 +106,44 @@ def export(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], fmt: str
     names = hf_to_gguf(cfg)
     bar = progress_bar(total, desc)
     seen: set[str] = set()
+
+    def encode(name: str, x: np.ndarray) -> list:
+        """(writer, write arguments) for each file; the same storage for both when the formats agree."""
+        cache: dict[str, np.ndarray] = {}
+
+        def stored(f: str) -> np.ndarray:
+            if f not in cache:
+                cache[f] = quantize(f, x)
+            return cache[f]
+
+        jobs = []
+        if hf_w is not None:
+            jobs.append((hf_w, (name, stored(hf_spec[name][0]))))
+        if gg_w is not None:
+            gname, e = names[name]
+            jobs.append((gg_w, (gname, e, stored(gg_spec[gname][0]))))
+        return jobs
+
+    # quantising (the k-quants' scale search above all) runs on every core; writes stay on this thread
+    workers = max(1, min(8, os.cpu_count() or 1))
+    pending: deque = deque()
+
+    def write_oldest() -> None:
+        for w, a in pending.popleft().result():
+            bar.update(w.write(*a))
+
     try:
-        for name, x in tensors:
-            seen.add(name)
-            cache: dict[str, np.ndarray] = {}   # same storage for both files when the formats agree
-
-            def stored(f: str) -> np.ndarray:
-                if f not in cache:
-                    cache[f] = quantize(f, x)
-                return cache[f]
-
-            if hf_w is not None:
-                bar.update(hf_w.write(name, stored(hf_spec[name][0])))
-            if gg_w is not None:
-                gname, e = names[name]
-                bar.update(gg_w.write(gname, e, stored(gg_spec[gname][0])))
+        with ThreadPoolExecutor(workers, thread_name_prefix="st-sdk-quantize") as pool:
+            for name, x in tensors:
+                seen.add(name)
+                pending.append(pool.submit(encode, name, x))
+                while len(pending) > 2 * workers:   # bounded: a few tensors in flight
+                    write_oldest()
+            while pending:
+                write_oldest()
     finally:
+        for f in pending:
+            f.cancel()
         bar.close()
         for w in writers:
             w.close()

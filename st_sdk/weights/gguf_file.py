@@ -11,13 +11,19 @@ import numpy as np
 from ..config import GGUF_ARCH, ModelConfig
 from ..errors import ConfigError, STError, WeightError
 from . import validate
-from .tensor import FORMATS, STORAGE_DTYPE, WeightTensor, storage_shape
+from .tensor import FORMATS, QUANT_SIZES, STORAGE_DTYPE, WeightTensor, storage_shape
 from .watch import WatchedFile
 
-#: our format -> GGMLQuantizationType name
-GGML_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
-#: llama.cpp's llama_ftype for a file whose matrices are mostly `fmt`
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}
+#: our format -> GGMLQuantizationType name (gguf's type names in lower case are our format names)
+GGML_TYPES = {f: f.upper() for f in FORMATS}
+#: llama.cpp's llama_ftype (general.file_type) for a file whose matrices are mostly `fmt`, or for one
+#: of llama.cpp's mixes (q4_k_m...); a block type without an entry writes 1024 (llama.cpp: "guessed")
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
+              "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
+              "q6_k": 18, "iq2_xxs": 19, "iq2_xs": 20, "q2_k_s": 21, "iq3_xxs": 23, "iq1_s": 24, "iq4_nl": 25,
+              "iq3_s": 26, "iq2_s": 28, "iq4_xs": 30, "iq1_m": 31, "bf16": 32, "tq1_0": 36, "tq2_0": 37,
+              "mxfp4": 38, "nvfp4": 39, "q3_k": 12, "q4_k": 15, "q5_k": 17}
+FILE_TYPE_GUESSED = 1024
 #: expert_gating_func values (llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_*)
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2
 
@@ -115,7 +121,7 @@ class GGUFModelFile:
         H = int(key("embedding_length"))
         n_heads = int(key("attention.head_count"))
         swa = key("attention.sliding_window", None)
-        # GGUF stores no per-layer layout: llama.cpp's rule (SMALLTHINKER.md)
+        # GGUF stores no per-layer layout: llama.cpp's rule (docs/model.md)
         hybrid = tuple(0 if i % 4 == 0 else 1 for i in range(L))
         tokens = self.value("tokenizer.ggml.tokens")
         if tokens is not None:
@@ -154,8 +160,8 @@ class GGUFModelFile:
         if info is None:
             raise WeightError(f"{self.path}: tensor '{name}' is missing from the file")
         tname, shape, offset, nbytes = info
-        fmt = {v: k for k, v in GGML_TYPES.items()}.get(tname)
-        if fmt is None:
+        fmt = tname.lower()
+        if fmt not in FORMATS:
             raise WeightError(f"{self.path}: tensor '{name}' has unsupported type {tname}; "
                               f"supported: {', '.join(GGML_TYPES.values())}")
         data = self.map[offset:offset + nbytes].view(STORAGE_DTYPE[fmt]).reshape(storage_shape(fmt, shape))
@@ -163,6 +169,16 @@ class GGUFModelFile:
 
     def file_size(self) -> int:
         return self.path.stat().st_size
+
+    def file_type(self) -> str | None:
+        """general.file_type as llama.cpp names it ('q4_k_m', 'q8_0'...), or None when absent."""
+        v = self.value("general.file_type")
+        if not isinstance(v, int):
+            return None
+        names = {}
+        for name, code in FILE_TYPES.items():
+            names.setdefault(code, name)
+        return names.get(v, "guessed" if v == FILE_TYPE_GUESSED else f"llama_ftype {v}")
 
 
 #: GGUF metadata value types: id -> struct format (8 string, 9 array handled apart)
@@ -241,7 +257,7 @@ def model_metadata(cfg: ModelConfig, file_type: str, name: str = "SmallThinker")
         f"{a}.expert_used_count": cfg.moe_num_active_primary_experts,
         f"{a}.expert_feed_forward_length": cfg.moe_ffn_hidden_size,
         f"{a}.expert_gating_func": GATING_SOFTMAX if cfg.moe_primary_router_apply_softmax else GATING_SIGMOID,
-        "general.file_type": FILE_TYPES[file_type],
+        "general.file_type": FILE_TYPES.get(file_type, FILE_TYPE_GUESSED),
         "general.quantization_version": 2,
     }
     if any(cfg.sliding_window_layout):
@@ -293,7 +309,7 @@ class GGUFWriterStream:
                                   f"supported: {', '.join(FORMATS)}")
             sshape = storage_shape(fmt, shape)
             n = int(np.prod(sshape)) * np.dtype(STORAGE_DTYPE[fmt]).itemsize
-            writer.add_tensor_info(name, sshape if fmt in ("q8_0", "q4_0") else shape,
+            writer.add_tensor_info(name, sshape if fmt in QUANT_SIZES else shape,
                                    np.dtype(STORAGE_DTYPE[fmt]), n,
                                    raw_dtype=gguf.GGMLQuantizationType[GGML_TYPES[fmt]])
             self.offsets[name], self.nbytes[name] = off, n

@@ -6,7 +6,7 @@ from typing import Callable
 from ..backend import LayerParams, ModelParams, Param
 from ..config import ModelConfig
 from ..errors import WeightError
-from .tensor import WeightTensor
+from .tensor import QUANT_SIZES, WeightTensor, fallback
 from .validate import tensor_type
 
 
@@ -130,6 +130,7 @@ def storage_format(name: str, shape: tuple[int, ...], fmt: str) -> str:
     """The format a tensor is stored in when a model is written or converted to `fmt`."""
     if keeps_f32(name, shape):
         return "f32"
-    if fmt in ("q8_0", "q4_0") and shape[-1] % 32:
-        return "f32"   # ggml blocks need rows of whole 32-element blocks
+    if fmt in QUANT_SIZES:   # ggml blocks need rows of whole blocks: llama.cpp's fallback, else f32
+        fmt = fallback(fmt, shape[-1])
+        return "f32" if fmt == "f16" else fmt
     return fmt

@@ -1,0 +1,134 @@
+"""st-sdk's C backend against llama.cpp on one GGUF file, in CPU time as well as wall time.
+
+    python benchmarks/cpu_vs_llama.py MODEL.gguf [--threads 1] [--rounds 5] [--prompt-len 128] [--gen-len 16]
+
+On a shared machine wall-clock time mostly measures the other jobs; the CPU time a process spends
+(`time.process_time`, all its threads) is the steadier comparison, and with one thread it is the
+whole cost. Each engine runs in its own child process (st_sdk.bench's loader, so the same settings as
+`st-sdk bench`), loaded once; the parent interleaves them round by round (A B, then B A, ...) after
+one warm-up round each, and prints medians and the median of the per-round ratios llama.cpp / st-sdk
+(> 1: st-sdk is faster) for a prefill of --prompt-len tokens and for --gen-len decode steps, with the
+weight bytes a decode step reads and the fraction of the measured read bandwidth (one probe per run,
+one thread, in CPU time) those bytes at the decode CPU time amount to. The load average before and after
+is printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from statistics import median
+
+
+def child(spec: dict) -> None:
+    """Load one engine, then answer 'round' lines with wall and CPU seconds of prefill and decode."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import numpy as np
+
+    from st_sdk.bench.worker import load_case as _load_case
+    from st_sdk.timing import prompt_ids
+
+    runner, facts = _load_case(spec)
+    proto.write(json.dumps({"ready": True, "facts": {k: str(v) for k, v in facts.items()}}) + "\n")
+    proto.flush()
+    ids = prompt_ids(runner, spec["prompt_len"])
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        w0, c0 = time.perf_counter(), time.process_time()
+        tok = runner.prefill(ids)
+        w1, c1 = time.perf_counter(), time.process_time()
+        for _ in range(spec["gen_len"]):
+            tok = runner.step(tok)
+        w2, c2 = time.perf_counter(), time.process_time()
+        proto.write(json.dumps({"prefill_wall": w1 - w0, "prefill_cpu": c1 - c0,
+                                "decode_wall": (w2 - w1) / spec["gen_len"],
+                                "decode_cpu": (c2 - c1) / spec["gen_len"], "token": int(np.int64(tok))}) + "\n")
+        proto.flush()
+
+
+def cpu_bandwidth(mib: int = 512, repeats: int = 7) -> float:
+    """Read bandwidth in bytes per second of CPU time: one thread summing a uint64 array of `mib` MiB
+    (median of `repeats`), the same clock as the figures it is compared with."""
+    import numpy as np
+
+    a = np.ones(mib * 2**20 // 8, np.uint64)
+    times = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        a.sum()
+        times.append(time.process_time() - c0)
+    return a.nbytes / median(times)
+
+
+class Child:
+    def __init__(self, spec: dict):
+        self.p = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        self.ready = json.loads(self.p.stdout.readline())
+
+    def round(self) -> dict:
+        self.p.stdin.write("round\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def close(self) -> None:
+        self.p.stdin.write("stop\n")
+        self.p.stdin.close()
+        self.p.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=16)
+    ap.add_argument("--backend", default="c")
+    a = ap.parse_args()
+    from st_sdk.bench import LLAMA, gguf_bytes_per_token, gguf_format
+
+    load0 = open("/proc/loadavg").read().split()[:3]
+    common = {"model": a.model, "threads": a.threads, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
+              "n_ctx": a.prompt_len + a.gen_len + 16}
+    ours = Child({**common, "kind": "st-sdk", "backend": a.backend})
+    theirs = Child({**common, "kind": LLAMA})
+    nbytes = gguf_bytes_per_token(a.model)
+    print(f"file {a.model} ({gguf_format(a.model)} dominant), threads {a.threads}, prompt {a.prompt_len}, "
+          f"decode {a.gen_len} tokens x {a.rounds} rounds (+1 warm-up), backend {a.backend}")
+    print(f"st-sdk: {ours.ready['facts'].get('variant')}")
+    print(f"llama.cpp: {theirs.ready['facts'].get('variant')}")
+    res: dict[str, list[dict]] = {"st-sdk": [], "llama.cpp": []}
+    ours.round(), theirs.round()   # warm-up: page in the weights, settle the caches
+    for r in range(a.rounds):
+        pair = [("st-sdk", ours), ("llama.cpp", theirs)]
+        for name, c in (pair if r % 2 == 0 else pair[::-1]):
+            res[name].append(c.round())
+    ours.close(), theirs.close()
+    bw = cpu_bandwidth()
+    load1 = open("/proc/loadavg").read().split()[:3]
+    print(f"weights read per decoded token {nbytes / 1e6:.1f} MB; read bandwidth {bw / 1e9:.1f} GB/s of CPU time "
+          f"(one thread); load average {' '.join(load0)} before, {' '.join(load1)} after")
+    print(f"{'':18s} {'st-sdk':>10s} {'llama.cpp':>10s} {'ratio':>7s}   of bandwidth (st-sdk / llama.cpp)")
+    for key, unit, scale in (("prefill_cpu", "s", 1), ("prefill_wall", "s", 1), ("decode_cpu", "ms/token", 1e3),
+                             ("decode_wall", "ms/token", 1e3)):
+        o = [x[key] for x in res["st-sdk"]]
+        t = [x[key] for x in res["llama.cpp"]]
+        ratio = median(tt / oo for oo, tt in zip(o, t))
+        frac = ""
+        if key == "decode_cpu":
+            frac = f"   {nbytes / median(o) / bw:.0%} / {nbytes / median(t) / bw:.0%}"
+        print(f"{key + ' (' + unit + ')':18s} {median(o) * scale:10.2f} {median(t) * scale:10.2f} {ratio:6.2f}x{frac}")
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        child(json.loads(sys.argv[sys.argv.index("--child") + 1]))
+    else:
+        main()

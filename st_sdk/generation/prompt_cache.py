@@ -1,0 +1,63 @@
+"""Prompt caching: a request reuses the KV of the longest token prefix it shares with a recent one.
+
+As llama.cpp's server does, a model keeps the sessions (KV cache and tokens) of its last `slots`
+requests (1 by default). A new `generate`/`chat` takes the idle session whose tokens share the longest
+prefix with its prompt, rewinds it to that prefix (at least one prompt token is always read again, for
+its logits) and prefills only the rest; `result.timings["cached_tokens"]` says how many were reused.
+Results are those of a fresh session (the KV of a token does not depend on what follows it). A session
+in use is never shared: concurrent requests each take their own. Sliding-window rings that already
+dropped old keys cannot be rewound; then the request starts a fresh session.
+
+`model.prompt_cache.clear()` frees the held KV; `model.prompt_cache.slots = 0` turns caching off.
+"""
+from __future__ import annotations
+
+import threading
+
+
+def common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PromptCache:
+    def __init__(self, model, slots: int = 1):
+        self.model = model
+        self.slots = slots
+        self._idle: list = []          # most recent first
+        self._lock = threading.Lock()
+
+    def acquire(self, ids: list[int], capacity: int | None = None):
+        """A session ready for `ids`: a rewound idle one sharing a prefix, else a fresh one."""
+        with self._lock:
+            best, n = None, 0
+            for s in self._idle:
+                k = common_prefix(s.tokens, ids)
+                if k > n:
+                    best, n = s, k
+            if best is not None:
+                self._idle.remove(best)
+        if best is not None and best.rewind(min(n, len(ids) - 1)):
+            return best
+        return self.model.session(capacity=capacity)
+
+    def release(self, session) -> None:
+        """Keep a finished request's session for the next request (the oldest beyond `slots` goes)."""
+        if self.slots <= 0 or not session.tokens:
+            return
+        with self._lock:
+            self._idle.insert(0, session)
+            del self._idle[self.slots:]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        """The token ids each held session covers (most recent first)."""
+        with self._lock:
+            return [list(s.tokens) for s in self._idle]
