@@ -116,7 +116,7 @@ def compute_dtype(dtype: Any) -> str | None:
 
 def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: dict[str, Any]):
     """Validated (path, backend, dtype, n_threads, extra) of an `st_sdk.load` call."""
-    known_extra = ("max_memory", "context", "prefetch")
+    known_extra = ("file", "max_memory", "context", "prefetch", "chunk_size")
     for name in extra:
         if name not in known_extra:
             raise unknown_argument("load", name, ("path", "backend", "dtype", "n_threads", "strict", "tune",
@@ -128,6 +128,8 @@ def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: d
     flag(tune, "tune")
     if "prefetch" in extra:
         flag(extra["prefetch"], "prefetch")
+    if "chunk_size" in extra:
+        positive_int(extra["chunk_size"], "chunk_size", allow_none=False)
     if extra.get("max_memory") is not None:
         from .sizes import parse_size
 

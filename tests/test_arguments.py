@@ -95,3 +95,14 @@ def test_lone_surrogate_prompt(model, prompt):
         model.generate(prompt, max_new_tokens=2)
     with pytest.raises(InputError, match=r"not valid Unicode"):
         model.chat([{"role": "user", "content": prompt}], max_new_tokens=2)
+
+
+def test_the_embedder_arguments_are_known(tiny_dir, model):
+    """Arguments load() and generate() take are not mistaken for typos (the unknown-argument check lists them)."""
+    m = st_sdk.load(tiny_dir["gguf"], backend="numpy", chunk_size=4, context=64, prefetch=True)
+    assert m.chunk_size == 4 and m.context == 64
+    with pytest.raises(InputError, match=r"chunk_size: expected a positive integer"):
+        st_sdk.load(tiny_dir["gguf"], backend="numpy", chunk_size=0)
+    r = model.generate("Hello", max_new_tokens=2, presence_penalty=0.5, frequency_penalty=0.5, logit_bias={5: -1.0},
+                       logits_processors=[lambda ids, x: x])
+    assert len(r.token_ids) <= 2
