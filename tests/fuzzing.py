@@ -283,9 +283,11 @@ def gguf_mutant(base: bytes, lay: GGUFLayout, d: Draw) -> Mutant | None:
         new = d.choice(sorted(sizes) + [31, 99, 2**32 - 1])
         if new == t.ttype:
             return None
-        # a type of the same block size and bytes (F16 <-> BF16, Q4_0 <-> IQ4_NL) leaves a valid file
-        # holding other numbers, unless it is an integer type (never a weight)
-        same_size = new in sizes and sizes[new] == sizes[t.ttype] and new not in (24, 25, 26, 27)
+        # a type of the same bytes per element whose blocks divide the rows (F16 <-> BF16, Q4_0 <-> IQ4_NL,
+        # Q4_0's 18 bytes per 32 <-> NVFP4's 36 per 64) leaves a valid file holding other numbers, unless it
+        # is an integer type (never a weight)
+        (b0, s0), (b1, s1) = sizes[t.ttype], sizes.get(new, (1, 0))
+        same_size = new in sizes and s1 * b0 == s0 * b1 and t.dims[0] % b1 == 0 and new not in (24, 25, 26, 27)
         return Mutant("gguf/tensor-type", "may_load" if same_size else "reject",
                       f"type of {t.name} {t.ttype} -> {new}", _patch(base, t.type_off, struct.pack("<I", new)),
                       new_table=same_size)
