@@ -58,11 +58,12 @@ def open_model(path: str | Path) -> ModelFile:
         if magic == b"GGUF":
             from ..tokenizer import Tokenizer
             from .gguf_file import GGUFModelFile
+            from .layout import gguf_extra_tensors
 
             g = GGUFModelFile(p)
             cfg = g.config()
             validate.config_against_file(cfg, len(g.tensors), g.file_size(), "gguf", str(p))
-            validate.gguf_extra_tensors(cfg, g.tensors, str(p))
+            gguf_extra_tensors(cfg, g.tensors, str(p))
             tok = Tokenizer.from_gguf_metadata(g.metadata("tokenizer."), source=str(p))
             return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size(), file_type=g.file_type(),
                              watch=FileWatch([g.watched]))

@@ -197,17 +197,6 @@ def config_against_file(cfg, n_tensors: int, data_bytes: int, kind: str, source:
                           f"{data_bytes:,} bytes of weights can hold: corrupt config or truncated file")
 
 
-def gguf_extra_tensors(cfg, names, source: str) -> None:
-    """A SmallThinker GGUF holds exactly its model's tensors (llama.cpp refuses a file with more): an
-    unknown one is a renamed or corrupt entry, and a renamed `output.weight` would silently tie the head."""
-    from .layout import gguf_shapes
-
-    extra = sorted(set(names) - set(gguf_shapes(cfg)))
-    if extra:
-        raise WeightError(f"{source}: tensor '{extra[0]}' is not part of a SmallThinker model with this config"
-                          + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""))
-
-
 def tensor_type(t, role: str) -> None:
     """A stored tensor's type against what the architecture expects of its role: norms hold floats
     element by element, no weight is an integer type, block types need rows of whole blocks."""
