@@ -157,7 +157,7 @@ class Backend:
     version: str = "0"
     #: modules the default `is_available` imports (lazily); the first that fails is the reason shown
     requires: tuple[str, ...] = ()
-    #: how to get the missing dependencies, appended to the reason ("pip install st-sdk[torch]")
+    #: how to get the missing dependencies, appended to the reason ('pip install -e ".[torch]"')
     install_hint: str = ""
     #: stored weight formats whose ops this backend runs as stored (contract; names: st_sdk.weights.tensor.FORMATS)
     formats: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0")

@@ -62,8 +62,11 @@ class ModelConfig:
         return min(self.max_position_embeddings, DEFAULT_CONTEXT)
 
     def layer_window(self, i: int) -> int | None:
-        """Sliding window of layer i, or None for global attention."""
-        return self.sliding_window_size if self.sliding_window_layout[i] else None
+        """Sliding window of layer i, or None for global attention (also when the window is at least the
+        context length: it then never hides a key, and a ring of that size would be wasted memory)."""
+        if not self.sliding_window_layout[i] or self.sliding_window_size >= self.max_position_embeddings:
+            return None
+        return self.sliding_window_size
 
     def layer_uses_rope(self, i: int) -> bool:
         return bool(self.rope_layout[i])
@@ -84,6 +87,10 @@ class ModelConfig:
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> None:
+        import math
+
+        from .weights.validate import BOUNDS
+
         src = self.source
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "moe_num_primary_experts",
@@ -92,6 +99,16 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{src}: field '{name}' must be a positive integer, got {v!r}")
+            if v > BOUNDS[name]:
+                raise ConfigError(f"{src}: field '{name}' = {v} is beyond any model st-sdk can run "
+                                  f"(at most {BOUNDS[name]})")
+        for name in ("tie_word_embeddings", "moe_primary_router_apply_softmax"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{src}: field '{name}' must be true or false, got {getattr(self, name)!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{src}: field '{name}' must be a finite number, got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"{src}: num_attention_heads ({self.num_attention_heads}) is not divisible by "
@@ -115,8 +132,11 @@ class ModelConfig:
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"{src}: field 'rms_norm_eps' must be positive, got {self.rms_norm_eps!r}")
         for t in self.eos_token_id:
-            if not 0 <= t < self.vocab_size:
-                raise ConfigError(f"{src}: eos_token_id {t} is outside the vocabulary ({self.vocab_size})")
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ConfigError(f"{src}: eos_token_id {t!r} is outside the vocabulary ({self.vocab_size})")
+        b = self.bos_token_id
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < self.vocab_size):
+            raise ConfigError(f"{src}: bos_token_id {b!r} is outside the vocabulary ({self.vocab_size})")
 
     # ---- readers -------------------------------------------------------------------------
     @classmethod
@@ -124,6 +144,9 @@ class ModelConfig:
         """Build from an HF config.json dictionary (unknown fields are ignored)."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        from .weights.validate import hf_config
+
+        hf_config(d, source)
         archs = d.get("architectures") or []
         if not archs or archs[0] != ARCHITECTURE:
             found = archs[0] if archs else (d.get("model_type") or "nothing")
@@ -152,13 +175,13 @@ class ModelConfig:
                 moe_num_primary_experts=d["moe_num_primary_experts"],
                 moe_num_active_primary_experts=d["moe_num_active_primary_experts"],
                 moe_ffn_hidden_size=d["moe_ffn_hidden_size"],
-                rope_layout=tuple(d.get("rope_layout", [1] * L if isinstance(L, int) else [])),
-                sliding_window_layout=tuple(d.get("sliding_window_layout", [0] * L if isinstance(L, int) else [])),
+                rope_layout=tuple(_or(d.get("rope_layout"), [1] * L)),
+                sliding_window_layout=tuple(_or(d.get("sliding_window_layout"), [0] * L)),
                 sliding_window_size=d.get("sliding_window_size") or 4096,
-                moe_primary_router_apply_softmax=bool(d.get("moe_primary_router_apply_softmax", False)),
-                rope_theta=float(d.get("rope_theta", 1.5e6)),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                moe_primary_router_apply_softmax=_or(d.get("moe_primary_router_apply_softmax"), False),
+                rope_theta=float(_or(d.get("rope_theta"), 1.5e6)),
+                rms_norm_eps=float(_or(d.get("rms_norm_eps"), 1e-6)),
+                tie_word_embeddings=_or(d.get("tie_word_embeddings"), False),
                 max_position_embeddings=d.get("max_position_embeddings", 32768),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=eos_t,
@@ -174,8 +197,10 @@ class ModelConfig:
             raise ConfigError(f"{path}: config.json not found")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, deep nesting
             raise ConfigError(f"{path}: malformed JSON: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,3 +216,8 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _or(value: Any, default: Any) -> Any:
+    """A config.json value, or the default when it is absent or null."""
+    return default if value is None else value

@@ -28,9 +28,13 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     to `build_model`: kv_dtype ('f16', 'q8_0', 'f32': how the KV cache stores keys and values),
     max_memory, context, prefetch (the memory-budget mode).
     """
+    from .arguments import check_load
     from .weights import open_model
     from .weights.export import GGUF_FORMATS, gguf_specs
 
+    path, backend, dtype, n_threads, kw = check_load(path, backend, dtype, n_threads, strict, tune, quantize, kw)
+    if file is not None and not isinstance(file, str):
+        raise InputError(f"file: expected the name of a .gguf file in the repository, got {file!r}")
     if quantize is not None and quantize not in GGUF_FORMATS:
         raise InputError(f"quantize={quantize!r}: choose one of {', '.join(GGUF_FORMATS)}")
     from .hub import resolve
@@ -41,9 +45,11 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     params = mf.params()
     if quantize is not None:
         params = convert_params(params, quantize, mf.config)
-    return build_model(mf.config, params, backend=backend, dtype=dtype, n_threads=n_threads, strict=strict,
-                       tokenizer=mf.tokenizer, path=str(mf.path), weight_format=weight_format(params),
-                       tune=tune, **kw)
+    model = build_model(mf.config, params, backend=backend, dtype=dtype, n_threads=n_threads, strict=strict,
+                        tokenizer=mf.tokenizer, path=str(mf.path), weight_format=weight_format(params),
+                        tune=tune, **kw)
+    model.files = mf.watch
+    return model
 
 
 def weight_format(params) -> str:

@@ -28,6 +28,7 @@ class Session:
         """Append tokens (prefill in chunks) and return float32 logits: every position's [T, V] when
         all_logits, else the last position's [V]."""
         m = self.model
+        m.check_files()
         ids = m.check_ids(ids, start=len(self.tokens))
         chunk = chunk or m.chunk_size
         out = []
@@ -77,6 +78,7 @@ class Model:
         self.kv_dtype = kv_dtype   # the KV cache's storage type (None: the cache's own, no choice offered)
         self.offload = None        # the ExpertCache in memory-budget mode
         self.memory_plan = None    # what the budget holds, planned before loading
+        self.files = None          # FileWatch over the mapped weight files (st_sdk.weights.watch)
         self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
         self._engine = None
         self._engine_lock = threading.Lock()
@@ -88,6 +90,12 @@ class Model:
         c = self.config
         return (f"Model({self.path or 'in-memory'}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"experts={c.moe_num_active_primary_experts}/{c.moe_num_primary_experts}, backend={self.backend.name})")
+
+    def check_files(self) -> None:
+        """WeightError naming the file if a weight file changed on disk since it was loaded (once per
+        step, before any kernel reads the mapped weights; see st_sdk/weights/watch.py)."""
+        if self.files is not None:
+            self.files.check()
 
     # ---- the data plane --------------------------------------------------------------------
     def _forward(self, ids: np.ndarray, positions: np.ndarray, cache, last_only: bool = False):
@@ -104,7 +112,9 @@ class Model:
         return self.config.kv_cache_bytes(tokens, self.kv_dtype or "f32")
 
     def check_ids(self, ids: Iterable[int] | np.ndarray, start: int = 0, name: str = "ids") -> np.ndarray:
-        arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        from .arguments import token_ids
+
+        arr = token_ids(ids, name)
         if arr.ndim != 1:
             raise InputError(f"{name}: expected a 1-D sequence of token ids, got shape {list(arr.shape)}")
         if arr.size == 0:

@@ -33,10 +33,12 @@ log = logging.getLogger("st_sdk")
 #: 8-bit activation quantisation stay well inside it; a wrong kernel does not)
 VALIDATION_TOL = 5e-2
 MEASURE_TOP = 3          # candidates measured, by static score
-MEASURE_TOKENS = 4       # decode steps timed per candidate (after warm-up) ...
-MEASURE_MIN_S = 0.3      # ... and more, up to MEASURE_MAX_TOKENS, until this much time is timed
-MEASURE_MAX_TOKENS = 32
+MEASURE_LAYERS = 4       # measured on the model's first layers (every op shape and weight format)
+MEASURE_ROUNDS = 7       # rounds of interleaved decode blocks; a candidate's speed is their median
+MEASURE_BLOCK_S = 0.05   # a candidate's block of decode steps in one round lasts about this long
 MEASURE_CONTEXT = 8      # prompt before them
+MAX_SPREAD = 0.5         # rounds disagreeing more than this (IQR / median) make a measurement not cached
+STATIC_GAP = 4.0         # a measured win over a candidate scored this many times higher is timed again
 
 
 @dataclass
@@ -49,7 +51,9 @@ class Candidate:
     score: float = 0.0                   # static score on this hardware and format
     validated: bool | None = None        # smoke run (and, when measured, the decode step) matched
     error: float | None = None           # measured decode-step logits error vs the reference
-    tokens_per_s: float | None = None    # measured decode speed (None: not measured)
+    tokens_per_s: float | None = None    # measured decode speed, median over rounds (None: not measured)
+    spread: float | None = None          # interquartile range of the rounds' speeds over their median
+    rounds: list[float] = field(default_factory=list)     # tokens/s of each interleaved round
     decode_s: list[float] = field(default_factory=list)   # every measured step
     measured: str | None = None          # "now" | "cache"
     fallbacks: list[str] = field(default_factory=list)
@@ -89,7 +93,8 @@ class Selection:
             lines.append(f"hardware: {self.hardware.summary()}")
         for c in self.candidates:
             mark = "*" if c.name == self.chosen else " "
-            speed = f"{c.tokens_per_s:8.1f} tok/s ({c.measured})" if c.tokens_per_s else f"{'-':>8s}"
+            spread = f" spread {c.spread:.0%}" if c.spread is not None and c.spread == c.spread else ""
+            speed = f"{c.tokens_per_s:8.1f} tok/s{spread} ({c.measured})" if c.tokens_per_s else f"{'-':>8s}"
             state = "ok" if c.available else f"unavailable: {c.reason}"
             if c.available and c.error is not None:
                 state += f", decode logits err {c.error:.1e}"
@@ -101,7 +106,10 @@ class Selection:
             facts = f" [{facts}]" if facts and c.available else ""
             lines.append(f" {mark} {c.name:10s} score {c.score:6.1f}  {speed}  {state}{fb}{facts}")
         if self.cache:
-            lines.append(f"cache: {self.cache.get('path')} ({'hit' if self.cache.get('hit') else 'miss'})")
+            state = "hit" if self.cache.get("hit") else "miss"
+            if self.cache.get("not_stored"):
+                state += f"; this measurement was not cached: {self.cache['not_stored']}"
+            lines.append(f"cache: {self.cache.get('path')} ({state})")
         lines += [f"note: {n}" for n in self.notes]
         if self.step_wrappers:
             lines.append(f"forward step wrapped by: {', '.join(self.step_wrappers)}")
@@ -202,36 +210,76 @@ def _smoke_cached(backend: Backend, reference: Backend, fmt: str, dtype, n_threa
 
 
 # ---- measurement ---------------------------------------------------------------------------------
-def measure(candidates: list[Candidate], instances: dict[str, Backend], reference: Backend, config,
-            params: ModelParams, tokens: int = MEASURE_TOKENS, context: int = MEASURE_CONTEXT) -> None:
-    """Time decode steps of the loaded model on each candidate and validate one step's logits against
-    the reference on the same model (all layers: the reference needs no prepared copy). Fills the
-    candidates in place; a candidate that fails or disagrees is marked unavailable with the reason."""
-    from .timing import time_decode
+def measured_slice(config, params: ModelParams, layers: int = MEASURE_LAYERS):
+    """(config, params) of the model's first `layers` layers with its embedding, norm and head: every
+    op shape and weight format of the model at a fraction of the memory and preparation time."""
+    n = min(layers, config.num_hidden_layers)
+    if n == config.num_hidden_layers:
+        return config, params
+    cfg = config.replace(num_hidden_layers=n, rope_layout=config.rope_layout[:n],
+                         sliding_window_layout=config.sliding_window_layout[:n])
+    return cfg, ModelParams(embed=params.embed, layers=list(params.layers[:n]), norm=params.norm, head=params.head)
 
+
+def measure(candidates: list[Candidate], instances: dict[str, Backend], reference: Backend, config,
+            params: ModelParams, rounds: int = MEASURE_ROUNDS, context: int = MEASURE_CONTEXT) -> dict:
+    """Validate one decode step's logits of each candidate against the reference, then time the
+    candidates' decode steps interleaved round by round (`time_candidates`), on the model's first
+    MEASURE_LAYERS layers. Fills the candidates in place (a candidate that fails or disagrees is marked
+    unavailable with the reason); returns the prepared models, name -> Model, for timing them again."""
+    config, params = measured_slice(config, params)
     want = _decode_logits(Model(config, params, reference, bind_ops(reference, reference)), context)
+    models = {}
     for c in candidates:
         b = instances[c.name]
         try:
             prepared = params if b is reference else prepare_params(b, params, config)
             model = Model(config, prepared, b, bind_ops(b, reference))
             c.error = 0.0 if b is reference else _logits_error(_decode_logits(model, context), want)
-            t = time_decode(model, n_tokens=tokens, context=context, warmup=1)
-            spent = sum(t.decode_s)
-            more = min(MEASURE_MAX_TOKENS - tokens, int(tokens * (MEASURE_MIN_S / max(spent, 1e-9) - 1)) + 1)
-            if spent < MEASURE_MIN_S and more > 0:   # fast steps: time more of them, the median steadies
-                time_decode(model, n_tokens=more, context=context, warmup=1, timing=t)
         except Exception as e:
             c.available, c.validated, c.reason = False, False, f"measurement raised {type(e).__name__}: {e}"
             continue
-        finally:
-            model = prepared = None   # one prepared copy at a time
-        c.measured, c.decode_s = "now", list(t.decode_s)
-        c.tokens_per_s = t.decode_tps
         c.validated = c.error < VALIDATION_TOL
         if not c.validated:
             c.available = False
             c.reason = f"decode logits disagree with the reference (relative error {c.error:.2e})"
+            continue
+        models[c.name] = model
+    time_candidates(candidates, models, rounds, context)
+    return models
+
+
+def time_candidates(candidates: list[Candidate], models: dict, rounds: int = MEASURE_ROUNDS,
+                    context: int = MEASURE_CONTEXT) -> None:
+    """Decode speed of each model, interleaved round by round (`st_sdk.timing.interleaved_decode`):
+    a candidate's tokens/s is the median over the rounds, its spread their interquartile range over it."""
+    from statistics import median
+
+    from .timing import interleaved_decode, robust_spread
+
+    timings = interleaved_decode(models, rounds=rounds, block_s=MEASURE_BLOCK_S, context=context)
+    for c in candidates:
+        t = timings.get(c.name)
+        if t is None:
+            continue
+        if t.error is not None:
+            c.available, c.validated, c.reason = False, False, f"measurement raised {t.error}"
+            continue
+        c.measured, c.decode_s, c.rounds = "now", list(t.decode_s), list(t.decode_rounds)
+        c.tokens_per_s, c.spread = median(t.decode_rounds), robust_spread(t.decode_rounds)
+
+
+def contradiction(candidates: list[Candidate]) -> str | None:
+    """Why the measured winner is doubtful (it beat a candidate STATIC_GAP times its static score), or None."""
+    measured = [c for c in candidates if c.available and c.tokens_per_s]
+    if len(measured) < 2:
+        return None
+    best = max(measured, key=lambda c: c.tokens_per_s)
+    fav = max(measured, key=lambda c: c.score)
+    if best is fav or fav.score <= 0 or fav.score < STATIC_GAP * max(best.score, 1e-9):
+        return None
+    return (f"{best.name} measured faster than {fav.name} ({best.tokens_per_s:.1f} vs {fav.tokens_per_s:.1f} tok/s) "
+            f"against static scores {best.score:g} vs {fav.score:g}")
 
 
 # ---- the decision --------------------------------------------------------------------------------
@@ -360,6 +408,7 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
         elif config is not None:
             chosen, rule, cache_info = _measured_choice(usable, instances, reference, config, params, hardware,
                                                         fmt, dtype, n_threads, tune, remeasure)
+            notes += cache_info.pop("notes", [])
         if chosen is None:
             usable = [c for c in usable if c.available]   # measurement may have ruled some out
             if not usable:
@@ -380,11 +429,15 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
 
 def _measured_choice(usable, instances, reference, config, params, hardware, fmt, dtype, n_threads, tune,
                      remeasure):
+    """The measured winner (from the cache, or measured now when tune), its rule and the cache facts.
+    A measurement is cached only when every candidate's rounds agree (spread <= MAX_SPREAD) and, when it
+    contradicted the static scores, timing them again confirmed it; otherwise info['not_stored'] says why."""
     from . import selection_cache
 
     key = selection_cache.cache_key(hardware, config, fmt, {c.name: c.version for c in usable}, dtype, n_threads)
     info = {"path": str(selection_cache.cache_path()), "key": selection_cache.key_hash(key), "hit": False}
     entry = None if remeasure else selection_cache.load(key)
+    notes = []
     if entry is not None:
         info["hit"] = True
         for c in usable:
@@ -393,22 +446,44 @@ def _measured_choice(usable, instances, reference, config, params, hardware, fmt
                 continue
             c.measured, c.decode_s, c.error = "cache", list(t.get("decode_s", [])), t.get("error")
             c.tokens_per_s, c.validated = t.get("tokens_per_s"), t.get("validated")
+            c.spread, c.rounds = t.get("spread"), list(t.get("rounds", []))
             if c.validated is False:
                 c.available, c.reason = False, t.get("reason") or "failed validation when measured"
     elif tune and params is not None:
         top = sorted(usable, key=lambda c: -c.score)[:MEASURE_TOP]
         t0 = time.perf_counter()
-        measure(top, instances, reference, config, params)
+        models = measure(top, instances, reference, config, params)
+        doubt = contradiction(top)
+        if doubt:   # timed again before it is believed
+            time_candidates(top, models, MEASURE_ROUNDS, MEASURE_CONTEXT)
+            again = contradiction(top)
+            notes.append(f"{doubt}; timed again: " + (f"confirmed ({again})" if again else "it was not (the second "
+                                                      "measurement is used)"))
+            if not again:
+                info["not_stored"] = "two measurements disagreed"
+        models = None
         log.debug("st-sdk: measured %s in %.1fs", ", ".join(c.name for c in top), time.perf_counter() - t0)
+        noisy = [c for c in top if c.spread is not None and c.spread > MAX_SPREAD]
+        if noisy:
+            info["not_stored"] = ", ".join(f"{c.name}'s rounds spread {c.spread:.0%}" for c in noisy) + \
+                f" (more than {MAX_SPREAD:.0%}: is the machine busy? measure again when it is quieter)"
+        if config.num_hidden_layers > MEASURE_LAYERS:
+            notes.append(f"decode speeds measured on the first {MEASURE_LAYERS} of {config.num_hidden_layers} "
+                         f"layers, {MEASURE_ROUNDS} interleaved rounds")
         timings = {c.name: {"tokens_per_s": c.tokens_per_s, "decode_s": c.decode_s, "error": c.error,
+                            "spread": c.spread, "rounds": c.rounds,
                             "validated": c.validated, "reason": None if c.available else c.reason}
                    for c in top if c.measured or c.validated is False}
-        try:
-            info["path"] = str(selection_cache.store(key, timings))
-        except OSError as e:
-            log.warning("st-sdk: cannot write the selection cache (%s); measuring again next time", e)
+        if "not_stored" in info:
+            log.warning("st-sdk: measurement not cached: %s", info["not_stored"])
+        else:
+            try:
+                info["path"] = str(selection_cache.store(key, timings))
+            except OSError as e:
+                log.warning("st-sdk: cannot write the selection cache (%s); measuring again next time", e)
     else:
         return None, None, info
+    info["notes"] = notes
     measured = [c for c in usable if c.available and c.tokens_per_s]
     if not measured:
         return None, None, info

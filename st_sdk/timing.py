@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from statistics import median
+from statistics import median, quantiles
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,12 +24,22 @@ def summary(values: Sequence[float]) -> dict[str, float]:
             "spread": (max(values) - min(values)) / m if m else float("nan"), "n": len(values)}
 
 
+def robust_spread(values: Sequence[float]) -> float:
+    """Interquartile range over the median: how much repeated measurements disagree, one outlier aside."""
+    if len(values) < 2:
+        return float("nan")
+    q1, _, q3 = quantiles(values, n=4, method="inclusive")
+    m = median(values)
+    return (q3 - q1) / m if m else float("nan")
+
+
 @dataclass
 class Timing:
     prefill_s: list[float] = field(default_factory=list)   # one entry per repeat: whole prompt
     decode_s: list[float] = field(default_factory=list)    # one entry per decoded token
     decode_rounds: list[float] = field(default_factory=list)  # tokens/s of each time_decode call
     prompt_len: int = 0
+    error: str | None = None   # interleaved_decode: why this model's steps stopped
 
     @property
     def prefill_tps(self) -> float:
@@ -128,8 +138,9 @@ def time_decode(model, n_tokens: int = 16, context: int = 16, warmup: int = 2,
     return t
 
 
-def _timed_steps(runner, tok: int, warmup: int, n: int, t: Timing) -> None:
-    """`warmup` untimed then `n` timed greedy decode steps from `tok`, recorded in `t`."""
+def _timed_steps(runner, tok: int, warmup: int, n: int, t: Timing) -> int:
+    """`warmup` untimed then `n` timed greedy decode steps from `tok`, recorded in `t` (one entry of
+    `decode_rounds` for the n); returns the last token."""
     this_round = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
@@ -139,6 +150,41 @@ def _timed_steps(runner, tok: int, warmup: int, n: int, t: Timing) -> None:
     t.decode_s.extend(this_round)
     if this_round:
         t.decode_rounds.append(len(this_round) / sum(this_round))
+    return tok
+
+
+def interleaved_decode(models: dict[str, Any], rounds: int = 7, block_s: float = 0.05, context: int = 8,
+                       warmup: int = 2, max_block: int = 64) -> dict[str, Timing]:
+    """Greedy decode steps of several models interleaved round by round, so that a change in the
+    machine's load hits them all alike: in each round every model runs one block of steps (about
+    `block_s` long, the same number every round), the order rotating from round to round.
+    Each Timing's `decode_rounds` holds one tokens/s per round, `decode_s` every step."""
+    runners = {n: as_runner(m) for n, m in models.items()}
+    timings = {n: Timing() for n in models}
+    token, steps = {}, {}
+    for n, r in runners.items():   # warm up, and size each model's block from its last warm-up step
+        try:
+            if isinstance(r, ModelRunner):
+                r.room = max(r.room, warmup + rounds * max_block + 1)
+            tok = r.prefill(prompt_ids(r, context))
+            per = 0.0
+            for _ in range(max(warmup, 1)):
+                t0 = time.perf_counter()
+                tok = r.step(tok)
+                per = time.perf_counter() - t0
+        except Exception as e:   # a model that fails is dropped; the others are still timed
+            timings[n].error = f"{type(e).__name__}: {e}"
+            continue
+        token[n], steps[n] = tok, max(1, min(max_block, round(block_s / max(per, 1e-9))))
+    names = list(token)
+    for i in range(rounds):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            if timings[n].error is None:
+                try:
+                    token[n] = _timed_steps(runners[n], token[n], 0, steps[n], timings[n])
+                except Exception as e:
+                    timings[n].error = f"{type(e).__name__}: {e}"
+    return timings
 
 
 def time_round(model, prompt_len: int, gen_len: int, warmup: int = 1, timing: Timing | None = None,

@@ -21,8 +21,9 @@ class Tokenizer:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode: expected text (str), got {type(text).__name__}")
+        from .arguments import text as check_text
+
+        check_text(text, "text")
         return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -62,16 +63,22 @@ class Tokenizer:
         tcfg = _read_json(d / "tokenizer_config.json")
         template = tcfg.get("chat_template")
         if isinstance(template, list):   # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{d / 'tokenizer_config.json'}: 'chat_template' must be a string or a list of "
+                                 f"{{'name', 'template'}} objects, got {type(template).__name__}")
         if not template and (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            try:
+                template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{d / 'chat_template.jinja'}: cannot read: {e}") from None
         specials = {k: _token_text(tcfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         specials = {k: v for k, v in specials.items() if v}
         eos: list[int] = []
         for src in (_read_json(d / "generation_config.json"), _read_json(d / "config.json")):
             v = src.get("eos_token_id")
-            eos += v if isinstance(v, list) else ([v] if isinstance(v, int) else [])
+            eos += [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, int) and not isinstance(x, bool)]
         if "eos_token" in specials and tk.token_to_id(specials["eos_token"]) is not None:
             eos.append(tk.token_to_id(specials["eos_token"]))
         bos = tk.token_to_id(specials["bos_token"]) if "bos_token" in specials else None
@@ -87,6 +94,19 @@ class Tokenizer:
             return None
         if model != "gpt2":
             raise TokenizerError(f"{source}: tokenizer model {model!r} is not supported (supported: gpt2 BPE)")
+        from .weights.validate import gguf_tokenizer
+
+        gguf_tokenizer(meta, source)
+        try:
+            return cls._from_gguf(meta, source)
+        except TokenizerError:
+            raise
+        except Exception as e:   # the tokenizers library raises bare Exceptions on inconsistent vocabularies
+            raise TokenizerError(f"{source}: cannot build the tokenizer from the GGUF vocabulary "
+                                 f"({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_gguf(cls, meta: dict[str, Any], source: str) -> "Tokenizer":
         tokens = list(meta.get("tokenizer.ggml.tokens") or [])
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
@@ -227,8 +247,10 @@ def _read_json(path) -> dict:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise TokenizerError(f"{path}: malformed JSON: {e}") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror})") from None
     return d if isinstance(d, dict) else {}
 
 

@@ -132,7 +132,7 @@ def test_plot_without_matplotlib_says_how_to_install(capsys, monkeypatch, tmp_pa
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import fails as if not installed
     code, _, err = run_cli(capsys, "--backend", "numpy", "--plot", str(tmp_path / "x.png"))
-    assert code == 1 and "pip install st-sdk[plot]" in err
+    assert code == 1 and 'pip install -e ".[plot]"' in err
 
 
 def test_vs_llama_cpp_pairs_each_case_with_the_peer(capsys):
@@ -163,7 +163,7 @@ def test_bench_a_model_file(capsys, tmp_path):
 
 
 def test_plot_draws_a_png(capsys, tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib (the st-sdk[plot] extra) is not installed")
+    pytest.importorskip("matplotlib", reason="matplotlib (the [plot] extra) is not installed")
     png = tmp_path / "bench.png"
     code, _, _ = run_cli(capsys, "--backend", "numpy", "--format", "q8_0", "--prompt-len", "4", "--gen-len", "2",
                          "--rounds", "1", "--plot", str(png))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("jax", reason="the JAX backend needs jax (pip install -e .[jax])")
+pytest.importorskip("jax", reason='the JAX backend needs jax (pip install -e ".[jax]")')
 
 from st_sdk import synth                                   # noqa: E402
 from st_sdk.errors import InputError                       # noqa: E402

@@ -88,6 +88,23 @@ def _moe_inputs(x, ids, weights, H: int, E: int):
     return xs, flat.reshape(ids.shape), np.ascontiguousarray(weights, np.float32)
 
 
+#: a fused step reading fewer weight bytes than this (per token, times its tokens) runs on one thread:
+#: its barriers would cost more than a second thread saves, and on a busy machine a descheduled worker
+#: stalls every barrier (measured on 2 cores with the load average at 17: the tiny preset decoded at
+#: ~750 tok/s on one thread, ~50 on two). Only when the thread count was not asked for.
+SMALL_STEP_BYTES = 1 << 20
+
+
+def decode_bytes(params, cfg) -> int:
+    """Weight bytes a decode step reads: every dense part, k of E experts, one embedding row, the head."""
+    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
+    total = params.embed.raw.nbytes // cfg.vocab_size + params.norm.raw.nbytes + params.head.raw.nbytes
+    for lp in params.layers:
+        total += sum(getattr(lp, f).raw.nbytes for f in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router"))
+        total += sum(getattr(lp, f).raw.nbytes for f in ("gate", "up", "down")) * k // E
+    return int(total)
+
+
 class CBackend(Backend):
     name = "c"
     version = "0.1"
@@ -113,6 +130,8 @@ class CBackend(Backend):
         self.released_map_bytes = 0   # resident pages of repacked GGUF tensors dropped from this process
         self._layer_structs: dict = {}
         self.threads = resolve_threads(n_threads)
+        self._auto_threads = n_threads is None and not os.environ.get("ST_NUM_THREADS", "").strip()
+        self._step_bytes: int | None = None   # decode_bytes of the prepared model
 
     # ---- control plane -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -152,7 +171,7 @@ class CBackend(Backend):
     def prepare(self, param: Param, role: str):
         raw = param.raw
         if role in NORM_ROLES:
-            return np.ascontiguousarray(raw.numpy(), np.float32)
+            return np.require(raw.numpy(), np.float32, ("C", "A"))   # a copy when the map is misaligned
         if raw.fmt not in ops.FMT_CODE:
             raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
@@ -186,6 +205,14 @@ class CBackend(Backend):
 
     def prepare_model(self, params, config) -> None:
         params.extra["c_model"] = self._model_struct(params, config)
+        self._step_bytes = decode_bytes(params, config)
+
+    def _step_pool(self, tokens: int):
+        """The pool a fused step of `tokens` tokens runs on (see SMALL_STEP_BYTES)."""
+        if self._auto_threads and self.threads > 1 and self._step_bytes is not None \
+                and self._step_bytes * tokens < SMALL_STEP_BYTES:
+            return get_pool(1)
+        return get_pool(self.threads)
 
     def _model_struct(self, params, cfg):
         return self._struct(cfg, list(enumerate(params.layers)), params)
@@ -267,6 +294,7 @@ class CBackend(Backend):
         positions = int64_vector(positions, T, "positions", 0)
         cache.reserve(T)
         logits = np.empty((1 if last_only else T, cfg.vocab_size), np.float32)
+        pool = self._step_pool(T)
         check(lib.st_forward(pool, state[0], cache.structs, ptr(ffi, "int64_t *", ids),
                              ptr(ffi, "int64_t *", positions), T, int(bool(last_only)), ptr(ffi, "float *", logits)),
               "forward")

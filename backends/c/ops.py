@@ -91,9 +91,9 @@ def _storage(arr: np.ndarray, fmt: str, rows_shape: tuple, cols: int, name: str)
     if arr.dtype != STORAGE_DTYPE[fmt] or tuple(arr.shape) != want:
         raise InputError(f"weight '{name}': storage {arr.dtype}{list(arr.shape)} does not match "
                          f"{fmt} {list(rows_shape)}x{cols}")
-    if arr.flags.c_contiguous:
+    if arr.flags.c_contiguous and arr.flags.aligned:
         return arr, 0
-    arr = np.ascontiguousarray(arr)
+    arr = np.require(arr, requirements=("C", "A"))   # the kernels load whole elements: never misaligned
     return arr, arr.nbytes
 
 
@@ -220,7 +220,8 @@ def quantize_act(fmt: str, x) -> np.ndarray:
 def f32_vector(param, n: int | None = None) -> np.ndarray:
     """A weight `Param`'s float32 vector (its prepared value when that already is one)."""
     v = param.value if isinstance(param.value, np.ndarray) and param.value.dtype == np.float32 \
-        and param.value.flags.c_contiguous and param.value.ndim == 1 else np.ascontiguousarray(param.raw.numpy(), np.float32)
+        and param.value.flags.c_contiguous and param.value.flags.aligned and param.value.ndim == 1 \
+        else np.require(param.raw.numpy(), np.float32, ("C", "A"))
     if v.ndim != 1 or (n is not None and v.shape[0] != n):
         raise InputError(f"weight '{param.name}': expected a vector of {n}, got shape {list(v.shape)}")
     return v

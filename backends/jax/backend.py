@@ -46,7 +46,7 @@ class JaxBackend(Backend):
     requires = ("jax",)
     formats = FLOATS
     converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
-    install_hint = "pip install -e .[jax]"
+    install_hint = 'pip install -e ".[jax]" (from a clone of st-sdk)'
     #: KV cache storage types (f16 by default: half the bytes of float32 per token)
     kv_dtypes = ("f16", "bf16", "f32")
 

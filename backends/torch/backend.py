@@ -44,9 +44,9 @@ def default_dtype(device) -> str:
 class TorchBackend(Backend):
     name = "torch"
     version = "0"
+    install_hint = 'pip install -e ".[torch]" (from a clone of st-sdk)'
     formats = FLOATS
     converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
-    install_hint = "pip install st-sdk[torch]"
     #: KV cache storage types (f16 by default: half the bytes of float32 per token)
     kv_dtypes = ("f16", "bf16", "f32")
 

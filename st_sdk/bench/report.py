@@ -74,7 +74,7 @@ def plot(records: list[Record], path: str, title: str = "") -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("--plot needs matplotlib: pip install st-sdk[plot]") from None
+        raise InputError('--plot needs matplotlib: pip install -e ".[plot]" (from a clone of st-sdk)') from None
     ok = [r for r in records if r.status == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     formats = sorted({r.format for r in ok})

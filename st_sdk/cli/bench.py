@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="run st-sdk backends within this memory budget (e.g. 1GiB) and report the expert cache")
     p.add_argument("--json", action="store_true", help="print one JSON document (records per backend and format)")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib: st-sdk[plot])")
+    p.add_argument("--plot", metavar="FILE.png", help='also draw a bar chart (needs matplotlib: pip install -e ".[plot]")')
     p.set_defaults(func=run)
 
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise InputError("--plot needs matplotlib: pip install st-sdk[plot]") from None
+            raise InputError('--plot needs matplotlib: pip install -e ".[plot]" (from a clone of st-sdk)') from None
     backends = None if args.backend in ("all", "") else [b.strip() for b in args.backend.split(",") if b.strip()]
     opts = bench.BenchOptions(backends=backends, model=args.model, preset=args.preset, formats=formats,
                               prompt_len=args.prompt_len, gen_len=args.gen_len, rounds=args.rounds,

@@ -36,7 +36,13 @@ class Options:
               cancel: threading.Event | None = None, presence_penalty: float | None = None,
               frequency_penalty: float | None = None, logit_bias: Mapping[int, float] | None = None,
               logits_processors: Sequence[Callable] | None = None, json_schema=None, regex: str | None = None,
-              grammar: str | None = None) -> "Options":
+              grammar: str | None = None, **unknown) -> "Options":
+        if unknown:
+            from ..arguments import GENERATE_SYNONYMS, unknown_argument
+
+            code = cls.parse.__code__
+            known = ["stream", *code.co_varnames[1:code.co_argcount]]
+            raise unknown_argument("generate", next(iter(unknown)), known, GENERATE_SYNONYMS)
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
                                            or not isinstance(max_new_tokens, (int, np.integer))
                                            or max_new_tokens < 1):

@@ -78,7 +78,7 @@ class ExpertCache:
     """
 
     def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[list[int]], slots: int,
-                 io_threads: int = 4, drop_page_cache: bool = True):
+                 io_threads: int = 4, drop_page_cache: bool = True, files: tuple[str, ...] = ()):
         self.locate = locate
         self.part_bytes = part_bytes
         self.offsets = [np.cumsum([0] + list(parts)) for parts in part_bytes]
@@ -92,6 +92,8 @@ class ExpertCache:
         self.stats = OffloadStats()
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self._fds: dict[str, int] = {}
+        for path in files:   # opened now: a file deleted or renamed over later is still read whole
+            self._fd(path)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="st-sdk-io")
         self._lock = threading.Lock()   # guards stats updated from I/O threads
 
@@ -204,14 +206,20 @@ class ExpertCache:
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise WeightError(f"{path}: cannot open the model file to read experts ({e.strerror})") from None
         return fd
 
     def _read(self, key: Key, slot: int) -> None:
         extents = self.locate(*key)
         for ext, view in zip(extents, self._views(slot, key[0])):
             fd = self._fd(ext.path)
-            got = os.preadv(fd, [memoryview(view)], ext.offset)
+            try:
+                got = os.preadv(fd, [memoryview(view)], ext.offset)
+            except OSError as e:
+                raise WeightError(f"{ext.path}: cannot read expert {key} ({e.strerror})") from None
             if got != ext.nbytes:
                 raise WeightError(f"{ext.path}: short read of expert {key} ({got} of {ext.nbytes} bytes): "
                                   "is the file truncated?")

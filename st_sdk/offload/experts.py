@@ -83,7 +83,8 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
                        cfg.moe_num_active_primary_experts, scratch_bytes)
     plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
     plan.context = context
-    cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads)
+    files = tuple(sorted({ext.path for layer in locations for expert in layer for ext in expert}))
+    cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads, files=files)
     layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
                                          for j, p in enumerate(PARTS)})
               for i, lp in enumerate(params.layers)]

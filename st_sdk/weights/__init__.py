@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 from ..config import ModelConfig
 from ..errors import ConfigError, WeightError
+from . import validate
 from .tensor import WeightTensor
+from .watch import FileWatch
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ModelFile:
     tokenizer: Any
     file_size: int
     file_type: str | None = None   # GGUF general.file_type as llama.cpp names it ("q4_k_m"), if any
+    watch: Any = None   # FileWatch over the mapped files: `check()` raises if one changed on disk
 
     def params(self):
         """ModelParams over the file's tensors (shapes checked)."""
@@ -45,18 +48,25 @@ def open_model(path: str | Path) -> ModelFile:
             raise ConfigError(f"{p / 'config.json'}: config.json not found{hint}")
         cfg = ModelConfig.from_json_file(p / "config.json")
         ckpt = HFCheckpoint(p)
-        return ModelFile(p, "hf", cfg, ckpt.get, ckpt.names(), Tokenizer.from_hf_dir(p), ckpt.file_size())
+        validate.config_against_file(cfg, len(ckpt.names()), ckpt.file_size(), "hf", str(p))
+        tok = Tokenizer.from_hf_dir(p)
+        return ModelFile(p, "hf", cfg, ckpt.get, ckpt.names(), tok, ckpt.file_size(),
+                         watch=FileWatch([f.watched for f in ckpt.files.values()]))
     if p.is_file():
         with open(p, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
             from ..tokenizer import Tokenizer
             from .gguf_file import GGUFModelFile
+            from .layout import gguf_extra_tensors
 
             g = GGUFModelFile(p)
             cfg = g.config()
+            validate.config_against_file(cfg, len(g.tensors), g.file_size(), "gguf", str(p))
+            gguf_extra_tensors(cfg, g.tensors, str(p))
             tok = Tokenizer.from_gguf_metadata(g.metadata("tokenizer."), source=str(p))
-            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size(), g.file_type())
+            return ModelFile(p, "gguf", cfg, g.get, g.names(), tok, g.file_size(), file_type=g.file_type(),
+                             watch=FileWatch([g.watched]))
         if p.suffix == ".gguf":
             raise WeightError(f"{p}: not a GGUF file (bad magic {magic!r})")
         if p.name == "config.json":

@@ -10,7 +10,9 @@ import numpy as np
 
 from ..config import GGUF_ARCH, ModelConfig
 from ..errors import ConfigError, STError, WeightError
+from . import validate
 from .tensor import FORMATS, QUANT_SIZES, STORAGE_DTYPE, WeightTensor, storage_shape
+from .watch import WatchedFile
 
 #: our format -> GGMLQuantizationType name (gguf's type names in lower case are our format names)
 GGML_TYPES = {f: f.upper() for f in FORMATS}
@@ -38,14 +40,15 @@ class GGUFModelFile:
             raise WeightError(f"{self.path}: GGUF file not found")
         try:
             self._parse()
-        except STError:
-            raise
+        except STError as e:
+            if str(self.path) in str(e):
+                raise
+            raise type(e)(f"{self.path}: {e}") from None
         except Exception as e:   # struct.error, UnicodeDecodeError, IndexError... on damaged files
             raise WeightError(f"{self.path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
 
     def _parse(self) -> None:
-        import gguf
-
+        self.watched = WatchedFile(self.path)   # the file's identity when mapped: see Model.check_files
         self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
         buf = memoryview(self.map)
         size = len(buf)
@@ -55,35 +58,31 @@ class GGUFModelFile:
         if version not in (2, 3):
             raise WeightError(f"{self.path}: GGUF version {version} is not supported (2 and 3 are)")
         n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+        validate.gguf_counts(self.path, size, n_tensors, n_kv)
         pos = 24
         self.fields: dict[str, Any] = {}
         for _ in range(n_kv):
             key, pos = _read_str(buf, pos)
+            if key in self.fields:
+                raise WeightError(f"metadata key '{key}' appears twice")
             (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
             self.fields[key], pos = _read_value(buf, pos, vtype)
         infos = []
         for _ in range(n_tensors):
             name, pos = _read_str(buf, pos)
             (n_dims,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+            if not 1 <= n_dims <= validate.GGML_MAX_DIMS:
+                raise WeightError(f"tensor '{name}' has {n_dims} dimensions (1 to {validate.GGML_MAX_DIMS} allowed)")
             dims = struct.unpack_from(f"<{n_dims}Q", buf, pos)
             pos += 8 * n_dims
             ttype, offset = struct.unpack_from("<IQ", buf, pos)
             pos += 12
             infos.append((name, dims, ttype, offset))
-        align = int(self.fields.get("general.alignment", 32))
+        align = validate.gguf_alignment(self.path, self.fields)
         start = -(-pos // align) * align
-        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, dims, ttype, offset in infos:
-            try:
-                tname = gguf.GGMLQuantizationType(ttype).name
-                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-            except (ValueError, KeyError):
-                tname, block, type_size = f"type id {ttype}", 1, 0
-            shape = tuple(int(d) for d in reversed(dims))   # ggml ne order -> numpy order
-            nbytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
-            if start + offset + nbytes > size:
-                raise WeightError(f"{self.path}: tensor '{name}' extends past the end of the file: truncated")
-            self.tensors[name] = (tname, shape, start + offset, nbytes)
+        # name -> (ggml type name, numpy shape, absolute offset, bytes), every entry checked
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = \
+            validate.gguf_tensor_table(self.path, infos, align, start, size)
 
     # ---- metadata ----------------------------------------------------------------------------
     def value(self, key: str, default: Any = None) -> Any:
@@ -106,6 +105,7 @@ class GGUFModelFile:
         if arch != GGUF_ARCH:
             raise ConfigError(f"{src}: unsupported architecture {arch!r} (metadata 'general.architecture'); "
                               f"st-sdk runs {GGUF_ARCH!r}")
+        validate.gguf_metadata(self.path, self.fields, arch)
 
         def key(name: str, default: Any = KeyError):
             v = self.value(f"{arch}.{name}", None)
@@ -202,6 +202,9 @@ def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
     if vtype == 9:
         etype, n = struct.unpack_from("<IQ", buf, pos)
         pos += 12
+        if etype == 9:
+            raise WeightError("arrays of arrays are not supported in GGUF metadata")
+        validate.gguf_array_length(n, struct.calcsize("<" + _SCALARS[etype]) if etype in _SCALARS else 8, pos, len(buf))
         if etype in _SCALARS:   # numeric arrays in one go
             item = struct.calcsize("<" + _SCALARS[etype])
             if pos + n * item > len(buf):

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WeightError
+from . import validate
 from .tensor import WeightTensor
+from .watch import WatchedFile
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -36,8 +38,8 @@ def read_header(path: Path) -> tuple[dict, int]:
         if n > min(MAX_HEADER, size - 8):
             raise WeightError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            header = json.loads(f.read(n), object_pairs_hook=validate.no_duplicate_keys)
+        except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, a duplicate key
             raise WeightError(f"{path}: corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise WeightError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -52,20 +54,10 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightError(f"{self.path}: weight file not found")
+        self.watched = WatchedFile(self.path)   # the file's identity when mapped: see Model.check_files
         self.header, self.data_start = read_header(self.path)
-        data_len = self.path.stat().st_size - self.data_start
-        for name, e in self.header.items():
-            try:
-                begin, end = (int(x) for x in e["data_offsets"])
-                dtype, shape = e["dtype"], [int(d) for d in e["shape"]]
-            except (KeyError, TypeError, ValueError):
-                raise WeightError(f"{self.path}: tensor '{name}' has a malformed header entry {e!r}") from None
-            if not 0 <= begin <= end <= data_len:
-                raise WeightError(f"{self.path}: tensor '{name}' lies at bytes {begin}..{end} of the data "
-                                  f"region but the file holds only {data_len}: the file is truncated")
-            if dtype in DTYPES and end - begin != int(np.prod(shape)) * ITEMSIZE[DTYPES[dtype]]:
-                raise WeightError(f"{self.path}: tensor '{name}' {dtype}{shape} needs "
-                                  f"{int(np.prod(shape)) * ITEMSIZE[DTYPES[dtype]]} bytes, header says {end - begin}")
+        data_len = self.watched.size - self.data_start
+        validate.safetensors_header(self.path, self.header, data_len)
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start,
                               shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
 
@@ -95,11 +87,13 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError, OSError):
                 raise WeightError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
             self.files = {}
+            for shard in weight_map.values():
+                validate.shard_path(self.dir, shard, index)
             for shard in dict.fromkeys(weight_map.values()):
-                p = self.dir / shard
+                p = validate.shard_path(self.dir, shard, index)
                 if not p.is_file():
                     raise WeightError(f"{p}: shard listed in {index.name} is missing")
                 self.files[shard] = SafetensorsFile(p)

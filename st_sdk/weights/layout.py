@@ -7,6 +7,7 @@ from ..backend import LayerParams, ModelParams, Param
 from ..config import ModelConfig
 from ..errors import WeightError
 from .tensor import QUANT_SIZES, WeightTensor, fallback
+from .validate import tensor_type
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -67,9 +68,19 @@ EXPERT_NAMES = {"gate": ("ffn_gate_exps.weight", "gate"), "up": ("ffn_up_exps.we
                 "down": ("ffn_down_exps.weight", "down")}
 
 
+def gguf_extra_tensors(cfg: ModelConfig, names, source: str) -> None:
+    """A SmallThinker GGUF holds exactly its model's tensors (llama.cpp refuses a file with more): an
+    unknown one is a renamed or corrupt entry, and a renamed `output.weight` would silently tie the head."""
+    extra = sorted(set(names) - set(gguf_shapes(cfg)))
+    if extra:
+        raise WeightError(f"{source}: tensor '{extra[0]}' is not part of a SmallThinker model with this config"
+                          + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""))
+
+
 def check_shape(t: WeightTensor, want: tuple[int, ...]) -> WeightTensor:
     if tuple(t.shape) != tuple(want):
         raise WeightError(f"{t.source}: tensor '{t.name}' has shape {list(t.shape)}, expected {list(want)}")
+    tensor_type(t, "norm" if len(want) == 1 else "weight")
     return t
 
 
