@@ -149,6 +149,7 @@ class Model:
             if not isinstance(s, Session) or s.model is not self:
                 raise InputError("feed_batch: every session must come from this model's session()")
         checked = [s._check_step(ids) for s, ids in zip(sessions, ids_list)]
+        self.check_files()
         if getattr(self._forward, "__func__", None) is not Model._forward:
             # the step is wrapped (a tracing plugin's st_sdk_wrap_step, a test double): its contract is
             # one sequence per call, so each session steps through it in turn
