@@ -7,7 +7,7 @@ p50/p99 time between tokens, errors, the engine's mean batch (st-sdk, from /metr
 RSS. `--soak N` then sends N more requests (16 at a time) and reports the RSS after warm-up and at the
 end. Everything stops by itself; the servers are terminated at exit.
 
-    flock /work/bench.lock python benchmarks/serve_load.py 4b-a0.6b-q4_0-seed0.gguf \\
+    python benchmarks/serve_load.py 4b-a0.6b-q4_0-seed0.gguf \\
         --threads 2 --levels 1,2,4,8,16 --server st-sdk,llama-cpp
 
 The weights of the synthesised files are random, so the text is meaningless; end-of-sequence is
