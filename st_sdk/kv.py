@@ -92,3 +92,24 @@ def ring_keep(n_new: int, window: int) -> int:
     """Of `n_new` tokens written to a ring at once, the first one that survives: only the last
     `window` stay (the older ones would be overwritten by the newer in the same write)."""
     return max(0, int(n_new) - window)
+
+
+class LayeredCache:
+    """What a backend's KV cache made of per-layer caches shares: its size and rewinding (the prompt
+    cache, st_sdk.generation.prompt_cache). Subclasses set `self.layers`, each with `nbytes`,
+    `can_truncate(n)` and `truncate(n)`."""
+
+    layers: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def truncate(self, n: int) -> bool:
+        """Keep only positions < n; False (and nothing changed) when a sliding-window ring already
+        dropped some of them."""
+        if not all(layer.can_truncate(n) for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.truncate(n)
+        return True

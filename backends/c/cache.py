@@ -101,7 +101,7 @@ class CLayerKV:
         return self.k.nbytes + self.v.nbytes + self.pos.nbytes
 
 
-class CKVCache:
+class CKVCache(kv.LayeredCache):
     def __init__(self, config, capacity: int, dtype: str = "f16"):
         ffi, _ = ffi_lib()
         self.specs = kv.layer_specs(config, dtype)
@@ -123,20 +123,9 @@ class CKVCache:
         for layer in self.layers:
             layer.reserve(n_new)
 
-    def truncate(self, n: int) -> bool:
-        if not all(layer.can_truncate(n) for layer in self.layers):
-            return False
-        for layer in self.layers:
-            layer.truncate(n)
-        return True
-
     def state(self):
         return ordered_state(self.layers)
 
     def restore(self, state, n: int) -> None:
         for layer, (k, v, pos) in zip(self.layers, state):
             layer.restore(k, v, pos, n)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)

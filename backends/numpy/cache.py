@@ -117,24 +117,11 @@ def ordered_state(layers) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return out
 
 
-class KVCache:
+class KVCache(kv.LayeredCache):
     def __init__(self, config, capacity: int, dtype: str = "f32"):
         self.layers = [LayerKV(spec, capacity) for spec in kv.layer_specs(config, dtype)]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
-
     # ---- prompt cache and saved conversations (st_sdk.generation.prompt_cache) ----------------------
-    def truncate(self, n: int) -> bool:
-        """Keep only positions < n; False (and nothing changed) when a sliding-window ring already
-        dropped some of them."""
-        if not all(layer.can_truncate(n) for layer in self.layers):
-            return False
-        for layer in self.layers:
-            layer.truncate(n)
-        return True
-
     def state(self):
         return ordered_state(self.layers)
 

@@ -103,22 +103,11 @@ class LayerKV:
         self.last = n - 1
 
 
-class KVCache:
+class KVCache(kv.LayeredCache):
     def __init__(self, config, capacity: int, dtype: str, device: torch.device):
         self.layers = [LayerKV(spec, capacity, device) for spec in kv.layer_specs(config, dtype)]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
-
     # ---- prompt cache and saved conversations (st_sdk.generation.prompt_cache) ----------------------
-    def truncate(self, n: int) -> bool:
-        if not all(layer.can_truncate(n) for layer in self.layers):
-            return False
-        for layer in self.layers:
-            layer.truncate(n)
-        return True
-
     def state(self):
         out = []
         for layer in self.layers:
