@@ -31,3 +31,14 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def bytes_per_token(params, cfg) -> int:
+    """Weight bytes one decode step reads: dense parts of every layer, k of E experts, the final norm,
+    one embedding row and the head."""
+    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
+    total = params.embed.raw.nbytes // cfg.vocab_size + params.norm.raw.nbytes + params.head.raw.nbytes
+    for lp in params.layers:
+        total += sum(getattr(lp, f).raw.nbytes for f in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router"))
+        total += sum(getattr(lp, f).raw.nbytes for f in ("gate", "up", "down")) * k // E
+    return int(total)

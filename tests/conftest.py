@@ -1,6 +1,8 @@
 """Shared fixtures: tiny synthetic models written to disk once per session (HF and GGUF, same weights)."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -49,3 +51,14 @@ def _private_st_sdk_cache(tmp_path_factory):
     mp.setenv("ST_SDK_CACHE_DIR", str(tmp_path_factory.mktemp("st-sdk-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def hf_copy(tiny_dir, tmp_path):
+    """A private copy of the tiny HF directory (single safetensors) to damage."""
+    d = tmp_path / "model"
+    d.mkdir()
+    for f in tiny_dir["hf"].iterdir():
+        if f.suffix != ".gguf":
+            shutil.copy(f, d / f.name)
+    return d

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,17 +9,6 @@ import pytest
 import st_sdk
 from st_sdk.errors import ConfigError, InputError, WeightError
 from st_sdk.synth import write_model
-
-
-@pytest.fixture
-def hf_copy(tiny_dir, tmp_path):
-    """A private copy of the tiny HF directory (single safetensors) to damage."""
-    d = tmp_path / "model"
-    d.mkdir()
-    for f in tiny_dir["hf"].iterdir():
-        if f.suffix != ".gguf":
-            shutil.copy(f, d / f.name)
-    return d
 
 
 def resave(d, change):

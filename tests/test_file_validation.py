@@ -237,16 +237,6 @@ def test_gguf_corrupt_vocabulary(gguf_bytes, tmp_path, damage):
 
 
 # ---- HF ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def hf_copy(tiny_dir, tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    for f in tiny_dir["hf"].iterdir():
-        if f.suffix != ".gguf":
-            shutil.copy(f, d / f.name)
-    return d
-
-
 def set_config(d, **changes):
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(changes)

@@ -15,6 +15,7 @@ from st_sdk import kv
 from st_sdk.backend import EXPERT_ROLES, MATRIX_ROLES, NORM_ROLES, Backend, Param, is_offloaded
 from st_sdk.errors import BackendError, InputError
 from st_sdk.hardware import probe, resolve_threads
+from st_sdk.sizes import bytes_per_token
 from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
@@ -95,16 +96,6 @@ def _moe_inputs(x, ids, weights, H: int, E: int):
 SMALL_STEP_BYTES = 1 << 20
 
 
-def decode_bytes(params, cfg) -> int:
-    """Weight bytes a decode step reads: every dense part, k of E experts, one embedding row, the head."""
-    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
-    total = params.embed.raw.nbytes // cfg.vocab_size + params.norm.raw.nbytes + params.head.raw.nbytes
-    for lp in params.layers:
-        total += sum(getattr(lp, f).raw.nbytes for f in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router"))
-        total += sum(getattr(lp, f).raw.nbytes for f in ("gate", "up", "down")) * k // E
-    return int(total)
-
-
 class CBackend(Backend):
     name = "c"
     version = "0.1"
@@ -131,7 +122,7 @@ class CBackend(Backend):
         self._layer_structs: dict = {}
         self.threads = resolve_threads(n_threads)
         self._auto_threads = n_threads is None and not os.environ.get("ST_NUM_THREADS", "").strip()
-        self._step_bytes: int | None = None   # decode_bytes of the prepared model
+        self._step_bytes: int | None = None   # st_sdk.sizes.bytes_per_token of the prepared model
 
     # ---- control plane -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -205,7 +196,7 @@ class CBackend(Backend):
 
     def prepare_model(self, params, config) -> None:
         params.extra["c_model"] = self._model_struct(params, config)
-        self._step_bytes = decode_bytes(params, config)
+        self._step_bytes = bytes_per_token(params, config)
 
     def _step_pool(self, tokens: int):
         """The pool a fused step of `tokens` tokens runs on (see SMALL_STEP_BYTES)."""

@@ -5,18 +5,8 @@ from __future__ import annotations
 import os
 
 from ..loader import weight_format
+from ..sizes import bytes_per_token
 from ..weights import open_model
-
-
-def bytes_per_token(params, cfg) -> int:
-    """Weight bytes one decode step reads: dense parts of every layer, k of E experts, the final norm,
-    one embedding row and the head."""
-    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
-    total = params.embed.raw.nbytes // cfg.vocab_size + params.norm.raw.nbytes + params.head.raw.nbytes
-    for lp in params.layers:
-        total += sum(getattr(lp, f).raw.nbytes for f in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router"))
-        total += sum(getattr(lp, f).raw.nbytes for f in ("gate", "up", "down")) * k // E
-    return int(total)
 
 
 def gguf_bytes_per_token(path: str | os.PathLike) -> int:
