@@ -40,6 +40,10 @@ class ModelConfig:
     source: str = field(default="<memory>", compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("rope_layout", "sliding_window_layout", "eos_token_id"):   # hashable, whatever was passed
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         self.validate()
 
     # ---- derived -------------------------------------------------------------------------

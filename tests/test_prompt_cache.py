@@ -77,6 +77,70 @@ def test_consecutive_requests_reuse_the_shared_prefix(backend):
     assert again.timings["cached_tokens"] == 102 and again.token_ids == fresh.token_ids
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["jax"])
+def test_requests_sharing_only_a_prefix_copy_it_and_leave_the_idle_session(backend):
+    """A burst of requests with one system prompt: each gets the prefix's KV copied from the one idle
+    session (which stays for the next), with the tokens of a fresh session."""
+    available(backend)
+    m = global_model(backend)
+    system = list(range(5, 65))
+    kw = dict(max_new_tokens=5, seed=3, temperature=0.9, ignore_eos=True, logprobs=True)
+    m.generate(system + [9, 9], **kw)
+    got = [m.generate(system + [20 + i, 30 + i], **kw) for i in range(3)]
+    assert [r.timings["cached_tokens"] for r in got] == [60, 60, 60]
+    assert len(m.prompt_cache.tokens) == 1
+    for i, r in enumerate(got):
+        m.prompt_cache.clear()
+        fresh = m.generate(system + [20 + i, 30 + i], **kw)
+        assert fresh.timings["cached_tokens"] == 0 and r.token_ids == fresh.token_ids
+        np.testing.assert_allclose(r.logprobs, fresh.logprobs, atol=1e-5)
+    # a prompt that continues the idle session's tokens takes the session itself (no copy)
+    m.prompt_cache.clear()
+    first = m.generate(system, **kw)
+    held = m.prompt_cache._idle[0]
+    m.generate(list(held.tokens) + [44], **kw)
+    assert m.prompt_cache._idle[0] is held
+
+
+def test_concurrent_requests_with_one_system_prompt_read_it_once():
+    import threading
+
+    m = global_model("c")
+    system = list(range(5, 85))
+    kw = dict(max_new_tokens=4, seed=1, temperature=0.7, ignore_eos=True)
+    m.generate(system + [3], **kw)
+    out = [None] * 6
+
+    def run(i):
+        out[i] = m.generate(system + [100 + i, 7], **kw)
+
+    ths = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    assert [r.timings["cached_tokens"] for r in out] == [80] * 6
+    for i, r in enumerate(out):
+        m.prompt_cache.clear()
+        assert m.generate(system + [100 + i, 7], **kw).token_ids == r.token_ids
+
+
+def test_a_prefix_a_wrapped_ring_dropped_is_not_copied():
+    from st_sdk.synth import build_model
+
+    m = build_model("tiny", seed=0)          # window 8 on three layers of four
+    src = m.session()
+    src.feed(list(range(3, 30)))
+    assert m.prompt_cache.fork(src, 20) is None
+    short = m.session()
+    short.feed(list(range(3, 9)))             # 6 tokens: no ring wrapped
+    fork = m.prompt_cache.fork(short, 4)
+    assert fork is not None and fork.tokens == [3, 4, 5, 6]
+    want = m.session()
+    want.feed([3, 4, 5, 6])
+    np.testing.assert_allclose(fork.feed([11, 12]), want.feed([11, 12]), rtol=1e-5, atol=1e-5)
+
+
 def test_prompt_cache_can_be_turned_off():
     m = global_model()
     m.prompt_cache.slots = 0
