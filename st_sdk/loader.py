@@ -2,6 +2,7 @@
 weights; `build_model` chooses a backend, prepares the weights once and binds the op table."""
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -123,7 +124,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
 
     backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
                                             n_threads=n_threads, strict=strict, tune=tune,
-                                            weight_format=weight_format)
+                                            weight_format=weight_format, offload=max_memory is not None)
     ops = selection.ops
     kv_dtype = resolve_kv_dtype(backend_obj, ops, kv_dtype)
     prepared = prepare_params(backend_obj, params, config)
@@ -139,6 +140,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     model.context = context
     if offload is not None:
         model.offload, model.memory_plan = offload
+        model._step_lock = threading.Lock()   # the expert cache serves one step at a time
         selection.offload = tuple(offload)
     # tracing/profiling plugins wrap the whole step once here; nothing is dispatched per op or token
     step, wrappers = get_registry().wrap_step(model._forward, backend_obj, config)

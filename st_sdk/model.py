@@ -1,6 +1,7 @@
 """Model: a loaded SmallThinker bound to one backend's op table."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -35,7 +36,8 @@ class Session:
         for s in range(0, len(ids), chunk):
             part = ids[s:s + chunk]
             pos = np.arange(len(self.tokens), len(self.tokens) + len(part), dtype=np.int64)
-            logits = m._forward(part, pos, self.cache, last_only=not all_logits)
+            with m._step_lock:
+                logits = m._forward(part, pos, self.cache, last_only=not all_logits)
             if all_logits or s + chunk >= len(ids):
                 out.append(m.ops.to_numpy(logits))
             self.tokens.extend(int(t) for t in part)
@@ -82,6 +84,9 @@ class Model:
         self.context = config.max_position_embeddings   # most tokens one sequence may hold (load(context=N))
         self._engine = None
         self._engine_lock = threading.Lock()
+        # steps of sessions fed from several threads run one at a time where they share mutable state
+        # (the memory budget's expert cache: set by the loader); otherwise they run concurrently
+        self._step_lock = contextlib.nullcontext()
         from .generation.prompt_cache import PromptCache
 
         self.prompt_cache = PromptCache(self)   # the KV of the last request, for the next one's shared prefix
@@ -158,8 +163,9 @@ class Model:
         seg[1:] = np.cumsum([len(ids) for ids in checked])
         positions = np.concatenate([np.arange(len(s.tokens), len(s.tokens) + len(ids), dtype=np.int64)
                                     for s, ids in zip(sessions, checked)])
-        out = graph.forward_batch(self.ops, self.config, self.params, np.concatenate(checked), positions,
-                                  [s.cache for s in sessions], seg)
+        with self._step_lock:
+            out = graph.forward_batch(self.ops, self.config, self.params, np.concatenate(checked), positions,
+                                      [s.cache for s in sessions], seg)
         logits = np.asarray(self.ops.to_numpy(out), np.float32)
         for s, ids in zip(sessions, checked):
             s.tokens.extend(int(t) for t in ids)

@@ -335,11 +335,14 @@ def _probe(name: str, spec, classes, registry, reference: Backend, dtype, n_thre
 
 
 def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threads=None, strict=False,
-                   tune=False, weight_format=None, remeasure=False) -> tuple[Backend, Selection]:
+                   tune=False, weight_format=None, remeasure=False, offload=False) -> tuple[Backend, Selection]:
     """Choose the backend for a model; returns the instance and the `Selection` that explains it.
 
     spec: "auto", a name, a comma priority list, a list of names, or a Backend instance. tune=True
     allows measuring (when no cached measurement fits); remeasure=True measures even on a cache hit.
+    offload=True (a memory budget): the automatic choice considers only backends that run the MoE from
+    the expert cache (`supports_offload`) and the reference, without constructing the others, so no
+    framework they would import lands inside the budget.
     """
     from .hardware import probe, probe_gpus
 
@@ -351,11 +354,18 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
     hardware = probe_gpus(probe())   # asks only frameworks already imported
     candidates: list[Candidate] = []
     instances: dict[str, Backend] = {}
+    skipped = []
     for name in (wanted or list(classes)):
+        if offload and not wanted and name != reference.name and not getattr(classes[name], "supports_offload", False):
+            skipped.append(Candidate(name, plugin=registry.provider(name), reason=(
+                "not probed under max_memory: it runs the MoE on the NumPy reference and would load its "
+                "libraries into the budget (name it to use it anyway)")))
+            continue
         c, b = _probe(name, spec, classes, registry, reference, dtype, n_threads, fmt, hardware)
         candidates.append(c)
         if b is not None:
             instances[name] = b
+    candidates += skipped
     if not wanted:   # plugins that failed to load are candidates too: the report says why they are absent
         candidates += [Candidate(r.name, plugin=r.name, reason=f"plugin {r.source} not loaded: {r.error}")
                        for r in registry.plugins if r.error and not r.backends and r.name not in classes]

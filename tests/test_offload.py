@@ -157,3 +157,55 @@ def test_batched_steps_under_a_budget_equal_each_sequence_alone(files, backend):
     alone = [m.generate(p, max_new_tokens=4, temperature=0, ignore_eos=True).token_ids for p in prompts[:2]]
     assert [r.token_ids for r in m.generate(prompts[:2], max_new_tokens=4, temperature=0, ignore_eos=True)] == alone
     assert m.offload.stats.bytes_read > 0
+
+
+def test_threads_on_one_budget_model_get_the_serial_results(tmp_path):
+    """4 threads on one budget-mode model whose cache holds 9 of 64 experts per layer: generate calls
+    (through the engine) and sessions fed directly each give what they give one at a time, with no
+    error, and the model keeps working."""
+    import threading
+
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=2,
+                       moe_num_primary_experts=64, moe_num_active_primary_experts=4)["gguf"]
+    m = st_sdk.load(path, backend="numpy", n_threads=1, max_memory=budget_for(path, 9, context=128), context=128)
+    assert m.memory_plan.slots == 9
+    prompts = [[int(x) for x in (np.arange(12) * (7 + i) + 3 * i) % 500] for i in range(12)]
+    kw = dict(max_new_tokens=5, temperature=0.8, ignore_eos=True)
+    serial = [m.generate(p, seed=i, **kw).token_ids for i, p in enumerate(prompts)]
+    serial_logits = [m.session().feed(p) for p in prompts[:4]]
+    got, fed, errors = [None] * len(prompts), [None] * 4, []
+
+    def worker(j):
+        try:
+            fed[j] = m.session().feed(prompts[j])
+            for i in range(j, len(prompts), 4):
+                got[i] = m.generate(prompts[i], seed=i, **kw).token_ids
+        except Exception as e:   # noqa: BLE001 - the test reports every failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and got == serial
+    for f, w in zip(fed, serial_logits):
+        np.testing.assert_array_equal(f, w)
+    assert m.generate(prompts[0], seed=0, **kw).token_ids == serial[0]
+
+
+def test_automatic_choice_under_a_budget_loads_no_framework(files):
+    """The automatic choice under max_memory considers only backends that run the MoE from the expert
+    cache: torch and jax are not imported into the budget."""
+    import subprocess
+    import sys
+
+    code = ("import sys, st_sdk; m = st_sdk.load(sys.argv[1], max_memory='64GiB', context=64); "
+            "print(m.backend.name, sorted(k for k in ('torch', 'jax') if k in sys.modules)); "
+            "print(m.selection.explain())")
+    out = subprocess.run([sys.executable, "-c", code, str(files["gguf-q8_0"])], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, explain = out.stdout.split("\n", 1)
+    assert first.split()[0] in ("c", "numpy") and first.endswith("[]")
+    assert "not probed under max_memory" in explain
