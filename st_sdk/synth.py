@@ -210,10 +210,53 @@ def _routing_trained(cfg: ModelConfig, seed: int, param: str | None):
     return _TrainedRouting(cfg, seed, RoutingStats.load(param or routing_stats_path()))
 
 
+def stated_routing(cfg: ModelConfig, shares, relu_zero_fraction: float = 0.5, source: str = ""):
+    """RoutingStats with the same expert shares on every layer."""
+    from .routing import LayerRouting, RoutingStats
+
+    layer = LayerRouting(expert_share=[float(x) for x in shares], relu_zero_fraction=relu_zero_fraction, reuse=0.0)
+    return RoutingStats(experts=cfg.moe_num_primary_experts, active=cfg.moe_num_active_primary_experts, tokens=0,
+                        layers=[layer] * cfg.num_hidden_layers, source=source)
+
+
+def zipf_shares(n: int, s: float) -> np.ndarray:
+    """Shares of n experts proportional to 1 / rank**s (s = 0: uniform)."""
+    w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** s
+    return w / w.sum()
+
+
+def _routing_uniform(cfg: ModelConfig, seed: int, param: str | None):
+    from .errors import InputError
+
+    if param:
+        raise InputError(f"routing 'uniform' takes no parameter, got {param!r}")
+    E = cfg.moe_num_primary_experts
+    return _TrainedRouting(cfg, seed, stated_routing(cfg, np.full(E, 1.0 / E), source="uniform"))
+
+
+def _routing_skewed(cfg: ModelConfig, seed: int, param: str | None):
+    from .errors import InputError
+
+    try:
+        s = float(param) if param else 1.0
+    except ValueError:
+        s = -1.0
+    if not 0 <= s <= 4:
+        raise InputError(f"routing 'skewed:{param}': S must be a number from 0 to 4 (the Zipf exponent)")
+    return _TrainedRouting(cfg, seed, stated_routing(cfg, zipf_shares(cfg.moe_num_primary_experts, s),
+                                                     source=f"skewed:{s:g}"))
+
+
 #: routing specs 'NAME[:PARAM]' of `st-sdk synth --routing`: NAME -> factory(cfg, seed, PARAM or None)
-#: returning an object whose apply(hf_name, array) adjusts each freshly drawn tensor
+#: returning an object whose apply(hf_name, array) adjusts each freshly drawn tensor. Every one of them
+#: makes routing depend on the token alone (see _TrainedRouting), so diverse tokens spread as stated.
 ROUTINGS = {
     "trained": _routing_trained,    # PARAM: a routing statistics JSON (default: the shipped model's)
+    # every expert of a layer equally often: the worst case for an expert cache
+    "uniform": _routing_uniform,
+    # PARAM S (default 1): the r-th most popular expert of each layer gets a share proportional to 1/r**S
+    # (no share can pass 1/k, since a token picks an expert at most once: steeper curves are capped)
+    "skewed": _routing_skewed,
 }
 
 

@@ -20,9 +20,12 @@ def add_parser(sub) -> None:
                    help="realistic routing for expert caching: a quarter of each layer's experts fire "
                         "often, the rest rarely (S = 1 sends most picks to that quarter; default 0: no added skew)")
     p.add_argument("--routing", default=None, metavar="NAME[:PARAM]",
-                   help="route like a measured model: 'trained' matches, per layer, the expert shares and ReGLU "
-                        "zero fraction measured on the shipped trained model; 'trained:STATS.json' those of "
-                        "`st-sdk perplexity MODEL TEXT --routing-stats STATS.json` (default: plain random weights)")
+                   help="how tokens spread over experts: 'uniform' (every expert of a layer equally often: "
+                        "the worst case for an expert cache); 'skewed[:S]' (the r-th most popular expert "
+                        "gets a share proportional to 1/r**S, default S=1); 'trained' (per layer, the expert "
+                        "shares and ReGLU zero fraction measured on the shipped trained model); "
+                        "'trained:STATS.json' (those of `st-sdk perplexity MODEL TEXT --routing-stats "
+                        "STATS.json`). Routing then depends on the token alone. Default: plain random weights")
     p.set_defaults(func=run)
 
 
