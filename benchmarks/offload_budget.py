@@ -7,7 +7,14 @@ process's own peak RSS, and the expert-cache statistics (hit rate, bytes read, s
 with prefetch on and off. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
 way it fits a budget smaller than the file.
 
-    python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 16] [--threads 2]
+    python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 256] [--repeats 3] [--threads 2]
+
+st-sdk loads with its defaults (automatic backend choice) unless --backend says otherwise. Every
+runner reads the same 8 warm-up and --tokens measured tokens one at a time, teacher-forced: distinct
+ids spread over the vocabulary, so routing sees diverse inputs. Reported per configuration: medians over
+--repeats runs (page cache dropped before each) of decode tokens/s and per-token latency p50/p99, the
+cgroup's peak and the process's peak RSS, runs killed; then the disk-read bound: the bytes st-sdk read
+per token over the file's measured random-read bandwidth.
 
 Needs root (or a delegated cgroup) for the limit; without one it says so and runs unlimited.
 """
@@ -22,20 +29,32 @@ import time
 from pathlib import Path
 from statistics import median
 
+#: the tokens every runner reads, teacher-forced (fed whatever the model predicts): WARMUP of them, then
+#: the measured ones; distinct ids spread over the vocabulary, so routing sees diverse inputs (greedy
+#: decoding on random weights loops over a few tokens and flatters any cache)
+WARMUP = 8
+TOKENS_OF = "np.random.default_rng(1234).permutation(np.arange(256, vocab))[:n_all] % vocab"
+
 CHILD_OURS = r"""
 import json, sys, time, numpy as np, st_sdk
 path, budget, n, threads, prefetch, backend = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
-m = st_sdk.load(path, backend=backend, n_threads=threads, max_memory=budget, prefetch=prefetch, context=256)
-s = m.session(capacity=64)
-logits = s.feed(np.arange(8) % m.config.vocab_size)
+t_load = time.perf_counter()
+m = st_sdk.load(path, backend=backend, n_threads=threads, max_memory=budget, prefetch=prefetch, context=512)
+t_load = time.perf_counter() - t_load
+vocab, n_all = m.config.vocab_size, WARMUP + n
+toks = [int(t) for t in TOKENS_OF]
+s = m.session(capacity=n_all + 1)
 times = []
-for i in range(n + 2):
-    t0 = time.perf_counter(); logits = s.feed([int(np.argmax(logits))]); times.append(time.perf_counter() - t0)
+for i, tok in enumerate(toks):
+    t0 = time.perf_counter(); s.feed([tok]); times.append(time.perf_counter() - t0)
+    if i == WARMUP - 1:
+        m.offload.stats.__init__()   # statistics of the measured tokens only
 st = m.offload.stats.as_dict()
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"decode_s": times[2:], "stats": st, "plan": m.memory_plan.describe(), "backend": m.backend.name,
-                  "process_peak_rss": hwm}))
-"""
+print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": m.memory_plan.describe(), "backend": m.backend.name,
+                  "load_s": t_load, "process_peak_rss": hwm,
+                  "frameworks": sorted(k for k in ("torch", "jax") if k in sys.modules)}))
+""".replace("WARMUP", str(WARMUP)).replace("TOKENS_OF", TOKENS_OF)
 
 CHILD_LLAMA = r"""
 import json, sys, time
@@ -49,16 +68,17 @@ _defaults = llama_cpp.llama_cpp.llama_model_default_params
 def _no_repack():
     p = _defaults(); p.use_extra_bufts = False; return p
 llama_cpp.llama_cpp.llama_model_default_params = _no_repack
-llm = Llama(model_path=path, n_threads=threads, n_ctx=256, verbose=False)
-toks = list(range(8))
-llm.eval(toks)
+t_load = time.perf_counter()
+llm = Llama(model_path=path, n_threads=threads, n_ctx=512, verbose=False)
+t_load = time.perf_counter() - t_load
+vocab, n_all = llm.n_vocab(), WARMUP + n
+toks = [int(t) for t in TOKENS_OF]
 times = []
-for i in range(n + 2):
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+for tok in toks:
     t0 = time.perf_counter(); llm.eval([tok]); times.append(time.perf_counter() - t0)
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"decode_s": times[2:], "process_peak_rss": hwm}))
-"""
+print(json.dumps({"decode_s": times[WARMUP:], "load_s": t_load, "process_peak_rss": hwm}))
+""".replace("WARMUP", str(WARMUP)).replace("TOKENS_OF", TOKENS_OF)
 
 
 class Cgroup:
@@ -116,17 +136,51 @@ def drop_page_cache() -> None:
         pass
 
 
+def random_read_bandwidth(path: str, block: int, reads: int = 48, threads: int = 4) -> float:
+    """Bytes/s of `reads` reads of `block` bytes at random offsets of `path` with a cold page cache,
+    `threads` at a time (as the expert cache's I/O threads read)."""
+    from concurrent.futures import ThreadPoolExecutor
+    import random
+
+    size = os.path.getsize(path)
+    rnd = random.Random(7)
+    offsets = [rnd.randrange(0, max(1, size - block)) // 4096 * 4096 for _ in range(reads)]
+    drop_page_cache()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = [bytearray(block) for _ in range(threads)]
+
+        def one(i):
+            return os.preadv(fd, [buf[i % threads]], offsets[i])
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:
+            got = sum(ex.map(one, range(reads)))
+        return got / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        drop_page_cache()
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--budget", default="1GiB")
-    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=256, help=f"measured tokens, after {WARMUP} warm-up tokens")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--backend", default="auto", help="st-sdk's backend (default auto: the automatic choice)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved (medians)")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--no-prefetch-run", action="store_true", help="skip the run with prefetch off")
     ap.add_argument("--no-llama-cpp", action="store_true")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--llama-tokens", type=int, default=None,
+                    help="measured tokens for llama.cpp (default --tokens; it reads every expert from disk)")
+    ap.add_argument("--json", default=None, help="also write every run to this file")
     args = ap.parse_args(argv)
     from st_sdk.offload import parse_size
 
@@ -134,16 +188,24 @@ def main(argv=None) -> int:
     cg = Cgroup(limit)
     if cg.path is None:
         print("warning: no memory cgroup could be made here; running without a hard limit", file=sys.stderr)
-    runs = {"st-sdk prefetch": [sys.executable, "-c", CHILD_OURS, args.model, str(limit), str(args.tokens), str(args.threads), "1", args.backend],
-            "st-sdk no-prefetch": [sys.executable, "-c", CHILD_OURS, args.model, str(limit), str(args.tokens), str(args.threads), "0", args.backend]}
+    ours = [sys.executable, "-c", CHILD_OURS, args.model, str(limit), str(args.tokens), str(args.threads)]
+    runs = {"st-sdk": ours + ["1", args.backend]}
+    if not args.no_prefetch_run:
+        runs["st-sdk no-prefetch"] = ours + ["0", args.backend]
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
-            runs["llama.cpp"] = [sys.executable, "-c", CHILD_LLAMA, args.model, str(args.tokens), str(args.threads)]
+            runs["llama.cpp"] = [sys.executable, "-c", CHILD_LLAMA, args.model, str(args.llama_tokens or args.tokens),
+                                 str(args.threads)]
         except ImportError:
             print("llama-cpp-python is not installed: no peer run", file=sys.stderr)
+    with open("/proc/loadavg") as f:
+        load0 = " ".join(f.read().split()[:3])
+    print(f"# offload_budget: {args.model}, budget {args.budget} ({'cgroup limit' if cg.path else 'NOT limited'}), "
+          f"{args.threads} threads, backend {args.backend}, {WARMUP} warm-up + {args.tokens} teacher-forced diverse "
+          f"tokens, {args.repeats} runs each, page cache dropped before each run; load {load0}", flush=True)
     results: dict[str, list] = {k: [] for k in runs}
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         for name, cmd in runs.items():            # interleaved repeats
             drop_page_cache()
             t0 = time.perf_counter()
@@ -155,34 +217,55 @@ def main(argv=None) -> int:
             rec = {"wall_s": time.perf_counter() - t0, "peak_bytes": cg.peak(), "returncode": proc.returncode}
             if proc.returncode == 0:
                 rec.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-                rec["decode_tps"] = 1.0 / median(rec["decode_s"])
+                d = rec["decode_s"]
+                rec.update(decode_tps=len(d) / sum(d), p50_ms=pct(d, 50) * 1e3, p99_ms=pct(d, 99) * 1e3)
+            elif proc.returncode in (-9, 137):
+                rec["error"] = "killed (SIGKILL: out of memory in the cgroup)"
             else:
-                rec["error"] = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+                rec["error"] = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
             results[name].append(rec)
+            st = rec.get("stats") or {}
+            print(f"  run {rep + 1} {name:20s} " + (f"{rec['decode_tps']:7.2f} tok/s  p50 {rec['p50_ms']:7.1f} p99 "
+                  f"{rec['p99_ms']:7.1f} ms" if "decode_tps" in rec else f"ERROR {rec['error']}") +
+                  f"  cgroup peak {(rec['peak_bytes'] or 0) / 2**20:6.0f} MiB  process peak "
+                  f"{rec.get('process_peak_rss', 0) / 2**20:6.0f} MiB" +
+                  (f"  backend {rec['backend']}  hit rate {st['hit_rate']:.1%}  read "
+                   f"{st['bytes_read'] / 2**20 / args.tokens:.1f} MiB/token  stalled {st['stall_s']:.1f} s"
+                   + (f"  frameworks loaded: {rec['frameworks']}" if rec.get("frameworks") else "") if st else ""),
+                  flush=True)
     summary = {}
     for name, recs in results.items():
         ok = [r for r in recs if "decode_tps" in r]
         summary[name] = {"decode_tps": median(r["decode_tps"] for r in ok) if ok else None,
-                         "peak_MiB": max((r["peak_bytes"] or 0) for r in recs) / 2**20 if recs else None,
+                         "p50_ms": median(r["p50_ms"] for r in ok) if ok else None,
+                         "p99_ms": median(r["p99_ms"] for r in ok) if ok else None,
+                         "cgroup_peak_MiB": max((r.get("peak_bytes") or 0) for r in recs) / 2**20 if recs else None,
                          "process_peak_rss_MiB": max(r.get("process_peak_rss", 0) for r in recs) / 2**20 if recs else None,
-                         "errors": [r["error"] for r in recs if "error" in r],
-                         "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None}
+                         "runs": len(recs), "errors": [r["error"] for r in recs if "error" in r],
+                         "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None,
+                         "backend": ok[-1].get("backend") if ok else None}
     peer = summary.get("llama.cpp", {}).get("decode_tps")
+    print(f"model {args.model}  budget {args.budget} ({'hard limit' if cg.path else 'NOT limited'})  "
+          f"threads {args.threads}  medians of {args.repeats} runs")
+    for name, s in summary.items():
+        tps = s["decode_tps"]
+        ratio = f"{tps / peer:6.1f}x" if tps and peer else "   -  "
+        print(f"  {name:20s} decode {tps or 0:8.2f} tok/s  {ratio} llama.cpp  p50 {s['p50_ms'] or 0:7.1f} ms  "
+              f"p99 {s['p99_ms'] or 0:7.1f} ms  cgroup peak {s['cgroup_peak_MiB'] or 0:7.1f} MiB  process peak "
+              f"{s['process_peak_rss_MiB'] or 0:7.1f} MiB  failed runs {len(s['errors'])}/{s['runs']}"
+              + (f": {s['errors'][0]}" if s["errors"] else ""))
+    if summary.get("st-sdk", {}).get("stats"):
+        st, plan = summary["st-sdk"]["stats"], summary["st-sdk"]["plan"]
+        print(f"  st-sdk plan: {plan}")
+        missed = st["bytes_read"] / args.tokens
+        bw = random_read_bandwidth(args.model, max(1, st["bytes_read"] // max(1, st["reads"])))
+        print(f"  disk-read bound: {missed / 2**20:.1f} MiB read per token / {bw / 2**20:.0f} MiB/s random-read "
+              f"bandwidth (cold, 4 readers, expert-sized reads) = {bw / missed if missed else float('inf'):.1f} tok/s "
+              f"at most; st-sdk reached {summary['st-sdk']['decode_tps'] / (bw / missed) if missed else 0:.0%} of it")
     if args.json:
-        print(json.dumps({"model": args.model, "budget": args.budget, "threads": args.threads,
-                          "limited": cg.path is not None, "results": summary}, indent=2))
-    else:
-        print(f"model {args.model}  budget {args.budget} ({'hard limit' if cg.path else 'NOT limited'})  threads {args.threads}")
-        for name, s in summary.items():
-            tps = s["decode_tps"]
-            ratio = f"{tps / peer:6.1f}x" if tps and peer else "   -  "
-            print(f"  {name:20s} decode {tps or 0:8.2f} tok/s  {ratio} llama.cpp  cgroup peak {s['peak_MiB'] or 0:7.1f} MiB"
-                  f"  process peak RSS {s['process_peak_rss_MiB'] or 0:7.1f} MiB"
-                  + (f"  errors: {s['errors']}" if s["errors"] else ""))
-            if s.get("stats"):
-                st = s["stats"]
-                print(f"  {'':20s} hit rate {st['hit_rate']:.1%}, read {st['bytes_read'] / 2**20:.0f} MiB, "
-                      f"stalled {st['stall_s']:.2f} s")
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "budget": args.budget, "threads": args.threads,
+                       "limited": cg.path is not None, "summary": summary, "runs": results}, f, indent=2)
     return 0
 
 
