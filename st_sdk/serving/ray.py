@@ -60,12 +60,12 @@ def deployment(model_path, *, model_name: str | None = None, api_key: str | None
     positive_int(parallel, "parallel", allow_none=False)
     path = os.fspath(model_path)
     spec = dict(parallel=parallel, max_queue=max_queue, context=context, **load_kwargs)
-    name_seen = model_name or Path(path).name
+    served_name = model_name or Path(path).name
 
     def build_app():   # runs in each replica
         from st_sdk.serving import create_app, load_model
 
-        return create_app(load_model(path, **spec), model_name=name_seen, api_key=api_key)
+        return create_app(load_model(path, **spec), model_name=served_name, api_key=api_key)
 
     @serve.ingress(build_app)
     class Replica:
