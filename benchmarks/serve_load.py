@@ -5,8 +5,8 @@ bounded number of streamed chat completions through the official `openai` client
 reports: aggregate completion tokens/s (tokens / wall time of the level), p50/p99 time to first token,
 p50/p99 time between tokens, errors, the engine's mean batch (st-sdk, from /metrics) and the server's
 RSS. `--soak N` then sends N more requests (16 at a time) and reports the RSS after warm-up and at the
-end. `--latency N` first sends N one-token chats one after another and reports their latency. Everything
-stops by itself; the servers are terminated at exit.
+end. `--latency N` first sends N one-token chats, then N GET /v1/models, one after another, and
+reports their latency. Everything stops by itself; the servers are terminated at exit.
 
     python benchmarks/serve_load.py 4b-a0.6b-q4_0-seed0.gguf \\
         --threads 2 --levels 1,2,4,8,16 --server st-sdk,llama-cpp
@@ -95,6 +95,17 @@ class Server:
         return sum(p.memory_info().rss for p in proc.children(recursive=True)   # the replicas
                    if " ".join(p.cmdline()).startswith("ray::ServeReplica"))
 
+    def uss(self) -> int:
+        """Memory unique to the server's process (or its replicas): RSS less the pages shared with
+        other processes, such as the model file's page cache that replicas on one machine share."""
+        import psutil
+
+        proc = psutil.Process(self.proc.pid)
+        if self.kind != "st-sdk-ray":
+            return proc.memory_full_info().uss
+        return sum(p.memory_full_info().uss for p in proc.children(recursive=True)
+                   if " ".join(p.cmdline()).startswith("ray::ServeReplica"))
+
     def metrics(self) -> dict[str, float]:
         if self.kind != "st-sdk":
             return {}
@@ -112,18 +123,25 @@ class Server:
 
 
 def latency(server: Server, n: int) -> dict:
-    """n one-token chats one after another (plain JSON answers): the per-request cost of the path."""
+    """n one-token chats one after another (plain JSON answers), and n GET /v1/models (no model work):
+    the per-request cost of the path."""
     import openai
 
     client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
-    times = []
+    chats, routes = [], []
     for i in range(n):
         t0 = time.perf_counter()
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"Hi {i}"}], max_tokens=1,
                                        temperature=0, extra_body={"ignore_eos": True})
-        times.append(time.perf_counter() - t0)
-    return {"server": server.kind, "kind": "latency", "requests": n, "p50_s": float(np.percentile(times, 50)),
-            "p90_s": float(np.percentile(times, 90)), "mean_s": float(np.mean(times)), "loadavg": loadavg()}
+        chats.append(time.perf_counter() - t0)
+    for i in range(n):
+        t0 = time.perf_counter()
+        client.models.list()
+        routes.append(time.perf_counter() - t0)
+    return {"server": server.kind, "kind": "latency", "requests": n, "p50_s": float(np.percentile(chats, 50)),
+            "p90_s": float(np.percentile(chats, 90)), "mean_s": float(np.mean(chats)),
+            "models_p50_s": float(np.percentile(routes, 50)), "models_p90_s": float(np.percentile(routes, 90)),
+            "loadavg": loadavg()}
 
 
 def one_request(client, i: int, max_tokens: int, st_sdk: bool) -> dict:
@@ -258,12 +276,15 @@ def main(argv=None) -> int:
                 r = latency(server, a.latency)
                 records.append(r)
                 print(f"{kind:10s} one-token chat latency over {a.latency} requests: p50 {r['p50_s'] * 1e3:.1f} ms, "
-                      f"p90 {r['p90_s'] * 1e3:.1f} ms, mean {r['mean_s'] * 1e3:.1f} ms  load {r['loadavg']}", flush=True)
+                      f"p90 {r['p90_s'] * 1e3:.1f} ms, mean {r['mean_s'] * 1e3:.1f} ms; GET /v1/models p50 "
+                      f"{r['models_p50_s'] * 1e3:.1f} ms, p90 {r['models_p90_s'] * 1e3:.1f} ms  load {r['loadavg']}", flush=True)
             for c in levels:
                 r = run_level(server, c, a.requests or max(4, 2 * c), a.max_tokens)
                 r["rss_mib"] = server.rss() / 2**20
                 records.append(r)
                 print(fmt_row(r) + f"  rss {r['rss_mib']:.0f} MiB", flush=True)
+            print(f"# {kind}: RSS {server.rss() / 2**20:.0f} MiB, of which unique to its process(es) "
+                  f"{server.uss() / 2**20:.0f} MiB", flush=True)
             if a.soak and kind in a.soak_server.split(","):
                 warm = run_level(server, 16, 64, a.soak_tokens)
                 rss_warm = server.rss()
