@@ -5,10 +5,16 @@ bounded number of streamed chat completions through the official `openai` client
 reports: aggregate completion tokens/s (tokens / wall time of the level), p50/p99 time to first token,
 p50/p99 time between tokens, errors, the engine's mean batch (st-sdk, from /metrics) and the server's
 RSS. `--soak N` then sends N more requests (16 at a time) and reports the RSS after warm-up and at the
-end. Everything stops by itself; the servers are terminated at exit.
+end. `--latency N` first sends N one-token chats, then N GET /v1/models, one after another, and
+reports their latency. Everything stops by itself; the servers are terminated at exit.
 
     python benchmarks/serve_load.py 4b-a0.6b-q4_0-seed0.gguf \\
         --threads 2 --levels 1,2,4,8,16 --server st-sdk,llama-cpp
+
+The server `st-sdk-ray` is `st-sdk serve --ray --replicas R --threads T` (a local Ray instance, R
+replicas of T threads each; the Ray extra): with `--threads 2 --replicas 2 --server st-sdk,st-sdk-ray`,
+one process of 2 threads against 2 replicas of 1 thread (`--replica-threads` otherwise). Its mean
+batch is not reported (/metrics answers for one replica) and its RSS is the replicas' sum.
 
 The weights of the synthesised files are random, so the text is meaningless; end-of-sequence is
 ignored (st-sdk) or vanishingly rare (llama-cpp-python), so every request generates --max-tokens
@@ -46,12 +52,14 @@ def loadavg() -> str:
 
 
 class Server:
-    def __init__(self, kind: str, model: str, threads: int, parallel: int, context: int):
+    def __init__(self, kind: str, model: str, threads: int, parallel: int, context: int, replicas: int = 1):
         self.kind, self.port = kind, free_port()
-        if kind == "st-sdk":
+        if kind.startswith("st-sdk"):
             cmd = [sys.executable, "-c", "import sys; from st_sdk.cli import main; sys.exit(main())", "serve", model, "--port", str(self.port), "--threads",
                    str(threads), "--parallel", str(parallel), "--context", str(context), "--max-queue", "1024",
                    "--backend", "c", "--log-level", "warning", "--model-name", "m"]
+            if kind == "st-sdk-ray":
+                cmd += ["--ray", "--replicas", str(replicas)]
         else:
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port",
                    str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
@@ -81,7 +89,22 @@ class Server:
     def rss(self) -> int:
         import psutil
 
-        return psutil.Process(self.proc.pid).memory_info().rss
+        proc = psutil.Process(self.proc.pid)
+        if self.kind != "st-sdk-ray":
+            return proc.memory_info().rss
+        return sum(p.memory_info().rss for p in proc.children(recursive=True)   # the replicas
+                   if " ".join(p.cmdline()).startswith("ray::ServeReplica"))
+
+    def uss(self) -> int:
+        """Memory unique to the server's process (or its replicas): RSS less the pages shared with
+        other processes, such as the model file's page cache that replicas on one machine share."""
+        import psutil
+
+        proc = psutil.Process(self.proc.pid)
+        if self.kind != "st-sdk-ray":
+            return proc.memory_full_info().uss
+        return sum(p.memory_full_info().uss for p in proc.children(recursive=True)
+                   if " ".join(p.cmdline()).startswith("ray::ServeReplica"))
 
     def metrics(self) -> dict[str, float]:
         if self.kind != "st-sdk":
@@ -97,6 +120,28 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def latency(server: Server, n: int) -> dict:
+    """n one-token chats one after another (plain JSON answers), and n GET /v1/models (no model work):
+    the per-request cost of the path."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
+    chats, routes = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"Hi {i}"}], max_tokens=1,
+                                       temperature=0, extra_body={"ignore_eos": True})
+        chats.append(time.perf_counter() - t0)
+    for i in range(n):
+        t0 = time.perf_counter()
+        client.models.list()
+        routes.append(time.perf_counter() - t0)
+    return {"server": server.kind, "kind": "latency", "requests": n, "p50_s": float(np.percentile(chats, 50)),
+            "p90_s": float(np.percentile(chats, 90)), "mean_s": float(np.mean(chats)),
+            "models_p50_s": float(np.percentile(routes, 50)), "models_p90_s": float(np.percentile(routes, 90)),
+            "loadavg": loadavg()}
 
 
 def one_request(client, i: int, max_tokens: int, st_sdk: bool) -> dict:
@@ -139,7 +184,7 @@ def run_level(server: Server, concurrency: int, requests: int, max_tokens: int) 
                 i = next(nxt, None)
             if i is None:
                 return
-            results[i] = one_request(client, i, max_tokens, server.kind == "st-sdk")
+            results[i] = one_request(client, i, max_tokens, server.kind.startswith("st-sdk"))
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -183,7 +228,7 @@ def bytes_per_step(model_path: str, levels: list[int]) -> list[tuple[int, float]
 
 
 def fmt_row(r: dict) -> str:
-    return (f"{r['server']:9s} C={r['concurrency']:<3d} {r['requests']:4d} req  {r['completion_tokens']:6d} tok "
+    return (f"{r['server']:10s} C={r['concurrency']:<3d} {r['requests']:4d} req  {r['completion_tokens']:6d} tok "
             f"{r['wall_s']:7.1f} s  {r['tokens_per_s']:7.2f} tok/s  ttft p50 {r['ttft_p50_s']:6.2f} p99 "
             f"{r['ttft_p99_s']:6.2f} s  gap p50 {r['token_gap_p50_s'] * 1e3:6.1f} p99 {r['token_gap_p99_s'] * 1e3:7.1f} ms  "
             f"batch {r['mean_batch']:5.2f}  errors {r['errors']}  load {r['loadavg']}")
@@ -192,8 +237,12 @@ def fmt_row(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a .gguf file, or the name of one in $ST_SDK_CACHE_DIR/models")
-    p.add_argument("--server", default="st-sdk,llama-cpp", help="comma list: st-sdk, llama-cpp")
+    p.add_argument("--server", default="st-sdk,llama-cpp", help="comma list: st-sdk, st-sdk-ray, llama-cpp")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=2, help="st-sdk-ray: Ray Serve replicas")
+    p.add_argument("--replica-threads", type=int, default=0, help="st-sdk-ray: threads per replica "
+                   "(default --threads / --replicas)")
+    p.add_argument("--latency", type=int, default=0, help="first, this many one-token chats one at a time")
     p.add_argument("--parallel", type=int, default=16, help="st-sdk --parallel (sequences per step)")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--levels", default="1,2,4,8,16", help="concurrency levels")
@@ -217,16 +266,25 @@ def main(argv=None) -> int:
         print(f"# weight bytes read per step, {B:2d} sequences: {n / 2**20:8.1f} MiB ({n / B / 2**20:7.1f} MiB per token)")
     records = []
     for kind in a.server.split(","):
-        server = Server(kind, a.model, a.threads, a.parallel, a.context)
+        threads = (a.replica_threads or max(1, a.threads // a.replicas)) if kind == "st-sdk-ray" else a.threads
+        server = Server(kind, a.model, threads, a.parallel, a.context, a.replicas)
         try:
             print(f"# {kind}: {' '.join(server.cmd[1:])}", flush=True)
             rss0 = server.rss()
             run_level(server, 1, 2, 4)   # warm-up
+            if a.latency:
+                r = latency(server, a.latency)
+                records.append(r)
+                print(f"{kind:10s} one-token chat latency over {a.latency} requests: p50 {r['p50_s'] * 1e3:.1f} ms, "
+                      f"p90 {r['p90_s'] * 1e3:.1f} ms, mean {r['mean_s'] * 1e3:.1f} ms; GET /v1/models p50 "
+                      f"{r['models_p50_s'] * 1e3:.1f} ms, p90 {r['models_p90_s'] * 1e3:.1f} ms  load {r['loadavg']}", flush=True)
             for c in levels:
                 r = run_level(server, c, a.requests or max(4, 2 * c), a.max_tokens)
                 r["rss_mib"] = server.rss() / 2**20
                 records.append(r)
                 print(fmt_row(r) + f"  rss {r['rss_mib']:.0f} MiB", flush=True)
+            print(f"# {kind}: RSS {server.rss() / 2**20:.0f} MiB, of which unique to its process(es) "
+                  f"{server.uss() / 2**20:.0f} MiB", flush=True)
             if a.soak and kind in a.soak_server.split(","):
                 warm = run_level(server, 16, 64, a.soak_tokens)
                 rss_warm = server.rss()
