@@ -117,15 +117,25 @@ def test_chat_ends_at_end_of_input(capsys, model_dir, monkeypatch):
     assert code == 0 and out.endswith("\n")
 
 
-def test_demo_synthesises_once_then_reuses(capsys, tmp_path, monkeypatch):
+def test_demo_preset_synthesises_once_then_reuses(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path))   # overrides private_cache: check where it writes
-    code, out, _ = run(capsys, "demo", "-n", 8, "--backend", "numpy")
+    code, out, _ = run(capsys, "demo", "--preset", "tiny", "-n", 8, "--backend", "numpy")
     assert code == 0
     assert "RANDOM weights" in out and "meaningless" in out
     assert "synthesised" in out and str(tmp_path) in out and "backend: numpy" in out
     assert "8 tokens" in out and "tokens/s" in out
     assert (tmp_path / "demo" / "tiny-seed0" / "config.json").is_file()
-    code, out2, _ = run(capsys, "demo", "-n", 8, "--backend", "numpy")
+    code, out2, _ = run(capsys, "demo", "--preset", "tiny", "-n", 8, "--backend", "numpy")
     assert code == 0 and "reused" in out2
     # same weights and seed: the same text
     assert out.split("---")[1] == out2.split("---")[1]
+
+
+def test_demo_without_the_shipped_model_falls_back_to_random_weights(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("st_sdk.data.MODEL", tmp_path / "missing.gguf")
+    code, out, _ = run(capsys, "demo", "-n", 4, "--backend", "numpy")
+    assert code == 0
+    assert "missing from this installation" in out and "RANDOM weights" in out and "Once upon a time" in out
+    code, _, err = run(capsys, "demo", "--layers", 2)
+    assert code == 2 and "--layers needs --preset" in err

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's st_sdk, not an installed one
+
 TYPES = "f16,bf16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m,q2_k"
 
 
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
             results.append(dict(backend=backend, type=t, quantizer=q, size=path.stat().st_size, **r.to_dict()))
             print(f"{backend}: {t:7} {q:9} ppl {r.perplexity:.4f}  KL mean {r.kl.mean:.5f} p99 {r.kl.p99:.5f}  "
                   f"top-1 {100 * r.kl.top1_agreement:.2f}%", flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))   # after each backend
     print()
     print(markdown(results))
     return 0

@@ -1,6 +1,6 @@
 """Train the small SmallThinker that ships with st-sdk (`st_sdk/data/`), on CPU with torch.
 
-    python tools/train_smallthinker.py --out DIR [--steps N] [--seed S] [--ship]
+    python tools/train_smallthinker.py --out DIR [--steps 800] [--seed 0] [--ship]
 
 Text: the docstrings of Python's standard library (every importable public module and submodule of
 the running interpreter: module, class, function and method docstrings with their signatures) and
@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # this checkout's st_sdk (and its st_sdk/data), not an installed one
 DATA = ROOT / "st_sdk" / "data"
 
 #: the shipped model's shape (see the module docstring)
@@ -223,7 +224,7 @@ def build_torch_model(cfg, seed: int):
             self.up = nn.Parameter(torch.empty(E, Fw, H))
             self.down = nn.Parameter(torch.empty(E, H, Fw))
 
-        def forward(self, h, cos, sin, masks, stats=None):
+        def forward(self, h, cos, sin, swa_mask, stats=None):
             B, T, H = h.shape
             nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             router_in = h                                         # the raw layer input, before any norm
@@ -233,10 +234,12 @@ def build_torch_model(cfg, seed: int):
             v = (a @ self.wv.T).view(B, T, nKV, hd).transpose(1, 2)
             if cfg.layer_uses_rope(self.i):                       # NoPE layers skip it for q and k
                 q, k = rope(q, cos, sin), rope(k, cos, sin)
-            k = k.repeat_interleave(cfg.gqa_group, dim=1)         # query head h reads kv head h // group
-            v = v.repeat_interleave(cfg.gqa_group, dim=1)
-            mask = masks["swa" if cfg.layer_window(self.i) else "global"]
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # query head h reads kv head h // group (enable_gqa); global layers are plain causal, sliding-window
+            # layers also mask keys more than `window` positions back
+            if cfg.layer_window(self.i):
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=swa_mask, enable_gqa=True)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             h = h + attn.transpose(1, 2).reshape(B, T, nH * hd) @ self.wo.T
             m = rms_norm(h, self.ffn_norm).reshape(B * T, H)
             moe, aux = self.moe(router_in.reshape(B * T, H), m, stats)
@@ -297,12 +300,11 @@ def build_torch_model(cfg, seed: int):
             ang = torch.cat([ang, ang], -1)
             cos, sin = ang.cos().float(), ang.sin().float()
             t = torch.arange(T)
-            causal = t[None, :] <= t[:, None]
-            masks = {"global": causal, "swa": causal & (t[None, :] > t[:, None] - cfg.sliding_window_size)}
+            swa = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - cfg.sliding_window_size)
             h = self.embed[ids]                                   # no scaling
             aux = 0.0
             for layer in self.layers:
-                h, a = layer(h, cos, sin, masks, stats)
+                h, a = layer(h, cos, sin, swa, stats)
                 aux = aux + a
             h = rms_norm(h, self.norm)
             head = self.embed if cfg.tie_word_embeddings else self.lm_head
@@ -488,11 +490,11 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output directory")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--seq", type=int, default=256, help="training sequence length (longer than the window)")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--balance", type=float, default=0.01, help="load-balancing loss coefficient")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -575,7 +577,7 @@ def main(argv=None) -> int:
 def ship(f32_gguf: Path, heldout: Path, log) -> None:
     """Write the package's checkpoint (quantised by st-sdk's own quantiser), its evaluation text (the
     first EVAL_CHARS of the held-out split, whole paragraphs), the routing statistics measured on that
-    text, and the licence of the text (the running Python's LICENSE.txt)."""
+    text, the licence of the text (the running Python's LICENSE.txt), and docs/trained_model_loss.png."""
     import shutil
     import sysconfig
 
@@ -591,6 +593,12 @@ def ship(f32_gguf: Path, heldout: Path, log) -> None:
     if cli(["perplexity", str(MODEL), str(HELDOUT_TEXT), "--backend", "numpy", "--routing-stats",
             str(ROUTING_STATS)]) != 0:
         raise SystemExit("measuring the routing failed")
+    stats = json.loads(ROUTING_STATS.read_text())
+    stats["source"] = f"{MODEL.name} on {HELDOUT_TEXT.name}"   # names, not this machine's paths
+    ROUTING_STATS.write_text(json.dumps(stats, indent=1) + "\n")
+    plot = f32_gguf.parent / "loss.png"
+    if plot.is_file():   # the loss curve, shown in docs/trained_model.md
+        shutil.copyfile(plot, ROOT / "docs" / "trained_model_loss.png")
     log(f"shipped {MODEL} ({MODEL.stat().st_size / 2**20:.1f} MiB), {HELDOUT_TEXT.name}, {ROUTING_STATS.name}")
 
 

@@ -9,7 +9,7 @@ from st_sdk.config import DEFAULT_CONTEXT
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, an HF model directory, or 'demo' (the small model shipped with st-sdk)")
     p.add_argument("--backend", default="auto", help="auto (default), a backend name, or a comma priority list")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
@@ -44,10 +44,11 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     import st_sdk
+    from st_sdk.data import resolve_model
 
     backend = args.backend.split(",") if "," in args.backend else args.backend
     extra = {"max_memory": args.max_memory, "context": args.context} if getattr(args, "max_memory", None) else {}
-    return st_sdk.load(args.model, backend=backend, n_threads=args.threads, **extra)
+    return st_sdk.load(resolve_model(args.model), backend=backend, n_threads=args.threads, **extra)
 
 
 def stats_line(res, backend: str) -> str:
