@@ -39,6 +39,7 @@ MEASURE_BLOCK_S = 0.05   # a candidate's block of decode steps in one round last
 MEASURE_CONTEXT = 8      # prompt before them
 MAX_SPREAD = 0.5         # rounds disagreeing more than this (IQR / median) make a measurement not cached
 STATIC_GAP = 4.0         # a measured win over a candidate scored this many times higher is timed again
+OFFLOAD_SKIP = "not probed under max_memory: it would load its libraries into the budget (name it to use it anyway)"
 
 
 @dataclass
@@ -340,10 +341,7 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
 
     spec: "auto", a name, a comma priority list, a list of names, or a Backend instance. tune=True
     allows measuring (when no cached measurement fits); remeasure=True measures even on a cache hit.
-    offload=True (a memory budget): the automatic choice considers only backends that run the MoE from
-    the expert cache (`supports_offload`) and the reference, without constructing the others, so no
-    framework they would import lands inside the budget.
-    """
+    offload=True (max_memory): "auto" probes only the reference and `supports_offload` backends."""
     from .hardware import probe, probe_gpus
 
     registry = get_registry()
@@ -354,18 +352,15 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
     hardware = probe_gpus(probe())   # asks only frameworks already imported
     candidates: list[Candidate] = []
     instances: dict[str, Backend] = {}
-    skipped = []
     for name in (wanted or list(classes)):
-        if offload and not wanted and name != reference.name and not getattr(classes[name], "supports_offload", False):
-            skipped.append(Candidate(name, plugin=registry.provider(name), reason=(
-                "not probed under max_memory: it runs the MoE on the NumPy reference and would load its "
-                "libraries into the budget (name it to use it anyway)")))
+        # under max_memory, "auto" leaves out backends that run the MoE on the reference
+        if offload and not wanted and name != reference.name and not getattr(classes[name], "supports_offload", 0):
+            candidates.append(Candidate(name, plugin=registry.provider(name), reason=OFFLOAD_SKIP))
             continue
         c, b = _probe(name, spec, classes, registry, reference, dtype, n_threads, fmt, hardware)
         candidates.append(c)
         if b is not None:
             instances[name] = b
-    candidates += skipped
     if not wanted:   # plugins that failed to load are candidates too: the report says why they are absent
         candidates += [Candidate(r.name, plugin=r.name, reason=f"plugin {r.source} not loaded: {r.error}")
                        for r in registry.plugins if r.error and not r.backends and r.name not in classes]
