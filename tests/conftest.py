@@ -62,3 +62,21 @@ def hf_copy(tiny_dir, tmp_path):
         if f.suffix != ".gguf":
             shutil.copy(f, d / f.name)
     return d
+
+
+def routed_stats(cfg, spec: str, tokens: int, seed: int):
+    """Routing statistics (st_sdk.routing.RoutingStats) of a random-weight model of `cfg` written with
+    routing=`spec`, recorded over `tokens` random token ids (seeded), 256 at a time."""
+    from st_sdk.loader import build_model
+    from st_sdk.routing import RoutingRecorder
+    from st_sdk.synth import random_weights
+    from st_sdk.weights.layout import assemble
+    from st_sdk.weights.tensor import WeightTensor
+
+    tensors = {n: WeightTensor(n, "f32", x.shape, x, "<synth>") for n, x in random_weights(cfg, 0, routing=spec)}
+    m = build_model(cfg, assemble(cfg, tensors.__getitem__, "hf"), backend="numpy")
+    toks = np.random.default_rng(seed).integers(0, cfg.vocab_size, tokens)
+    with RoutingRecorder(m) as rec:
+        for s in range(0, len(toks), 256):
+            m.logits(toks[s:s + 256])
+    return rec.stats()

@@ -3,24 +3,15 @@ as stated, for measuring the memory budget's expert cache on its worst case and 
 import numpy as np
 import pytest
 
+from conftest import routed_stats
 from st_sdk.errors import InputError
-from st_sdk.loader import build_model
-from st_sdk.routing import RoutingRecorder
-from st_sdk.synth import random_weights, synth_config, write_model, zipf_shares
-from st_sdk.weights.layout import assemble
-from st_sdk.weights.tensor import WeightTensor
+from st_sdk.synth import synth_config, write_model, zipf_shares
 
 
 def routed(spec: str, experts: int = 16, active: int = 2):
     cfg, _ = synth_config("tiny", layers=4, moe_num_primary_experts=experts, moe_num_active_primary_experts=active,
                           hidden_size=128)
-    tensors = {n: WeightTensor(n, "f32", x.shape, x, "<synth>") for n, x in random_weights(cfg, 0, routing=spec)}
-    m = build_model(cfg, assemble(cfg, tensors.__getitem__, "hf"), backend="numpy")
-    toks = np.random.default_rng(3).integers(0, cfg.vocab_size, 1024)
-    with RoutingRecorder(m) as rec:
-        for s in range(0, len(toks), 256):
-            m.logits(toks[s:s + 256])
-    return rec.stats()
+    return routed_stats(cfg, spec, tokens=1024, seed=3)
 
 
 def test_uniform_routing_uses_every_expert_about_equally():

@@ -198,24 +198,16 @@ def _measured_like_stats(path: Path):
 def test_synth_routing_trained_reproduces_the_measured_statistics(tmp_path, shipped):
     """A random-weight model written with routing='trained[:STATS]' routes random tokens as the measured
     model routed real text: per layer, the sorted expert shares and the ReGLU zero fraction."""
-    from st_sdk.loader import build_model
-    from st_sdk.routing import RoutingRecorder, RoutingStats
-    from st_sdk.synth import random_weights, synth_config
-    from st_sdk.weights.layout import assemble
-    from st_sdk.weights.tensor import WeightTensor
+    from conftest import routed_stats
+    from st_sdk.routing import RoutingStats
+    from st_sdk.synth import synth_config
 
     if shipped:
         target, spec = RoutingStats.load(ROUTING_STATS), "trained"
     else:
         target, spec = _measured_like_stats(tmp_path / "stats.json"), f"trained:{tmp_path / 'stats.json'}"
     cfg, _ = synth_config("tiny", layers=8)   # 8 experts, 2 active, like the trained model
-    tensors = {n: WeightTensor(n, "f32", x.shape, x, "<synth>") for n, x in random_weights(cfg, 0, routing=spec)}
-    m = build_model(cfg, assemble(cfg, tensors.__getitem__, "hf"), backend="numpy")
-    toks = np.random.default_rng(1).integers(0, cfg.vocab_size, 768)
-    with RoutingRecorder(m) as rec:
-        for s in range(0, len(toks), 256):
-            m.logits(toks[s:s + 256])
-    got = rec.stats()
+    got = routed_stats(cfg, spec, tokens=768, seed=1)
     for i, (a, b) in enumerate(zip(got.layers, target.layers)):
         assert abs(a.relu_zero_fraction - b.relu_zero_fraction) < 0.04, i
         assert np.abs(np.sort(a.expert_share) - np.sort(b.expert_share)).max() < 0.05, (i, a, b)

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-DEFAULT_CONTEXT = 4096   # st_sdk.serving.DEFAULT_CONTEXT (not imported here: the parser stays light)
+from st_sdk.serving import DEFAULT_CONTEXT   # a constant: st_sdk.serving imports nothing heavy at module level
 
 
 def add_parser(subparsers) -> None:
