@@ -4,16 +4,18 @@ Each runner is a child process placed in a memory cgroup (v1 `memory.limit_in_by
 `memory.max`) whose limit is the budget, so page cache counts too. Reports decode tokens/s (median),
 the cgroup's peak (page cache included, so it sits at the limit once the file has been read) and the
 process's own peak RSS, and the expert-cache statistics (hit rate, bytes read, stall time) for st-sdk
-with prefetch on and off. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
+with prefetch on and off, and with each cache policy of --policies. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
 way it fits a budget smaller than the file.
 
     python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 256] [--repeats 3] [--threads 2]
+        [--policies lfru,lru]
 
 st-sdk loads with its defaults (automatic backend choice) unless --backend says otherwise. Every
 runner reads the same 8 warm-up and --tokens measured tokens one at a time, teacher-forced: distinct
 ids spread over the vocabulary, so routing sees diverse inputs. Reported per configuration: medians over
 --repeats runs (page cache dropped before each) of decode tokens/s and per-token latency p50/p99, the
-cgroup's peak and the process's peak RSS, runs killed; then the disk-read bound: the bytes st-sdk read
+cgroup's peak and the process's peak RSS, runs killed, major page faults per token (mapped pages read
+again: dense weights or code evicted at the limit); then the disk-read bound: the bytes st-sdk read
 per token over the file's measured random-read bandwidth.
 
 Needs root (or a delegated cgroup) for the limit; without one it says so and runs unlimited.
@@ -36,10 +38,11 @@ WARMUP = 8
 TOKENS_OF = "np.random.default_rng(1234).permutation(np.arange(256, vocab))[:n_all] % vocab"
 
 CHILD_OURS = r"""
-import json, sys, time, numpy as np, st_sdk
-path, budget, n, threads, prefetch, backend = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
+import json, resource, sys, time, numpy as np, st_sdk
+path, budget, n, threads, prefetch, backend, policy = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6], sys.argv[7]
 t_load = time.perf_counter()
-m = st_sdk.load(path, backend=backend, n_threads=threads, max_memory=budget, prefetch=prefetch, context=512)
+m = st_sdk.load(path, backend=backend, n_threads=threads, max_memory=budget, prefetch=prefetch, context=512,
+                cache_policy=policy)
 t_load = time.perf_counter() - t_load
 vocab, n_all = m.config.vocab_size, WARMUP + n
 toks = [int(t) for t in TOKENS_OF]
@@ -49,7 +52,11 @@ for i, tok in enumerate(toks):
     t0 = time.perf_counter(); s.feed([tok]); times.append(time.perf_counter() - t0)
     if i == WARMUP - 1:
         m.offload.stats.__init__()   # statistics of the measured tokens only
+        majflt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 st = m.offload.stats.as_dict()
+# page faults that read from disk: the mapped dense weights (or code) evicted at the limit and read again
+st["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt
+st["slots_given_back"] = m.offload.shrunk
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": m.memory_plan.describe(), "backend": m.backend.name,
                   "load_s": t_load, "process_peak_rss": hwm,
@@ -177,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved (medians)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-prefetch-run", action="store_true", help="skip the run with prefetch off")
+    ap.add_argument("--policies", default="lfru",
+                    help="expert-cache policies to run, comma-separated (the first is the 'st-sdk' row; default lfru, "
+                         "st-sdk's default)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--llama-tokens", type=int, default=None,
                     help="measured tokens for llama.cpp (default --tokens; it reads every expert from disk)")
@@ -189,9 +199,12 @@ def main(argv=None) -> int:
     if cg.path is None:
         print("warning: no memory cgroup could be made here; running without a hard limit", file=sys.stderr)
     ours = [sys.executable, "-c", CHILD_OURS, args.model, str(limit), str(args.tokens), str(args.threads)]
-    runs = {"st-sdk": ours + ["1", args.backend]}
+    policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+    runs = {"st-sdk": ours + ["1", args.backend, policies[0]]}
+    for policy in policies[1:]:
+        runs[f"st-sdk {policy}"] = ours + ["1", args.backend, policy]
     if not args.no_prefetch_run:
-        runs["st-sdk no-prefetch"] = ours + ["0", args.backend]
+        runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0]]
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
@@ -202,7 +215,7 @@ def main(argv=None) -> int:
     with open("/proc/loadavg") as f:
         load0 = " ".join(f.read().split()[:3])
     print(f"# offload_budget: {args.model}, budget {args.budget} ({'cgroup limit' if cg.path else 'NOT limited'}), "
-          f"{args.threads} threads, backend {args.backend}, {WARMUP} warm-up + {args.tokens} teacher-forced diverse "
+          f"{args.threads} threads, backend {args.backend}, cache policy {policies[0]}, {WARMUP} warm-up + {args.tokens} teacher-forced diverse "
           f"tokens, {args.repeats} runs each, page cache dropped before each run; load {load0}", flush=True)
     results: dict[str, list] = {k: [] for k in runs}
     for rep in range(args.repeats):
@@ -230,7 +243,8 @@ def main(argv=None) -> int:
                   f"  cgroup peak {(rec['peak_bytes'] or 0) / 2**20:6.0f} MiB  process peak "
                   f"{rec.get('process_peak_rss', 0) / 2**20:6.0f} MiB" +
                   (f"  backend {rec['backend']}  hit rate {st['hit_rate']:.1%}  read "
-                   f"{st['bytes_read'] / 2**20 / args.tokens:.1f} MiB/token  stalled {st['stall_s']:.1f} s"
+                   f"{st['bytes_read'] / 2**20 / args.tokens:.1f} MiB/token  stalled {st['stall_s']:.1f} s  "
+                   f"major faults {st.get('major_faults', 0) / args.tokens:.1f}/token"
                    + (f"  frameworks loaded: {rec['frameworks']}" if rec.get("frameworks") else "") if st else ""),
                   flush=True)
     summary = {}

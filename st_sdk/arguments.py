@@ -116,7 +116,7 @@ def compute_dtype(dtype: Any) -> str | None:
 
 def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: dict[str, Any]):
     """Validated (path, backend, dtype, n_threads, extra) of an `st_sdk.load` call."""
-    known_extra = ("file", "max_memory", "context", "prefetch", "chunk_size", "kv_dtype")
+    known_extra = ("file", "max_memory", "context", "prefetch", "chunk_size", "kv_dtype", "cache_policy")
     for name in extra:
         if name not in known_extra:
             raise unknown_argument("load", name, ("path", "backend", "dtype", "n_threads", "strict", "tune",
@@ -130,6 +130,11 @@ def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: d
         flag(extra["prefetch"], "prefetch")
     if "chunk_size" in extra:
         positive_int(extra["chunk_size"], "chunk_size", allow_none=False)
+    if "cache_policy" in extra:
+        from .offload.cache import POLICIES
+
+        if extra["cache_policy"] not in POLICIES:
+            raise InputError(f"cache_policy: expected one of {', '.join(POLICIES)}, got {extra['cache_policy']!r}")
     if extra.get("max_memory") is not None:
         from .sizes import parse_size
 

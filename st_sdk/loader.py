@@ -27,7 +27,7 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
     tensor the type llama-quantize gives it); norms and the router stay f32. Other keyword arguments go
     to `build_model`: kv_dtype ('f16', 'q8_0', 'f32': how the KV cache stores keys and values),
-    max_memory, context, prefetch (the memory-budget mode).
+    max_memory, context, prefetch, cache_policy (the memory-budget mode).
     """
     from .arguments import check_load
     from .weights import open_model
@@ -102,7 +102,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
                 tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
                 tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool = True, kv_dtype: str | None = None, **kw) -> Model:
+                prefetch: bool = True, kv_dtype: str | None = None, cache_policy: str = "lfru", **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
 
     kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
@@ -111,16 +111,18 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
 
     context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
     st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
-    the file and are read on demand into an LRU cache sized from the budget (st_sdk.offload), with the
+    the file and are read on demand into a cache sized from the budget (st_sdk.offload), with the
     KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
-    reading experts as soon as the router picks them (to measure what prefetch buys).
+    reading experts as soon as the router picks them (to measure what prefetch buys); cache_policy:
+    'lfru' (frequency-aware, the default) or 'lru' (st_sdk.offload.cache).
     """
     from .context import resolve_context
 
     context = resolve_context(config, context, budget=max_memory is not None)
     offload = None
     if max_memory is not None:
-        params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16")
+        params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16",
+                                         policy=cache_policy)
 
     backend_obj, selection = select_backend(backend, config=config, params=params, dtype=dtype,
                                             n_threads=n_threads, strict=strict, tune=tune,

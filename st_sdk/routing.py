@@ -3,7 +3,8 @@ neurons of the chosen experts are exactly zero (relu(gate) == 0, i.e. gate <= 0)
 token's experts the previous token also chose.
 
 `RoutingRecorder(model)` wraps the model's bound `route` and `moe` ops (fused layer/step ops are set
-aside while it records, so every backend reports the same thing) and counts; the gate activations are
+aside while it records, so every backend reports the same thing) and counts (`picks()`: the picks
+themselves, token by token, as benchmarks/cache_policy.py replays them); the gate activations are
 recomputed in NumPy from the stored weights. `st-sdk perplexity MODEL TEXT --routing-stats OUT.json`
 records while it measures; `st-sdk synth --routing trained[:OUT.json]` builds random weights that
 route that way (st_sdk/synth.py).
@@ -106,6 +107,7 @@ class RoutingRecorder:
         self.reused = np.zeros(self.L, np.int64)
         self.pairs = np.zeros(self.L, np.int64)
         self.tokens = 0
+        self.trace: list[list[np.ndarray]] = [[] for _ in range(self.L)]   # each route call's picks [T, k]
         self._layer_of = {}
         for i, lp in enumerate(model.params.layers):
             self._layer_of[id(lp.router)] = i
@@ -121,6 +123,7 @@ class RoutingRecorder:
             i = self._layer_of[id(weight)]
             ids = np.asarray(to_np(idx)).astype(np.int64).reshape(-1, k)
             self.counts[i] += np.bincount(ids.ravel(), minlength=self.E)
+            self.trace[i].append(ids)
             if i == 0:
                 self.tokens += len(ids)
             if len(ids) > 1:
@@ -147,6 +150,12 @@ class RoutingRecorder:
 
     def __exit__(self, *exc) -> None:
         self.model.ops = self._saved
+
+    def picks(self) -> np.ndarray:
+        """Every recorded token's picks, in order: int64 [tokens, layers, k] (to replay through a cache)."""
+        if self.tokens == 0:
+            raise InputError("no tokens were recorded")
+        return np.stack([np.concatenate(layer) for layer in self.trace], axis=1)
 
     def stats(self, source: str = "", **notes) -> RoutingStats:
         if self.tokens == 0:

@@ -1,4 +1,4 @@
-"""Memory-budget mode: experts read on demand into an LRU cache give the same logits as resident."""
+"""Memory-budget mode: experts read on demand into the expert cache give the same logits as resident."""
 import json
 
 import numpy as np
@@ -35,6 +35,7 @@ def no_baseline(monkeypatch):
     # these tests are about the model alone
     monkeypatch.setattr(offload_experts, "process_baseline_bytes", lambda: 0)
     monkeypatch.setattr(offload_experts, "headroom_bytes", lambda budget: 0)
+    monkeypatch.setattr(offload_experts, "runtime_limit", lambda budget: None)   # tested on its own below
 
 
 @pytest.mark.parametrize("kind", ["gguf-q8_0", "hf-f32-sharded"])
@@ -209,3 +210,104 @@ def test_automatic_choice_under_a_budget_loads_no_framework(files):
     first, explain = out.stdout.split("\n", 1)
     assert first.split()[0] in ("c", "numpy") and first.endswith("[]")
     assert "not probed under max_memory" in explain
+
+
+def test_lfru_keeps_the_expert_used_most_where_lru_evicts_it(tmp_path):
+    """One expert used often, then a scan of experts used once: LRU evicts the popular one as soon as
+    the scan fills the cache, LFRU evicts a scanned one (not the most recent: it is protected)."""
+    from st_sdk.offload.cache import ExpertCache, Extent
+
+    f = tmp_path / "experts.bin"
+    f.write_bytes(bytes(range(64)))
+
+    def locate(layer, e):
+        return [Extent(str(f), 3 * e + j, 1) for j in range(3)]
+
+    uses = [0, 0, 0, 0, 1, 2, 3, 4, 0]
+    hits, misses = {}, {}
+    for policy in ("lru", "lfru"):
+        cache = ExpertCache(locate, [[1, 1, 1]], slots=4, io_threads=1, files=(str(f),), policy=policy)
+        for e in uses:
+            parts = cache.get(0, e)
+            assert [int(p[0]) for p in parts] == [3 * e, 3 * e + 1, 3 * e + 2]   # the expert's own bytes
+        hits[policy], misses[policy] = cache.stats.hits, cache.stats.misses
+        cache.close()
+    assert hits == {"lru": 3, "lfru": 4} and misses == {"lru": 6, "lfru": 5}
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfru"])
+def test_every_cache_policy_gives_the_resident_logits(files, policy):
+    path = files["gguf-q8_0"]
+    want = st_sdk.load(path, backend="numpy").logits(IDS)
+    m = st_sdk.load(path, backend="numpy", max_memory=budget_for(path, 8), context=64, cache_policy=policy)
+    assert m.offload.policy == policy
+    s = m.session()
+    inc = np.stack([s.feed([int(t)]) for t in IDS])
+    np.testing.assert_allclose(inc, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert m.offload.stats.evictions > 0
+
+
+def test_unknown_cache_policy_is_refused(files):
+    with pytest.raises(InputError, match="cache_policy"):
+        st_sdk.load(files["gguf-q8_0"], backend="numpy", max_memory="1GiB", cache_policy="fifo")
+
+
+def test_replay_counts_what_a_budget_model_reads(files):
+    """Replaying a recorded routing through a cache of the plan's size reads as many experts as the
+    budget-mode model (the C backend's MoE, whose reads replay mirrors) did on the same tokens; a cache
+    holding every expert reads each once."""
+    from st_sdk.offload.cache import replay
+    from st_sdk.routing import RoutingRecorder
+
+    path = files["gguf-q8_0"]
+    resident = st_sdk.load(path, backend="numpy")
+    with RoutingRecorder(resident) as rec:
+        s = resident.session()
+        for t in IDS:
+            s.feed([int(t)])
+    picks = rec.picks()
+    assert picks.shape == (len(IDS), resident.config.num_hidden_layers, resident.config.moe_num_active_primary_experts)
+    for policy in ("lru", "lfru"):
+        for prefetch in (False, True):
+            m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 8, backend="c"), context=64,
+                            cache_policy=policy, prefetch=prefetch)
+            s = m.session()
+            for t in IDS:
+                s.feed([int(t)])
+            want, got = m.offload.stats.reads, replay(picks, 8, policy, prefetch=prefetch).reads
+            if prefetch:   # live, a prefetch still in flight is not yet evictable: a few reads differ
+                assert abs(got - want) <= 0.05 * want, (policy, got, want)
+            else:
+                assert got == want, (policy, got, want)
+    everything = replay(picks, 10_000, "lfru")
+    assert everything.reads == len({(layer, e) for tok in picks for layer, ids in enumerate(tok) for e in ids})
+    assert everything.evictions == 0
+
+
+def test_cache_gives_slots_back_when_the_process_passes_its_limit(files, monkeypatch, caplog):
+    """The run-time check before each step: a process found past its limit evicts experts and releases
+    their slots' pages, down to the plan's minimum, and still computes the resident logits."""
+    from st_sdk.offload import cache as cache_mod
+
+    path = files["gguf-q8_0"]
+    want = st_sdk.load(path, backend="c", n_threads=1).logits(IDS[:12])
+    monkeypatch.setattr(offload_experts, "runtime_limit", lambda budget: budget)
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 16, backend="c"), context=64)
+    cache, stride = m.offload, m.offload._stride
+    assert cache.slots == 16 and cache.limit is not None
+    rss = {"now": 0}
+    # the process's size as the kernel would see it: what it was, less the slots' pages given back
+    monkeypatch.setattr(cache_mod, "resident_bytes", lambda: rss["now"] - cache.shrunk * stride)
+    s = m.session()
+    got = [s.feed([int(t)]) for t in IDS[:4]]                 # within the limit: nothing given back
+    assert cache.slots == 16 and cache.shrunk == 0
+    rss["now"] = cache.limit + 3 * stride                      # 3 slots' worth over: 3 given back, once
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        got += [s.feed([int(t)]) for t in IDS[4:8]]
+    assert cache.slots == 13 and cache.shrunk == 3 and "gave back 3 slots" in caplog.text
+    rss["now"] = cache.limit + 10**12                          # far over: never below the minimum
+    got += [s.feed([int(t)]) for t in IDS[8:12]]
+    assert cache.slots == m.memory_plan.minimum_slots
+    assert len(cache.lru) + len(cache.pending) <= cache.slots
+    # the C backend reads the cache's file layout, resident it runs repacked weights: 2e-2 as above
+    np.testing.assert_allclose(np.stack(got), want, rtol=0, atol=2e-2 * np.abs(want).max())

@@ -17,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="with --max-memory: the longest sequence the memory plan reserves KV cache for "
                         f"(default min(context length, {DEFAULT_CONTEXT}))")
+    p.add_argument("--cache-policy", choices=("lfru", "lru"), default="lfru",
+                   help="with --max-memory: which expert the cache evicts (default lfru: frequency-aware)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +49,8 @@ def load_model(args: argparse.Namespace):
     from st_sdk.data import resolve_model
 
     backend = args.backend.split(",") if "," in args.backend else args.backend
-    extra = {"max_memory": args.max_memory, "context": args.context} if getattr(args, "max_memory", None) else {}
+    extra = {"max_memory": args.max_memory, "context": args.context,
+             "cache_policy": args.cache_policy} if getattr(args, "max_memory", None) else {}
     return st_sdk.load(resolve_model(args.model), backend=backend, n_threads=args.threads, **extra)
 
 

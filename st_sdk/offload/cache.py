@@ -1,7 +1,17 @@
-"""The cross-layer LRU expert cache: preallocated slots, filled by I/O threads with pread straight
-from the model file, page cache dropped behind each read so it does not double the memory."""
+"""The cross-layer expert cache: preallocated slots, filled by I/O threads with pread straight from the
+model file, page cache dropped behind each read so it does not double the memory.
+
+Eviction policies (`policy=`):
+  lru   the least recently used expert goes.
+  lfru  frequency-aware: the most recent quarter of the slots is protected (an expert just read is
+        likely needed by the next token); among the rest the one used least often goes (uses counted
+        over the whole run, halved every `AGE_EVERY` uses per slot so the counts follow the text),
+        the least recent of equals first.
+"""
 from __future__ import annotations
 
+import logging
+import mmap
 import os
 import threading
 import time
@@ -12,9 +22,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import WeightError
+from ..errors import InputError, WeightError
+
+log = logging.getLogger("st_sdk.offload")
 
 Key = tuple[int, int]   # (layer, expert)
+POLICIES = ("lfru", "lru")
+AGE_EVERY = 8           # lfru: the use counts are halved after 8 x slots uses
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ def file_extent(arr: np.ndarray, what: str) -> Extent:
 
 
 class ExpertCache:
-    """LRU cache of whole experts (gate + up + down), in `slots` preallocated bundles.
+    """Cache of whole experts (gate + up + down), in `slots` preallocated bundles.
 
     `part_bytes[layer]` are the stored sizes of a layer's gate, up and down: they differ between layers
     when a file mixes types per layer (llama.cpp's q4_k_m stores some layers' ffn_down as q6_k), so a
@@ -78,17 +92,24 @@ class ExpertCache:
     """
 
     def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[list[int]], slots: int,
-                 io_threads: int = 4, drop_page_cache: bool = True, files: tuple[str, ...] = ()):
+                 io_threads: int = 4, drop_page_cache: bool = True, files: tuple[str, ...] = (),
+                 policy: str = "lfru"):
+        if policy not in POLICIES:
+            raise InputError(f"cache_policy={policy!r}: choose one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.uses: dict[Key, float] = {}   # lfru: uses of every expert seen, aged
+        self._n_uses = 0
         self.locate = locate
         self.part_bytes = part_bytes
         self.offsets = [np.cumsum([0] + list(parts)) for parts in part_bytes]
         self.bundle_bytes = int(max(o[-1] for o in self.offsets))
-        self.slots = slots
-        self.buffer = np.zeros((slots, self.bundle_bytes), np.uint8)
+        self._allocate(slots)
         self.lru: OrderedDict[Key, int] = OrderedDict()   # resident, least recent first
         self.pending: dict[Key, tuple[int, Future]] = {}
-        self.free = list(range(slots))[::-1]
         self.held: set[Key] = set()
+        self.minimum_slots = 2
+        self.limit: int | None = None   # keep_within: the process's resident bytes the cache keeps below
+        self.shrunk = 0                 # slots given back at run time
         self.stats = OffloadStats()
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self._fds: dict[str, int] = {}
@@ -119,6 +140,8 @@ class ExpertCache:
         """The expert's stored parts (views into its slot), waiting for its read if needed.
         count=False for the second and third part of one use, so statistics count expert uses."""
         key = (layer, e)
+        if count and self.policy == "lfru":
+            self._count(key)
         if key in self.lru and not count:
             self.lru.move_to_end(key)
             slot = self.lru[key]
@@ -161,9 +184,34 @@ class ExpertCache:
         """Change the number of slots before first use (the plan learnt of another resident copy)."""
         if self.lru or self.pending:
             raise RuntimeError("the expert cache can only be resized before it is used")
-        self.slots = slots
-        self.buffer = np.zeros((slots, self.bundle_bytes), np.uint8)
-        self.free = list(range(slots))[::-1]
+        self._allocate(slots)
+
+    def keep_within(self, rss: Callable[[], int] | None = None) -> int:
+        """The run-time check (called before each step): while the process's resident bytes pass
+        `limit`, give slots back to the system (an unheld expert evicted, its pages released with
+        MADV_DONTNEED) down to `minimum_slots`. Returns the slots given back now."""
+        if self.limit is None:
+            return 0
+        over = (rss or resident_bytes)() - self.limit
+        n = 0
+        while over > 0 and self.slots > self.minimum_slots:
+            slot = self.free.pop() if self.free else None
+            if slot is None:
+                key = self._victim()
+                if key is None:
+                    break
+                slot = self.lru.pop(key)
+                self.stats.evictions += 1
+            if hasattr(mmap, "MADV_DONTNEED"):
+                self._mm.madvise(mmap.MADV_DONTNEED, slot * self._stride, self._stride)
+            self.slots -= 1
+            over -= self._stride
+            n += 1
+        if n:
+            self.shrunk += n
+            log.warning("st-sdk: the process passed its memory budget's limit; the expert cache gave back %d slots "
+                        "(%d left)", n, self.slots)
+        return n
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -173,9 +221,18 @@ class ExpertCache:
 
     @property
     def nbytes(self) -> int:
-        return int(self.buffer.nbytes)
+        return int(self.slots * self._stride)
 
     # ---- internals ------------------------------------------------------------------------
+    def _allocate(self, slots: int) -> None:
+        """Slots in anonymous memory, each a whole number of pages (so one can be given back alone);
+        pages are committed as slots fill."""
+        self.slots = slots
+        self._stride = -(-self.bundle_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._mm = mmap.mmap(-1, max(1, slots) * self._stride)
+        self.buffer = np.frombuffer(self._mm, np.uint8).reshape(max(1, slots), self._stride)
+        self.free = list(range(slots))[::-1]
+
     def _views(self, slot: int, layer: int) -> list[np.ndarray]:
         row, offsets = self.buffer[slot], self.offsets[layer]
         return [row[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
@@ -187,15 +244,31 @@ class ExpertCache:
             fut.result()   # re-raise a failed read here, on the compute thread
             self.lru[key] = slot
 
+    def _count(self, key: Key) -> None:
+        self.uses[key] = self.uses.get(key, 0.0) + 1.0
+        self._n_uses += 1
+        if self._n_uses % (AGE_EVERY * self.slots) == 0:
+            self.uses = {k: v / 2 for k, v in self.uses.items() if v >= 0.25}
+
+    def _victim(self) -> Key | None:
+        """The resident, unheld expert to evict under the policy."""
+        if self.policy == "lru":
+            return next((key for key in self.lru if key not in self.held), None)
+        candidates = [key for key in self.lru if key not in self.held]   # least recently used first
+        if not candidates:
+            return None
+        unprotected = candidates[:max(1, len(candidates) - self.slots // 4)]
+        return min(unprotected, key=lambda k: self.uses.get(k, 0.0))   # min keeps the least recent of equals
+
     def _take_slot(self) -> int | None:
         if self.free:
             return self.free.pop()
         self._settle()
         for _ in range(2):
-            for key in self.lru:                  # least recently used first
-                if key not in self.held:
-                    self.stats.evictions += 1
-                    return self.lru.pop(key)
+            key = self._victim()
+            if key is not None:
+                self.stats.evictions += 1
+                return self.lru.pop(key)
             # every resident expert is held: wait for prefetches nobody holds any more, then evict them
             for key, (_, fut) in list(self.pending.items()):
                 if key not in self.held:
@@ -228,3 +301,43 @@ class ExpertCache:
         with self._lock:
             self.stats.bytes_read += int(self.offsets[key[0]][-1])
             self.stats.reads += 1
+
+
+def resident_bytes() -> int:
+    """This process's resident set (anonymous and file-backed pages), from /proc/self/statm."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def replay(picks, slots: int, policy: str = "lfru", prefetch: bool = True) -> OffloadStats:
+    """The statistics a cache of `slots` experts gets on recorded picks (int [tokens, layers, k], as
+    `st_sdk.routing.RoutingRecorder.picks()` returns them), decoding token by token as budget mode does:
+    per layer the router's prefetch (taken as finished before the MoE runs), then the MoE's reads (the
+    picked experts together, in pick order, as the C backend's budget-mode MoE reads them). No
+    model file is read; `reads` counts the experts that would be read from it."""
+    import tempfile
+
+    picks = np.asarray(picks, dtype=np.int64)
+    if picks.ndim != 3:
+        raise InputError(f"picks: expected [tokens, layers, k], got shape {picks.shape}")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "expert")
+        with open(path, "wb") as f:
+            f.write(b"\0")
+        cache = ExpertCache(lambda layer, e: [Extent(path, 0, 1)] * 3, [[1, 1, 1]] * picks.shape[1], slots,
+                            io_threads=1, drop_page_cache=False, files=(path,), policy=policy)
+        try:
+            for token in picks:
+                for layer, ids in enumerate(token):
+                    if prefetch:
+                        cache.prefetch(layer, ids)
+                        for _, fut in list(cache.pending.values()):
+                            fut.result()
+                        cache._settle()
+                    cache.get_many(layer, list(dict.fromkeys(ids.tolist())))   # as the C backend's MoE
+            return cache.stats
+        finally:
+            cache.close()

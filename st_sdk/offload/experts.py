@@ -59,11 +59,17 @@ def headroom_bytes(budget: int) -> int:
     return max(64 * 2**20, budget // 10)
 
 
+def runtime_limit(budget: int) -> int | None:
+    """The resident size past which the cache gives slots back at run time: the budget less half the
+    headroom the plan left (the rest is for the page cache the kernel counts too)."""
+    return budget - headroom_bytes(budget) // 2
+
+
 def setup_offload(cfg, params, max_memory, context: int | None = None, io_threads: int = 4,
-                  scratch_bytes: int | None = None, kv_dtype: str = "f16"):
+                  scratch_bytes: int | None = None, kv_dtype: str = "f16", policy: str = "lfru"):
     """Params whose experts are cache-backed (the given params are left as they are), the cache and
     the plan (the KV cache counted as `kv_dtype` at `context` tokens; build_model refits it once the
-    backend's storage type is known)."""
+    backend's storage type is known). policy: the cache's eviction policy (st_sdk.offload.cache)."""
     budget = parse_size(max_memory)
     context = context or cfg.default_context
     locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
@@ -84,20 +90,28 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
     plan.context = context
     files = tuple(sorted({ext.path for layer in locations for expert in layer for ext in expert}))
-    cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads, files=files)
+    cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads, files=files,
+                        policy=policy)
     layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
                                          for j, p in enumerate(PARTS)})
               for i, lp in enumerate(params.layers)]
+    cache.minimum_slots = plan.minimum_slots
+    cache.limit = runtime_limit(budget)
     return dataclasses.replace(params, layers=layers), cache, plan
 
 
-def prefetching_route(route, params, cache: ExpertCache):
-    """The route op, followed by starting the reads of the experts it picked (before attention)."""
+def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True):
+    """The route op, followed by starting the reads of the experts it picked (before attention); at the
+    first layer of each step, first the cache's run-time memory check (`ExpertCache.keep_within`)."""
     layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
 
     def route_and_prefetch(x, router, k, softmax):
+        layer = layer_of[id(router)]
+        if layer == 0:
+            cache.keep_within()
         w, ids = route(x, router, k, softmax)
-        cache.prefetch(layer_of[id(router)], np.asarray(ids))
+        if prefetch:
+            cache.prefetch(layer, np.asarray(ids))
         return w, ids
 
     return route_and_prefetch
@@ -109,5 +123,5 @@ def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool):
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     return dataclasses.replace(ops, forward=None, layer=None, forward_batch=None, moe=moe,
-                               route=prefetching_route(ops.route, params, cache) if prefetch else ops.route,
+                               route=prefetching_route(ops.route, params, cache, prefetch),
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))

@@ -1,0 +1,65 @@
+"""Expert-cache policies compared on a model's own routing: reads per token for LRU and LFRU.
+
+Records which experts the model picks for the tokens benchmarks/offload_budget.py decodes (8 warm-up +
+--tokens teacher-forced diverse ids), then replays those picks through caches of the size a budget
+plans (`st_sdk.offload.cache.replay`: the router's prefetch, then the MoE's reads, as budget mode runs
+them). Deterministic and quick, it isolates the policy from I/O timing; offload_budget.py --policies
+lfru,lru measures the same choice in wall-clock time under a cgroup.
+
+    python benchmarks/cache_policy.py MODEL.gguf [--budget 1GiB] [--slots N,N,...] [--tokens 256]
+
+The slot count for --budget is the plan of an `st_sdk.load(MODEL, max_memory=BUDGET)` in this process
+(its baseline is this process's, so a few slots off the cgroup child's).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from offload_budget import TOKENS_OF, WARMUP  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--budget", default="1GiB", help="plan the slot count of this budget (default 1GiB)")
+    ap.add_argument("--slots", default=None, help="comma-separated slot counts instead of --budget's")
+    ap.add_argument("--tokens", type=int, default=256, help=f"measured tokens, after {WARMUP} warm-up tokens")
+    ap.add_argument("--policies", default="lru,lfru")
+    args = ap.parse_args(argv)
+
+    import st_sdk
+    from st_sdk.offload.cache import replay
+    from st_sdk.routing import RoutingRecorder
+
+    planned = st_sdk.load(args.model, max_memory=args.budget, context=512, backend="numpy")
+    plan = planned.memory_plan
+    slots = [int(s) for s in args.slots.split(",")] if args.slots else [plan.slots]
+    del planned
+    model = st_sdk.load(args.model)
+    vocab, n_all = model.config.vocab_size, WARMUP + args.tokens
+    toks = [int(t) for t in eval(TOKENS_OF, {"np": np, "vocab": vocab, "n_all": n_all})]
+    with RoutingRecorder(model) as rec:
+        model.logits(toks)   # teacher-forced: the picks of decoding these tokens one at a time
+    picks = rec.picks()
+    n_experts = model.config.num_hidden_layers * model.config.moe_num_primary_experts
+    print(f"# cache_policy: {args.model}, {WARMUP} warm-up + {args.tokens} teacher-forced diverse tokens; "
+          f"{len({(l, e) for t in picks for l, ids in enumerate(t) for e in ids})} of {n_experts} experts used; "
+          f"expert {plan.expert_bytes / 2**20:.2f} MiB; slots of --budget {args.budget}: {plan.slots}")
+    for n in slots:
+        for policy in args.policies.split(","):
+            warm = replay(picks[:WARMUP], n, policy)
+            st = replay(picks, n, policy)
+            reads = (st.reads - warm.reads) / args.tokens   # the measured tokens' reads (warm-up's are the same)
+            uses = st.lookups - warm.lookups
+            print(f"  {n:5d} slots ({n / n_experts:4.0%})  {policy:5s}  {reads:6.1f} expert reads/token  "
+                  f"{reads * plan.expert_bytes / 2**20:7.1f} MiB/token  resident when needed "
+                  f"{1 - (reads * args.tokens) / uses:6.1%}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
