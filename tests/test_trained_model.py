@@ -134,21 +134,23 @@ def test_perplexity_cli_text_output_and_errors(capsys, tmp_path):
 @needs_model
 def test_demo_prints_readable_text_from_the_shipped_model(capsys):
     """Words of the generated text are mostly words of English documentation (those of the held-out
-    text, which the model never saw), not byte soup."""
+    text, of Python's language reference as pydoc has it, and builtin names), not made-up ones."""
+    import builtins
+
+    from pydoc_data.topics import topics
+
     assert cli(["demo", "-n", "40", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert str(MODEL) in out and "RANDOM" not in out
     text = out.split("---\n")[1]
     words = re.findall(r"[A-Za-z]{2,}", text)
-    known = set(w.lower() for w in re.findall(r"[A-Za-z]{2,}", HELDOUT_TEXT.read_text(encoding="utf-8")))
+    docs = HELDOUT_TEXT.read_text(encoding="utf-8") + " ".join(topics.values()) + " ".join(dir(builtins))
+    known = set(w.lower() for w in re.findall(r"[A-Za-z]{2,}", docs))
     assert len(words) >= 10, text
-    assert sum(w.lower() in known for w in words) / len(words) > 0.7, text
+    assert sum(w.lower() in known for w in words) / len(words) > 0.8, text
 
 
 @needs_model
-@pytest.mark.xfail(strict=True, reason="known, not yet explained: on the trained checkpoint llama.cpp's logits "
-                   "differ from st-sdk's by ~0.06 of the largest logit from the first token (synthetic files "
-                   "agree to 1e-4, tests/test_llama_cpp_parity.py); strict, so the fix removes this mark")
 def test_llama_cpp_runs_the_shipped_file(model, ids):
     """llama.cpp loads the shipped GGUF, tokenizes as st-sdk does and predicts the same next tokens
     (64 tokens: llama.cpp fixes the sliding window at 4096, so longer sequences would differ)."""
@@ -163,6 +165,35 @@ def test_llama_cpp_runs_the_shipped_file(model, ids):
     ours = model.logits(seq)
     assert (theirs.argmax(1) == ours.argmax(1)).mean() > 0.95   # llama.cpp quantises activations for Q8_0
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 0.02
+
+
+@needs_model
+def test_ranking_by_sigmoid_score_picks_the_experts_ranking_by_logit_picks(model, ids):
+    """Runtimes that rank experts by float32 sigmoid score (llama.cpp) rather than by logit (st-sdk,
+    HF) pick the same experts only while sigmoid still tells the logits apart; above 16.6 it is exactly
+    1 and every such expert ties. Training's router z-loss keeps the logits small; a checkpoint trained
+    without it reached the tie region after the first layer and llama.cpp's logits differed by 0.2."""
+    import dataclasses
+
+    ops, logits = model.ops, []
+
+    def route(x, weight, k, softmax):
+        logits.append(np.asarray(x, np.float32) @ weight.raw.numpy().T)
+        return ops.route(x, weight, k, softmax)
+
+    model.ops = dataclasses.replace(ops, route=route, layer=None, forward=None)
+    try:
+        model.logits(ids)
+    finally:
+        model.ops = ops
+    k = model.config.moe_num_active_primary_experts
+    assert len(logits) == model.config.num_hidden_layers
+    for layer in logits:
+        assert layer.max() < 16.0
+        score = 1 / (1 + np.exp(-layer))                       # float32, as llama.cpp computes it
+        by_logit = np.sort(np.argsort(-layer, kind="stable")[:, :k], axis=1)
+        by_score = np.sort(np.argsort(-score, kind="stable")[:, :k], axis=1)
+        np.testing.assert_array_equal(by_score, by_logit)
 
 
 @needs_model
@@ -297,7 +328,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     data = np.random.default_rng(3).integers(0, 64, 2000).astype(np.int32)
 
     def run(out: Path, resume: bool, stop_at: int | None = None):
-        args = argparse.Namespace(out=out, resume=resume, steps=4, lr=3e-3, warmup=2, batch=2, seq=16, balance=0.01,
+        args = argparse.Namespace(out=out, resume=resume, steps=4, lr=3e-3, warmup=2, batch=2, seq=16, balance=0.01, router_z=1e-3,
                                   seed=0, eval_every=2, eval_seqs=1)
         m = train.build_torch_model(cfg, seed=0)
 

@@ -1,6 +1,6 @@
 """Train the small SmallThinker that ships with st-sdk (`st_sdk/data/`), on CPU with torch.
 
-    python tools/train_smallthinker.py --out DIR [--steps 800] [--seed 0] [--ship]
+    python tools/train_smallthinker.py --out DIR [--steps 1600] [--seed 0] [--ship]
 
 Text: the docstrings of Python's standard library (every importable public module and submodule of
 the running interpreter: module, class, function and method docstrings with their signatures) and
@@ -14,7 +14,8 @@ ReGLU experts of width 256 (relu(gate) * up), the NoPE/RoPE hybrid (layer i is N
 attention iff i % 4 == 0, the others RoPE + a 64-token sliding window, shorter than the 256-token
 training sequences), a tied head. Every matrix has rows of 256 so the k-quants apply to all of them.
 Tokenizer: byte-level BPE (Qwen2's pre-tokenizer, 2048 ids with the ChatML specials) trained by
-`tokenizers` on the training split. A Switch-style load-balancing loss (0.01) keeps experts in use.
+`tokenizers` on the training split. A Switch-style load-balancing loss (0.01) keeps experts in use;
+a router z-loss (1e-3) keeps the router logits small (see Layer.moe).
 
 Training saves DIR/checkpoint.pt (weights, optimiser, data order, loss history) at every evaluation;
 --resume continues a stopped run from it with the same result as an uninterrupted one.
@@ -242,8 +243,8 @@ def build_torch_model(cfg, seed: int):
                 attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             h = h + attn.transpose(1, 2).reshape(B, T, nH * hd) @ self.wo.T
             m = rms_norm(h, self.ffn_norm).reshape(B * T, H)
-            moe, aux = self.moe(router_in.reshape(B * T, H), m, stats)
-            return h + moe.view(B, T, H), aux
+            moe, aux, z = self.moe(router_in.reshape(B * T, H), m, stats)
+            return h + moe.view(B, T, H), aux, z
 
         def moe(self, router_in, m, stats):
             E, K = cfg.moe_num_primary_experts, cfg.moe_num_active_primary_experts
@@ -269,10 +270,15 @@ def build_torch_model(cfg, seed: int):
             p = (sig / sig.sum(-1, keepdim=True)).mean(0)
             f = counts.to(p.dtype) / flat.numel()
             aux = E * (f.detach() * p).sum()
+            # router z-loss (ST-MoE): keeps the logits small. The router reads the raw residual stream,
+            # whose norm grows with depth; unchecked, its logits pass 17, where float32 sigmoid is exactly
+            # 1, and runtimes that pick the top k by sigmoid score (llama.cpp) break ties differently
+            # from those that pick by logit (the reference, HF)
+            z = torch.logsumexp(logits, -1).pow(2).mean()
             if stats is not None:
                 stats.setdefault("counts", []).append(counts.cpu().numpy())
                 stats.setdefault("zero", []).append(zero / max(1, xs.shape[0] * cfg.moe_ffn_hidden_size))
-            return out, aux
+            return out, aux, z
 
     def rms_norm(x, w):
         x32 = x.float()
@@ -302,13 +308,13 @@ def build_torch_model(cfg, seed: int):
             t = torch.arange(T)
             swa = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - cfg.sliding_window_size)
             h = self.embed[ids]                                   # no scaling
-            aux = 0.0
+            aux = z = 0.0
             for layer in self.layers:
-                h, a = layer(h, cos, sin, swa, stats)
-                aux = aux + a
+                h, a, zl = layer(h, cos, sin, swa, stats)
+                aux, z = aux + a, z + zl
             h = rms_norm(h, self.norm)
             head = self.embed if cfg.tie_word_embeddings else self.lm_head
-            return h @ head.T, aux / len(self.layers)
+            return h @ head.T, aux / len(self.layers), z / len(self.layers)
 
     torch.manual_seed(seed)
     model = Model()
@@ -405,7 +411,7 @@ def evaluate(model, stream: np.ndarray, T: int, n_seq: int) -> float:
     model.eval()
     x = np.stack([stream[i * T:(i + 1) * T + 1] for i in range(n_seq)]).astype(np.int64)
     with torch.no_grad():
-        logits, _ = model(torch.as_tensor(x[:, :-1]))
+        logits, _, _ = model(torch.as_tensor(x[:, :-1]))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(x[:, 1:]).reshape(-1))
     model.train()
     return float(loss)
@@ -445,18 +451,18 @@ def train(model, cfg, train_ids, eval_ids, args, log) -> list[dict]:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         x = torch.as_tensor(batches(train_ids, rng, args.batch, args.seq))
-        logits, aux = model(x[:, :-1])
+        logits, aux, z = model(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
-        (loss + args.balance * aux).backward()
+        (loss + args.balance * aux + args.router_z * z).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        rec = {"step": step + 1, "loss": loss.item(), "aux": aux.item(), "lr": opt.param_groups[0]["lr"],
+        rec = {"step": step + 1, "loss": loss.item(), "aux": aux.item(), "z": z.item(), "lr": opt.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             rec["eval_loss"] = evaluate(model, eval_ids, args.seq, args.eval_seqs)
             log(f"step {step + 1}/{args.steps}  loss {rec['loss']:.3f}  held-out {rec['eval_loss']:.3f}  "
-                f"aux {rec['aux']:.3f}  {rec['seconds']:.0f} s")
+                f"aux {rec['aux']:.3f}  z {rec['z']:.2f}  {rec['seconds']:.0f} s")
         history.append(rec)
         if "eval_loss" in rec:   # a run stopped later resumes from here (--resume)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
@@ -490,12 +496,13 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output directory")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--seq", type=int, default=256, help="training sequence length (longer than the window)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--balance", type=float, default=0.01, help="load-balancing loss coefficient")
+    ap.add_argument("--router-z", type=float, default=1e-3, help="router z-loss coefficient")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
