@@ -39,7 +39,7 @@ TOKENS_OF = "np.random.default_rng(1234).permutation(np.arange(256, vocab))[:n_a
 
 CHILD_OURS = r"""
 import json, resource, sys, time, numpy as np, st_sdk
-path, budget, n, threads, prefetch, backend, policy = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6], sys.argv[7]
+path, budget, n, threads, prefetch, backend, policy = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), {"1": True, "0": False}.get(sys.argv[5], sys.argv[5]), sys.argv[6], sys.argv[7]
 t_load = time.perf_counter()
 m = st_sdk.load(path, backend=backend, n_threads=threads, max_memory=budget, prefetch=prefetch, context=512,
                 cache_policy=policy)
@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved (medians)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-prefetch-run", action="store_true", help="skip the run with prefetch off")
+    ap.add_argument("--lookahead-run", action="store_true",
+                    help="also run with prefetch='lookahead' (the next layer's experts guessed from this layer's input)")
     ap.add_argument("--policies", default="lfru",
                     help="expert-cache policies to run, comma-separated (the first is the 'st-sdk' row; default lfru, "
                          "st-sdk's default)")
@@ -203,6 +205,8 @@ def main(argv=None) -> int:
     runs = {"st-sdk": ours + ["1", args.backend, policies[0]]}
     for policy in policies[1:]:
         runs[f"st-sdk {policy}"] = ours + ["1", args.backend, policy]
+    if args.lookahead_run:
+        runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0]]
     if not args.no_prefetch_run:
         runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0]]
     if not args.no_llama_cpp:

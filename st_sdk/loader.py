@@ -102,7 +102,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
                 tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
                 tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool = True, kv_dtype: str | None = None, cache_policy: str = "lfru", **kw) -> Model:
+                prefetch: bool | str = True, kv_dtype: str | None = None, cache_policy: str = "lfru", **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
 
     kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
@@ -113,7 +113,9 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
     the file and are read on demand into a cache sized from the budget (st_sdk.offload), with the
     KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
-    reading experts as soon as the router picks them (to measure what prefetch buys); cache_policy:
+    reading experts as soon as the router picks them (to measure what prefetch buys), and
+    prefetch="lookahead" also starts reading the experts the next layer's router picks from this
+    layer's input (a guess, so reads overlap across layers); cache_policy:
     'lfru' (frequency-aware, the default) or 'lru' (st_sdk.offload.cache).
     """
     from .context import resolve_context
@@ -136,7 +138,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                      kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
-        ops = offload_ops(ops, backend_obj, prepared, cache, prefetch)
+        ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch), lookahead=prefetch == "lookahead")
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)
     model.context = context

@@ -311,3 +311,21 @@ def test_cache_gives_slots_back_when_the_process_passes_its_limit(files, monkeyp
     assert len(cache.lru) + len(cache.pending) <= cache.slots
     # the C backend reads the cache's file layout, resident it runs repacked weights: 2e-2 as above
     np.testing.assert_allclose(np.stack(got), want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_lookahead_prefetch_reads_ahead_and_changes_no_result(files, backend):
+    """prefetch="lookahead": each layer's input also picks the next layer's experts, whose reads start
+    then; the logits stay those of the resident model."""
+    path = files["gguf-q8_0"]
+    want = st_sdk.load(path, backend=backend, n_threads=1).logits(IDS[:16])
+    m = st_sdk.load(path, backend=backend, n_threads=1, max_memory=budget_for(path, 12, backend=backend), context=64,
+                    prefetch="lookahead")
+    s = m.session()
+    got = np.stack([s.feed([int(t)]) for t in IDS[:16]])
+    tol = 1e-5 if backend == "numpy" else 2e-2   # c: file layout in the cache, repacked resident
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    st = m.offload.stats
+    assert st.ahead > 0 and st.prefetch_hits + st.late > 0
+    with pytest.raises(InputError, match="prefetch"):
+        st_sdk.load(path, backend="numpy", max_memory="1GiB", prefetch="ahead")

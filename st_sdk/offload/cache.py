@@ -49,6 +49,7 @@ class OffloadStats:
     reads: int = 0
     stall_s: float = 0.0       # time the compute thread waited for I/O
     evictions: int = 0
+    ahead: int = 0             # reads started for the next layer from this layer's input (lookahead)
     _prefetched: set = field(default_factory=set, repr=False)
 
     @property
@@ -62,7 +63,7 @@ class OffloadStats:
     def as_dict(self) -> dict:
         return {"hits": self.hits, "prefetch_hits": self.prefetch_hits, "misses": self.misses,
                 "late": self.late, "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
-                "reads": self.reads, "stall_s": self.stall_s, "evictions": self.evictions}
+                "reads": self.reads, "stall_s": self.stall_s, "evictions": self.evictions, "ahead": self.ahead}
 
 
 def file_extent(arr: np.ndarray, what: str) -> Extent:
@@ -135,6 +136,20 @@ class ExpertCache:
                 break
             self.pending[key] = (slot, self._pool.submit(self._read, key, slot))
             self.stats._prefetched.add(key)
+
+    def prefetch_ahead(self, layer: int, experts) -> None:
+        """Start reading experts a later layer will probably pick (a guess: nothing is held for it, and
+        a slot is taken only from what is free or evictable). At most `slots // 4` in flight this way."""
+        for e in dict.fromkeys(int(x) for x in np.ravel(experts)):
+            key = (layer, e)
+            if key in self.lru or key in self.pending or len(self.pending) >= max(1, self.slots // 4):
+                continue
+            slot = self._take_slot()
+            if slot is None:
+                return
+            self.pending[key] = (slot, self._pool.submit(self._read, key, slot))
+            self.stats._prefetched.add(key)
+            self.stats.ahead += 1
 
     def get(self, layer: int, e: int, count: bool = True) -> list[np.ndarray]:
         """The expert's stored parts (views into its slot), waiting for its read if needed.

@@ -100,10 +100,13 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     return dataclasses.replace(params, layers=layers), cache, plan
 
 
-def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True):
+def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: bool = False):
     """The route op, followed by starting the reads of the experts it picked (before attention); at the
-    first layer of each step, first the cache's run-time memory check (`ExpertCache.keep_within`)."""
+    first layer of each step, first the cache's run-time memory check (`ExpertCache.keep_within`).
+    lookahead: also start reading the experts the next layer's router picks from this layer's input
+    (the residual stream changes little from one layer to the next), so reads overlap across layers."""
     layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
+    routers = [lp.router for lp in params.layers]
 
     def route_and_prefetch(x, router, k, softmax):
         layer = layer_of[id(router)]
@@ -112,16 +115,18 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True):
         w, ids = route(x, router, k, softmax)
         if prefetch:
             cache.prefetch(layer, np.asarray(ids))
+            if lookahead and layer + 1 < len(routers):
+                cache.prefetch_ahead(layer + 1, np.asarray(route(x, routers[layer + 1], k, softmax)[1]))
         return w, ids
 
     return route_and_prefetch
 
 
-def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool):
+def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: bool = False):
     """The per-op path with the router prefetching experts. The MoE runs on the backend only if it
     reads experts through the cache (`supports_offload`), otherwise on the NumPy reference."""
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     return dataclasses.replace(ops, forward=None, layer=None, forward_batch=None, moe=moe,
-                               route=prefetching_route(ops.route, params, cache, prefetch),
+                               route=prefetching_route(ops.route, params, cache, prefetch, lookahead),
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))
