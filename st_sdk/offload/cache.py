@@ -130,11 +130,9 @@ class ExpertCache:
             self.held.add(key)
             if key in self.lru or key in self.pending:
                 continue
-            slot = self._take_slot()
-            if slot is None:
+            if self._start_read(key) is None:
                 self.held.discard(key)
                 break
-            self.pending[key] = (slot, self._pool.submit(self._read, key, slot))
             self.stats._prefetched.add(key)
 
     def prefetch_ahead(self, layer: int, experts) -> None:
@@ -144,10 +142,8 @@ class ExpertCache:
             key = (layer, e)
             if key in self.lru or key in self.pending or len(self.pending) >= max(1, self.slots // 4):
                 continue
-            slot = self._take_slot()
-            if slot is None:
+            if self._start_read(key) is None:
                 return
-            self.pending[key] = (slot, self._pool.submit(self._read, key, slot))
             self.stats._prefetched.add(key)
             self.stats.ahead += 1
 
@@ -175,12 +171,12 @@ class ExpertCache:
             self.stats.late += 1
             self.stats._prefetched.discard(key)
         else:
-            slot = self._take_slot()
-            if slot is None:
-                raise WeightError("expert cache: every slot is in use (budget too small for this step)")
             t0 = time.perf_counter()
-            self.pending[key] = (slot, self._pool.submit(self._read, key, slot))
-            self.pending[key][1].result()
+            fut = self._start_read(key)
+            if fut is None:
+                raise WeightError("expert cache: every slot is in use (budget too small for this step)")
+            slot = self.pending[key][0]
+            fut.result()
             self.stats.stall_s += time.perf_counter() - t0
             self.stats.misses += 1
         self._settle()
@@ -210,13 +206,9 @@ class ExpertCache:
         over = (rss or resident_bytes)() - self.limit
         n = 0
         while over > 0 and self.slots > self.minimum_slots:
-            slot = self.free.pop() if self.free else None
+            slot = self._take_slot()   # a free slot, else an unheld expert's, evicted
             if slot is None:
-                key = self._victim()
-                if key is None:
-                    break
-                slot = self.lru.pop(key)
-                self.stats.evictions += 1
+                break
             if hasattr(mmap, "MADV_DONTNEED"):
                 self._mm.madvise(mmap.MADV_DONTNEED, slot * self._stride, self._stride)
             self.slots -= 1
@@ -290,6 +282,15 @@ class ExpertCache:
                     fut.result()
             self._settle()
         return None
+
+    def _start_read(self, key: Key) -> Future | None:
+        """Take a slot for `key` and start reading it on an I/O thread; None when no slot can be had."""
+        slot = self._take_slot()
+        if slot is None:
+            return None
+        fut = self._pool.submit(self._read, key, slot)
+        self.pending[key] = (slot, fut)
+        return fut
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
