@@ -7,10 +7,12 @@ On a shared machine wall-clock time mostly measures the other jobs; the CPU time
 whole cost. Each engine runs in its own child process (st_sdk.bench's loader, so the same settings as
 `st-sdk bench`), loaded once; the parent interleaves them round by round (A B, then B A, ...) after
 one warm-up round each, and prints medians and the median of the per-round ratios llama.cpp / st-sdk
-(> 1: st-sdk is faster) for a prefill of --prompt-len tokens and for --gen-len decode steps, with the
-weight bytes a decode step reads and the fraction of the measured read bandwidth (one probe per run,
-one thread, in CPU time) those bytes at the decode CPU time amount to. The load average before and after
-is printed too.
+(> 1: st-sdk is faster) for a prefill of --prompt-len tokens and for --gen-len decode steps (fed the
+same random tokens on both engines), with the weight bytes a dense decode step reads and the fraction
+of the measured read bandwidth (one probe per run, one thread, in CPU time) those bytes at the decode CPU
+time amount to, and st-sdk's live-neuron fraction and expert bytes actually read (Backend.sparsity). The
+load average before and after is printed too. Environment variables reach the st-sdk child
+(ST_C_SPARSE=0, ST_C_NEURON_MAJOR=1: docs/c_backend.md).
 """
 from __future__ import annotations
 
@@ -31,20 +33,27 @@ def child(spec: dict) -> None:
     import numpy as np
 
     from st_sdk.bench.worker import load_case as _load_case
-    from st_sdk.timing import prompt_ids
+    from st_sdk.timing import decode_sparsity, prompt_ids
 
     runner, facts = _load_case(spec)
     proto.write(json.dumps({"ready": True, "facts": {k: str(v) for k, v in facts.items()}}) + "\n")
     proto.flush()
     ids = prompt_ids(runner, spec["prompt_len"])
+    # decode steps are fed random tokens, the same for both engines: greedy steps on random weights loop
+    # over a few tokens, whose experts then stay in the CPU's last-level cache
+    steps = np.random.default_rng(1).integers(0, runner.vocab_size, spec["gen_len"])
     for line in sys.stdin:
+        if line.strip() == "sparsity":
+            proto.write(json.dumps({"sparsity": decode_sparsity(runner, spec["gen_len"])}) + "\n")
+            proto.flush()
+            continue
         if line.strip() != "round":
             break
         w0, c0 = time.perf_counter(), time.process_time()
         tok = runner.prefill(ids)
         w1, c1 = time.perf_counter(), time.process_time()
-        for _ in range(spec["gen_len"]):
-            tok = runner.step(tok)
+        for t in steps:
+            tok = runner.step(int(t))
         w2, c2 = time.perf_counter(), time.process_time()
         proto.write(json.dumps({"prefill_wall": w1 - w0, "prefill_cpu": c1 - c0,
                                 "decode_wall": (w2 - w1) / spec["gen_len"],
@@ -72,10 +81,13 @@ class Child:
                                   stdout=subprocess.PIPE, text=True)
         self.ready = json.loads(self.p.stdout.readline())
 
-    def round(self) -> dict:
-        self.p.stdin.write("round\n")
+    def ask(self, what: str) -> dict:
+        self.p.stdin.write(what + "\n")
         self.p.stdin.flush()
         return json.loads(self.p.stdout.readline())
+
+    def round(self) -> dict:
+        return self.ask("round")
 
     def close(self) -> None:
         self.p.stdin.write("stop\n")
@@ -110,6 +122,7 @@ def main() -> None:
         pair = [("st-sdk", ours), ("llama.cpp", theirs)]
         for name, c in (pair if r % 2 == 0 else pair[::-1]):
             res[name].append(c.round())
+    sparsity = ours.ask("sparsity").get("sparsity")
     ours.close(), theirs.close()
     bw = cpu_bandwidth()
     load1 = open("/proc/loadavg").read().split()[:3]
@@ -125,6 +138,10 @@ def main() -> None:
         if key == "decode_cpu":
             frac = f"   {nbytes / median(o) / bw:.0%} / {nbytes / median(t) / bw:.0%}"
         print(f"{key + ' (' + unit + ')':18s} {median(o) * scale:10.2f} {median(t) * scale:10.2f} {ratio:6.2f}x{frac}")
+    if sparsity:
+        print(f"st-sdk sparse ReGLU over {sparsity['tokens']} decode steps: {sparsity['live_fraction']:.1%} of expert "
+              f"neurons live; expert weights read {sparsity['expert_bytes_per_token'] / 1e6:.1f} MB per token of "
+              f"{sparsity['dense_expert_bytes_per_token'] / 1e6:.1f} dense")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ const st_fmtinfo st_fmts[ST_NFMT] = {
     [ST_Q2_KX8] = {QKK, 84, ACT_Q8K, 1, -1},   [ST_Q3_KX8] = {QKK, 110, ACT_Q8K, 1, -1},
     [ST_Q4_KX8] = {QKK, 144, ACT_Q8K, 1, -1},  [ST_Q5_KX8] = {QKK, 176, ACT_Q8K, 1, -1},
     [ST_Q6_KX8] = {QKK, 210, ACT_Q8K, 1, -1},  [ST_IQ4_XSX8] = {QKK, 136, ACT_Q8K, 1, -1},
+    [ST_Q8_0NM] = {QK, 34, ACT_Q8, 0, -1},     [ST_Q4_0NM] = {QK, 18, ACT_Q8, 0, -1},
+    [ST_Q8_0RS] = {QK, 34, ACT_Q8, 0, -1},     [ST_Q4_0RS] = {QK, 18, ACT_Q8, 0, -1},
 };
 
 const int8_t st_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
@@ -373,6 +375,60 @@ int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t 
             for (int j = 0; j < 8; j++) r[j] = (const uint8_t *)src + (g * 8 + j) * src_row_bytes + b * bb;
             repack_block(fmt, r, o);
         }
+    return ST_OK;
+}
+
+/* ---- neuron-major down projections (st_kernels.h): scales [cols / 32][rows] as f16, then per neuron
+ * (column) its quants for all rows: Q8_0 one int8 per row; Q4_0 32 bytes per 64 rows, byte k holding
+ * row k in its low nibble and row k + 32 in its high one (so one 32-byte load is 64 rows) ---------- */
+int32_t st_neuron_major_format(int32_t fmt) { return fmt == ST_Q4_0 ? ST_Q4_0NM : fmt == ST_Q8_0 ? ST_Q8_0NM : -1; }
+
+int st_neuron_major(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst) {
+    if (!src || !dst || st_neuron_major_format(fmt) < 0 || rows <= 0 || rows % (2 * QK) || cols <= 0 || cols % QK ||
+        src_row_bytes < st_fmt_row_bytes(fmt, cols))
+        return ST_EARG;
+    const int64_t nb = cols / QK, bb = st_fmts[fmt].bytes;
+    uint8_t *scales = dst, *qs = scales + nb * rows * 2;
+    const int64_t col_bytes = fmt == ST_Q4_0 ? rows / 2 : rows;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = (const uint8_t *)src + r * src_row_bytes + b * bb;
+            memcpy(scales + (b * rows + r) * 2, blk, 2);
+            for (int i = 0; i < QK; i++) {
+                uint8_t *col = qs + (b * QK + i) * col_bytes;
+                if (fmt == ST_Q8_0) col[r] = blk[2 + i];
+                else {
+                    uint8_t q = i < 16 ? blk[2 + i] & 0xF : blk[2 + i - 16] >> 4;
+                    uint8_t *p = col + r / 64 * 32 + r % 32;
+                    *p = (r % 64) < 32 ? (uint8_t)((*p & 0xF0) | q) : (uint8_t)((*p & 0x0F) | (q << 4));
+                }
+            }
+        }
+    return ST_OK;
+}
+
+int32_t st_row_split_format(int32_t fmt) { return fmt == ST_Q4_0 ? ST_Q4_0RS : fmt == ST_Q8_0 ? ST_Q8_0RS : -1; }
+
+int st_row_split(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst) {
+    if (!src || !dst || st_row_split_format(fmt) < 0 || rows <= 0 || cols <= 0 || cols % (2 * QK) ||
+        src_row_bytes < st_fmt_row_bytes(fmt, cols))
+        return ST_EARG;
+    const int64_t nb = cols / QK, bb = st_fmts[fmt].bytes, rb = nb * bb;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *in = (const uint8_t *)src + r * src_row_bytes;
+        uint8_t *sc = (uint8_t *)dst + r * rb, *qs = sc + 2 * nb;
+        for (int64_t b = 0; b < nb; b++) memcpy(sc + 2 * b, in + b * bb, 2);
+        if (fmt == ST_Q8_0) {
+            for (int64_t b = 0; b < nb; b++) memcpy(qs + b * QK, in + b * bb + 2, QK);
+            continue;
+        }
+        for (int64_t b = 0; b < nb; b += 2)   /* element j of blocks b and b + 1 into byte j of their 32 */
+            for (int j = 0; j < QK; j++) {
+                const uint8_t *x = in + b * bb + 2, *y = x + bb;
+                int lo = j < 16 ? x[j] & 0xF : x[j - 16] >> 4, hi = j < 16 ? y[j] & 0xF : y[j - 16] >> 4;
+                qs[b / 2 * QK + j] = (uint8_t)(lo | (hi << 4));
+            }
+    }
     return ST_OK;
 }
 

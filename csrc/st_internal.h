@@ -3,7 +3,7 @@
  *
  *   st_kernels.c   thread pool, variant dispatch, the layer / forward pass, the entry points
  *   st_variants.c  the kernels compiled once per instruction set (st_simd_impl.h, st_kquant_impl.h,
- *                  st_repack_impl.h) into one st_kern table per variant
+ *                  st_repack_impl.h, st_sparse_impl.h) into one st_kern table per variant
  *   st_formats.c   the format table, row sizes, dequantised rows, repacking
  *   st_quantize.c  ggml's reference k-quant quantisers (float rows -> Q2_K..Q6_K blocks)
  */
@@ -45,12 +45,26 @@ typedef void (*dot4_fn)(int64_t K, const void *w, int64_t stride, const void *x,
 typedef void (*dotx4_fn)(int64_t K, const void *w, const void *const *x, float *out);
 typedef void (*dot8_fn)(int64_t K, const void *group, const void *x, float *out);
 typedef void (*gemm4_fn)(int64_t K, const void *group, const void *const *x, float *out);
+/* out[r] += wp * (down . z)[r] for rows r0 <= r < r1 (multiples of 32) of a neuron-major down
+ * projection [H, F] (st_sparse_impl.h), reading only the columns of neurons whose quantised z is not 0 */
+typedef void (*nm_fn)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const block_q8 *z, float wp,
+                      float *out);
+/* out[j] = row rows[j] . x for j < n, the rows of a row-split matrix (ST_*RS) `row_bytes` apart, read
+ * out of order (sparse ReGLU's up: only live neurons' rows) */
+typedef void (*sel_fn)(int64_t K, const uint8_t *w, int64_t row_bytes, const int32_t *rows, int n, const void *x,
+                       float *out);
+/* the same against four activation rows: out[4 * j + t] */
+typedef void (*sel4_fn)(int64_t K, const uint8_t *w, int64_t row_bytes, const int32_t *rows, int n,
+                        const void *const *x, float *out);
 typedef struct {
     dot_fn dot[ST_NFMT];       /* one row . one activation row; NULL for the repacked codes */
     dot4_fn dot4[ST_NFMT];     /* four consecutive rows, `stride` bytes apart, . one activation row */
     dotx4_fn dotx4[ST_NFMT];   /* one row . four activation rows: out[t] (prefill, file layout) */
     dot8_fn dot8[ST_NFMT];     /* one repacked group of eight rows . one activation row */
     gemm4_fn gemm4[ST_NFMT];   /* one repacked group . four activation rows: out[t * 8 + j] */
+    nm_fn nm[ST_NFMT];         /* the neuron-major codes */
+    sel_fn sel[ST_NFMT];       /* the row-split codes */
+    sel4_fn sel4[ST_NFMT];
     void (*quantize_q8)(int64_t K, const float *x, block_q8 *y);
     void (*quantize_q8K)(int64_t K, const float *x, block_q8K *y);
 } st_kern;

@@ -168,6 +168,13 @@ static inline void split(int64_t n, int ith, int nth, int64_t align, int64_t *lo
     *lo = a * align < n ? a * align : n;
     *hi = b * align < n ? b * align : n;
 }
+static inline int fmt_nm(int32_t fmt) { return fmt == ST_Q4_0NM || fmt == ST_Q8_0NM; }
+/* gate and up: both repacked, both in the file layout, or a repacked gate and an up read neuron by
+ * neuron (file layout or row-split); neuron-major only for down */
+static inline int fmt_rs(int32_t fmt) { return fmt == ST_Q4_0RS || fmt == ST_Q8_0RS; }
+static inline int gate_up_ok(const st_experts *g, const st_experts *u) {
+    return (fmt_x8(g->fmt) || !fmt_x8(u->fmt)) && !fmt_nm(g->fmt) && !fmt_nm(u->fmt) && !fmt_rs(g->fmt);
+}
 static inline int fmt_quantised(int32_t fmt) { return fmt_valid(fmt) && fmt_act(fmt) != ACT_F32; }
 #define fmt_row_bytes st_fmt_row_bytes
 
@@ -178,7 +185,7 @@ static int mat_ok(const st_mat *w, int64_t rows, int64_t cols) {
 }
 static int experts_ok(const st_experts *w, int64_t E, int64_t rows, int64_t cols) {
     if (!w || !w->experts || w->n_experts != E || w->rows != rows || w->cols != cols || rows <= 0 ||
-        (fmt_x8(w->fmt) && rows % 8))
+        (fmt_x8(w->fmt) && rows % 8) || (fmt_nm(w->fmt) && rows % (2 * QK)))
         return 0;
     int64_t rb = fmt_row_bytes(w->fmt, cols);
     if (rb <= 0 || w->row_bytes < rb) return 0;
@@ -344,6 +351,7 @@ static void topk_row(const float *logits, int64_t E, int64_t k, int softmax, flo
 typedef struct {
     st_pool *pool;
     const st_model *m;
+    int64_t layer;   /* for st_sparse_stats; -1: not counted */
     int64_t T;
     const int64_t *pos;
     /* moe */
@@ -385,6 +393,63 @@ static void group_pairs(jctx *c) {
     memcpy(fill, c->offs, (size_t)c->E * sizeof(int64_t));
     for (int64_t p = 0; p < P; p++) c->order[fill[c->ids[p]]++] = p;
 }
+
+/* ---- sparse counters (st_sparse_stats) ----------------------------------------------------------- */
+#define ST_STAT_LAYERS 1024
+static int64_t sparse_stats[ST_STAT_LAYERS][5];
+
+/* bytes of neuron n's share of an expert matrix that can be skipped neuron by neuron, or 0 when the
+ * layout cannot skip it (repacked groups, or gate: always read) */
+static int64_t neuron_bytes(const st_experts *w, int down) {
+    if (down) return fmt_nm(w->fmt) ? w->rows * w->row_bytes / w->cols - w->rows * 2 / QK : 0;
+    return fmt_x8(w->fmt) ? 0 : w->row_bytes;   /* a row-split row's scales are read with it */
+}
+
+/* each thread for its neurons lo..hi once its part of z is complete: live neurons, and the bytes read
+ * per expert over the union of its pairs' live neurons (thread 0 adds what is read whole) */
+static void count_sparse(const jctx *c, int ith, int64_t lo, int64_t hi) {
+    if (c->layer < 0 || c->layer >= ST_STAT_LAYERS) return;
+    const int64_t F = c->F;
+    const int64_t gb = c->gate->rows * c->gate->row_bytes / (fmt_x8(c->gate->fmt) ? 8 : 1);
+    const int64_t ub = c->up->rows * c->up->row_bytes / (fmt_x8(c->up->fmt) ? 8 : 1);
+    const int64_t db = c->down->rows * c->down->row_bytes / (fmt_x8(c->down->fmt) ? 8 : 1);
+    const int64_t un = c->sparse ? neuron_bytes(c->up, 0) : 0, dn = neuron_bytes(c->down, 1);
+    int64_t live = 0, bytes = 0, dense = 0;
+    for (int64_t e = 0; e < c->E; e++) {
+        int64_t p0 = c->offs[e], p1 = c->offs[e + 1], dead = 0;
+        if (p0 == p1) continue;
+        for (int64_t n = lo; n < hi; n++) {
+            int hit = 0;
+            for (int64_t i = p0; i < p1; i++) {
+                int v = c->Z[c->order[i] * F + n] != 0.0f;
+                live += v;
+                hit |= v;
+            }
+            dead += !hit;
+        }
+        if (ith == 0) {
+            dense += gb + ub + db;
+            bytes += gb + ub + db;
+        }
+        bytes -= dead * (un + dn);
+    }
+    int64_t *st = sparse_stats[c->layer];
+    __atomic_fetch_add(&st[0], live, __ATOMIC_RELAXED);
+    if (ith == 0) {
+        __atomic_fetch_add(&st[1], c->T * c->topk * F, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&st[4], c->T, __ATOMIC_RELAXED);
+    }
+    __atomic_fetch_add(&st[2], bytes, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&st[3], dense, __ATOMIC_RELAXED);
+}
+
+int st_sparse_stats(int64_t *out, int64_t n) {
+    if (!out || n < 0) return ST_EARG;
+    const int64_t kept = n < ST_STAT_LAYERS ? n : ST_STAT_LAYERS;
+    memcpy(out, sparse_stats, (size_t)kept * sizeof sparse_stats[0]);
+    return (int)kept;
+}
+void st_sparse_stats_reset(void) { memset(sparse_stats, 0, sizeof sparse_stats); }
 
 /* fused ReGLU: per expert, gate rows, then up rows only where relu(gate) > 0 (sparse), z = relu(g)*u;
  * each thread owns whole 32-row blocks of F so it can quantise its part of z (to blocks of 32) without
@@ -434,6 +499,80 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
             }
             continue;
         }
+        if (fmt_x8(G->fmt)) {   /* repacked gate, then up rows (file layout) of the live neurons only */
+            for (int64_t i = p0; i < p1; i += 4) {
+                const int nq = p1 - i < 4 ? (int)(p1 - i) : 4;
+                const void *xg[4];
+                for (int q = 0; q < 4; q++) xg[q] = act_row(&xm, G->fmt, c->order[i + (q < nq ? q : 0)] / c->topk, H);
+                for (int64_t r = lo; r < hi; r += 8) {   /* gate values into z, for now */
+                    float g[32];
+                    if (nq == 4) K->gemm4[G->fmt](H, gw + r / 8 * G->row_bytes, xg, g);
+                    else
+                        for (int q = 0; q < nq; q++) K->dot8[G->fmt](H, gw + r / 8 * G->row_bytes, xg[q], g + 8 * q);
+                    for (int q = 0; q < nq; q++) memcpy(c->Z + c->order[i + q] * F + r, g + 8 * q, 8 * sizeof(float));
+                }
+                if (nq == 4 && K->sel4[U->fmt]) {   /* prefill: rows live in any of the four pairs, loaded once */
+                    const void *xu[4];
+                    float *z[4];
+                    for (int q = 0; q < 4; q++) {
+                        xu[q] = act_row(&xm, U->fmt, c->order[i + q] / c->topk, H);
+                        z[q] = c->Z + c->order[i + q] * F;
+                    }
+                    for (int64_t r0 = lo; r0 < hi; r0 += 64) {
+                        const int64_t r1 = r0 + 64 < hi ? r0 + 64 : hi;
+                        int32_t rows[64];
+                        float u[4 * 64];
+                        int n = 0;
+                        for (int64_t r = r0; r < r1; r++) {
+                            int live = 0;
+                            for (int q = 0; q < 4; q++) {
+                                live |= z[q][r] > 0.0f;
+                                if (!(z[q][r] > 0.0f)) z[q][r] = 0.0f;
+                            }
+                            if (live || !c->sparse) rows[n++] = (int32_t)r;
+                        }
+                        K->sel4[U->fmt](H, uw, U->row_bytes, rows, n, xu, u);
+                        for (int j = 0; j < n; j++)
+                            for (int q = 0; q < 4; q++) z[q][rows[j]] *= u[4 * j + q];
+                    }
+                    continue;
+                }
+                for (int q = 0; q < nq; q++) {
+                    const int64_t p = c->order[i + q];
+                    const void *xu = act_row(&xm, U->fmt, p / c->topk, H);
+                    float *z = c->Z + p * F;
+                    for (int64_t r0 = lo; r0 < hi; r0 += 256) {
+                        const int64_t r1 = r0 + 256 < hi ? r0 + 256 : hi;
+                        int32_t rows[256];
+                        float u[256];
+                        int n = 0;
+                        for (int64_t r = r0; r < r1; r++) {
+                            if (z[r] > 0.0f || !c->sparse) rows[n++] = (int32_t)r;
+                            if (!(z[r] > 0.0f)) z[r] = 0.0f;
+                        }
+                        if (K->sel[U->fmt]) K->sel[U->fmt](H, uw, U->row_bytes, rows, n, xu, u);
+                        else
+                            for (int j = 0; j < n; j++) u[j] = du(H, uw + rows[j] * U->row_bytes, xu);
+                        for (int j = 0; j < n; j++) z[rows[j]] *= u[j];
+                    }
+                }
+            }
+            continue;
+        }
+        if (fmt_rs(U->fmt)) {   /* a gate in the file layout next to a row-split up: row by row */
+            for (int64_t i = p0; i < p1; i++) {
+                int64_t p = c->order[i], t = p / c->topk;
+                const void *xg = act_row(&xm, G->fmt, t, H), *xu = act_row(&xm, U->fmt, t, H);
+                for (int64_t r = lo; r < hi; r++) {
+                    const float g = dg(H, gw + r * G->row_bytes, xg);
+                    const int32_t row = (int32_t)r;
+                    float u = 0.0f;
+                    if (g > 0.0f || !c->sparse) K->sel[U->fmt](H, uw, U->row_bytes, &row, 1, xu, &u);
+                    c->Z[p * F + r] = (g > 0.0f ? g : 0.0f) * u;
+                }
+            }
+            continue;
+        }
         for (int64_t rt = lo; rt < hi; rt += 16) {
             int64_t re = rt + 16 < hi ? rt + 16 : hi;
             for (int64_t i = p0; i < p1; i++) {
@@ -459,6 +598,7 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
             }
         }
     }
+    count_sparse(c, ith, lo, hi);
     if (fmt_act(c->down->fmt) == ACT_Q8 && F % QK == 0) {
         const int64_t P = c->T * c->topk;
         for (int64_t p = 0; p < P; p++)
@@ -474,11 +614,18 @@ static void down_stage(jctx *c, const block_q8K *zk, int ith, int nth) {
     const dot_fn dd = K->dot[D->fmt];
     const st_act za = {c->Z, c->Zq, zk};
     int64_t lo, hi;
-    split(H, ith, nth, fmt_x8(D->fmt) ? 8 : 1, &lo, &hi);
+    split(H, ith, nth, fmt_nm(D->fmt) ? 2 * QK : fmt_x8(D->fmt) ? 8 : 1, &lo, &hi);
     for (int64_t e = 0; e < c->E; e++) {
         int64_t p0 = c->offs[e], p1 = c->offs[e + 1];
         if (p0 == p1) continue;
         const uint8_t *dw = D->experts[e];
+        if (fmt_nm(D->fmt)) {   /* neuron-major: only live neurons' columns, rows lo..hi of each */
+            for (int64_t i = p0; i < p1; i++) {
+                int64_t p = c->order[i];
+                K->nm[D->fmt](dw, H, F, lo, hi, c->Zq + p * (F / QK), c->w[p], c->out + p / c->topk * H);
+            }
+            continue;
+        }
         if (fmt_x8(D->fmt)) {
             int64_t i = p0;
             for (; i + 4 <= p1; i += 4) {
@@ -526,6 +673,7 @@ static void down_stage(jctx *c, const block_q8K *zk, int ith, int nth) {
 static void experts_stage(jctx *c, int ith, int nth) {
     gate_up_stage(c, ith, nth);
     barrier(c->pool, nth);
+
     const block_q8K *zk = NULL;
     if (fmt_act(c->down->fmt) == ACT_Q8K) zk = q8K_for_all(c->pool, ith, nth, c->Z, c->T * c->topk, c->F, c->ZK, c->ZKp);
     down_stage(c, zk, ith, nth);
@@ -669,7 +817,7 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     st_attn_run(&at, ith, nth);
     barrier(f->pool, nth);
     if (ith == 0) st_attn_account(st_attn_clock() - a0);
-    jctx c = {.pool = f->pool, .m = m, .T = T, .pos = f->pos, .gate = &L->gate, .up = &L->up, .down = &L->down,
+    jctx c = {.pool = f->pool, .m = m, .layer = li, .T = T, .pos = f->pos, .gate = &L->gate, .up = &L->up, .down = &L->down,
               .E = E, .topk = k, .F = m->ffn, .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .mK = s->mK,
               .ids = s->rid, .w = s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .ZK = s->ZK,
               .ZKp = s->priv, .out = h};
@@ -741,7 +889,7 @@ static int model_ok(const st_model *m, int io) {
         if (!mat_ok(&L->wq, qw, H) || !mat_ok(&L->wk, kw, H) || !mat_ok(&L->wv, kw, H) || !mat_ok(&L->wo, H, qw) ||
             !mat_ok(&L->router, m->n_experts, H) || !L->attn_norm || !L->ffn_norm || L->window < 0 ||
             !experts_ok(&L->gate, m->n_experts, m->ffn, H) || !experts_ok(&L->up, m->n_experts, m->ffn, H) ||
-            !experts_ok(&L->down, m->n_experts, H, m->ffn) || fmt_x8(L->gate.fmt) != fmt_x8(L->up.fmt))
+            !experts_ok(&L->down, m->n_experts, H, m->ffn) || !gate_up_ok(&L->gate, &L->up))
             return 0;
     }
     return 1;
@@ -930,13 +1078,13 @@ int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st
     if (!gate || !x || !ids || !weights || !out || T <= 0 || k <= 0) return ST_EARG;
     const int64_t E = gate->n_experts, F = gate->rows, H = gate->cols;
     if (!experts_ok(gate, E, F, H) || !experts_ok(up, E, F, H) || !experts_ok(down, E, H, F) ||
-        fmt_x8(gate->fmt) != fmt_x8(up->fmt))
+        !gate_up_ok(gate, up))
         return ST_EARG;
     for (int64_t p = 0; p < T * k; p++) if (ids[p] < 0 || ids[p] >= E) return ST_EIDS;
     const int64_t P = T * k;
     const int nth = pool ? pool->n : 1;
-    jctx c = {.pool = pool, .T = T, .gate = gate, .up = up, .down = down, .E = E, .topk = k, .F = F, .H = H,
-              .sparse = sparse, .mf = x, .ids = ids, .w = weights, .out = out};
+    jctx c = {.pool = pool, .layer = -1, .T = T, .gate = gate, .up = up, .down = down, .E = E, .topk = k, .F = F,
+              .H = H, .sparse = sparse, .mf = x, .ids = ids, .w = weights, .out = out};
     c.mq = malloc((size_t)(T * (H / QK + 1)) * sizeof(block_q8));
     c.mK = malloc((size_t)(T * (H / QKK + 1)) * sizeof(block_q8K));
     c.order = malloc((size_t)P * 8);

@@ -11,13 +11,20 @@
 /* Stored formats: ggml's block layouts (blocks of 32 for Q8_0..IQ4_NL, super-blocks of 256 for the
  * k-quants and IQ4_XS). The *X8 codes are the same blocks repacked 8 rows at a time so one vector
  * instruction works on 8 rows (csrc/st_formats.c documents each layout); row_bytes then counts the
- * bytes of one group of 8 rows. */
+ * bytes of one group of 8 rows. The *NM codes are a down projection [rows = hidden, cols = neurons]
+ * stored neuron-major, the same values and scales: the f16 scales [cols / 32][rows], then each neuron's
+ * column of quants contiguous (rows / 2 bytes for Q4_0, rows for Q8_0; rows % 64 == 0), so a neuron whose activation is
+ * zero costs no bytes; row_bytes is the file layout's (a whole matrix takes rows * row_bytes bytes).
+ * The *RS codes are an up projection row by row, each row split into its f16 scales, then its quants
+ * (Q4_0: 32 bytes per two blocks, the first block's values in the low nibbles, the second's in the
+ * high ones; Q8_0: as in the file), so one row's dot product handles eight blocks' scales at once. */
 enum {
     ST_F32 = 0, ST_F16 = 1, ST_BF16 = 2, ST_Q8_0 = 3, ST_Q4_0 = 4, ST_Q8_0X8 = 5, ST_Q4_0X8 = 6,
     ST_Q4_1 = 7, ST_Q5_0 = 8, ST_Q5_1 = 9, ST_IQ4_NL = 10,
     ST_Q2_K = 11, ST_Q3_K = 12, ST_Q4_K = 13, ST_Q5_K = 14, ST_Q6_K = 15, ST_IQ4_XS = 16,
     ST_Q2_KX8 = 17, ST_Q3_KX8 = 18, ST_Q4_KX8 = 19, ST_Q5_KX8 = 20, ST_Q6_KX8 = 21, ST_IQ4_XSX8 = 22,
-    ST_NFMT = 23
+    ST_Q8_0NM = 23, ST_Q4_0NM = 24, ST_Q8_0RS = 25, ST_Q4_0RS = 26,
+    ST_NFMT = 27
 };
 enum { ST_GENERIC = 0, ST_AVX2 = 1, ST_AVX512 = 2, ST_NEON = 3 };
 enum { ST_OK = 0, ST_EARG = -1, ST_ENOMEM = -2, ST_ECACHE = -3, ST_EIDS = -4, ST_EVARIANT = -5 };
@@ -71,6 +78,22 @@ int32_t st_repacked_format(int32_t fmt);
 /* repack a [rows, cols] matrix (rows % 8 == 0) into `dst` of st_repacked_bytes() bytes */
 int64_t st_repacked_bytes(int32_t fmt, int64_t rows, int64_t cols);
 int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst);
+/* the neuron-major code of a format (ST_Q4_0 -> ST_Q4_0NM), or -1 if it has none */
+int32_t st_neuron_major_format(int32_t fmt);
+/* the row-split code of a format (ST_Q4_0 -> ST_Q4_0RS), or -1; st_row_split: a [rows, cols] matrix
+ * (cols % 64 == 0) in the file layout -> its row-split copy of rows * st_row_bytes(fmt, cols) bytes */
+int32_t st_row_split_format(int32_t fmt);
+int st_row_split(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst);
+/* a [rows, cols] matrix in the file layout (rows % 64 == 0) -> its neuron-major copy in `dst` of
+ * rows * st_row_bytes(fmt, cols) bytes */
+int st_neuron_major(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst);
+/* what the fused expert stage saw since the last reset (every model in the process), per layer
+ * (layers >= n are not kept): out[5 * layer + 0] live neurons (z != 0) over all token-expert pairs,
+ * [1] neurons of those pairs, [2] expert weight bytes read (gate whole; up and down only for neurons
+ * live in some pair of the expert where their layout allows it), [3] the bytes a dense pass reads,
+ * [4] tokens; returns the layers kept */
+int st_sparse_stats(int64_t *out, int64_t n);
+void st_sparse_stats_reset(void);
 /* float32 rows -> Q2_K..Q6_K blocks with ggml's reference rounding (no importance matrix) */
 int st_quantize_rows(int32_t fmt, const float *x, int64_t rows, int64_t cols, void *dst);
 /* activations as the kernels quantise them: Q8_0-style blocks of 32 ({float d, s; int8 qs[32]}, 40

@@ -358,6 +358,7 @@ static void FN(gemm4_q8_0x8)(int64_t K, const void *gv, const void *const *x, fl
 
 #include "st_kquant_impl.h"
 #include "st_repack_impl.h"
+#include "st_sparse_impl.h"
 
 const st_kern FN(kern) = {
     .dot = {[ST_F32] = FN(dot_f32), [ST_F16] = FN(dot_f16), [ST_BF16] = FN(dot_bf16), [ST_Q8_0] = FN(dot_q8_0),
@@ -379,6 +380,9 @@ const st_kern FN(kern) = {
     .gemm4 = {[ST_Q8_0X8] = FN(gemm4_q8_0x8), [ST_Q4_0X8] = FN(gemm4_q4_0x8), [ST_Q2_KX8] = FN(gemm4_q2_kx8),
               [ST_Q3_KX8] = FN(gemm4_q3_kx8), [ST_Q4_KX8] = FN(gemm4_q4_kx8), [ST_Q5_KX8] = FN(gemm4_q5_kx8),
               [ST_Q6_KX8] = FN(gemm4_q6_kx8), [ST_IQ4_XSX8] = FN(gemm4_iq4_xsx8)},
+    .nm = {[ST_Q8_0NM] = FN(nm_q8_0), [ST_Q4_0NM] = FN(nm_q4_0)},
+    .sel = {[ST_Q8_0RS] = FN(sel_q8_0rs), [ST_Q4_0RS] = FN(sel_q4_0rs)},
+    .sel4 = {[ST_Q8_0RS] = FN(sel4_q8_0rs), [ST_Q4_0RS] = FN(sel4_q4_0rs)},
     .quantize_q8 = FN(quantize_q8),
     .quantize_q8K = FN(quantize_q8K),
 };

@@ -109,6 +109,20 @@ def as_runner(target) -> ModelRunner | LlamaRunner:
     return LlamaRunner(target)
 
 
+def decode_sparsity(runner, n: int = 32, seed: int = 0) -> dict | None:
+    """The backend's sparse ReGLU counters (Backend.sparsity) over `n` decode steps fed random tokens
+    (greedy steps on random weights loop and repeat one routing), None where it keeps none."""
+    model = getattr(runner, "model", None)
+    if model is None or not hasattr(model.backend, "sparsity"):
+        return None
+    rng = np.random.default_rng(seed)
+    runner.prefill(prompt_ids(model, 8, seed))
+    model.backend.sparsity(reset=True)
+    for t in rng.integers(0, model.config.vocab_size, n):
+        runner.step(int(t))
+    return model.backend.sparsity(reset=True)
+
+
 def prompt_ids(model, n: int, seed: int = 0) -> np.ndarray:
     vocab = model.config.vocab_size if hasattr(model, "config") else as_runner(model).vocab_size
     return np.random.default_rng(seed).integers(0, vocab, n).astype(np.int64)

@@ -94,6 +94,8 @@ def _moe_inputs(x, ids, weights, H: int, E: int):
 #: stalls every barrier (measured on 2 cores with the load average at 17: the tiny preset decoded at
 #: ~750 tok/s on one thread, ~50 on two). Only when the thread count was not asked for.
 SMALL_STEP_BYTES = 1 << 20
+#: ST_C_SPARSE_LAYOUT values
+SPARSE_LAYOUTS = ("off", "up", "up+down")
 
 
 class CBackend(Backend):
@@ -113,6 +115,10 @@ class CBackend(Backend):
         super().__init__(n_threads, dtype)
         self.variant: str | None = None
         self.sparse = os.environ.get("ST_C_SPARSE", "1") != "0"
+        # layouts that let a dead neuron cost no bytes: "up" (row-split up), "up+down" (and a neuron-major
+        # down), or "off" (repacked, the default: faster when half the neurons are live, as on random
+        # weights; docs/c_backend.md, "Sparse ReGLU")
+        self.sparse_layout = os.environ.get("ST_C_SPARSE_LAYOUT", "off").strip() or "off"
         # Q4_0/Q8_0 matrices repacked 8 rows at a time for the SIMD kernels: faster, costs a copy
         self.repack = os.environ.get("ST_C_REPACK", "1") != "0"
         self.copied_bytes = 0
@@ -128,6 +134,9 @@ class CBackend(Backend):
     def setup(self) -> None:
         """The compiled kernels load, and the kernel variant is chosen (BackendError says why not)."""
         ffi_lib()
+        if self.sparse_layout not in SPARSE_LAYOUTS:
+            raise BackendError(f"ST_C_SPARSE_LAYOUT={self.sparse_layout!r}: expected one of "
+                               f"{', '.join(SPARSE_LAYOUTS)}")
         self.variant = set_variant()
 
     def score(self, hardware, fmt: str) -> float:
@@ -141,7 +150,8 @@ class CBackend(Backend):
     def describe(self):
         d = {"device": "cpu", "compute_dtype": "float32 (q8 activations for quantised weights)",
              "variant": self.variant or os.environ.get("ST_C_VARIANT") or "unset", "threads": self.threads,
-             "sparse_reglu": self.sparse, "copied_weight_bytes": self.copied_bytes,
+             "sparse_reglu": self.sparse, "sparse_layout": self.sparse_layout if self.sparse else "off",
+             "copied_weight_bytes": self.copied_bytes,
              "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes,
              # resident beyond the mapped file: what a memory budget must also hold
              "extra_resident_bytes": self.copied_bytes + self.repacked_bytes + sum(self.converted.values())
@@ -155,6 +165,25 @@ class CBackend(Backend):
             pass
         return d
 
+    def sparsity(self, reset: bool = False):
+        """The fused expert stage's counters (csrc st_sparse_stats), shared by every model this process
+        runs on the C backend; per-op moe calls (memory-budget mode) are not counted."""
+        ffi, lib = ffi_lib()
+        st = np.zeros((1024, 5), np.int64)
+        kept = lib.st_sparse_stats(ffi.cast("int64_t *", st.ctypes.data), st.shape[0])
+        if reset:
+            lib.st_sparse_stats_reset()
+        st = st[:kept]
+        used = st[:, 1] > 0
+        if not used.any():
+            return None
+        tokens = int(st[used, 4].max())
+        layers = st[:int(np.nonzero(used)[0].max()) + 1]
+        return {"live_fraction": float(st[used, 0].sum() / st[used, 1].sum()),
+                "layer_live_fraction": [float(a / b) if b else None for a, b in zip(layers[:, 0], layers[:, 1])],
+                "tokens": tokens, "expert_bytes_per_token": float(st[used, 2].sum() / tokens),
+                "dense_expert_bytes_per_token": float(st[used, 3].sum() / tokens)}
+
     def _lib(self):
         ffi, lib = ffi_lib()
         return ffi, lib, get_pool(self.threads)
@@ -167,7 +196,9 @@ class CBackend(Backend):
             raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
         if role in EXPERT_ROLES:
-            v = CExperts(raw, repack_rows=rp)
+            sparse = rp and self._sparse_layout(raw, role)
+            rs, nm = sparse and role == "up", sparse and role == "down" and self.sparse_layout == "up+down"
+            v = CExperts(raw, repack_rows=rp and not (rs or nm), neuron_major=nm, row_split=rs)
         elif role in MATRIX_ROLES:
             v = CMat(raw, repack_rows=rp)
         else:
@@ -189,6 +220,15 @@ class CBackend(Backend):
         key = f"{raw.fmt} -> {target}"
         self.converted[key] = self.converted.get(key, 0) + out.nbytes
         return out
+
+    def _sparse_layout(self, raw, role: str) -> bool:
+        """With ST_C_SPARSE_LAYOUT, up row-split and down neuron-major, so that a neuron whose
+        relu(gate) is zero costs no bytes; for the types with those kernels (q4_0, q8_0), next to a
+        repacked gate (the SIMD variants). Otherwise the repacked layout, which skips up rows only for 8
+        dead neurons in a row."""
+        if not self.sparse or self.sparse_layout == "off" or role not in ("up", "down"):
+            return False
+        return ops.neuron_major_code(raw.fmt) >= 0 and int(raw.shape[1 if role == "down" else 2]) % 64 == 0
 
     def _repacking(self) -> bool:
         """Repack only for the SIMD variants (measured faster); generic C reads the file's layout."""

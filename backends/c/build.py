@@ -17,7 +17,7 @@ MODULE = "st_sdk_backends.c._st_kernels"
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 SOURCES = ["st_kernels.c", "st_variants.c", "st_formats.c", "st_quantize.c", "st_attention.c"]
 DEPENDS = ["st_kernels.h", "st_internal.h", "st_simd_impl.h", "st_kquant_impl.h", "st_repack_impl.h",
-           "st_attention.h", "st_attention_impl.h"]
+           "st_sparse_impl.h", "st_attention.h", "st_attention_impl.h"]
 CFLAGS = ["-O3", "-std=gnu11", "-fno-math-errno", "-pthread"]
 
 

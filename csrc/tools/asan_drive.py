@@ -2,6 +2,8 @@
 bad input) so a sanitizer build can check them. Exits non-zero on any wrong result."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from st_sdk.errors import InputError
@@ -63,10 +65,39 @@ def block_formats() -> None:
     cb.use_variant(None)
 
 
+def sparse_layouts() -> None:
+    """Sparse ReGLU's row-split up and neuron-major down (decode, prefill with four pairs an expert,
+    blocks past the last eight), every variant, and the counters."""
+    from st_sdk.backend import Param
+    from st_sdk.weights.tensor import WeightTensor, quantize
+    from st_sdk_backends.c import ops
+
+    _, lib = cb.ffi_lib()
+    rng = np.random.default_rng(2)
+    E, F, H = 4, 96, 320
+    for fmt in ("q4_0", "q8_0"):
+        raw = {p: WeightTensor(p, fmt, s, quantize(fmt, 0.1 * rng.standard_normal(s).astype(np.float32)))
+               for p, s in (("gate", (E, F, H)), ("up", (E, F, H)), ("down", (E, H, F)))}
+        ps = (Param(raw["gate"], ops.CExperts(raw["gate"], repack_rows=True)),
+              Param(raw["up"], ops.CExperts(raw["up"], row_split=True)),
+              Param(raw["down"], ops.CExperts(raw["down"], neuron_major=True)))
+        for variant in [v for v, c in cb.ops.VARIANTS.items() if lib.st_cpu_supports(c)]:
+            cb.use_variant(variant)
+            b = CBackend()
+            b.is_available()
+            for T in (1, 16):
+                x = rng.standard_normal((T, H)).astype(np.float32)
+                ids = np.stack([rng.permutation(E)[:2] for _ in range(T)]).astype(np.int64)
+                assert np.isfinite(b.moe(x, *ps, ids, np.full((T, 2), 0.5, np.float32))).all()
+    cb.use_variant(None)
+    CBackend().sparsity(reset=True)
+
+
 def main() -> None:
     report = check_backend(CBackend, formats=("f32", "f16", "bf16", "q8_0", "q4_0"))
     assert report.ok, str(report)
     block_formats()
+    sparse_layouts()
     from st_sdk.synth import build_model
 
     ids = np.array([3, 17, 256, 99, 400, 12, 7, 311, 64, 128, 5, 460, 33], np.int64)
@@ -74,12 +105,14 @@ def main() -> None:
     for variant in [v for v, c in cb.ops.VARIANTS.items() if lib.st_cpu_supports(c)]:
         cb.use_variant(variant)
         for fmt in ("f32", "q8_0", "q4_0"):
-            for threads in (1, 2):
+            for threads, layout in ((1, "off"), (2, "up+down")):
+                os.environ["ST_C_SPARSE_LAYOUT"] = layout
                 m = build_model("tiny", fmt=fmt, backend="c", n_threads=threads)
                 s = m.session(capacity=4)
                 s.feed(ids[:9], chunk=4)
                 for t in ids[9:]:
                     s.feed([int(t)])
+    os.environ.pop("ST_C_SPARSE_LAYOUT", None)
     b = CBackend()
     b.is_available()
     for bad in (lambda: b.linear(np.zeros((1, 3), np.float32), None),

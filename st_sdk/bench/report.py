@@ -55,6 +55,13 @@ def format_table(records: list[Record], context: dict[str, Any]) -> str:
             details[f"{r.backend}-{r.format}-offload"] = (
                 f"  {r.backend} {r.format} under {c['memory_mode']}: {r.memory_plan}; expert cache hit rate "
                 f"{st['hit_rate']:.1%}, read {st['bytes_read'] / 2**20:.0f} MiB, stalled {st['stall_s']:.2f} s")
+    for r in records:
+        if r.sparsity:
+            sp = r.sparsity
+            details[f"{r.backend}-{r.format}-sparsity"] = (
+                f"  {r.backend} {r.format}: {sp['live_fraction']:.1%} of expert neurons live; expert weights read "
+                f"{sp['expert_bytes_per_token'] / 1e6:.1f} MB per decoded token of "
+                f"{sp['dense_expert_bytes_per_token'] / 1e6:.1f} dense ({sp['tokens']} random-token steps)")
     lines += ["", "backends:", *details.values(), "",
               "± is half the range over rounds. 'of BW limit' is decode tok/s over (read bandwidth / weight bytes a "
               "token reads with k dense experts); kernels that skip zero ReGLU neurons can exceed 100%. vs llama.cpp "

@@ -47,6 +47,7 @@ class Record:
     vs_llama_cpp_decode: float | None = None
     vs_llama_cpp_prefill: float | None = None
     offload: dict[str, Any] | None = None   # expert-cache statistics under --max-memory
+    sparsity: dict[str, Any] | None = None   # Backend.sparsity over decode steps of random tokens
     memory_plan: str | None = None
     prefill_runs: list[float] = field(default_factory=list, repr=False)   # tokens/s per round
     decode_runs: list[float] = field(default_factory=list, repr=False)
@@ -216,6 +217,7 @@ class _FormatRun:
         mem = w.ask(op="rss")
         rec.peak_rss_mib = mem.get("peak_rss", 0) / 2**20 or None
         rec.offload, rec.memory_plan = mem.get("offload"), mem.get("memory_plan")
+        rec.sparsity = w.ask(op="sparsity").get("sparsity") if w.spec["kind"] != LLAMA else None
         rec.source, rec.variant, rec.fallbacks, rec.load_s = (h.get("source", ""), h.get("variant", ""),
                                                               h.get("fallbacks", []), h.get("load_s"))
         if fmt == "file":   # an HF directory: the loader knows its weight format

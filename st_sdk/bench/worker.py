@@ -12,7 +12,7 @@ import time
 
 from ..errors import BackendError, InputError
 from ..loader import load, weight_format
-from ..timing import LlamaRunner, ModelRunner, Timing, time_round
+from ..timing import LlamaRunner, ModelRunner, Timing, decode_sparsity, time_round
 from .traffic import bytes_per_token, gguf_bytes_per_token
 
 LLAMA = "llama.cpp"
@@ -97,6 +97,8 @@ def main() -> int:
             offload = getattr(model, "offload", None)
             reply(peak_rss=peak_rss(), offload=offload.stats.as_dict() if offload is not None else None,
                   memory_plan=model.memory_plan.describe() if offload is not None else None)
+        elif req["op"] == "sparsity":
+            reply(sparsity=decode_sparsity(runner, req.get("tokens", 32)))
         else:
             break
     return 0

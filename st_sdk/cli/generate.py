@@ -72,6 +72,17 @@ def offload_lines(model) -> list[str]:
             f"reads, stalled {st.stall_s * 1e3:.0f} ms, {st.evictions} evictions]"]
 
 
+def sparsity_line(model) -> str | None:
+    """Sparse ReGLU's counters since the last reset, where the backend keeps them."""
+    sp = model.backend.sparsity()
+    if sp is None:
+        return None
+    layers = [f for f in sp["layer_live_fraction"] if f is not None]
+    return (f"[sparse ReGLU: {sp['live_fraction']:.1%} of expert neurons live (layers {min(layers):.0%}-"
+            f"{max(layers):.0%}), expert weights read {sp['expert_bytes_per_token'] / 1e6:.1f} MB per token of "
+            f"{sp['dense_expert_bytes_per_token'] / 1e6:.1f} dense, over {sp['tokens']} tokens]")
+
+
 def stream_to(out, stream) -> None:
     """Write pieces as they come; stop the generation if the output goes away (a closed pipe)."""
     with stream:
@@ -93,7 +104,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-stream", action="store_true", help="print the text once generation has finished")
     p.add_argument("--stats", action="store_true",
-                   help="also print the memory plan and expert-cache statistics (with --max-memory)")
+                   help="also print the memory plan and expert-cache statistics (with --max-memory) and, on "
+                        "backends that skip dead neurons, the live-neuron fraction and expert bytes read")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: each token's log-probability and the N most likely alternatives")
     p.set_defaults(func=run)
@@ -112,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         call = lambda **k: model.generate(prompt, **k)   # noqa: E731
     backend = model.backend.name
+    model.backend.sparsity(reset=True)
     if args.json:
         if args.logprobs is not None:
             kw["logprobs"] = args.logprobs if args.logprobs > 0 else True
@@ -119,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         record = dict(res.to_dict(), backend=backend)
         if model.offload is not None:
             record["offload"] = dict(model.offload.stats.as_dict(), plan=model.memory_plan.describe())
+        if model.backend.sparsity() is not None:
+            record["sparsity"] = model.backend.sparsity()
         print(json.dumps(record, ensure_ascii=False))
         return 0
     if args.no_stream:
@@ -132,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     print(stats_line(res, backend), file=sys.stderr)
     if args.stats:
-        for line in offload_lines(model):
-            print(line, file=sys.stderr)
+        for line in offload_lines(model) + [sparsity_line(model)]:
+            if line:
+                print(line, file=sys.stderr)
     return 0

@@ -1,0 +1,313 @@
+/* Sparse ReGLU's down projection: out[r] += wp * sum_n down[r, n] * z[n] over the neurons n whose
+ * quantised activation is not zero, from the neuron-major layout (st_kernels.h, ST_*NM), so a dead
+ * neuron's column is never read. Included by st_simd_impl.h once per instruction set.
+ *
+ * The sums are the dense kernel's: per block b of 32 neurons and row r, the integer sum of
+ * q[r, n] * qz[n] (exact: the dead neurons add 0 to it), times d[r, b] * dz[b], summed over b in order.
+ * Only the float summation order differs from the row-by-row dot products, and it does not depend on
+ * how rows are split between threads.
+ *
+ * AVX2: two live neurons at a time, their columns interleaved byte by byte so one maddubs multiplies
+ * each row's pair of weights by the pair of activations (Q4_0: the unsigned nibbles, 8 pairs at a time
+ * in int16, less 8 * the activations' sum; Q8_0: int16 pairs through madd into int32). A tile of 128
+ * (Q4_0) or 64 (Q8_0) rows keeps its integer sums in registers.
+ */
+
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+/* bit i set where block x's quantised activation i is not zero */
+static inline uint32_t FN(nz_mask)(const block_q8 *x) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)x->qs);
+    return ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256()));
+}
+/* facc[0..7] += d[0..7] (f16) * dz * v */
+static inline void FN(nm_acc8)(float *facc, const uint8_t *d, float dz, __m256i v) {
+    __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d)), _mm256_set1_ps(dz));
+    _mm256_storeu_ps(facc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(v), _mm256_loadu_ps(facc)));
+}
+#else
+static inline uint32_t FN(nz_mask)(const block_q8 *x) {
+    uint32_t m = 0;
+    for (int i = 0; i < QK; i++) m |= (uint32_t)(x->qs[i] != 0) << i;
+    return m;
+}
+#endif
+
+static inline void FN(fetch_row)(const uint8_t *p, int64_t bytes) {
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+/* the `len` bytes of block b's live columns (each `cb` bytes apart from `qs`), read next: they lie
+ * apart, where the hardware's stream prefetchers do not look */
+static inline void FN(nm_fetch)(const block_q8 *z, int64_t b, int64_t nb, const uint8_t *qs, int64_t cb, int64_t len) {
+    if (b >= nb) return;
+    const uint8_t *base = qs + b * QK * cb;
+    for (uint32_t m = FN(nz_mask)(z + b); m; m &= m - 1) FN(fetch_row)(base + __builtin_ctz(m) * cb, len);
+}
+/* live columns fetched ahead: the next block's (ST_NM_AHEAD), and the next live up rows (ST_SEL_AHEAD);
+ * measured on the 4b-a0.6b shape, 2 threads: more only fills the line-fill buffers */
+#define ST_NM_AHEAD 1
+#define ST_SEL_AHEAD 2
+
+/* the next live neuron of mask *m (and clears it); -1 when none is left */
+static inline int FN(nm_next)(uint32_t *m) {
+    if (!*m) return -1;
+    int i = __builtin_ctz(*m);
+    *m &= *m - 1;
+    return i;
+}
+
+/* rows are taken ST_NM_ROWS at a time; within them each live neuron's column is read start to end */
+#define ST_NM_ROWS 1024
+
+static void FN(nm_q4_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const block_q8 *z, float wp,
+                        float *out) {
+    const int64_t nb = F / QK, cb = H / 2;
+    const uint8_t *sc = w, *qs = w + nb * H * 2;
+    float facc[ST_NM_ROWS];
+    for (int64_t c0 = r0; c0 < r1; c0 += ST_NM_ROWS) {
+        const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS), ng = n / 64;
+        memset(facc, 0, (size_t)n * sizeof(float));
+        for (int a = 0; a < ST_NM_AHEAD; a++) FN(nm_fetch)(z, a, nb, qs + c0 / 2, cb, n / 2);
+        for (int64_t b = 0; b < nb; b++) {
+            uint32_t m = FN(nz_mask)(z + b);
+            FN(nm_fetch)(z, b + ST_NM_AHEAD, nb, qs + c0 / 2, cb, n / 2);
+            if (!m) continue;
+            const uint8_t *base = qs + b * QK * cb + c0 / 2, *d = sc + (b * H + c0) * 2;
+            const float dz = z[b].d;
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+            const __m256i m4 = _mm256_set1_epi8(0x0F);
+            __m256i acc[ST_NM_ROWS / 16];   /* 16 rows each, in the order of the unpacks below */
+            while (m) {
+                /* up to 8 pairs of live neurons: their unsigned sums q * qz fit int16 (8 * 2 * 15 * 127) */
+                for (int k = 0; k < 4 * ng; k++) acc[k] = _mm256_setzero_si256();
+                int32_t zsum = 0;
+                for (int pair = 0; pair < 8 && m; pair++) {
+                    int i = FN(nm_next)(&m), j = FN(nm_next)(&m);
+                    const int8_t zi = z[b].qs[i], zj = j >= 0 ? z[b].qs[j] : 0;
+                    zsum += zi + zj;
+                    if (j < 0) j = i;
+                    const __m256i bv = _mm256_set1_epi16((int16_t)((uint8_t)zi | ((uint16_t)(uint8_t)zj << 8)));
+                    const uint8_t *pi = base + i * cb, *pj = base + j * cb;
+                    for (int g = 0; g < ng; g++) {
+                        __m256i wi = _mm256_loadu_si256((const __m256i *)(pi + 32 * g));
+                        __m256i wj = _mm256_loadu_si256((const __m256i *)(pj + 32 * g));
+                        __m256i il = _mm256_and_si256(wi, m4), ih = _mm256_and_si256(_mm256_srli_epi16(wi, 4), m4);
+                        __m256i jl = _mm256_and_si256(wj, m4), jh = _mm256_and_si256(_mm256_srli_epi16(wj, 4), m4);
+                        __m256i *a = acc + 4 * g;
+                        a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(il, jl), bv));
+                        a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(il, jl), bv));
+                        a[2] = _mm256_add_epi16(a[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ih, jh), bv));
+                        a[3] = _mm256_add_epi16(a[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ih, jh), bv));
+                    }
+                }
+                /* acc[4g + 2h]: rows 0-7 | 16-23 of half h (32 rows) of group g, acc[4g + 2h + 1]: 8-15 | 24-31;
+                 * the sum of (q - 8) * qz is the unsigned one less 8 * zsum */
+                const __m256i corr = _mm256_set1_epi32(8 * zsum);
+                for (int g = 0; g < ng; g++)
+                    for (int h = 0; h < 2; h++) {
+                        const int row = 64 * g + 32 * h;
+                        __m256i s0 = acc[4 * g + 2 * h], s1 = acc[4 * g + 2 * h + 1];
+                        float *f = facc + row;
+                        const uint8_t *dr = d + 2 * row;
+                        FN(nm_acc8)(f, dr, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s0)), corr));
+                        FN(nm_acc8)(f + 8, dr + 16, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s1)), corr));
+                        FN(nm_acc8)(f + 16, dr + 32, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s0, 1)), corr));
+                        FN(nm_acc8)(f + 24, dr + 48, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s1, 1)), corr));
+                    }
+            }
+#else
+            int32_t acc[ST_NM_ROWS];
+            memset(acc, 0, (size_t)n * sizeof(int32_t));
+            for (int i; (i = FN(nm_next)(&m)) >= 0;) {
+                const uint8_t *p = base + i * cb;
+                const int zi = z[b].qs[i];
+                for (int r = 0; r < n; r++) {
+                    uint8_t v = p[r / 64 * 32 + r % 32];
+                    acc[r] += (((r % 64) < 32 ? v & 0xF : v >> 4) - 8) * zi;
+                }
+            }
+            (void)ng;
+            for (int r = 0; r < n; r++) facc[r] += FN(h2f)(d + 2 * r) * dz * (float)acc[r];
+#endif
+        }
+        for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
+    }
+}
+
+static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const block_q8 *z, float wp,
+                        float *out) {
+    const int64_t nb = F / QK, cb = H;
+    const uint8_t *sc = w, *qs = w + nb * H * 2;
+    for (int64_t c0 = r0; c0 < r1; c0 += 64) {
+        const int n = (int)(r1 - c0 < 64 ? r1 - c0 : 64), ng = n / QK;
+        float facc[64];
+        memset(facc, 0, sizeof facc);
+        for (int a = 0; a < ST_NM_AHEAD; a++) FN(nm_fetch)(z, a, nb, qs + c0, cb, n);
+        for (int64_t b = 0; b < nb; b++) {
+            uint32_t m = FN(nz_mask)(z + b);
+            FN(nm_fetch)(z, b + ST_NM_AHEAD, nb, qs + c0, cb, n);
+            if (!m) continue;
+            const uint8_t *base = qs + b * QK * cb + c0, *d = sc + (b * H + c0) * 2;
+            const float dz = z[b].d;
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+            __m256i acc[8];
+            for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_si256();
+            for (int i; (i = FN(nm_next)(&m)) >= 0;) {
+                int j = FN(nm_next)(&m);
+                const int16_t zi = z[b].qs[i], zj = j >= 0 ? z[b].qs[j] : 0;
+                if (j < 0) j = i;
+                const __m256i bv = _mm256_set1_epi32((int32_t)((uint16_t)zi | ((uint32_t)(uint16_t)zj << 16)));
+                const uint8_t *pi = base + i * cb, *pj = base + j * cb;
+                _mm_prefetch((const char *)pi + cb * 2, _MM_HINT_T0);
+                for (int g = 0; g < ng; g++) {
+                    __m256i wi = _mm256_loadu_si256((const __m256i *)(pi + 32 * g));
+                    __m256i wj = _mm256_loadu_si256((const __m256i *)(pj + 32 * g));
+                    for (int half = 0; half < 2; half++) {   /* rows 0-15, then 16-31 */
+                        __m256i a = _mm256_cvtepi8_epi16(half ? _mm256_extracti128_si256(wi, 1) : _mm256_castsi256_si128(wi));
+                        __m256i c = _mm256_cvtepi8_epi16(half ? _mm256_extracti128_si256(wj, 1) : _mm256_castsi256_si128(wj));
+                        __m256i *s = acc + 4 * g + 2 * half;
+                        s[0] = _mm256_add_epi32(s[0], _mm256_madd_epi16(_mm256_unpacklo_epi16(a, c), bv));
+                        s[1] = _mm256_add_epi32(s[1], _mm256_madd_epi16(_mm256_unpackhi_epi16(a, c), bv));
+                    }
+                }
+            }
+            /* acc[4g + 2h]: rows 0-3 | 8-11 of half h; acc[4g + 2h + 1]: rows 4-7 | 12-15 */
+            for (int g = 0; g < ng; g++)
+                for (int half = 0; half < 2; half++) {
+                    const int row = 32 * g + 16 * half;
+                    __m256i s0 = acc[4 * g + 2 * half], s1 = acc[4 * g + 2 * half + 1];
+                    FN(nm_acc8)(facc + row, d + 2 * row, dz, _mm256_permute2x128_si256(s0, s1, 0x20));
+                    FN(nm_acc8)(facc + row + 8, d + 2 * (row + 8), dz, _mm256_permute2x128_si256(s0, s1, 0x31));
+                }
+#else
+            (void)ng;
+            int32_t acc[64];
+            memset(acc, 0, sizeof acc);
+            for (int i; (i = FN(nm_next)(&m)) >= 0;) {
+                const int8_t *p = (const int8_t *)(base + i * cb);
+                const int zi = z[b].qs[i];
+                for (int r = 0; r < n; r++) acc[r] += p[r] * zi;
+            }
+            for (int r = 0; r < n; r++) facc[r] += FN(h2f)(d + 2 * r) * dz * (float)acc[r];
+#endif
+        }
+        for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
+    }
+}
+
+/* the rows of the live neurons from the row-split layouts (ST_*RS), each read start to end while the
+ * next ones are fetched: they lie apart, where the hardware's stream prefetchers do not look. Per row,
+ * the integer sums of eight blocks are reduced into one vector and scaled by their eight f16 scales
+ * at once (the file layout's dot product scales block by block). */
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+/* the eight lane sums of p[0..7], in order */
+static inline __m256i FN(sum8x8)(const __m256i *p) {
+    __m256i t0 = _mm256_hadd_epi32(p[0], p[1]), t1 = _mm256_hadd_epi32(p[2], p[3]);
+    __m256i t2 = _mm256_hadd_epi32(p[4], p[5]), t3 = _mm256_hadd_epi32(p[6], p[7]);
+    __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+#endif
+
+/* out[a] = row . x[a] for NA activation rows (1 or 4: prefill's pairs share the row's loads) of one
+ * row-split row of nb blocks; xd, xs: the activation blocks' d and s, nb apart per row */
+static inline void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const block_q8 *const *x, const float *xd,
+                              const float *xs, const int NA, float *out) {
+    const uint8_t *sc = row, *qs = row + 2 * nb;
+    const int q4 = fmt == ST_Q4_0RS;
+    float sum[4] = {0}, sa[4] = {0};   /* sa: the q4 correction, sum of d * s over the blocks */
+    int64_t b = 0;
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4], cacc[4];
+    for (int a = 0; a < NA; a++) acc[a] = cacc[a] = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8) {
+        __m256i p[4][8];
+        for (int k = 0; k < 8; k++) {
+            __m256i q, sq;
+            if (q4) {
+                __m256i L = _mm256_loadu_si256((const __m256i *)(qs + (b + (k & ~1)) / 2 * QK));
+                q = k & 1 ? _mm256_and_si256(_mm256_srli_epi16(L, 4), m4) : _mm256_and_si256(L, m4);
+                sq = q;
+            } else {
+                sq = _mm256_loadu_si256((const __m256i *)(qs + (b + k) * QK));
+                q = _mm256_sign_epi8(sq, sq);
+            }
+            for (int a = 0; a < NA; a++) {
+                __m256i xa = _mm256_loadu_si256((const __m256i *)x[a][b + k].qs);
+                p[a][k] = q4 ? ST_DPBUSD(q, xa) : ST_DPBUSD(q, _mm256_sign_epi8(xa, sq));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 2 * b)));
+        for (int a = 0; a < NA; a++) {
+            acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(sum8x8)(p[a])), _mm256_mul_ps(dw, _mm256_loadu_ps(xd + a * nb + b)),
+                                     acc[a]);
+            if (q4) cacc[a] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xs + a * nb + b), cacc[a]);
+        }
+    }
+    for (int a = 0; a < NA; a++) {
+        sum[a] = FN(hsum256)(acc[a]);
+        sa[a] = FN(hsum256)(cacc[a]);
+    }
+#endif
+    for (; b < nb; b++) {   /* blocks past the last eight, one by one */
+        const float dw = FN(h2f)(sc + 2 * b);
+        for (int a = 0; a < NA; a++) {
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+            /* (a plain loop here, vectorised by GCC for AVX-512, gave wrong sums for q8_0) */
+            __m256i xa = _mm256_loadu_si256((const __m256i *)x[a][b].qs), p;
+            if (q4) {
+                __m256i L = _mm256_loadu_si256((const __m256i *)(qs + b / 2 * QK));
+                p = ST_DPBUSD(b % 2 ? _mm256_and_si256(_mm256_srli_epi16(L, 4), m4) : _mm256_and_si256(L, m4), xa);
+            } else {
+                __m256i q = _mm256_loadu_si256((const __m256i *)(qs + b * QK));
+                p = ST_DPBUSD(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xa, q));
+            }
+            const float isum = FN(hsum256)(_mm256_cvtepi32_ps(p));   /* exact: |sum| < 2^24 */
+#else
+            int isum = 0;
+            for (int j = 0; j < QK; j++)
+                isum += (q4 ? (b % 2 ? qs[b / 2 * QK + j] >> 4 : qs[b / 2 * QK + j] & 0xF) : (int8_t)qs[b * QK + j]) *
+                        x[a][b].qs[j];
+#endif
+            sum[a] += (float)isum * (dw * xd[a * nb + b]);
+            sa[a] += dw * xs[a * nb + b];
+        }
+    }
+    for (int a = 0; a < NA; a++) out[a] = q4 ? sum[a] - 8.0f * sa[a] : sum[a];
+}
+
+/* sel: one activation row; sel4: four, out[4 * j + a] (prefill's token-expert pairs, rows[] live in
+ * any of them) */
+#define ST_SEL_FN(NAME, CODE)                                                                                       \
+    static void FN(seln_##NAME)(int64_t K, const uint8_t *w, int64_t rb, const int32_t *rows, int n,                \
+                                const void *const *xv, const int NA, float *out) {                                  \
+        const block_q8 *const *x = (const block_q8 *const *)xv;                                                     \
+        const int64_t nb = K / QK;                                                                                  \
+        float xd[4 * nb], xs[4 * nb];                                                                               \
+        for (int a = 0; a < NA; a++)                                                                                \
+            for (int64_t b = 0; b < nb; b++) {                                                                      \
+                xd[a * nb + b] = x[a][b].d;                                                                         \
+                xs[a * nb + b] = x[a][b].s;                                                                         \
+            }                                                                                                       \
+        for (int j = 0; j < n && j < ST_SEL_AHEAD; j++) FN(fetch_row)(w + rows[j] * rb, rb);                       \
+        for (int j = 0; j < n; j++) {                                                                               \
+            if (j + ST_SEL_AHEAD < n) FN(fetch_row)(w + rows[j + ST_SEL_AHEAD] * rb, rb);                           \
+            FN(rs_dot)(CODE, nb, w + rows[j] * rb, x, xd, xs, NA, out + NA * j);                                    \
+        }                                                                                                           \
+    }                                                                                                               \
+    static void FN(sel_##NAME)(int64_t K, const uint8_t *w, int64_t rb, const int32_t *rows, int n, const void *x,  \
+                               float *out) {                                                                        \
+        FN(seln_##NAME)(K, w, rb, rows, n, &x, 1, out);                                                             \
+    }                                                                                                               \
+    static void FN(sel4_##NAME)(int64_t K, const uint8_t *w, int64_t rb, const int32_t *rows, int n,                \
+                                const void *const *x, float *out) {                                                 \
+        FN(seln_##NAME)(K, w, rb, rows, n, x, 4, out);                                                              \
+    }
+ST_SEL_FN(q4_0rs, ST_Q4_0RS)
+ST_SEL_FN(q8_0rs, ST_Q8_0RS)
+#undef ST_SEL_FN

@@ -1,0 +1,217 @@
+"""Sparse ReGLU in the C backend (csrc/st_sparse_impl.h): an up projection stored row-split and a down
+projection stored neuron-major, so that a neuron whose relu(gate) is zero costs neither its up row nor
+its down column. The skipped neurons add exactly 0 to the integer block sums, so the sparse path equals
+the dense one up to float summation order (1e-5 x max|value| here), on every kernel variant, with any
+thread count; and the counters (Backend.sparsity) report what was read.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from st_sdk.backend import Param
+from st_sdk.testing import ConformanceSuite
+from st_sdk.weights.tensor import WeightTensor, quantize
+
+from st_sdk_backends.c import backend as cbackend
+from st_sdk_backends.c import ops as cops
+from st_sdk_backends.c.backend import CBackend
+
+SPARSE_FORMATS = ("q4_0", "q8_0")
+
+
+def _available(n_threads: int | None = None) -> CBackend:
+    b = CBackend(n_threads=n_threads)
+    if not b.is_available():
+        pytest.skip(f"C backend unavailable: {b.unavailable_reason()}")
+    b.setup()
+    return b
+
+
+def _variants() -> list[str]:
+    _, lib = cops.ffi_lib()
+    return [v for v, code in cops.VARIANTS.items() if lib.st_cpu_supports(code)]
+
+
+@pytest.fixture(autouse=True)
+def _automatic_variant():
+    yield
+    try:
+        cbackend.use_variant(None)
+    except Exception:
+        pass
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _experts(fmt: str, H: int, F: int, E: int, seed: int = 0) -> dict[str, WeightTensor]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for part, shape in (("gate", (E, F, H)), ("up", (E, F, H)), ("down", (E, H, F))):
+        x = (rng.standard_normal(shape) / np.sqrt(shape[2])).astype(np.float32)
+        out[part] = WeightTensor(f"ffn_{part}_exps", fmt, shape, quantize(fmt, x))
+    return out
+
+
+def _layouts(raw: dict[str, WeightTensor], sparse: bool) -> tuple[Param, Param, Param]:
+    """Sparse: repacked gate, row-split up, neuron-major down; dense: all three in the file layout."""
+    kw = ({"repack_rows": True}, {"row_split": True}, {"neuron_major": True}) if sparse else ({}, {}, {})
+    return tuple(Param(raw[p], cops.CExperts(raw[p], **k)) for p, k in zip(("gate", "up", "down"), kw))
+
+
+def _inputs(T: int, H: int, E: int, k: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int64)
+    w = rng.random((T, k)).astype(np.float32)
+    return x, ids, w
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+@pytest.mark.parametrize("H", [64, 320, 1536])   # 320: blocks past the last eight; 1536: the 4b-a0.6b width
+@pytest.mark.parametrize("T", [1, 6, 16])   # 16: four pairs an expert (prefill)
+def test_sparse_layouts_equal_the_dense_path(fmt, H, T):
+    """Row-split up and neuron-major down give the file layout's result up to float summation order,
+    on every variant; whether dead neurons are skipped (sparse=) changes nothing at all."""
+    b = _available()
+    E, F, k = 4, 128, 2
+    raw = _experts(fmt, H, F, E)
+    x, ids, w = _inputs(T, H, E, k)
+    for variant in _variants():
+        cbackend.use_variant(variant)
+        dense = b.moe(x, *_layouts(raw, False), ids, w, sparse=False)
+        sparse = _layouts(raw, True)
+        got = b.moe(x, *sparse, ids, w, sparse=True)
+        assert _rel(got, dense) < 1e-5, f"{variant}: {_rel(got, dense):.3g}"
+        np.testing.assert_array_equal(got, b.moe(x, *sparse, ids, w, sparse=False))
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_sparse_layouts_give_the_same_result_with_any_thread_count(fmt):
+    """Rows of down are split between threads, never summed across them."""
+    raw = _experts(fmt, 512, 256, 4)
+    x, ids, w = _inputs(3, 512, 4, 2)
+    one, two = _available(1), _available(2)
+    ps = _layouts(raw, True)
+    np.testing.assert_array_equal(one.moe(x, *ps, ids, w), two.moe(x, *ps, ids, w))
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_a_file_layout_gate_next_to_a_row_split_up(fmt):
+    """A gate that is not repacked (generic kernels, or a type without the 8-row layout) still runs
+    with a row-split up."""
+    b = _available()
+    raw = _experts(fmt, 320, 96, 4)
+    x, ids, w = _inputs(5, 320, 4, 2)
+    want = b.moe(x, *_layouts(raw, False), ids, w)
+    ps = (Param(raw["gate"], cops.CExperts(raw["gate"])), Param(raw["up"], cops.CExperts(raw["up"], row_split=True)),
+          Param(raw["down"], cops.CExperts(raw["down"], neuron_major=True)))
+    assert _rel(b.moe(x, *ps, ids, w), want) < 1e-5
+
+
+def test_layouts_keep_their_size_and_fall_back_where_they_do_not_apply():
+    """A sparse copy has the file's bytes (counted as repacked); a width that is not a multiple of 64,
+    or a type without sparse kernels, stays in the file layout."""
+    _available()
+    raw = _experts("q4_0", 128, 64, 2)
+    nm = cops.CExperts(raw["down"], neuron_major=True)
+    rs = cops.CExperts(raw["up"], row_split=True)
+    assert (nm.layout, rs.layout) == ("neuron_major", "row_split")
+    assert nm.repacked == raw["down"].nbytes and rs.repacked == raw["up"].nbytes
+    odd = _experts("q4_0", 96, 64, 2)
+    assert cops.CExperts(odd["down"], neuron_major=True).layout == "file"
+    assert cops.CExperts(odd["up"], row_split=True).layout == "file"
+    k = _experts("q4_k", 256, 256, 2)
+    assert cops.CExperts(k["down"], neuron_major=True).layout == "file"
+
+
+def _model(tmp_path, fmt: str, monkeypatch, **env):
+    import st_sdk
+    from st_sdk.synth import write_model
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=fmt, seed=0)["gguf"]
+    return st_sdk.load(path, backend="c")
+
+
+IDS = np.array([3, 17, 256, 99, 400, 12, 7, 311, 64, 128, 5, 460, 33, 2], np.int64)
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_whole_model_logits_sparse_and_dense(tmp_path, monkeypatch, fmt):
+    """The same file's logits with sparse ReGLU off (ST_C_SPARSE=0), with the default (repacked up and
+    down, skipping 8 dead neurons in a row), with the row-split up and with the neuron-major down too."""
+    _available()
+    dense = _model(tmp_path, fmt, monkeypatch, ST_C_SPARSE="0")
+    assert dense.backend.describe()["sparse_reglu"] is False
+    want = dense.logits(IDS)
+    for layout in ("off", "up", "up+down"):
+        m = _model(tmp_path, fmt, monkeypatch, ST_C_SPARSE="1", ST_C_SPARSE_LAYOUT=layout)
+        assert m.backend.describe()["sparse_layout"] == layout
+        assert _rel(m.logits(IDS), want) < 1e-5, layout
+
+
+def test_an_unknown_sparse_layout_is_refused(monkeypatch):
+    from st_sdk.errors import BackendError
+
+    monkeypatch.setenv("ST_C_SPARSE_LAYOUT", "down")
+    b = CBackend()
+    with pytest.raises(BackendError, match="ST_C_SPARSE_LAYOUT='down'"):
+        b.setup()
+
+
+def test_sparsity_counters(tmp_path, monkeypatch):
+    """Backend.sparsity: live neurons per layer and the expert bytes read, per token; a dense layout
+    reads the dense bytes, the sparse ones less, the neuron-major down less again."""
+    _available()
+    seen = {}
+    for name, env in (("dense", {"ST_C_SPARSE": "0"}), ("row-split", {"ST_C_SPARSE": "1", "ST_C_SPARSE_LAYOUT": "up"}),
+                      ("neuron-major", {"ST_C_SPARSE": "1", "ST_C_SPARSE_LAYOUT": "up+down"})):
+        m = _model(tmp_path, "q4_0", monkeypatch, **env)
+        m.backend.sparsity(reset=True)
+        s = m.session(capacity=32)
+        for t in IDS:
+            s.feed([int(t)])
+        st = m.backend.sparsity(reset=True)
+        assert st["tokens"] == len(IDS)
+        assert len(st["layer_live_fraction"]) == m.config.num_hidden_layers
+        assert all(0.0 < f < 1.0 for f in st["layer_live_fraction"])
+        assert 0.0 < st["live_fraction"] < 1.0
+        seen[name] = st
+        assert m.backend.sparsity() is None   # reset
+    assert seen["dense"]["expert_bytes_per_token"] == seen["dense"]["dense_expert_bytes_per_token"]
+    assert seen["row-split"]["expert_bytes_per_token"] < seen["dense"]["expert_bytes_per_token"]
+    assert seen["neuron-major"]["expert_bytes_per_token"] < seen["row-split"]["expert_bytes_per_token"]
+    # the same tokens and weights: the same neurons live whatever the layout (up to a sign a
+    # different float summation order may flip)
+    assert abs(seen["dense"]["live_fraction"] - seen["neuron-major"]["live_fraction"]) < 0.01
+
+
+def test_generate_stats_prints_the_counters(tmp_path, capsys, monkeypatch):
+    from st_sdk.cli import main
+    from st_sdk.synth import write_model
+
+    _available()
+    monkeypatch.setenv("ST_C_SPARSE_LAYOUT", "up+down")
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=0)["gguf"]
+    assert main(["generate", str(path), "-p", "hello", "-n", "8", "--backend", "c", "--stats",
+                 "--temperature", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "sparse ReGLU:" in err and "of expert neurons live" in err and "MB per token" in err
+
+
+class TestCConformanceNeuronMajor(ConformanceSuite):
+    """The conformance kit with the sparse layouts (row-split up, neuron-major down)."""
+
+    class backend(CBackend):
+        name = "c-neuron-major"
+
+        def __init__(self, n_threads=None, dtype=None):
+            super().__init__(n_threads, dtype)
+            self.sparse_layout = "up+down"
+
+    formats = SPARSE_FORMATS
