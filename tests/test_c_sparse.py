@@ -208,7 +208,7 @@ class TestCConformanceNeuronMajor(ConformanceSuite):
     """The conformance kit with the sparse layouts (row-split up, neuron-major down)."""
 
     class backend(CBackend):
-        name = "c-neuron-major"
+        name = "c-sparse-layouts"
 
         def __init__(self, n_threads=None, dtype=None):
             super().__init__(n_threads, dtype)

@@ -1,0 +1,78 @@
+"""Sparse ReGLU's expert stage on the C backend at a chosen share of live neurons, in each layout.
+
+    python benchmarks/sparse_reglu.py [--fmt q4_0] [--live 0.75,0.5,0.25,0.1] [--threads 1,2] [--experts 512]
+
+One decode step's experts (top 4 of --experts, the 4b-a0.6b shape: hidden 1536, 768 neurons each),
+timed through `CBackend.moe` with the three ST_C_SPARSE_LAYOUT layouts side by side: "off" (gate, up
+and down repacked 8 rows at a time: a dead neuron's up row is skipped only when its 8-row group is all
+dead), "up" (up row-split: one live neuron's row at a time) and "up+down" (and down neuron-major: one
+live neuron's column at a time). The experts are picked at random from --experts of them (512 x 2 MB
+per layout, more than a CPU's last-level cache, so weights come from memory as in a real model).
+
+The share of live neurons is set by construction: the activation x is positive, and a neuron's gate
+row is all positive (live for every token) with probability --live, else all negative. Random weights
+give about 0.5; trained ReGLU experts far fewer (`st-sdk generate MODEL --stats` measures a model's).
+Prints the median time per step over rounds in which the layouts alternate, and each layout's ratio
+to "off".
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from statistics import median
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fmt", default="q4_0", choices=("q4_0", "q8_0"))
+    ap.add_argument("--live", default="0.75,0.5,0.25,0.1")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--experts", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args()
+
+    from st_sdk.backend import Param
+    from st_sdk.weights.tensor import WeightTensor, quantize
+    from st_sdk_backends.c import ops
+    from st_sdk_backends.c.backend import CBackend
+
+    H, F, E, k = 1536, 768, a.experts, 4
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_normal((1, H))).astype(np.float32)
+    w = np.array([[0.4, 0.3, 0.2, 0.1]], np.float32)
+    load = open("/proc/loadavg").read().split()[:3]
+    print(f"{a.fmt}, hidden {H}, {F} neurons an expert, top {k} of {E}; load average {' '.join(load)}")
+    for live in (float(v) for v in a.live.split(",")):
+        raw = {}
+        for part, shape in (("gate", (E, F, H)), ("up", (E, F, H)), ("down", (E, H, F))):
+            v = np.abs(rng.standard_normal(shape, dtype=np.float32)) / np.sqrt(shape[2])
+            signs = rng.random(shape[:2] + (1,)) < (live if part == "gate" else 0.5)
+            raw[part] = WeightTensor(part, a.fmt, shape, quantize(a.fmt, np.where(signs, v, -v)))
+        layouts = {"off": ({"repack_rows": True}, {"repack_rows": True}, {"repack_rows": True}),
+                   "up": ({"repack_rows": True}, {"row_split": True}, {"repack_rows": True}),
+                   "up+down": ({"repack_rows": True}, {"row_split": True}, {"neuron_major": True})}
+        prepared = {name: [Param(raw[p], ops.CExperts(raw[p], **kw)) for p, kw in zip(("gate", "up", "down"), kws)]
+                    for name, kws in layouts.items()}
+        for threads in (int(t) for t in a.threads.split(",")):
+            b = CBackend(n_threads=threads)
+            b.setup()
+            times: dict[str, list[float]] = {name: [] for name in layouts}
+            for r in range(a.rounds + 1):
+                for name in (list(layouts) if r % 2 else list(layouts)[::-1]):
+                    t0, n = time.perf_counter(), 0
+                    while time.perf_counter() - t0 < 0.5:
+                        ids = rng.choice(E, k, replace=False)[None].astype(np.int64)
+                        b.moe(x, *prepared[name], ids, w)
+                        n += 1
+                    if r:   # round 0 warms up (first touch of the copies)
+                        times[name].append((time.perf_counter() - t0) / n)
+            base = median(times["off"])
+            cells = ", ".join(f"{name} {median(v) * 1e6:.0f} us ({base / median(v):.2f}x)" for name, v in times.items())
+            print(f"live {live:.2f}, {threads} thread{'s' if threads > 1 else ''}: {cells}", flush=True)
+        del prepared, raw
+
+
+if __name__ == "__main__":
+    main()
