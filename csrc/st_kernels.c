@@ -169,9 +169,9 @@ static inline void split(int64_t n, int ith, int nth, int64_t align, int64_t *lo
     *hi = b * align < n ? b * align : n;
 }
 static inline int fmt_nm(int32_t fmt) { return fmt == ST_Q4_0NM || fmt == ST_Q8_0NM; }
-/* gate and up: both repacked, both in the file layout, or a repacked gate and an up read neuron by
- * neuron (file layout or row-split); neuron-major only for down */
 static inline int fmt_rs(int32_t fmt) { return fmt == ST_Q4_0RS || fmt == ST_Q8_0RS; }
+/* gate and up: both repacked, both in the file layout, or an up read neuron by neuron (file layout or
+ * row-split) next to either gate; neuron-major only for down, row-split only for up */
 static inline int gate_up_ok(const st_experts *g, const st_experts *u) {
     return (fmt_x8(g->fmt) || !fmt_x8(u->fmt)) && !fmt_nm(g->fmt) && !fmt_nm(u->fmt) && !fmt_rs(g->fmt);
 }
@@ -499,7 +499,7 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
             }
             continue;
         }
-        if (fmt_x8(G->fmt)) {   /* repacked gate, then up rows (file layout) of the live neurons only */
+        if (fmt_x8(G->fmt)) {   /* repacked gate, then up rows (file layout or row-split) of live neurons only */
             for (int64_t i = p0; i < p1; i += 4) {
                 const int nq = p1 - i < 4 ? (int)(p1 - i) : 4;
                 const void *xg[4];
@@ -673,7 +673,6 @@ static void down_stage(jctx *c, const block_q8K *zk, int ith, int nth) {
 static void experts_stage(jctx *c, int ith, int nth) {
     gate_up_stage(c, ith, nth);
     barrier(c->pool, nth);
-
     const block_q8K *zk = NULL;
     if (fmt_act(c->down->fmt) == ACT_Q8K) zk = q8K_for_all(c->pool, ith, nth, c->Z, c->T * c->topk, c->F, c->ZK, c->ZKp);
     down_stage(c, zk, ith, nth);
@@ -817,10 +816,10 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     st_attn_run(&at, ith, nth);
     barrier(f->pool, nth);
     if (ith == 0) st_attn_account(st_attn_clock() - a0);
-    jctx c = {.pool = f->pool, .m = m, .layer = li, .T = T, .pos = f->pos, .gate = &L->gate, .up = &L->up, .down = &L->down,
-              .E = E, .topk = k, .F = m->ffn, .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq, .mK = s->mK,
-              .ids = s->rid, .w = s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq, .ZK = s->ZK,
-              .ZKp = s->priv, .out = h};
+    jctx c = {.pool = f->pool, .m = m, .layer = li, .T = T, .pos = f->pos, .gate = &L->gate, .up = &L->up,
+              .down = &L->down, .E = E, .topk = k, .F = m->ffn, .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq,
+              .mK = s->mK, .ids = s->rid, .w = s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq,
+              .ZK = s->ZK, .ZKp = s->priv, .out = h};
     st_act xo = {s->att, s->attq, NULL};
     if (wo_act == ACT_Q8 && hd % QK) {
         quantize_rows(ith, nth, s->att, T, qw, 1 << ACT_Q8, s->attq, NULL);

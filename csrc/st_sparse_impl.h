@@ -113,10 +113,12 @@ static void FN(nm_q4_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                         __m256i s0 = acc[4 * g + 2 * h], s1 = acc[4 * g + 2 * h + 1];
                         float *f = facc + row;
                         const uint8_t *dr = d + 2 * row;
-                        FN(nm_acc8)(f, dr, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s0)), corr));
-                        FN(nm_acc8)(f + 8, dr + 16, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s1)), corr));
-                        FN(nm_acc8)(f + 16, dr + 32, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s0, 1)), corr));
-                        FN(nm_acc8)(f + 24, dr + 48, dz, _mm256_sub_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s1, 1)), corr));
+                        const __m128i part[4] = {_mm256_castsi256_si128(s0), _mm256_castsi256_si128(s1),
+                                                 _mm256_extracti128_si256(s0, 1), _mm256_extracti128_si256(s1, 1)};
+                        for (int q = 0; q < 4; q++) {   /* rows 8q .. 8q + 7 of the 32 */
+                            const __m256i v = _mm256_sub_epi32(_mm256_cvtepi16_epi32(part[q]), corr);
+                            FN(nm_acc8)(f + 8 * q, dr + 16 * q, dz, v);
+                        }
                     }
             }
 #else
@@ -167,8 +169,9 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                     __m256i wi = _mm256_loadu_si256((const __m256i *)(pi + 32 * g));
                     __m256i wj = _mm256_loadu_si256((const __m256i *)(pj + 32 * g));
                     for (int half = 0; half < 2; half++) {   /* rows 0-15, then 16-31 */
-                        __m256i a = _mm256_cvtepi8_epi16(half ? _mm256_extracti128_si256(wi, 1) : _mm256_castsi256_si128(wi));
-                        __m256i c = _mm256_cvtepi8_epi16(half ? _mm256_extracti128_si256(wj, 1) : _mm256_castsi256_si128(wj));
+                        __m128i hi = half ? _mm256_extracti128_si256(wi, 1) : _mm256_castsi256_si128(wi);
+                        __m128i hj = half ? _mm256_extracti128_si256(wj, 1) : _mm256_castsi256_si128(wj);
+                        __m256i a = _mm256_cvtepi8_epi16(hi), c = _mm256_cvtepi8_epi16(hj);
                         __m256i *s = acc + 4 * g + 2 * half;
                         s[0] = _mm256_add_epi32(s[0], _mm256_madd_epi16(_mm256_unpacklo_epi16(a, c), bv));
                         s[1] = _mm256_add_epi32(s[1], _mm256_madd_epi16(_mm256_unpackhi_epi16(a, c), bv));
@@ -244,8 +247,8 @@ static inline void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 2 * b)));
         for (int a = 0; a < NA; a++) {
-            acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(sum8x8)(p[a])), _mm256_mul_ps(dw, _mm256_loadu_ps(xd + a * nb + b)),
-                                     acc[a]);
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xd + a * nb + b));
+            acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(sum8x8)(p[a])), scale, acc[a]);
             if (q4) cacc[a] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xs + a * nb + b), cacc[a]);
         }
     }
