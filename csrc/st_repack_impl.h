@@ -24,6 +24,7 @@ ST_INLINE void FN(q45_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *
     for (int t = 0; t < nt; t++) acc[t] = accm[t] = _mm256_setzero_ps();
     const int64_t gb = five ? 1408 : 1152;
     for (int64_t b = 0; b < K / QKK; b++, g += gb) {
+        FN(fetch_ahead)(g, (int)gb);
         const __m256 dw = FN(ld_f16x8)(g), dmw = FN(ld_f16x8)(g + 16);
         const __m256i u0 = _mm256_loadu_si256((const __m256i *)(g + 32)), u1 = _mm256_loadu_si256((const __m256i *)(g + 64)),
                       u2 = _mm256_loadu_si256((const __m256i *)(g + 96));
@@ -122,6 +123,7 @@ ST_INLINE void FN(q6_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *x
     __m256 acc[4], zero[4];
     for (int t = 0; t < nt; t++) acc[t] = zero[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / QKK; b++, g += 1680) {
+        FN(fetch_ahead)(g, 1680);
         const __m256 dw = FN(ld_f16x8)(g);
         const uint8_t *S = g + 16, *q = g + 144;
         __m256i sumi[4];
@@ -185,6 +187,7 @@ ST_INLINE void FN(q3_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *x
     __m256 acc[4], zero[4];
     for (int t = 0; t < nt; t++) acc[t] = zero[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / QKK; b++, g += 880) {
+        FN(fetch_ahead)(g, 880);
         const __m256 dw = FN(ld_f16x8)(g);
         const __m256i u0 = _mm256_loadu_si256((const __m256i *)(g + 16)), u1 = _mm256_loadu_si256((const __m256i *)(g + 48)),
                       u2 = _mm256_loadu_si256((const __m256i *)(g + 80));
@@ -268,6 +271,7 @@ ST_INLINE void FN(q2_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *x
     __m256 acc[4], accm[4];
     for (int t = 0; t < nt; t++) acc[t] = accm[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / QKK; b++, g += 672) {
+        FN(fetch_ahead)(g, 672);
         const __m256 dw = FN(ld_f16x8)(g), dmw = FN(ld_f16x8)(g + 16);
         __m256i sumi[4], summ[4];
         for (int t = 0; t < nt; t++) sumi[t] = summ[t] = _mm256_setzero_si256();
@@ -306,6 +310,7 @@ ST_INLINE void FN(iq4_xsx8)(int64_t K, const uint8_t *g, const block_q8K *const 
     __m256 acc[4], zero[4];
     for (int t = 0; t < nt; t++) acc[t] = zero[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / QKK; b++, g += 1088) {
+        FN(fetch_ahead)(g, 1088);
         const __m256 dw = FN(ld_f16x8)(g);
         const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(g + 16)));
         const __m256i sl = _mm256_loadu_si256((const __m256i *)(g + 32));
