@@ -23,8 +23,8 @@ static inline float FN(hsum256)(__m256 v) {
 }
 static inline float FN(h2f)(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return _cvtsh_ss(u); }
 /* the lines of the `bytes` that lie ST_PREFETCH bytes further down a weight stream: the repacked kernels
- * read one group of 8 rows after another; without this, decode of the 4b-a0.6b Q4_0 file took 25 ms a
- * token instead of 21 on 2 threads (benchmarks/README.md) */
+ * read one group of 8 rows after another; without this, decode of the 4b-a0.6b Q4_0 file took 24.1 ms
+ * a token instead of 19.1 on 2 threads of an AVX-512 host (benchmarks/README.md) */
 static inline void FN(fetch_ahead)(const uint8_t *g, int bytes) {
     for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)g + ST_PREFETCH + o, _MM_HINT_T0);
 }
