@@ -12,7 +12,7 @@ same random tokens on both engines), with the weight bytes a dense decode step r
 of the measured read bandwidth (one probe per run, one thread, in CPU time) those bytes at the decode CPU
 time amount to, and st-sdk's live-neuron fraction and expert bytes actually read (Backend.sparsity). The
 load average before and after is printed too. Environment variables reach the st-sdk child
-(ST_C_SPARSE=0, ST_C_NEURON_MAJOR=1: docs/c_backend.md).
+(ST_C_SPARSE=0, ST_C_SPARSE_LAYOUT=up+down: docs/c_backend.md).
 """
 from __future__ import annotations
 

@@ -398,6 +398,9 @@ static void group_pairs(jctx *c) {
 #define ST_STAT_LAYERS 1024
 static int64_t sparse_stats[ST_STAT_LAYERS][5];
 
+/* bytes of one expert's matrix (row_bytes of a repacked layout counts 8 rows) */
+static int64_t expert_bytes(const st_experts *w) { return w->rows * w->row_bytes / (fmt_x8(w->fmt) ? 8 : 1); }
+
 /* bytes of neuron n's share of an expert matrix that can be skipped neuron by neuron, or 0 when the
  * layout cannot skip it (repacked groups, or gate: always read) */
 static int64_t neuron_bytes(const st_experts *w, int down) {
@@ -410,9 +413,7 @@ static int64_t neuron_bytes(const st_experts *w, int down) {
 static void count_sparse(const jctx *c, int ith, int64_t lo, int64_t hi) {
     if (c->layer < 0 || c->layer >= ST_STAT_LAYERS) return;
     const int64_t F = c->F;
-    const int64_t gb = c->gate->rows * c->gate->row_bytes / (fmt_x8(c->gate->fmt) ? 8 : 1);
-    const int64_t ub = c->up->rows * c->up->row_bytes / (fmt_x8(c->up->fmt) ? 8 : 1);
-    const int64_t db = c->down->rows * c->down->row_bytes / (fmt_x8(c->down->fmt) ? 8 : 1);
+    const int64_t gb = expert_bytes(c->gate), ub = expert_bytes(c->up), db = expert_bytes(c->down);
     const int64_t un = c->sparse ? neuron_bytes(c->up, 0) : 0, dn = neuron_bytes(c->down, 1);
     int64_t live = 0, bytes = 0, dense = 0;
     for (int64_t e = 0; e < c->E; e++) {

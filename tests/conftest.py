@@ -43,6 +43,31 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.fixture
+def automatic_c_variant():
+    """For tests that force a C kernel variant: automatic selection is put back afterwards."""
+    yield
+    from st_sdk.errors import BackendError
+    from st_sdk_backends.c import backend as cbackend
+
+    try:
+        cbackend.use_variant(None)
+    except BackendError:
+        pass
+
+
+def c_variants() -> list[str]:
+    """The C kernel variants this CPU runs (generic alone when the compiled module does not load)."""
+    from st_sdk.errors import BackendError
+    from st_sdk_backends.c import ops as cops
+
+    try:
+        _, lib = cops.ffi_lib()
+    except BackendError:
+        return ["generic"]
+    return [v for v, code in cops.VARIANTS.items() if lib.st_cpu_supports(code)]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_st_sdk_cache(tmp_path_factory):
     """Automatic backend selection in tests must not depend on measurements (or smoke verdicts)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import c_variants
 from st_sdk.backend import Param
-from st_sdk.errors import BackendError, InputError
+from st_sdk.errors import InputError
 from st_sdk.testing import ConformanceSuite
 from st_sdk.weights.tensor import WeightTensor, quantize
 
@@ -32,22 +33,8 @@ def _available() -> CBackend:
     return b
 
 
-@pytest.fixture(autouse=True)
-def _automatic_variant():
-    """Tests that force a kernel variant put automatic selection back afterwards."""
-    yield
-    try:
-        cbackend.use_variant(None)
-    except BackendError:
-        pass
-
-
-def _variants() -> list[str]:
-    try:
-        _, lib = cops.ffi_lib()
-    except BackendError:
-        return ["generic"]
-    return [v for v, code in cops.VARIANTS.items() if lib.st_cpu_supports(code)]
+# tests that force a kernel variant put automatic selection back afterwards
+pytestmark = pytest.mark.usefixtures("automatic_c_variant")
 
 
 def _rel(a, b) -> float:
@@ -77,7 +64,7 @@ class TestCConformance(ConformanceSuite):
 def test_every_variant_matches_generic(fmt):
     """The AVX2/AVX-512 kernels compute what the portable C does (up to float summation order)."""
     _available()
-    others = [v for v in _variants() if v != "generic"]
+    others = [v for v in c_variants() if v != "generic"]
     if not others:
         pytest.skip("this CPU runs only the generic variant")
     x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
@@ -162,7 +149,7 @@ def test_auto_selection_prefers_c_for_quantised_weights():
     m = _tiny("q4_0", backend="auto")
     assert m.selection.chosen == "c"
     chosen = next(c for c in m.selection.candidates if c.name == "c")
-    assert chosen.details["variant"] in _variants()
+    assert chosen.details["variant"] in c_variants()
 
 
 def test_st_c_variant_forces_and_reports(monkeypatch):

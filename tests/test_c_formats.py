@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import c_variants
 from st_sdk.backend import Param
-from st_sdk.errors import BackendError, InputError
+from st_sdk.errors import InputError
 from st_sdk.testing import ConformanceSuite
 from st_sdk.weights.tensor import QUANT_SIZES, WeightTensor, dequantize
 
@@ -33,21 +34,8 @@ def _available() -> CBackend:
     return b
 
 
-@pytest.fixture(autouse=True)
-def _automatic_variant():
-    yield
-    try:
-        cbackend.use_variant(None)
-    except BackendError:
-        pass
-
-
-def _variants() -> list[str]:
-    try:
-        _, lib = cops.ffi_lib()
-    except BackendError:
-        return ["generic"]
-    return [v for v, code in cops.VARIANTS.items() if lib.st_cpu_supports(code)]
+# tests that force a kernel variant put automatic selection back afterwards
+pytestmark = pytest.mark.usefixtures("automatic_c_variant")
 
 
 def random_blocks(fmt: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -90,7 +78,7 @@ def check_linear(fmt: str, w: np.ndarray, rows: int, cols: int, x: np.ndarray, r
 def test_row_kernels_match_gguf(fmt, variant):
     """File layout (straight from the memory map): decode (T=1), prefill (T=5: four plus one)."""
     _available()
-    if variant not in _variants():
+    if variant not in c_variants():
         pytest.skip(f"this CPU does not run the {variant} variant")
     cbackend.use_variant(variant)
     rows, cols = 13, 512
@@ -105,7 +93,7 @@ def test_row_kernels_match_gguf(fmt, variant):
 def test_repacked_kernels_match_gguf(fmt, variant):
     """The 8-row repacked layout: dot8 (T=1) and gemm4 (T=4, T=9)."""
     _available()
-    if variant not in _variants():
+    if variant not in c_variants():
         pytest.skip(f"this CPU does not run the {variant} variant")
     cbackend.use_variant(variant)
     rows, cols = 24, 768
@@ -327,13 +315,13 @@ def test_mixed_types_every_variant_and_thread_count_agree(mixed, mix):
     _available()
     cfg, all_params = mixed
     results = {}
-    for v in _variants():
+    for v in c_variants():
         cbackend.use_variant(v)
         results[v] = _run(cfg, all_params[mix], n_threads=1)[1]
     for v, got in results.items():   # generic runs the file layout, the others the repacked one
         assert _rel(got, results["generic"]) < 2e-2, f"{v} differs from generic on {mix}"
     cbackend.use_variant(None)
-    np.testing.assert_array_equal(_run(cfg, all_params[mix], n_threads=2)[1], results[_variants()[-1]])
+    np.testing.assert_array_equal(_run(cfg, all_params[mix], n_threads=2)[1], results[c_variants()[-1]])
 
 
 @pytest.mark.parametrize("fmts", [("q4_k", "q4_k", "q6_k"), ("q3_k", "q2_k", "q5_k"), ("iq4_xs", "q4_k", "q8_0"),

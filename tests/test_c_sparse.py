@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import c_variants, rel_err
 from st_sdk.backend import Param
 from st_sdk.testing import ConformanceSuite
 from st_sdk.weights.tensor import WeightTensor, quantize
@@ -28,23 +29,8 @@ def _available(n_threads: int | None = None) -> CBackend:
     return b
 
 
-def _variants() -> list[str]:
-    _, lib = cops.ffi_lib()
-    return [v for v, code in cops.VARIANTS.items() if lib.st_cpu_supports(code)]
-
-
-@pytest.fixture(autouse=True)
-def _automatic_variant():
-    yield
-    try:
-        cbackend.use_variant(None)
-    except Exception:
-        pass
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+# tests that force a kernel variant put automatic selection back afterwards
+pytestmark = pytest.mark.usefixtures("automatic_c_variant")
 
 
 def _experts(fmt: str, H: int, F: int, E: int, seed: int = 0) -> dict[str, WeightTensor]:
@@ -80,12 +66,12 @@ def test_sparse_layouts_equal_the_dense_path(fmt, H, T):
     E, F, k = 4, 128, 2
     raw = _experts(fmt, H, F, E)
     x, ids, w = _inputs(T, H, E, k)
-    for variant in _variants():
+    for variant in c_variants():
         cbackend.use_variant(variant)
         dense = b.moe(x, *_layouts(raw, False), ids, w, sparse=False)
         sparse = _layouts(raw, True)
         got = b.moe(x, *sparse, ids, w, sparse=True)
-        assert _rel(got, dense) < 1e-5, f"{variant}: {_rel(got, dense):.3g}"
+        assert rel_err(got, dense) < 1e-5, f"{variant}: {rel_err(got, dense):.3g}"
         np.testing.assert_array_equal(got, b.moe(x, *sparse, ids, w, sparse=False))
 
 
@@ -109,7 +95,7 @@ def test_a_file_layout_gate_next_to_a_row_split_up(fmt):
     want = b.moe(x, *_layouts(raw, False), ids, w)
     ps = (Param(raw["gate"], cops.CExperts(raw["gate"])), Param(raw["up"], cops.CExperts(raw["up"], row_split=True)),
           Param(raw["down"], cops.CExperts(raw["down"], neuron_major=True)))
-    assert _rel(b.moe(x, *ps, ids, w), want) < 1e-5
+    assert rel_err(b.moe(x, *ps, ids, w), want) < 1e-5
 
 
 def test_layouts_keep_their_size_and_fall_back_where_they_do_not_apply():
@@ -152,7 +138,7 @@ def test_whole_model_logits_sparse_and_dense(tmp_path, monkeypatch, fmt):
     for layout in ("off", "up", "up+down"):
         m = _model(tmp_path, fmt, monkeypatch, ST_C_SPARSE="1", ST_C_SPARSE_LAYOUT=layout)
         assert m.backend.describe()["sparse_layout"] == layout
-        assert _rel(m.logits(IDS), want) < 1e-5, layout
+        assert rel_err(m.logits(IDS), want) < 1e-5, layout
 
 
 def test_an_unknown_sparse_layout_is_refused(monkeypatch):

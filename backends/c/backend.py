@@ -196,9 +196,12 @@ class CBackend(Backend):
             raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
         if role in EXPERT_ROLES:
-            sparse = rp and self._sparse_layout(raw, role)
-            rs, nm = sparse and role == "up", sparse and role == "down" and self.sparse_layout == "up+down"
-            v = CExperts(raw, repack_rows=rp and not (rs or nm), neuron_major=nm, row_split=rs)
+            # sparse ReGLU's layouts next to a repacked gate (the SIMD variants), where the type and shape
+            # have them (q4_0, q8_0, hidden % 64 == 0); the repacked layout otherwise, which skips up rows
+            # only for 8 dead neurons in a row
+            sparse = rp and self.sparse and self.sparse_layout != "off"
+            v = CExperts(raw, repack_rows=rp, row_split=sparse and role == "up",
+                         neuron_major=sparse and role == "down" and self.sparse_layout == "up+down")
         elif role in MATRIX_ROLES:
             v = CMat(raw, repack_rows=rp)
         else:
@@ -220,15 +223,6 @@ class CBackend(Backend):
         key = f"{raw.fmt} -> {target}"
         self.converted[key] = self.converted.get(key, 0) + out.nbytes
         return out
-
-    def _sparse_layout(self, raw, role: str) -> bool:
-        """With ST_C_SPARSE_LAYOUT, up row-split and down neuron-major, so that a neuron whose
-        relu(gate) is zero costs no bytes; for the types with those kernels (q4_0, q8_0), next to a
-        repacked gate (the SIMD variants). Otherwise the repacked layout, which skips up rows only for 8
-        dead neurons in a row."""
-        if not self.sparse or self.sparse_layout == "off" or role not in ("up", "down"):
-            return False
-        return ops.neuron_major_code(raw.fmt) >= 0 and int(raw.shape[1 if role == "down" else 2]) % 64 == 0
 
     def _repacking(self) -> bool:
         """Repack only for the SIMD variants (measured faster); generic C reads the file's layout."""

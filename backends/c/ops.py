@@ -105,46 +105,40 @@ def repacked_code(fmt: str) -> int:
     return int(lib.st_repacked_format(FMT_CODE[fmt]))
 
 
-def neuron_major_code(fmt: str) -> int:
-    """The code of `fmt`'s neuron-major layout (sparse down projections), -1 if the kernels have none."""
+def _layout_code(fn: str, fmt: str) -> int:
+    """lib.`fn`(code of `fmt`): the code of one of its other layouts, -1 if the kernels have none."""
     if fmt not in FMT_CODE:
         return -1
     _, lib = ffi_lib()
-    return int(lib.st_neuron_major_format(FMT_CODE[fmt]))
+    return int(getattr(lib, fn)(FMT_CODE[fmt]))
+
+
+def neuron_major_code(fmt: str) -> int:
+    """The code of `fmt`'s neuron-major layout (sparse down projections), -1 if the kernels have none."""
+    return _layout_code("st_neuron_major_format", fmt)
+
+
+def row_split_code(fmt: str) -> int:
+    """The code of `fmt`'s row-split layout (sparse up projections), -1 if the kernels have none."""
+    return _layout_code("st_row_split_format", fmt)
 
 
 def can_neuron_major(fmt: str, rows: int) -> bool:
     return rows % 64 == 0 and neuron_major_code(fmt) >= 0
 
 
-def _neuron_major(arr: np.ndarray, fmt: str, rows: int, cols: int) -> np.ndarray:
-    """A [rows, cols] matrix in the file layout -> its neuron-major copy (csrc/st_kernels.h, ST_*NM)."""
+def can_row_split(fmt: str, cols: int) -> bool:
+    return cols % 64 == 0 and row_split_code(fmt) >= 0
+
+
+def _relayout(fn: str, arr: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, int]:
+    """A [rows, cols] matrix in the file layout -> its copy by lib.`fn` (st_neuron_major, st_row_split:
+    csrc/st_kernels.h, same size); (copy, row bytes)."""
     ffi, lib = ffi_lib()
-    if not can_neuron_major(fmt, rows):
-        raise InputError(f"cannot store {fmt} [{rows}, {cols}] neuron-major (rows must be a multiple of 64)")
     out = np.empty(rows * row_bytes(fmt, cols), np.uint8)
-    check(lib.st_neuron_major(FMT_CODE[fmt], ffi.cast("void *", arr.ctypes.data), rows, cols,
-                              row_bytes(fmt, cols), ffi.cast("void *", out.ctypes.data)), "neuron_major")
-    return out
-
-
-def row_split_code(fmt: str) -> int:
-    """The code of `fmt`'s row-split layout (sparse up projections), -1 if the kernels have none."""
-    if fmt not in FMT_CODE:
-        return -1
-    _, lib = ffi_lib()
-    return int(lib.st_row_split_format(FMT_CODE[fmt]))
-
-
-def _row_split(arr: np.ndarray, fmt: str, rows: int, cols: int) -> np.ndarray:
-    """A [rows, cols] matrix in the file layout -> its row-split copy (csrc/st_kernels.h, ST_*RS)."""
-    ffi, lib = ffi_lib()
-    if row_split_code(fmt) < 0 or cols % 64:
-        raise InputError(f"cannot store {fmt} [{rows}, {cols}] row-split (columns must be a multiple of 64)")
-    out = np.empty(rows * row_bytes(fmt, cols), np.uint8)
-    check(lib.st_row_split(FMT_CODE[fmt], ffi.cast("void *", arr.ctypes.data), rows, cols, row_bytes(fmt, cols),
-                           ffi.cast("void *", out.ctypes.data)), "row_split")
-    return out
+    check(getattr(lib, fn)(FMT_CODE[fmt], ffi.cast("void *", arr.ctypes.data), rows, cols, row_bytes(fmt, cols),
+                           ffi.cast("void *", out.ctypes.data)), fn)
+    return out, row_bytes(fmt, cols)
 
 
 def can_repack(fmt: str, rows: int) -> bool:
@@ -189,9 +183,10 @@ class CMat:
 
 class CExperts:
     """Stacked experts [E, rows, cols]: one pointer per expert, no copy of GGUF or HF storage; or a
-    copy 8 rows interleaved (`repack_rows`), or for sparse ReGLU, which reads one live neuron at a time,
-    a down projection neuron-major (`neuron_major`) or an up projection row-split (`row_split`). A
-    copy's bytes are counted in `repacked`."""
+    copy: for sparse ReGLU, which reads one live neuron at a time, a down projection neuron-major
+    (`neuron_major`) or an up projection row-split (`row_split`), else 8 rows interleaved
+    (`repack_rows`); the first asked for that the type and shape allow (`layout` says which). A copy's
+    bytes are counted in `repacked`."""
 
     def __init__(self, tensor, repack_rows: bool = False, neuron_major: bool = False, row_split: bool = False):
         ffi, _ = ffi_lib()
@@ -214,27 +209,26 @@ class CExperts:
             stride = rows * row_bytes(tensor.fmt, cols)
             ptrs = [a.ctypes.data + e * stride for e in range(E)]
         code, rb, self.repacked, self.released = _code(tensor.fmt, tensor.name), row_bytes(tensor.fmt, cols), 0, 0
-        self.layout = "neuron_major" if neuron_major and can_neuron_major(tensor.fmt, rows) else \
-            "row_split" if row_split and row_split_code(tensor.fmt) >= 0 and cols % 64 == 0 else "file"
-        if self.layout != "file":
-            sources = self.arrays
-            src = [np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8) for p in ptrs]
-            convert, code = (_neuron_major, neuron_major_code(tensor.fmt)) if self.layout == "neuron_major" \
-                else (_row_split, row_split_code(tensor.fmt))
-            self.arrays = [convert(a, tensor.fmt, rows, cols) for a in src]
-            ptrs = [a.ctypes.data for a in self.arrays]
-            self.copied = 0
-            self.repacked = sum(a.nbytes for a in self.arrays)
-            self.released = sum(release_map(a) for a in sources)
-        elif repack_rows and can_repack(tensor.fmt, rows):
-            sources = self.arrays
-            src = [np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8) for p in ptrs]
-            packed = [repack(a, tensor.fmt, rows, cols) for a in src]
-            self.arrays = [p for p, _ in packed]
-            ptrs = [a.ctypes.data for a in self.arrays]
-            code, rb, self.copied = repacked_code(tensor.fmt), packed[0][1], 0
-            self.repacked = sum(a.nbytes for a in self.arrays)
-            self.released = sum(release_map(a) for a in sources)
+        # the first asked-for layout this type and shape have: (name, code, copy of one expert's matrix)
+        fmt = tensor.fmt
+        layouts = [("neuron_major", neuron_major and can_neuron_major(fmt, rows), neuron_major_code,
+                    lambda a: _relayout("st_neuron_major", a, fmt, rows, cols)),
+                   ("row_split", row_split and can_row_split(fmt, cols), row_split_code,
+                    lambda a: _relayout("st_row_split", a, fmt, rows, cols)),
+                   ("repacked", repack_rows and can_repack(fmt, rows), repacked_code,
+                    lambda a: repack(a, fmt, rows, cols))]
+        self.layout = "file"
+        for name, applies, layout_code, convert in layouts:
+            if applies:
+                sources = self.arrays
+                src = [np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8) for p in ptrs]
+                packed = [convert(a) for a in src]
+                self.arrays = [p for p, _ in packed]
+                ptrs = [a.ctypes.data for a in self.arrays]
+                self.layout, code, rb, self.copied = name, layout_code(fmt), packed[0][1], 0
+                self.repacked = sum(a.nbytes for a in self.arrays)
+                self.released = sum(release_map(a) for a in sources)
+                break
         self.ptrs = ffi.new("void *[]", [ffi.cast("void *", p) for p in ptrs])
         self.struct = ffi.new("st_experts *", {"experts": self.ptrs, "n_experts": E, "rows": rows, "cols": cols,
                                                "row_bytes": rb, "fmt": code})

@@ -132,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
         record = dict(res.to_dict(), backend=backend)
         if model.offload is not None:
             record["offload"] = dict(model.offload.stats.as_dict(), plan=model.memory_plan.describe())
-        if model.backend.sparsity() is not None:
-            record["sparsity"] = model.backend.sparsity()
+        sparsity = model.backend.sparsity()
+        if sparsity is not None:
+            record["sparsity"] = sparsity
         print(json.dumps(record, ensure_ascii=False))
         return 0
     if args.no_stream:
