@@ -249,6 +249,15 @@ class Backend:
         'embed' / 'norm' / 'head'. The default keeps the stored tensor."""
         return param.raw
 
+    def expert_layout(self, fmt: str, rows: int, cols: int, role: str) -> Any:
+        """Under a memory budget, how this backend's `moe` wants one expert matrix ([rows, cols] of
+        `fmt`; role 'gate', 'up' or 'down') stored in the expert cache: None for the file's layout, or
+        an object with `nbytes` and `convert(src, out)` that writes the stored bytes (uint8) into `out`
+        in its own layout. The cache converts each expert as it is read, on its I/O threads (so
+        `convert` should release the GIL), and passes the object back in `OffloadedExperts.layout(e)`.
+        Only asked of backends with `supports_offload`."""
+        return None
+
     def prepare_model(self, params: ModelParams, config: Any) -> None:
         """Called once after every param is prepared: build fused/whole-model state in params.extra."""
 

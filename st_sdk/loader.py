@@ -134,11 +134,12 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     prepared = prepare_params(backend_obj, params, config)
     if offload is not None:
         cache, plan = offload
+        ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch), lookahead=prefetch == "lookahead")
+        plan.expert_bytes = cache.bundle_bytes   # the backend's layout may differ in size from the file's
         plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)),
                      kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
-        ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch), lookahead=prefetch == "lookahead")
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)
     model.context = context

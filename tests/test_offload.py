@@ -329,3 +329,109 @@ def test_lookahead_prefetch_reads_ahead_and_changes_no_result(files, backend):
     assert st.ahead > 0 and st.prefetch_hits + st.late > 0
     with pytest.raises(InputError, match="prefetch"):
         st_sdk.load(path, backend="numpy", max_memory="1GiB", prefetch="ahead")
+
+
+@pytest.mark.parametrize("layout, names", [("off", ("repacked", "repacked", "repacked")),
+                                           ("up+down", ("repacked", "row_split", "neuron_major"))])
+def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatch, layout, names):
+    """Under a budget the C backend's experts are converted as they are read to the layout loaded
+    experts get (repacked, or sparse ReGLU's), so its MoE runs the same kernels: same results."""
+    from st_sdk_backends.c import backend as cbackend
+
+    probe = cbackend.CBackend()
+    if not probe.is_available() or not probe._repacking():
+        pytest.skip("the C backend repacks only on its SIMD variants")
+    monkeypatch.setenv("ST_C_SPARSE_LAYOUT", layout)
+    # hidden 128 and ffn 64: the sparse layouts need multiples of 64
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=3,
+                       hidden_size=128, moe_ffn_hidden_size=64)["gguf"]
+    resident = st_sdk.load(path, backend="c", n_threads=2)
+    m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget_for(path, 6, backend="c"), context=64)
+    lp = m.params.layers[0]
+    assert tuple(p.raw.layout.name for p in (lp.gate, lp.up, lp.down)) == names
+    want = resident.logits(IDS)
+    np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    s, r = m.session(), resident.session()
+    for t in IDS[:12]:
+        a, b = s.feed([int(t)]), r.feed([int(t)])
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
+
+def _expert_file(tmp_path, size: int = 3 * 4096 + 777):
+    """A file of distinct bytes, and extents at offsets no block boundary lines up with (the last one
+    ends at the end of the file, mid-block)."""
+    from st_sdk.offload.cache import Extent
+
+    f = tmp_path / "experts.bin"
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    f.write_bytes(data.tobytes())
+    parts = [(32, 1000), (5000, 4100), (size - 2345, 2345)]
+    return str(f), data, (lambda layer, e: [Extent(str(f), off, n) for off, n in parts]), [[n for _, n in parts]]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_cache_reads_the_same_bytes_with_and_without_o_direct(tmp_path, direct):
+    from st_sdk.offload.cache import ExpertCache
+
+    path, data, locate, sizes = _expert_file(tmp_path)
+    cache = ExpertCache(locate, sizes, slots=2, io_threads=2, files=(path,), direct=direct)
+    try:
+        got = cache.get(0, 0)
+        for (ext, part) in zip(locate(0, 0), got):
+            np.testing.assert_array_equal(part, data[ext.offset:ext.offset + ext.nbytes])
+        assert (cache._direct_fds.get(path) is not None) == (direct and hasattr(__import__("os"), "O_DIRECT"))
+    finally:
+        cache.close()
+
+
+def test_cache_reads_through_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch):
+    """A filesystem without O_DIRECT (tmpfs refuses it at open; some refuse the read): the same bytes,
+    read the buffered way."""
+    import errno
+    import os
+
+    from st_sdk.offload import cache as cache_mod
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    path, data, locate, sizes = _expert_file(tmp_path)
+    real_open, real_preadv = os.open, os.preadv
+    for refuse in ("open", "read"):
+        def fake_open(p, flags, *a, _refuse=refuse):
+            if flags & os.O_DIRECT and _refuse == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(p, flags, *a)
+
+        direct_fds = set()
+
+        def fake_preadv(fd, bufs, off):
+            if fd in direct_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, bufs, off)
+
+        monkeypatch.setattr(cache_mod.os, "open", fake_open)
+        monkeypatch.setattr(cache_mod.os, "preadv", fake_preadv)
+        cache = cache_mod.ExpertCache(locate, sizes, slots=2, io_threads=1, files=(path,), direct=True)
+        if refuse == "read":
+            direct_fds.add(cache._direct_fds[path])
+        try:
+            for ext, part in zip(locate(0, 0), cache.get(0, 0)):
+                np.testing.assert_array_equal(part, data[ext.offset:ext.offset + ext.nbytes])
+            assert cache._direct_fds[path] is None
+        finally:
+            cache.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_truncated_file_is_a_clear_error_either_way(tmp_path, direct):
+    from st_sdk.offload.cache import ExpertCache
+
+    path, data, locate, sizes = _expert_file(tmp_path)
+    cache = ExpertCache(locate, sizes, slots=2, io_threads=1, files=(path,), direct=direct)
+    try:
+        os_truncate = __import__("os").truncate
+        os_truncate(path, data.size - 100)
+        with pytest.raises(WeightError, match="short read of expert .* is the file truncated"):
+            cache.get(0, 0)
+    finally:
+        cache.close()

@@ -196,12 +196,7 @@ class CBackend(Backend):
             raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
         if role in EXPERT_ROLES:
-            # sparse ReGLU's layouts next to a repacked gate (the SIMD variants), where the type and shape
-            # have them (q4_0, q8_0, hidden % 64 == 0); the repacked layout otherwise, which skips up rows
-            # only for 8 dead neurons in a row
-            sparse = rp and self.sparse and self.sparse_layout != "off"
-            v = CExperts(raw, repack_rows=rp, row_split=sparse and role == "up",
-                         neuron_major=sparse and role == "down" and self.sparse_layout == "up+down")
+            v = CExperts(raw, **self._expert_layouts(role))
         elif role in MATRIX_ROLES:
             v = CMat(raw, repack_rows=rp)
         else:
@@ -223,6 +218,24 @@ class CBackend(Backend):
         key = f"{raw.fmt} -> {target}"
         self.converted[key] = self.converted.get(key, 0) + out.nbytes
         return out
+
+    def _expert_layouts(self, role: str) -> dict:
+        """The layouts an expert matrix of `role` may take, in CExperts' order of preference: sparse
+        ReGLU's next to a repacked gate (the SIMD variants), where the type and shape have them (q4_0,
+        q8_0, hidden % 64 == 0); the repacked layout otherwise, which skips up rows only for 8 dead
+        neurons in a row."""
+        rp = self._repacking()
+        sparse = rp and self.sparse and self.sparse_layout != "off"
+        return {"repack_rows": rp, "row_split": sparse and role == "up",
+                "neuron_major": sparse and role == "down" and self.sparse_layout == "up+down"}
+
+    def expert_layout(self, fmt: str, rows: int, cols: int, role: str):
+        """Experts read into a memory budget's cache take the layout loaded experts get (repacked, or
+        sparse ReGLU's), converted by the cache's I/O threads as they arrive (Backend.expert_layout)."""
+        if fmt not in ops.FMT_CODE:
+            return None
+        lay = ops.layout(fmt, rows, cols, **self._expert_layouts(role))
+        return None if lay.fn is None else lay
 
     def _repacking(self) -> bool:
         """Repack only for the SIMD variants (measured faster); generic C reads the file's layout."""
@@ -456,9 +469,9 @@ class CBackend(Backend):
         return out
 
     def _offloaded_moe(self, x, gate, up, down, ids, weights, sparse):
-        """MoE over experts held by the memory-budget cache (file layout, never repacked): the picked
-        experts are fetched together, as many as the cache holds at once, and run in one C call per
-        group, each token-expert pair as its own row."""
+        """MoE over experts held by the memory-budget cache, in the layout `expert_layout` gave them as they
+        were read (the kernels of loaded experts): the picked experts are fetched together, as many as
+        the cache holds at once, and run in one C call per group, each token-expert pair as its own row."""
         ffi, lib, pool = self._lib()
         cache, layer = gate.cache, gate.layer
         E, F, H = (int(n) for n in gate.shape)
@@ -467,9 +480,13 @@ class CBackend(Backend):
         fmts = (gate.fmt, up.fmt, down.fmt)
         for f, part in zip(fmts, (gate, up, down)):
             if f not in ops.FMT_CODE:
-                raise BackendError(f"memory-budget mode on the C backend reads experts as stored; "
+                raise BackendError(f"memory-budget mode on the C backend reads experts in types it runs; "
                                    f"'{part.name}' is {f}, which it converts only when loaded whole "
                                    f"(load without max_memory, or re-quantise the file)")
+        # each part as the cache holds it: converted on read to the layout loaded experts get (see
+        # expert_layout), else as stored
+        layouts = [p.layout or ops.layout(f, rows, cols)
+                   for p, f, (rows, cols) in zip((gate, up, down), fmts, ((F, H), (F, H), (H, F)))]
         picked = list(dict.fromkeys(ids.ravel().tolist()))
         group = max(1, cache.slots - 1)
         out = np.zeros((T, H), np.float32)
@@ -478,14 +495,13 @@ class CBackend(Backend):
             views = cache.get_many(layer, experts)
             G = len(experts)
             structs = []
-            for part, (rows, cols) in enumerate(((F, H), (F, H), (H, F))):
-                rb = ops.row_bytes(fmts[part], cols)
-                if views[0][part].nbytes != rows * rb:
-                    raise InputError(f"moe: expert slot holds {views[0][part].nbytes} bytes, expected {rows * rb}")
+            for part, lay in enumerate(layouts):
+                if views[0][part].nbytes != lay.nbytes:
+                    raise InputError(f"moe: expert slot holds {views[0][part].nbytes} bytes, expected {lay.nbytes}")
                 ptrs = ffi.new("void *[]", [ffi.cast("void *", v[part].ctypes.data) for v in views])
-                structs.append((ptrs, ffi.new("st_experts *", {"experts": ptrs, "n_experts": G, "rows": rows,
-                                                                "cols": cols, "row_bytes": rb,
-                                                                "fmt": ops.FMT_CODE[fmts[part]]})))
+                structs.append((ptrs, ffi.new("st_experts *", {"experts": ptrs, "n_experts": G, "rows": lay.rows,
+                                                                "cols": lay.cols, "row_bytes": lay.row_bytes,
+                                                                "fmt": lay.code})))
             local = np.full(E, -1, np.int64)          # expert id -> its place in this group
             local[experts] = np.arange(G)
             if G == len(picked):

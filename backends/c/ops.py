@@ -8,6 +8,8 @@ HF checkpoint's per-expert tensors).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from st_sdk.errors import BackendError, InputError
@@ -131,31 +133,64 @@ def can_row_split(fmt: str, cols: int) -> bool:
     return cols % 64 == 0 and row_split_code(fmt) >= 0
 
 
-def _relayout(fn: str, arr: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, int]:
-    """A [rows, cols] matrix in the file layout -> its copy by lib.`fn` (st_neuron_major, st_row_split:
-    csrc/st_kernels.h, same size); (copy, row bytes)."""
-    ffi, lib = ffi_lib()
-    out = np.empty(rows * row_bytes(fmt, cols), np.uint8)
-    check(getattr(lib, fn)(FMT_CODE[fmt], ffi.cast("void *", arr.ctypes.data), rows, cols, row_bytes(fmt, cols),
-                           ffi.cast("void *", out.ctypes.data)), fn)
-    return out, row_bytes(fmt, cols)
-
-
 def can_repack(fmt: str, rows: int) -> bool:
     return rows % 8 == 0 and repacked_code(fmt) >= 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a [rows, cols] matrix of `fmt` lies for the kernels: `name` ('file', 'repacked', 'row_split',
+    'neuron_major'), its format code, the `row_bytes` the kernels step by (bytes per 8-row group when
+    repacked) and its size; `convert` writes it from the file layout (csrc/st_kernels.h)."""
+    name: str
+    fmt: str
+    rows: int
+    cols: int
+    code: int
+    row_bytes: int
+    nbytes: int
+    fn: str | None = None   # the C function that converts from the file layout (same signature for all)
+
+    def convert(self, src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """src: the matrix as stored (uint8, [rows, cols] in the file layout) -> `out` (allocated when not
+        given, uint8 of `nbytes`). The C call releases the GIL, so I/O threads can convert in parallel."""
+        ffi, lib = ffi_lib()
+        if out is None:
+            out = np.empty(self.nbytes, np.uint8)
+        if src.nbytes < self.rows * row_bytes(self.fmt, self.cols) or out.nbytes < self.nbytes:
+            raise InputError(f"{self.name} layout of {self.fmt} [{self.rows}, {self.cols}]: buffers of {src.nbytes} "
+                             f"and {out.nbytes} bytes are too small")
+        if self.fn is None:
+            out[:self.nbytes] = src.reshape(-1)[:self.nbytes]
+            return out
+        check(getattr(lib, self.fn)(FMT_CODE[self.fmt], ffi.cast("void *", src.ctypes.data), self.rows, self.cols,
+                                    row_bytes(self.fmt, self.cols), ffi.cast("void *", out.ctypes.data)), self.fn)
+        return out
+
+
+def layout(fmt: str, rows: int, cols: int, repack_rows: bool = False, neuron_major: bool = False,
+           row_split: bool = False) -> Layout:
+    """The first asked-for layout this type and shape have: neuron-major (sparse down projections),
+    row-split (sparse up projections), 8 rows interleaved; else the file's. All are as large as the file's."""
+    rb = row_bytes(fmt, cols)
+    if neuron_major and can_neuron_major(fmt, rows):
+        return Layout("neuron_major", fmt, rows, cols, neuron_major_code(fmt), rb, rows * rb, "st_neuron_major")
+    if row_split and can_row_split(fmt, cols):
+        return Layout("row_split", fmt, rows, cols, row_split_code(fmt), rb, rows * rb, "st_row_split")
+    if repack_rows and can_repack(fmt, rows):
+        _, lib = ffi_lib()
+        n = int(lib.st_repacked_bytes(FMT_CODE[fmt], rows, cols))
+        return Layout("repacked", fmt, rows, cols, repacked_code(fmt), n // (rows // 8), n, "st_repack")
+    return Layout("file", fmt, rows, cols, _code(fmt, f"{fmt} [{rows}, {cols}]"), rb, rows * rb)
 
 
 def repack(arr: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, int]:
     """[rows, cols] storage -> the 8-row interleaved copy (Q8_0, Q4_0, the k-quants, IQ4_XS; same
     size); (copy, bytes per 8-row group)."""
-    ffi, lib = ffi_lib()
-    n = lib.st_repacked_bytes(FMT_CODE[fmt], rows, cols)
-    if n < 0:
+    lay = layout(fmt, rows, cols, repack_rows=True)
+    if lay.name != "repacked":
         raise InputError(f"cannot repack {fmt} [{rows}, {cols}] (rows must be a multiple of 8)")
-    out = np.empty(n, np.uint8)
-    check(lib.st_repack(FMT_CODE[fmt], ffi.cast("void *", arr.ctypes.data), rows, cols, row_bytes(fmt, cols),
-                        ffi.cast("void *", out.ctypes.data)), "repack")
-    return out, n // (rows // 8)
+    return lay.convert(arr), lay.row_bytes
 
 
 class CMat:
@@ -208,30 +243,19 @@ class CExperts:
             self.arrays = [a]
             stride = rows * row_bytes(tensor.fmt, cols)
             ptrs = [a.ctypes.data + e * stride for e in range(E)]
-        code, rb, self.repacked, self.released = _code(tensor.fmt, tensor.name), row_bytes(tensor.fmt, cols), 0, 0
-        # the first asked-for layout this type and shape have: (name, code, copy of one expert's matrix)
-        fmt = tensor.fmt
-        layouts = [("neuron_major", neuron_major and can_neuron_major(fmt, rows), neuron_major_code,
-                    lambda a: _relayout("st_neuron_major", a, fmt, rows, cols)),
-                   ("row_split", row_split and can_row_split(fmt, cols), row_split_code,
-                    lambda a: _relayout("st_row_split", a, fmt, rows, cols)),
-                   ("repacked", repack_rows and can_repack(fmt, rows), repacked_code,
-                    lambda a: repack(a, fmt, rows, cols))]
-        self.layout = "file"
-        for name, applies, layout_code, convert in layouts:
-            if applies:
-                sources = self.arrays
-                src = [np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8) for p in ptrs]
-                packed = [convert(a) for a in src]
-                self.arrays = [p for p, _ in packed]
-                ptrs = [a.ctypes.data for a in self.arrays]
-                self.layout, code, rb, self.copied = name, layout_code(fmt), packed[0][1], 0
-                self.repacked = sum(a.nbytes for a in self.arrays)
-                self.released = sum(release_map(a) for a in sources)
-                break
+        lay = layout(tensor.fmt, rows, cols, repack_rows, neuron_major, row_split)
+        self.layout, self.repacked, self.released = lay.name, 0, 0
+        if lay.fn is not None:
+            rb = row_bytes(tensor.fmt, cols)
+            sources = self.arrays
+            self.arrays = [lay.convert(np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8))
+                           for p in ptrs]
+            ptrs = [a.ctypes.data for a in self.arrays]
+            self.copied, self.repacked = 0, sum(a.nbytes for a in self.arrays)
+            self.released = sum(release_map(a) for a in sources)
         self.ptrs = ffi.new("void *[]", [ffi.cast("void *", p) for p in ptrs])
         self.struct = ffi.new("st_experts *", {"experts": self.ptrs, "n_experts": E, "rows": rows, "cols": cols,
-                                               "row_bytes": rb, "fmt": code})
+                                               "row_bytes": lay.row_bytes, "fmt": lay.code})
 
 
 def quantize_rows(fmt: str, x) -> np.ndarray:

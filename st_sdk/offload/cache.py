@@ -1,5 +1,8 @@
-"""The cross-layer expert cache: preallocated slots, filled by I/O threads with pread straight from the
-model file, page cache dropped behind each read so it does not double the memory.
+"""The cross-layer expert cache: preallocated slots, filled by I/O threads reading the model file with
+O_DIRECT where the filesystem allows it (no page cache, no kernel copy: on a small machine the
+compute threads keep the CPU), else with pread and the page cache dropped behind each read so it
+does not double the memory. A backend may ask for experts in its own layout (Backend.expert_layout):
+each is converted on the I/O thread that read it.
 
 Eviction policies (`policy=`):
   lru   the least recently used expert goes.
@@ -10,6 +13,7 @@ Eviction policies (`policy=`):
 """
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -29,6 +33,7 @@ log = logging.getLogger("st_sdk.offload")
 Key = tuple[int, int]   # (layer, expert)
 POLICIES = ("lfru", "lru")
 AGE_EVERY = 8           # lfru: the use counts are halved after 8 x slots uses
+DIRECT_ALIGN = 4096     # O_DIRECT reads: file offset, length and buffer aligned to this
 
 
 @dataclass(frozen=True)
@@ -94,26 +99,31 @@ class ExpertCache:
 
     def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[list[int]], slots: int,
                  io_threads: int = 4, drop_page_cache: bool = True, files: tuple[str, ...] = (),
-                 policy: str = "lfru"):
+                 policy: str = "lfru", direct: bool | None = None):
         if policy not in POLICIES:
             raise InputError(f"cache_policy={policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy = policy
         self.uses: dict[Key, float] = {}   # lfru: uses of every expert seen, aged
         self._n_uses = 0
         self.locate = locate
-        self.part_bytes = part_bytes
-        self.offsets = [np.cumsum([0] + list(parts)) for parts in part_bytes]
-        self.bundle_bytes = int(max(o[-1] for o in self.offsets))
+        self.part_bytes = part_bytes          # each layer's gate, up and down as stored in the file
+        self.layouts: list[list] = [[None] * len(parts) for parts in part_bytes]   # see set_layouts
+        self._layout_offsets()
         self._allocate(slots)
         self.lru: OrderedDict[Key, int] = OrderedDict()   # resident, least recent first
-        self.pending: dict[Key, tuple[int, Future]] = {}
+        self.pending: dict[Key, tuple[int, _Reads]] = {}
         self.held: set[Key] = set()
         self.minimum_slots = 2
         self.limit: int | None = None   # keep_within: the process's resident bytes the cache keeps below
         self.shrunk = 0                 # slots given back at run time
         self.stats = OffloadStats()
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        if direct is None:   # ST_OFFLOAD_DIRECT=0 reads through the page cache (to compare)
+            direct = os.environ.get("ST_OFFLOAD_DIRECT", "1").strip() != "0"
+        self.direct = direct and hasattr(os, "O_DIRECT")   # False once a file refuses it
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}
+        self._scratch = threading.local()   # each I/O thread's aligned read buffer
         for path in files:   # opened now: a file deleted or renamed over later is still read whole
             self._fd(path)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="st-sdk-io")
@@ -197,6 +207,16 @@ class ExpertCache:
             raise RuntimeError("the expert cache can only be resized before it is used")
         self._allocate(slots)
 
+    def set_layouts(self, layouts: list[list]) -> None:
+        """Hold experts converted as they are read: layouts[layer][part] is None (as stored) or an object
+        with `nbytes` and `convert(src, out)` (Backend.expert_layout); slots are resized to fit. Before
+        first use only."""
+        if self.lru or self.pending:
+            raise RuntimeError("the expert cache's layouts can only be set before it is used")
+        self.layouts = [list(lays) for lays in layouts]
+        self._layout_offsets()
+        self._allocate(self.slots)
+
     def keep_within(self, rss: Callable[[], int] | None = None) -> int:
         """The run-time check (called before each step): while the process's resident bytes pass
         `limit`, give slots back to the system (an unheld expert evicted, its pages released with
@@ -222,15 +242,23 @@ class ExpertCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
 
     @property
     def nbytes(self) -> int:
         return int(self.slots * self._stride)
 
     # ---- internals ------------------------------------------------------------------------
+    def _layout_offsets(self) -> None:
+        """Where each layer's parts lie in a slot, at their size in the cache's layout."""
+        self.offsets = [np.cumsum([0] + [stored if lay is None else int(lay.nbytes) for stored, lay in zip(parts, lays)])
+                        for parts, lays in zip(self.part_bytes, self.layouts)]
+        self.bundle_bytes = int(max(o[-1] for o in self.offsets))
+
     def _allocate(self, slots: int) -> None:
         """Slots in anonymous memory, each a whole number of pages (so one can be given back alone);
         pages are committed as slots fill."""
@@ -283,12 +311,12 @@ class ExpertCache:
             self._settle()
         return None
 
-    def _start_read(self, key: Key) -> Future | None:
+    def _start_read(self, key: Key) -> _Reads | None:
         """Take a slot for `key` and start reading it on an I/O thread; None when no slot can be had."""
         slot = self._take_slot()
         if slot is None:
             return None
-        fut = self._pool.submit(self._read, key, slot)
+        fut = _Reads([self._pool.submit(self._read, key, slot, part) for part in range(len(self.part_bytes[key[0]]))])
         self.pending[key] = (slot, fut)
         return fut
 
@@ -299,24 +327,82 @@ class ExpertCache:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError as e:
                 raise WeightError(f"{path}: cannot open the model file to read experts ({e.strerror})") from None
+            if self.direct:
+                try:
+                    self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                except OSError:   # a filesystem without O_DIRECT (tmpfs): read through the page cache
+                    self._direct_fds[path] = None
         return fd
 
-    def _read(self, key: Key, slot: int) -> None:
-        extents = self.locate(*key)
-        for ext, view in zip(extents, self._views(slot, key[0])):
-            fd = self._fd(ext.path)
+    def _buffer(self, nbytes: int) -> memoryview:
+        """This I/O thread's read buffer of at least `nbytes` (page-aligned: an anonymous mapping)."""
+        mm = getattr(self._scratch, "mm", None)
+        if mm is None or len(mm) < nbytes:
+            mm = self._scratch.mm = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+        return memoryview(mm)
+
+    def _pread(self, ext: Extent, key: Key, out: np.ndarray | None) -> np.ndarray:
+        """The extent's bytes: read into `out` when given (buffered reads only), else into this thread's
+        buffer. O_DIRECT when the file allows it: whole aligned blocks around the extent."""
+        fd = self._fd(ext.path)
+        dfd = self._direct_fds.get(ext.path)
+        if dfd is not None:
+            start = ext.offset - ext.offset % DIRECT_ALIGN
+            pad = ext.offset - start
+            length = -(-(pad + ext.nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+            buf = self._buffer(length)
             try:
-                got = os.preadv(fd, [memoryview(view)], ext.offset)
+                got = os.preadv(dfd, [buf[:length]], start) - pad
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise WeightError(f"{ext.path}: cannot read expert {key} ({e.strerror})") from None
+                self._direct_fds[ext.path] = None   # refused after all (alignment): read through the page cache
+                os.close(dfd)
+                return self._pread(ext, key, out)
+            if got >= ext.nbytes:
+                return np.frombuffer(buf, np.uint8, ext.nbytes, pad)
+        else:
+            target = memoryview(out) if out is not None else self._buffer(ext.nbytes)[:ext.nbytes]
+            try:
+                got = os.preadv(fd, [target], ext.offset)
             except OSError as e:
                 raise WeightError(f"{ext.path}: cannot read expert {key} ({e.strerror})") from None
-            if got != ext.nbytes:
-                raise WeightError(f"{ext.path}: short read of expert {key} ({got} of {ext.nbytes} bytes): "
-                                  "is the file truncated?")
             if self.drop_page_cache:
                 os.posix_fadvise(fd, ext.offset, ext.nbytes, os.POSIX_FADV_DONTNEED)
+            if got == ext.nbytes:
+                return out if out is not None else np.frombuffer(target, np.uint8)
+        raise WeightError(f"{ext.path}: short read of expert {key} ({max(got, 0)} of {ext.nbytes} bytes): "
+                          "is the file truncated?")
+
+    def _read(self, key: Key, slot: int, part: int) -> None:
+        """Read one part of an expert into its slot (I/O thread; the parts are read in parallel),
+        converted to its layout if it has one."""
+        layer = key[0]
+        ext, view, lay = self.locate(*key)[part], self._views(slot, layer)[part], self.layouts[layer][part]
+        self._fd(ext.path)
+        straight = lay is None and self._direct_fds.get(ext.path) is None   # buffered, into the slot
+        src = self._pread(ext, key, view if straight else None)
+        if lay is not None:
+            lay.convert(src, view)
+        elif not straight:
+            view[:] = src
         with self._lock:
-            self.stats.bytes_read += int(self.offsets[key[0]][-1])
-            self.stats.reads += 1
+            self.stats.bytes_read += int(self.part_bytes[layer][part])
+            self.stats.reads += part == 0
+
+
+class _Reads:
+    """The reads of one expert's parts, waited for as one."""
+
+    def __init__(self, futures: list[Future]):
+        self.futures = futures
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def result(self) -> None:
+        for f in self.futures:
+            f.result()
 
 
 def resident_bytes() -> int:
@@ -344,7 +430,8 @@ def replay(picks, slots: int, policy: str = "lfru", prefetch: bool = True) -> Of
         with open(path, "wb") as f:
             f.write(b"\0")
         cache = ExpertCache(lambda layer, e: [Extent(path, 0, 1)] * 3, [[1, 1, 1]] * picks.shape[1], slots,
-                            io_threads=1, drop_page_cache=False, files=(path,), policy=policy)
+                            io_threads=1, drop_page_cache=False, files=(path,), policy=policy,
+                            direct=False)
         try:
             for token in picks:
                 for layer, ids in enumerate(token):

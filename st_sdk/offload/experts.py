@@ -26,10 +26,18 @@ class OffloadedExperts:
         self._storage_shape = storage_shape(stored.fmt, stored.shape[1:])
 
     @property
+    def layout(self):
+        """The backend's layout its experts are converted to as they are read (Backend.expert_layout),
+        None when the cache holds them as stored."""
+        return self.cache.layouts[self.layer][self.part]
+
+    @property
     def nbytes(self) -> int:
         return 0   # nothing resident: the cache's slots are counted once, by the cache
 
     def expert(self, e: int) -> WeightTensor:
+        if self.layout is not None:
+            raise TypeError(f"{self.name}: the cache holds these experts in a backend's own layout")
         raw = self.cache.get(self.layer, int(e), count=self.part == 0)[self.part]
         data = raw.view(STORAGE_DTYPE[self.fmt]).reshape(self._storage_shape)
         return WeightTensor(f"{self.name}[{e}]", self.fmt, self.shape[1:], data, self.source)
@@ -124,8 +132,13 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, 
 
 def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: bool = False):
     """The per-op path with the router prefetching experts. The MoE runs on the backend only if it
-    reads experts through the cache (`supports_offload`), otherwise on the NumPy reference."""
+    reads experts through the cache (`supports_offload`), with the experts converted as they are read
+    to the layout it asks for (`expert_layout`); otherwise on the NumPy reference, as stored. Call
+    before the cache is first used."""
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
+    if native:
+        cache.set_layouts([[backend.expert_layout(getattr(lp, p).raw.fmt, *getattr(lp, p).raw.shape[1:], p)
+                            for p in PARTS] for lp in params.layers])
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     return dataclasses.replace(ops, forward=None, layer=None, forward_batch=None, moe=moe,
                                route=prefetching_route(ops.route, params, cache, prefetch, lookahead),
