@@ -4,7 +4,8 @@ Each runner is a child process placed in a memory cgroup (v1 `memory.limit_in_by
 `memory.max`) whose limit is the budget, so page cache counts too. Reports decode tokens/s (median),
 the cgroup's peak (page cache included, so it sits at the limit once the file has been read) and the
 process's own peak RSS, and the expert-cache statistics (hit rate, bytes read, stall time) for st-sdk
-with prefetch on and off, and with each cache policy of --policies. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
+with its defaults, with prefetch off (or router-only, or reading every guess ahead), and with each
+cache policy of --policies. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
 way it fits a budget smaller than the file.
 
     python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 256] [--repeats 3] [--threads 2]
@@ -57,6 +58,9 @@ st = m.offload.stats.as_dict()
 # page faults that read from disk: the mapped dense weights (or code) evicted at the limit and read again
 st["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt
 st["slots_given_back"] = m.offload.shrunk
+ahead = m.offload.lookahead
+st["ahead_needed_share"] = ahead.share_needed if ahead is not None else None
+st["ahead_active_at_end"] = ahead.active if ahead is not None else None
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": m.memory_plan.describe(), "backend": m.backend.name,
                   "load_s": t_load, "process_peak_rss": hwm,
@@ -185,7 +189,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-prefetch-run", action="store_true", help="skip the run with prefetch off")
     ap.add_argument("--lookahead-run", action="store_true",
-                    help="also run with prefetch='lookahead' (the next layer's experts guessed from this layer's input)")
+                    help="also run with prefetch='lookahead' (every guess of the next layer's experts read ahead; "
+                         "the default, 'auto', reads them ahead only while the guesses pay)")
+    ap.add_argument("--router-only-run", action="store_true",
+                    help="also run with prefetch=True (reads start when a layer's own router picks, none ahead)")
     ap.add_argument("--policies", default="lfru",
                     help="expert-cache policies to run, comma-separated (the first is the 'st-sdk' row; default lfru, "
                          "st-sdk's default)")
@@ -202,9 +209,11 @@ def main(argv=None) -> int:
         print("warning: no memory cgroup could be made here; running without a hard limit", file=sys.stderr)
     ours = [sys.executable, "-c", CHILD_OURS, args.model, str(limit), str(args.tokens), str(args.threads)]
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
-    runs = {"st-sdk": ours + ["1", args.backend, policies[0]]}
+    runs = {"st-sdk": ours + ["auto", args.backend, policies[0]]}   # the defaults
     for policy in policies[1:]:
-        runs[f"st-sdk {policy}"] = ours + ["1", args.backend, policy]
+        runs[f"st-sdk {policy}"] = ours + ["auto", args.backend, policy]
+    if args.router_only_run:
+        runs["st-sdk router-only"] = ours + ["1", args.backend, policies[0]]
     if args.lookahead_run:
         runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0]]
     if not args.no_prefetch_run:
@@ -249,6 +258,9 @@ def main(argv=None) -> int:
                   (f"  backend {rec['backend']}  hit rate {st['hit_rate']:.1%}  read "
                    f"{st['bytes_read'] / 2**20 / args.tokens:.1f} MiB/token  stalled {st['stall_s']:.1f} s  "
                    f"major faults {st.get('major_faults', 0) / args.tokens:.1f}/token"
+                   + (f"  read ahead {st['ahead']} ({st['ahead_needed_share']:.0%} of guessed reads needed, "
+                      f"{'on' if st['ahead_active_at_end'] else 'off'} at the end)"
+                      if st.get("ahead_needed_share") is not None else "")
                    + (f"  frameworks loaded: {rec['frameworks']}" if rec.get("frameworks") else "") if st else ""),
                   flush=True)
     summary = {}

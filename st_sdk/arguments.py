@@ -126,9 +126,9 @@ def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: d
     dtype = compute_dtype(dtype)
     flag(strict, "strict")
     flag(tune, "tune")
-    p = extra.get("prefetch", True)
-    if not (isinstance(p, (bool, np.bool_)) or (isinstance(p, str) and p == "lookahead")):
-        raise InputError(f"prefetch: expected True or False, or 'lookahead', got {p!r}")
+    p = extra.get("prefetch", "auto")
+    if not (isinstance(p, (bool, np.bool_)) or (isinstance(p, str) and p in ("auto", "lookahead"))):
+        raise InputError(f"prefetch: expected 'auto', True, False or 'lookahead', got {p!r}")
     if "chunk_size" in extra:
         positive_int(extra["chunk_size"], "chunk_size", allow_none=False)
     if "cache_policy" in extra:

@@ -102,7 +102,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
                 tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
                 tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool | str = True, kv_dtype: str | None = None, cache_policy: str = "lfru", **kw) -> Model:
+                prefetch: bool | str = "auto", kv_dtype: str | None = None, cache_policy: str = "lfru", **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
 
     kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
@@ -112,10 +112,12 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     context: the most tokens one sequence may hold (KV cache and memory plan sized to it; see
     st_sdk.context for the default). max_memory: run within this many bytes ('1GiB'): experts stay in
     the file and are read on demand into a cache sized from the budget (st_sdk.offload), with the
-    KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch=False stops
-    reading experts as soon as the router picks them (to measure what prefetch buys), and
-    prefetch="lookahead" also starts reading the experts the next layer's router picks from this
-    layer's input (a guess, so reads overlap across layers); cache_policy:
+    KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch: "auto" (the
+    default) starts reading a layer's experts as soon as its router picks them, and also the experts
+    the next layer's router picks from this layer's input (a guess, so reads overlap across layers)
+    while such guesses prove right often enough to pay (st_sdk.offload.experts.Lookahead); True: the
+    router's picks only; "lookahead": every guess too; False: nothing before the MoE needs it (to
+    measure what prefetch buys); cache_policy:
     'lfru' (frequency-aware, the default) or 'lru' (st_sdk.offload.cache).
     """
     from .context import resolve_context
@@ -134,7 +136,8 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     prepared = prepare_params(backend_obj, params, config)
     if offload is not None:
         cache, plan = offload
-        ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch), lookahead=prefetch == "lookahead")
+        ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch),
+                          lookahead={"auto": "auto", "lookahead": "always"}.get(prefetch))
         plan.expert_bytes = cache.bundle_bytes   # the backend's layout may differ in size from the file's
         plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)),
                      kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))

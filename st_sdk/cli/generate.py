@@ -69,7 +69,15 @@ def offload_lines(model) -> list[str]:
     return [f"[{model.memory_plan.describe()}]",
             f"[expert cache: hit rate {st.hit_rate:.1%} ({st.prefetch_hits} brought in by prefetch), "
             f"{st.misses} misses, {st.late} late prefetches, read {st.bytes_read / 2**20:.1f} MiB in {st.reads} "
-            f"reads, stalled {st.stall_s * 1e3:.0f} ms, {st.evictions} evictions]"]
+            f"reads, stalled {st.stall_s * 1e3:.0f} ms, {st.evictions} evictions]"] + lookahead_line(model.offload)
+
+
+def lookahead_line(cache) -> list[str]:
+    ahead = cache.lookahead
+    if ahead is None or not ahead.guessed:
+        return []
+    return [f"[reads ahead ({ahead.mode}): {cache.stats.ahead} started; {ahead.share_needed:.0%} of recent guessed "
+            f"reads were needed, so reading ahead is {'on' if ahead.active else 'off'}]"]
 
 
 def sparsity_line(model) -> str | None:

@@ -114,6 +114,7 @@ class ExpertCache:
         self.pending: dict[Key, tuple[int, _Reads]] = {}
         self.held: set[Key] = set()
         self.minimum_slots = 2
+        self.lookahead = None   # st_sdk.offload.experts.Lookahead, when reads ahead across layers are on
         self.limit: int | None = None   # keep_within: the process's resident bytes the cache keeps below
         self.shrunk = 0                 # slots given back at run time
         self.stats = OffloadStats()

@@ -108,13 +108,58 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     return dataclasses.replace(params, layers=layers), cache, plan
 
 
-def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: bool = False):
+class Lookahead:
+    """Reads ahead across layers: the next layer's router applied to this layer's input (the residual
+    stream changes little from one layer to the next) guesses its picks, and the guessed experts that
+    are neither resident nor being read start reading now, so reads overlap with more than one layer's
+    compute. A wrong guess costs a read and a slot, so in mode "auto" the reads start only while they
+    pay: every guess is checked against the next layer's real picks, and reading ahead is on while, over
+    recent guesses (counts decayed by DECAY per layer), at least THRESHOLD of the guessed reads were
+    needed. Guesses are made and checked while it is off too, so it turns on again when they improve.
+    Mode "always" reads every guess."""
+
+    THRESHOLD = 0.5
+    DECAY = 0.97
+    WARMUP = 8.0   # guessed reads checked before "auto" first decides
+
+    def __init__(self, cache: ExpertCache, mode: str = "auto"):
+        self.cache, self.mode = cache, mode
+        self.needed = self.guessed = 0.0   # decayed counts of guessed reads that were needed, of all
+        self.guess: tuple[int, set] | None = None   # (layer, experts) of the last guess
+
+    @property
+    def share_needed(self) -> float:
+        return self.needed / self.guessed if self.guessed else float("nan")
+
+    @property
+    def active(self) -> bool:
+        return self.mode == "always" or (self.guessed >= self.WARMUP and self.share_needed >= self.THRESHOLD)
+
+    def check(self, layer: int, picked) -> None:
+        """The layer's real picks: score the guess made for it."""
+        if self.guess is not None and self.guess[0] == layer and self.guess[1]:
+            self.needed = self.needed * self.DECAY + len(self.guess[1] & set(int(e) for e in np.ravel(picked)))
+            self.guessed = self.guessed * self.DECAY + len(self.guess[1])
+        self.guess = None
+
+    def ahead(self, layer: int, guessed) -> None:
+        """Guessed picks of `layer`: remember those that would need a read, and start them if active."""
+        cache = self.cache
+        missing = {int(e) for e in np.ravel(guessed)
+                   if (layer, int(e)) not in cache.lru and (layer, int(e)) not in cache.pending}
+        self.guess = (layer, missing)
+        if missing and self.active:
+            cache.prefetch_ahead(layer, sorted(missing))
+
+
+def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: str | None = None):
     """The route op, followed by starting the reads of the experts it picked (before attention); at the
     first layer of each step, first the cache's run-time memory check (`ExpertCache.keep_within`).
-    lookahead: also start reading the experts the next layer's router picks from this layer's input
-    (the residual stream changes little from one layer to the next), so reads overlap across layers."""
+    lookahead: also read ahead the experts the next layer's router picks from this layer's input,
+    "always" or "auto" (while those guesses pay; see Lookahead), kept in `cache.lookahead`."""
     layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
     routers = [lp.router for lp in params.layers]
+    ahead = cache.lookahead = Lookahead(cache, lookahead) if prefetch and lookahead else None
 
     def route_and_prefetch(x, router, k, softmax):
         layer = layer_of[id(router)]
@@ -123,14 +168,16 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, 
         w, ids = route(x, router, k, softmax)
         if prefetch:
             cache.prefetch(layer, np.asarray(ids))
-            if lookahead and layer + 1 < len(routers):
-                cache.prefetch_ahead(layer + 1, np.asarray(route(x, routers[layer + 1], k, softmax)[1]))
+            if ahead is not None:
+                ahead.check(layer, ids)
+                if layer + 1 < len(routers):
+                    ahead.ahead(layer + 1, np.asarray(route(x, routers[layer + 1], k, softmax)[1]))
         return w, ids
 
     return route_and_prefetch
 
 
-def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: bool = False):
+def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: str | None = "auto"):
     """The per-op path with the router prefetching experts. The MoE runs on the backend only if it
     reads experts through the cache (`supports_offload`), with the experts converted as they are read
     to the layout it asks for (`expert_layout`); otherwise on the NumPy reference, as stored. Call
