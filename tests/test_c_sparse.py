@@ -98,6 +98,26 @@ def test_a_file_layout_gate_next_to_a_row_split_up(fmt):
     assert rel_err(b.moe(x, *ps, ids, w), want) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("T", [1, 16])
+def test_sparse_up_of_other_types_reads_live_rows_of_the_file_layout(fmt, T):
+    """Where a type has no row-split kernels (the k-quants) or the width is not a multiple of 64,
+    `up` keeps the file's layout next to the repacked gate, and only live neurons' rows are read:
+    the dense result up to float summation order, on every variant."""
+    b = _available()
+    H, F = (256, 256) if fmt != "q8_0" else (96, 128)
+    raw = _experts(fmt, H, F, 4)
+    x, ids, w = _inputs(T, H, 4, 2)
+    for variant in c_variants():
+        cbackend.use_variant(variant)
+        dense = b.moe(x, *_layouts(raw, False), ids, w, sparse=False)
+        gate = cops.CExperts(raw["gate"], repack_rows=True)
+        up = cops.CExperts(raw["up"], repack_rows=True, row_split=True)
+        assert up.layout == "file"
+        ps = (Param(raw["gate"], gate), Param(raw["up"], up), Param(raw["down"], cops.CExperts(raw["down"])))
+        assert rel_err(b.moe(x, *ps, ids, w, sparse=True), dense) < 1e-5, variant
+
+
 def test_layouts_keep_their_size_and_fall_back_where_they_do_not_apply():
     """A sparse copy has the file's bytes (counted as repacked); a width that is not a multiple of 64,
     or a type without sparse kernels, stays in the file layout."""

@@ -112,7 +112,7 @@ def test_generate_cli_reports_the_expert_cache(files, capsys):
 
 
 def test_c_backend_reads_experts_through_the_cache(files):
-    """The C backend's MoE runs on the cache's slots (file layout) with the same results as resident."""
+    """The C backend's MoE runs on the cache's slots (in its own layout) with the same results as resident."""
     from st_sdk.registry import get_registry
 
     cls = get_registry().backends().get("c")

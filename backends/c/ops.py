@@ -171,12 +171,16 @@ class Layout:
 def layout(fmt: str, rows: int, cols: int, repack_rows: bool = False, neuron_major: bool = False,
            row_split: bool = False) -> Layout:
     """The first asked-for layout this type and shape have: neuron-major (sparse down projections),
-    row-split (sparse up projections), 8 rows interleaved; else the file's. All are as large as the file's."""
+    row-split (sparse up projections: one live neuron's row read alone; where a type or width has no
+    row-split kernels, the file's layout, whose rows are read one at a time too), 8 rows interleaved;
+    else the file's. All are as large as the file's."""
     rb = row_bytes(fmt, cols)
     if neuron_major and can_neuron_major(fmt, rows):
         return Layout("neuron_major", fmt, rows, cols, neuron_major_code(fmt), rb, rows * rb, "st_neuron_major")
     if row_split and can_row_split(fmt, cols):
         return Layout("row_split", fmt, rows, cols, row_split_code(fmt), rb, rows * rb, "st_row_split")
+    if row_split:
+        return Layout("file", fmt, rows, cols, _code(fmt, f"{fmt} [{rows}, {cols}]"), rb, rows * rb)
     if repack_rows and can_repack(fmt, rows):
         _, lib = ffi_lib()
         n = int(lib.st_repacked_bytes(FMT_CODE[fmt], rows, cols))
