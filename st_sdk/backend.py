@@ -255,7 +255,9 @@ class Backend:
         an object with `nbytes` and `convert(src, out)` that writes the stored bytes (uint8) into `out`
         in its own layout. The cache converts each expert as it is read, on its I/O threads (so
         `convert` should release the GIL), and passes the object back in `OffloadedExperts.layout(e)`.
-        Only asked of backends with `supports_offload`."""
+        Only asked of backends with `supports_offload` (True: the automatic choice under a budget may
+        pick it; "named": it runs on the cache when asked for by name, but "auto" does not probe it,
+        because importing its framework would take much of the budget)."""
         return None
 
     def prepare_model(self, params: ModelParams, config: Any) -> None:

@@ -341,7 +341,7 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
 
     spec: "auto", a name, a comma priority list, a list of names, or a Backend instance. tune=True
     allows measuring (when no cached measurement fits); remeasure=True measures even on a cache hit.
-    offload=True (max_memory): "auto" probes only the reference and `supports_offload` backends."""
+    offload=True (max_memory): "auto" probes only the reference and `supports_offload = True` backends."""
     from .hardware import probe, probe_gpus
 
     registry = get_registry()
@@ -354,7 +354,7 @@ def select_backend(spec="auto", *, config=None, params=None, dtype=None, n_threa
     instances: dict[str, Backend] = {}
     for name in (wanted or list(classes)):
         # under max_memory, "auto" leaves out backends that run the MoE on the reference
-        if offload and not wanted and name != reference.name and not getattr(classes[name], "supports_offload", 0):
+        if offload and not wanted and name != reference.name and getattr(classes[name], "supports_offload", 0) is not True:
             candidates.append(Candidate(name, plugin=registry.provider(name), reason=OFFLOAD_SKIP))
             continue
         c, b = _probe(name, spec, classes, registry, reference, dtype, n_threads, fmt, hardware)

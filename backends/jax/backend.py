@@ -22,7 +22,7 @@ import numpy as np
 
 from st_sdk import graph, kv
 from st_sdk.backend import (COMPUTE_DTYPES, DTYPE_ALIASES, FLOAT32_ROLES, Backend, LayerParams, ModelParams,
-                            OpTable, Param)
+                            OpTable, Param, is_offloaded)
 from st_sdk.errors import InputError
 from st_sdk.hardware import resolve_threads
 from st_sdk.weights.tensor import FLOATS, QUANT_SIZES
@@ -49,6 +49,9 @@ class JaxBackend(Backend):
     install_hint = 'pip install -e ".[jax]" (from a clone of st-sdk)'
     #: KV cache storage types (f16 by default: half the bytes of float32 per token)
     kv_dtypes = ("f16", "bf16", "f32")
+    #: under max_memory its moe runs on the expert cache, each expert dequantised to the compute dtype as
+    #: it is read (expert_layout); only when named: "auto" under a budget does not import jax
+    supports_offload = "named"
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None):
         dtype = DTYPE_ALIASES.get(dtype, dtype)
@@ -181,10 +184,48 @@ class JaxBackend(Backend):
         return self._route(self.jnp.asarray(x, self.jnp.float32), router.value, int(k), bool(softmax))
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights):
+        if is_offloaded(gate):
+            return self._offloaded_moe(x, gate.raw, up.raw, down.raw, ids, weights)
         jnp = self.jnp
         return self._moe(jnp.asarray(x, jnp.float32), gate.value, up.value, down.value,
                          jnp.asarray(np.asarray(ids), jnp.int32), jnp.asarray(weights, jnp.float32),
                          int(gate.raw.shape[0]))
+
+    def expert_layout(self, fmt: str, rows: int, cols: int, role: str):
+        """Under a memory budget, experts are held in the cache dequantised to the compute dtype, as the
+        loaded ones are: converted once per read, never per use."""
+        from st_sdk.offload.experts import Dequantised
+
+        return Dequantised(fmt, rows, cols, self.dtype)
+
+    def _offloaded_moe(self, x, gate, up, down, ids, weights):
+        """MoE over the memory-budget cache's slots: the picked experts stacked into arrays (as many at
+        once as the cache holds) and run by the same jitted moe as loaded experts, with ids local to
+        the group."""
+        import ml_dtypes
+
+        jnp = self.jnp
+        cache, layer = gate.cache, gate.layer
+        x = jnp.asarray(x, jnp.float32)
+        ids_np = np.asarray(ids).reshape(x.shape[0], -1)
+        w = np.asarray(weights, np.float32).reshape(ids_np.shape)
+        layouts = (gate.layout, up.layout, down.layout)
+        picked = list(dict.fromkeys(ids_np.ravel().tolist()))
+        group = max(1, cache.slots - 1)
+        out = jnp.zeros(x.shape, jnp.float32)
+        for start in range(0, len(picked), group):
+            experts = picked[start:start + group]
+            views = cache.get_many(layer, experts)
+            stacks = [jnp.asarray(np.stack([lay.array(v[j]) for v in views]).view(ml_dtypes.bfloat16)
+                                  if lay.dtype == "bfloat16" else np.stack([lay.array(v[j]) for v in views]))
+                      for j, lay in enumerate(layouts)]
+            local = np.full(int(gate.shape[0]), len(experts), np.int32)   # not in this group: a zero weight
+            local[experts] = np.arange(len(experts))
+            lid = local[ids_np]
+            in_group = lid < len(experts)
+            out = out + self._moe(x, *stacks, jnp.asarray(np.where(in_group, lid, 0), jnp.int32),
+                                  jnp.asarray(np.where(in_group, w, 0.0), jnp.float32), len(experts))
+        return out
 
     # ---- the compiled step: the graph traced over jax functions ---------------------------
     def _traced_ops(self, tree, valid, n_experts: int) -> OpTable:

@@ -49,6 +49,9 @@ class TorchBackend(Backend):
     converts = tuple(QUANT_SIZES)   # every GGUF block type, dequantised to the compute dtype at load
     #: KV cache storage types (f16 by default: half the bytes of float32 per token)
     kv_dtypes = ("f16", "bf16", "f32")
+    #: under max_memory its moe runs on the expert cache, each expert dequantised to the compute dtype as
+    #: it is read (expert_layout); only when named: "auto" under a budget does not import torch
+    supports_offload = "named"
 
     def __init__(self, n_threads: int | None = None, dtype: str | None = None, device: str | None = None,
                  moe_decode: str | None = None):
@@ -228,10 +231,50 @@ class TorchBackend(Backend):
         return self.ops.route(x, router.value, k, softmax)
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights):
+        if is_offloaded(gate):
+            return self._offloaded_moe(x, gate.raw, up.raw, down.raw, ids, weights)
         view, gu, experts = self._stacked.get(id(gate.value), (None, None, None))
         if view is not gate.value:   # not stacked by prepare_model: use the two tensors as they are
             gu, experts = (gate.value, up.value), None
         return self.ops.moe(x, gu, down.value, ids, weights, self.gather, experts)
+
+    def expert_layout(self, fmt: str, rows: int, cols: int, role: str):
+        """Under a memory budget, experts are held in the cache dequantised to the compute dtype, as the
+        loaded ones are: converted once per read, never per use."""
+        from st_sdk.offload.experts import Dequantised
+
+        return Dequantised(fmt, rows, cols, self.dtype)
+
+    def _offloaded_moe(self, x, gate, up, down, ids, weights):
+        """MoE over the memory-budget cache's slots: the picked experts as tensors over their slots (no
+        copy on the CPU), as many at once as the cache holds; each expert runs on its tokens."""
+        torch = self.torch
+        linear = torch.nn.functional.linear
+        cache, layer = gate.cache, gate.layer
+        ids_np = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids).reshape(x.shape[0], -1)
+        w = torch.as_tensor(weights, device=x.device).float()
+        layouts = (gate.layout, up.layout, down.layout)
+        out = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
+        picked = list(dict.fromkeys(ids_np.ravel().tolist()))
+        group = max(1, cache.slots - 1)
+        for start in range(0, len(picked), group):
+            experts = picked[start:start + group]
+            for e, parts in zip(experts, cache.get_many(layer, experts)):
+                g, u, d = (self._slot_tensor(lay, v) for lay, v in zip(layouts, parts))
+                tok, slot = np.nonzero(ids_np == e)
+                rows = torch.from_numpy(tok).to(x.device)
+                xs = x.index_select(0, rows).to(g.dtype)
+                act = torch.relu(linear(xs, g)).mul_(linear(xs, u))
+                out.index_add_(0, rows, linear(act, d).float() * w[rows, torch.from_numpy(slot).to(x.device)][:, None])
+        return out
+
+    def _slot_tensor(self, layout, view):
+        """A cache slot's dequantised matrix as a tensor on the device (over the slot itself on the CPU)."""
+        torch = self.torch
+        arr = layout.array(view)
+        t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if layout.dtype == "bfloat16" else \
+            torch.from_numpy(arr)
+        return t.to(self.device)
 
     def prepare_model(self, params: ModelParams, config) -> None:
         """Stack each layer's q/k/v rows into one matrix and gate/up into one [E, 2F, H] tensor, so a

@@ -48,6 +48,37 @@ class OffloadedExperts:
     storage = numpy
 
 
+class Dequantised:
+    """An expert matrix held dequantised in the cache, for backends that compute in floats
+    (Backend.expert_layout): [rows, cols] of `dtype` ('float32', 'bfloat16' or 'float16'), converted by
+    the cache's I/O thread as the stored bytes arrive."""
+
+    ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+    def __init__(self, fmt: str, rows: int, cols: int, dtype: str):
+        if dtype not in self.ITEMSIZE:
+            raise ValueError(f"Dequantised: dtype must be one of {', '.join(self.ITEMSIZE)}, got {dtype!r}")
+        self.fmt, self.rows, self.cols, self.dtype = fmt, int(rows), int(cols), dtype
+        self.nbytes = self.rows * self.cols * self.ITEMSIZE[dtype]
+
+    def convert(self, src: np.ndarray, out: np.ndarray) -> np.ndarray:
+        from ..weights.tensor import dequantize, f32_to_bf16
+
+        stored = src.view(STORAGE_DTYPE[self.fmt]).reshape(storage_shape(self.fmt, (self.rows, self.cols)))
+        x = dequantize(self.fmt, stored, (self.rows, self.cols))
+        dst = self.array(out)
+        if self.dtype == "bfloat16":
+            dst[:] = f32_to_bf16(x)
+        else:
+            dst[:] = x
+        return out
+
+    def array(self, view: np.ndarray) -> np.ndarray:
+        """A slot's bytes as the [rows, cols] matrix (bfloat16 as its uint16 bits)."""
+        dt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[self.dtype]
+        return view[:self.nbytes].view(dt).reshape(self.rows, self.cols)
+
+
 def _expert_extents(stacked: WeightTensor, e: int) -> Extent:
     part = stacked.expert(e)
     return file_extent(part.data, f"{stacked.source}: tensor '{part.name}'")
