@@ -128,7 +128,7 @@ def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: d
     flag(tune, "tune")
     p = extra.get("prefetch", "auto")
     if not (isinstance(p, (bool, np.bool_)) or (isinstance(p, str) and p in ("auto", "lookahead"))):
-        raise InputError(f"prefetch: expected 'auto', True, False or 'lookahead', got {p!r}")
+        raise InputError(f"prefetch: expected True or False, 'auto' or 'lookahead', got {p!r}")
     if "chunk_size" in extra:
         positive_int(extra["chunk_size"], "chunk_size", allow_none=False)
     if "cache_policy" in extra:
