@@ -124,6 +124,7 @@ class ExpertCache:
         self.direct = direct and hasattr(os, "O_DIRECT")   # False once a file refuses it
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int | None] = {}
+        self._refused_fds: list[int] = []   # O_DIRECT descriptors a filesystem refused reads through
         self._scratch = threading.local()   # each I/O thread's aligned read buffer
         for path in files:   # opened now: a file deleted or renamed over later is still read whole
             self._fd(path)
@@ -243,11 +244,12 @@ class ExpertCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+        for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused_fds]:
             if fd is not None:
                 os.close(fd)
         self._fds.clear()
         self._direct_fds.clear()
+        self._refused_fds.clear()
 
     @property
     def nbytes(self) -> int:
@@ -357,8 +359,10 @@ class ExpertCache:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise WeightError(f"{ext.path}: cannot read expert {key} ({e.strerror})") from None
-                self._direct_fds[ext.path] = None   # refused after all (alignment): read through the page cache
-                os.close(dfd)
+                # refused after all (alignment): read through the page cache from now on; the descriptor
+                # stays open until close(), as another I/O thread may be reading with it
+                self._direct_fds[ext.path] = None
+                self._refused_fds.append(dfd)
                 return self._pread(ext, key, out)
             if got >= ext.nbytes:
                 return np.frombuffer(buf, np.uint8, ext.nbytes, pad)
