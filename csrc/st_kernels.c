@@ -183,13 +183,14 @@ static int mat_ok(const st_mat *w, int64_t rows, int64_t cols) {
     int64_t rb = fmt_row_bytes(w->fmt, cols);
     return rb > 0 && w->row_bytes >= rb;
 }
-static int experts_ok(const st_experts *w, int64_t E, int64_t rows, int64_t cols) {
+/* every: each of the E experts must be present (else only the ones a step picks, checked by picked_ok) */
+static int experts_ok(const st_experts *w, int64_t E, int64_t rows, int64_t cols, int every) {
     if (!w || !w->experts || w->n_experts != E || w->rows != rows || w->cols != cols || rows <= 0 ||
         (fmt_x8(w->fmt) && rows % 8) || (fmt_nm(w->fmt) && rows % (2 * QK)))
         return 0;
     int64_t rb = fmt_row_bytes(w->fmt, cols);
     if (rb <= 0 || w->row_bytes < rb) return 0;
-    for (int64_t e = 0; e < E; e++) if (!w->experts[e]) return 0;
+    for (int64_t e = 0; every && e < E; e++) if (!w->experts[e]) return 0;
     return 1;
 }
 
@@ -747,20 +748,23 @@ typedef struct {
     float *h;
     const int64_t *pos, *ids;
     int32_t last_only, rope_ready;
+    int32_t part;                /* st_layer_part: 1 attention half, 2 expert half; 0 the whole layer */
+    const int64_t *rid_in;       /* part 2: the caller's routing [T, top_k] */
+    const float *rw_in;
     float *logits;
     scratch s;
     int32_t *row_seq;       /* [T] the sequence of each row */
     st_attn_seq *seqs;      /* [nth][B]: each thread's description of the sequences' attention */
 } fctx;
 
-static void layer_body(fctx *f, int64_t li, int ith, int nth) {
+/* Stages 1-5 of layer li: attention and its residual, and the routing unless the caller gave it */
+static void attention_half(fctx *f, int64_t li, int ith, int nth, jctx *cp, int route) {
     const st_model *m = f->m;
     const st_layer *L = &m->layers[li];
     scratch *s = &f->s;
     const int64_t T = f->T, H = m->hidden, nH = m->n_heads, nKV = m->n_kv, hd = m->head_dim;
     const int64_t qw = nH * hd, kw = nKV * hd, E = m->n_experts, k = m->top_k;
     const int need_a = act_need(L->wq.fmt) | act_need(L->wk.fmt) | act_need(L->wv.fmt), need_h = act_need(L->router.fmt);
-    const int need_m = act_need(L->gate.fmt) | act_need(L->up.fmt);
     float *h = f->h;
     int64_t lo, hi;
 
@@ -771,7 +775,7 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     for (int64_t t = lo; t < hi; t++) {
         rms_row(h + t * H, L->attn_norm, H, m->eps, s->a + t * H);
         quantize_row(s->a + t * H, H, need_a, s->aq + t * (H / QK), s->aK + t * (H / QKK));
-        quantize_row(h + t * H, H, need_h, s->hq + t * (H / QK), s->hK + t * (H / QKK));
+        if (route) quantize_row(h + t * H, H, need_h, s->hq + t * (H / QK), s->hK + t * (H / QKK));
     }
     barrier(f->pool, nth);
     /* 2. q, k, v and router logits */
@@ -779,7 +783,7 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     mm(ith, nth, &L->wq, &xa, T, s->q, qw, 0);
     mm(ith, nth, &L->wk, &xa, T, s->k, kw, 0);
     mm(ith, nth, &L->wv, &xa, T, s->v, kw, 0);
-    mm(ith, nth, &L->router, &xh, T, s->rl, E, 0);
+    if (route) mm(ith, nth, &L->router, &xh, T, s->rl, E, 0);
     barrier(f->pool, nth);
     /* 3. rope, routing; each key is put into its cache's storage type (staged) by the thread that
      * rotated it */
@@ -809,7 +813,8 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
         if (j >= nH) st_attn_stage(&at, f->row_seq[t], t - f->seg[f->row_seq[t]], j - nH);
     }
     split(T, ith, nth, 1, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) topk_row(s->rl + t * E, E, k, m->softmax, s->rw + t * k, s->rid + t * k);
+    if (route)
+        for (int64_t t = lo; t < hi; t++) topk_row(s->rl + t * E, E, k, m->softmax, s->rw + t * k, s->rid + t * k);
     barrier(f->pool, nth);
     /* 4. attention of every sequence over its cache plus its rows of this step, one pass over the pool
      * (thread 0 times the stage, barrier included) */
@@ -817,10 +822,6 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     st_attn_run(&at, ith, nth);
     barrier(f->pool, nth);
     if (ith == 0) st_attn_account(st_attn_clock() - a0);
-    jctx c = {.pool = f->pool, .m = m, .layer = li, .T = T, .pos = f->pos, .gate = &L->gate, .up = &L->up,
-              .down = &L->down, .E = E, .topk = k, .F = m->ffn, .H = H, .sparse = m->sparse, .mf = s->mf, .mq = s->mq,
-              .mK = s->mK, .ids = s->rid, .w = s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq,
-              .ZK = s->ZK, .ZKp = s->priv, .out = h};
     st_act xo = {s->att, s->attq, NULL};
     if (wo_act == ACT_Q8 && hd % QK) {
         quantize_rows(ith, nth, s->att, T, qw, 1 << ACT_Q8, s->attq, NULL);
@@ -830,9 +831,23 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     }
     /* 5. h += attn @ Wo; meanwhile thread 0 appends the staged k/v (nothing reads the cache now) and
      * groups the token-expert pairs by expert */
-    if (ith == 0) { st_attn_finish(&at); group_pairs(&c); }
+    if (ith == 0) {
+        st_attn_finish(&at);
+        if (route) group_pairs(cp);
+    }
     mm(ith, nth, &L->wo, &xo, T, h, H, 1);
     barrier(f->pool, nth);
+}
+
+/* Stages 6-9 of layer li: ffn norm, then the experts the pairs in c pick, accumulated into h */
+static void expert_half(fctx *f, int64_t li, int ith, int nth, jctx *c) {
+    const st_model *m = f->m;
+    const st_layer *L = &m->layers[li];
+    scratch *s = &f->s;
+    const int64_t T = f->T, H = m->hidden;
+    const int need_m = act_need(L->gate.fmt) | act_need(L->up.fmt);
+    float *h = f->h;
+    int64_t lo, hi;
     /* 6. ffn norm and its quantised copies */
     split(T, ith, nth, 1, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
@@ -841,8 +856,24 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     }
     barrier(f->pool, nth);
     /* 8-9. experts: fused sparse gate/up, then down accumulated into h */
-    experts_stage(&c, ith, nth);
+    experts_stage(c, ith, nth);
     barrier(f->pool, nth);
+}
+
+static void layer_body(fctx *f, int64_t li, int ith, int nth) {
+    const st_model *m = f->m;
+    const st_layer *L = &m->layers[li];
+    scratch *s = &f->s;
+    jctx c = {.pool = f->pool, .m = m, .layer = li, .T = f->T, .pos = f->pos, .gate = &L->gate, .up = &L->up,
+              .down = &L->down, .E = m->n_experts, .topk = m->top_k, .F = m->ffn, .H = m->hidden, .sparse = m->sparse,
+              .mf = s->mf, .mq = s->mq, .mK = s->mK, .ids = f->rid_in ? f->rid_in : s->rid,
+              .w = f->rw_in ? f->rw_in : s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq,
+              .ZK = s->ZK, .ZKp = s->priv, .out = f->h};
+    if (f->part != 2)
+        attention_half(f, li, ith, nth, &c, f->part == 0);
+    else if (ith == 0)   /* the caller routed; stage 6's barrier publishes the grouping */
+        group_pairs(&c);
+    if (f->part != 1) expert_half(f, li, ith, nth, &c);
 }
 
 static void forward_job(void *arg, int ith, int nth) {
@@ -875,7 +906,7 @@ static void forward_job(void *arg, int ith, int nth) {
 
 /* io: the embedding, final norm and head are used too (a whole forward, not layers alone). A weight's
  * row size check (mat_ok) also guarantees its activations quantise in whole blocks. */
-static int model_ok(const st_model *m, int io) {
+static int model_ok(const st_model *m, int io, int every_expert) {
     if (!m || !m->layers || m->n_layers <= 0 || m->hidden <= 0 || m->n_heads <= 0 || m->n_kv <= 0 ||
         m->head_dim <= 0 || m->head_dim % 2 || m->n_heads % m->n_kv || m->n_experts <= 0 || m->top_k <= 0 ||
         m->top_k > m->n_experts || m->ffn <= 0)
@@ -888,19 +919,30 @@ static int model_ok(const st_model *m, int io) {
         const st_layer *L = &m->layers[i];
         if (!mat_ok(&L->wq, qw, H) || !mat_ok(&L->wk, kw, H) || !mat_ok(&L->wv, kw, H) || !mat_ok(&L->wo, H, qw) ||
             !mat_ok(&L->router, m->n_experts, H) || !L->attn_norm || !L->ffn_norm || L->window < 0 ||
-            !experts_ok(&L->gate, m->n_experts, m->ffn, H) || !experts_ok(&L->up, m->n_experts, m->ffn, H) ||
-            !experts_ok(&L->down, m->n_experts, H, m->ffn) || !gate_up_ok(&L->gate, &L->up))
+            !experts_ok(&L->gate, m->n_experts, m->ffn, H, every_expert) ||
+            !experts_ok(&L->up, m->n_experts, m->ffn, H, every_expert) ||
+            !experts_ok(&L->down, m->n_experts, H, m->ffn, every_expert) || !gate_up_ok(&L->gate, &L->up))
             return 0;
     }
     return 1;
 }
 
+/* part (st_layer_part): 0 whole layers; 1 or 2 a half of one layer, whose experts need only be present
+ * where part 2's routing rid/rw [T, top_k] picks them */
 static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64_t B, const int64_t *seg, int64_t l0,
                       int64_t l1, const int64_t *ids, const int64_t *pos, int64_t T, int32_t last_only, float *h,
-                      float *logits) {
-    if (T <= 0 || B <= 0 || B > INT32_MAX || !seg || !pos || !h || !kvs || !model_ok(m, ids || logits) || l0 < 0 ||
-        l1 > m->n_layers || l0 >= l1 || seg[0] != 0 || seg[B] != T)
+                      float *logits, int32_t part, const int64_t *rid, const float *rw) {
+    if (T <= 0 || B <= 0 || B > INT32_MAX || !seg || !pos || !h || !kvs || !model_ok(m, ids || logits, part == 0) ||
+        l0 < 0 || l1 > m->n_layers || l0 >= l1 || seg[0] != 0 || seg[B] != T || part < 0 || part > 2 ||
+        (part && (l1 != l0 + 1 || ids || logits)) || (part == 2 && (!rid || !rw)))
         return ST_EARG;
+    if (part == 2) {   /* each pick in range, its expert present in all three parts */
+        const st_layer *L = &m->layers[l0];
+        for (int64_t p = 0; p < T * m->top_k; p++)
+            if (rid[p] < 0 || rid[p] >= m->n_experts || !L->gate.experts[rid[p]] || !L->up.experts[rid[p]] ||
+                !L->down.experts[rid[p]])
+                return ST_EIDS;
+    }
     const int64_t kw = m->n_kv * m->head_dim;
     int64_t smax = 0, stage = 0;
     for (int64_t b = 0; b < B; b++) {
@@ -909,7 +951,7 @@ static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64
         for (int64_t c = 0; c < b; c++) if (kvs[c] == kvs[b]) return ST_ECACHE;   /* one cache, one sequence */
         for (int64_t i = l0; i < l1; i++) {
             const st_kv *kv = &kvs[b][i - l0];   /* kvs[b][0] belongs to layer l0 */
-            if (!st_attn_kv_ok(kv, m->layers[i].window, Tb, m->head_dim)) return ST_ECACHE;
+            if (part != 2 && !st_attn_kv_ok(kv, m->layers[i].window, Tb, m->head_dim)) return ST_ECACHE;   /* part 2: unused */
             int64_t n = (m->layers[i].window ? kv->cap : kv->length) + Tb;
             if (n > smax) smax = n;
         }
@@ -921,7 +963,8 @@ static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64
     for (int64_t t = 0; t < T; t++) if (pos[t] < 0) return ST_EARG;
     int nth = pool ? pool->n : 1;
     fctx f = {.m = m, .pool = pool, .kvs = kvs, .seg = seg, .B = B, .layer0 = l0, .layer1 = l1, .T = T, .h = h,
-              .pos = pos, .ids = ids, .last_only = last_only, .logits = logits};
+              .pos = pos, .ids = ids, .last_only = last_only, .logits = logits, .part = part, .rid_in = rid,
+              .rw_in = rw};
     f.row_seq = malloc((size_t)T * sizeof(int32_t));
     f.seqs = malloc((size_t)(B * nth) * sizeof(st_attn_seq));
     int rc = !f.row_seq || !f.seqs ? ST_ENOMEM : scratch_alloc(&f.s, m, T, smax, (int)B, stage, nth);
@@ -943,7 +986,7 @@ int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *i
     if (!h) return ST_ENOMEM;
     st_kv *kvs[1] = {caches};
     const int64_t seg[2] = {0, T};
-    int rc = run_layers(pool, m, kvs, 1, seg, 0, m->n_layers, ids, pos, T, last_only, h, logits);
+    int rc = run_layers(pool, m, kvs, 1, seg, 0, m->n_layers, ids, pos, T, last_only, h, logits, 0, NULL, NULL);
     free(h);
     return rc;
 }
@@ -955,7 +998,7 @@ int st_forward_batch(st_pool *pool, const st_model *m, st_kv *const *caches, int
     const int64_t T = seg[B];
     float *h = malloc((size_t)(T * (m->hidden > 0 ? m->hidden : 1)) * 4);
     if (!h) return ST_ENOMEM;
-    int rc = run_layers(pool, m, caches, B, seg, 0, m->n_layers, ids, pos, T, 1, h, logits);
+    int rc = run_layers(pool, m, caches, B, seg, 0, m->n_layers, ids, pos, T, 1, h, logits, 0, NULL, NULL);
     free(h);
     return rc;
 }
@@ -965,7 +1008,15 @@ int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cac
     if (!m || !cache || layer < 0 || layer >= m->n_layers) return ST_EARG;
     st_kv *kvs[1] = {cache};
     const int64_t seg[2] = {0, T};
-    return run_layers(pool, m, kvs, 1, seg, layer, layer + 1, NULL, pos, T, 0, h, NULL);
+    return run_layers(pool, m, kvs, 1, seg, layer, layer + 1, NULL, pos, T, 0, h, NULL, 0, NULL, NULL);
+}
+
+int st_layer_part(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
+                  int64_t T, int32_t part, const int64_t *ids, const float *weights) {
+    if (!m || !cache || layer < 0 || layer >= m->n_layers || (part != 1 && part != 2)) return ST_EARG;
+    st_kv *kvs[1] = {cache};
+    const int64_t seg[2] = {0, T};
+    return run_layers(pool, m, kvs, 1, seg, layer, layer + 1, NULL, pos, T, 0, h, NULL, part, ids, weights);
 }
 
 /* ---- per-op entry points (the conformance kit checks each op alone) ------------------------------ */
@@ -1077,7 +1128,7 @@ int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st
            int64_t T, int64_t k, const int64_t *ids, const float *weights, int32_t sparse, float *out) {
     if (!gate || !x || !ids || !weights || !out || T <= 0 || k <= 0) return ST_EARG;
     const int64_t E = gate->n_experts, F = gate->rows, H = gate->cols;
-    if (!experts_ok(gate, E, F, H) || !experts_ok(up, E, F, H) || !experts_ok(down, E, H, F) ||
+    if (!experts_ok(gate, E, F, H, 1) || !experts_ok(up, E, F, H, 1) || !experts_ok(down, E, H, F, 1) ||
         !gate_up_ok(gate, up))
         return ST_EARG;
     for (int64_t p = 0; p < T * k; p++) if (ids[p] < 0 || ids[p] >= E) return ST_EIDS;

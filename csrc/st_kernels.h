@@ -124,6 +124,13 @@ int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st
            float *out);
 int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h,
                      const int64_t *pos, int64_t T);
+/* one layer in two halves around routing the caller does itself (a memory budget's expert cache reads
+ * the picked experts between them): part 1 attention and its residual; part 2 the ffn norm and the
+ * experts that ids [T, top_k] pick, weighted by weights [T, top_k], added to h. For part 2 only the
+ * picked experts' pointers need be set (ST_EIDS when a pick is out of range or absent). The same
+ * arithmetic as st_layer_forward given the same routing. */
+int st_layer_part(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
+                  int64_t T, int32_t part, const int64_t *ids, const float *weights);
 int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *ids, const int64_t *pos,
                int64_t T, int32_t last_only, float *logits);
 /* one step over B sequences packed row after row: sequence b owns rows seg[b]..seg[b+1]-1 of ids/pos

@@ -260,6 +260,13 @@ class Backend:
         because importing its framework would take much of the budget)."""
         return None
 
+    #: optional: a fused layer for memory-budget mode, offloaded_layer(config, i, layer_params, h, ctx,
+    #: layer_cache, route) -> (h, layer_cache), whose experts are `OffloadedExperts` read through the
+    #: cache. It must pick experts by calling `route(x, router, k, softmax)` (which starts their reads)
+    #: on the raw layer input, then take the picked ones with `cache.get_many`. Used only by backends
+    #: with `supports_offload` whose `moe` is native; without it a budget runs the graph op by op.
+    offloaded_layer: Callable | None = None
+
     def prepare_model(self, params: ModelParams, config: Any) -> None:
         """Called once after every param is prepared: build fused/whole-model state in params.extra."""
 

@@ -1,5 +1,6 @@
 """Memory-budget mode: experts read on demand into the expert cache give the same logits as resident."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -491,3 +492,116 @@ def test_framework_backends_run_their_moe_on_the_cache(tmp_path, backend):
     inc = np.stack([s.feed([int(t)]) for t in IDS[:12]])
     np.testing.assert_allclose(inc, want[:12], rtol=0, atol=tol * np.abs(want).max())
     assert m.offload.stats.evictions > 0
+
+
+def _c_repacking():
+    from st_sdk_backends.c import backend as cbackend
+
+    probe = cbackend.CBackend()
+    return probe.is_available() and probe._repacking()
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, threads):
+    """Under a budget the C backend runs each layer fused around the cache (route, attention, then the
+    picked experts straight from their slots): the logits are the resident model's, bit for bit, and
+    the sparse ReGLU counters count its tokens."""
+    if not _c_repacking():
+        pytest.skip("the C backend runs the loaded layout only on its SIMD variants")
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=dtype, seed=3,
+                       hidden_size=128, moe_ffn_hidden_size=64)["gguf"]
+    resident = st_sdk.load(path, backend="c", n_threads=threads)
+    m = st_sdk.load(path, backend="c", n_threads=threads, max_memory=budget_for(path, 12, backend="c"), context=64)
+    assert m.ops.layer is not None and m.ops.forward is None
+    np.testing.assert_array_equal(m.logits(IDS[:6]), resident.logits(IDS[:6]))
+    m.backend.sparsity(reset=True)
+    s, r = m.session(), resident.session()
+    for t in IDS[:16]:
+        np.testing.assert_array_equal(s.feed([int(t)]), r.feed([int(t)]))
+    counted = m.backend.sparsity()
+    assert counted is not None and counted["tokens"] >= 16 and 0 < counted["live_fraction"] < 1
+    assert m.offload.stats.reads > 0
+
+
+def test_c_layer_part_refuses_experts_it_was_not_given(tmp_path):
+    """The expert half of a budget layer runs only on experts whose slots it was handed: a pick whose
+    pointer is absent, or out of range, is an error code, not a read of freed memory."""
+    from st_sdk_backends.c.ops import ffi_lib, ptr
+
+    if not _c_repacking():
+        pytest.skip("the C backend runs the loaded layout only on its SIMD variants")
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 12, backend="c"), context=64)
+    s = m.session()
+    s.feed([5])
+    ffi, lib = ffi_lib()
+    (_, (struct, _, _)), = [v for k, v in m.backend._layer_structs.items() if k[1] == 0]
+    assert all(struct.layers[0].gate.experts[e] == ffi.NULL for e in range(m.config.moe_num_primary_experts))
+    h = np.zeros((1, m.config.hidden_size), np.float32)
+    pos = np.array([1], np.int64)
+    k = m.config.moe_num_active_primary_experts
+    w = np.full((1, k), 1.0 / k, np.float32)
+    for ids in (np.arange(k, dtype=np.int64)[None], np.full((1, k), 10_000, np.int64)):
+        rc = lib.st_layer_part(ffi.NULL, struct, 0, s.cache.layers[0].kv, ptr(ffi, "float *", h),
+                               ptr(ffi, "int64_t *", pos), 1, 2, ptr(ffi, "int64_t *", ids), ptr(ffi, "float *", w))
+        assert rc == -4   # ST_EIDS
+    assert np.all(h == 0)
+
+
+def test_lfru_evicts_the_least_used_of_the_unprotected_experts(tmp_path):
+    """At every eviction the victim is, among resident unheld experts outside the most recent quarter
+    of the slots, the one used least, the least recent of equals (the policy's definition, checked
+    against a direct scan of the cache's state)."""
+    from st_sdk.offload.cache import ExpertCache, Extent
+
+    f = tmp_path / "experts.bin"
+    f.write_bytes(bytes(256))
+    cache = ExpertCache(lambda layer, e: [Extent(str(f), e, 1)] * 3, [[1, 1, 1]] * 2, slots=12, io_threads=1,
+                        files=(str(f),), policy="lfru")
+    victim, checked = cache._victim, []
+
+    def checked_victim():
+        candidates = [key for key in cache.lru if key not in cache.held]
+        unprotected = candidates[:max(1, len(candidates) - cache.slots // 4)]
+        want = min(unprotected, key=lambda key: cache.uses.get(key, 0.0)) if candidates else None
+        got = victim()
+        checked.append(got == want)
+        return got
+
+    cache._victim = checked_victim
+    rng = np.random.default_rng(0)
+    popular = rng.zipf(1.5, size=3000) % 40   # skewed: some experts far more used than others
+    for i, e in enumerate(popular):
+        layer = i % 2
+        if i % 7 == 0:
+            cache.prefetch(layer, [int(e), int(popular[i - 1])])
+        cache.get_many(layer, list(dict.fromkeys([int(e), int(popular[i - 3])])))
+    cache.close()
+    assert len(checked) > 1000 and all(checked)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's RssAnon (Linux)")
+def test_slots_given_back_are_returned_to_the_system(tmp_path):
+    """The slots are this process's own anonymous memory, so the pages of a slot given back by the
+    run-time check leave the process (in shared memory they would stay allocated, and counted)."""
+    from st_sdk.offload.cache import ExpertCache, Extent
+
+    def rss_anon() -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssAnon:"))
+
+    part = 1 << 20
+    f = tmp_path / "experts.bin"
+    f.write_bytes(np.random.default_rng(0).integers(0, 255, 3 * part * 16, dtype=np.uint8).tobytes())
+    cache = ExpertCache(lambda layer, e: [Extent(str(f), (3 * e + j) * part, part) for j in range(3)],
+                        [[part] * 3], slots=16, io_threads=2, files=(str(f),))
+    before = rss_anon()
+    for e in range(16):
+        cache.get(0, e)
+    filled = rss_anon()
+    assert filled - before >= 0.9 * 16 * 3 * part   # the slots' pages are the process's anonymous memory
+    cache.limit, cache.minimum_slots = 0, 4
+    assert cache.keep_within(rss=lambda: 12 * cache._stride) == 12
+    assert filled - rss_anon() >= 0.9 * 12 * 3 * part
+    cache.close()

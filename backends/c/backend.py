@@ -269,8 +269,13 @@ class CBackend(Backend):
                 keep.append(m)
                 setattr(L, f, m.struct[0])
             for f in ("gate", "up", "down"):
-                if is_offloaded(getattr(lp, f)):
-                    continue   # read through the expert cache by moe(); the fused paths are not used
+                if is_offloaded(getattr(lp, f)):   # read through the expert cache: see offloaded_layer
+                    lay = self._cached_layout(getattr(lp, f).raw)
+                    ptrs = ffi.new("void *[]", E)   # filled with a step's picked experts' slots
+                    keep.append(ptrs)
+                    setattr(L, f, {"experts": ptrs, "n_experts": E, "rows": lay.rows, "cols": lay.cols,
+                                   "row_bytes": lay.row_bytes, "fmt": lay.code})
+                    continue
                 x = as_experts(getattr(lp, f))
                 keep.append(x)
                 setattr(L, f, x.struct[0])
@@ -315,6 +320,64 @@ class CBackend(Backend):
         check(lib.st_layer_forward(pool, hit[1][0], 0, layer_cache.kv, ptr(ffi, "float *", out),
                                    ptr(ffi, "int64_t *", pos), T), f"layer {i}")
         return out, layer_cache
+
+    def offloaded_layer(self, cfg, i, layer_params, h, ctx, layer_cache, route):
+        """One layer under a memory budget, fused around the expert cache (Backend.offloaded_layer): the
+        router picks first (`route`, which starts the reads of the picked experts), attention runs in one
+        C call while they arrive, then the ffn norm and the picked experts in a second, straight from the
+        cache's slots in the layout loaded experts get. A step that picks more experts than the cache
+        holds at once runs its experts group by group (`_offloaded_moe`)."""
+        ffi, lib, pool = self._lib()
+        if not isinstance(layer_cache, CLayerKV):
+            raise InputError("C backend layer needs a layer of a cache made by its own new_cache()")
+        lp = layer_params
+        key = (id(lp), i)
+        hit = self._layer_structs.get(key)
+        if hit is None or hit[0] is not lp or hit[1][2] != cfg:
+            hit = self._layer_structs[key] = (lp, self._struct(cfg, [(i, lp)]))
+        struct = hit[1][0]
+        layer_cache.spec.check(cfg.num_key_value_heads, cfg.head_dim, cfg.layer_window(i), f"layer {i}")
+        out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
+        T = out.shape[0]
+        weights, ids = route(out, lp.router, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax)
+        _, ids, weights = _moe_inputs(out, ids, weights, cfg.hidden_size, cfg.moe_num_primary_experts)
+        pos = int64_vector(ctx.positions, T, "positions", 0)
+        layer_cache.reserve(T)
+        hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
+        check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 1, ffi.NULL, ffi.NULL), f"layer {i}")
+        gate, up, down = lp.gate.raw, lp.up.raw, lp.down.raw
+        cache = gate.cache
+        picked = list(dict.fromkeys(ids.ravel().tolist()))
+        if len(picked) > cache.slots - 1:   # more than fit at once: group by group
+            m = self.rms_norm(out, lp.ffn_norm, cfg.rms_norm_eps)
+            out += self._offloaded_moe(m, gate, up, down, ids, weights, None)
+            return out, layer_cache
+        views = cache.get_many(gate.layer, picked)
+        L = struct.layers[0]
+        slots = (L.gate.experts, L.up.experts, L.down.experts)
+        for part, (arr, p) in enumerate(zip(slots, (gate, up, down))):
+            lay = self._cached_layout(p)
+            for e, v in zip(picked, views):
+                if v[part].nbytes != lay.nbytes:
+                    raise InputError(f"layer {i}: expert slot holds {v[part].nbytes} bytes, expected {lay.nbytes}")
+                arr[e] = ffi.cast("void *", v[part].ctypes.data)
+        try:
+            check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 2, ptr(ffi, "int64_t *", ids),
+                                    ptr(ffi, "float *", weights)), f"layer {i}")
+        finally:   # a slot may hold another expert by the next step
+            for arr in slots:
+                for e in picked:
+                    arr[e] = ffi.NULL
+        return out, layer_cache
+
+    def _cached_layout(self, part):
+        """The layout an offloaded expert matrix has in the cache: `expert_layout`'s, else the file's."""
+        if part.fmt not in ops.FMT_CODE:
+            raise BackendError(f"memory-budget mode on the C backend reads experts in types it runs; "
+                               f"'{part.name}' is {part.fmt}, which it converts only when loaded whole "
+                               f"(load without max_memory, or re-quantise the file)")
+        E, rows, cols = (int(n) for n in part.shape)
+        return part.layout or ops.layout(part.fmt, rows, cols)
 
     # ---- the fused step --------------------------------------------------------------------------
     def forward(self, cfg, params, ids, positions, cache, last_only=False):
@@ -477,16 +540,9 @@ class CBackend(Backend):
         E, F, H = (int(n) for n in gate.shape)
         xs, ids, weights = _moe_inputs(x, ids, weights, H, E)
         T = xs.shape[0]
-        fmts = (gate.fmt, up.fmt, down.fmt)
-        for f, part in zip(fmts, (gate, up, down)):
-            if f not in ops.FMT_CODE:
-                raise BackendError(f"memory-budget mode on the C backend reads experts in types it runs; "
-                                   f"'{part.name}' is {f}, which it converts only when loaded whole "
-                                   f"(load without max_memory, or re-quantise the file)")
         # each part as the cache holds it: converted on read to the layout loaded experts get (see
         # expert_layout), else as stored
-        layouts = [p.layout or ops.layout(f, rows, cols)
-                   for p, f, (rows, cols) in zip((gate, up, down), fmts, ((F, H), (F, H), (H, F)))]
+        layouts = [self._cached_layout(p) for p in (gate, up, down)]
         picked = list(dict.fromkeys(ids.ravel().tolist()))
         group = max(1, cache.slots - 1)
         out = np.zeros((T, H), np.float32)

@@ -168,8 +168,10 @@ class ExpertCache:
         if key in self.lru and not count:
             self.lru.move_to_end(key)
             slot = self.lru[key]
+            self._touch(key, slot)
         elif key in self.lru:
             self.lru.move_to_end(key)
+            self._touch(key, self.lru[key])
             self.stats.hits += 1
             if key in self.stats._prefetched:
                 self.stats.prefetch_hits += 1
@@ -267,9 +269,15 @@ class ExpertCache:
         pages are committed as slots fill."""
         self.slots = slots
         self._stride = -(-self.bundle_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        self._mm = mmap.mmap(-1, max(1, slots) * self._stride)
+        # private: MADV_DONTNEED then frees a slot's pages (a shared anonymous mapping keeps them, charged)
+        self._mm = _anonymous(max(1, slots) * self._stride)
         self.buffer = np.frombuffer(self._mm, np.uint8).reshape(max(1, slots), self._stride)
         self.free = list(range(slots))[::-1]
+        # per slot, for lfru's victim: when its expert was last used (-1: empty), that expert's uses, the key
+        self._seq = np.full(max(1, slots), -1, np.int64)
+        self._slot_uses = np.zeros(max(1, slots))
+        self._slot_key: list[Key | None] = [None] * max(1, slots)
+        self._tick = 0
 
     def _views(self, slot: int, layer: int) -> list[np.ndarray]:
         row, offsets = self.buffer[slot], self.offsets[layer]
@@ -281,22 +289,41 @@ class ExpertCache:
             slot, fut = self.pending.pop(key)
             fut.result()   # re-raise a failed read here, on the compute thread
             self.lru[key] = slot
+            self._touch(key, slot)
+
+    def _touch(self, key: Key, slot: int) -> None:
+        """`key` became the most recent resident expert (in `slot`): the arrays lfru's victim reads."""
+        self._tick += 1
+        self._seq[slot] = self._tick
+        self._slot_uses[slot] = self.uses.get(key, 0.0)
+        self._slot_key[slot] = key
 
     def _count(self, key: Key) -> None:
         self.uses[key] = self.uses.get(key, 0.0) + 1.0
         self._n_uses += 1
         if self._n_uses % (AGE_EVERY * self.slots) == 0:
             self.uses = {k: v / 2 for k, v in self.uses.items() if v >= 0.25}
+            for k, slot in self.lru.items():
+                self._slot_uses[slot] = self.uses.get(k, 0.0)
 
     def _victim(self) -> Key | None:
         """The resident, unheld expert to evict under the policy."""
         if self.policy == "lru":
             return next((key for key in self.lru if key not in self.held), None)
-        candidates = [key for key in self.lru if key not in self.held]   # least recently used first
-        if not candidates:
+        # over the slots' arrays (kept by _touch), not the LRU's keys: this runs for every read
+        mask = self._seq >= 0
+        for key in self.held:
+            if key in self.lru:
+                mask[self.lru[key]] = False
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
             return None
-        unprotected = candidates[:max(1, len(candidates) - self.slots // 4)]
-        return min(unprotected, key=lambda k: self.uses.get(k, 0.0))   # min keeps the least recent of equals
+        keep = max(1, idx.size - self.slots // 4)   # all but the most recent quarter of the slots
+        if keep < idx.size:
+            idx = idx[np.argpartition(self._seq[idx], keep - 1)[:keep]]
+        uses = self._slot_uses[idx]
+        least = idx[uses == uses.min()]
+        return self._slot_key[least[np.argmin(self._seq[least])]]   # the least recent of equals
 
     def _take_slot(self) -> int | None:
         if self.free:
@@ -306,7 +333,9 @@ class ExpertCache:
             key = self._victim()
             if key is not None:
                 self.stats.evictions += 1
-                return self.lru.pop(key)
+                slot = self.lru.pop(key)
+                self._seq[slot] = -1
+                return slot
             # every resident expert is held: wait for prefetches nobody holds any more, then evict them
             for key, (_, fut) in list(self.pending.items()):
                 if key not in self.held:
@@ -341,7 +370,7 @@ class ExpertCache:
         """This I/O thread's read buffer of at least `nbytes` (page-aligned: an anonymous mapping)."""
         mm = getattr(self._scratch, "mm", None)
         if mm is None or len(mm) < nbytes:
-            mm = self._scratch.mm = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+            mm = self._scratch.mm = _anonymous(-(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
         return memoryview(mm)
 
     def _pread(self, ext: Extent, key: Key, out: np.ndarray | None) -> np.ndarray:
@@ -408,6 +437,13 @@ class _Reads:
     def result(self) -> None:
         for f in self.futures:
             f.result()
+
+
+def _anonymous(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory of this process alone (MAP_PRIVATE where the platform has it)."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
+    return mmap.mmap(-1, nbytes)
 
 
 def resident_bytes() -> int:

@@ -209,15 +209,20 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, 
 
 
 def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: str | None = "auto"):
-    """The per-op path with the router prefetching experts. The MoE runs on the backend only if it
-    reads experts through the cache (`supports_offload`), with the experts converted as they are read
-    to the layout it asks for (`expert_layout`); otherwise on the NumPy reference, as stored. Call
-    before the cache is first used."""
+    """The op table under a memory budget, the router prefetching experts. The MoE runs on the backend
+    only if it reads experts through the cache (`supports_offload`), with the experts converted as they
+    are read to the layout it asks for (`expert_layout`), and then in the backend's fused layer if it
+    has one for the cache (`offloaded_layer`), else op by op; otherwise on the NumPy reference, as
+    stored. Call before the cache is first used."""
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
     if native:
         cache.set_layouts([[backend.expert_layout(getattr(lp, p).raw.fmt, *getattr(lp, p).raw.shape[1:], p)
                             for p in PARTS] for lp in params.layers])
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
-    return dataclasses.replace(ops, forward=None, layer=None, forward_batch=None, moe=moe,
-                               route=prefetching_route(ops.route, params, cache, prefetch, lookahead),
+    route = prefetching_route(ops.route, params, cache, prefetch, lookahead)
+    layer = None
+    if native and getattr(backend, "offloaded_layer", None) is not None:   # the backend's fused layer
+        def layer(cfg, i, p, h, ctx, layer_cache):
+            return backend.offloaded_layer(cfg, i, p, h, ctx, layer_cache, route)
+    return dataclasses.replace(ops, forward=None, layer=layer, forward_batch=None, moe=moe, route=route,
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))
