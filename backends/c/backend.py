@@ -303,9 +303,9 @@ class CBackend(Backend):
         return (ffi.new("st_model *", fields), keep, cfg)
 
     # ---- fused ops -----------------------------------------------------------------------------
-    def layer(self, cfg, i, layer_params, h, ctx, layer_cache):
-        """One whole decoder layer in one C call (h [T, H] in, h [T, H] out)."""
-        ffi, lib, pool = self._lib()
+    def _layer_inputs(self, cfg, i, layer_params, h, ctx, layer_cache):
+        """What a one-layer C call takes: the layer's st_model (built once per params and config), a copy
+        of h to update in place [T, H], the positions, with room for T more in the layer's cache."""
         if not isinstance(layer_cache, CLayerKV):
             raise InputError("C backend layer needs a layer of a cache made by its own new_cache()")
         key = (id(layer_params), i)
@@ -314,11 +314,16 @@ class CBackend(Backend):
             hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
         layer_cache.spec.check(cfg.num_key_value_heads, cfg.head_dim, cfg.layer_window(i), f"layer {i}")
         out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
-        T = out.shape[0]
-        pos = int64_vector(ctx.positions, T, "positions", 0)
-        layer_cache.reserve(T)
-        check(lib.st_layer_forward(pool, hit[1][0], 0, layer_cache.kv, ptr(ffi, "float *", out),
-                                   ptr(ffi, "int64_t *", pos), T), f"layer {i}")
+        pos = int64_vector(ctx.positions, out.shape[0], "positions", 0)
+        layer_cache.reserve(out.shape[0])
+        return hit[1][0], out, pos
+
+    def layer(self, cfg, i, layer_params, h, ctx, layer_cache):
+        """One whole decoder layer in one C call (h [T, H] in, h [T, H] out)."""
+        ffi, lib, pool = self._lib()
+        struct, out, pos = self._layer_inputs(cfg, i, layer_params, h, ctx, layer_cache)
+        check(lib.st_layer_forward(pool, struct, 0, layer_cache.kv, ptr(ffi, "float *", out),
+                                   ptr(ffi, "int64_t *", pos), out.shape[0]), f"layer {i}")
         return out, layer_cache
 
     def offloaded_layer(self, cfg, i, layer_params, h, ctx, layer_cache, route):
@@ -328,21 +333,11 @@ class CBackend(Backend):
         cache's slots in the layout loaded experts get. A step that picks more experts than the cache
         holds at once runs its experts group by group (`_offloaded_moe`)."""
         ffi, lib, pool = self._lib()
-        if not isinstance(layer_cache, CLayerKV):
-            raise InputError("C backend layer needs a layer of a cache made by its own new_cache()")
         lp = layer_params
-        key = (id(lp), i)
-        hit = self._layer_structs.get(key)
-        if hit is None or hit[0] is not lp or hit[1][2] != cfg:
-            hit = self._layer_structs[key] = (lp, self._struct(cfg, [(i, lp)]))
-        struct = hit[1][0]
-        layer_cache.spec.check(cfg.num_key_value_heads, cfg.head_dim, cfg.layer_window(i), f"layer {i}")
-        out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
+        struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
         T = out.shape[0]
         weights, ids = route(out, lp.router, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax)
         _, ids, weights = _moe_inputs(out, ids, weights, cfg.hidden_size, cfg.moe_num_primary_experts)
-        pos = int64_vector(ctx.positions, T, "positions", 0)
-        layer_cache.reserve(T)
         hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
         check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 1, ffi.NULL, ffi.NULL), f"layer {i}")
         gate, up, down = lp.gate.raw, lp.up.raw, lp.down.raw
@@ -376,7 +371,7 @@ class CBackend(Backend):
             raise BackendError(f"memory-budget mode on the C backend reads experts in types it runs; "
                                f"'{part.name}' is {part.fmt}, which it converts only when loaded whole "
                                f"(load without max_memory, or re-quantise the file)")
-        E, rows, cols = (int(n) for n in part.shape)
+        _, rows, cols = (int(n) for n in part.shape)
         return part.layout or ops.layout(part.fmt, rows, cols)
 
     # ---- the fused step --------------------------------------------------------------------------
