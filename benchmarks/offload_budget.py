@@ -4,8 +4,10 @@ Each runner is a child process placed in a memory cgroup (v1 `memory.limit_in_by
 `memory.max`) whose limit is the budget, so page cache counts too. Reports decode tokens/s (median),
 the cgroup's peak (page cache included, so it sits at the limit once the file has been read) and the
 process's own peak RSS, and the expert-cache statistics (hit rate, bytes read, stall time) for st-sdk
-with its defaults, with prefetch off (or router-only, or reading every guess ahead), and with each
-cache policy of --policies. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
+with its defaults, with prefetch off (or router-only, or reading every guess ahead), with each
+cache policy of --policies, and with --prepared-run reading its experts from a prepared expert file
+(st_sdk.offload.prepared: written once, before the runs, outside the limit; the "st-sdk" row has none,
+as on a fresh machine). llama.cpp runs without its repacked weight copy (`--no-repack`), the only
 way it fits a budget smaller than the file.
 
     python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 256] [--repeats 3] [--threads 2]
@@ -40,10 +42,13 @@ TOKENS_OF = "np.random.default_rng(1234).permutation(np.arange(256, vocab))[:n_a
 
 CHILD_OURS = r"""
 import json, resource, sys, time, numpy as np, st_sdk
-path, budget, n, threads, prefetch, backend, policy = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), {"1": True, "0": False}.get(sys.argv[5], sys.argv[5]), sys.argv[6], sys.argv[7]
+flag = lambda v: {"1": True, "0": False}.get(v, v)
+path, budget, n, threads, prefetch, backend, policy, expert_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), flag(sys.argv[5]), sys.argv[6], sys.argv[7], flag(sys.argv[8])
 t_load = time.perf_counter()
 m = st_sdk.load(path, backend=backend, n_threads=threads, max_memory=budget, prefetch=prefetch, context=512,
-                cache_policy=policy)
+                cache_policy=policy, expert_file=expert_file)
+if n == 0:   # only writing the prepared expert file
+    print(json.dumps({"load_s": time.perf_counter() - t_load, "plan": m.memory_plan.describe()})); sys.exit()
 t_load = time.perf_counter() - t_load
 vocab, n_all = m.config.vocab_size, WARMUP + n
 toks = [int(t) for t in TOKENS_OF]
@@ -205,6 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default="lfru",
                     help="expert-cache policies to run, comma-separated (the first is the 'st-sdk' row; default lfru, "
                          "st-sdk's default)")
+    ap.add_argument("--prepared-run", action="store_true",
+                    help="also run with the experts read from a prepared expert file (expert_file=True; the file is "
+                         "written before the runs, outside the limit, and kept in st-sdk's cache directory)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--llama-tokens", type=int, default=None,
                     help="measured tokens for llama.cpp (default --tokens; it reads every expert from disk)")
@@ -218,15 +226,19 @@ def main(argv=None) -> int:
         print("warning: no memory cgroup could be made here; running without a hard limit", file=sys.stderr)
     ours = [sys.executable, "-c", CHILD_OURS, args.model, str(limit), str(args.tokens), str(args.threads)]
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
-    runs = {"st-sdk": ours + ["auto", args.backend, policies[0]]}   # the defaults
+    # the defaults, with no prepared expert file (as on a fresh machine; "auto" would use one left by an
+    # earlier --prepared-run)
+    runs = {"st-sdk": ours + ["auto", args.backend, policies[0], "0"]}
+    if args.prepared_run:
+        runs["st-sdk prepared"] = ours + ["auto", args.backend, policies[0], "1"]
     for policy in policies[1:]:
-        runs[f"st-sdk {policy}"] = ours + ["auto", args.backend, policy]
+        runs[f"st-sdk {policy}"] = ours + ["auto", args.backend, policy, "0"]
     if args.router_only_run:
-        runs["st-sdk router-only"] = ours + ["1", args.backend, policies[0]]
+        runs["st-sdk router-only"] = ours + ["1", args.backend, policies[0], "0"]
     if args.lookahead_run:
-        runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0]]
+        runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0], "0"]
     if not args.no_prefetch_run:
-        runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0]]
+        runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0], "0"]
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
@@ -239,6 +251,16 @@ def main(argv=None) -> int:
     print(f"# offload_budget: {args.model}, budget {args.budget} ({'cgroup limit' if cg.path else 'NOT limited'}), "
           f"{args.threads} threads, backend {args.backend}, cache policy {policies[0]}, {WARMUP} warm-up + {args.tokens} teacher-forced diverse "
           f"tokens, {args.repeats} runs each, page cache dropped before each run; load {load0}", flush=True)
+    if args.prepared_run:   # written once here, outside the limit and the timed runs
+        prep = subprocess.run([sys.executable, "-c", CHILD_OURS, args.model, str(limit), "0", str(args.threads),
+                               "auto", args.backend, policies[0], "1"], capture_output=True, text=True,
+                              timeout=args.timeout)
+        if prep.returncode != 0:
+            print(f"the prepared expert file could not be written: {prep.stderr.strip()[-500:]}", file=sys.stderr)
+            return 1
+        rec = json.loads(prep.stdout.strip().splitlines()[-1])
+        print(f"# prepared expert file: {rec['plan'].rsplit(', ', 1)[-1]} ({rec['load_s']:.1f} s to load and write)",
+              flush=True)
     results: dict[str, list] = {k: [] for k in runs}
     for rep in range(args.repeats):
         for name, cmd in runs.items():            # interleaved repeats

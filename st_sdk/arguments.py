@@ -116,7 +116,8 @@ def compute_dtype(dtype: Any) -> str | None:
 
 def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: dict[str, Any]):
     """Validated (path, backend, dtype, n_threads, extra) of an `st_sdk.load` call."""
-    known_extra = ("file", "max_memory", "context", "prefetch", "chunk_size", "kv_dtype", "cache_policy")
+    known_extra = ("file", "max_memory", "context", "prefetch", "chunk_size", "kv_dtype", "cache_policy",
+                   "expert_file")
     for name in extra:
         if name not in known_extra:
             raise unknown_argument("load", name, ("path", "backend", "dtype", "n_threads", "strict", "tune",
@@ -136,6 +137,10 @@ def check_load(path, backend, dtype, n_threads, strict, tune, quantize, extra: d
 
         if extra["cache_policy"] not in POLICIES:
             raise InputError(f"cache_policy: expected one of {', '.join(POLICIES)}, got {extra['cache_policy']!r}")
+    if "expert_file" in extra:
+        from .offload.prepared import check_mode
+
+        check_mode(extra["expert_file"])
     if extra.get("max_memory") is not None:
         from .sizes import parse_size
 

@@ -27,7 +27,7 @@ def load(path: str | Path, backend: str | Sequence[str] | Any = "auto", dtype: s
     ...; every matrix that type) or one of llama.cpp's mixes ('q4_k_m', 'q5_k_m', 'q3_k_m', ...: each
     tensor the type llama-quantize gives it); norms and the router stay f32. Other keyword arguments go
     to `build_model`: kv_dtype ('f16', 'q8_0', 'f32': how the KV cache stores keys and values),
-    max_memory, context, prefetch, cache_policy (the memory-budget mode).
+    max_memory, context, prefetch, cache_policy, expert_file (the memory-budget mode).
     """
     from .arguments import check_load
     from .weights import open_model
@@ -102,7 +102,8 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                 dtype: str | None = None, n_threads: int | None = None, strict: bool = False,
                 tokenizer: Any = None, path: str | None = None, weight_format: str | None = None,
                 tune: bool = False, max_memory: str | int | None = None, context: int | None = None,
-                prefetch: bool | str = "auto", kv_dtype: str | None = None, cache_policy: str = "lfru", **kw) -> Model:
+                prefetch: bool | str = "auto", kv_dtype: str | None = None, cache_policy: str = "lfru",
+                expert_file: bool | str = "auto", **kw) -> Model:
     """Choose a backend, prepare the weights once and bind the op table (and any plugin's step wrapper).
 
     kv_dtype: how the KV cache stores keys and values: 'f16', 'q8_0' or 'f32' (as llama.cpp's
@@ -118,11 +119,15 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     while such guesses prove right often enough to pay (st_sdk.offload.experts.Lookahead); True: the
     router's picks only; "lookahead": every guess too; False: nothing before the MoE needs it (to
     measure what prefetch buys); cache_policy:
-    'lfru' (frequency-aware, the default) or 'lru' (st_sdk.offload.cache).
+    'lfru' (frequency-aware, the default) or 'lru' (st_sdk.offload.cache); expert_file: read the
+    experts from a file written once in the backend's layout (st_sdk.offload.prepared): "auto" (the
+    default) when one exists, True writes it first when missing, False never.
     """
     from .context import resolve_context
+    from .offload.prepared import attach, check_mode
 
     context = resolve_context(config, context, budget=max_memory is not None)
+    expert_file = check_mode(expert_file)
     offload = None
     if max_memory is not None:
         params, *offload = setup_offload(config, params, max_memory, context=context, kv_dtype=kv_dtype or "f16",
@@ -143,6 +148,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                      kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
+        plan.expert_file = attach(cache, config.moe_num_primary_experts, expert_file)
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)
     model.context = context

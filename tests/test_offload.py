@@ -110,6 +110,9 @@ def test_generate_cli_reports_the_expert_cache(files, capsys):
     assert "offload" not in plain
     assert main(args[:-1] + ["--max-memory", budget, "--stats"]) == 0
     assert "expert cache: hit rate" in capsys.readouterr().err
+    assert main(args + ["--max-memory", budget, "--expert-file", "write"]) == 0
+    prepared = json.loads(capsys.readouterr().out)
+    assert prepared["token_ids"] == plain["token_ids"] and "read from the prepared file" in prepared["offload"]["plan"]
 
 
 def test_c_backend_reads_experts_through_the_cache(files):
@@ -605,3 +608,64 @@ def test_slots_given_back_are_returned_to_the_system(tmp_path):
     assert cache.keep_within(rss=lambda: 12 * cache._stride) == 12
     assert filled - rss_anon() >= 0.9 * 12 * 3 * part
     cache.close()
+
+
+@pytest.mark.parametrize("backend", ["c", "numpy"])
+def test_prepared_expert_file_gives_the_resident_logits(tmp_path, monkeypatch, backend):
+    """expert_file=True writes every expert once in the backend's layout and reads each back in one
+    read straight into its slot; "auto" finds it again on the next load, False does not use it; the
+    logits stay the resident model's."""
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=3)["gguf"]
+    resident = st_sdk.load(path, backend=backend, n_threads=1)
+    budget = budget_for(path, 12, backend=backend)
+    m = st_sdk.load(path, backend=backend, n_threads=1, max_memory=budget, context=64, expert_file=True)
+    written = m.memory_plan.expert_file
+    assert written is not None and written.parent == tmp_path / "cache" / "experts" and written.exists()
+    assert "read from the prepared file" in m.memory_plan.describe()
+    assert [p.name for p in written.parent.iterdir()] == [written.name]   # no partial file left
+    s, r = m.session(), resident.session()
+    for t in IDS[:24]:
+        np.testing.assert_array_equal(s.feed([int(t)]), r.feed([int(t)]))
+    assert m.offload.stats.reads > 0 and m.offload.stats.evictions > 0
+    again = st_sdk.load(path, backend=backend, n_threads=1, max_memory=budget, context=64)   # "auto"
+    assert again.memory_plan.expert_file == written
+    np.testing.assert_array_equal(again.logits(IDS[:6]), resident.logits(IDS[:6]))
+    off = st_sdk.load(path, backend=backend, n_threads=1, max_memory=budget, context=64, expert_file=False)
+    assert off.memory_plan.expert_file is None and off.offload.prepared is None
+
+
+def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, caplog):
+    """A changed model file, a damaged prepared file or a disk without room: the experts are converted
+    as they are read (a warning says why when one was asked for), never read from a stale file."""
+    from st_sdk.offload import prepared
+
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    want = st_sdk.load(path, backend="numpy").logits(IDS[:6])
+    budget = budget_for(path, 12)
+    load = lambda ef: st_sdk.load(path, backend="numpy", max_memory=budget, context=64, expert_file=ef)  # noqa: E731
+    first = load(True).memory_plan.expert_file
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # the model file changed since
+    m = load("auto")
+    assert m.memory_plan.expert_file is None
+    np.testing.assert_array_equal(m.logits(IDS[:6]), want)
+    second = load(True).memory_plan.expert_file
+    assert second is not None and second != first
+    with open(second, "r+b") as f:   # damaged: cut short
+        f.truncate(os.path.getsize(second) - 4096)
+    assert load("auto").memory_plan.expert_file is None
+    assert load(True).memory_plan.expert_file == second and os.path.getsize(second) % 4096 == 0
+    second.unlink()
+    monkeypatch.setattr(prepared.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        m = load(True)
+    assert m.memory_plan.expert_file is None and "GiB free" in caplog.text
+    assert not second.exists()
+    np.testing.assert_array_equal(m.logits(IDS[:6]), want)
+
+
+def test_expert_file_argument_is_checked(files):
+    with pytest.raises(InputError, match="expert_file"):
+        st_sdk.load(files["gguf-q8_0"], backend="numpy", max_memory="64GiB", expert_file="yes")

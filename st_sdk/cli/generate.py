@@ -19,6 +19,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         f"(default min(context length, {DEFAULT_CONTEXT}))")
     p.add_argument("--cache-policy", choices=("lfru", "lru"), default="lfru",
                    help="with --max-memory: which expert the cache evicts (default lfru: frequency-aware)")
+    p.add_argument("--expert-file", choices=("auto", "write", "off"), default="auto",
+                   help="with --max-memory: read experts from a file written once in the backend's layout "
+                        "(st_sdk.offload.prepared; in st-sdk's cache directory, as large as the experts): "
+                        "auto (default) when one exists, write: write it first if missing, off: never")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +54,9 @@ def load_model(args: argparse.Namespace):
 
     backend = args.backend.split(",") if "," in args.backend else args.backend
     extra = {"max_memory": args.max_memory, "context": args.context,
-             "cache_policy": args.cache_policy} if getattr(args, "max_memory", None) else {}
+             "cache_policy": args.cache_policy,
+             "expert_file": {"write": True, "off": False}.get(args.expert_file, "auto")} \
+        if getattr(args, "max_memory", None) else {}
     return st_sdk.load(resolve_model(args.model), backend=backend, n_threads=args.threads, **extra)
 
 

@@ -19,6 +19,7 @@ class MemoryPlan:
     converted_bytes: int = 0  # a backend's converted copies beyond the mapped file (repacked weights)
     smallest_expert_bytes: int = 0  # the smallest layer's expert, when a file's types differ per layer
     context: int = 0        # tokens the KV cache is planned for
+    expert_file: object = None  # the prepared expert file read from (st_sdk.offload.prepared), if any
 
     @property
     def cache_bytes(self) -> int:
@@ -51,7 +52,9 @@ class MemoryPlan:
         return (f"budget {fmt_bytes(self.budget)}: dense {fmt_bytes(self.dense_bytes)}{converted}, "
                 f"KV cache {fmt_bytes(self.kv_bytes)}, scratch {fmt_bytes(self.scratch_bytes)}, "
                 f"expert cache {self.slots} x {fmt_bytes(self.expert_bytes)} = {fmt_bytes(self.cache_bytes)} "
-                f"({self.slots / self.n_experts:.0%} of {self.n_experts} experts){mixed}")
+                f"({self.slots / self.n_experts:.0%} of {self.n_experts} experts){mixed}, "
+                + (f"read from the prepared file {self.expert_file}" if self.expert_file else
+                   "converted as they are read from the model file"))
 
 
 def plan_memory(budget: int, dense_bytes: int, kv_bytes: int, expert_bytes: int, n_experts: int,

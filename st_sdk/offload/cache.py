@@ -118,6 +118,7 @@ class ExpertCache:
         self.limit: int | None = None   # keep_within: the process's resident bytes the cache keeps below
         self.shrunk = 0                 # slots given back at run time
         self.stats = OffloadStats()
+        self.prepared: tuple[str, int, int] | None = None   # see use_file
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         if direct is None:   # ST_OFFLOAD_DIRECT=0 reads through the page cache (to compare)
             direct = os.environ.get("ST_OFFLOAD_DIRECT", "1").strip() != "0"
@@ -204,6 +205,15 @@ class ExpertCache:
             raise WeightError(f"expert cache: {len(keys)} experts at once do not fit in {self.slots} slots")
         self.held = set(keys)
         return [self.get(*key) for key in keys]
+
+    def use_file(self, path: str, offset: int, experts: int) -> None:
+        """Read every expert from a prepared expert file (st_sdk.offload.prepared): expert e of a layer
+        at offset + (layer * experts + e) * stride, already in the cache's layouts, read straight into
+        its slot in aligned pieces (as many as it has parts, in parallel)."""
+        if offset % DIRECT_ALIGN or self._stride % DIRECT_ALIGN:
+            raise ValueError("a prepared expert file's experts must be aligned for direct reads")
+        self._fd(path)
+        self.prepared = (path, int(offset), int(experts))
 
     def resize(self, slots: int) -> None:
         """Change the number of slots before first use (the plan learnt of another resident copy)."""
@@ -348,7 +358,13 @@ class ExpertCache:
         slot = self._take_slot()
         if slot is None:
             return None
-        fut = _Reads([self._pool.submit(self._read, key, slot, part) for part in range(len(self.part_bytes[key[0]]))])
+        if self.prepared is not None:   # in as many aligned pieces as the expert has parts, read in parallel
+            length = min(self._stride, -(-int(self.offsets[key[0]][-1]) // DIRECT_ALIGN) * DIRECT_ALIGN)
+            n = len(self.part_bytes[key[0]])
+            cuts = sorted({min(length, -(-length * i // n // DIRECT_ALIGN) * DIRECT_ALIGN) for i in range(n + 1)})
+            fut = _Reads([self._pool.submit(self._read_prepared, key, slot, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+        else:
+            fut = _Reads([self._pool.submit(self._read, key, slot, part) for part in range(len(self.part_bytes[key[0]]))])
         self.pending[key] = (slot, fut)
         return fut
 
@@ -374,15 +390,18 @@ class ExpertCache:
         return memoryview(mm)
 
     def _pread(self, ext: Extent, key: Key, out: np.ndarray | None) -> np.ndarray:
-        """The extent's bytes: read into `out` when given (buffered reads only), else into this thread's
-        buffer. O_DIRECT when the file allows it: whole aligned blocks around the extent."""
+        """The extent's bytes: read into `out` when given (buffered reads, or direct ones whose extent
+        and `out` are aligned), else into this thread's buffer, and returned. O_DIRECT when the file
+        allows it: whole aligned blocks around the extent."""
         fd = self._fd(ext.path)
         dfd = self._direct_fds.get(ext.path)
         if dfd is not None:
             start = ext.offset - ext.offset % DIRECT_ALIGN
             pad = ext.offset - start
             length = -(-(pad + ext.nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
-            buf = self._buffer(length)
+            into = (out is not None and pad == 0 and length == ext.nbytes and out.nbytes == length
+                    and out.ctypes.data % DIRECT_ALIGN == 0)
+            buf = memoryview(out) if into else self._buffer(length)
             try:
                 got = os.preadv(dfd, [buf[:length]], start) - pad
             except OSError as e:
@@ -394,7 +413,7 @@ class ExpertCache:
                 self._refused_fds.append(dfd)
                 return self._pread(ext, key, out)
             if got >= ext.nbytes:
-                return np.frombuffer(buf, np.uint8, ext.nbytes, pad)
+                return out if into else np.frombuffer(buf, np.uint8, ext.nbytes, pad)
         else:
             target = memoryview(out) if out is not None else self._buffer(ext.nbytes)[:ext.nbytes]
             try:
@@ -413,16 +432,27 @@ class ExpertCache:
         converted to its layout if it has one."""
         layer = key[0]
         ext, view, lay = self.locate(*key)[part], self._views(slot, layer)[part], self.layouts[layer][part]
-        self._fd(ext.path)
-        straight = lay is None and self._direct_fds.get(ext.path) is None   # buffered, into the slot
-        src = self._pread(ext, key, view if straight else None)
+        src = self._pread(ext, key, view if lay is None else None)
         if lay is not None:
             lay.convert(src, view)
-        elif not straight:
+        elif src is not view:
             view[:] = src
         with self._lock:
             self.stats.bytes_read += int(self.part_bytes[layer][part])
             self.stats.reads += part == 0
+
+    def _read_prepared(self, key: Key, slot: int, a: int, b: int) -> None:
+        """Read bytes [a, b) of an expert from the prepared expert file straight into its slot (I/O
+        thread)."""
+        path, base, experts = self.prepared
+        layer, e = key
+        out = self.buffer[slot, a:b]
+        src = self._pread(Extent(path, base + (layer * experts + e) * self._stride + a, b - a), key, out)
+        if src is not out:
+            out[:] = src
+        with self._lock:
+            self.stats.bytes_read += b - a
+            self.stats.reads += a == 0
 
 
 class _Reads:

@@ -1,0 +1,217 @@
+"""Prepared expert files: every expert of a model written once in the layout the backend computes on,
+one after another at the cache's slot stride, so that budget mode reads an expert with one read
+straight into its slot (O_DIRECT where the filesystem allows it): no conversion on the I/O threads and
+no copy out of a read buffer. On two cores that conversion competes with the compute threads.
+
+The file lives in the st-sdk cache directory (`ST_SDK_CACHE_DIR`, else the platform's user cache
+directory), under `experts/`. Its name comes from the model file's name and a hash of everything that
+decides its bytes: the model files' paths, sizes and modification times, the slot stride, and each
+layer's stored part sizes and layouts. A model file changed since, or another backend's layout, gets
+a new name; files no longer used can be deleted at any time.
+
+`st_sdk.load(..., max_memory=..., expert_file=...)`:
+
+    "auto"  (the default) use the prepared file if one exists; else convert each expert as it is read
+    True    write it first when it is missing (a progress bar on a terminal); when the disk lacks room
+            or the write fails, a warning says why and the experts are converted as they are read
+    False   never use one
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .cache import DIRECT_ALIGN, ExpertCache, _anonymous
+
+log = logging.getLogger("st_sdk.offload")
+
+MAGIC = b"STSDKXP1"
+HEADER = 4096          # the header block; experts start here, each at a multiple of the stride
+VERSION = 1
+FREE_MARGIN = 256 * 2**20   # room left on the disk after writing one
+MODES = ("auto", True, False)
+
+
+def check_mode(value) -> bool | str:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if value == "auto":
+        return "auto"
+    raise InputError(f"expert_file: expected 'auto', True or False, got {value!r}")
+
+
+def _describe(layout) -> str:
+    """A layout as text that changes when its bytes would (None: the experts as stored)."""
+    if layout is None:
+        return "stored"
+    if is_dataclass(layout):
+        items = [(f.name, getattr(layout, f.name)) for f in fields(layout)]
+    else:
+        items = sorted(vars(layout).items())
+    return f"{type(layout).__module__}.{type(layout).__qualname__}{items!r}"
+
+
+def signature(cache: ExpertCache, experts: int) -> dict:
+    """Everything that decides a prepared file's bytes, and where they come from."""
+    sources = sorted({ext.path for layer in range(len(cache.part_bytes)) for e in range(experts)
+                      for ext in cache.locate(layer, e)})
+    files = []
+    for p in sources:
+        st = os.stat(p)
+        files.append([os.path.realpath(p), st.st_size, st.st_mtime_ns])
+    return {"version": VERSION, "files": files, "experts": experts, "stride": int(cache._stride),
+            "layers": [[[int(stored), _describe(lay), int(off)] for stored, lay, off in zip(parts, lays, offsets)]
+                       for parts, lays, offsets in zip(cache.part_bytes, cache.layouts, cache.offsets)]}
+
+
+def path_for(sig: dict, directory: Path | None = None) -> Path:
+    from ..environment import cache_dir
+
+    digest = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:20]
+    stem = Path(sig["files"][0][0]).stem if sig["files"] else "model"
+    return Path(directory or cache_dir() / "experts") / f"{stem}.{digest}.stx"
+
+
+def data_bytes(sig: dict) -> int:
+    return len(sig["layers"]) * sig["experts"] * sig["stride"]
+
+
+def _header(sig: dict) -> bytes:
+    body = json.dumps({"signature": hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest(),
+                       "stride": sig["stride"], "layers": len(sig["layers"]), "experts": sig["experts"],
+                       "files": [f[0] for f in sig["files"]]}, sort_keys=True).encode()
+    head = MAGIC + len(body).to_bytes(4, "little") + body
+    if len(head) > HEADER:
+        raise ValueError("prepared expert file: header too long")
+    return head + bytes(HEADER - len(head))
+
+
+def is_valid(path: Path, sig: dict) -> bool:
+    """True when `path` is a complete prepared file for `sig`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return head == _header(sig) and size == HEADER + data_bytes(sig)
+
+
+def write(cache: ExpertCache, experts: int, sig: dict, path: Path, progress: bool = True,
+          io_threads: int = 4) -> None:
+    """Write every expert in the cache's layouts to `path` (through a temporary file renamed at the end;
+    O_DIRECT writes where allowed, so neither file fills the page cache). OSError when the disk lacks
+    room or a write fails; nothing is left behind then."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = HEADER + data_bytes(sig)
+    free = shutil.disk_usage(path.parent).free
+    if free < need + FREE_MARGIN:
+        raise OSError(f"{path.parent}: {free / 2**30:.2f} GiB free, the prepared expert file needs "
+                      f"{need / 2**30:.2f} GiB (and {FREE_MARGIN // 2**20} MiB left over)")
+    layers, stride = len(sig["layers"]), sig["stride"]
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o644)
+    dfd = None
+    if hasattr(os, "O_DIRECT"):
+        try:
+            dfd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            dfd = None
+    local = threading.local()
+    direct = {"fd": dfd}   # None once the filesystem refuses an O_DIRECT write
+
+    def one(index: int) -> int:
+        layer, e = divmod(index, experts)
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = _anonymous(stride)
+        row = np.frombuffer(buf, np.uint8)
+        offsets = cache.offsets[layer]
+        row[int(offsets[-1]):] = 0
+        for part, ext in enumerate(cache.locate(layer, e)):
+            src = cache._pread(ext, (layer, e), None)
+            view, lay = row[int(offsets[part]):int(offsets[part + 1])], cache.layouts[layer][part]
+            if lay is not None:
+                lay.convert(src, view)
+            else:
+                view[:] = src
+        at = HEADER + index * stride
+        target = direct["fd"]
+        if target is not None:
+            try:
+                done = os.pwrite(target, buf, at)
+            except OSError as err:   # refused after all: buffered writes from now on
+                if err.errno != errno.EINVAL:
+                    raise
+                target = direct["fd"] = None
+        if target is None:
+            done = os.pwrite(fd, buf, at)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, at, stride, os.POSIX_FADV_DONTNEED)
+        if done != stride:
+            raise OSError(f"{tmp}: short write ({done} of {stride} bytes)")
+        return stride
+
+    from ..weights.export import progress_bar
+
+    try:
+        with ThreadPoolExecutor(io_threads, thread_name_prefix="st-sdk-prepare") as pool:
+            bar = progress_bar(need, f"preparing experts ({path.name})") if progress else None
+            try:
+                for n in pool.map(one, range(layers * experts)):
+                    if bar is not None:
+                        bar.update(n)
+            finally:
+                if bar is not None:
+                    bar.close()
+        os.pwrite(fd, _header(sig), 0)
+        os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+        if dfd is not None:
+            os.close(dfd)
+
+
+def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", directory: Path | None = None,
+           progress: bool = True) -> Path | None:
+    """Have `cache` read from the prepared expert file for its model and layouts (after its layouts
+    are set): the existing one, or with mode=True one written now. Returns its path, or None when the
+    experts are converted as they are read."""
+    mode = check_mode(mode)
+    if mode is False:
+        return None
+    sig = signature(cache, experts)
+    path = path_for(sig, directory)
+    if not is_valid(path, sig):
+        if mode != True:   # noqa: E712 ("auto")
+            return None
+        try:
+            write(cache, experts, sig, path, progress=progress)
+        except OSError as e:
+            log.warning("st-sdk: no prepared expert file (%s); experts are converted as they are read", e)
+            return None
+        if not is_valid(path, sig):
+            log.warning("st-sdk: the prepared expert file %s did not check out after writing; experts are "
+                        "converted as they are read", path)
+            return None
+    cache.use_file(str(path), HEADER, experts)
+    return path
