@@ -2,7 +2,7 @@
 
 Records which experts the model picks for the tokens benchmarks/offload_budget.py decodes (8 warm-up +
 --tokens teacher-forced diverse ids), then replays those picks through caches of the size a budget
-plans (`st_sdk.offload.cache.replay`: the router's prefetch, then the MoE's reads, as budget mode runs
+plans (`st_sdk.offload.replay.replay`: the router's prefetch, then the MoE's reads, as budget mode runs
 them). Deterministic and quick, it isolates the policy from I/O timing; offload_budget.py --policies
 lfru,lru measures the same choice in wall-clock time under a cgroup.
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import st_sdk
-    from st_sdk.offload.cache import replay
+    from st_sdk.offload.replay import replay
     from st_sdk.routing import RoutingRecorder
 
     planned = st_sdk.load(args.model, max_memory=args.budget, context=512, backend="numpy")

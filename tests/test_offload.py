@@ -260,7 +260,7 @@ def test_replay_counts_what_a_budget_model_reads(files):
     """Replaying a recorded routing through a cache of the plan's size reads as many experts as the
     budget-mode model (the C backend's MoE, whose reads replay mirrors) did on the same tokens; a cache
     holding every expert reads each once."""
-    from st_sdk.offload.cache import replay
+    from st_sdk.offload.replay import replay
     from st_sdk.routing import RoutingRecorder
 
     path = files["gguf-q8_0"]

@@ -95,7 +95,10 @@ def process_baseline_bytes() -> int:
 
 
 def headroom_bytes(budget: int) -> int:
-    return max(64 * 2**20, budget // 10)
+    """Left for the code pages and page cache a process needs to run inside a hard limit: 10% of the
+    budget, within [64 MiB, 256 MiB] (the slots are read with O_DIRECT, so a larger budget needs no
+    more of it)."""
+    return min(max(64 * 2**20, budget // 10), 256 * 2**20)
 
 
 def runtime_limit(budget: int) -> int | None:
