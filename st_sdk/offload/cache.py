@@ -431,15 +431,20 @@ class ExpertCache:
         """Read one part of an expert into its slot (I/O thread; the parts are read in parallel),
         converted to its layout if it has one."""
         layer = key[0]
-        ext, view, lay = self.locate(*key)[part], self._views(slot, layer)[part], self.layouts[layer][part]
+        self._fill(key, part, self._views(slot, layer)[part])
+        with self._lock:
+            self.stats.bytes_read += int(self.part_bytes[layer][part])
+            self.stats.reads += part == 0
+
+    def _fill(self, key: Key, part: int, view: np.ndarray) -> None:
+        """Read one part of an expert from the model file into `view`, converted to its layout if it
+        has one (the slot's bytes, or a prepared expert file's record)."""
+        ext, lay = self.locate(*key)[part], self.layouts[key[0]][part]
         src = self._pread(ext, key, view if lay is None else None)
         if lay is not None:
             lay.convert(src, view)
         elif src is not view:
             view[:] = src
-        with self._lock:
-            self.stats.bytes_read += int(self.part_bytes[layer][part])
-            self.stats.reads += part == 0
 
     def _read_prepared(self, key: Key, slot: int, a: int, b: int) -> None:
         """Read bytes [a, b) of an expert from the prepared expert file straight into its slot (I/O

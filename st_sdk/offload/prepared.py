@@ -1,7 +1,9 @@
 """Prepared expert files: every expert of a model written once in the layout the backend computes on,
-one after another at the cache's slot stride, so that budget mode reads an expert with one read
-straight into its slot (O_DIRECT where the filesystem allows it): no conversion on the I/O threads and
-no copy out of a read buffer. On two cores that conversion competes with the compute threads.
+one after another at the cache's slot stride, so that budget mode reads an expert straight into its
+slot (O_DIRECT where the filesystem allows it, in aligned pieces read in parallel): no conversion on
+the I/O threads and no copy out of a read buffer. On two cores that conversion competes with the
+compute threads. Measured (docs/memory_budget.md): faster where compute limits the run, not where the
+disk does.
 
 The file lives in the st-sdk cache directory (`ST_SDK_CACHE_DIR`, else the platform's user cache
 directory), under `experts/`. Its name comes from the model file's name and a hash of everything that
@@ -140,13 +142,8 @@ def write(cache: ExpertCache, experts: int, sig: dict, path: Path, progress: boo
         row = np.frombuffer(buf, np.uint8)
         offsets = cache.offsets[layer]
         row[int(offsets[-1]):] = 0
-        for part, ext in enumerate(cache.locate(layer, e)):
-            src = cache._pread(ext, (layer, e), None)
-            view, lay = row[int(offsets[part]):int(offsets[part + 1])], cache.layouts[layer][part]
-            if lay is not None:
-                lay.convert(src, view)
-            else:
-                view[:] = src
+        for part in range(len(offsets) - 1):
+            cache._fill((layer, e), part, row[int(offsets[part]):int(offsets[part + 1])])
         at = HEADER + index * stride
         target = direct["fd"]
         if target is not None:
@@ -202,7 +199,7 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
     sig = signature(cache, experts)
     path = path_for(sig, directory)
     if not is_valid(path, sig):
-        if mode != True:   # noqa: E712 ("auto")
+        if mode == "auto":
             return None
         try:
             write(cache, experts, sig, path, progress=progress)
