@@ -64,6 +64,24 @@ ST_INLINE void FN(q45_kx8)(int64_t K, const uint8_t *g, const block_q8K *const *
             /* VNNI: exact int32 sums per sub-block, then one multiply by the row's scale */
             __m256i slo[4], shi[4];
             for (int t = 0; t < nt; t++) slo[t] = shi[t] = _mm256_setzero_si256();
+            if (nt == 1 && !five) {
+                /* one token: two groups of 4 elements of the 8 rows per 512-bit vector, the activations'
+                 * dwords for both put in place by one permute (the same integer sums, so the same result) */
+                const __m512i m4z = _mm512_set1_epi8(0x0F);
+                const __m512i A = _mm512_loadu_si512((const void *)(x[0][b].qs + 64 * c));
+                __m512i zlo = _mm512_setzero_si512(), zhi = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int m = 0; m < 8; m += 2) {
+                    const __m512i L = _mm512_loadu_si512((const void *)(q + 32 * m));
+                    const __m512i il = _mm512_inserti64x4(_mm512_set1_epi32(m), _mm256_set1_epi32(m + 1), 1);
+                    const __m512i ih = _mm512_inserti64x4(_mm512_set1_epi32(8 + m), _mm256_set1_epi32(9 + m), 1);
+                    zlo = _mm512_dpbusd_epi32(zlo, _mm512_and_si512(L, m4z), _mm512_permutexvar_epi32(il, A));
+                    zhi = _mm512_dpbusd_epi32(zhi, _mm512_and_si512(_mm512_srli_epi16(L, 4), m4z),
+                                              _mm512_permutexvar_epi32(ih, A));
+                }
+                slo[0] = _mm256_add_epi32(_mm512_castsi512_si256(zlo), _mm512_extracti64x4_epi64(zlo, 1));
+                shi[0] = _mm256_add_epi32(_mm512_castsi512_si256(zhi), _mm512_extracti64x4_epi64(zhi, 1));
+            } else
 #pragma GCC unroll 8
             for (int m = 0; m < 8; m++) {
                 const __m256i L = _mm256_loadu_si256((const __m256i *)(q + 32 * m));
