@@ -4,6 +4,7 @@ environment only; imports nothing heavy."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -16,6 +17,21 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("st-sdk"))
+
+
+@contextmanager
+def replaced_when_written(tmp: str | Path, path: str | Path):
+    """Around the code that writes `tmp`: then rename it over `path` (readers see the old file or the new
+    one, never half of one); on any failure, or an interruption, remove `tmp` and re-raise."""
+    try:
+        yield
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def library_versions(dists: Iterable[str]) -> dict[str, str | None]:

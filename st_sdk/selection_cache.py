@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .environment import cache_dir, library_versions
+from .environment import cache_dir, library_versions, replaced_when_written
 
 log = logging.getLogger("st_sdk")
 
@@ -99,18 +99,10 @@ def _write_doc(path: Path, doc: dict) -> None:
             doc[section] = {h: items[h] for h in keep[-MAX_ENTRIES:]}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".selection-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)   # readers see the old file or the new one, never half of one
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with replaced_when_written(tmp, path), os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _normal(key: dict) -> dict:

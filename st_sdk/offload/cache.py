@@ -166,18 +166,15 @@ class ExpertCache:
         key = (layer, e)
         if count and self.policy == "lfru":
             self._count(key)
-        if key in self.lru and not count:
+        if key in self.lru:
             self.lru.move_to_end(key)
             slot = self.lru[key]
             self._touch(key, slot)
-        elif key in self.lru:
-            self.lru.move_to_end(key)
-            self._touch(key, self.lru[key])
-            self.stats.hits += 1
-            if key in self.stats._prefetched:
-                self.stats.prefetch_hits += 1
-                self.stats._prefetched.discard(key)
-            slot = self.lru[key]
+            if count:
+                self.stats.hits += 1
+                if key in self.stats._prefetched:
+                    self.stats.prefetch_hits += 1
+                    self.stats._prefetched.discard(key)
         elif key in self.pending:
             slot, fut = self.pending[key]
             t0 = time.perf_counter()

@@ -42,7 +42,6 @@ MAGIC = b"STSDKXP1"
 HEADER = 4096          # the header block; experts start here, each at a multiple of the stride
 VERSION = 1
 FREE_MARGIN = 256 * 2**20   # room left on the disk after writing one
-MODES = ("auto", True, False)
 
 
 def check_mode(value) -> bool | str:
@@ -77,10 +76,14 @@ def signature(cache: ExpertCache, experts: int) -> dict:
                        for parts, lays, offsets in zip(cache.part_bytes, cache.layouts, cache.offsets)]}
 
 
+def _digest(sig: dict) -> str:
+    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()
+
+
 def path_for(sig: dict, directory: Path | None = None) -> Path:
     from ..environment import cache_dir
 
-    digest = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:20]
+    digest = _digest(sig)[:20]
     stem = Path(sig["files"][0][0]).stem if sig["files"] else "model"
     return Path(directory or cache_dir() / "experts") / f"{stem}.{digest}.stx"
 
@@ -90,7 +93,7 @@ def data_bytes(sig: dict) -> int:
 
 
 def _header(sig: dict) -> bytes:
-    body = json.dumps({"signature": hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest(),
+    body = json.dumps({"signature": _digest(sig),
                        "stride": sig["stride"], "layers": len(sig["layers"]), "experts": sig["experts"],
                        "files": [f[0] for f in sig["files"]]}, sort_keys=True).encode()
     head = MAGIC + len(body).to_bytes(4, "little") + body
@@ -161,27 +164,22 @@ def write(cache: ExpertCache, experts: int, sig: dict, path: Path, progress: boo
             raise OSError(f"{tmp}: short write ({done} of {stride} bytes)")
         return stride
 
+    from ..environment import replaced_when_written
     from ..weights.export import progress_bar
 
     try:
-        with ThreadPoolExecutor(io_threads, thread_name_prefix="st-sdk-prepare") as pool:
-            bar = progress_bar(need, f"preparing experts ({path.name})") if progress else None
-            try:
-                for n in pool.map(one, range(layers * experts)):
+        with replaced_when_written(tmp, path):
+            with ThreadPoolExecutor(io_threads, thread_name_prefix="st-sdk-prepare") as pool:
+                bar = progress_bar(need, f"preparing experts ({path.name})") if progress else None
+                try:
+                    for n in pool.map(one, range(layers * experts)):
+                        if bar is not None:
+                            bar.update(n)
+                finally:
                     if bar is not None:
-                        bar.update(n)
-            finally:
-                if bar is not None:
-                    bar.close()
-        os.pwrite(fd, _header(sig), 0)
-        os.fsync(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+                        bar.close()
+            os.pwrite(fd, _header(sig), 0)
+            os.fsync(fd)
     finally:
         os.close(fd)
         if dfd is not None:
