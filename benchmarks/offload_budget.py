@@ -7,7 +7,8 @@ process's own peak RSS, and the expert-cache statistics (hit rate, bytes read, s
 with its defaults, with prefetch off (or router-only, or reading every guess ahead), with each
 cache policy of --policies, and with --prepared-run reading its experts from a prepared expert file
 (st_sdk.offload.prepared: written once, before the runs, outside the limit; the "st-sdk" row has none,
-as on a fresh machine). llama.cpp runs without its repacked weight copy (`--no-repack`), the only
+as on a fresh machine), and with --resident-run the same tokens with the whole model in memory (outside
+the cgroup), each st-sdk row then reported as a share of it. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
 way it fits a budget smaller than the file.
 
     python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 256] [--repeats 3] [--threads 2]
@@ -44,9 +45,10 @@ CHILD_OURS = r"""
 import json, resource, sys, time, numpy as np, st_sdk
 flag = lambda v: {"1": True, "0": False}.get(v, v)
 path, budget, n, threads, prefetch, backend, policy, expert_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), flag(sys.argv[5]), sys.argv[6], sys.argv[7], flag(sys.argv[8])
+resident = budget == "resident"   # the same tokens with the whole model in memory, no budget
 t_load = time.perf_counter()
-m = st_sdk.load(path, backend=backend, n_threads=threads, max_memory=budget, prefetch=prefetch, context=512,
-                cache_policy=policy, expert_file=expert_file)
+m = st_sdk.load(path, backend=backend, n_threads=threads, **({} if resident else dict(
+    max_memory=budget, prefetch=prefetch, context=512, cache_policy=policy, expert_file=expert_file)))
 if n == 0:   # only writing the prepared expert file
     print(json.dumps({"load_s": time.perf_counter() - t_load, "plan": m.memory_plan.describe()})); sys.exit()
 t_load = time.perf_counter() - t_load
@@ -56,18 +58,21 @@ s = m.session(capacity=n_all + 1)
 times = []
 for i, tok in enumerate(toks):
     t0 = time.perf_counter(); s.feed([tok]); times.append(time.perf_counter() - t0)
-    if i == WARMUP - 1:
+    if i == WARMUP - 1 and not resident:
         m.offload.stats.__init__()   # statistics of the measured tokens only
         majflt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
-st = m.offload.stats.as_dict()
-# page faults that read from disk: the mapped dense weights (or code) evicted at the limit and read again
-st["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt
-st["slots_given_back"] = m.offload.shrunk
-ahead = m.offload.lookahead
-st["ahead_needed_share"] = ahead.share_needed if ahead is not None else None
-st["ahead_active_at_end"] = ahead.active if ahead is not None else None
+st = None
+if not resident:
+    st = m.offload.stats.as_dict()
+    # page faults that read from disk: the mapped dense weights (or code) evicted at the limit and read again
+    st["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt
+    st["slots_given_back"] = m.offload.shrunk
+    ahead = m.offload.lookahead
+    st["ahead_needed_share"] = ahead.share_needed if ahead is not None else None
+    st["ahead_active_at_end"] = ahead.active if ahead is not None else None
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": m.memory_plan.describe(), "backend": m.backend.name,
+print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": None if resident else m.memory_plan.describe(),
+                  "backend": m.backend.name,
                   "load_s": t_load, "process_peak_rss": hwm,
                   "frameworks": sorted(k for k in ("torch", "jax") if k in sys.modules)}))
 """.replace("WARMUP", str(WARMUP)).replace("TOKENS_OF", TOKENS_OF)
@@ -213,6 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prepared-run", action="store_true",
                     help="also run with the experts read from a prepared expert file (expert_file=True; the file is "
                          "written before the runs, outside the limit, and kept in st-sdk's cache directory)")
+    ap.add_argument("--resident-run", action="store_true",
+                    help="also run the same tokens with the whole model in memory (no budget, no cgroup; the page "
+                         "cache dropped before it too), and report each st-sdk row as a share of its speed")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--llama-tokens", type=int, default=None,
                     help="measured tokens for llama.cpp (default --tokens; it reads every expert from disk)")
@@ -239,6 +247,8 @@ def main(argv=None) -> int:
         runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0], "0"]
     if not args.no_prefetch_run:
         runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0], "0"]
+    if args.resident_run:
+        runs["resident"] = ours[:4] + ["resident"] + ours[5:] + ["auto", args.backend, policies[0], "0"]
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
@@ -267,11 +277,13 @@ def main(argv=None) -> int:
             drop_page_cache()
             t0 = time.perf_counter()
             try:
-                proc = cg.run(cmd, args.timeout)
+                proc = (subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout) if name == "resident"
+                        else cg.run(cmd, args.timeout))
             except subprocess.TimeoutExpired:
                 results[name].append({"error": f"timed out after {args.timeout:.0f} s"})
                 continue
-            rec = {"wall_s": time.perf_counter() - t0, "peak_bytes": cg.peak(), "returncode": proc.returncode}
+            rec = {"wall_s": time.perf_counter() - t0, "peak_bytes": None if name == "resident" else cg.peak(),
+                   "returncode": proc.returncode}
             if proc.returncode == 0:
                 rec.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 d = rec["decode_s"]
@@ -306,6 +318,7 @@ def main(argv=None) -> int:
                          "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None,
                          "backend": ok[-1].get("backend") if ok else None}
     peer = summary.get("llama.cpp", {}).get("decode_tps")
+    whole = summary.get("resident", {}).get("decode_tps")
     print(f"model {args.model}  budget {args.budget} ({'hard limit' if cg.path else 'NOT limited'})  "
           f"threads {args.threads}  medians of {args.repeats} runs")
     for name, s in summary.items():
@@ -314,7 +327,8 @@ def main(argv=None) -> int:
         print(f"  {name:20s} decode {tps or 0:8.2f} tok/s  {ratio} llama.cpp  p50 {s['p50_ms'] or 0:7.1f} ms  "
               f"p99 {s['p99_ms'] or 0:7.1f} ms  cgroup peak {s['cgroup_peak_MiB'] or 0:7.1f} MiB  process peak "
               f"{s['process_peak_rss_MiB'] or 0:7.1f} MiB  failed runs {len(s['errors'])}/{s['runs']}"
-              + (f": {s['errors'][0]}" if s["errors"] else ""))
+              + (f": {s['errors'][0]}" if s["errors"] else "")
+              + (f"  {tps / whole:.0%} of resident" if tps and whole and name.startswith("st-sdk") else ""))
     if summary.get("st-sdk", {}).get("stats"):
         st, plan = summary["st-sdk"]["stats"], summary["st-sdk"]["plan"]
         print(f"  st-sdk plan: {plan}")
