@@ -136,9 +136,11 @@ class RoutingRecorder:
             i = self._layer_of[id(gate)]
             m = np.asarray(to_np(x), dtype=np.float32)
             picked = np.asarray(to_np(ids)).astype(np.int64)
+            # under a budget, from the file: the cache may hold a backend's layout, and counts the MoE's uses
+            stored = gate.raw.stored_expert if getattr(gate.raw, "offloaded", False) else gate.raw.expert
             for e in np.unique(picked):
                 rows = (picked == e).any(-1)
-                g = m[rows] @ gate.raw.expert(int(e)).numpy().T
+                g = m[rows] @ stored(int(e)).numpy().T
                 self.zero[i] += int((g <= 0).sum())
                 self.neurons[i] += g.size
             return moe0(x, gate, up, down, ids, weights)

@@ -393,6 +393,47 @@ def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatc
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("backend, layout", [("numpy", "off"), ("c", "off"), ("c", "up+down")])
+def test_routing_recorder_under_a_budget_records_what_resident_does(tmp_path, monkeypatch, backend, layout):
+    """RoutingRecorder on a budget-mode model: the same picks and ReGLU zero counts as on the resident
+    model, its gate weights read from the file (the C backend's cache holds experts repacked, which the
+    recorder could not read: TypeError), and the cache's statistics count the MoE's uses only."""
+    from st_sdk.registry import get_registry
+    from st_sdk.routing import RoutingRecorder
+
+    cls = get_registry().backends().get(backend)
+    if cls is None or not cls().is_available():
+        pytest.skip(f"the {backend} backend is not available here")
+    monkeypatch.setenv("ST_C_SPARSE_LAYOUT", layout)
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=3,
+                       hidden_size=128, moe_ffn_hidden_size=64)["gguf"]   # multiples of 64: sparse layouts
+
+    def load(**kw):
+        return st_sdk.load(path, backend=backend, n_threads=1, context=64, **kw)
+
+    def run(m):
+        m.logits(IDS)
+        s = m.session()
+        for t in IDS[:12]:
+            s.feed([int(t)])
+
+    def record(m):
+        with RoutingRecorder(m) as rec:
+            run(m)
+        return rec
+
+    want = record(load())
+    budget = {"max_memory": budget_for(path, 6, backend=backend), "prefetch": False}
+    m = load(**budget)
+    got = record(m)
+    np.testing.assert_array_equal(got.picks(), want.picks())
+    np.testing.assert_array_equal(got.zero, want.zero)
+    np.testing.assert_array_equal(got.neurons, want.neurons)
+    unrecorded = load(**budget)
+    run(unrecorded)
+    assert m.offload.stats.lookups == unrecorded.offload.stats.lookups
+
+
 def _expert_file(tmp_path, size: int = 3 * 4096 + 777):
     """A file of distinct bytes, and extents at offsets no block boundary lines up with (the last one
     ends at the end of the file, mid-block)."""

@@ -3,6 +3,7 @@ their reads before attention runs."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import numpy as np
 
 from ..backend import Param, fallback_op
@@ -38,7 +39,15 @@ class OffloadedExperts:
     def expert(self, e: int) -> WeightTensor:
         if self.layout is not None:
             raise TypeError(f"{self.name}: the cache holds these experts in a backend's own layout")
-        raw = self.cache.get(self.layer, int(e), count=self.part == 0)[self.part]
+        return self._tensor(e, self.cache.get(self.layer, int(e), count=self.part == 0)[self.part])
+
+    def stored_expert(self, e: int) -> WeightTensor:
+        """Expert e as stored, read from the model file: not through the cache, whose slots may hold a
+        backend's layout and whose statistics count the MoE's uses (st_sdk.routing.RoutingRecorder)."""
+        ext = self.cache.locate(self.layer, int(e))[self.part]
+        return self._tensor(e, np.frombuffer(os.pread(self.cache._fd(ext.path), ext.nbytes, ext.offset), np.uint8))
+
+    def _tensor(self, e: int, raw: np.ndarray) -> WeightTensor:
         data = raw.view(STORAGE_DTYPE[self.fmt]).reshape(self._storage_shape)
         return WeightTensor(f"{self.name}[{e}]", self.fmt, self.shape[1:], data, self.source)
 
