@@ -242,6 +242,14 @@ class CBackend(Backend):
         return self.repack and self.variant in ("avx2", "avx512")
 
     def prepare_model(self, params, config) -> None:
+        embed = as_mat(params.embed)
+        if params.head is params.embed and self._repacking() and ops.can_repack(embed.fmt, embed.rows):
+            # tied: the embedding stays as stored for row lookups; the head gets its own repacked copy,
+            # run by the fused step and by the layer-by-layer one of a memory budget alike
+            head = CMat(embed.tensor, repack_rows=True)
+            self.repacked_bytes += head.repacked
+            self.released_map_bytes += head.released
+            params.head = Param(params.embed.raw, head)
         params.extra["c_model"] = self._model_struct(params, config)
         self._step_bytes = bytes_per_token(params, config)
 
@@ -292,11 +300,6 @@ class CBackend(Backend):
             "softmax": int(cfg.moe_primary_router_apply_softmax), "sparse": int(self.sparse), "layers": layers}
         if params is not None:
             embed, head, norm = as_mat(params.embed), as_mat(params.head), f32_vector(params.norm, H)
-            if head is embed and self._repacking() and ops.can_repack(head.fmt, head.rows):
-                # tied: the embedding stays as stored for row lookups; the head gets its own repacked copy
-                head = CMat(embed.tensor, repack_rows=True)
-                self.repacked_bytes += head.repacked
-                self.released_map_bytes += head.released
             keep += [embed, head, norm]
             fields.update(embed=embed.struct[0], head=head.struct[0], norm=ptr(ffi, "float *", norm))
         keep.append(layers)
