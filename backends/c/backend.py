@@ -64,17 +64,29 @@ def use_variant(name: str | None) -> str:
 
 
 def get_pool(n: int):
-    """The process's pool of n threads, created on first use. Keyed by pid too: a forked child has
-    the parent's pool struct but none of its threads."""
+    """The process's pool of n threads, created on first use (called several times a layer)."""
+    pool = _pools.get(n)
+    if pool is not None:
+        return pool
     ffi, lib = ffi_lib()
-    key = (os.getpid(), n)
     with _pools_lock:
-        if key not in _pools:
+        if n not in _pools:
             p = lib.st_pool_new(n)
             if p == ffi.NULL:
                 raise BackendError(f"could not create a pool of {n} threads")
-            _pools[key] = p
-        return _pools[key]
+            _pools[n] = p
+        return _pools[n]
+
+
+def _forget_pools() -> None:
+    """In a forked child: the parent's pool structs came along, none of their threads."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _moe_inputs(x, ids, weights, H: int, E: int):
@@ -126,6 +138,7 @@ class CBackend(Backend):
         self.converted: dict[str, int] = {}   # "iq2_xs -> q8_0": bytes of the converted copies
         self.released_map_bytes = 0   # resident pages of repacked GGUF tensors dropped from this process
         self._layer_structs: dict = {}
+        self._slot_cache: dict = {}   # see _slot_addresses
         self.threads = resolve_threads(n_threads)
         self._auto_threads = n_threads is None and not os.environ.get("ST_NUM_THREADS", "").strip()
         self._step_bytes: int | None = None   # st_sdk.sizes.bytes_per_token of the prepared model
@@ -350,23 +363,40 @@ class CBackend(Backend):
             m = self.rms_norm(out, lp.ffn_norm, cfg.rms_norm_eps)
             out += self._offloaded_moe(m, gate, up, down, ids, weights, None)
             return out, layer_cache
-        views = cache.get_many(gate.layer, picked)
-        L = struct.layers[0]
-        slots = (L.gate.experts, L.up.experts, L.down.experts)
-        for part, (arr, p) in enumerate(zip(slots, (gate, up, down))):
-            lay = self._cached_layout(p)
-            for e, v in zip(picked, views):
-                if v[part].nbytes != lay.nbytes:
-                    raise InputError(f"layer {i}: expert slot holds {v[part].nbytes} bytes, expected {lay.nbytes}")
-                arr[e] = ffi.cast("void *", v[part].ctypes.data)
+        arrays, base, stride, offsets = self._slot_addresses(struct, cache, gate.layer, (gate, up, down), i)
+        slots = cache.slots_of(gate.layer, picked)
+        for arr, off in zip(arrays, offsets):
+            for e, slot in zip(picked, slots):
+                arr[e] = base + (slot * stride + off)
         try:
             check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 2, ptr(ffi, "int64_t *", ids),
                                     ptr(ffi, "float *", weights)), f"layer {i}")
         finally:   # a slot may hold another expert by the next step
-            for arr in slots:
+            for arr in arrays:
                 for e in picked:
                     arr[e] = ffi.NULL
         return out, layer_cache
+
+    def _slot_addresses(self, struct, cache, layer: int, parts, i: int):
+        """For `offloaded_layer`, worked out once per layer and cache buffer: the layer struct's gate, up
+        and down expert-pointer arrays, the cache buffer's address (kept alive here) and slot stride, and
+        where each part lies in a slot; InputError if the cache's part sizes are not the layouts'."""
+        key = (id(struct), layer)
+        hit = self._slot_cache.get(key)
+        if hit is not None and hit[0] is cache.buffer:
+            return hit[1]
+        ffi, _ = ffi_lib()
+        offsets = cache.offsets[layer]
+        for p, (part, a, b) in enumerate(zip(parts, offsets[:-1], offsets[1:])):
+            if b - a != self._cached_layout(part).nbytes:
+                raise InputError(f"layer {i}: expert slot holds {b - a} bytes for {part.name}, expected "
+                                 f"{self._cached_layout(part).nbytes}")
+        L = struct.layers[0]
+        buf = ffi.from_buffer(cache.buffer)
+        addr = ((L.gate.experts, L.up.experts, L.down.experts), ffi.cast("char *", buf), cache.buffer.strides[0],
+                [int(o) for o in offsets[:-1]])
+        self._slot_cache[key] = (cache.buffer, addr, buf, struct)
+        return addr
 
     def _cached_layout(self, part):
         """The layout an offloaded expert matrix has in the cache: `expert_layout`'s, else the file's."""

@@ -163,45 +163,53 @@ class ExpertCache:
     def get(self, layer: int, e: int, count: bool = True) -> list[np.ndarray]:
         """The expert's stored parts (views into its slot), waiting for its read if needed.
         count=False for the second and third part of one use, so statistics count expert uses."""
+        return self._views(self.slot_of(layer, e, count), layer)
+
+    def get_many(self, layer: int, experts) -> list[list[np.ndarray]]:
+        """Several experts resident together (for a kernel that takes them all at once): they are held
+        until the next `prefetch`/`get_many`; at most `slots - 1` at a time."""
+        return [self._views(slot, layer) for slot in self.slots_of(layer, experts)]
+
+    def slots_of(self, layer: int, experts) -> list[int]:
+        """`get_many`'s slots, for a caller that addresses them itself: expert i's part p lies at
+        `buffer[slot, offsets[layer][p]:offsets[layer][p + 1]]`."""
+        keys = [(layer, int(e)) for e in experts]
+        if len(keys) > self.slots - 1:
+            raise WeightError(f"expert cache: {len(keys)} experts at once do not fit in {self.slots} slots")
+        self.held = set(keys)
+        return [self.slot_of(*key) for key in keys]
+
+    def slot_of(self, layer: int, e: int, count: bool = True) -> int:
+        """The slot holding the expert, waiting for its read if needed (see `get`)."""
         key = (layer, e)
         if count and self.policy == "lfru":
             self._count(key)
-        if key in self.lru:
+        slot = self.lru.get(key)
+        if slot is not None:
             self.lru.move_to_end(key)
-            slot = self.lru[key]
             self._touch(key, slot)
             if count:
                 self.stats.hits += 1
                 if key in self.stats._prefetched:
                     self.stats.prefetch_hits += 1
                     self.stats._prefetched.discard(key)
-        elif key in self.pending:
-            slot, fut = self.pending[key]
-            t0 = time.perf_counter()
-            fut.result()
-            self.stats.stall_s += time.perf_counter() - t0
-            self.stats.late += 1
-            self.stats._prefetched.discard(key)
         else:
             t0 = time.perf_counter()
-            fut = self._start_read(key)
-            if fut is None:
-                raise WeightError("expert cache: every slot is in use (budget too small for this step)")
-            slot = self.pending[key][0]
+            if key in self.pending:
+                slot, fut = self.pending[key]
+                self.stats.late += 1
+                self.stats._prefetched.discard(key)
+            else:
+                fut = self._start_read(key)
+                if fut is None:
+                    raise WeightError("expert cache: every slot is in use (budget too small for this step)")
+                slot = self.pending[key][0]
+                self.stats.misses += 1
             fut.result()
             self.stats.stall_s += time.perf_counter() - t0
-            self.stats.misses += 1
-        self._settle()
-        return self._views(slot, layer)
-
-    def get_many(self, layer: int, experts) -> list[list[np.ndarray]]:
-        """Several experts resident together (for a kernel that takes them all at once): they are held
-        until the next `prefetch`/`get_many`; at most `slots - 1` at a time."""
-        keys = [(layer, int(e)) for e in experts]
-        if len(keys) > self.slots - 1:
-            raise WeightError(f"expert cache: {len(keys)} experts at once do not fit in {self.slots} slots")
-        self.held = set(keys)
-        return [self.get(*key) for key in keys]
+        if self.pending:
+            self._settle()
+        return slot
 
     def use_file(self, path: str, offset: int, experts: int) -> None:
         """Read every expert from a prepared expert file (st_sdk.offload.prepared): expert e of a layer
