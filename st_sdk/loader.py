@@ -149,6 +149,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
         plan.expert_file = attach(cache, config.moe_num_primary_experts, expert_file)
+        cache.commit()   # the slots' pages, faulted in while the first tokens wait for reads
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)
     model.context = context

@@ -1,6 +1,7 @@
 """Memory-budget mode: experts read on demand into the expert cache give the same logits as resident."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -288,6 +289,25 @@ def test_replay_counts_what_a_budget_model_reads(files):
     assert everything.evictions == 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_commit_faults_the_slots_pages_in_and_keeps_what_they_hold():
+    """The cache's memory is committed in the background once the plan is final: every page becomes
+    resident, and bytes an I/O thread already read into a slot stay as they were."""
+    from st_sdk.offload.pages import anonymous, commit_in_background, resident_bytes
+
+    nbytes = 64 << 20
+    buf = np.frombuffer(anonymous(nbytes), np.uint8)
+    buf[:8192] = 7                          # a slot already read into
+    before = resident_bytes()
+    assert commit_in_background(buf).wait(60)
+    grown = resident_bytes() - before
+    if grown < nbytes // 4:
+        pytest.skip(f"this kernel did not populate ({grown} bytes): MADV_POPULATE_WRITE needs Linux 5.14")
+    assert grown >= nbytes - (8 << 20)
+    assert (buf[:8192] == 7).all() and not buf[8192:].any()
+    assert commit_in_background(buf[:0]).is_set()   # nothing to do: done at once
+
+
 def test_cache_gives_slots_back_when_the_process_passes_its_limit(files, monkeypatch, caplog):
     """The run-time check before each step: a process found past its limit evicts experts and releases
     their slots' pages, down to the plan's minimum, and still computes the resident logits."""
@@ -309,6 +329,7 @@ def test_cache_gives_slots_back_when_the_process_passes_its_limit(files, monkeyp
     with caplog.at_level("WARNING", logger="st_sdk.offload"):
         got += [s.feed([int(t)]) for t in IDS[4:8]]
     assert cache.slots == 13 and cache.shrunk == 3 and "gave back 3 slots" in caplog.text
+    assert cache._committing.is_set()   # the background commit of the slots stops first
     rss["now"] = cache.limit + 10**12                          # far over: never below the minimum
     got += [s.feed([int(t)]) for t in IDS[8:12]]
     assert cache.slots == m.memory_plan.minimum_slots

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError, WeightError
+from .pages import anonymous, commit_in_background, resident_bytes
 
 log = logging.getLogger("st_sdk.offload")
 
@@ -119,6 +120,7 @@ class ExpertCache:
         self.shrunk = 0                 # slots given back at run time
         self.stats = OffloadStats()
         self.prepared: tuple[str, int, int] | None = None   # see use_file
+        self._committing = threading.Event()   # set to stop the background commit (see commit)
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         if direct is None:   # ST_OFFLOAD_DIRECT=0 reads through the page cache (to compare)
             direct = os.environ.get("ST_OFFLOAD_DIRECT", "1").strip() != "0"
@@ -220,6 +222,10 @@ class ExpertCache:
         self._fd(path)
         self.prepared = (path, int(offset), int(experts))
 
+    def commit(self) -> None:
+        """Fault the slots' pages in on a background thread, once the plan is final (offload.pages)."""
+        self._committing = commit_in_background(self.buffer)
+
     def resize(self, slots: int) -> None:
         """Change the number of slots before first use (the plan learnt of another resident copy)."""
         if self.lru or self.pending:
@@ -244,6 +250,8 @@ class ExpertCache:
             return 0
         over = (rss or resident_bytes)() - self.limit
         n = 0
+        if over > 0:
+            self._committing.set()
         while over > 0 and self.slots > self.minimum_slots:
             slot = self._take_slot()   # a free slot, else an unheld expert's, evicted
             if slot is None:
@@ -260,6 +268,7 @@ class ExpertCache:
         return n
 
     def close(self) -> None:
+        self._committing.set()
         self._pool.shutdown(wait=True)
         for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused_fds]:
             if fd is not None:
@@ -281,11 +290,11 @@ class ExpertCache:
 
     def _allocate(self, slots: int) -> None:
         """Slots in anonymous memory, each a whole number of pages (so one can be given back alone);
-        pages are committed as slots fill."""
+        pages are committed by `commit` in the background, or else as slots fill."""
         self.slots = slots
         self._stride = -(-self.bundle_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
         # private: MADV_DONTNEED then frees a slot's pages (a shared anonymous mapping keeps them, charged)
-        self._mm = _anonymous(max(1, slots) * self._stride)
+        self._mm = anonymous(max(1, slots) * self._stride)
         self.buffer = np.frombuffer(self._mm, np.uint8).reshape(max(1, slots), self._stride)
         self.free = list(range(slots))[::-1]
         # per slot, for lfru's victim: when its expert was last used (-1: empty), that expert's uses, the key
@@ -391,7 +400,7 @@ class ExpertCache:
         """This I/O thread's read buffer of at least `nbytes` (page-aligned: an anonymous mapping)."""
         mm = getattr(self._scratch, "mm", None)
         if mm is None or len(mm) < nbytes:
-            mm = self._scratch.mm = _anonymous(-(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+            mm = self._scratch.mm = anonymous(-(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
         return memoryview(mm)
 
     def _pread(self, ext: Extent, key: Key, out: np.ndarray | None) -> np.ndarray:
@@ -477,19 +486,3 @@ class _Reads:
     def result(self) -> None:
         for f in self.futures:
             f.result()
-
-
-def _anonymous(nbytes: int) -> mmap.mmap:
-    """Page-aligned anonymous memory of this process alone (MAP_PRIVATE where the platform has it)."""
-    if hasattr(mmap, "MAP_PRIVATE"):
-        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
-    return mmap.mmap(-1, nbytes)
-
-
-def resident_bytes() -> int:
-    """This process's resident set (anonymous and file-backed pages), from /proc/self/statm."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE
-    except (OSError, ValueError, IndexError):
-        return 0

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .cache import DIRECT_ALIGN, ExpertCache, _anonymous
+from .cache import DIRECT_ALIGN, ExpertCache
+from .pages import anonymous
 
 log = logging.getLogger("st_sdk.offload")
 
@@ -141,7 +142,7 @@ def write(cache: ExpertCache, experts: int, sig: dict, path: Path, progress: boo
         layer, e = divmod(index, experts)
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = _anonymous(stride)
+            buf = local.buf = anonymous(stride)
         row = np.frombuffer(buf, np.uint8)
         offsets = cache.offsets[layer]
         row[int(offsets[-1]):] = 0
