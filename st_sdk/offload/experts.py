@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
 import numpy as np
 
 from ..backend import Param, fallback_op
