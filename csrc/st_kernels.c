@@ -694,7 +694,7 @@ typedef struct {
 } scratch;
 
 static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax, int n_seq, int64_t stage_bytes,
-                         int nth) {
+                         int nth, int attention) {
     const int64_t H = m->hidden, qw = m->n_heads * m->head_dim, kw = m->n_kv * m->head_dim, P = T * m->top_k;
     const int64_t F = m->ffn, E = m->n_experts;
     const size_t q8 = sizeof(block_q8), qk = sizeof(block_q8K);
@@ -727,6 +727,7 @@ static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax,
         *dst[i] = p;
         p += (sz[i] + 63) & ~(size_t)63;
     }
+    if (!attention) return ST_OK;   /* the experts' half of a layer (part 2) reads none of these */
     memset(s->attn_shared, 0, (size_t)attn_shared);
     /* the lanes of each sequence's last staged block past its rows are read (and masked): numbers */
     memset(s->stage_k, 0, stage);
@@ -967,7 +968,7 @@ static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64
               .rw_in = rw};
     f.row_seq = malloc((size_t)T * sizeof(int32_t));
     f.seqs = malloc((size_t)(B * nth) * sizeof(st_attn_seq));
-    int rc = !f.row_seq || !f.seqs ? ST_ENOMEM : scratch_alloc(&f.s, m, T, smax, (int)B, stage, nth);
+    int rc = !f.row_seq || !f.seqs ? ST_ENOMEM : scratch_alloc(&f.s, m, T, smax, (int)B, stage, nth, part != 2);
     if (rc == ST_OK) {
         for (int64_t b = 0; b < B; b++)
             for (int64_t t = seg[b]; t < seg[b + 1]; t++) f.row_seq[t] = (int32_t)b;
