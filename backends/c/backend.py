@@ -387,7 +387,7 @@ class CBackend(Backend):
             return hit[1]
         ffi, _ = ffi_lib()
         offsets = cache.offsets[layer]
-        for p, (part, a, b) in enumerate(zip(parts, offsets[:-1], offsets[1:])):
+        for part, a, b in zip(parts, offsets[:-1], offsets[1:]):
             if b - a != self._cached_layout(part).nbytes:
                 raise InputError(f"layer {i}: expert slot holds {b - a} bytes for {part.name}, expected "
                                  f"{self._cached_layout(part).nbytes}")
