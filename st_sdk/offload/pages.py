@@ -35,9 +35,9 @@ def commit_in_background(buffer: np.ndarray) -> threading.Event:
         return stop
     addr, nbytes = buffer.ctypes.data, buffer.nbytes
 
-    def run() -> None:   # holds `buffer`, so its memory stays mapped until this returns
+    def run(held: np.ndarray) -> None:   # `held` keeps the memory mapped until this returns
         try:
-            for start in range(0, buffer.nbytes, PIECE):
+            for start in range(0, nbytes, PIECE):
                 if stop.is_set():
                     return
                 if madvise(ctypes.c_void_p(addr + start), ctypes.c_size_t(min(PIECE, nbytes - start)),
@@ -48,7 +48,7 @@ def commit_in_background(buffer: np.ndarray) -> threading.Event:
         finally:
             stop.set()
 
-    threading.Thread(target=run, name="st-sdk-commit", daemon=True).start()
+    threading.Thread(target=run, args=(buffer,), name="st-sdk-commit", daemon=True).start()
     return stop
 
 
