@@ -365,10 +365,48 @@ void st_unrepack_block(int32_t fmt, const uint8_t *g, int j, uint8_t *o) {
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* Q4_0 / Q8_0 repacking with AVX2, the same bytes as repack_block: the quants of 8 rows, 16 bytes
+ * each at a time, are a 4 x 8 transpose of 4-byte words (two 4 x 4 transposes, one per 128-bit
+ * lane). Memory-budget mode converts every expert it reads from the file this way, on its I/O
+ * threads, beside the compute: this is four times fewer instructions than the generic loop. */
+__attribute__((target("avx2"))) static void repack_q32_avx2(const uint8_t *src, int64_t rows, int64_t nb,
+                                                            int64_t bb, int64_t row_bytes, uint8_t *o) {
+    const int qb = (int)bb - 2;   /* 16 (Q4_0) or 32 (Q8_0) bytes of quants a block */
+    for (int64_t g = 0; g < rows / 8; g++) {
+        const uint8_t *r0 = src + g * 8 * row_bytes;
+        for (int64_t b = 0; b < nb; b++, o += 8 * bb) {
+            const uint8_t *p = r0 + b * bb;
+            for (int j = 0; j < 8; j++) memcpy(o + 2 * j, p + j * row_bytes, 2);
+            for (int h = 0; h < qb; h += 16) {   /* 16 bytes (four words) of each row at a time */
+                const uint8_t *q = p + 2 + h;
+#define ST_ROWS(a, b2) _mm256_loadu2_m128i((const __m128i *)(q + (b2) * row_bytes), (const __m128i *)(q + (a) * row_bytes))
+                const __m256i y0 = ST_ROWS(0, 4), y1 = ST_ROWS(1, 5), y2 = ST_ROWS(2, 6), y3 = ST_ROWS(3, 7);
+#undef ST_ROWS
+                const __m256i t0 = _mm256_unpacklo_epi32(y0, y1), t1 = _mm256_unpacklo_epi32(y2, y3);
+                const __m256i t2 = _mm256_unpackhi_epi32(y0, y1), t3 = _mm256_unpackhi_epi32(y2, y3);
+                __m256i *w = (__m256i *)(o + 16 + 8 * h);   /* word m of the 8 rows: 32 bytes at 16 + 32 m */
+                _mm256_storeu_si256(w + 0, _mm256_unpacklo_epi64(t0, t1));
+                _mm256_storeu_si256(w + 1, _mm256_unpackhi_epi64(t0, t1));
+                _mm256_storeu_si256(w + 2, _mm256_unpacklo_epi64(t2, t3));
+                _mm256_storeu_si256(w + 3, _mm256_unpackhi_epi64(t2, t3));
+            }
+        }
+    }
+}
+#endif
+
 int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst) {
     if (!src || !dst || st_repacked_bytes(fmt, rows, cols) < 0 || src_row_bytes < st_fmt_row_bytes(fmt, cols)) return ST_EARG;
     const int64_t nb = cols / st_fmts[fmt].block, bb = st_fmts[fmt].bytes;
     uint8_t *o = dst;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if ((fmt == ST_Q4_0 || fmt == ST_Q8_0) && __builtin_cpu_supports("avx2")) {
+        repack_q32_avx2(src, rows, nb, bb, src_row_bytes, o);
+        return ST_OK;
+    }
+#endif
     for (int64_t g = 0; g < rows / 8; g++)
         for (int64_t b = 0; b < nb; b++, o += 8 * bb) {
             const uint8_t *r[8];

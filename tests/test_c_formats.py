@@ -104,6 +104,23 @@ def test_repacked_kernels_match_gguf(fmt, variant):
         check_linear(fmt, w, rows, cols, x[:T], repack=True)
 
 
+@pytest.mark.parametrize("fmt", ("q8_0", "q4_0"))
+def test_q8_0_and_q4_0_repacking_writes_the_documented_layout(fmt):
+    """Per 8 rows and block: the 8 f16 scales, then word m of the quants of rows 0..7 at 16 + 32 m
+    (csrc/st_formats.c), whichever code path this CPU takes (AVX2 where it has it)."""
+    _available()
+    bb, qb = {"q8_0": (34, 32), "q4_0": (18, 16)}[fmt]
+    for rows, cols in ((8, 32), (16, 64), (768, 2560)):
+        nb = cols // 32
+        src = np.random.default_rng(rows).integers(0, 256, rows * nb * bb, dtype=np.uint8)
+        out, _ = cops.repack(src, fmt, rows, cols)
+        blocks = src.reshape(rows // 8, 8, nb, bb)
+        scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(rows // 8, nb, 16)
+        words = blocks[..., 2:].reshape(rows // 8, 8, nb, qb // 4, 4).transpose(0, 2, 3, 1, 4)
+        want = np.concatenate([scales, words.reshape(rows // 8, nb, 8 * qb)], axis=-1).ravel()
+        np.testing.assert_array_equal(np.asarray(out).ravel(), want)
+
+
 def test_activation_quantisation_is_ggmls():
     """Q8_K: d = -max/127 signed by the element of largest magnitude, qs = round(x / d) <= 127, bsums
     over 16; the 32-blocks: d = amax/127, s = d * sum(qs)."""
