@@ -388,6 +388,75 @@ def test_reading_ahead_turns_on_while_guesses_pay_and_off_when_they_stop():
     assert len(cache.started) == n
 
 
+def test_reading_ahead_is_decided_per_distance():
+    """Guesses two layers ahead that stop paying turn reading ahead off at that distance only; the
+    next layer's guesses, still right, keep it on there."""
+    from st_sdk.offload.experts import Lookahead
+
+    class Cache:
+        def __init__(self):
+            self.lru, self.pending, self.started = {}, {}, []
+
+        def prefetch_ahead(self, layer, experts):
+            self.started.append((layer, list(experts)))
+
+    cache = Cache()
+    la = Lookahead(cache, "auto", depth=2)
+    for step in range(30):
+        real = [step % 5, 5 + step % 3]
+        la.ahead(4, real, distance=1)            # the next layer's guess: right
+        la.ahead(4, [20, 21, 22], distance=2)    # two layers ahead: wrong
+        la.check(4, real)
+    assert la.active_at(1) and not la.active_at(2) and la.active
+    assert la.share_needed_at(1) == 1.0 and la.share_needed_at(2) == 0.0
+    n = len(cache.started)
+    la.ahead(6, [30], distance=2)
+    la.ahead(6, [31], distance=1)
+    assert cache.started[n:] == [(6, [31])]
+
+
+def test_lfru_victims_chosen_together_are_taken_only_while_unused(tmp_path):
+    """LFRU chooses several victims at once on a large cache. A victim is always resident and unheld, and
+    no expert used after the batch was chosen is evicted from it. The reads stay within 2% of choosing
+    every victim alone."""
+    from st_sdk.offload.cache import ExpertCache, Extent
+
+    f = tmp_path / "experts.bin"
+    f.write_bytes(bytes(256))
+    rng = np.random.default_rng(1)
+    stream = rng.zipf(1.3, size=6000) % 200
+    reads = {}
+    for batch in (1, 16):
+        cache = ExpertCache(lambda layer, e: [Extent(str(f), e, 1)] * 3, [[1, 1, 1]] * 2, slots=160,
+                            io_threads=1, files=(str(f),), policy="lfru")
+        cache.victim_batch = batch
+        victim, used_at, chosen_at, bad = cache._victim, {}, {}, []
+
+        def checked_victim():
+            before = cache._victims
+            got = victim()
+            if cache._victims is not before:   # a new batch: note when each of its victims was chosen
+                for slot, _ in cache._victims:
+                    chosen_at[cache._slot_key[slot]] = step
+                chosen_at[got] = step
+            if got is not None and (got not in cache.lru or got in cache.held or
+                                    used_at.get(got, -1) > chosen_at.get(got, step)):
+                bad.append(got)
+            return got
+
+        cache._victim = checked_victim
+        for step, e in enumerate(stream):
+            layer = step % 2
+            keys = list(dict.fromkeys([int(e), int(stream[step - 5])]))
+            cache.get_many(layer, keys)
+            for k in keys:
+                used_at[(layer, k)] = step
+        reads[batch] = cache.stats.reads
+        cache.close()
+        assert not bad
+    assert reads[16] <= reads[1] * 1.02
+
+
 @pytest.mark.parametrize("layout, names", [("off", ("repacked", "repacked", "repacked")),
                                            ("up+down", ("repacked", "row_split", "neuron_major"))])
 def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatch, layout, names):

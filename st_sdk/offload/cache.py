@@ -302,6 +302,8 @@ class ExpertCache:
         self._slot_uses = np.zeros(max(1, slots))
         self._slot_key: list[Key | None] = [None] * max(1, slots)
         self._tick = 0
+        self._victims: list[tuple[int, int]] = []   # lfru: (slot, its _seq when chosen), next victim last
+        self.victim_batch = 16                      # lfru: victims chosen at once, at most
 
     def _views(self, slot: int, layer: int) -> list[np.ndarray]:
         row, offsets = self.buffer[slot], self.offsets[layer]
@@ -329,12 +331,19 @@ class ExpertCache:
             self.uses = {k: v / 2 for k, v in self.uses.items() if v >= 0.25}
             for k, slot in self.lru.items():
                 self._slot_uses[slot] = self.uses.get(k, 0.0)
+            self._victims.clear()
 
     def _victim(self) -> Key | None:
         """The resident, unheld expert to evict under the policy."""
         if self.policy == "lru":
             return next((key for key in self.lru if key not in self.held), None)
-        # over the slots' arrays (kept by _touch), not the LRU's keys: this runs for every read
+        # over the slots' arrays (kept by _touch), not the LRU's keys: this runs for every read, so the
+        # next few victims are chosen at once, in order, and each is taken while its slot is untouched
+        while self._victims:
+            slot, seq = self._victims.pop()
+            key = self._slot_key[slot]
+            if self._seq[slot] == seq and key in self.lru and key not in self.held:
+                return key
         mask = self._seq >= 0
         for key in self.held:
             if key in self.lru:
@@ -345,9 +354,11 @@ class ExpertCache:
         keep = max(1, idx.size - self.slots // 4)   # all but the most recent quarter of the slots
         if keep < idx.size:
             idx = idx[np.argpartition(self._seq[idx], keep - 1)[:keep]]
-        uses = self._slot_uses[idx]
-        least = idx[uses == uses.min()]
-        return self._slot_key[least[np.argmin(self._seq[least])]]   # the least recent of equals
+        # fewest uses first, the least recent of equals; up to 1/8 of the candidates at once
+        order = idx[np.lexsort((self._seq[idx], self._slot_uses[idx]))][:max(1, min(self.victim_batch, idx.size // 8))]
+        self._victims = [(int(slot), int(self._seq[slot])) for slot in order[::-1]]
+        slot, _ = self._victims.pop()
+        return self._slot_key[slot]
 
     def _take_slot(self) -> int | None:
         if self.free:

@@ -153,53 +153,74 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
 
 
 class Lookahead:
-    """Reads ahead across layers: the next layer's router applied to this layer's input (the residual
+    """Reads ahead across layers: a later layer's router applied to this layer's input (the residual
     stream changes little from one layer to the next) guesses its picks, and the guessed experts that
     are neither resident nor being read start reading now, so reads overlap with more than one layer's
-    compute. A wrong guess costs a read and a slot, so in mode "auto" the reads start only while they
-    pay: every guess is checked against the next layer's real picks, and reading ahead is on while, over
-    recent guesses (counts decayed by DECAY per layer), at least THRESHOLD of the guessed reads were
-    needed. Guesses are made and checked while it is off too, so it turns on again when they improve.
-    Mode "always" reads every guess."""
+    compute. Guesses are made for each of the next `depth` layers: one layer of compute is often
+    shorter than the reads a layer misses, and reads queued further ahead keep the disk busy through a
+    layer that misses many. A wrong guess costs a read and a slot, so in mode "auto" the reads start
+    only while they pay, at each distance on its own (guesses further ahead are wrong more often):
+    every guess is checked against its layer's real picks, and reading ahead at a distance is on while,
+    over recent guesses at that distance (counts decayed by DECAY per layer), at least THRESHOLD of the
+    guessed reads were needed. Guesses are made and checked while it is off too, so it turns on again
+    when they improve. Mode "always" reads every guess."""
 
     THRESHOLD = 0.5
     DECAY = 0.97
-    WARMUP = 8.0   # guessed reads checked before "auto" first decides
+    WARMUP = 8.0   # guessed reads checked at a distance before "auto" first decides
+    DEPTH = 2      # layers guessed ahead
 
-    def __init__(self, cache: ExpertCache, mode: str = "auto"):
+    def __init__(self, cache: ExpertCache, mode: str = "auto", depth: int | None = None):
         self.cache, self.mode = cache, mode
-        self.needed = self.guessed = 0.0   # decayed counts of guessed reads that were needed, of all
-        self.guess: tuple[int, set] | None = None   # (layer, experts) of the last guess
+        self.depth = max(1, int(depth or self.DEPTH))
+        # per distance - 1: decayed counts of guessed reads that were needed, and of all
+        self.needed, self.guessed = [0.0] * self.depth, [0.0] * self.depth
+        self.guesses: dict[int, list[tuple[int, set]]] = {}   # layer -> [(distance, experts)] guessed for it
 
     @property
     def share_needed(self) -> float:
-        return self.needed / self.guessed if self.guessed else float("nan")
+        """Of recent guessed reads at every distance, the share that was needed."""
+        guessed = sum(self.guessed)
+        return sum(self.needed) / guessed if guessed else float("nan")
+
+    def share_needed_at(self, distance: int) -> float:
+        g = self.guessed[distance - 1]
+        return self.needed[distance - 1] / g if g else float("nan")
+
+    def active_at(self, distance: int) -> bool:
+        return self.mode == "always" or (self.guessed[distance - 1] >= self.WARMUP and
+                                         self.share_needed_at(distance) >= self.THRESHOLD)
 
     @property
     def active(self) -> bool:
-        return self.mode == "always" or (self.guessed >= self.WARMUP and self.share_needed >= self.THRESHOLD)
+        """Whether reading ahead is on (at the next layer, where guesses are best)."""
+        return self.active_at(1)
 
     def check(self, layer: int, picked) -> None:
-        """The layer's real picks: score the guess made for it."""
-        if self.guess is not None and self.guess[0] == layer and self.guess[1]:
-            self.needed = self.needed * self.DECAY + len(self.guess[1] & set(int(e) for e in np.ravel(picked)))
-            self.guessed = self.guessed * self.DECAY + len(self.guess[1])
-        self.guess = None
+        """The layer's real picks: score the guesses made for it."""
+        guesses = self.guesses.pop(layer, ())
+        if guesses:
+            real = set(int(e) for e in np.ravel(picked))
+            for distance, experts in guesses:
+                self.needed[distance - 1] = self.needed[distance - 1] * self.DECAY + len(experts & real)
+                self.guessed[distance - 1] = self.guessed[distance - 1] * self.DECAY + len(experts)
 
-    def ahead(self, layer: int, guessed) -> None:
-        """Guessed picks of `layer`: remember those that would need a read, and start them if active."""
+    def ahead(self, layer: int, guessed, distance: int = 1) -> None:
+        """Guessed picks of `layer`, `distance` layers ahead: remember those that would need a read, and
+        start them if reading ahead is on at that distance."""
         cache = self.cache
         missing = {int(e) for e in np.ravel(guessed)
                    if (layer, int(e)) not in cache.lru and (layer, int(e)) not in cache.pending}
-        self.guess = (layer, missing)
-        if missing and self.active:
-            cache.prefetch_ahead(layer, sorted(missing))
+        if missing:
+            self.guesses.setdefault(layer, []).append((distance, missing))
+            if self.active_at(distance):
+                cache.prefetch_ahead(layer, sorted(missing))
 
 
 def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: str | None = None):
     """The route op, followed by starting the reads of the experts it picked (before attention); at the
     first layer of each step, first the cache's run-time memory check (`ExpertCache.keep_within`).
-    lookahead: also read ahead the experts the next layer's router picks from this layer's input,
+    lookahead: also read ahead the experts later layers' routers pick from this layer's input,
     "always" or "auto" (while those guesses pay; see Lookahead), kept in `cache.lookahead`."""
     layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
     routers = [lp.router for lp in params.layers]
@@ -214,8 +235,9 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, 
             cache.prefetch(layer, np.asarray(ids))
             if ahead is not None:
                 ahead.check(layer, ids)
-                if layer + 1 < len(routers):
-                    ahead.ahead(layer + 1, np.asarray(route(x, routers[layer + 1], k, softmax)[1]))
+                for distance in range(1, min(ahead.depth, len(routers) - 1 - layer) + 1):
+                    guess = route(x, routers[layer + distance], k, softmax)[1]
+                    ahead.ahead(layer + distance, np.asarray(guess), distance)
         return w, ids
 
     return route_and_prefetch
