@@ -179,9 +179,11 @@ class ExpertCache:
         if len(keys) > self.slots - 1:
             raise WeightError(f"expert cache: {len(keys)} experts at once do not fit in {self.slots} slots")
         self.held = set(keys)
-        return [self.slot_of(*key) for key in keys]
+        slots = [self.slot_of(*key, settle=False) for key in keys]
+        self._settle()
+        return slots
 
-    def slot_of(self, layer: int, e: int, count: bool = True) -> int:
+    def slot_of(self, layer: int, e: int, count: bool = True, settle: bool = True) -> int:
         """The slot holding the expert, waiting for its read if needed (see `get`)."""
         key = (layer, e)
         if count and self.policy == "lfru":
@@ -209,7 +211,7 @@ class ExpertCache:
                 self.stats.misses += 1
             fut.result()
             self.stats.stall_s += time.perf_counter() - t0
-        if self.pending:
+        if settle and self.pending:
             self._settle()
         return slot
 
@@ -337,8 +339,7 @@ class ExpertCache:
         """The resident, unheld expert to evict under the policy."""
         if self.policy == "lru":
             return next((key for key in self.lru if key not in self.held), None)
-        # over the slots' arrays (kept by _touch), not the LRU's keys: this runs for every read, so the
-        # next few victims are chosen at once, in order, and each is taken while its slot is untouched
+        # over the slots' arrays (kept by _touch); several victims are chosen at once, each taken while untouched
         while self._victims:
             slot, seq = self._victims.pop()
             key = self._slot_key[slot]
