@@ -413,6 +413,15 @@ def test_reading_ahead_is_decided_per_distance():
     la.ahead(6, [30], distance=2)
     la.ahead(6, [31], distance=1)
     assert cache.started[n:] == [(6, [31])]
+    # what `st-sdk generate --stats` prints of it
+    from types import SimpleNamespace
+
+    from st_sdk.cli.generate import lookahead_line
+
+    line = lookahead_line(SimpleNamespace(lookahead=la, stats=SimpleNamespace(ahead=len(cache.started))))
+    assert line == [f"[reads ahead (auto): {len(cache.started)} started; of recent guessed reads, needed: "
+                    "1 layer ahead 100%, so on; 2 layers ahead 0%, so off]"]
+    assert lookahead_line(SimpleNamespace(lookahead=Lookahead(cache), stats=None)) == []   # nothing guessed yet
 
 
 def test_lfru_victims_chosen_together_are_taken_only_while_unused(tmp_path):

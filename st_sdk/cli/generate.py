@@ -80,10 +80,11 @@ def offload_lines(model) -> list[str]:
 
 def lookahead_line(cache) -> list[str]:
     ahead = cache.lookahead
-    if ahead is None or not ahead.guessed:
+    if ahead is None or not sum(ahead.guessed):
         return []
-    return [f"[reads ahead ({ahead.mode}): {cache.stats.ahead} started; {ahead.share_needed:.0%} of recent guessed "
-            f"reads were needed, so reading ahead is {'on' if ahead.active else 'off'}]"]
+    per = "; ".join(f"{d} layer{'s' * (d > 1)} ahead {ahead.share_needed_at(d):.0%}, so "
+                    f"{'on' if ahead.active_at(d) else 'off'}" for d in range(1, ahead.depth + 1) if ahead.guessed[d - 1])
+    return [f"[reads ahead ({ahead.mode}): {cache.stats.ahead} started; of recent guessed reads, needed: {per}]"]
 
 
 def sparsity_line(model) -> str | None:
