@@ -424,6 +424,48 @@ def test_reading_ahead_is_decided_per_distance():
     assert lookahead_line(SimpleNamespace(lookahead=Lookahead(cache), stats=None)) == []   # nothing guessed yet
 
 
+def test_guesses_further_ahead_are_made_only_while_nearer_ones_pay():
+    """The router is applied for a guess two layers ahead only while guesses one layer ahead are on:
+    on a model whose guesses do not pay, reading ahead costs one router call a layer, not two."""
+    from types import SimpleNamespace
+
+    from st_sdk.offload.experts import prefetching_route
+
+    class Cache:
+        def __init__(self):
+            self.lru, self.pending, self.lookahead = {}, {}, None
+
+        def keep_within(self):
+            pass
+
+        def prefetch(self, layer, ids):
+            pass
+
+        def prefetch_ahead(self, layer, experts):
+            pass
+
+    routers = [object() for _ in range(6)]
+    params = SimpleNamespace(layers=[SimpleNamespace(router=r) for r in routers])
+    calls = []
+
+    def route(right, router, k, softmax):   # the step's first call picks; the others guess, right or not
+        calls.append(routers.index(router))
+        guessing = len(calls) > 1
+        return None, np.array([[9 if guessing and not right else routers.index(router) % 3]])
+
+    for right, per_layer in ((False, 1), (True, 2)):
+        cache = Cache()
+        step = prefetching_route(route, params, cache, True, "auto")
+        for _ in range(20):
+            for layer in range(len(routers)):
+                calls.clear()
+                step(right, routers[layer], 1, True)
+        assert cache.lookahead.active == right
+        calls.clear()
+        step(right, routers[0], 1, True)
+        assert len(calls) == 1 + per_layer
+
+
 def test_lfru_victims_chosen_together_are_taken_only_while_unused(tmp_path):
     """LFRU chooses several victims at once on a large cache. A victim is always resident and unheld, and
     no expert used after the batch was chosen is evicted from it. The reads stay within 2% of choosing

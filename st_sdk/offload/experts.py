@@ -163,7 +163,8 @@ class Lookahead:
     every guess is checked against its layer's real picks, and reading ahead at a distance is on while,
     over recent guesses at that distance (counts decayed by DECAY per layer), at least THRESHOLD of the
     guessed reads were needed. Guesses are made and checked while it is off too, so it turns on again
-    when they improve. Mode "always" reads every guess."""
+    when they improve, except that guesses further ahead wait for the nearer ones to be on (they are
+    never better, and each costs a router call). Mode "always" reads every guess."""
 
     THRESHOLD = 0.5
     DECAY = 0.97
@@ -236,6 +237,8 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, 
             if ahead is not None:
                 ahead.check(layer, ids)
                 for distance in range(1, min(ahead.depth, len(routers) - 1 - layer) + 1):
+                    if distance > 1 and not ahead.active_at(distance - 1):
+                        break   # guesses further ahead are no better: not worth a router call while off
                     guess = route(x, routers[layer + distance], k, softmax)[1]
                     ahead.ahead(layer + distance, np.asarray(guess), distance)
         return w, ids
