@@ -381,7 +381,8 @@ __attribute__((target("avx2"))) static void repack_q32_avx2(const uint8_t *src, 
             for (int j = 0; j < 8; j++) memcpy(o + 2 * j, p + j * row_bytes, 2);
             for (int h = 0; h < qb; h += 16) {   /* 16 bytes (four words) of each row at a time */
                 const uint8_t *q = p + 2 + h;
-#define ST_ROWS(a, b2) _mm256_loadu2_m128i((const __m128i *)(q + (b2) * row_bytes), (const __m128i *)(q + (a) * row_bytes))
+#define ST_ROWS(a, b2) _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q + (a) * row_bytes))), \
+                                              _mm_loadu_si128((const __m128i *)(q + (b2) * row_bytes)), 1)
                 const __m256i y0 = ST_ROWS(0, 4), y1 = ST_ROWS(1, 5), y2 = ST_ROWS(2, 6), y3 = ST_ROWS(3, 7);
 #undef ST_ROWS
                 const __m256i t0 = _mm256_unpacklo_epi32(y0, y1), t1 = _mm256_unpacklo_epi32(y2, y3);
