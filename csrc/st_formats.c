@@ -365,7 +365,7 @@ void st_unrepack_block(int32_t fmt, const uint8_t *g, int j, uint8_t *o) {
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 /* Q4_0 / Q8_0 repacking with AVX2, the same bytes as repack_block: the quants of 8 rows, 16 bytes
  * each at a time, are a 4 x 8 transpose of 4-byte words (two 4 x 4 transposes, one per 128-bit
@@ -402,8 +402,8 @@ int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t 
     if (!src || !dst || st_repacked_bytes(fmt, rows, cols) < 0 || src_row_bytes < st_fmt_row_bytes(fmt, cols)) return ST_EARG;
     const int64_t nb = cols / st_fmts[fmt].block, bb = st_fmts[fmt].bytes;
     uint8_t *o = dst;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if ((fmt == ST_Q4_0 || fmt == ST_Q8_0) && __builtin_cpu_supports("avx2")) {
+#if defined(__x86_64__) || defined(__i386__)
+    if ((fmt == ST_Q4_0 || fmt == ST_Q8_0) && st_cpu_supports(ST_AVX2)) {
         repack_q32_avx2(src, rows, nb, bb, src_row_bytes, o);
         return ST_OK;
     }
