@@ -121,6 +121,7 @@ class ExpertCache:
         self.stats = OffloadStats()
         self.prepared: tuple[str, int, int] | None = None   # see use_file
         self._committing = threading.Event()   # set to stop the background commit (see commit)
+        self.victim_batch = 16          # lfru: victims chosen at once, at most
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         if direct is None:   # ST_OFFLOAD_DIRECT=0 reads through the page cache (to compare)
             direct = os.environ.get("ST_OFFLOAD_DIRECT", "1").strip() != "0"
@@ -305,7 +306,6 @@ class ExpertCache:
         self._slot_key: list[Key | None] = [None] * max(1, slots)
         self._tick = 0
         self._victims: list[tuple[int, int]] = []   # lfru: (slot, its _seq when chosen), next victim last
-        self.victim_batch = 16                      # lfru: victims chosen at once, at most
 
     def _views(self, slot: int, layer: int) -> list[np.ndarray]:
         row, offsets = self.buffer[slot], self.offsets[layer]
