@@ -15,6 +15,7 @@ from st_sdk import kv
 from st_sdk.backend import EXPERT_ROLES, MATRIX_ROLES, NORM_ROLES, Backend, Param, is_offloaded
 from st_sdk.errors import BackendError, InputError
 from st_sdk.hardware import probe, resolve_threads
+from st_sdk.offload.pages import Arena
 from st_sdk.sizes import bytes_per_token
 from st_sdk.weights.tensor import QUANT_SIZES
 
@@ -137,6 +138,7 @@ class CBackend(Backend):
         self.repacked_bytes = 0
         self.converted: dict[str, int] = {}   # "iq2_xs -> q8_0": bytes of the converted copies
         self.released_map_bytes = 0   # resident pages of repacked GGUF tensors dropped from this process
+        self.arena = Arena()   # the repacked copies, on huge pages where the kernel grants them
         self._layer_structs: dict = {}
         self._slot_cache: dict = {}   # see _slot_addresses
         self.threads = resolve_threads(n_threads)
@@ -166,6 +168,7 @@ class CBackend(Backend):
              "sparse_reglu": self.sparse, "sparse_layout": self.sparse_layout if self.sparse else "off",
              "copied_weight_bytes": self.copied_bytes,
              "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes,
+             "huge_page_weight_bytes": self.arena.nbytes if self.arena.huge else 0,
              # resident beyond the mapped file: what a memory budget must also hold
              "extra_resident_bytes": self.copied_bytes + self.repacked_bytes + sum(self.converted.values())
              - self.released_map_bytes}
@@ -209,9 +212,9 @@ class CBackend(Backend):
             raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
         if role in EXPERT_ROLES:
-            v = CExperts(raw, **self._expert_layouts(role))
+            v = CExperts(raw, **self._expert_layouts(role), arena=self.arena)
         elif role in MATRIX_ROLES:
-            v = CMat(raw, repack_rows=rp)
+            v = CMat(raw, repack_rows=rp, arena=self.arena)
         else:
             return raw
         self.copied_bytes += v.copied
@@ -259,7 +262,7 @@ class CBackend(Backend):
         if params.head is params.embed and self._repacking() and ops.can_repack(embed.fmt, embed.rows):
             # tied: the embedding stays as stored for row lookups; the head gets its own repacked copy,
             # run by the fused step and by the layer-by-layer one of a memory budget alike
-            head = CMat(embed.tensor, repack_rows=True)
+            head = CMat(embed.tensor, repack_rows=True, arena=self.arena)
             self.repacked_bytes += head.repacked
             self.released_map_bytes += head.released
             params.head = Param(params.embed.raw, head)

@@ -151,12 +151,13 @@ class Layout:
     nbytes: int
     fn: str | None = None   # the C function that converts from the file layout (same signature for all)
 
-    def convert(self, src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """src: the matrix as stored (uint8, [rows, cols] in the file layout) -> `out` (allocated when not
-        given, uint8 of `nbytes`). The C call releases the GIL, so I/O threads can convert in parallel."""
+    def convert(self, src: np.ndarray, out: np.ndarray | None = None, arena=None) -> np.ndarray:
+        """src: the matrix as stored (uint8, [rows, cols] in the file layout) -> `out` (when not given,
+        taken from `arena` (st_sdk.offload.pages.Arena) or allocated; uint8 of `nbytes`). The C call
+        releases the GIL, so I/O threads can convert in parallel."""
         ffi, lib = ffi_lib()
         if out is None:
-            out = np.empty(self.nbytes, np.uint8)
+            out = arena.take(self.nbytes) if arena is not None else np.empty(self.nbytes, np.uint8)
         if src.nbytes < self.rows * row_bytes(self.fmt, self.cols) or out.nbytes < self.nbytes:
             raise InputError(f"{self.name} layout of {self.fmt} [{self.rows}, {self.cols}]: buffers of {src.nbytes} "
                              f"and {out.nbytes} bytes are too small")
@@ -188,20 +189,21 @@ def layout(fmt: str, rows: int, cols: int, repack_rows: bool = False, neuron_maj
     return Layout("file", fmt, rows, cols, _code(fmt, f"{fmt} [{rows}, {cols}]"), rb, rows * rb)
 
 
-def repack(arr: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, int]:
+def repack(arr: np.ndarray, fmt: str, rows: int, cols: int, arena=None) -> tuple[np.ndarray, int]:
     """[rows, cols] storage -> the 8-row interleaved copy (Q8_0, Q4_0, the k-quants, IQ4_XS; same
-    size); (copy, bytes per 8-row group)."""
+    size; taken from `arena` when given); (copy, bytes per 8-row group)."""
     lay = layout(fmt, rows, cols, repack_rows=True)
     if lay.name != "repacked":
         raise InputError(f"cannot repack {fmt} [{rows}, {cols}] (rows must be a multiple of 8)")
-    return lay.convert(arr), lay.row_bytes
+    return lay.convert(arr, arena=arena), lay.row_bytes
 
 
 class CMat:
     """A 2-D weight [rows, cols] as the kernels see it (st_mat): pointing into the stored array, or
-    into an 8-row interleaved copy when `repack` (its bytes are counted in `repacked`)."""
+    into an 8-row interleaved copy when `repack` (its bytes are counted in `repacked`; the copy comes
+    from `arena` when given)."""
 
-    def __init__(self, tensor, repack_rows: bool = False):
+    def __init__(self, tensor, repack_rows: bool = False, arena=None):
         ffi, _ = ffi_lib()
         if len(tensor.shape) != 2:
             raise InputError(f"weight '{tensor.name}': expected a 2-D matrix, got shape {list(tensor.shape)}")
@@ -213,7 +215,7 @@ class CMat:
         self.released = 0
         if repack_rows and can_repack(tensor.fmt, rows):
             source = self.data
-            self.data, rb = repack(source, tensor.fmt, rows, cols)
+            self.data, rb = repack(source, tensor.fmt, rows, cols, arena)
             code, self.repacked, self.copied = repacked_code(tensor.fmt), self.data.nbytes, 0
             self.released = release_map(source)
         self.struct = ffi.new("st_mat *", {"data": ffi.cast("void *", self.data.ctypes.data), "rows": rows,
@@ -225,9 +227,10 @@ class CExperts:
     copy: for sparse ReGLU, which reads one live neuron at a time, a down projection neuron-major
     (`neuron_major`) or an up projection row-split (`row_split`), else 8 rows interleaved
     (`repack_rows`); the first asked for that the type and shape allow (`layout` says which). A copy's
-    bytes are counted in `repacked`."""
+    bytes are counted in `repacked`; it comes from `arena` when given."""
 
-    def __init__(self, tensor, repack_rows: bool = False, neuron_major: bool = False, row_split: bool = False):
+    def __init__(self, tensor, repack_rows: bool = False, neuron_major: bool = False, row_split: bool = False,
+                 arena=None):
         ffi, _ = ffi_lib()
         if len(tensor.shape) != 3:
             raise InputError(f"weight '{tensor.name}': expected stacked experts [E, rows, cols], "
@@ -252,8 +255,8 @@ class CExperts:
         if lay.fn is not None:
             rb = row_bytes(tensor.fmt, cols)
             sources = self.arrays
-            self.arrays = [lay.convert(np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8))
-                           for p in ptrs]
+            self.arrays = [lay.convert(np.frombuffer(ffi.buffer(ffi.cast("char *", p), rows * rb), np.uint8),
+                                       arena=arena) for p in ptrs]
             ptrs = [a.ctypes.data for a in self.arrays]
             self.copied, self.repacked = 0, sum(a.nbytes for a in self.arrays)
             self.released = sum(release_map(a) for a in sources)

@@ -297,7 +297,7 @@ class ExpertCache:
         self.slots = slots
         self._stride = -(-self.bundle_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
         # private: MADV_DONTNEED then frees a slot's pages (a shared anonymous mapping keeps them, charged)
-        self._mm = anonymous(max(1, slots) * self._stride)
+        self._mm = anonymous(max(1, slots) * self._stride, huge=True)
         self.buffer = np.frombuffer(self._mm, np.uint8).reshape(max(1, slots), self._stride)
         self.free = list(range(slots))[::-1]
         # per slot, for lfru's victim: when its expert was last used (-1: empty), that expert's uses, the key

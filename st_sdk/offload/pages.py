@@ -1,4 +1,4 @@
-"""Committing the expert cache's memory ahead of its first reads.
+"""Anonymous memory for weights: committing the expert cache's ahead of its first reads, and huge pages.
 
 The slots are anonymous memory whose pages the kernel commits on first touch. On some machines (virtual
 ones above all) a first touch costs more than reading the expert from disk: filling a 6.5 GiB cache
@@ -7,6 +7,10 @@ background thread with MADV_POPULATE_WRITE (Linux 5.14 and later), a piece at a 
 first tokens spend waiting for reads. The pages are the plan's own (the budget holds them), it never
 writes to them (contents already read stay), and it stops when asked (the cache shrinking or closing).
 Elsewhere it does nothing.
+
+The kernels stream weights from the expert cache's slots and from the C backend's repacked copies;
+both ask for transparent huge pages (`anonymous(..., huge=True)`, `Arena`), so a TLB entry covers 2 MiB
+of weights instead of 4 KiB.
 """
 from __future__ import annotations
 
@@ -65,11 +69,68 @@ def _madvise():
     return fn
 
 
-def anonymous(nbytes: int) -> mmap.mmap:
-    """Page-aligned anonymous memory of this process alone (MAP_PRIVATE where the platform has it)."""
+def anonymous(nbytes: int, huge: bool = False) -> mmap.mmap:
+    """Page-aligned anonymous memory of this process alone (MAP_PRIVATE where the platform has it);
+    `huge`: advised to use transparent huge pages (`advise_huge`)."""
     if hasattr(mmap, "MAP_PRIVATE"):
-        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
-    return mmap.mmap(-1, nbytes)
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
+    else:
+        m = mmap.mmap(-1, nbytes)
+    if huge:
+        advise_huge(m)
+    return m
+
+
+def advise_huge(m: mmap.mmap) -> bool:
+    """MADV_HUGEPAGE on a mapping the kernels stream weights from: with 4 KiB pages every 4 KiB of a
+    weight is a TLB miss, and on a virtual machine each miss walks two sets of page tables. Streaming
+    a 1.33 MB Q4_0 matrix (decode's wq) on two threads took 237 us on 4 KiB pages and 55 us on 2 MiB
+    ones (benchmarks/README.md, "Huge pages"). Whether the kernel took the advice: False where the
+    platform has no such advice or transparent huge pages are off."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or not hasattr(m, "madvise"):
+        return False
+    try:
+        m.madvise(advice)
+    except OSError:
+        return False
+    return True
+
+
+class Arena:
+    """Copies of weights (repacked, converted) packed into anonymous memory that starts on 2 MiB
+    boundaries and asks for transparent huge pages: one 64 MiB mapping for many small tensors, its own
+    for a large one. Only the pages written are committed, so a chunk's unused tail costs at most one
+    huge page. The arrays it returns keep their mapping alive."""
+
+    HUGE = 2 << 20
+    CHUNK = 64 << 20
+
+    def __init__(self):
+        self.nbytes = 0       # bytes handed out
+        self.huge = False     # whether the kernel took the huge-page advice
+        self._chunk: np.ndarray | None = None
+        self._used = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """`nbytes` uint8, 64-byte aligned, uninitialised."""
+        self.nbytes += nbytes
+        step = -(-nbytes // 64) * 64
+        if step > self.CHUNK // 2:
+            return self._map(nbytes)[:nbytes]
+        if self._chunk is None or self._used + step > len(self._chunk):
+            self._chunk, self._used = self._map(self.CHUNK), 0
+        out = self._chunk[self._used:self._used + nbytes]
+        self._used += step
+        return out
+
+    def _map(self, nbytes: int) -> np.ndarray:
+        size = -(-nbytes // self.HUGE) * self.HUGE
+        m = anonymous(size + self.HUGE)   # room to start on a 2 MiB boundary
+        self.huge |= advise_huge(m)
+        base = np.frombuffer(m, np.uint8)
+        start = -base.ctypes.data % self.HUGE
+        return base[start:start + size]
 
 
 def resident_bytes() -> int:
