@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
+import os
 import sys
 import threading
 
@@ -86,9 +87,9 @@ def advise_huge(m: mmap.mmap) -> bool:
     weight is a TLB miss, and on a virtual machine each miss walks two sets of page tables. Streaming
     a 1.33 MB Q4_0 matrix (decode's wq) on two threads took 237 us on 4 KiB pages and 55 us on 2 MiB
     ones (benchmarks/README.md, "Huge pages"). Whether the kernel took the advice: False where the
-    platform has no such advice or transparent huge pages are off."""
+    platform has no such advice or transparent huge pages are off; `ST_HUGE_PAGES=0` asks nothing."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or not hasattr(m, "madvise"):
+    if advice is None or not hasattr(m, "madvise") or os.environ.get("ST_HUGE_PAGES", "1") == "0":
         return False
     try:
         m.madvise(advice)
