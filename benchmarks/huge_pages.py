@@ -10,10 +10,21 @@ placements alternating round by round, with a Python busy loop of --gaps microse
 (a memory budget runs Python between its layer calls). Prints the median time per product and the
 bandwidth it implies. The kernel decides whether it grants the huge pages: the script prints the
 process's AnonHugePages.
+
+    python benchmarks/huge_pages.py --model FILE [--max-memory 6GiB] [--rounds 4] [--tokens 150] [--warm 20]
+
+instead times whole decode steps of a model file (the SDK's defaults, or its memory-budget mode with
+--max-memory), loaded in a fresh process per run with ST_HUGE_PAGES=0 and 1 alternating: --warm random
+tokens fed one at a time, then the median time of --tokens more; prints both medians and the median of
+the paired ratios.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from statistics import median
 
@@ -26,7 +37,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gaps", default="0,150,500")
+    ap.add_argument("--model", help="time whole decode steps of this file instead")
+    ap.add_argument("--max-memory", default=None)
+    ap.add_argument("--tokens", type=int, default=150)
+    ap.add_argument("--warm", type=int, default=20)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child:
+        return decode_child(a)
+    if a.model:
+        return decode_rounds(a)
 
     import gguf
 
@@ -77,6 +97,35 @@ def main() -> None:
                          for name, t in times.items())
         print(f"gap {gap:.0f} us: {line}")
     lib.st_pool_free(pool)
+
+
+def decode_child(a) -> None:
+    import st_sdk
+
+    m = st_sdk.load(a.model, n_threads=a.threads, max_memory=a.max_memory)
+    ids = [int(t) for t in np.random.default_rng(1).integers(256, m.config.vocab_size, a.warm + a.tokens)]
+    s = m.session(capacity=len(ids) + 1)
+    for t in ids[:a.warm]:
+        s.feed([t])
+    t0 = time.perf_counter()
+    for t in ids[a.warm:]:
+        s.feed([t])
+    print(json.dumps({"ms": (time.perf_counter() - t0) / a.tokens * 1e3}))
+
+
+def decode_rounds(a) -> None:
+    args = [sys.executable, __file__, "--child", "--model", a.model, "--threads", str(a.threads),
+            "--tokens", str(a.tokens), "--warm", str(a.warm)] + (["--max-memory", a.max_memory] if a.max_memory else [])
+    ms = {"0": [], "1": []}
+    for _ in range(a.rounds):
+        for flag in ms:
+            out = subprocess.run(args, env={**os.environ, "ST_HUGE_PAGES": flag}, capture_output=True, text=True,
+                                 check=True).stdout
+            ms[flag].append(json.loads(out.strip().splitlines()[-1])["ms"])
+    ratio = median(x / y for x, y in zip(ms["0"], ms["1"]))
+    print(f"{a.model}, max_memory={a.max_memory}, {a.threads} threads, {a.rounds} rounds of {a.tokens} tokens "
+          f"after {a.warm}: ST_HUGE_PAGES=0 {median(ms['0']):.1f} ms a token, ST_HUGE_PAGES=1 {median(ms['1']):.1f} "
+          f"(runs {[round(x, 1) for x in ms['0']]} / {[round(x, 1) for x in ms['1']]}); paired ratio {ratio:.2f}x")
 
 
 if __name__ == "__main__":

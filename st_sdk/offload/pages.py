@@ -1,4 +1,5 @@
-"""Anonymous memory for weights: committing the expert cache's ahead of its first reads, and huge pages.
+"""Anonymous memory for weights: committing the expert cache's memory ahead of its first reads, and
+asking for huge pages.
 
 The slots are anonymous memory whose pages the kernel commits on first touch. On some machines (virtual
 ones above all) a first touch costs more than reading the expert from disk: filling a 6.5 GiB cache
@@ -85,9 +86,11 @@ def anonymous(nbytes: int, huge: bool = False) -> mmap.mmap:
 def advise_huge(m: mmap.mmap) -> bool:
     """MADV_HUGEPAGE on a mapping the kernels stream weights from: with 4 KiB pages every 4 KiB of a
     weight is a TLB miss, and on a virtual machine each miss walks two sets of page tables. Streaming
-    a 1.33 MB Q4_0 matrix (decode's wq) on two threads took 237 us on 4 KiB pages and 55 us on 2 MiB
-    ones (benchmarks/README.md, "Huge pages"). Whether the kernel took the advice: False where the
-    platform has no such advice or transparent huge pages are off; `ST_HUGE_PAGES=0` asks nothing."""
+    a 1.33 MB Q4_0 matrix (decode's wq) on two threads took 270 us on 4 KiB pages and 83 us on 2 MiB
+    ones (`python benchmarks/huge_pages.py`, benchmarks/README.md). Whether the kernel took the advice:
+    False where the platform has no such advice or the kernel has no transparent huge pages. Taken, it
+    still falls back to 4 KiB pages when they are set to `never` or no 2 MiB page is free.
+    `ST_HUGE_PAGES=0` asks nothing."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or not hasattr(m, "madvise") or os.environ.get("ST_HUGE_PAGES", "1") == "0":
         return False
@@ -99,7 +102,7 @@ def advise_huge(m: mmap.mmap) -> bool:
 
 
 class Arena:
-    """Copies of weights (repacked, converted) packed into anonymous memory that starts on 2 MiB
+    """Copies of weights (repacked, or laid out for sparse ReGLU) packed into anonymous memory that starts on 2 MiB
     boundaries and asks for transparent huge pages: one 64 MiB mapping for many small tensors, its own
     for a large one. Only the pages written are committed, so a chunk's unused tail costs at most one
     huge page. The arrays it returns keep their mapping alive."""
