@@ -1,12 +1,14 @@
 """Sparse ReGLU's expert stage on the C backend at a chosen share of live neurons, in each layout.
 
-    python benchmarks/sparse_reglu.py [--fmt q4_0] [--live 0.75,0.5,0.25,0.1] [--threads 1,2] [--experts 512]
+    python benchmarks/sparse_reglu.py [--fmt q4_0|q8_0|q4_k|q6_k] [--live 0.75,0.5,0.25,0.1] [--threads 1,2]
+        [--experts 512]
 
 One decode step's experts (top 4 of --experts, the 4b-a0.6b shape: hidden 1536, 768 neurons each),
 timed through `CBackend.moe` with the three ST_C_SPARSE_LAYOUT layouts side by side: "off" (gate, up
 and down repacked 8 rows at a time: a dead neuron's up row is skipped only when its 8-row group is all
 dead), "up" (up row-split: one live neuron's row at a time) and "up+down" (and down neuron-major: one
-live neuron's column at a time). The experts are picked at random from --experts of them (512 x 2 MB
+live neuron's column at a time). The k-quants have no row-split up: "up" keeps the file's layout,
+whose rows are read one live neuron at a time too. The experts are picked at random from --experts of them (512 x 2 MB
 per layout, more than a CPU's last-level cache, so weights come from memory as in a real model).
 
 The share of live neurons is set by construction: the activation x is positive, and a neuron's gate
@@ -26,7 +28,7 @@ import numpy as np
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fmt", default="q4_0", choices=("q4_0", "q8_0"))
+    ap.add_argument("--fmt", default="q4_0", choices=("q4_0", "q8_0", "q4_k", "q6_k"))
     ap.add_argument("--live", default="0.75,0.5,0.25,0.1")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--experts", type=int, default=512)

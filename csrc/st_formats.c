@@ -42,6 +42,7 @@ const st_fmtinfo st_fmts[ST_NFMT] = {
     [ST_Q6_KX8] = {QKK, 210, ACT_Q8K, 1, -1},  [ST_IQ4_XSX8] = {QKK, 136, ACT_Q8K, 1, -1},
     [ST_Q8_0NM] = {QK, 34, ACT_Q8, 0, -1},     [ST_Q4_0NM] = {QK, 18, ACT_Q8, 0, -1},
     [ST_Q8_0RS] = {QK, 34, ACT_Q8, 0, -1},     [ST_Q4_0RS] = {QK, 18, ACT_Q8, 0, -1},
+    [ST_Q4_KNM] = {QKK, 144, ACT_Q8K, 0, -1}, [ST_Q6_KNM] = {QKK, 210, ACT_Q8K, 0, -1},
 };
 
 const int8_t st_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
@@ -417,17 +418,76 @@ int st_repack(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t 
     return ST_OK;
 }
 
-/* ---- neuron-major down projections (st_kernels.h): scales [cols / 32][rows] as f16, then per neuron
- * (column) its quants for all rows: Q8_0 one int8 per row; Q4_0 32 bytes per 64 rows, byte k holding
- * row k in its low nibble and row k + 32 in its high one (so one 32-byte load is 64 rows) ---------- */
-int32_t st_neuron_major_format(int32_t fmt) { return fmt == ST_Q4_0 ? ST_Q4_0NM : fmt == ST_Q8_0 ? ST_Q8_0NM : -1; }
+/* ---- neuron-major down projections (st_kernels.h): per neuron (column) its quants for all rows, after
+ * the scales of each block of neurons for all rows. Q8_0: one int8 per row; Q4_0 (and the low nibbles
+ * of Q4_K and Q6_K): 32 bytes per 64 rows, byte k holding row k in its low nibble and row k + 32 in its
+ * high one (so one 32-byte load is 64 rows); Q6_K's top two bits follow as 16 bytes per 64 rows, byte k
+ * holding rows k, k + 16, k + 32, k + 48 in bits 0-1, 2-3, 4-5, 6-7. The scales:
+ *   Q8_0, Q4_0: d f16 [cols / 32][rows].
+ *   Q4_K: d, dmin f16 [cols / 256][rows] each; the top two bits of the 8 six-bit scales and mins of
+ *         each super-block as u32 [cols / 256][rows] (bits 4j, 4j + 1: scale j; 4j + 2, 4j + 3: min j);
+ *         their low four bits as u8 [cols / 32][rows] (scale | min << 4).
+ *   Q6_K: d f16 [cols / 256][rows]; the int8 scales [cols / 16][rows].
+ * Each is exactly as large as the file layout's matrix. ------------------------------------------ */
+int32_t st_neuron_major_format(int32_t fmt) {
+    switch (fmt) {
+    case ST_Q4_0: return ST_Q4_0NM;
+    case ST_Q8_0: return ST_Q8_0NM;
+    case ST_Q4_K: return ST_Q4_KNM;
+    case ST_Q6_K: return ST_Q6_KNM;
+    }
+    return -1;
+}
+
+/* element q (0..15) of row r into a neuron column's 4-bit plane, and Q6_K's 2-bit top into `top` */
+static inline void nm_put4(uint8_t *col, int64_t r, int q) {
+    uint8_t *p = col + r / 64 * 32 + r % 32;
+    *p = (r % 64) < 32 ? (uint8_t)((*p & 0xF0) | q) : (uint8_t)((*p & 0x0F) | (q << 4));
+}
+static inline void nm_put2(uint8_t *top, int64_t r, int q) {
+    const int shift = 2 * (r % 64 / 16);
+    uint8_t *p = top + r / 64 * 16 + r % 16;
+    *p = (uint8_t)((*p & ~(3 << shift)) | q << shift);
+}
 
 int st_neuron_major(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst) {
-    if (!src || !dst || st_neuron_major_format(fmt) < 0 || rows <= 0 || rows % (2 * QK) || cols <= 0 || cols % QK ||
-        src_row_bytes < st_fmt_row_bytes(fmt, cols))
+    if (!src || !dst || st_neuron_major_format(fmt) < 0 || rows <= 0 || rows % (2 * QK) || cols <= 0 ||
+        cols % st_fmts[fmt].block || src_row_bytes < st_fmt_row_bytes(fmt, cols))
         return ST_EARG;
-    const int64_t nb = cols / QK, bb = st_fmts[fmt].bytes;
-    uint8_t *scales = dst, *qs = scales + nb * rows * 2;
+    const int64_t bb = st_fmts[fmt].bytes;
+    uint8_t *o = dst;
+    if (fmt == ST_Q4_K || fmt == ST_Q6_K) {
+        const int64_t nsb = cols / QKK, q6 = fmt == ST_Q6_K, col_bytes = q6 ? rows / 2 + rows / 4 : rows / 2;
+        uint8_t *qs = o + nsb * rows * (q6 ? 18 : 16);
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t s = 0; s < nsb; s++) {
+                const uint8_t *blk = (const uint8_t *)src + r * src_row_bytes + s * bb;
+                if (q6) {
+                    memcpy(o + (s * rows + r) * 2, blk + 208, 2);
+                    for (int j = 0; j < 16; j++) o[nsb * rows * 2 + (s * 16 + j) * rows + r] = blk[192 + j];
+                } else {
+                    uint8_t sc[8], mn[8];
+                    uint32_t top = 0;
+                    st_k4_scales(blk + 4, sc, mn);
+                    memcpy(o + (s * rows + r) * 2, blk, 2);
+                    memcpy(o + ((nsb + s) * rows + r) * 2, blk + 2, 2);
+                    for (int j = 0; j < 8; j++) {
+                        top |= (uint32_t)(sc[j] >> 4 | (mn[j] >> 4) << 2) << (4 * j);
+                        o[nsb * rows * 8 + (s * 8 + j) * rows + r] = (uint8_t)((sc[j] & 15) | (mn[j] & 15) << 4);
+                    }
+                    memcpy(o + nsb * rows * 4 + (s * rows + r) * 4, &top, 4);
+                }
+                for (int i = 0; i < QKK; i++) {
+                    uint8_t *col = qs + (s * QKK + i) * col_bytes;
+                    const int q = q6 ? q6k_quant(blk, i) : q4k_quant(blk, i);
+                    nm_put4(col, r, q & 0xF);
+                    if (q6) nm_put2(col + rows / 2, r, q >> 4);
+                }
+            }
+        return ST_OK;
+    }
+    const int64_t nb = cols / QK;
+    uint8_t *scales = o, *qs = scales + nb * rows * 2;
     const int64_t col_bytes = fmt == ST_Q4_0 ? rows / 2 : rows;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < nb; b++) {
@@ -436,11 +496,7 @@ int st_neuron_major(int32_t fmt, const void *src, int64_t rows, int64_t cols, in
             for (int i = 0; i < QK; i++) {
                 uint8_t *col = qs + (b * QK + i) * col_bytes;
                 if (fmt == ST_Q8_0) col[r] = blk[2 + i];
-                else {
-                    uint8_t q = i < 16 ? blk[2 + i] & 0xF : blk[2 + i - 16] >> 4;
-                    uint8_t *p = col + r / 64 * 32 + r % 32;
-                    *p = (r % 64) < 32 ? (uint8_t)((*p & 0xF0) | q) : (uint8_t)((*p & 0x0F) | (q << 4));
-                }
+                else nm_put4(col, r, i < 16 ? blk[2 + i] & 0xF : blk[2 + i - 16] >> 4);
             }
         }
     return ST_OK;

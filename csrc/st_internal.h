@@ -45,9 +45,10 @@ typedef void (*dot4_fn)(int64_t K, const void *w, int64_t stride, const void *x,
 typedef void (*dotx4_fn)(int64_t K, const void *w, const void *const *x, float *out);
 typedef void (*dot8_fn)(int64_t K, const void *group, const void *x, float *out);
 typedef void (*gemm4_fn)(int64_t K, const void *group, const void *const *x, float *out);
-/* out[r] += wp * (down . z)[r] for rows r0 <= r < r1 (multiples of 32) of a neuron-major down
- * projection [H, F] (st_sparse_impl.h), reading only the columns of neurons whose quantised z is not 0 */
-typedef void (*nm_fn)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const block_q8 *z, float wp,
+/* out[r] += wp * (down . z)[r] for rows r0 <= r < r1 (multiples of 64) of a neuron-major down
+ * projection [H, F] (st_sparse_impl.h), reading only the columns of neurons whose quantised z (block_q8,
+ * or block_q8K for the k-quants) is not 0 */
+typedef void (*nm_fn)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const void *z, float wp,
                       float *out);
 /* out[j] = row rows[j] . x for j < n, the rows of a row-split matrix (ST_*RS) `row_bytes` apart, read
  * out of order (sparse ReGLU's up: only live neurons' rows) */

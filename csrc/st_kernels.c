@@ -168,7 +168,9 @@ static inline void split(int64_t n, int ith, int nth, int64_t align, int64_t *lo
     *lo = a * align < n ? a * align : n;
     *hi = b * align < n ? b * align : n;
 }
-static inline int fmt_nm(int32_t fmt) { return fmt == ST_Q4_0NM || fmt == ST_Q8_0NM; }
+static inline int fmt_nm(int32_t fmt) {
+    return fmt == ST_Q4_0NM || fmt == ST_Q8_0NM || fmt == ST_Q4_KNM || fmt == ST_Q6_KNM;
+}
 static inline int fmt_rs(int32_t fmt) { return fmt == ST_Q4_0RS || fmt == ST_Q8_0RS; }
 /* gate and up: both repacked, both in the file layout, or an up read neuron by neuron (file layout or
  * row-split) next to either gate; neuron-major only for down, row-split only for up */
@@ -405,7 +407,14 @@ static int64_t expert_bytes(const st_experts *w) { return w->rows * w->row_bytes
 /* bytes of neuron n's share of an expert matrix that can be skipped neuron by neuron, or 0 when the
  * layout cannot skip it (repacked groups, or gate: always read) */
 static int64_t neuron_bytes(const st_experts *w, int down) {
-    if (down) return fmt_nm(w->fmt) ? w->rows * w->row_bytes / w->cols - w->rows * 2 / QK : 0;
+    if (down) {   /* one neuron's column of quants (its scales are read with its block's) */
+        switch (w->fmt) {
+        case ST_Q8_0NM: return w->rows;
+        case ST_Q4_0NM: case ST_Q4_KNM: return w->rows / 2;
+        case ST_Q6_KNM: return w->rows / 2 + w->rows / 4;
+        }
+        return 0;
+    }
     return fmt_x8(w->fmt) ? 0 : w->row_bytes;   /* a row-split row's scales are read with it */
 }
 
@@ -624,7 +633,7 @@ static void down_stage(jctx *c, const block_q8K *zk, int ith, int nth) {
         if (fmt_nm(D->fmt)) {   /* neuron-major: only live neurons' columns, rows lo..hi of each */
             for (int64_t i = p0; i < p1; i++) {
                 int64_t p = c->order[i];
-                K->nm[D->fmt](dw, H, F, lo, hi, c->Zq + p * (F / QK), c->w[p], c->out + p / c->topk * H);
+                K->nm[D->fmt](dw, H, F, lo, hi, act_row(&za, D->fmt, p, F), c->w[p], c->out + p / c->topk * H);
             }
             continue;
         }

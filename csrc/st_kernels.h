@@ -12,9 +12,11 @@
  * k-quants and IQ4_XS). The *X8 codes are the same blocks repacked 8 rows at a time so one vector
  * instruction works on 8 rows (csrc/st_formats.c documents each layout); row_bytes then counts the
  * bytes of one group of 8 rows. The *NM codes are a down projection [rows = hidden, cols = neurons]
- * stored neuron-major, the same values and scales: the f16 scales [cols / 32][rows], then each neuron's
- * column of quants contiguous (rows / 2 bytes for Q4_0, rows for Q8_0; rows % 64 == 0), so a neuron whose activation is
- * zero costs no bytes; row_bytes is the file layout's (a whole matrix takes rows * row_bytes bytes).
+ * stored neuron-major, the same values and scales: the scales of each block of neurons for all rows,
+ * then each neuron's column of quants contiguous (rows / 2 bytes for Q4_0 and Q4_K, rows for Q8_0,
+ * rows * 3 / 4 for Q6_K; rows % 64 == 0; csrc/st_formats.c has the layouts), so a neuron whose
+ * activation is zero costs no bytes; row_bytes is the file layout's (a whole matrix takes
+ * rows * row_bytes bytes).
  * The *RS codes are an up projection row by row, each row split into its f16 scales, then its quants
  * (Q4_0: 32 bytes per two blocks, the first block's values in the low nibbles, the second's in the
  * high ones; Q8_0: as in the file), so one row's dot product handles eight blocks' scales at once. */
@@ -23,8 +25,8 @@ enum {
     ST_Q4_1 = 7, ST_Q5_0 = 8, ST_Q5_1 = 9, ST_IQ4_NL = 10,
     ST_Q2_K = 11, ST_Q3_K = 12, ST_Q4_K = 13, ST_Q5_K = 14, ST_Q6_K = 15, ST_IQ4_XS = 16,
     ST_Q2_KX8 = 17, ST_Q3_KX8 = 18, ST_Q4_KX8 = 19, ST_Q5_KX8 = 20, ST_Q6_KX8 = 21, ST_IQ4_XSX8 = 22,
-    ST_Q8_0NM = 23, ST_Q4_0NM = 24, ST_Q8_0RS = 25, ST_Q4_0RS = 26,
-    ST_NFMT = 27
+    ST_Q8_0NM = 23, ST_Q4_0NM = 24, ST_Q8_0RS = 25, ST_Q4_0RS = 26, ST_Q4_KNM = 27, ST_Q6_KNM = 28,
+    ST_NFMT = 29
 };
 enum { ST_GENERIC = 0, ST_AVX2 = 1, ST_AVX512 = 2, ST_NEON = 3 };
 enum { ST_OK = 0, ST_EARG = -1, ST_ENOMEM = -2, ST_ECACHE = -3, ST_EIDS = -4, ST_EVARIANT = -5 };

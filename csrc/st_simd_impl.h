@@ -389,7 +389,7 @@ const st_kern FN(kern) = {
     .gemm4 = {[ST_Q8_0X8] = FN(gemm4_q8_0x8), [ST_Q4_0X8] = FN(gemm4_q4_0x8), [ST_Q2_KX8] = FN(gemm4_q2_kx8),
               [ST_Q3_KX8] = FN(gemm4_q3_kx8), [ST_Q4_KX8] = FN(gemm4_q4_kx8), [ST_Q5_KX8] = FN(gemm4_q5_kx8),
               [ST_Q6_KX8] = FN(gemm4_q6_kx8), [ST_IQ4_XSX8] = FN(gemm4_iq4_xsx8)},
-    .nm = {[ST_Q8_0NM] = FN(nm_q8_0), [ST_Q4_0NM] = FN(nm_q4_0)},
+    .nm = {[ST_Q8_0NM] = FN(nm_q8_0), [ST_Q4_0NM] = FN(nm_q4_0), [ST_Q4_KNM] = FN(nm_q4_k), [ST_Q6_KNM] = FN(nm_q6_k)},
     .sel = {[ST_Q8_0RS] = FN(sel_q8_0rs), [ST_Q4_0RS] = FN(sel_q4_0rs)},
     .sel4 = {[ST_Q8_0RS] = FN(sel4_q8_0rs), [ST_Q4_0RS] = FN(sel4_q4_0rs)},
     .quantize_q8 = FN(quantize_q8),

@@ -1,33 +1,36 @@
 /* Sparse ReGLU's down projection: out[r] += wp * sum_n down[r, n] * z[n] over the neurons n whose
- * quantised activation is not zero, from the neuron-major layout (st_kernels.h, ST_*NM), so a dead
- * neuron's column is never read. Included by st_simd_impl.h once per instruction set.
+ * quantised activation is not zero, from the neuron-major layouts (st_kernels.h, ST_*NM; csrc/st_formats.c),
+ * so a dead neuron's column is never read. Included by st_simd_impl.h once per instruction set.
  *
- * The sums are the dense kernel's: per block b of 32 neurons and row r, the integer sum of
- * q[r, n] * qz[n] (exact: the dead neurons add 0 to it), times d[r, b] * dz[b], summed over b in order.
- * Only the float summation order differs from the row-by-row dot products, and it does not depend on
- * how rows are split between threads.
+ * The sums are the dense kernels': per block of neurons sharing a scale (32; Q6_K's 16) and row r, the
+ * integer sum of q[r, n] * qz[n] (exact: the dead neurons add 0 to it), times the row's scale and the
+ * activation's; Q4_K's mins are applied per super-block from the activation's partial sums, as the
+ * dense kernel does. Only the float summation order differs from the row-by-row dot products, and it
+ * does not depend on how rows are split between threads. The k-quants read z as Q8_K, the others as
+ * Q8_0-style blocks, as their dense kernels do.
  *
  * AVX2: two live neurons at a time, their columns interleaved byte by byte so one maddubs multiplies
- * each row's pair of weights by the pair of activations (Q4_0: the unsigned nibbles, 8 pairs at a time
- * in int16, less 8 * the activations' sum; Q8_0: int16 pairs through madd into int32). A tile of 128
- * (Q4_0) or 64 (Q8_0) rows keeps its integer sums in registers.
+ * each row's pair of weights by the pair of activations (4-bit planes: the unsigned nibbles, 8 pairs at
+ * a time in int16, less the format's offset times the activations' sum; Q6_K's top bits as a second
+ * 2-bit plane; Q8_0: int16 pairs through madd into int32). A tile of 128 (4-bit planes) or 64 (Q8_0)
+ * rows keeps its integer sums in registers.
  */
 
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-/* bit i set where block x's quantised activation i is not zero */
-static inline uint32_t FN(nz_mask)(const block_q8 *x) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)x->qs);
+/* bit i set where activation qs[i] (of 32) is not zero */
+static inline uint32_t FN(nz_mask)(const int8_t *qs) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)qs);
     return ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256()));
 }
-/* facc[0..7] += d[0..7] (f16) * dz * v */
-static inline void FN(nm_acc8)(float *facc, const uint8_t *d, float dz, __m256i v) {
-    __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d)), _mm256_set1_ps(dz));
+/* facc[0..7] += sd[0..7] * dz * v */
+static inline void FN(nm_acc8)(float *facc, const float *sd, float dz, __m256i v) {
+    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(sd), _mm256_set1_ps(dz));
     _mm256_storeu_ps(facc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(v), _mm256_loadu_ps(facc)));
 }
 #else
-static inline uint32_t FN(nz_mask)(const block_q8 *x) {
+static inline uint32_t FN(nz_mask)(const int8_t *qs) {
     uint32_t m = 0;
-    for (int i = 0; i < QK; i++) m |= (uint32_t)(x->qs[i] != 0) << i;
+    for (int i = 0; i < QK; i++) m |= (uint32_t)(qs[i] != 0) << i;
     return m;
 }
 #endif
@@ -40,12 +43,16 @@ static inline void FN(fetch_row)(const uint8_t *p, int64_t bytes) {
     (void)bytes;
 #endif
 }
-/* the `len` bytes of block b's live columns (each `cb` bytes apart from `qs`), read next: they lie
- * apart, where the hardware's stream prefetchers do not look */
-static inline void FN(nm_fetch)(const block_q8 *z, int64_t b, int64_t nb, const uint8_t *qs, int64_t cb, int64_t len) {
-    if (b >= nb) return;
-    const uint8_t *base = qs + b * QK * cb;
-    for (uint32_t m = FN(nz_mask)(z + b); m; m &= m - 1) FN(fetch_row)(base + __builtin_ctz(m) * cb, len);
+/* the `len` bytes of the live columns of the 32 neurons at `base` (each `cb` bytes apart), whose
+ * activations are qs[0..31], read next: they lie apart, where the hardware's stream prefetchers do not
+ * look (`len2` more bytes `off2` from each: Q6_K's top bits) */
+static inline void FN(nm_fetch)(const int8_t *qs, const uint8_t *base, int64_t cb, int64_t len, int64_t off2,
+                                int64_t len2) {
+    for (uint32_t m = FN(nz_mask)(qs); m; m &= m - 1) {
+        const uint8_t *col = base + __builtin_ctz(m) * cb;
+        FN(fetch_row)(col, len);
+        if (len2) FN(fetch_row)(col + off2, len2);
+    }
 }
 /* live columns fetched ahead: the next block's (ST_NM_AHEAD), and the next live up rows (ST_SEL_AHEAD);
  * measured on the 4b-a0.6b shape, 2 threads: more only fills the line-fill buffers */
@@ -63,98 +70,214 @@ static inline int FN(nm_next)(uint32_t *m) {
 /* rows are taken ST_NM_ROWS at a time; within them each live neuron's column is read start to end */
 #define ST_NM_ROWS 1024
 
-static void FN(nm_q4_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const block_q8 *z, float wp,
+/* facc[0..n) += sd[r] * dz * (sum over the live neurons i of mask m of q[r, i] * qz[i], less
+ * `offset` * the sum of their qz) for the n rows (a multiple of 64) of 4-bit columns `cb` bytes apart
+ * from base (byte k of 32: row k, k + 32), and, when top is set, Q6_K's 2-bit tops `top` bytes after
+ * each column's (byte k of 16: rows k, k + 16, k + 32, k + 48), which add 16 * top to q */
+static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const int8_t *qz, uint32_t m, int n,
+                          int32_t offset, const float *sd, float dz, float *facc) {
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+    const int ng = n / 64;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+    __m256i acc[ST_NM_ROWS / 16], tacc[ST_NM_ROWS / 16];   /* 16 rows each, in the order of the unpacks below */
+    while (m) {
+        /* up to 8 pairs of live neurons: their unsigned sums q * qz fit int16 (8 * 2 * 15 * 127) */
+        for (int k = 0; k < 4 * ng; k++) acc[k] = _mm256_setzero_si256();
+        if (top)
+            for (int k = 0; k < 4 * ng; k++) tacc[k] = _mm256_setzero_si256();
+        int32_t zsum = 0;
+        for (int pair = 0; pair < 8 && m; pair++) {
+            int i = FN(nm_next)(&m), j = FN(nm_next)(&m);
+            const int8_t zi = qz[i], zj = j >= 0 ? qz[j] : 0;
+            zsum += zi + zj;
+            if (j < 0) j = i;
+            const __m256i bv = _mm256_set1_epi16((int16_t)((uint8_t)zi | ((uint16_t)(uint8_t)zj << 8)));
+            const uint8_t *pi = base + i * cb, *pj = base + j * cb;
+            for (int g = 0; g < ng; g++) {
+                __m256i wi = _mm256_loadu_si256((const __m256i *)(pi + 32 * g));
+                __m256i wj = _mm256_loadu_si256((const __m256i *)(pj + 32 * g));
+                __m256i il = _mm256_and_si256(wi, m4), ih = _mm256_and_si256(_mm256_srli_epi16(wi, 4), m4);
+                __m256i jl = _mm256_and_si256(wj, m4), jh = _mm256_and_si256(_mm256_srli_epi16(wj, 4), m4);
+                __m256i *a = acc + 4 * g;
+                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(il, jl), bv));
+                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(il, jl), bv));
+                a[2] = _mm256_add_epi16(a[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ih, jh), bv));
+                a[3] = _mm256_add_epi16(a[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ih, jh), bv));
+                if (!top) continue;
+                /* the tops as the nibbles above: rows 0-31 of the group, then 32-63, one per byte */
+                __m128i ti = _mm_loadu_si128((const __m128i *)(pi + top + 16 * g));
+                __m128i tj = _mm_loadu_si128((const __m128i *)(pj + top + 16 * g));
+                __m256i tl_i = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(ti, 2), ti), m2);
+                __m256i th_i = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(ti, 6), _mm_srli_epi16(ti, 4)), m2);
+                __m256i tl_j = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tj, 2), tj), m2);
+                __m256i th_j = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tj, 6), _mm_srli_epi16(tj, 4)), m2);
+                __m256i *t = tacc + 4 * g;
+                t[0] = _mm256_add_epi16(t[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(tl_i, tl_j), bv));
+                t[1] = _mm256_add_epi16(t[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(tl_i, tl_j), bv));
+                t[2] = _mm256_add_epi16(t[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(th_i, th_j), bv));
+                t[3] = _mm256_add_epi16(t[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(th_i, th_j), bv));
+            }
+        }
+        /* acc[4g + 2h]: rows 0-7 | 16-23 of half h (32 rows) of group g, acc[4g + 2h + 1]: 8-15 | 24-31 */
+        const __m256i corr = _mm256_set1_epi32(offset * zsum);
+        for (int g = 0; g < ng; g++)
+            for (int h = 0; h < 2; h++) {
+                const int row = 64 * g + 32 * h, k = 4 * g + 2 * h;
+                const __m128i part[4] = {_mm256_castsi256_si128(acc[k]), _mm256_castsi256_si128(acc[k + 1]),
+                                         _mm256_extracti128_si256(acc[k], 1), _mm256_extracti128_si256(acc[k + 1], 1)};
+                __m128i tpart[4] = {part[0], part[1], part[2], part[3]};
+                if (top) {
+                    tpart[0] = _mm256_castsi256_si128(tacc[k]), tpart[1] = _mm256_castsi256_si128(tacc[k + 1]);
+                    tpart[2] = _mm256_extracti128_si256(tacc[k], 1), tpart[3] = _mm256_extracti128_si256(tacc[k + 1], 1);
+                }
+                for (int q = 0; q < 4; q++) {   /* rows 8q .. 8q + 7 of the 32 */
+                    __m256i v = _mm256_sub_epi32(_mm256_cvtepi16_epi32(part[q]), corr);
+                    if (top) v = _mm256_add_epi32(v, _mm256_slli_epi32(_mm256_cvtepi16_epi32(tpart[q]), 4));
+                    FN(nm_acc8)(facc + row + 8 * q, sd + row + 8 * q, dz, v);
+                }
+            }
+    }
+#else
+    int32_t acc[ST_NM_ROWS];
+    memset(acc, 0, (size_t)n * sizeof(int32_t));
+    for (int i; (i = FN(nm_next)(&m)) >= 0;) {
+        const uint8_t *p = base + i * cb;
+        const int zi = qz[i];
+        for (int r = 0; r < n; r++) {
+            const uint8_t v = p[r / 64 * 32 + r % 32];
+            int q = (r % 64) < 32 ? v & 0xF : v >> 4;
+            if (top) q |= ((p[top + r / 64 * 16 + r % 16] >> (2 * (r % 64 / 16))) & 3) << 4;
+            acc[r] += (q - offset) * zi;
+        }
+    }
+    for (int r = 0; r < n; r++) facc[r] += sd[r] * dz * (float)acc[r];
+#endif
+}
+
+/* sd[0..n) = the f16 d[0..n) (times the u8 / int8 sc[0..n) when given) */
+static inline void FN(nm_scales)(float *sd, const uint8_t *d, const uint8_t *sc, int sc_signed, int n) {
+    int r = 0;
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+    for (; r + 8 <= n; r += 8) {
+        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + 2 * r)));
+        if (sc) {
+            __m128i b = _mm_loadl_epi64((const __m128i *)(sc + r));
+            v = _mm256_mul_ps(v, _mm256_cvtepi32_ps(sc_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b)));
+        }
+        _mm256_storeu_ps(sd + r, v);
+    }
+#endif
+    for (; r < n; r++) sd[r] = FN(h2f)(d + 2 * r) * (sc ? (float)(sc_signed ? (int8_t)sc[r] : sc[r]) : 1.0f);
+}
+
+static void FN(nm_q4_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const void *zv, float wp,
                         float *out) {
+    const block_q8 *z = zv;
     const int64_t nb = F / QK, cb = H / 2;
     const uint8_t *sc = w, *qs = w + nb * H * 2;
-    float facc[ST_NM_ROWS];
+    float facc[ST_NM_ROWS], sd[ST_NM_ROWS];
     for (int64_t c0 = r0; c0 < r1; c0 += ST_NM_ROWS) {
-        const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS), ng = n / 64;
+        const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS);
         memset(facc, 0, (size_t)n * sizeof(float));
-        for (int a = 0; a < ST_NM_AHEAD; a++) FN(nm_fetch)(z, a, nb, qs + c0 / 2, cb, n / 2);
         for (int64_t b = 0; b < nb; b++) {
-            uint32_t m = FN(nz_mask)(z + b);
-            FN(nm_fetch)(z, b + ST_NM_AHEAD, nb, qs + c0 / 2, cb, n / 2);
+            const uint8_t *base = qs + b * QK * cb + c0 / 2;
+            if (b == 0) FN(nm_fetch)(z[0].qs, base, cb, n / 2, 0, 0);
+            if (b + ST_NM_AHEAD < nb) FN(nm_fetch)(z[b + ST_NM_AHEAD].qs, base + ST_NM_AHEAD * QK * cb, cb, n / 2, 0, 0);
+            const uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
-            const uint8_t *base = qs + b * QK * cb + c0 / 2, *d = sc + (b * H + c0) * 2;
-            const float dz = z[b].d;
-#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-            const __m256i m4 = _mm256_set1_epi8(0x0F);
-            __m256i acc[ST_NM_ROWS / 16];   /* 16 rows each, in the order of the unpacks below */
-            while (m) {
-                /* up to 8 pairs of live neurons: their unsigned sums q * qz fit int16 (8 * 2 * 15 * 127) */
-                for (int k = 0; k < 4 * ng; k++) acc[k] = _mm256_setzero_si256();
-                int32_t zsum = 0;
-                for (int pair = 0; pair < 8 && m; pair++) {
-                    int i = FN(nm_next)(&m), j = FN(nm_next)(&m);
-                    const int8_t zi = z[b].qs[i], zj = j >= 0 ? z[b].qs[j] : 0;
-                    zsum += zi + zj;
-                    if (j < 0) j = i;
-                    const __m256i bv = _mm256_set1_epi16((int16_t)((uint8_t)zi | ((uint16_t)(uint8_t)zj << 8)));
-                    const uint8_t *pi = base + i * cb, *pj = base + j * cb;
-                    for (int g = 0; g < ng; g++) {
-                        __m256i wi = _mm256_loadu_si256((const __m256i *)(pi + 32 * g));
-                        __m256i wj = _mm256_loadu_si256((const __m256i *)(pj + 32 * g));
-                        __m256i il = _mm256_and_si256(wi, m4), ih = _mm256_and_si256(_mm256_srli_epi16(wi, 4), m4);
-                        __m256i jl = _mm256_and_si256(wj, m4), jh = _mm256_and_si256(_mm256_srli_epi16(wj, 4), m4);
-                        __m256i *a = acc + 4 * g;
-                        a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(il, jl), bv));
-                        a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(il, jl), bv));
-                        a[2] = _mm256_add_epi16(a[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ih, jh), bv));
-                        a[3] = _mm256_add_epi16(a[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ih, jh), bv));
-                    }
-                }
-                /* acc[4g + 2h]: rows 0-7 | 16-23 of half h (32 rows) of group g, acc[4g + 2h + 1]: 8-15 | 24-31;
-                 * the sum of (q - 8) * qz is the unsigned one less 8 * zsum */
-                const __m256i corr = _mm256_set1_epi32(8 * zsum);
-                for (int g = 0; g < ng; g++)
-                    for (int h = 0; h < 2; h++) {
-                        const int row = 64 * g + 32 * h;
-                        __m256i s0 = acc[4 * g + 2 * h], s1 = acc[4 * g + 2 * h + 1];
-                        float *f = facc + row;
-                        const uint8_t *dr = d + 2 * row;
-                        const __m128i part[4] = {_mm256_castsi256_si128(s0), _mm256_castsi256_si128(s1),
-                                                 _mm256_extracti128_si256(s0, 1), _mm256_extracti128_si256(s1, 1)};
-                        for (int q = 0; q < 4; q++) {   /* rows 8q .. 8q + 7 of the 32 */
-                            const __m256i v = _mm256_sub_epi32(_mm256_cvtepi16_epi32(part[q]), corr);
-                            FN(nm_acc8)(f + 8 * q, dr + 16 * q, dz, v);
-                        }
-                    }
-            }
-#else
-            int32_t acc[ST_NM_ROWS];
-            memset(acc, 0, (size_t)n * sizeof(int32_t));
-            for (int i; (i = FN(nm_next)(&m)) >= 0;) {
-                const uint8_t *p = base + i * cb;
-                const int zi = z[b].qs[i];
-                for (int r = 0; r < n; r++) {
-                    uint8_t v = p[r / 64 * 32 + r % 32];
-                    acc[r] += (((r % 64) < 32 ? v & 0xF : v >> 4) - 8) * zi;
-                }
-            }
-            (void)ng;
-            for (int r = 0; r < n; r++) facc[r] += FN(h2f)(d + 2 * r) * dz * (float)acc[r];
-#endif
+            FN(nm_scales)(sd, sc + (b * H + c0) * 2, NULL, 0, n);
+            FN(nm4_block)(base, cb, 0, z[b].qs, m, n, 8, sd, z[b].d, facc);
         }
         for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
     }
 }
 
-static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const block_q8 *z, float wp,
+/* Q4_K: per super-block, the mins for all rows (-dmin * dz * sum_j min_j * bsum_j, the activations'
+ * sums over sub-block j), then each sub-block's live columns scaled by d * scale_j */
+static void FN(nm_q4_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const void *zv, float wp,
                         float *out) {
+    const block_q8K *z = zv;
+    const int64_t ns = F / QKK, cb = H / 2;
+    const uint8_t *dd = w, *dm = w + ns * H * 2, *tops = w + ns * H * 4, *lows = w + ns * H * 8, *qs = w + ns * H * 16;
+    float facc[ST_NM_ROWS], sd[ST_NM_ROWS];
+    uint8_t sc[ST_NM_ROWS];
+    for (int64_t c0 = r0; c0 < r1; c0 += ST_NM_ROWS) {
+        const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS);
+        memset(facc, 0, (size_t)n * sizeof(float));
+        for (int64_t s = 0; s < ns; s++) {
+            const block_q8K *zs = z + s;
+            const uint32_t *top = (const uint32_t *)(tops + (s * H + c0) * 4);
+            const uint8_t *low = lows + s * 8 * H + c0;
+            int32_t bs[8];
+            for (int j = 0; j < 8; j++) bs[j] = zs->bsums[2 * j] + zs->bsums[2 * j + 1];
+            for (int r = 0; r < n; r++) {   /* the mins */
+                int32_t msum = 0;
+                for (int j = 0; j < 8; j++) msum += ((low[j * H + r] >> 4) | ((top[r] >> (4 * j + 2)) & 3) << 4) * bs[j];
+                sd[r] = (float)msum;
+            }
+            for (int r = 0; r < n; r++) facc[r] -= FN(h2f)(dm + (s * H + c0 + r) * 2) * zs->d * sd[r];
+            for (int j = 0; j < 8; j++) {
+                const int8_t *qz = zs->qs + QK * j;
+                const uint8_t *base = qs + (s * QKK + QK * j) * cb + c0 / 2;
+                if (s == 0 && j == 0) FN(nm_fetch)(qz, base, cb, n / 2, 0, 0);
+                if (s * 8 + j + 1 < ns * 8) FN(nm_fetch)(qz + QK, base + QK * cb, cb, n / 2, 0, 0);
+                const uint32_t m = FN(nz_mask)(qz);
+                if (!m) continue;
+                for (int r = 0; r < n; r++) sc[r] = (uint8_t)((low[j * H + r] & 15) | ((top[r] >> (4 * j)) & 3) << 4);
+                FN(nm_scales)(sd, dd + (s * H + c0) * 2, sc, 0, n);
+                FN(nm4_block)(base, cb, 0, qz, m, n, 0, sd, zs->d, facc);
+            }
+        }
+        for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
+    }
+}
+
+/* Q6_K: each sub-block of 16 neurons' live columns (low nibbles and top bits) scaled by d * scale */
+static void FN(nm_q6_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const void *zv, float wp,
+                        float *out) {
+    const block_q8K *z = zv;
+    const int64_t ns = F / QKK, cb = H / 2 + H / 4;
+    const uint8_t *dd = w, *scs = w + ns * H * 2, *qs = w + ns * H * 18;
+    float facc[ST_NM_ROWS], sd[ST_NM_ROWS];
+    for (int64_t c0 = r0; c0 < r1; c0 += ST_NM_ROWS) {
+        const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS);
+        const int64_t top = H / 2 + c0 / 4 - c0 / 2;   /* from a column's first nibble byte of this tile */
+        memset(facc, 0, (size_t)n * sizeof(float));
+        for (int64_t s = 0; s < ns; s++)
+            for (int j = 0; j < 8; j++) {
+                const int8_t *qz = z[s].qs + QK * j;
+                const uint8_t *base = qs + (s * QKK + QK * j) * cb + c0 / 2;
+                if (s == 0 && j == 0) FN(nm_fetch)(qz, base, cb, n / 2, top, n / 4);
+                if (s * 8 + j + 1 < ns * 8) FN(nm_fetch)(qz + QK, base + QK * cb, cb, n / 2, top, n / 4);
+                const uint32_t m = FN(nz_mask)(qz);
+                for (int h = 0; h < 2; h++) {   /* the two scales of the 32 */
+                    const uint32_t mh = (m >> (16 * h)) & 0xFFFF;
+                    if (!mh) continue;
+                    FN(nm_scales)(sd, dd + (s * H + c0) * 2, scs + (s * 16 + 2 * j + h) * H + c0, 1, n);
+                    FN(nm4_block)(base + 16 * h * cb, cb, top, qz + 16 * h, mh, n, 32, sd, z[s].d, facc);
+                }
+            }
+        for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
+    }
+}
+
+static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int64_t r1, const void *zv, float wp,
+                        float *out) {
+    const block_q8 *z = zv;
     const int64_t nb = F / QK, cb = H;
     const uint8_t *sc = w, *qs = w + nb * H * 2;
     for (int64_t c0 = r0; c0 < r1; c0 += 64) {
         const int n = (int)(r1 - c0 < 64 ? r1 - c0 : 64), ng = n / QK;
-        float facc[64];
+        float facc[64], sd[64];
         memset(facc, 0, sizeof facc);
-        for (int a = 0; a < ST_NM_AHEAD; a++) FN(nm_fetch)(z, a, nb, qs + c0, cb, n);
         for (int64_t b = 0; b < nb; b++) {
-            uint32_t m = FN(nz_mask)(z + b);
-            FN(nm_fetch)(z, b + ST_NM_AHEAD, nb, qs + c0, cb, n);
+            const uint8_t *base = qs + b * QK * cb + c0;
+            if (b == 0) FN(nm_fetch)(z[0].qs, base, cb, n, 0, 0);
+            if (b + ST_NM_AHEAD < nb) FN(nm_fetch)(z[b + ST_NM_AHEAD].qs, base + ST_NM_AHEAD * QK * cb, cb, n, 0, 0);
+            uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
-            const uint8_t *base = qs + b * QK * cb + c0, *d = sc + (b * H + c0) * 2;
             const float dz = z[b].d;
+            FN(nm_scales)(sd, sc + (b * H + c0) * 2, NULL, 0, n);
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
             __m256i acc[8];
             for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_si256();
@@ -183,8 +306,8 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                 for (int half = 0; half < 2; half++) {
                     const int row = 32 * g + 16 * half;
                     __m256i s0 = acc[4 * g + 2 * half], s1 = acc[4 * g + 2 * half + 1];
-                    FN(nm_acc8)(facc + row, d + 2 * row, dz, _mm256_permute2x128_si256(s0, s1, 0x20));
-                    FN(nm_acc8)(facc + row + 8, d + 2 * (row + 8), dz, _mm256_permute2x128_si256(s0, s1, 0x31));
+                    FN(nm_acc8)(facc + row, sd + row, dz, _mm256_permute2x128_si256(s0, s1, 0x20));
+                    FN(nm_acc8)(facc + row + 8, sd + row + 8, dz, _mm256_permute2x128_si256(s0, s1, 0x31));
                 }
 #else
             (void)ng;
@@ -195,7 +318,7 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                 const int zi = z[b].qs[i];
                 for (int r = 0; r < n; r++) acc[r] += p[r] * zi;
             }
-            for (int r = 0; r < n; r++) facc[r] += FN(h2f)(d + 2 * r) * dz * (float)acc[r];
+            for (int r = 0; r < n; r++) facc[r] += sd[r] * dz * (float)acc[r];
 #endif
         }
         for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];

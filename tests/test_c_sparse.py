@@ -18,7 +18,8 @@ from st_sdk_backends.c import backend as cbackend
 from st_sdk_backends.c import ops as cops
 from st_sdk_backends.c.backend import CBackend
 
-SPARSE_FORMATS = ("q4_0", "q8_0")
+SPARSE_FORMATS = ("q4_0", "q8_0")   # row-split up and neuron-major down
+NM_KQUANTS = ("q4_k", "q6_k")        # neuron-major down (up keeps the file layout: its rows are read alone)
 
 
 def _available(n_threads: int | None = None) -> CBackend:
@@ -75,7 +76,66 @@ def test_sparse_layouts_equal_the_dense_path(fmt, H, T):
         np.testing.assert_array_equal(got, b.moe(x, *sparse, ids, w, sparse=False))
 
 
-@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+@pytest.mark.parametrize("fmt", NM_KQUANTS)
+@pytest.mark.parametrize("H,F", [(256, 256), (1536, 768)])   # 1536 x 768: the 4b-a0.6b expert
+@pytest.mark.parametrize("T", [1, 6, 16])
+def test_kquant_neuron_major_down_equals_the_dense_path(fmt, H, F, T):
+    """Q4_K's and Q6_K's neuron-major down (super-block scales and mins per row, Q6_K's top bits as a
+    second plane) gives the file layout's result up to float summation order, on every variant, and
+    skipping dead neurons changes nothing at all. Gate and up are laid out alike on both sides: z then
+    agrees to the bit, so its quantisation (Q8_K, whose rounding one float ulp can flip) is the same."""
+    b = _available()
+    raw = _experts(fmt, H, F, 4)
+    x, ids, w = _inputs(T, H, 4, 2)
+    sparse = _layouts(raw, True)
+    assert [p.value.layout for p in sparse] == ["repacked", "file", "neuron_major"]
+    file_down = (*sparse[:2], Param(raw["down"], cops.CExperts(raw["down"])))
+    for variant in c_variants():
+        cbackend.use_variant(variant)
+        dense = b.moe(x, *file_down, ids, w, sparse=False)
+        got = b.moe(x, *sparse, ids, w, sparse=True)
+        assert rel_err(got, dense) < 1e-5, f"{variant}: {rel_err(got, dense):.3g}"
+        np.testing.assert_array_equal(got, b.moe(x, *sparse, ids, w, sparse=False))
+
+
+def test_kquant_neuron_major_layout_holds_the_file_values():
+    """The converted copy is a permutation of the file's bytes into columns: dequantising a column
+    back (Q6_K: nibble and top planes; Q4_K: its d, dmin, scales and mins) gives the file's values."""
+    from gguf import GGMLQuantizationType, quants
+
+    _available()
+    H, F = 256, 512
+    for fmt, qt in (("q4_k", GGMLQuantizationType.Q4_K), ("q6_k", GGMLQuantizationType.Q6_K)):
+        down = _experts(fmt, H, F, 1)["down"]
+        want = quants.dequantize(down.data.reshape(H, -1), qt).reshape(H, F)
+        nm = cops.CExperts(down, neuron_major=True).arrays[0]
+        assert nm.nbytes == down.nbytes
+        ns = F // 256
+        d = nm[:ns * H * 2].view(np.float16).astype(np.float32).reshape(ns, H)
+        if fmt == "q6_k":
+            sc = nm[ns * H * 2:ns * H * 18].view(np.int8).astype(np.float32).reshape(F // 16, H)
+            cols = nm[ns * H * 18:].reshape(F, H // 2 + H // 4)
+            lo = np.concatenate([cols[:, :H // 2].reshape(F, -1, 32) & 15, cols[:, :H // 2].reshape(F, -1, 32) >> 4],
+                                axis=2).reshape(F, H)
+            top = cols[:, H // 2:].reshape(F, -1, 16)
+            hi = np.concatenate([(top >> (2 * k)) & 3 for k in range(4)], axis=2).reshape(F, H)
+            q = (lo | hi << 4).astype(np.float32) - 32
+            got = (q * np.repeat(sc, 16, axis=0) * np.repeat(d, 256, axis=0)).T
+        else:
+            dmin = nm[ns * H * 2:ns * H * 4].view(np.float16).astype(np.float32).reshape(ns, H)
+            top = nm[ns * H * 4:ns * H * 8].view(np.uint32).reshape(ns, H)
+            low = nm[ns * H * 8:ns * H * 16].reshape(ns * 8, H).astype(np.uint32)
+            j = np.arange(ns * 8)[:, None] % 8
+            sc = (low & 15) | ((np.repeat(top, 8, axis=0) >> (4 * j)) & 3) << 4
+            mn = (low >> 4) | ((np.repeat(top, 8, axis=0) >> (4 * j + 2)) & 3) << 4
+            cols = nm[ns * H * 16:].reshape(F, H // 2)
+            q = np.concatenate([cols.reshape(F, -1, 32) & 15, cols.reshape(F, -1, 32) >> 4], axis=2).reshape(F, H)
+            dd, dm = np.repeat(d, 256, axis=0), np.repeat(dmin, 256, axis=0)
+            got = (dd * np.repeat(sc, 32, axis=0) * q - dm * np.repeat(mn, 32, axis=0)).T
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS + NM_KQUANTS)
 def test_sparse_layouts_give_the_same_result_with_any_thread_count(fmt):
     """Rows of down are split between threads, never summed across them."""
     raw = _experts(fmt, 512, 256, 4)
@@ -130,8 +190,15 @@ def test_layouts_keep_their_size_and_fall_back_where_they_do_not_apply():
     odd = _experts("q4_0", 96, 64, 2)
     assert cops.CExperts(odd["down"], neuron_major=True).layout == "file"
     assert cops.CExperts(odd["up"], row_split=True).layout == "file"
-    k = _experts("q4_k", 256, 256, 2)
+    k = _experts("q5_k", 256, 256, 2)
     assert cops.CExperts(k["down"], neuron_major=True).layout == "file"
+    k = _experts("q4_k", 256, 256, 2)
+    nm = cops.CExperts(k["down"], neuron_major=True)
+    assert nm.layout == "neuron_major" and nm.repacked == k["down"].nbytes
+
+
+#: the tiny preset widened to the k-quants' 256-element super-blocks (else they fall back to q5_0)
+KQUANT_SHAPE = dict(hidden_size=256, moe_ffn_hidden_size=256, head_dim=64)
 
 
 def _model(tmp_path, fmt: str, monkeypatch, **env):
@@ -140,14 +207,15 @@ def _model(tmp_path, fmt: str, monkeypatch, **env):
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=fmt, seed=0)["gguf"]
+    shape = KQUANT_SHAPE if fmt in NM_KQUANTS else {}
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=fmt, seed=0, **shape)["gguf"]
     return st_sdk.load(path, backend="c")
 
 
 IDS = np.array([3, 17, 256, 99, 400, 12, 7, 311, 64, 128, 5, 460, 33, 2], np.int64)
 
 
-@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS + NM_KQUANTS)
 def test_whole_model_logits_sparse_and_dense(tmp_path, monkeypatch, fmt):
     """The same file's logits with sparse ReGLU off (ST_C_SPARSE=0), with the default (repacked up and
     down, skipping 8 dead neurons in a row), with the row-split up and with the neuron-major down too."""
@@ -220,4 +288,4 @@ class TestCConformanceNeuronMajor(ConformanceSuite):
             super().__init__(n_threads, dtype)
             self.sparse_layout = "up+down"
 
-    formats = SPARSE_FORMATS
+    formats = SPARSE_FORMATS + NM_KQUANTS

@@ -508,9 +508,10 @@ def test_lfru_victims_chosen_together_are_taken_only_while_unused(tmp_path):
     assert reads[16] <= reads[1] * 1.02
 
 
-@pytest.mark.parametrize("layout, names", [("off", ("repacked", "repacked", "repacked")),
-                                           ("up+down", ("repacked", "row_split", "neuron_major"))])
-def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatch, layout, names):
+@pytest.mark.parametrize("dtype, layout, names", [("q4_0", "off", ("repacked", "repacked", "repacked")),
+                                                  ("q4_0", "up+down", ("repacked", "row_split", "neuron_major")),
+                                                  ("q4_k", "up+down", ("repacked", "file", "neuron_major"))])
+def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatch, dtype, layout, names):
     """Under a budget the C backend's experts are converted as they are read to the layout loaded
     experts get (repacked, or sparse ReGLU's), so its MoE runs the same kernels: same results."""
     from st_sdk_backends.c import backend as cbackend
@@ -519,13 +520,14 @@ def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatc
     if not probe.is_available() or not probe._repacking():
         pytest.skip("the C backend repacks only on its SIMD variants")
     monkeypatch.setenv("ST_C_SPARSE_LAYOUT", layout)
-    # hidden 128 and ffn 64: the sparse layouts need multiples of 64
-    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=3,
-                       hidden_size=128, moe_ffn_hidden_size=64)["gguf"]
+    # the sparse layouts need multiples of 64, the k-quants of 256
+    width = 256 if dtype == "q4_k" else 128
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=dtype, seed=3, hidden_size=width,
+                       moe_ffn_hidden_size=width // 2 if dtype == "q4_0" else width)["gguf"]
     resident = st_sdk.load(path, backend="c", n_threads=2)
     m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget_for(path, 6, backend="c"), context=64)
     lp = m.params.layers[0]
-    assert tuple(p.raw.layout.name for p in (lp.gate, lp.up, lp.down)) == names
+    assert tuple(p.raw.layout.name if p.raw.layout else "file" for p in (lp.gate, lp.up, lp.down)) == names
     want = resident.logits(IDS)
     np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=1e-4 * np.abs(want).max())
     s, r = m.session(), resident.session()
