@@ -439,11 +439,12 @@ int32_t st_neuron_major_format(int32_t fmt) {
     return -1;
 }
 
-/* element q (0..15) of row r into a neuron column's 4-bit plane, and Q6_K's 2-bit top into `top` */
+/* element q (0..15) of row r into a neuron column's 4-bit plane */
 static inline void nm_put4(uint8_t *col, int64_t r, int q) {
     uint8_t *p = col + r / 64 * 32 + r % 32;
     *p = (r % 64) < 32 ? (uint8_t)((*p & 0xF0) | q) : (uint8_t)((*p & 0x0F) | (q << 4));
 }
+/* Q6_K's top two bits q (0..3) of row r into a column's 2-bit plane */
 static inline void nm_put2(uint8_t *top, int64_t r, int q) {
     const int shift = 2 * (r % 64 / 16);
     uint8_t *p = top + r / 64 * 16 + r % 16;

@@ -12,8 +12,8 @@
  * AVX2: two live neurons at a time, their columns interleaved byte by byte so one maddubs multiplies
  * each row's pair of weights by the pair of activations (4-bit planes: the unsigned nibbles, 8 pairs at
  * a time in int16, less the format's offset times the activations' sum; Q6_K's top bits as a second
- * 2-bit plane; Q8_0: int16 pairs through madd into int32). A tile of 128 (4-bit planes) or 64 (Q8_0)
- * rows keeps its integer sums in registers.
+ * 2-bit plane; Q8_0: int16 pairs through madd into int32), over a tile of ST_NM_ROWS (4-bit planes)
+ * or 64 (Q8_0) rows.
  */
 
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
@@ -59,6 +59,18 @@ static inline void FN(nm_fetch)(const int8_t *qs, const uint8_t *base, int64_t c
 #define ST_NM_AHEAD 1
 #define ST_SEL_AHEAD 2
 
+/* the activations of block b of 32 neurons: Q8_0-style blocks, or (k) Q8_K's */
+static inline const int8_t *FN(nm_qz)(const void *z, int k, int64_t b) {
+    return k ? ((const block_q8K *)z)[b / 8].qs + QK * (b % 8) : ((const block_q8 *)z)[b].qs;
+}
+/* before block b of nb is computed: fetch the live columns of the blocks ST_NM_AHEAD ahead (all of
+ * them up to there at b == 0); block a's columns start at col0 + a * 32 * cb (nm_fetch for the rest) */
+static inline void FN(nm_ahead)(const void *z, int k, int64_t b, int64_t nb, const uint8_t *col0, int64_t cb,
+                                int64_t len, int64_t off2, int64_t len2) {
+    for (int64_t a = b ? b + ST_NM_AHEAD : 0; a <= b + ST_NM_AHEAD && a < nb; a++)
+        FN(nm_fetch)(FN(nm_qz)(z, k, a), col0 + a * QK * cb, cb, len, off2, len2);
+}
+
 /* the next live neuron of mask *m (and clears it); -1 when none is left */
 static inline int FN(nm_next)(uint32_t *m) {
     if (!*m) return -1;
@@ -69,6 +81,23 @@ static inline int FN(nm_next)(uint32_t *m) {
 
 /* rows are taken ST_NM_ROWS at a time; within them each live neuron's column is read start to end */
 #define ST_NM_ROWS 1024
+
+#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+/* a[0..3] += the products of two neurons' values (rows 0-31 of a 64-row group in lo_*, 32-63 in hi_*,
+ * one per byte) by their activations' pair bv, interleaved so one maddubs covers both neurons: a[2h]:
+ * rows 0-7 | 16-23 of half h, a[2h + 1]: rows 8-15 | 24-31 */
+static inline void FN(nm_pair4)(__m256i *a, __m256i lo_i, __m256i lo_j, __m256i hi_i, __m256i hi_j, __m256i bv) {
+    a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo_i, lo_j), bv));
+    a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo_i, lo_j), bv));
+    a[2] = _mm256_add_epi16(a[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(hi_i, hi_j), bv));
+    a[3] = _mm256_add_epi16(a[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(hi_i, hi_j), bv));
+}
+/* the four 8-row parts of a[k], a[k + 1] (32 rows, in nm_pair4's order), as int16 */
+static inline void FN(nm_parts)(const __m256i *a, __m128i *part) {
+    part[0] = _mm256_castsi256_si128(a[0]), part[1] = _mm256_castsi256_si128(a[1]);
+    part[2] = _mm256_extracti128_si256(a[0], 1), part[3] = _mm256_extracti128_si256(a[1], 1);
+}
+#endif
 
 /* facc[0..n) += sd[r] * dz * (sum over the live neurons i of mask m of q[r, i] * qz[i], less
  * `offset` * the sum of their qz) for the n rows (a multiple of 64) of 4-bit columns `cb` bytes apart
@@ -98,11 +127,7 @@ static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const in
                 __m256i wj = _mm256_loadu_si256((const __m256i *)(pj + 32 * g));
                 __m256i il = _mm256_and_si256(wi, m4), ih = _mm256_and_si256(_mm256_srli_epi16(wi, 4), m4);
                 __m256i jl = _mm256_and_si256(wj, m4), jh = _mm256_and_si256(_mm256_srli_epi16(wj, 4), m4);
-                __m256i *a = acc + 4 * g;
-                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(il, jl), bv));
-                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(il, jl), bv));
-                a[2] = _mm256_add_epi16(a[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ih, jh), bv));
-                a[3] = _mm256_add_epi16(a[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ih, jh), bv));
+                FN(nm_pair4)(acc + 4 * g, il, jl, ih, jh, bv);
                 if (!top) continue;
                 /* the tops as the nibbles above: rows 0-31 of the group, then 32-63, one per byte */
                 __m128i ti = _mm_loadu_si128((const __m128i *)(pi + top + 16 * g));
@@ -111,25 +136,16 @@ static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const in
                 __m256i th_i = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(ti, 6), _mm_srli_epi16(ti, 4)), m2);
                 __m256i tl_j = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tj, 2), tj), m2);
                 __m256i th_j = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tj, 6), _mm_srli_epi16(tj, 4)), m2);
-                __m256i *t = tacc + 4 * g;
-                t[0] = _mm256_add_epi16(t[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(tl_i, tl_j), bv));
-                t[1] = _mm256_add_epi16(t[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(tl_i, tl_j), bv));
-                t[2] = _mm256_add_epi16(t[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(th_i, th_j), bv));
-                t[3] = _mm256_add_epi16(t[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(th_i, th_j), bv));
+                FN(nm_pair4)(tacc + 4 * g, tl_i, tl_j, th_i, th_j, bv);
             }
         }
-        /* acc[4g + 2h]: rows 0-7 | 16-23 of half h (32 rows) of group g, acc[4g + 2h + 1]: 8-15 | 24-31 */
         const __m256i corr = _mm256_set1_epi32(offset * zsum);
         for (int g = 0; g < ng; g++)
-            for (int h = 0; h < 2; h++) {
+            for (int h = 0; h < 2; h++) {   /* rows 32h .. 32h + 31 of group g */
                 const int row = 64 * g + 32 * h, k = 4 * g + 2 * h;
-                const __m128i part[4] = {_mm256_castsi256_si128(acc[k]), _mm256_castsi256_si128(acc[k + 1]),
-                                         _mm256_extracti128_si256(acc[k], 1), _mm256_extracti128_si256(acc[k + 1], 1)};
-                __m128i tpart[4] = {part[0], part[1], part[2], part[3]};
-                if (top) {
-                    tpart[0] = _mm256_castsi256_si128(tacc[k]), tpart[1] = _mm256_castsi256_si128(tacc[k + 1]);
-                    tpart[2] = _mm256_extracti128_si256(tacc[k], 1), tpart[3] = _mm256_extracti128_si256(tacc[k + 1], 1);
-                }
+                __m128i part[4], tpart[4];
+                FN(nm_parts)(acc + k, part);
+                if (top) FN(nm_parts)(tacc + k, tpart);
                 for (int q = 0; q < 4; q++) {   /* rows 8q .. 8q + 7 of the 32 */
                     __m256i v = _mm256_sub_epi32(_mm256_cvtepi16_epi32(part[q]), corr);
                     if (top) v = _mm256_add_epi32(v, _mm256_slli_epi32(_mm256_cvtepi16_epi32(tpart[q]), 4));
@@ -181,8 +197,7 @@ static void FN(nm_q4_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
         memset(facc, 0, (size_t)n * sizeof(float));
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *base = qs + b * QK * cb + c0 / 2;
-            if (b == 0) FN(nm_fetch)(z[0].qs, base, cb, n / 2, 0, 0);
-            if (b + ST_NM_AHEAD < nb) FN(nm_fetch)(z[b + ST_NM_AHEAD].qs, base + ST_NM_AHEAD * QK * cb, cb, n / 2, 0, 0);
+            FN(nm_ahead)(z, 0, b, nb, qs + c0 / 2, cb, n / 2, 0, 0);
             const uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
             FN(nm_scales)(sd, sc + (b * H + c0) * 2, NULL, 0, n);
@@ -217,10 +232,10 @@ static void FN(nm_q4_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
             }
             for (int r = 0; r < n; r++) facc[r] -= FN(h2f)(dm + (s * H + c0 + r) * 2) * zs->d * sd[r];
             for (int j = 0; j < 8; j++) {
+                const int64_t b = 8 * s + j;   /* the block of 32 neurons */
                 const int8_t *qz = zs->qs + QK * j;
-                const uint8_t *base = qs + (s * QKK + QK * j) * cb + c0 / 2;
-                if (s == 0 && j == 0) FN(nm_fetch)(qz, base, cb, n / 2, 0, 0);
-                if (s * 8 + j + 1 < ns * 8) FN(nm_fetch)(qz + QK, base + QK * cb, cb, n / 2, 0, 0);
+                const uint8_t *base = qs + b * QK * cb + c0 / 2;
+                FN(nm_ahead)(z, 1, b, 8 * ns, qs + c0 / 2, cb, n / 2, 0, 0);
                 const uint32_t m = FN(nz_mask)(qz);
                 if (!m) continue;
                 for (int r = 0; r < n; r++) sc[r] = (uint8_t)((low[j * H + r] & 15) | ((top[r] >> (4 * j)) & 3) << 4);
@@ -245,10 +260,10 @@ static void FN(nm_q6_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
         memset(facc, 0, (size_t)n * sizeof(float));
         for (int64_t s = 0; s < ns; s++)
             for (int j = 0; j < 8; j++) {
+                const int64_t b = 8 * s + j;   /* the block of 32 neurons */
                 const int8_t *qz = z[s].qs + QK * j;
-                const uint8_t *base = qs + (s * QKK + QK * j) * cb + c0 / 2;
-                if (s == 0 && j == 0) FN(nm_fetch)(qz, base, cb, n / 2, top, n / 4);
-                if (s * 8 + j + 1 < ns * 8) FN(nm_fetch)(qz + QK, base + QK * cb, cb, n / 2, top, n / 4);
+                const uint8_t *base = qs + b * QK * cb + c0 / 2;
+                FN(nm_ahead)(z, 1, b, 8 * ns, qs + c0 / 2, cb, n / 2, top, n / 4);
                 const uint32_t m = FN(nz_mask)(qz);
                 for (int h = 0; h < 2; h++) {   /* the two scales of the 32 */
                     const uint32_t mh = (m >> (16 * h)) & 0xFFFF;
@@ -272,8 +287,7 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
         memset(facc, 0, sizeof facc);
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *base = qs + b * QK * cb + c0;
-            if (b == 0) FN(nm_fetch)(z[0].qs, base, cb, n, 0, 0);
-            if (b + ST_NM_AHEAD < nb) FN(nm_fetch)(z[b + ST_NM_AHEAD].qs, base + ST_NM_AHEAD * QK * cb, cb, n, 0, 0);
+            FN(nm_ahead)(z, 0, b, nb, qs + c0, cb, n, 0, 0);
             uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
             const float dz = z[b].d;

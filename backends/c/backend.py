@@ -237,9 +237,9 @@ class CBackend(Backend):
 
     def _expert_layouts(self, role: str) -> dict:
         """The layouts an expert matrix of `role` may take, in CExperts' order of preference: sparse
-        ReGLU's next to a repacked gate (the SIMD variants), where the type and shape have them (row-split
-        up: q4_0, q8_0; neuron-major down: those and q4_k, q6_k; hidden % 64 == 0); the repacked layout otherwise, which skips up rows only for 8 dead
-        neurons in a row."""
+        ReGLU's next to a repacked gate (the SIMD variants), where the type and shape have them
+        (row-split up: q4_0, q8_0; neuron-major down: those and q4_k, q6_k; hidden % 64 == 0); the
+        repacked layout otherwise, which skips up rows only for 8 dead neurons in a row."""
         rp = self._repacking()
         sparse = rp and self.sparse and self.sparse_layout != "off"
         return {"repack_rows": rp, "row_split": sparse and role == "up",
