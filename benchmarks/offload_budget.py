@@ -5,11 +5,17 @@ Each runner is a child process placed in a memory cgroup (v1 `memory.limit_in_by
 the cgroup's peak (page cache included, so it sits at the limit once the file has been read) and the
 process's own peak RSS, and the expert-cache statistics (hit rate, bytes read, stall time) for st-sdk
 with its defaults, with prefetch off (or router-only, or reading every guess ahead), with each
-cache policy of --policies, and with --prepared-run reading its experts from a prepared expert file
-(st_sdk.offload.prepared: written once, before the runs, outside the limit; the "st-sdk" row has none,
-as on a fresh machine), and with --resident-run the same tokens with the whole model in memory (outside
-the cgroup), each st-sdk row then reported as a share of it. llama.cpp runs without its repacked weight copy (`--no-repack`), the only
-way it fits a budget smaller than the file.
+cache policy of --policies, with --convert-run never using a prepared expert file (expert_file=False:
+every expert converted to the backend's layout as it is read), and with --resident-run the same tokens
+with the whole model in memory (outside the cgroup), each st-sdk row then reported as a share of it.
+
+The st-sdk runs start from an empty st-sdk cache directory (a temporary one, removed at the end), as
+on a fresh machine: the defaults' first load chooses the backend and, where the backend converts the
+experts it reads, writes the prepared expert file (st_sdk.offload.prepared) inside the limit; later
+loads read it. That first load's time is reported on its own. --prepared-run adds a row whose
+prepared file is written before the runs, outside the limit, in the usual cache directory (kept).
+llama.cpp runs without its repacked weight copy (`--no-repack`), the only way it fits a budget smaller
+than the file.
 
     python benchmarks/offload_budget.py MODEL.gguf --budget 1GiB [--tokens 256] [--repeats 3] [--threads 2]
         [--policies lfru,lru]
@@ -20,7 +26,7 @@ ids spread over the vocabulary, so routing sees diverse inputs. Reported per con
 --repeats runs (page cache dropped before each) of decode tokens/s and per-token latency p50/p99, the
 cgroup's peak and the process's peak RSS, runs killed, major page faults per token (mapped pages read
 again: dense weights or code evicted at the limit); then the disk-read bound: the bytes st-sdk read
-per token over the file's measured random-read bandwidth.
+per token over the measured random-read bandwidth of the file it read them from.
 
 Needs root (or a delegated cgroup) for the limit; without one it says so and runs unlimited.
 """
@@ -29,8 +35,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -141,12 +149,12 @@ class Cgroup:
         except OSError:
             return None
 
-    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
         def enter():
             if self.path is not None:
                 (self.path / "cgroup.procs").write_text(str(os.getpid()))
         self.reset_peak()
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=enter)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=enter, env=env)
 
 
 def drop_page_cache() -> None:
@@ -157,7 +165,7 @@ def drop_page_cache() -> None:
         pass
 
 
-def random_read_bandwidth(path: str, block: int, reads: int = 64, threads: tuple[int, ...] = (4, 8)) -> float:
+def random_read_bandwidth(path: str, block: int, reads: int = 256, threads: tuple[int, ...] = (4, 8, 16)) -> float:
     """Bytes/s of `reads` reads of `block` bytes at random offsets of `path` with a cold page cache, the
     best of `threads` readers at a time, with O_DIRECT where the file allows it (as the expert cache
     reads)."""
@@ -218,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prepared-run", action="store_true",
                     help="also run with the experts read from a prepared expert file (expert_file=True; the file is "
                          "written before the runs, outside the limit, and kept in st-sdk's cache directory)")
+    ap.add_argument("--convert-run", action="store_true",
+                    help="also run with no prepared expert file (expert_file=False: experts converted as they are "
+                         "read, what the defaults do where the disk lacks room for the file)")
     ap.add_argument("--resident-run", action="store_true",
                     help="also run the same tokens with the whole model in memory (no budget, no cgroup; the page "
                          "cache dropped before it too), and report each st-sdk row as a share of its speed")
@@ -234,19 +245,21 @@ def main(argv=None) -> int:
         print("warning: no memory cgroup could be made here; running without a hard limit", file=sys.stderr)
     ours = [sys.executable, "-c", CHILD_OURS, args.model, str(limit), str(args.tokens), str(args.threads)]
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
-    # the defaults, with no prepared expert file (as on a fresh machine; "auto" would use one left by an
-    # earlier --prepared-run)
-    runs = {"st-sdk": ours + ["auto", args.backend, policies[0], "0"]}
+    # the defaults (expert_file="auto"), from an empty cache directory: the first run writes what a
+    # fresh machine's first load writes, the later runs and rows read it
+    runs = {"st-sdk": ours + ["auto", args.backend, policies[0], "auto"]}
     if args.prepared_run:
         runs["st-sdk prepared"] = ours + ["auto", args.backend, policies[0], "1"]
+    if args.convert_run:
+        runs["st-sdk converting"] = ours + ["auto", args.backend, policies[0], "0"]
     for policy in policies[1:]:
-        runs[f"st-sdk {policy}"] = ours + ["auto", args.backend, policy, "0"]
+        runs[f"st-sdk {policy}"] = ours + ["auto", args.backend, policy, "auto"]
     if args.router_only_run:
-        runs["st-sdk router-only"] = ours + ["1", args.backend, policies[0], "0"]
+        runs["st-sdk router-only"] = ours + ["1", args.backend, policies[0], "auto"]
     if args.lookahead_run:
-        runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0], "0"]
+        runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0], "auto"]
     if not args.no_prefetch_run:
-        runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0], "0"]
+        runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0], "auto"]
     if args.resident_run:
         runs["resident"] = ours[:4] + ["resident"] + ours[5:] + ["auto", args.backend, policies[0], "0"]
     if not args.no_llama_cpp:
@@ -271,14 +284,25 @@ def main(argv=None) -> int:
         rec = json.loads(prep.stdout.strip().splitlines()[-1])
         print(f"# prepared expert file: {rec['plan'].rsplit(', ', 1)[-1]} ({rec['load_s']:.1f} s to load and write)",
               flush=True)
+    fresh = tempfile.mkdtemp(prefix="st-sdk-bench-cache-")
+    env_of = {name: dict(os.environ, ST_SDK_CACHE_DIR=fresh) for name in runs if name not in ("st-sdk prepared", "llama.cpp")}
+    try:
+        report(args, cg, run_all(args, cg, runs, env_of))   # before the prepared file it wrote is removed
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    return 0
+
+
+def run_all(args, cg: Cgroup, runs: dict, env_of: dict) -> dict[str, list]:
+    """Every configuration's runs, interleaved, each printed as it ends."""
     results: dict[str, list] = {k: [] for k in runs}
     for rep in range(args.repeats):
         for name, cmd in runs.items():            # interleaved repeats
             drop_page_cache()
             t0 = time.perf_counter()
             try:
-                proc = (subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout) if name == "resident"
-                        else cg.run(cmd, args.timeout))
+                proc = (subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env_of.get(name))
+                        if name == "resident" else cg.run(cmd, args.timeout, env_of.get(name)))
             except subprocess.TimeoutExpired:
                 results[name].append({"error": f"timed out after {args.timeout:.0f} s"})
                 continue
@@ -306,6 +330,11 @@ def main(argv=None) -> int:
                       if st.get("ahead_needed_share") is not None else "")
                    + (f"  frameworks loaded: {rec['frameworks']}" if rec.get("frameworks") else "") if st else ""),
                   flush=True)
+    return results
+
+
+def report(args, cg: Cgroup, results: dict[str, list]) -> None:
+    """The medians of every configuration, the st-sdk plan, its first load and the disk-read bound."""
     summary = {}
     for name, recs in results.items():
         ok = [r for r in recs if "decode_tps" in r]
@@ -332,16 +361,23 @@ def main(argv=None) -> int:
     if summary.get("st-sdk", {}).get("stats"):
         st, plan = summary["st-sdk"]["stats"], summary["st-sdk"]["plan"]
         print(f"  st-sdk plan: {plan}")
+        loads = [r["load_s"] for r in results["st-sdk"] if "load_s" in r]
+        if loads:
+            print(f"  st-sdk load, from an empty cache directory: first {loads[0]:.1f} s (choosing the backend, and "
+                  f"writing the prepared expert file where the plan reads one)"
+                  + (f"; later loads {median(loads[1:]):.1f} s (median)" if len(loads) > 1 else ""))
         missed = st["bytes_read"] / args.tokens
-        bw = random_read_bandwidth(args.model, max(1, st["bytes_read"] // max(1, st["reads"])))
+        source = plan.split("read from the prepared file ", 1)[-1] if "read from the prepared file " in plan else args.model
+        bw = random_read_bandwidth(source if os.path.exists(source) else args.model,
+                                   max(1, st["bytes_read"] // max(1, st["reads"])))
         print(f"  disk-read bound: {missed / 2**20:.1f} MiB read per token / {bw / 2**20:.0f} MiB/s random-read "
-              f"bandwidth (cold, best of 4 or 8 readers, expert-sized O_DIRECT reads) = {bw / missed if missed else float('inf'):.1f} tok/s "
-              f"at most; st-sdk reached {summary['st-sdk']['decode_tps'] / (bw / missed) if missed else 0:.0%} of it")
+              f"bandwidth of {os.path.basename(source)} (cold, best of 4, 8 or 16 readers, expert-sized O_DIRECT reads) = {bw / missed if missed else float('inf'):.1f} tok/s "
+              f"at most; st-sdk reached {summary['st-sdk']['decode_tps'] / (bw / missed) if missed else 0:.0%} of it, "
+              f"its reads running at {missed * summary['st-sdk']['decode_tps'] / 2**20:.0f} MiB/s over the measured tokens")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "budget": args.budget, "threads": args.threads,
                        "limited": cg.path is not None, "summary": summary, "runs": results}, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

@@ -819,6 +819,46 @@ def test_prepared_expert_file_gives_the_resident_logits(tmp_path, monkeypatch, b
     assert off.memory_plan.expert_file is None and off.offload.prepared is None
 
 
+def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, monkeypatch, caplog):
+    """expert_file="auto" (the default): a backend that converts the experts it reads gets the file
+    written on its first load (a warning names it and its size), and later loads read it without
+    writing again; a backend that reads them as stored gets none, and neither does a disk that would
+    keep less than a tenth of itself free (an info line says why)."""
+    from st_sdk.offload import prepared
+
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=5)["gguf"]
+    resident = st_sdk.load(path, backend="c", n_threads=1)
+    budget = budget_for(path, 12, backend="c")
+    load = lambda backend="c": st_sdk.load(path, backend=backend, n_threads=1, max_memory=budget, context=64)  # noqa: E731
+    with caplog.at_level("INFO", logger="st_sdk.offload"):
+        m = load()
+    if all(lay is None for lays in m.offload.layouts for lay in lays):
+        pytest.skip("this C build reads the experts as stored (no SIMD variant): nothing to convert")
+    written = m.memory_plan.expert_file
+    assert written is not None and written.exists()
+    assert str(written) in caplog.text and "expert_file=False" in caplog.text
+    np.testing.assert_array_equal(m.logits(IDS[:8]), resident.logits(IDS[:8]))
+    stamp = written.stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("INFO", logger="st_sdk.offload"):
+        again = load()
+    assert again.memory_plan.expert_file == written and written.stat().st_mtime_ns == stamp
+    assert "writing" not in caplog.text
+    assert load("numpy").memory_plan.expert_file is None   # as stored: no file of its own
+
+    written.unlink()
+    need = prepared.HEADER + prepared.data_bytes(prepared.signature(m.offload, m.config.moe_num_primary_experts))
+    monkeypatch.setattr(prepared.shutil, "disk_usage",   # 5% of a 100 GiB disk left after writing
+                        lambda p: type("U", (), {"free": need + 5 * 2**30, "total": 100 * 2**30})())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="st_sdk.offload"):
+        short = load()
+    assert short.memory_plan.expert_file is None and not written.exists()
+    assert "10% of the disk is kept free" in caplog.text
+    np.testing.assert_array_equal(short.logits(IDS[:8]), resident.logits(IDS[:8]))
+
+
 def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, caplog):
     """A changed model file, a damaged prepared file or a disk without room: the experts are converted
     as they are read (a warning says why when one was asked for), never read from a stale file."""

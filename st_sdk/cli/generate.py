@@ -22,7 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-file", choices=("auto", "write", "off"), default="auto",
                    help="with --max-memory: read experts from a file written once in the backend's layout "
                         "(st_sdk.offload.prepared; in st-sdk's cache directory, as large as the experts): "
-                        "auto (default) when one exists, write: write it first if missing, off: never")
+                        "auto (default): the existing one, else written on first load where the backend "
+                        "converts experts and a tenth of the disk stays free; write: write it first if "
+                        "missing; off: never")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

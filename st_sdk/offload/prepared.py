@@ -2,8 +2,9 @@
 one after another at the cache's slot stride, so that budget mode reads an expert straight into its
 slot (O_DIRECT where the filesystem allows it, in aligned pieces read in parallel): no conversion on
 the I/O threads and no copy out of a read buffer. On two cores that conversion competes with the
-compute threads. Measured (docs/memory_budget.md): faster where compute limits the run, not where the
-disk does.
+compute threads and delays the reads the compute waits for. Measured (docs/memory_budget.md): 1.6-1.9x
+the speed of converting as read on an AVX2 host with either routing; 0.9-1.2x on an AVX-512 one, whose
+faster disk left less to gain.
 
 The file lives in the st-sdk cache directory (`ST_SDK_CACHE_DIR`, else the platform's user cache
 directory), under `experts/`. Its name comes from the model file's name and a hash of everything that
@@ -13,10 +14,14 @@ a new name; files no longer used can be deleted at any time.
 
 `st_sdk.load(..., max_memory=..., expert_file=...)`:
 
-    "auto"  (the default) use the prepared file if one exists; else convert each expert as it is read
-    True    write it first when it is missing (a progress bar on a terminal); when the disk lacks room
-            or the write fails, a warning says why and the experts are converted as they are read
-    False   never use one
+    "auto"  (the default) use the prepared file if one exists; else, when the backend converts the
+            experts it reads (the C backend repacks them) and the disk keeps room to spare, write it
+            first (once: later loads read it), logged with its path and size; else convert each expert
+            as it is read
+    True    write it first when it is missing, if the disk has room for it and FREE_MARGIN more (a
+            progress bar on a terminal); when the disk lacks room or the write fails, a warning says
+            why and the experts are converted as they are read
+    False   never use one: experts are converted as they are read
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..sizes import fmt_bytes
 from .cache import DIRECT_ALIGN, ExpertCache
 from .pages import anonymous
 
@@ -43,6 +49,7 @@ MAGIC = b"STSDKXP1"
 HEADER = 4096          # the header block; experts start here, each at a multiple of the stride
 VERSION = 1
 FREE_MARGIN = 256 * 2**20   # room left on the disk after writing one
+AUTO_FREE_SHARE = 0.1       # "auto" writes one only when this share of the disk stays free after it
 
 
 def check_mode(value) -> bool | str:
@@ -190,8 +197,8 @@ def write(cache: ExpertCache, experts: int, sig: dict, path: Path, progress: boo
 def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", directory: Path | None = None,
            progress: bool = True) -> Path | None:
     """Have `cache` read from the prepared expert file for its model and layouts (after its layouts
-    are set): the existing one, or with mode=True one written now. Returns its path, or None when the
-    experts are converted as they are read."""
+    are set): the existing one, or one written now (mode=True; mode="auto" where `worth_writing`).
+    Returns its path, or None when the experts are converted as they are read."""
     mode = check_mode(mode)
     if mode is False:
         return None
@@ -199,7 +206,12 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
     path = path_for(sig, directory)
     if not is_valid(path, sig):
         if mode == "auto":
-            return None
+            why = worth_writing(cache, sig, path)
+            if why:
+                log.info("st-sdk: no prepared expert file written (%s); experts are converted as they are read", why)
+                return None
+            log.warning("st-sdk: writing the experts once in the backend's layout to %s (%s; later loads read "
+                        "them from it; expert_file=False turns this off)", path, fmt_bytes(HEADER + data_bytes(sig)))
         try:
             write(cache, experts, sig, path, progress=progress)
         except OSError as e:
@@ -211,3 +223,25 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
             return None
     cache.use_file(str(path), HEADER, experts)
     return path
+
+
+def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
+    """Why expert_file="auto" should not write a prepared file now ('' when it should): the cache holds
+    every expert as stored (reads already go straight into the slots, nothing to save), the cache
+    directory is not writable, or the disk would keep less than AUTO_FREE_SHARE of itself free."""
+    if all(lay is None for lays in cache.layouts for lay in lays):
+        return "the backend reads the experts as stored"
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK):
+        return f"{where} is not writable"
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError as e:
+        return f"{where}: {e.strerror}"
+    need = HEADER + data_bytes(sig)
+    if usage.free - need < max(FREE_MARGIN, AUTO_FREE_SHARE * usage.total):
+        return (f"{where}: {usage.free / 2**30:.2f} GiB free, the file needs {need / 2**30:.2f} GiB and "
+                f"{AUTO_FREE_SHARE:.0%} of the disk is kept free; expert_file=True writes it anyway")
+    return ""
