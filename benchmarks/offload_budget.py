@@ -79,7 +79,9 @@ if not resident:
     st["ahead_needed_share"] = ahead.share_needed if ahead is not None else None
     st["ahead_active_at_end"] = ahead.active if ahead is not None else None
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+read_from = None if resident or m.memory_plan.expert_file is None else str(m.memory_plan.expert_file)
 print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": None if resident else m.memory_plan.describe(),
+                  "expert_file": read_from,
                   "backend": m.backend.name,
                   "load_s": t_load, "process_peak_rss": hwm,
                   "frameworks": sorted(k for k in ("torch", "jax") if k in sys.modules)}))
@@ -367,7 +369,7 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
                   f"writing the prepared expert file where the plan reads one)"
                   + (f"; later loads {median(loads[1:]):.1f} s (median)" if len(loads) > 1 else ""))
         missed = st["bytes_read"] / args.tokens
-        source = plan.split("read from the prepared file ", 1)[-1] if "read from the prepared file " in plan else args.model
+        source = next((r["expert_file"] for r in reversed(results["st-sdk"]) if r.get("expert_file")), args.model)
         bw = random_read_bandwidth(source if os.path.exists(source) else args.model,
                                    max(1, st["bytes_read"] // max(1, st["reads"])))
         print(f"  disk-read bound: {missed / 2**20:.1f} MiB read per token / {bw / 2**20:.0f} MiB/s random-read "
