@@ -7,6 +7,11 @@ them). Deterministic and quick, it isolates the policy from I/O timing; offload_
 lfru,lru measures the same choice in wall-clock time under a cgroup.
 
     python benchmarks/cache_policy.py MODEL.gguf [--budget 1GiB] [--slots N,N,...] [--tokens 256]
+        [--text FILE]
+
+--text replays the picks of a text's tokens instead (the first --tokens after the warm-up; fed in
+pieces of the model's context, teacher-forced): real routing, with the locality real text has, on a
+trained model such as the shipped one (st_sdk/data/smallthinker-docs-q8_0.gguf and its held-out text).
 
 The slot count for --budget is the plan of an `st_sdk.load(MODEL, max_memory=BUDGET)` in this process
 (its baseline is this process's, so a few slots off the cgroup child's).
@@ -29,24 +34,37 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", default=None, help="comma-separated slot counts instead of --budget's")
     ap.add_argument("--tokens", type=int, default=256, help=f"measured tokens, after {WARMUP} warm-up tokens")
     ap.add_argument("--policies", default="lru,lfru")
+    ap.add_argument("--text", default=None, help="replay the routing of this text's tokens instead of diverse ids")
     args = ap.parse_args(argv)
 
     import st_sdk
     from st_sdk.offload.replay import replay
     from st_sdk.routing import RoutingRecorder
 
-    planned = st_sdk.load(args.model, max_memory=args.budget, context=512, backend="numpy")
+    model = st_sdk.load(args.model)
+    # the plan of offload_budget.py's load (context 512, or the model's own when shorter)
+    planned = st_sdk.load(args.model, max_memory=args.budget, backend="numpy",
+                          context=min(512, model.config.max_position_embeddings))
     plan = planned.memory_plan
     slots = [int(s) for s in args.slots.split(",")] if args.slots else [plan.slots]
     del planned
-    model = st_sdk.load(args.model)
     vocab, n_all = model.config.vocab_size, WARMUP + args.tokens
-    toks = [int(t) for t in eval(TOKENS_OF, {"np": np, "vocab": vocab, "n_all": n_all})]
-    with RoutingRecorder(model) as rec:
-        model.logits(toks)   # teacher-forced: the picks of decoding these tokens one at a time
-    picks = rec.picks()
+    if args.text:
+        with open(args.text, encoding="utf-8") as fh:
+            toks = model.tokenize(fh.read())[:n_all]
+        if len(toks) < n_all:
+            ap.error(f"--text {args.text}: {len(toks)} tokens, fewer than {n_all} ({WARMUP} + --tokens)")
+    else:
+        toks = [int(t) for t in eval(TOKENS_OF, {"np": np, "vocab": vocab, "n_all": n_all})]
+    picks = []
+    for i in range(0, n_all, model.context):   # teacher-forced: the picks of decoding them one at a time
+        with RoutingRecorder(model) as rec:
+            model.logits(toks[i:i + model.context])
+        picks.append(rec.picks())
+    picks = np.concatenate(picks)
     n_experts = model.config.num_hidden_layers * model.config.moe_num_primary_experts
-    print(f"# cache_policy: {args.model}, {WARMUP} warm-up + {args.tokens} teacher-forced diverse tokens; "
+    what = f"tokens of {args.text}" if args.text else "diverse tokens"
+    print(f"# cache_policy: {args.model}, {WARMUP} warm-up + {args.tokens} teacher-forced {what}; "
           f"{len({(l, e) for t in picks for l, ids in enumerate(t) for e in ids})} of {n_experts} experts used; "
           f"expert {plan.expert_bytes / 2**20:.2f} MiB; slots of --budget {args.budget}: {plan.slots}")
     for n in slots:

@@ -24,8 +24,12 @@ def files(tmp_path_factory):
 
 
 def budget_for(model_path, slots: int, context: int | None = 64, backend: str = "numpy") -> int:
-    """A budget whose expert cache holds exactly `slots` experts (process baseline not counted)."""
-    m = st_sdk.load(model_path, backend=backend, n_threads=1, max_memory="64GiB", context=context)
+    """A budget whose expert cache holds exactly `slots` experts (process baseline not counted), as
+    planned by a load after the first: in a new cache directory the first load smoke-tests the backend,
+    whose micro model's repacked weights the backend counts as its own (a few KiB: slots of the tiny
+    model), so a budget planned from it fits more slots later."""
+    for _ in range(2):
+        m = st_sdk.load(model_path, backend=backend, n_threads=1, max_memory="64GiB", context=context)
     p = m.memory_plan
     converted_slots = -(-p.converted_bytes // p.expert_bytes)
     return p.dense_bytes + p.kv_bytes + p.scratch_bytes + (slots + converted_slots) * p.expert_bytes
@@ -219,7 +223,7 @@ def test_automatic_choice_under_a_budget_loads_no_framework(files):
 
 def test_lfru_keeps_the_expert_used_most_where_lru_evicts_it(tmp_path):
     """One expert used often, then a scan of experts used once: LRU evicts the popular one as soon as
-    the scan fills the cache, LFRU evicts a scanned one (not the most recent: it is protected)."""
+    the scan fills the cache, LFRU evicts a scanned one (the least recent of those used once)."""
     from st_sdk.offload.cache import ExpertCache, Extent
 
     f = tmp_path / "experts.bin"
@@ -736,10 +740,10 @@ def test_c_layer_part_refuses_experts_it_was_not_given(tmp_path):
     assert np.all(h == 0)
 
 
-def test_lfru_evicts_the_least_used_of_the_unprotected_experts(tmp_path):
-    """At every eviction the victim is, among resident unheld experts outside the most recent quarter
-    of the slots, the one used least, the least recent of equals (the policy's definition, checked
-    against a direct scan of the cache's state)."""
+def test_lfru_evicts_the_least_used_expert_however_recent(tmp_path):
+    """At every eviction the victim is, among all resident unheld experts (none set aside for being
+    recent), the one used least, the least recent of equals (the policy's definition, checked against
+    a direct scan of the cache's state)."""
     from st_sdk.offload.cache import ExpertCache, Extent
 
     f = tmp_path / "experts.bin"
@@ -750,8 +754,7 @@ def test_lfru_evicts_the_least_used_of_the_unprotected_experts(tmp_path):
 
     def checked_victim():
         candidates = [key for key in cache.lru if key not in cache.held]
-        unprotected = candidates[:max(1, len(candidates) - cache.slots // 4)]
-        want = min(unprotected, key=lambda key: cache.uses.get(key, 0.0)) if candidates else None
+        want = min(candidates, key=lambda key: cache.uses.get(key, 0.0)) if candidates else None
         got = victim()
         checked.append(got == want)
         return got
