@@ -41,13 +41,16 @@ def main(argv=None) -> int:
     from st_sdk.offload.replay import replay
     from st_sdk.routing import RoutingRecorder
 
-    model = st_sdk.load(args.model)
-    # the plan of offload_budget.py's load (context 512, or the model's own when shorter)
-    planned = st_sdk.load(args.model, max_memory=args.budget, backend="numpy",
-                          context=min(512, model.config.max_position_embeddings))
+    from st_sdk.errors import InputError
+
+    try:   # the plan of offload_budget.py's load (context 512), planned before the model is loaded whole
+        planned = st_sdk.load(args.model, max_memory=args.budget, context=512, backend="numpy")
+    except InputError:   # a model whose context is shorter: its own
+        planned = st_sdk.load(args.model, max_memory=args.budget, backend="numpy")
     plan = planned.memory_plan
     slots = [int(s) for s in args.slots.split(",")] if args.slots else [plan.slots]
     del planned
+    model = st_sdk.load(args.model)
     vocab, n_all = model.config.vocab_size, WARMUP + args.tokens
     if args.text:
         with open(args.text, encoding="utf-8") as fh:

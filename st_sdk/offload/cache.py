@@ -10,7 +10,7 @@ Eviction policies (`policy=`):
         least often goes, the least recent of equals first (uses counted over the whole run, resident
         or not, and halved every `AGE_EVERY` uses per slot so the counts follow the text). No slots
         are set aside for recency: the earlier definition (the most recent quarter of the slots
-        protected, counts halved every 8 x slots uses) read 5-16% more experts on every routing
+        protected, counts halved every 8 x slots uses) read 4-17% more experts on every routing
         replayed, the shipped trained model's on its held-out text included (docs/memory_budget.md,
         "Cache policy").
 """
