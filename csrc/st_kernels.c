@@ -49,7 +49,9 @@ int st_get_variant(void) { return g_variant; }
 
 /* ---- thread pool ------------------------------------------------------------------------------ */
 /* spin briefly (a decode step's stages are microseconds apart), then yield or sleep: on a busy
- * machine a spinning thread would steal the time slice the thread it waits for needs */
+ * machine a spinning thread would steal the time slice the thread it waits for needs. A pool's
+ * workers spin ST_SPIN_IDLE pauses for the next job unless st_pool_set_idle_spin says otherwise
+ * (memory-budget mode: Python and expert reads between a layer's jobs need the core) */
 #define ST_SPIN_IDLE 20000
 #define ST_SPIN_BARRIER 2000
 static inline void cpu_relax(void) {
@@ -69,6 +71,7 @@ struct st_pool {
     atomic_llong bar_gen;
     job_fn fn;
     void *arg;
+    int spin_idle;
 };
 typedef struct { st_pool *pool; int ith; } worker_arg;
 
@@ -80,7 +83,7 @@ static void *worker_main(void *p_) {
     for (;;) {
         int spins = 0;
         while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) {
-            if (++spins < ST_SPIN_IDLE) { cpu_relax(); continue; }
+            if (++spins < p->spin_idle) { cpu_relax(); continue; }
             pthread_mutex_lock(&p->mu);
             while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
             pthread_mutex_unlock(&p->mu);
@@ -98,6 +101,7 @@ st_pool *st_pool_new(int n) {
     st_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->n = n;
+    p->spin_idle = ST_SPIN_IDLE;
     pthread_mutex_init(&p->run_lock, NULL);
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
@@ -126,6 +130,9 @@ void st_pool_free(st_pool *p) {
     free(p);
 }
 int st_pool_threads(const st_pool *p) { return p ? p->n : 1; }
+void st_pool_set_idle_spin(st_pool *p, int spins) {
+    if (p) p->spin_idle = spins < 0 ? 0 : spins;
+}
 
 static void barrier(st_pool *p, int nth) {
     if (nth <= 1) return;

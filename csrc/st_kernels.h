@@ -71,6 +71,8 @@ int st_get_variant(void);
 st_pool *st_pool_new(int n_threads);
 void st_pool_free(st_pool *pool);
 int st_pool_threads(const st_pool *pool);
+/* pause instructions a worker spins for its next job before sleeping (default 20000) */
+void st_pool_set_idle_spin(st_pool *pool, int spins);
 
 /* bytes of one row of `cols` values in `fmt` (of one group of 8 rows for the *X8 codes); -1 if cols
  * is not a whole number of blocks or fmt is unknown */

@@ -697,7 +697,10 @@ def _c_repacking():
 def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, threads):
     """Under a budget the C backend runs each layer fused around the cache (route, attention, then the
     picked experts straight from their slots): the logits are the resident model's, bit for bit, and
-    the sparse ReGLU counters count its tokens."""
+    the sparse ReGLU counters count its tokens. It runs on a pool of its own, whose workers spin less
+    for the next job (BUDGET_IDLE_SPIN); the resident model in the same process keeps the default."""
+    from st_sdk_backends.c import backend as cbackend
+
     if not _c_repacking():
         pytest.skip("the C backend runs the loaded layout only on its SIMD variants")
     path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=dtype, seed=3,
@@ -713,6 +716,8 @@ def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, t
     counted = m.backend.sparsity()
     assert counted is not None and counted["tokens"] >= 16 and 0 < counted["live_fraction"] < 1
     assert m.offload.stats.reads > 0
+    assert m.backend._idle_spin == cbackend.BUDGET_IDLE_SPIN and resident.backend._idle_spin is None
+    assert m.backend._lib()[2] == cbackend.get_pool(threads, cbackend.BUDGET_IDLE_SPIN) != cbackend.get_pool(threads)
 
 
 def test_c_layer_part_refuses_experts_it_was_not_given(tmp_path):

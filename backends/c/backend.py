@@ -23,8 +23,15 @@ from . import ops
 from .cache import KV_DTYPES, CKVCache, CLayerKV
 from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr
 
-_pools: dict[int, object] = {}
+_pools: dict[tuple[int, int | None], object] = {}
 _pools_lock = threading.Lock()
+# pause instructions a pool's workers spin for the next job before sleeping, in memory-budget mode
+# (the C default, 20000, elsewhere). Between a budget layer's jobs the compute thread runs Python and
+# waits for expert reads, and the I/O threads need a core: a worker spinning through that took one.
+# Measured on the 4b-a0.6b Q4_0 in a 1 GiB cgroup (skewed routing, 2 threads): 20.6-21.5 tok/s against
+# 19.6-20.1 with the default; the default kept for resident decoding (16.2-17.3 ms a token against
+# 17.9-20.0 ms with 2000). docs/memory_budget.md.
+BUDGET_IDLE_SPIN = 2000
 
 
 def cpu_flags(hardware=None) -> frozenset[str]:
@@ -64,19 +71,23 @@ def use_variant(name: str | None) -> str:
     return chosen
 
 
-def get_pool(n: int):
-    """The process's pool of n threads, created on first use (called several times a layer)."""
-    pool = _pools.get(n)
+def get_pool(n: int, idle_spin: int | None = None):
+    """The process's pool of n threads whose workers spin `idle_spin` pauses for the next job before
+    sleeping (None: the C default), created on first use (called several times a layer)."""
+    key = (n, idle_spin)
+    pool = _pools.get(key)
     if pool is not None:
         return pool
     ffi, lib = ffi_lib()
     with _pools_lock:
-        if n not in _pools:
+        if key not in _pools:
             p = lib.st_pool_new(n)
             if p == ffi.NULL:
                 raise BackendError(f"could not create a pool of {n} threads")
-            _pools[n] = p
-        return _pools[n]
+            if idle_spin is not None:
+                lib.st_pool_set_idle_spin(p, idle_spin)
+            _pools[key] = p
+        return _pools[key]
 
 
 def _forget_pools() -> None:
@@ -134,6 +145,7 @@ class CBackend(Backend):
         self.sparse_layout = os.environ.get("ST_C_SPARSE_LAYOUT", "off").strip() or "off"
         # Q4_0/Q8_0 matrices repacked 8 rows at a time for the SIMD kernels: faster, costs a copy
         self.repack = os.environ.get("ST_C_REPACK", "1") != "0"
+        self._idle_spin: int | None = None   # BUDGET_IDLE_SPIN once a budget layer has run
         self.copied_bytes = 0
         self.repacked_bytes = 0
         self.converted: dict[str, int] = {}   # "iq2_xs -> q8_0": bytes of the converted copies
@@ -202,7 +214,7 @@ class CBackend(Backend):
 
     def _lib(self):
         ffi, lib = ffi_lib()
-        return ffi, lib, get_pool(self.threads)
+        return ffi, lib, get_pool(self.threads, self._idle_spin)
 
     def prepare(self, param: Param, role: str):
         raw = param.raw
@@ -273,8 +285,8 @@ class CBackend(Backend):
         """The pool a fused step of `tokens` tokens runs on (see SMALL_STEP_BYTES)."""
         if self._auto_threads and self.threads > 1 and self._step_bytes is not None \
                 and self._step_bytes * tokens < SMALL_STEP_BYTES:
-            return get_pool(1)
-        return get_pool(self.threads)
+            return get_pool(1, self._idle_spin)
+        return get_pool(self.threads, self._idle_spin)
 
     def _model_struct(self, params, cfg):
         return self._struct(cfg, list(enumerate(params.layers)), params)
@@ -351,6 +363,7 @@ class CBackend(Backend):
         C call while they arrive, then the ffn norm and the picked experts in a second, straight from the
         cache's slots in the layout loaded experts get. A step that picks more experts than the cache
         holds at once runs its experts group by group (`_offloaded_moe`)."""
+        self._idle_spin = BUDGET_IDLE_SPIN   # every later op of this model too (see BUDGET_IDLE_SPIN)
         ffi, lib, pool = self._lib()
         lp = layer_params
         struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
