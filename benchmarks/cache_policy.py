@@ -38,10 +38,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import st_sdk
+    from st_sdk.errors import InputError
     from st_sdk.offload.replay import replay
     from st_sdk.routing import RoutingRecorder
-
-    from st_sdk.errors import InputError
 
     try:   # the plan of offload_budget.py's load (context 512), planned before the model is loaded whole
         planned = st_sdk.load(args.model, max_memory=args.budget, context=512, backend="numpy")
