@@ -139,13 +139,16 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
                                             weight_format=weight_format, offload=max_memory is not None)
     ops = selection.ops
     kv_dtype = resolve_kv_dtype(backend_obj, ops, kv_dtype)
+    # what this model's preparation adds: the backend may already count copies of models it prepared
+    # while being chosen (its smoke test's, a measured slice's), which are gone
+    extra_before = int(backend_obj.describe().get("extra_resident_bytes", 0)) if offload is not None else 0
     prepared = prepare_params(backend_obj, params, config)
     if offload is not None:
         cache, plan = offload
         ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch),
                           lookahead={"auto": "auto", "lookahead": "always"}.get(prefetch))
         plan.expert_bytes = cache.bundle_bytes   # the backend's layout may differ in size from the file's
-        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)),
+        plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)) - extra_before,
                      kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)

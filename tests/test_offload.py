@@ -24,12 +24,8 @@ def files(tmp_path_factory):
 
 
 def budget_for(model_path, slots: int, context: int | None = 64, backend: str = "numpy") -> int:
-    """A budget whose expert cache holds exactly `slots` experts (process baseline not counted), as
-    planned by a load after the first: in a new cache directory the first load smoke-tests the backend,
-    whose micro model's repacked weights the backend counts as its own (a few KiB: slots of the tiny
-    model), so a budget planned from it fits more slots later."""
-    for _ in range(2):
-        m = st_sdk.load(model_path, backend=backend, n_threads=1, max_memory="64GiB", context=context)
+    """A budget whose expert cache holds exactly `slots` experts (process baseline not counted)."""
+    m = st_sdk.load(model_path, backend=backend, n_threads=1, max_memory="64GiB", context=context)
     p = m.memory_plan
     converted_slots = -(-p.converted_bytes // p.expert_bytes)
     return p.dense_bytes + p.kv_bytes + p.scratch_bytes + (slots + converted_slots) * p.expert_bytes
@@ -259,6 +255,19 @@ def test_every_cache_policy_gives_the_resident_logits(files, policy):
 def test_unknown_cache_policy_is_refused(files):
     with pytest.raises(InputError, match="cache_policy"):
         st_sdk.load(files["gguf-q8_0"], backend="numpy", max_memory="1GiB", cache_policy="fifo")
+
+
+def test_a_first_load_plans_what_later_loads_plan(files, tmp_path, monkeypatch):
+    """In a new cache directory the first load smoke-tests the backend, preparing a micro model on the
+    instance the model then uses; the plan counts only this model's converted weights, so the first
+    load's expert cache is as large as every later one's."""
+    path = files["gguf-q8_0"]
+    budget = budget_for(path, 8, backend="c")
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    plans = [st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64).memory_plan
+             for _ in range(2)]
+    assert plans[0].converted_bytes == plans[1].converted_bytes
+    assert plans[0].slots == plans[1].slots == 8
 
 
 def test_replay_counts_what_a_budget_model_reads(files):
