@@ -892,8 +892,11 @@ def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, capl
     m = load("auto")
     assert m.memory_plan.expert_file is None
     np.testing.assert_array_equal(m.logits(IDS[:6]), want)
-    second = load(True).memory_plan.expert_file
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        second = load(True).memory_plan.expert_file
     assert second is not None and second != first
+    assert not first.exists() and "changed since it was written" in caplog.text   # the stale one is gone
+    caplog.clear()
     with open(second, "r+b") as f:   # damaged: cut short
         f.truncate(os.path.getsize(second) - 4096)
     assert load("auto").memory_plan.expert_file is None
@@ -905,6 +908,76 @@ def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, capl
     assert m.memory_plan.expert_file is None and "GiB free" in caplog.text
     assert not second.exists()
     np.testing.assert_array_equal(m.logits(IDS[:6]), want)
+
+
+def _finished_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_prepared_files_are_found_and_removed(tmp_path, monkeypatch, caplog):
+    """Writing a model's prepared file removes the leftovers of interrupted writes and the model's files
+    that another st-sdk format wrote; a partial file still being written, and other models' current
+    files, stay."""
+    from st_sdk.offload import prepared
+
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    a = write_model(tmp_path / "a", preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    b = write_model(tmp_path / "b", preset="tiny", formats=("gguf",), dtype="q8_0", seed=4)["gguf"]
+    load = lambda path: st_sdk.load(path, backend="numpy", max_memory=budget_for(path, 12), context=64,  # noqa: E731
+                                    expert_file=True)
+    kept = load(b).memory_plan.expert_file
+    directory = kept.parent
+    old = directory / "a.0123456789abcdef0123.stx"   # format 1: no sources in its header
+    body = json.dumps({"files": [os.path.realpath(a)], "layers": 1, "experts": 1, "signature": "x", "stride": 4096})
+    old.write_bytes((prepared.MAGIC + len(body).to_bytes(4, "little") + body.encode()).ljust(prepared.HEADER, b"\0")
+                    + bytes(4096))
+    dead = directory / f"{kept.name}.{_finished_pid()}.partial"
+    dead.write_bytes(bytes(8192))
+    os.utime(dead, (0, 1))   # untouched for long
+    live = directory / f"{kept.name}.{os.getpid()}.partial"
+    live.write_bytes(bytes(100))
+    states = {e.path.name: (e.state, e.why) for e in prepared.scan(directory)}
+    assert states[kept.name] == ("current", "")
+    assert states[old.name][0] == "stale" and "another version of st-sdk (format 1" in states[old.name][1]
+    assert states[dead.name][0] == "stale" and "interrupted write" in states[dead.name][1]
+    assert states[live.name][0] == "writing"
+
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        written = load(a).memory_plan.expert_file
+    assert written.exists() and kept.exists() and live.exists()
+    assert not old.exists() and not dead.exists()
+    assert "removed 2 stale prepared expert file(s)" in caplog.text and old.name in caplog.text
+    os.unlink(a)   # the model file is gone: its prepared file is stale
+    assert prepared.examine(written).why == f"its model file {os.path.realpath(a)} is gone"
+
+
+def test_cache_command_lists_and_cleans(tmp_path, monkeypatch, capsys):
+    """`st-sdk cache` lists the prepared files with their model files and states; --clean removes the
+    stale ones, --clean --all every one not being written; --all alone is refused."""
+    from st_sdk.cli import main
+
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    a = write_model(tmp_path / "a", preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    b = write_model(tmp_path / "b", preset="tiny", formats=("gguf",), dtype="q8_0", seed=4)["gguf"]
+    files = [st_sdk.load(p, backend="numpy", max_memory=budget_for(p, 12), context=64,
+                         expert_file=True).memory_plan.expert_file for p in (a, b)]
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # a changed: its file is stale
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "cache") in out and "1 stale" in out and f"from {os.path.realpath(b)}" in out
+    assert main(["cache", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {e["path"]: e["state"] for e in doc["expert_files"]} == {str(files[0]): "stale", str(files[1]): "current"}
+    assert main(["cache", "--clean"]) == 0
+    assert "removed" in capsys.readouterr().out and not files[0].exists() and files[1].exists()
+    assert main(["cache", "--all"]) == 1 and "--all goes with --clean" in capsys.readouterr().err
+    assert main(["cache", "--clean", "--all"]) == 0
+    assert not files[1].exists()
 
 
 def test_expert_file_argument_is_checked(files):

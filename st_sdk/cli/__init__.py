@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["demo", "generate", "chat", "synth", "info", "backends", "bench", "quantize", "perplexity", "serve"]
+COMMANDS = ["demo", "generate", "chat", "synth", "info", "backends", "bench", "quantize", "perplexity", "serve", "cache"]
 
 
 def build_parser() -> argparse.ArgumentParser:

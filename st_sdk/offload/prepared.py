@@ -10,7 +10,11 @@ The file lives in the st-sdk cache directory (`ST_SDK_CACHE_DIR`, else the platf
 directory), under `experts/`. Its name comes from the model file's name and a hash of everything that
 decides its bytes: the model files' paths, sizes and modification times, the slot stride, and each
 layer's stored part sizes and layouts. A model file changed since, or another backend's layout, gets
-a new name; files no longer used can be deleted at any time.
+a new name. Its header records the model files it was made from (path, size, modification time), so
+a file whose model changed or is gone, or that another version of st-sdk wrote, is known to be stale:
+writing a model's new file removes that model's stale ones and the pieces interrupted writes left
+(`clean`), and `st-sdk cache` lists the directory and cleans it (`scan`). Any file can be deleted at
+any time: a later load writes it again where it is worth writing.
 
 `st_sdk.load(..., max_memory=..., expert_file=...)`:
 
@@ -30,10 +34,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +53,7 @@ log = logging.getLogger("st_sdk.offload")
 
 MAGIC = b"STSDKXP1"
 HEADER = 4096          # the header block; experts start here, each at a multiple of the stride
-VERSION = 1
+VERSION = 2            # 2: the header records the model files' sizes and modification times
 FREE_MARGIN = 256 * 2**20   # room left on the disk after writing one
 AUTO_FREE_SHARE = 0.1       # "auto" writes one only when this share of the disk stays free after it
 
@@ -101,9 +107,9 @@ def data_bytes(sig: dict) -> int:
 
 
 def _header(sig: dict) -> bytes:
-    body = json.dumps({"signature": _digest(sig),
+    body = json.dumps({"signature": _digest(sig), "version": sig["version"],
                        "stride": sig["stride"], "layers": len(sig["layers"]), "experts": sig["experts"],
-                       "files": [f[0] for f in sig["files"]]}, sort_keys=True).encode()
+                       "files": [f[0] for f in sig["files"]], "sources": sig["files"]}, sort_keys=True).encode()
     head = MAGIC + len(body).to_bytes(4, "little") + body
     if len(head) > HEADER:
         raise ValueError("prepared expert file: header too long")
@@ -205,6 +211,7 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
     sig = signature(cache, experts)
     path = path_for(sig, directory)
     if not is_valid(path, sig):
+        _remove_stale(path.parent, [f[0] for f in sig["files"]])
         if mode == "auto":
             why = worth_writing(cache, sig, path)
             if why:
@@ -245,3 +252,133 @@ def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
         return (f"{where}: {usage.free / 2**30:.2f} GiB free, the file needs {need / 2**30:.2f} GiB and "
                 f"{AUTO_FREE_SHARE:.0%} of the disk is kept free; expert_file=True writes it anyway")
     return ""
+
+
+# ---- housekeeping: which files are stale, and removing them ----------------------------------------
+LEFTOVER_AGE = 600   # seconds a partial file of a process no longer running must lie untouched to be a leftover
+
+
+@dataclass
+class Entry:
+    """One file in the prepared-expert directory: `state` is "current" (read by the loads of its model
+    and layouts), "stale" (never read again: `why` says why), or "writing" (a live process's partial
+    file); `sources` the model files it was made from, as its header names them."""
+    path: Path
+    nbytes: int
+    state: str
+    why: str = ""
+    sources: tuple[str, ...] = ()
+
+
+def read_header(path: Path) -> dict | None:
+    """A prepared file's header, or None when the file has none (or cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER)
+    except OSError:
+        return None
+    n = int.from_bytes(head[len(MAGIC):len(MAGIC) + 4], "little")
+    if not head.startswith(MAGIC) or len(MAGIC) + 4 + n > len(head):
+        return None
+    try:
+        doc = json.loads(head[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def examine(path: Path) -> Entry:
+    """What `path` (a .stx file or an interrupted write's .partial one) is, and whether it is stale."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return Entry(path, 0, "stale", f"cannot be read ({e.strerror})")
+    partial = _PARTIAL.match(path.name)
+    if partial:
+        pid = int(partial["pid"])
+        if _running(pid) or time.time() - st.st_mtime < LEFTOVER_AGE:
+            return Entry(path, st.st_size, "writing", f"being written by process {pid}")
+        return Entry(path, st.st_size, "stale", f"left by an interrupted write (process {pid} is gone)")
+    head = read_header(path)
+    if head is None:
+        return Entry(path, st.st_size, "stale", "no prepared-expert header")
+    sources = tuple(str(f) for f in head.get("files", ()))
+    if head.get("version") != VERSION or not isinstance(head.get("sources"), list):
+        return Entry(path, st.st_size, "stale", f"written by another version of st-sdk (format "
+                     f"{head.get('version', 1)}; this one reads {VERSION})", sources)
+    try:
+        want = HEADER + int(head["layers"]) * int(head["experts"]) * int(head["stride"])
+    except (KeyError, TypeError, ValueError):
+        return Entry(path, st.st_size, "stale", "a damaged header", sources)
+    if st.st_size != want:
+        return Entry(path, st.st_size, "stale", f"incomplete ({st.st_size} of {want} bytes)", sources)
+    for src, size, mtime in head["sources"]:
+        try:
+            now = os.stat(src)
+        except FileNotFoundError:
+            return Entry(path, st.st_size, "stale", f"its model file {src} is gone", sources)
+        except OSError:
+            continue   # unreadable just now (a drive not mounted): not known to be stale
+        if (now.st_size, now.st_mtime_ns) != (size, mtime):
+            return Entry(path, st.st_size, "stale", f"its model file {src} changed since it was written", sources)
+    return Entry(path, st.st_size, "current", "", sources)
+
+
+def scan(directory: Path | None = None) -> list[Entry]:
+    """Every prepared file and interrupted write in `directory` (default: the cache directory's
+    experts/), largest first."""
+    from ..environment import cache_dir
+
+    directory = Path(directory or cache_dir() / "experts")
+    try:
+        names = [p for p in directory.iterdir() if p.is_file() and (p.suffix == ".stx" or _PARTIAL.match(p.name))]
+    except OSError:
+        return []
+    return sorted((examine(p) for p in names), key=lambda e: (-e.nbytes, e.path.name))
+
+
+def clean(directory: Path | None = None, everything: bool = False, source: str | None = None) -> list[Entry]:
+    """Remove the stale files of `scan(directory)` (`everything`: the current ones too; never one being
+    written); with `source`, only interrupted writes and the files made from that model file. Returns
+    what was removed; a file that cannot be removed is logged and kept."""
+    real = os.path.realpath(source) if source else None
+    removed = []
+    for entry in scan(directory):
+        if entry.state == "writing" or (entry.state == "current" and not everything):
+            continue
+        if real is not None and entry.sources and real not in entry.sources:
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError as e:
+            log.warning("st-sdk: could not remove %s (%s)", entry.path, e.strerror)
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _remove_stale(directory: Path, sources: list[str]) -> None:
+    """Before a model's file is written: its stale files (older versions of the model file, or another
+    st-sdk's format) and any interrupted write's leftovers go, so they neither fill the disk nor count
+    against the room the new file needs."""
+    removed = {entry.path: entry for src in sources for entry in clean(directory, source=src)}
+    if removed:
+        log.warning("st-sdk: removed %d stale prepared expert file(s), %s: %s", len(removed),
+                    fmt_bytes(sum(e.nbytes for e in removed.values())),
+                    "; ".join(f"{e.path.name} ({e.why})" for e in removed.values()))
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (assumed so where that cannot be asked)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+_PARTIAL = re.compile(r"^.+\.stx\.(?P<pid>\d+)\.partial$")
