@@ -13,6 +13,7 @@ from st_sdk.offload import experts as offload_experts
 from st_sdk.synth import build_model, write_model
 
 IDS = (np.arange(40) * 37) % 500     # longer than the tiny preset's sliding window (8)
+HEADROOM = offload_experts.headroom_bytes   # the real one (the no_baseline fixture sets it to 0)
 
 
 @pytest.fixture(scope="module")
@@ -978,6 +979,31 @@ def test_cache_command_lists_and_cleans(tmp_path, monkeypatch, capsys):
     assert main(["cache", "--all"]) == 1 and "--all goes with --clean" in capsys.readouterr().err
     assert main(["cache", "--clean", "--all"]) == 0
     assert not files[1].exists()
+
+
+def test_info_plans_a_budget_without_loading(files, monkeypatch, capsys):
+    """`st-sdk info MODEL --max-memory SIZE` gives the plan load makes at that budget, the smallest budget
+    the model runs in and the one that caches every expert, without loading anything."""
+    from st_sdk.cli import main
+    from st_sdk.cli.info import describe
+
+    monkeypatch.setattr(offload_experts, "headroom_bytes", HEADROOM)   # the minimum depends on it
+    path = files["gguf-q8_0"]
+    d = describe(path, "64GiB", context=64)["memory_plan"]
+    load = lambda budget: st_sdk.load(path, backend="numpy", max_memory=budget, context=64,  # noqa: E731
+                                      kv_dtype="f16").memory_plan   # as planned: the c, torch and jax default
+    lo, hi = d["minimum_budget_bytes"], d["all_experts_budget_bytes"]
+    assert load(lo).slots == load(lo).minimum_slots and load(hi).slots == d["experts"] == load(hi + 10**6).slots
+    assert load(hi - 1).slots == d["experts"] - 1
+    with pytest.raises(InputError, match="the minimum budget is"):
+        load(lo - 1)
+    middle = (lo + hi) // 2
+    assert describe(path, middle, context=64)["memory_plan"]["slots"] == load(middle).slots
+    assert main(["info", str(path), "--max-memory", str(middle), "--context", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"expert cache {load(middle).slots} x" in out and "runs from" in out
+    assert main(["info", str(path), "--context", "64"]) == 1
+    assert "--context goes with --max-memory" in capsys.readouterr().err
 
 
 def test_expert_file_argument_is_checked(files):

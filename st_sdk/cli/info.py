@@ -9,6 +9,11 @@ from st_sdk.sizes import fmt_bytes
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="describe a model file (layout, sizes, types, memory)")
     p.add_argument("model", metavar="MODEL", help="HF directory or .gguf file")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="also show the memory plan for this budget ('8GiB'): what stays resident, how many experts "
+                        "the cache holds, and the smallest budget the model runs in; nothing is loaded")
+    p.add_argument("--context", type=int, default=None,
+                   help="with --max-memory: tokens the KV cache is planned for (default: what load plans)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -27,7 +32,31 @@ GROUPS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attent
           "gate": "experts", "up": "experts", "down": "experts", "attn_norm": "norms", "ffn_norm": "norms"}
 
 
-def describe(path) -> dict:
+def plan(mf, params, max_memory, context: int | None) -> dict:
+    """The memory plan st_sdk.load(..., max_memory=) starts from (st_sdk.offload.experts.memory_plan_for)."""
+    from st_sdk.context import resolve_context
+    from st_sdk.offload.experts import headroom_bytes, memory_plan_for
+
+    cfg = mf.config
+    context = resolve_context(cfg, context, budget=True)
+    p = memory_plan_for(cfg, params, max_memory, context=context)
+    # the headroom in the scratch grows with the budget (headroom_bytes): the smallest budget that
+    # holds `slots` slots, found by iterating to its fixed point
+    rest = p.dense_bytes + p.kv_bytes + p.scratch_bytes - headroom_bytes(p.budget)
+
+    def needs(slots: int) -> int:
+        b = rest + slots * p.expert_bytes
+        for _ in range(8):
+            b = rest + slots * p.expert_bytes + headroom_bytes(b)
+        return b
+
+    return {"budget_bytes": p.budget, "context": context, "kv_dtype": "f16", "dense_bytes": p.dense_bytes,
+            "kv_bytes": p.kv_bytes, "scratch_bytes": p.scratch_bytes, "expert_bytes": p.expert_bytes,
+            "slots": p.slots, "experts": p.n_experts, "cache_bytes": p.cache_bytes,
+            "minimum_budget_bytes": needs(p.minimum_slots), "all_experts_budget_bytes": needs(p.n_experts)}
+
+
+def describe(path, max_memory=None, context: int | None = None) -> dict:
     from collections import Counter, defaultdict
 
     from st_sdk.weights import open_model
@@ -51,7 +80,8 @@ def describe(path) -> dict:
         stored[t.fmt][0] += 1
         stored[t.fmt][1] += t.nbytes
     tok = mf.tokenizer
-    return {
+    extra = {"memory_plan": plan(mf, params, max_memory, context)} if max_memory is not None else {}
+    return extra | {
         "path": str(mf.path), "format": mf.kind, "architecture": "SmallThinkerForCausalLM",
         "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
         "heads": f"{cfg.num_attention_heads} q / {cfg.num_key_value_heads} kv x {cfg.head_dim}",
@@ -83,7 +113,11 @@ def _compact(layers: list[str]) -> str:
 
 
 def run(args) -> int:
-    d = describe(args.model)
+    if args.context is not None and args.max_memory is None:
+        from st_sdk.errors import InputError
+
+        raise InputError("--context goes with --max-memory (it sizes the planned KV cache)")
+    d = describe(args.model, args.max_memory, args.context)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -105,6 +139,15 @@ def run(args) -> int:
         ("tokenizer", "yes" if d["tokenizer"] else "no"),
         ("chat template", "yes" if d["chat_template"] else "no"), ("eos ids", d["eos_ids"]),
     ]
+    if "memory_plan" in d:
+        p = d["memory_plan"]
+        rows.append(("memory plan", f"budget {fmt_bytes(p['budget_bytes'])}: dense {fmt_bytes(p['dense_bytes'])}, "
+                     f"KV cache {fmt_bytes(p['kv_bytes'])} ({p['context']} tokens, {p['kv_dtype']}), scratch "
+                     f"{fmt_bytes(p['scratch_bytes'])}, expert cache {p['slots']} x {fmt_bytes(p['expert_bytes'])} = "
+                     f"{fmt_bytes(p['cache_bytes'])} ({p['slots'] / p['experts']:.0%} of {p['experts']} experts)"))
+        rows.append(("budget range", f"runs from {fmt_bytes(p['minimum_budget_bytes'])}; every expert cached from "
+                     f"{fmt_bytes(p['all_experts_budget_bytes'])} (experts as stored, and a process of this one's "
+                     f"size: a backend's own layout or weight copies, or a larger process, refit the slots at load)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")

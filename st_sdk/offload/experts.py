@@ -10,7 +10,7 @@ import numpy as np
 from ..backend import Param, fallback_op
 from ..registry import reference_backend
 from ..weights.tensor import STORAGE_DTYPE, WeightTensor, storage_shape
-from .budget import parse_size, plan_memory
+from .budget import MemoryPlan, parse_size, plan_memory
 from .cache import ExpertCache, Extent, file_extent
 
 PARTS = ("gate", "up", "down")
@@ -117,17 +117,19 @@ def runtime_limit(budget: int) -> int | None:
     return budget - headroom_bytes(budget) // 2
 
 
-def setup_offload(cfg, params, max_memory, context: int | None = None, io_threads: int = 4,
-                  scratch_bytes: int | None = None, kv_dtype: str = "f16", policy: str = "lfru"):
-    """Params whose experts are cache-backed (the given params are left as they are), the cache and
-    the plan (the KV cache counted as `kv_dtype` at `context` tokens; build_model refits it once the
-    backend's storage type is known). policy: the cache's eviction policy (st_sdk.offload.cache)."""
-    budget = parse_size(max_memory)
+def memory_plan_for(cfg, params, max_memory, context: int | None = None, kv_dtype: str = "f16",
+                    scratch_bytes: int | None = None) -> MemoryPlan:
+    """The plan `st_sdk.load(..., max_memory=)` starts from for these weights, made without reading or
+    allocating anything: the experts counted as stored (a backend that holds them in a layout of
+    another size, or copies of weights of its own, refits the slots once it has prepared the weights),
+    the scratch from this process's present size. InputError when the budget is below the minimum."""
+    part_bytes = [[_expert_extents(getattr(lp, p).raw, 0).nbytes for p in PARTS] for lp in params.layers]
+    return _plan(cfg, params, parse_size(max_memory), part_bytes, context, kv_dtype, scratch_bytes)
+
+
+def _plan(cfg, params, budget: int, part_bytes: list[list[int]], context: int | None, kv_dtype: str,
+          scratch_bytes: int | None) -> MemoryPlan:
     context = context or cfg.default_context
-    locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
-                  for e in range(cfg.moe_num_primary_experts)] for lp in params.layers]
-    # each layer's own stored sizes (types can differ per layer); a slot fits the largest layer's expert
-    part_bytes = [[ext.nbytes for ext in layer[0]] for layer in locations]
     expert_bytes = max(sum(parts) for parts in part_bytes)
     expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
     dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
@@ -141,6 +143,20 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
                        cfg.moe_num_active_primary_experts, scratch_bytes)
     plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
     plan.context = context
+    return plan
+
+
+def setup_offload(cfg, params, max_memory, context: int | None = None, io_threads: int = 4,
+                  scratch_bytes: int | None = None, kv_dtype: str = "f16", policy: str = "lfru"):
+    """Params whose experts are cache-backed (the given params are left as they are), the cache and
+    the plan (the KV cache counted as `kv_dtype` at `context` tokens; build_model refits it once the
+    backend's storage type is known). policy: the cache's eviction policy (st_sdk.offload.cache)."""
+    budget = parse_size(max_memory)
+    locations = [[list(_expert_extents(getattr(lp, p).raw, e) for p in PARTS)
+                  for e in range(cfg.moe_num_primary_experts)] for lp in params.layers]
+    # each layer's own stored sizes (types can differ per layer); a slot fits the largest layer's expert
+    part_bytes = [[ext.nbytes for ext in layer[0]] for layer in locations]
+    plan = _plan(cfg, params, budget, part_bytes, context, kv_dtype, scratch_bytes)
     files = tuple(sorted({ext.path for layer in locations for expert in layer for ext in expert}))
     cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads, files=files,
                         policy=policy)
