@@ -954,6 +954,28 @@ def test_stale_prepared_files_are_found_and_removed(tmp_path, monkeypatch, caplo
     assert "removed 2 stale prepared expert file(s)" in caplog.text and old.name in caplog.text
     os.unlink(a)   # the model file is gone: its prepared file is stale
     assert prepared.examine(written).why == f"its model file {os.path.realpath(a)} is gone"
+    damaged = directory / "c.0123456789abcdef0123.stx"   # this format, sources unreadable
+    body = json.dumps({"sources": [["x"]], "layers": 1, "experts": 1, "signature": "x", "stride": 4096,
+                       "version": prepared.VERSION})
+    damaged.write_bytes((prepared.MAGIC + len(body).to_bytes(4, "little") + body.encode()).ljust(prepared.HEADER, b"\0"))
+    assert (prepared.examine(damaged).state, prepared.examine(damaged).why) == ("stale", "a damaged header")
+
+
+def test_model_files_too_many_for_the_header_fall_back_to_converting(tmp_path, monkeypatch, caplog):
+    """Model files whose names do not fit a prepared file's header: no file, a warning, the experts
+    converted as they are read, the resident logits."""
+    from st_sdk.offload import prepared
+
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    want = st_sdk.load(path, backend="numpy").logits(IDS[:6])
+    budget = budget_for(path, 12)
+    monkeypatch.setattr(prepared, "HEADER", 64)
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        m = st_sdk.load(path, backend="numpy", max_memory=budget, context=64, expert_file=True)
+    assert m.memory_plan.expert_file is None and "64-byte header holds" in caplog.text
+    assert not (tmp_path / "cache" / "experts").exists() or not any((tmp_path / "cache" / "experts").iterdir())
+    np.testing.assert_array_equal(m.logits(IDS[:6]), want)
 
 
 def test_cache_command_lists_and_cleans(tmp_path, monkeypatch, capsys):

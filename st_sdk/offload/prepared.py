@@ -109,10 +109,11 @@ def data_bytes(sig: dict) -> int:
 def _header(sig: dict) -> bytes:
     body = json.dumps({"signature": _digest(sig), "version": sig["version"],
                        "stride": sig["stride"], "layers": len(sig["layers"]), "experts": sig["experts"],
-                       "files": [f[0] for f in sig["files"]], "sources": sig["files"]}, sort_keys=True).encode()
+                       "sources": sig["files"]}, sort_keys=True).encode()
     head = MAGIC + len(body).to_bytes(4, "little") + body
     if len(head) > HEADER:
-        raise ValueError("prepared expert file: header too long")
+        raise ValueError(f"the model files' names take {len(head)} bytes, more than a prepared file's "
+                         f"{HEADER}-byte header holds")
     return head + bytes(HEADER - len(head))
 
 
@@ -210,6 +211,11 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
         return None
     sig = signature(cache, experts)
     path = path_for(sig, directory)
+    try:
+        _header(sig)
+    except ValueError as e:
+        log.warning("st-sdk: no prepared expert file (%s); experts are converted as they are read", e)
+        return None
     if not is_valid(path, sig):
         _remove_stale(path.parent, [f[0] for f in sig["files"]])
         if mode == "auto":
@@ -302,17 +308,19 @@ def examine(path: Path) -> Entry:
     head = read_header(path)
     if head is None:
         return Entry(path, st.st_size, "stale", "no prepared-expert header")
-    sources = tuple(str(f) for f in head.get("files", ()))
-    if head.get("version") != VERSION or not isinstance(head.get("sources"), list):
+    listed = head.get("sources", head.get("files", ()))
+    sources = tuple(str(f[0] if isinstance(f, list) and f else f) for f in listed) if isinstance(listed, list) else ()
+    if head.get("version") != VERSION:
         return Entry(path, st.st_size, "stale", f"written by another version of st-sdk (format "
                      f"{head.get('version', 1)}; this one reads {VERSION})", sources)
     try:
         want = HEADER + int(head["layers"]) * int(head["experts"]) * int(head["stride"])
+        recorded = [(str(src), int(size), int(mtime)) for src, size, mtime in head["sources"]]
     except (KeyError, TypeError, ValueError):
         return Entry(path, st.st_size, "stale", "a damaged header", sources)
     if st.st_size != want:
         return Entry(path, st.st_size, "stale", f"incomplete ({st.st_size} of {want} bytes)", sources)
-    for src, size, mtime in head["sources"]:
+    for src, size, mtime in recorded:
         try:
             now = os.stat(src)
         except FileNotFoundError:
