@@ -139,3 +139,20 @@ def test_demo_without_the_shipped_model_falls_back_to_random_weights(capsys, tmp
     assert "missing from this installation" in out and "RANDOM weights" in out and "Once upon a time" in out
     code, _, err = run(capsys, "demo", "--layers", 2)
     assert code == 2 and "--layers needs --preset" in err
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tiny_dir, tmp_path):
+    """`st-sdk info MODEL | head -1`: the command stops when its reader does, with no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ST_SDK_CACHE_DIR=str(tmp_path))
+    cli = [sys.executable, "-c", "import sys; from st_sdk.cli import main; sys.exit(main())"]
+    for buffered in ("", "1"):   # stdout block-buffered (a pipe's default) and unbuffered
+        env["PYTHONUNBUFFERED"] = buffered
+        p = subprocess.Popen(cli + ["info", str(tiny_dir["gguf"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=env)
+        p.stdout.close()   # the reader is gone before the command writes
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

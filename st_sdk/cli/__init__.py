@@ -33,13 +33,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()   # a reader gone shows here (BrokenPipeError below), not as a traceback at exit
+        return rc
     except STError as e:
         print(f"st-sdk: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # the reader of our output went away (`st-sdk cache | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush at exit
+        return 141   # as a shell reports a process ended by SIGPIPE
 
 
 if __name__ == "__main__":
