@@ -25,6 +25,26 @@ def parse_size(size: str | int, name: str = "max_memory") -> int:
     return value
 
 
+def tree_bytes(path) -> int:
+    """Bytes held by the files at or under `path` (links not followed; files that vanish or cannot be
+    read count nothing)."""
+    import os
+
+    if os.path.islink(path) or not os.path.isdir(path):
+        try:
+            return os.lstat(path).st_size
+        except OSError:
+            return 0
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

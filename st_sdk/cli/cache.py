@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
-from st_sdk.sizes import fmt_bytes
+from st_sdk.sizes import fmt_bytes, tree_bytes
 
 #: what each top-level entry of the cache directory holds
 KNOWN = {"experts": "prepared expert files (memory-budget mode; st_sdk.offload.prepared)",
@@ -30,20 +29,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def du(path: Path) -> int:
-    """Bytes held by the files under `path` (links not followed)."""
-    if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def run(args: argparse.Namespace) -> int:
     from st_sdk.environment import cache_dir
     from st_sdk.errors import InputError
@@ -62,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             "removed": [{"path": str(e.path), "bytes": e.nbytes, "why": e.why or "--all"} for e in removed],
             "expert_files": [{"path": str(e.path), "bytes": e.nbytes, "state": e.state, "why": e.why,
                               "sources": list(e.sources)} for e in entries],
-            "other": [{"path": str(p), "bytes": du(p), "holds": KNOWN.get(p.name, "")} for p in others]}, indent=2))
+            "other": [{"path": str(p), "bytes": tree_bytes(p), "holds": KNOWN.get(p.name, "")} for p in others]}, indent=2))
         return 0
     where = "ST_SDK_CACHE_DIR" if os.environ.get("ST_SDK_CACHE_DIR") else "the platform's user cache directory"
     print(f"st-sdk cache directory: {root} ({where})")
@@ -84,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
     if others:
         print("other entries:")
         for p in others:
-            print(f"  {fmt_bytes(du(p)):>11}  {p.name}{'/' if p.is_dir() else ''}  {KNOWN.get(p.name, '')}")
+            print(f"  {fmt_bytes(tree_bytes(p)):>11}  {p.name}{'/' if p.is_dir() else ''}  {KNOWN.get(p.name, '')}")
     return 0

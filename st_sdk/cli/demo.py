@@ -62,12 +62,9 @@ def ensure_model(path: Path, preset: str, layers: int | None, seed: int) -> bool
     return True
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def run(args: argparse.Namespace) -> int:
     import st_sdk
+    from st_sdk.sizes import tree_bytes
     from st_sdk.data import MODEL
 
     if args.preset is None and args.layers is not None:
@@ -91,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         written = ensure_model(path, args.preset, args.layers, args.seed)
         how = f"synthesised in {time.perf_counter() - t0:.1f} s" if written else "reused"
-        print(f"model: {path} ({how}, {_size(path) / 2**20:.1f} MiB on disk)")
+        print(f"model: {path} ({how}, {tree_bytes(path) / 2**20:.1f} MiB on disk)")
         prompt = RANDOM_PROMPT if args.prompt is None else args.prompt
 
     print(f"loading with backend {args.backend!r} (probing the installed backends)...", flush=True)
