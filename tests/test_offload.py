@@ -1008,6 +1008,7 @@ def test_info_plans_a_budget_without_loading(files, monkeypatch, capsys):
     the model runs in and the one that caches every expert, without loading anything."""
     from st_sdk.cli import main
     from st_sdk.cli.info import describe
+    from st_sdk.sizes import fmt_bytes
 
     monkeypatch.setattr(offload_experts, "headroom_bytes", HEADROOM)   # the minimum depends on it
     path = files["gguf-q8_0"]
@@ -1017,8 +1018,9 @@ def test_info_plans_a_budget_without_loading(files, monkeypatch, capsys):
     lo, hi = d["minimum_budget_bytes"], d["all_experts_budget_bytes"]
     assert load(lo).slots == load(lo).minimum_slots and load(hi).slots == d["experts"] == load(hi + 10**6).slots
     assert load(hi - 1).slots == d["experts"] - 1
-    with pytest.raises(InputError, match="the minimum budget is"):
+    with pytest.raises(InputError, match="the minimum budget is") as too_small:
         load(lo - 1)
+    assert f"the minimum budget is {fmt_bytes(lo)}" in str(too_small.value)   # the figure info prints
     middle = (lo + hi) // 2
     assert describe(path, middle, context=64)["memory_plan"]["slots"] == load(middle).slots
     assert main(["info", str(path), "--max-memory", str(middle), "--context", "64"]) == 0

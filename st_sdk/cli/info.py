@@ -35,25 +35,16 @@ GROUPS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attent
 def plan(mf, params, max_memory, context: int | None) -> dict:
     """The memory plan st_sdk.load(..., max_memory=) starts from (st_sdk.offload.experts.memory_plan_for)."""
     from st_sdk.context import resolve_context
-    from st_sdk.offload.experts import headroom_bytes, memory_plan_for
+    from st_sdk.offload.experts import memory_plan_for
 
     cfg = mf.config
     context = resolve_context(cfg, context, budget=True)
     p = memory_plan_for(cfg, params, max_memory, context=context)
-    # the headroom in the scratch grows with the budget (headroom_bytes): the smallest budget that
-    # holds `slots` slots, found by iterating to its fixed point
-    rest = p.dense_bytes + p.kv_bytes + p.scratch_bytes - headroom_bytes(p.budget)
-
-    def needs(slots: int) -> int:
-        b = rest + slots * p.expert_bytes
-        for _ in range(8):
-            b = rest + slots * p.expert_bytes + headroom_bytes(b)
-        return b
-
     return {"budget_bytes": p.budget, "context": context, "kv_dtype": "f16", "dense_bytes": p.dense_bytes,
             "kv_bytes": p.kv_bytes, "scratch_bytes": p.scratch_bytes, "expert_bytes": p.expert_bytes,
             "slots": p.slots, "experts": p.n_experts, "cache_bytes": p.cache_bytes,
-            "minimum_budget_bytes": needs(p.minimum_slots), "all_experts_budget_bytes": needs(p.n_experts)}
+            "minimum_budget_bytes": p.budget_for(p.minimum_slots),
+            "all_experts_budget_bytes": p.budget_for(p.n_experts)}
 
 
 def describe(path, max_memory=None, context: int | None = None) -> dict:

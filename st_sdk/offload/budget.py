@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import InputError
 from ..sizes import fmt_bytes, parse_size  # noqa: F401  (parse_size is re-exported by st_sdk.offload)
@@ -20,6 +21,15 @@ class MemoryPlan:
     smallest_expert_bytes: int = 0  # the smallest layer's expert, when a file's types differ per layer
     context: int = 0        # tokens the KV cache is planned for
     expert_file: object = None  # the prepared expert file read from (st_sdk.offload.prepared), if any
+    headroom: Callable[[int], int] | None = None  # the part of the scratch that grows with the budget
+
+    def budget_for(self, slots: int) -> int:
+        """The smallest budget that holds `slots` experts with everything else as planned."""
+        return _budget_for(self.dense_bytes + self.kv_bytes + self.scratch_bytes - self._headroom(self.budget),
+                           slots * self.expert_bytes, self._headroom)
+
+    def _headroom(self, budget: int) -> int:
+        return self.headroom(budget) if self.headroom is not None else 0
 
     @property
     def cache_bytes(self) -> int:
@@ -58,18 +68,29 @@ class MemoryPlan:
 
 
 def plan_memory(budget: int, dense_bytes: int, kv_bytes: int, expert_bytes: int, n_experts: int,
-                active_per_layer: int, scratch_bytes: int) -> MemoryPlan:
+                active_per_layer: int, scratch_bytes: int, headroom: Callable[[int], int] | None = None) -> MemoryPlan:
     """Fit the expert cache into what the budget leaves. The cache needs at least two layers' worth of
-    active experts: the layer being computed and the one being prefetched."""
+    active experts: the layer being computed and the one being prefetched. `headroom(budget)`: scratch
+    that grows with the budget, added to `scratch_bytes`."""
     minimum_slots = 2 * active_per_layer
-    fixed = dense_bytes + kv_bytes + scratch_bytes
+    plan = MemoryPlan(budget, dense_bytes, kv_bytes, scratch_bytes + (headroom(budget) if headroom else 0),
+                      expert_bytes, 0, n_experts, minimum_slots, headroom=headroom)
+    fixed = dense_bytes + kv_bytes + plan.scratch_bytes
     slots = min((budget - fixed) // expert_bytes if budget > fixed else 0, n_experts)
     if slots < minimum_slots:
-        need = fixed + minimum_slots * expert_bytes
         raise InputError(
             f"max_memory={fmt_bytes(budget)} is too small for this model: the dense part needs "
-            f"{fmt_bytes(dense_bytes)}, the KV cache {fmt_bytes(kv_bytes)}, scratch {fmt_bytes(scratch_bytes)}, "
+            f"{fmt_bytes(dense_bytes)}, the KV cache {fmt_bytes(kv_bytes)}, scratch {fmt_bytes(plan.scratch_bytes)}, "
             f"and the expert cache at least {minimum_slots} x {fmt_bytes(expert_bytes)}; "
-            f"the minimum budget is {fmt_bytes(need)}")
-    return MemoryPlan(budget, dense_bytes, kv_bytes, scratch_bytes, expert_bytes, int(slots), n_experts,
-                      minimum_slots)
+            f"the minimum budget is {fmt_bytes(plan.budget_for(minimum_slots))}")
+    plan.slots = int(slots)
+    return plan
+
+
+def _budget_for(rest: int, cache_bytes: int, headroom: Callable[[int], int]) -> int:
+    """The smallest budget b with b >= rest + cache_bytes + headroom(b), headroom growing with b (found
+    by iterating to the fixed point)."""
+    b = rest + cache_bytes
+    for _ in range(8):
+        b = rest + cache_bytes + headroom(b)
+    return b

@@ -133,14 +133,15 @@ def _plan(cfg, params, budget: int, part_bytes: list[list[int]], context: int | 
     expert_bytes = max(sum(parts) for parts in part_bytes)
     expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
     dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
+    headroom = None
     if scratch_bytes is None:
         # activations and kernel scratch, what the process holds already (interpreter, libraries), and
         # headroom for the code pages and page cache a process needs to run inside a hard limit
         # without thrashing (measured: a plan with none ran 3x slower in a 1 GiB cgroup)
-        scratch_bytes = 64 * 2**20 + process_baseline_bytes() + headroom_bytes(budget)
+        scratch_bytes, headroom = 64 * 2**20 + process_baseline_bytes(), headroom_bytes
     plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context, kv_dtype), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
-                       cfg.moe_num_active_primary_experts, scratch_bytes)
+                       cfg.moe_num_active_primary_experts, scratch_bytes, headroom)
     plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
     plan.context = context
     return plan
