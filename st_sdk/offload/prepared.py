@@ -81,13 +81,15 @@ def signature(cache: ExpertCache, experts: int) -> dict:
     """Everything that decides a prepared file's bytes, and where they come from."""
     sources = sorted({ext.path for layer in range(len(cache.part_bytes)) for e in range(experts)
                       for ext in cache.locate(layer, e)})
-    files = []
-    for p in sources:
-        st = os.stat(p)
-        files.append([os.path.realpath(p), st.st_size, st.st_mtime_ns])
-    return {"version": VERSION, "files": files, "experts": experts, "stride": int(cache._stride),
+    return {"version": VERSION, "files": [_stamp(p) for p in sources], "experts": experts, "stride": int(cache._stride),
             "layers": [[[int(stored), _describe(lay), int(off)] for stored, lay, off in zip(parts, lays, offsets)]
                        for parts, lays, offsets in zip(cache.part_bytes, cache.layouts, cache.offsets)]}
+
+
+def _stamp(path: str) -> list:
+    """What identifies a model file's bytes: [real path, size, modification time in ns] (OSError if gone)."""
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
 
 
 def _digest(sig: dict) -> str:
@@ -322,12 +324,12 @@ def examine(path: Path) -> Entry:
         return Entry(path, st.st_size, "stale", f"incomplete ({st.st_size} of {want} bytes)", sources)
     for src, size, mtime in recorded:
         try:
-            now = os.stat(src)
+            now = _stamp(src)
         except FileNotFoundError:
             return Entry(path, st.st_size, "stale", f"its model file {src} is gone", sources)
         except OSError:
             continue   # unreadable just now (a drive not mounted): not known to be stale
-        if (now.st_size, now.st_mtime_ns) != (size, mtime):
+        if now[1:] != [size, mtime]:
             return Entry(path, st.st_size, "stale", f"its model file {src} changed since it was written", sources)
     return Entry(path, st.st_size, "current", "", sources)
 
