@@ -267,6 +267,13 @@ class Backend:
     #: with `supports_offload` whose `moe` is native; without it a budget runs the graph op by op.
     offloaded_layer: Callable | None = None
 
+    def row_read_weights(self, params: ModelParams) -> list:
+        """Of these prepared params, the arrays this backend reads only a row at a time, straight from a
+        read-only file map (an embedding table that nothing else reads whole): a memory budget counts
+        only the rows read (st_sdk.weights.mapping.read_by_rows) and may drop their pages again. Default:
+        none (every weight counted as resident)."""
+        return []
+
     def prepare_model(self, params: ModelParams, config: Any) -> None:
         """Called once after every param is prepared: build fused/whole-model state in params.extra."""
 

@@ -125,6 +125,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     it reads and the disk keeps a tenth of itself free; True writes it first when missing; False never.
     """
     from .context import resolve_context
+    from .offload.experts import row_read_bytes
     from .offload.prepared import attach, check_mode
 
     context = resolve_context(config, context, budget=max_memory is not None)
@@ -148,11 +149,14 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
         ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch),
                           lookahead={"auto": "auto", "lookahead": "always"}.get(prefetch))
         plan.expert_bytes = cache.bundle_bytes   # the backend's layout may differ in size from the file's
+        cache.row_maps = backend_obj.row_read_weights(prepared)
         plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)) - extra_before,
-                     kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"))
+                     kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"),
+                     row_read=row_read_bytes(cache.row_maps, plan.context))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
         plan.expert_file = attach(cache, config.moe_num_primary_experts, expert_file)
+        cache.drop_file_pages()
         cache.commit()   # the slots' pages, faulted in while the first tokens wait for reads
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)

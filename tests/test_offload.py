@@ -29,7 +29,7 @@ def budget_for(model_path, slots: int, context: int | None = 64, backend: str = 
     m = st_sdk.load(model_path, backend=backend, n_threads=1, max_memory="64GiB", context=context)
     p = m.memory_plan
     converted_slots = -(-p.converted_bytes // p.expert_bytes)
-    return p.dense_bytes + p.kv_bytes + p.scratch_bytes + (slots + converted_slots) * p.expert_bytes
+    return p.resident_dense_bytes + p.kv_bytes + p.scratch_bytes + (slots + converted_slots) * p.expert_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -1033,3 +1033,82 @@ def test_info_plans_a_budget_without_loading(files, monkeypatch, capsys):
 def test_expert_file_argument_is_checked(files):
     with pytest.raises(InputError, match="expert_file"):
         st_sdk.load(files["gguf-q8_0"], backend="numpy", max_memory="64GiB", expert_file="yes")
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_c_backend_counts_the_embedding_as_the_rows_it_reads(tmp_path):
+    """Under a budget the C backend reads the embedding a row at a time off the file map (marked for
+    random reads, so a row faults in its own pages only): the plan counts the pages a context of distinct
+    rows touches instead of the whole table, and the expert cache gets the rest; the logits are the
+    resident ones."""
+    import mmap
+
+    vocab, row = 3072, 64 // 32 * 34   # q8_0 rows of 64: two 34-byte blocks
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=5, vocab_size=vocab)["gguf"]
+    budget = budget_for(path, 4, context=8, backend="numpy")   # the whole table counted: room for 4 experts
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=8)
+    p, table = m.memory_plan, m.offload.row_maps[0]
+    assert table.nbytes == vocab * row and vocab * row - 2 * mmap.PAGESIZE < p.row_read_bytes <= vocab * row
+    assert p.row_pages_bytes == 8 * 2 * mmap.PAGESIZE   # 8 tokens, each row within one page or across two
+    counted = p.budget - p.resident_dense_bytes - p.kv_bytes - p.scratch_bytes - p.converted_bytes
+    assert p.slots == counted // p.expert_bytes < p.n_experts
+    whole = p.budget - p.dense_bytes - p.kv_bytes - p.scratch_bytes - p.converted_bytes   # the table counted whole
+    assert p.slots >= whole // p.expert_bytes + (p.row_read_bytes - p.row_pages_bytes) // p.expert_bytes > 4 + 10
+    assert "read a row at a time" in p.describe()
+    assert "rr" in _vm_flags(table.ctypes.data + mmap.PAGESIZE)
+    want = st_sdk.load(path, backend="c", n_threads=1).logits(IDS[:8])
+    np.testing.assert_allclose(m.logits(IDS[:8]), want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+def test_run_time_check_drops_the_rows_read_before_giving_slots_back(files, monkeypatch):
+    """A process found past its limit first drops the pages of the weights read by rows (they refault a
+    row at a time); slots are given back only if that was not enough."""
+    from st_sdk.weights import mapping
+
+    path = files["gguf-q8_0"]
+    monkeypatch.setattr(offload_experts, "runtime_limit", lambda budget: budget)
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 16, backend="c"), context=64)
+    cache = m.offload
+    assert len(cache.row_maps) == 1
+    released = []
+    monkeypatch.setattr(mapping, "release_map", lambda a: released.append(a) or a.nbytes)
+    sizes = iter([cache.limit + 100, cache.limit - 1])          # over, then within once the rows are dropped
+    assert cache.keep_within(rss=lambda: next(sizes)) == 0
+    assert released == cache.row_maps and cache.slots == 16
+    sizes = iter([cache.limit + 2 * cache._stride] * 2)         # still over: then slots go
+    assert cache.keep_within(rss=lambda: next(sizes)) == 2 and cache.slots == 14
+
+
+def test_c_backend_under_a_budget_holds_what_every_token_reads_in_anonymous_memory(files):
+    """At a budget's hard limit the kernel makes room by reclaiming file pages: the weights every token
+    reads (the f32 routers and norms, left in the file map when resident) are copied out of the map under
+    a budget, their map pages dropped, so the budget counts them once; the embedding stays in the map."""
+    from st_sdk.weights.mapping import in_file_map
+    from st_sdk_backends.c.ops import as_mat
+
+    path = files["gguf-q8_0"]
+    resident = st_sdk.load(path, backend="c", n_threads=1)
+    assert in_file_map(as_mat(resident.params.layers[0].router).data)   # resident: read from the map
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 8, backend="c"), context=64)
+    every_token = [as_mat(lp.router).data for lp in m.params.layers] + [m.params.norm.value] + \
+        [getattr(lp, f).value for lp in m.params.layers for f in ("attn_norm", "ffn_norm")]
+    assert not any(in_file_map(a) for a in every_token)
+    assert in_file_map(m.offload.row_maps[0])
+    d = m.backend.describe()
+    assert d["copied_weight_bytes"] > 0 and d["released_map_bytes"] > 0
+    want = resident.logits(IDS)
+    np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=2e-2 * np.abs(want).max())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from st_sdk.errors import BackendError, InputError
-from st_sdk.weights.mapping import release_map
+from st_sdk.weights.mapping import in_file_map, release_map
 from st_sdk.weights.formats import KQUANTS, STORAGE_DTYPE, block_size
 from st_sdk.weights.formats import row_bytes as _row_bytes
 
@@ -220,6 +220,21 @@ class CMat:
             self.released = release_map(source)
         self.struct = ffi.new("st_mat *", {"data": ffi.cast("void *", self.data.ctypes.data), "rows": rows,
                                            "cols": cols, "row_bytes": rb, "fmt": code})
+
+
+    def hold(self, arena=None) -> int:
+        """Point at an anonymous copy (from `arena` when given) instead of a read-only file map, whose
+        pages of it are dropped from the process (counted in `copied` and `released`); bytes copied."""
+        if not in_file_map(self.data):
+            return 0
+        source = self.data
+        self.data = arena.take(source.nbytes).view(source.dtype).reshape(source.shape) if arena is not None \
+            else np.empty_like(source)
+        self.data[...] = source
+        self.struct.data = ffi_lib()[0].cast("void *", self.data.ctypes.data)
+        self.copied += source.nbytes
+        self.released += release_map(source)
+        return source.nbytes
 
 
 class CExperts:

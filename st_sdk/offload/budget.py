@@ -22,28 +22,39 @@ class MemoryPlan:
     context: int = 0        # tokens the KV cache is planned for
     expert_file: object = None  # the prepared expert file read from (st_sdk.offload.prepared), if any
     headroom: Callable[[int], int] | None = None  # the part of the scratch that grows with the budget
+    row_read_bytes: int = 0  # of dense_bytes: weights read a row at a time off the file map (not resident)...
+    row_pages_bytes: int = 0  # ...counted as the pages a context of distinct rows touches instead
 
     def budget_for(self, slots: int) -> int:
         """The smallest budget that holds `slots` experts with everything else as planned."""
-        return _budget_for(self.dense_bytes + self.kv_bytes + self.scratch_bytes - self._headroom(self.budget),
+        return _budget_for(self.resident_dense_bytes + self.kv_bytes + self.scratch_bytes - self._headroom(self.budget),
                            slots * self.expert_bytes, self._headroom)
 
     def _headroom(self, budget: int) -> int:
         return self.headroom(budget) if self.headroom is not None else 0
 
     @property
+    def resident_dense_bytes(self) -> int:
+        """The dense weights as counted against the budget: those read by rows only as the rows read."""
+        return self.dense_bytes - self.row_read_bytes + self.row_pages_bytes
+
+    @property
     def cache_bytes(self) -> int:
         return self.slots * self.expert_bytes
 
-    def account(self, extra_bytes: int, kv_bytes: int | None = None) -> None:
-        """Another resident copy appeared (a backend's repacked weights), or the KV cache's size is known
-        from the storage type the backend uses (kv_bytes): refit the expert cache into what is left."""
+    def account(self, extra_bytes: int, kv_bytes: int | None = None, row_read: tuple[int, int] | None = None) -> None:
+        """Another resident copy appeared (a backend's repacked weights), the KV cache's size is known
+        from the storage type the backend uses (kv_bytes), or the backend reads some dense weights a row
+        at a time off the file map (row_read: their bytes, and the pages counted for them instead):
+        refit the expert cache into what is left."""
         if kv_bytes is not None:
             self.kv_bytes = int(kv_bytes)
+        if row_read is not None:
+            self.row_read_bytes, self.row_pages_bytes = (int(n) for n in row_read)
         extra_bytes = max(int(extra_bytes), 0)
-        if not extra_bytes and kv_bytes is None:
+        if not extra_bytes and kv_bytes is None and row_read is None:
             return
-        room = self.budget - self.dense_bytes - self.kv_bytes - self.scratch_bytes - extra_bytes
+        room = self.budget - self.resident_dense_bytes - self.kv_bytes - self.scratch_bytes - extra_bytes
         slots = min(self.n_experts, room // self.expert_bytes)
         if slots < self.minimum_slots:
             raise InputError(
@@ -57,6 +68,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         converted = f" + {fmt_bytes(self.converted_bytes)} converted" if self.converted_bytes else ""
+        if self.row_read_bytes:
+            converted = (f" (of which {fmt_bytes(self.row_read_bytes)} read a row at a time, counted as "
+                         f"{fmt_bytes(self.row_pages_bytes)})") + converted
         mixed = "" if self.smallest_expert_bytes in (0, self.expert_bytes) else \
             f" (slots fit the largest layer's expert; the smallest is {fmt_bytes(self.smallest_expert_bytes)})"
         return (f"budget {fmt_bytes(self.budget)}: dense {fmt_bytes(self.dense_bytes)}{converted}, "

@@ -120,6 +120,7 @@ class ExpertCache:
         self.minimum_slots = 2
         self.lookahead = None   # st_sdk.offload.experts.Lookahead, when reads ahead across layers are on
         self.limit: int | None = None   # keep_within: the process's resident bytes the cache keeps below
+        self.row_maps: list[np.ndarray] = []   # weights read by rows off the file map, dropped first (keep_within)
         self.shrunk = 0                 # slots given back at run time
         self.stats = OffloadStats()
         self.prepared: tuple[str, int, int] | None = None   # see use_file
@@ -228,6 +229,19 @@ class ExpertCache:
         self._fd(path)
         self.prepared = (path, int(offset), int(experts))
 
+    def drop_file_pages(self) -> None:
+        """Drop the page cache of the files experts are read from (POSIX_FADV_DONTNEED; pages mapped by a
+        process stay): once loaded, what the load read of them (the weights it copied or repacked) is
+        not read again, and the kernel would otherwise count it in the budget until it reclaimed it, which
+        under a hard limit it may do only after evicting pages the process still runs from."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for fd in self._fds.values():
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
     def commit(self) -> None:
         """Fault the slots' pages in on a background thread, once the plan is final (offload.pages)."""
         self._committing = commit_in_background(self.buffer)
@@ -250,11 +264,18 @@ class ExpertCache:
 
     def keep_within(self, rss: Callable[[], int] | None = None) -> int:
         """The run-time check (called before each step): while the process's resident bytes pass
-        `limit`, give slots back to the system (an unheld expert evicted, its pages released with
+        `limit`, first drop the pages of the weights read by rows (`row_maps`, which refault a row at a
+        time), then give slots back to the system (an unheld expert evicted, its pages released with
         MADV_DONTNEED) down to `minimum_slots`. Returns the slots given back now."""
         if self.limit is None:
             return 0
-        over = (rss or resident_bytes)() - self.limit
+        rss = rss or resident_bytes
+        over = rss() - self.limit
+        if over > 0 and self.row_maps:
+            from ..weights.mapping import release_map
+
+            if sum(release_map(a) for a in self.row_maps):
+                over = rss() - self.limit
         n = 0
         if over > 0:
             self._committing.set()

@@ -3,6 +3,7 @@ their reads before attention runs."""
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 
 import numpy as np
@@ -109,6 +110,23 @@ def headroom_bytes(budget: int) -> int:
     budget, within [64 MiB, 256 MiB] (the slots are read with O_DIRECT, so a larger budget needs no
     more of it)."""
     return min(max(64 * 2**20, budget // 10), 256 * 2**20)
+
+
+def row_read_bytes(arrays, context: int) -> tuple[int, int]:
+    """For weights read a row at a time off the file map (Backend.row_read_weights): the bytes that stay
+    out of memory until read (marked for random reads: st_sdk.weights.mapping.read_by_rows), and the
+    pages counted for them instead, those `context` distinct rows touch (each row's pages, and one more
+    where a row straddles a page boundary)."""
+    from ..weights.mapping import read_by_rows
+
+    unread = pages = 0
+    for a in arrays:
+        n = read_by_rows(a)
+        if n:
+            row = a.nbytes // a.shape[0] if a.ndim > 1 else a.nbytes
+            unread += n
+            pages += min(n, context * (-(-row // mmap.PAGESIZE) + 1) * mmap.PAGESIZE)
+    return unread, pages
 
 
 def runtime_limit(budget: int) -> int | None:
