@@ -335,6 +335,14 @@ def run_all(args, cg: Cgroup, runs: dict, env_of: dict) -> dict[str, list]:
     return results
 
 
+def paired_ratio(results: dict[str, list], name: str, other: str) -> float | None:
+    """The median over rounds of `name`'s decode speed over `other`'s in the same round (runs are
+    interleaved, so a round's two runs meet the same load); None without a round where both ran."""
+    ratios = [a["decode_tps"] / b["decode_tps"] for a, b in zip(results.get(name, []), results.get(other, []))
+              if a.get("decode_tps") and b.get("decode_tps")]
+    return median(ratios) if ratios else None
+
+
 def report(args, cg: Cgroup, results: dict[str, list]) -> None:
     """The medians of every configuration, the st-sdk plan, its first load and the disk-read bound."""
     summary = {}
@@ -348,18 +356,18 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
                          "runs": len(recs), "errors": [r["error"] for r in recs if "error" in r],
                          "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None,
                          "backend": ok[-1].get("backend") if ok else None}
-    peer = summary.get("llama.cpp", {}).get("decode_tps")
-    whole = summary.get("resident", {}).get("decode_tps")
     print(f"model {args.model}  budget {args.budget} ({'hard limit' if cg.path else 'NOT limited'})  "
-          f"threads {args.threads}  medians of {args.repeats} runs")
+          f"threads {args.threads}  medians of {args.repeats} runs; ratios: medians of the rounds' ratios")
     for name, s in summary.items():
         tps = s["decode_tps"]
-        ratio = f"{tps / peer:6.1f}x" if tps and peer else "   -  "
+        peer, whole = paired_ratio(results, name, "llama.cpp"), paired_ratio(results, name, "resident")
+        s["x_llama_cpp"], s["of_resident"] = peer, whole
+        ratio = f"{peer:6.1f}x" if peer else "   -  "
         print(f"  {name:20s} decode {tps or 0:8.2f} tok/s  {ratio} llama.cpp  p50 {s['p50_ms'] or 0:7.1f} ms  "
               f"p99 {s['p99_ms'] or 0:7.1f} ms  cgroup peak {s['cgroup_peak_MiB'] or 0:7.1f} MiB  process peak "
               f"{s['process_peak_rss_MiB'] or 0:7.1f} MiB  failed runs {len(s['errors'])}/{s['runs']}"
               + (f": {s['errors'][0]}" if s["errors"] else "")
-              + (f"  {tps / whole:.0%} of resident" if tps and whole and name.startswith("st-sdk") else ""))
+              + (f"  {whole:.0%} of resident" if whole and name.startswith("st-sdk") else ""))
     if summary.get("st-sdk", {}).get("stats"):
         st, plan = summary["st-sdk"]["stats"], summary["st-sdk"]["plan"]
         print(f"  st-sdk plan: {plan}")
