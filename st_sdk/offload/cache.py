@@ -24,13 +24,14 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError, WeightError
 from .pages import anonymous, commit_in_background, resident_bytes
+from .stats import OffloadStats
 
 log = logging.getLogger("st_sdk.offload")
 
@@ -46,33 +47,6 @@ class Extent:
     path: str
     offset: int
     nbytes: int
-
-
-@dataclass
-class OffloadStats:
-    hits: int = 0              # expert already resident when the MoE needed it
-    prefetch_hits: int = 0     # ... because the router's prefetch brought it in time
-    misses: int = 0            # read on demand, the MoE waited for all of it
-    late: int = 0              # prefetched but still in flight when needed
-    bytes_read: int = 0
-    reads: int = 0
-    stall_s: float = 0.0       # time the compute thread waited for I/O
-    evictions: int = 0
-    ahead: int = 0             # reads started for the next layer from this layer's input (lookahead)
-    _prefetched: set = field(default_factory=set, repr=False)
-
-    @property
-    def lookups(self) -> int:
-        return self.hits + self.misses + self.late
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.lookups if self.lookups else float("nan")
-
-    def as_dict(self) -> dict:
-        return {"hits": self.hits, "prefetch_hits": self.prefetch_hits, "misses": self.misses,
-                "late": self.late, "hit_rate": self.hit_rate, "bytes_read": self.bytes_read,
-                "reads": self.reads, "stall_s": self.stall_s, "evictions": self.evictions, "ahead": self.ahead}
 
 
 def file_extent(arr: np.ndarray, what: str) -> Extent:

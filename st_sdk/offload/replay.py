@@ -7,7 +7,8 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from .cache import ExpertCache, Extent, OffloadStats
+from .cache import ExpertCache, Extent
+from .stats import OffloadStats
 
 
 def replay(picks, slots: int, policy: str = "lfru", prefetch: bool = True) -> OffloadStats:
