@@ -221,7 +221,6 @@ class CMat:
         self.struct = ffi.new("st_mat *", {"data": ffi.cast("void *", self.data.ctypes.data), "rows": rows,
                                            "cols": cols, "row_bytes": rb, "fmt": code})
 
-
     def hold(self, arena=None) -> int:
         """Point at an anonymous copy (from `arena` when given) instead of a read-only file map, whose
         pages of it are dropped from the process (counted in `copied` and `released`); bytes copied."""

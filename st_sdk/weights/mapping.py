@@ -1,16 +1,12 @@
 """Pages of memory-mapped weight files: a backend that keeps a converted copy of a tensor drops the
-file's pages of it from the process, so resident memory holds one copy, not two."""
+file's pages of it from the process, so resident memory holds one copy, not two; a weight read a row at
+a time is marked for random reads, so only the rows read come into memory."""
 from __future__ import annotations
 
 import numpy as np
 
 
 def in_file_map(arr: np.ndarray) -> bool:
-    """Whether arr lives in a read-only file mapping (its pages are the file's page cache)."""
-    return _read_only_file_map(arr)
-
-
-def _read_only_file_map(arr: np.ndarray) -> bool:
     """True when arr lives in a read-only file mapping (a GGUF opened by numpy.memmap mode 'r'): its
     pages can be dropped from this process and will refault, unchanged, from the file."""
     b = arr
@@ -25,7 +21,7 @@ def _inner_pages(arr: np.ndarray) -> tuple[int, int] | None:
     """[lo, hi): the whole pages inside arr when it lives in a read-only file map, else None."""
     import mmap
 
-    if arr.nbytes < mmap.PAGESIZE or not _read_only_file_map(arr):
+    if arr.nbytes < mmap.PAGESIZE or not in_file_map(arr):
         return None
     start = arr.ctypes.data
     lo = (start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
