@@ -1,5 +1,6 @@
 """Memory-budget mode: experts read on demand into the expert cache give the same logits as resident."""
 import json
+import mmap
 import os
 import sys
 
@@ -1112,3 +1113,18 @@ def test_c_backend_under_a_budget_holds_what_every_token_reads_in_anonymous_memo
     assert d["copied_weight_bytes"] > 0 and d["released_map_bytes"] > 0
     want = resident.logits(IDS)
     np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+def test_a_tied_head_copy_is_counted_when_the_table_is_read_by_rows(tmp_path):
+    """A tied model on the C backend: the head runs its own repacked copy of the table and the table is
+    read by rows. Under a budget the plan counts the copy in full and the table as its rows, never the
+    table's dropped pages as freed as well (which would plan the copy's bytes away)."""
+    vocab = 3072
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=5, vocab_size=vocab,
+                       tie_word_embeddings=True)["gguf"]
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 30, context=8, backend="numpy"),
+                    context=8)
+    p, d = m.memory_plan, m.backend.describe()
+    assert m.params.head is not m.params.embed and p.row_read_bytes > 0
+    assert d["repacked_weight_bytes"] >= vocab * 68                      # the head's copy...
+    assert p.converted_bytes >= vocab * 68 - 2 * mmap.PAGESIZE             # ...is counted against the budget

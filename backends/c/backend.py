@@ -275,9 +275,10 @@ class CBackend(Backend):
         if params.head is params.embed and self._repacking() and ops.can_repack(embed.fmt, embed.rows):
             # tied: the embedding stays as stored for row lookups; the head gets its own repacked copy,
             # run by the fused step and by the layer-by-layer one of a memory budget alike
+            # (the table's map pages this drops are not counted as released: the table is read by rows
+            # from then on, which a memory budget counts as the rows read, row_read_weights)
             head = CMat(embed.tensor, repack_rows=True, arena=self.arena)
             self.repacked_bytes += head.repacked
-            self.released_map_bytes += head.released
             params.head = Param(params.embed.raw, head)
         if any(is_offloaded(lp.gate) for lp in params.layers):
             self._hold_mapped(params)
