@@ -842,7 +842,7 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
     """expert_file="auto" (the default): a backend that converts the experts it reads gets the file
     written on its first load (a warning names it and its size), and later loads read it without
     writing again; a backend that reads them as stored gets none, and neither does a disk that would
-    keep less than a tenth of itself free (an info line says why)."""
+    keep less than a tenth of itself free (a warning says why: decoding is slower without it)."""
     from st_sdk.offload import prepared
 
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
@@ -875,6 +875,7 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
         short = load()
     assert short.memory_plan.expert_file is None and not written.exists()
     assert "10% of the disk is kept free" in caplog.text
+    assert any(r.levelname == "WARNING" and "slows decoding" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(short.logits(IDS[:8]), resident.logits(IDS[:8]))
 
 

@@ -223,7 +223,11 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
         if mode == "auto":
             why = worth_writing(cache, sig, path)
             if why:
-                log.info("st-sdk: no prepared expert file written (%s); experts are converted as they are read", why)
+                if all(lay is None for lays in cache.layouts for lay in lays):   # nothing to convert, nothing lost
+                    log.info("st-sdk: no prepared expert file written (%s)", why)
+                else:
+                    log.warning("st-sdk: no prepared expert file written (%s); experts are converted as they are "
+                                "read, on the I/O threads, which slows decoding", why)
                 return None
             log.warning("st-sdk: writing the experts once in the backend's layout to %s (%s; later loads read "
                         "them from it; expert_file=False turns this off)", path, fmt_bytes(HEADER + data_bytes(sig)))
