@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import st_sdk
+from smaps import vm_flags
 from st_sdk.errors import InputError, WeightError
 from st_sdk.offload import parse_size
 from st_sdk.offload import experts as offload_experts
@@ -1037,20 +1038,6 @@ def test_expert_file_argument_is_checked(files):
         st_sdk.load(files["gguf-q8_0"], backend="numpy", max_memory="64GiB", expert_file="yes")
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    return []
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_c_backend_counts_the_embedding_as_the_rows_it_reads(tmp_path):
     """Under a budget the C backend reads the embedding a row at a time off the file map (marked for
@@ -1071,7 +1058,7 @@ def test_c_backend_counts_the_embedding_as_the_rows_it_reads(tmp_path):
     whole = p.budget - p.dense_bytes - p.kv_bytes - p.scratch_bytes - p.converted_bytes   # the table counted whole
     assert p.slots >= whole // p.expert_bytes + (p.row_read_bytes - p.row_pages_bytes) // p.expert_bytes > 4 + 10
     assert "read a row at a time" in p.describe()
-    assert "rr" in _vm_flags(table.ctypes.data + mmap.PAGESIZE)
+    assert "rr" in vm_flags(table.ctypes.data + mmap.PAGESIZE)
     want = st_sdk.load(path, backend="c", n_threads=1).logits(IDS[:8])
     np.testing.assert_allclose(m.logits(IDS[:8]), want, rtol=0, atol=2e-2 * np.abs(want).max())
 

@@ -7,23 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from smaps import vm_flags
 from st_sdk.offload.pages import Arena, anonymous
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
-
-
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of this process's mapping that holds `address`."""
-    inside = False
-    with open("/proc/self/smaps") as fh:
-        for line in fh:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def test_arena_hands_out_aligned_separate_buffers_and_maps_large_ones_alone():
@@ -51,13 +38,13 @@ def test_arena_and_huge_anonymous_memory_carry_the_huge_page_advice():
     arena = Arena()
     buf = arena.take(1 << 20)
     buf[:] = 1
-    assert ("hg" in _vm_flags(buf.ctypes.data)) == arena.huge
+    assert ("hg" in vm_flags(buf.ctypes.data)) == arena.huge
     plain = np.frombuffer(anonymous(4 << 20), np.uint8)
     plain[:] = 1
-    assert "hg" not in _vm_flags(plain.ctypes.data)
+    assert "hg" not in vm_flags(plain.ctypes.data)
     advised = np.frombuffer(anonymous(4 << 20, huge=True), np.uint8)
     advised[:] = 1
-    assert ("hg" in _vm_flags(advised.ctypes.data)) == arena.huge
+    assert ("hg" in vm_flags(advised.ctypes.data)) == arena.huge
 
 
 @linux_only
@@ -75,4 +62,4 @@ def test_c_backend_keeps_its_repacked_weights_in_its_arena(tmp_path):
     assert d["huge_page_weight_bytes"] == (d["repacked_weight_bytes"] if m.backend.arena.huge else 0)
     for param in (m.params.layers[0].wq, m.params.layers[0].gate):
         data = param.value.data if hasattr(param.value, "data") else param.value.arrays[0]
-        assert ("hg" in _vm_flags(data.ctypes.data)) == m.backend.arena.huge, param.raw.name
+        assert ("hg" in vm_flags(data.ctypes.data)) == m.backend.arena.huge, param.raw.name
