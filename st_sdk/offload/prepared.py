@@ -223,7 +223,7 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
         if mode == "auto":
             why = worth_writing(cache, sig, path)
             if why:
-                if all(lay is None for lays in cache.layouts for lay in lays):   # nothing to convert, nothing lost
+                if not _converts(cache):   # nothing to convert, nothing lost
                     log.info("st-sdk: no prepared expert file written (%s)", why)
                 else:
                     log.warning("st-sdk: no prepared expert file written (%s); experts are converted as they are "
@@ -244,11 +244,16 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
     return path
 
 
+def _converts(cache: ExpertCache) -> bool:
+    """Whether the cache converts experts as it reads them (some part has a layout of its own)."""
+    return any(lay is not None for lays in cache.layouts for lay in lays)
+
+
 def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
     """Why expert_file="auto" should not write a prepared file now ('' when it should): the cache holds
     every expert as stored (reads already go straight into the slots, nothing to save), the cache
     directory is not writable, or the disk would keep less than AUTO_FREE_SHARE of itself free."""
-    if all(lay is None for lays in cache.layouts for lay in lays):
+    if not _converts(cache):
         return "the backend reads the experts as stored"
     where = path.parent
     while not where.exists() and where != where.parent:
@@ -351,16 +356,16 @@ def scan(directory: Path | None = None) -> list[Entry]:
     return sorted((examine(p) for p in names), key=lambda e: (-e.nbytes, e.path.name))
 
 
-def clean(directory: Path | None = None, everything: bool = False, source: str | None = None) -> list[Entry]:
+def clean(directory: Path | None = None, everything: bool = False, sources: list[str] | None = None) -> list[Entry]:
     """Remove the stale files of `scan(directory)` (`everything`: the current ones too; never one being
-    written); with `source`, only interrupted writes and the files made from that model file. Returns
-    what was removed; a file that cannot be removed is logged and kept."""
-    real = os.path.realpath(source) if source else None
+    written); with `sources`, only interrupted writes and the files made from one of those model files.
+    Returns what was removed; a file that cannot be removed is logged and kept."""
+    real = {os.path.realpath(s) for s in sources} if sources else None
     removed = []
     for entry in scan(directory):
         if entry.state == "writing" or (entry.state == "current" and not everything):
             continue
-        if real is not None and entry.sources and real not in entry.sources:
+        if real is not None and entry.sources and real.isdisjoint(entry.sources):
             continue
         try:
             os.unlink(entry.path)
@@ -375,11 +380,10 @@ def _remove_stale(directory: Path, sources: list[str]) -> None:
     """Before a model's file is written: its stale files (older versions of the model file, or another
     st-sdk's format) and any interrupted write's leftovers go, so they neither fill the disk nor count
     against the room the new file needs."""
-    removed = {entry.path: entry for src in sources for entry in clean(directory, source=src)}
+    removed = clean(directory, sources=sources)   # one scan of the directory, whatever the number of files
     if removed:
         log.warning("st-sdk: removed %d stale prepared expert file(s), %s: %s", len(removed),
-                    fmt_bytes(sum(e.nbytes for e in removed.values())),
-                    "; ".join(f"{e.path.name} ({e.why})" for e in removed.values()))
+                    fmt_bytes(sum(e.nbytes for e in removed)), "; ".join(f"{e.path.name} ({e.why})" for e in removed))
 
 
 def _running(pid: int) -> bool:
