@@ -441,11 +441,11 @@ def test_reading_ahead_is_decided_per_distance():
 
 
 def test_guesses_further_ahead_are_made_only_while_nearer_ones_pay():
-    """The router is applied for a guess two layers ahead only while guesses one layer ahead are on:
-    on a model whose guesses do not pay, reading ahead costs one router call a layer, not two."""
+    """The router is applied for a guess further ahead only while guesses one layer nearer are on: on a
+    model whose guesses do not pay, reading ahead costs one router call a layer, not one per distance."""
     from types import SimpleNamespace
 
-    from st_sdk.offload.experts import prefetching_route
+    from st_sdk.offload.experts import Lookahead, prefetching_route
 
     class Cache:
         def __init__(self):
@@ -469,7 +469,7 @@ def test_guesses_further_ahead_are_made_only_while_nearer_ones_pay():
         guessing = len(calls) > 1
         return None, np.array([[9 if guessing and not right else routers.index(router) % 3]])
 
-    for right, per_layer in ((False, 1), (True, 2)):
+    for right, per_layer in ((False, 1), (True, Lookahead.DEPTH)):
         cache = Cache()
         step = prefetching_route(route, params, cache, True, "auto")
         for _ in range(20):
