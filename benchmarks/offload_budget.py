@@ -377,13 +377,15 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
                   f"writing the prepared expert file where the plan reads one)"
                   + (f"; later loads {median(loads[1:]):.1f} s (median)" if len(loads) > 1 else ""))
         missed = st["bytes_read"] / args.tokens
+        rate = missed * (summary["st-sdk"]["decode_tps"] or 0)   # the run's own read rate, bytes/s
         source = next((r["expert_file"] for r in reversed(results["st-sdk"]) if r.get("expert_file")), args.model)
         bw = random_read_bandwidth(source if os.path.exists(source) else args.model,
                                    max(1, st["bytes_read"] // max(1, st["reads"])))
         print(f"  disk-read bound: {missed / 2**20:.1f} MiB read per token / {bw / 2**20:.0f} MiB/s random-read "
               f"bandwidth of {os.path.basename(source)} (cold, best of 4, 8 or 16 readers, expert-sized O_DIRECT reads) = {bw / missed if missed else float('inf'):.1f} tok/s "
               f"at most; st-sdk reached {summary['st-sdk']['decode_tps'] / (bw / missed) if missed else 0:.0%} of it, "
-              f"its reads running at {missed * summary['st-sdk']['decode_tps'] / 2**20:.0f} MiB/s over the measured tokens")
+              f"its reads running at {rate / 2**20:.0f} MiB/s over the measured tokens"
+              + (" (faster than the probe's reads: on this disk the probe's rate is no upper bound)" if rate > bw else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "budget": args.budget, "threads": args.threads,

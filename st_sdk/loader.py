@@ -115,7 +115,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     the file and are read on demand into a cache sized from the budget (st_sdk.offload), with the
     KV cache for `context` tokens (default min(max_position_embeddings, 4096)); prefetch: "auto" (the
     default) starts reading a layer's experts as soon as its router picks them, and also the experts
-    the next two layers' routers pick from this layer's input (guesses, so reads overlap across layers)
+    the next three layers' routers pick from this layer's input (guesses, so reads overlap across layers)
     while such guesses prove right often enough to pay (st_sdk.offload.experts.Lookahead); True: the
     router's picks only; "lookahead": every guess too; False: nothing before the MoE needs it (to
     measure what prefetch buys); cache_policy:
