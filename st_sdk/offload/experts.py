@@ -204,7 +204,7 @@ class Lookahead:
     THRESHOLD = 0.5
     DECAY = 0.97
     WARMUP = 8.0   # guessed reads checked at a distance before "auto" first decides
-    DEPTH = 3      # layers guessed ahead (docs/memory_budget.md, "Lookahead": 3 against 2 and 4)
+    DEPTH = 3      # layers guessed ahead (docs/memory_budget.md, "Reading three layers ahead": 3 against 2 and 4)
 
     def __init__(self, cache: ExpertCache, mode: str = "auto", depth: int | None = None):
         self.cache, self.mode = cache, mode
