@@ -62,9 +62,7 @@ def main(argv=None) -> int:
     runs: dict[int, list] = {d: [] for d in depths}
     for r in range(args.rounds):
         for d in (depths if r % 2 == 0 else depths[::-1]):
-            ahead.depth = d
-            ahead.needed, ahead.guessed = [0.0] * d, [0.0] * d   # each depth judges its own guesses afresh
-            ahead.guesses.clear()
+            ahead.__init__(ahead.cache, ahead.mode, d)   # depth d, its guesses judged afresh
             decode(args.settle)
             runs[d].append(decode(args.tokens))
     print(f"{args.model}, budget {args.budget}, {args.threads} threads, {args.rounds} rounds of "

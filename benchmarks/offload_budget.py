@@ -228,17 +228,10 @@ def cache_read_bandwidth(path: str, seconds: float = 3.0, in_flight: tuple[int, 
         for n in in_flight:
             drop_page_cache()
             done, t0 = cache.stats.bytes_read, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                cache.held.clear()
-                keys = set()
-                while len(keys) < n:
-                    key = (rnd.randrange(layers), rnd.randrange(experts))
-                    if key not in cache.lru and key not in cache.pending:
-                        keys.add(key)
-                for reads in [cache._start_read(key) for key in keys]:
-                    if reads is not None:
-                        reads.result()
-                cache._settle()
+            while time.perf_counter() - t0 < seconds:   # n experts of a random layer, read as budget mode does
+                layer, picked = rnd.randrange(layers), rnd.sample(range(experts), min(n, experts))
+                cache.prefetch(layer, picked)
+                cache.get_many(layer, picked)
             best = max(best, (cache.stats.bytes_read - done) / (time.perf_counter() - t0))
     finally:
         cache.close()
@@ -423,11 +416,11 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
         missed = st["bytes_read"] / args.tokens
         rate = missed * (summary["st-sdk"]["decode_tps"] or 0)   # the run's own read rate, bytes/s
         source = next((r["expert_file"] for r in reversed(results["st-sdk"]) if r.get("expert_file")), args.model)
-        bw = cache_read_bandwidth(source) if os.path.exists(source) else None
+        source = source if os.path.exists(source) else args.model
+        bw = cache_read_bandwidth(source)
         how = "through the expert cache's reader, cold, best of 4, 8 or 16 experts in flight"
         if bw is None:   # experts converted as read from the model file: plain reads of an expert's size
-            bw = random_read_bandwidth(source if os.path.exists(source) else args.model,
-                                       max(1, st["bytes_read"] // max(1, st["reads"])))
+            bw = random_read_bandwidth(source, max(1, st["bytes_read"] // max(1, st["reads"])))
             how = "cold, best of 4, 8 or 16 readers, expert-sized O_DIRECT reads"
         print(f"  disk-read bound: {missed / 2**20:.1f} MiB read per token / {bw / 2**20:.0f} MiB/s random-read "
               f"bandwidth of {os.path.basename(source)} ({how}) = {bw / missed if missed else float('inf'):.1f} tok/s "
