@@ -37,38 +37,66 @@ static inline uint32_t FN(nz_mask)(const int8_t *qs) {
 
 static inline void FN(fetch_row)(const uint8_t *p, int64_t bytes) {
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T1);
 #else
     (void)p;
     (void)bytes;
 #endif
 }
-/* the `len` bytes of the live columns of the 32 neurons at `base` (each `cb` bytes apart), whose
- * activations are qs[0..31], read next: they lie apart, where the hardware's stream prefetchers do not
- * look (`len2` more bytes `off2` from each: Q6_K's top bits) */
-static inline void FN(nm_fetch)(const int8_t *qs, const uint8_t *base, int64_t cb, int64_t len, int64_t off2,
-                                int64_t len2) {
-    for (uint32_t m = FN(nz_mask)(qs); m; m &= m - 1) {
-        const uint8_t *col = base + __builtin_ctz(m) * cb;
-        FN(fetch_row)(col, len);
-        if (len2) FN(fetch_row)(col + off2, len2);
-    }
-}
-/* live columns fetched ahead: the next block's (ST_NM_AHEAD), and the next live up rows (ST_SEL_AHEAD);
- * measured on the 4b-a0.6b shape, 2 threads: more only fills the line-fill buffers */
-#define ST_NM_AHEAD 1
-#define ST_SEL_AHEAD 2
+/* Live columns and up rows lie apart, where the hardware's stream prefetchers do not look, so they are
+ * fetched ahead: ST_NM_AHEAD live columns ahead of the one being computed (across block boundaries) and
+ * ST_SEL_AHEAD live up rows, into L2 (T1): fetched into L1, as many lines held the line-fill buffers
+ * and stalled the loads. Measured on the 4b-a0.6b shape, 2 threads (docs/c_backend.md, "Sparse
+ * ReGLU"): against one block's columns and two rows ahead into L1, 16% less time per decoded token at
+ * the trained model's live share. */
+#define ST_NM_AHEAD 32
+#define ST_SEL_AHEAD 8
 
 /* the activations of block b of 32 neurons: Q8_0-style blocks, or (k) Q8_K's */
 static inline const int8_t *FN(nm_qz)(const void *z, int k, int64_t b) {
     return k ? ((const block_q8K *)z)[b / 8].qs + QK * (b % 8) : ((const block_q8 *)z)[b].qs;
 }
-/* before block b of nb is computed: fetch the live columns of the blocks ST_NM_AHEAD ahead (all of
- * them up to there at b == 0); block a's columns start at col0 + a * 32 * cb (nm_fetch for the rest) */
-static inline void FN(nm_ahead)(const void *z, int k, int64_t b, int64_t nb, const uint8_t *col0, int64_t cb,
-                                int64_t len, int64_t off2, int64_t len2) {
-    for (int64_t a = b ? b + ST_NM_AHEAD : 0; a <= b + ST_NM_AHEAD && a < nb; a++)
-        FN(nm_fetch)(FN(nm_qz)(z, k, a), col0 + a * QK * cb, cb, len, off2, len2);
+
+/* The live columns of a tile in the order they are computed (block by block, each block's in
+ * ascending order), walked ST_NM_AHEAD ahead: the `len` bytes of each (block b's neuron i at
+ * col0 + (32 b + i) * cb), and `len2` more `off2` after it (Q6_K's top bits). */
+typedef struct {
+    const void *z;
+    const uint8_t *col0;
+    int64_t cb, len, off2, len2, b, nb;
+    uint32_t m;
+    int k;
+} FN(nm_cursor);
+
+/* fetch the next `cols` live columns of the walk */
+static inline void FN(nm_pf)(FN(nm_cursor) *c, int cols) {
+    for (; cols > 0; cols--) {
+        while (!c->m) {
+            if (++c->b >= c->nb) return;
+            c->m = FN(nz_mask)(FN(nm_qz)(c->z, c->k, c->b));
+        }
+        const uint8_t *col = c->col0 + (c->b * QK + __builtin_ctz(c->m)) * c->cb;
+        c->m &= c->m - 1;
+        FN(fetch_row)(col, c->len);
+        if (c->len2) FN(fetch_row)(col + c->off2, c->len2);
+    }
+}
+/* the scales of block b + ST_SC_AHEAD of nb (all up to there at b == 0): `bytes` at sc + that block * stride */
+#define ST_SC_AHEAD 2
+static inline void FN(nm_sc_ahead)(const uint8_t *sc, int64_t stride, int64_t b, int64_t nb, int64_t bytes) {
+    for (int64_t a = b ? b + ST_SC_AHEAD : 0; a <= b + ST_SC_AHEAD && a < nb; a++) FN(fetch_row)(sc + a * stride, bytes);
+}
+/* part j of 8 of the `bytes` at p (the k-quants fetch the next super-block's scales over its eight blocks) */
+static inline void FN(fetch_eighth)(const uint8_t *p, int64_t bytes, int j) {
+    const int64_t a = bytes * j / 8 / 64 * 64, b = bytes * (j + 1) / 8;
+    if (b > a) FN(fetch_row)(p + a, b - a);
+}
+/* a walk over the nb blocks of the tile at col0, its first ST_NM_AHEAD columns fetched */
+static inline FN(nm_cursor) FN(nm_walk)(const void *z, int k, int64_t nb, const uint8_t *col0, int64_t cb, int64_t len,
+                                         int64_t off2, int64_t len2) {
+    FN(nm_cursor) c = {z, col0, cb, len, off2, len2, 0, nb, nb ? FN(nz_mask)(FN(nm_qz)(z, k, 0)) : 0, k};
+    FN(nm_pf)(&c, ST_NM_AHEAD);
+    return c;
 }
 
 /* the next live neuron of mask *m (and clears it); -1 when none is left */
@@ -104,7 +132,7 @@ static inline void FN(nm_parts)(const __m256i *a, __m128i *part) {
  * from base (byte k of 32: row k, k + 32), and, when top is set, Q6_K's 2-bit tops `top` bytes after
  * each column's (byte k of 16: rows k, k + 16, k + 32, k + 48), which add 16 * top to q */
 static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const int8_t *qz, uint32_t m, int n,
-                          int32_t offset, const float *sd, float dz, float *facc) {
+                          int32_t offset, const float *sd, float dz, float *facc, FN(nm_cursor) *pf) {
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
     const int ng = n / 64;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
@@ -117,6 +145,7 @@ static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const in
         int32_t zsum = 0;
         for (int pair = 0; pair < 8 && m; pair++) {
             int i = FN(nm_next)(&m), j = FN(nm_next)(&m);
+            FN(nm_pf)(pf, j >= 0 ? 2 : 1);
             const int8_t zi = qz[i], zj = j >= 0 ? qz[j] : 0;
             zsum += zi + zj;
             if (j < 0) j = i;
@@ -159,6 +188,7 @@ static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const in
     for (int i; (i = FN(nm_next)(&m)) >= 0;) {
         const uint8_t *p = base + i * cb;
         const int zi = qz[i];
+        FN(nm_pf)(pf, 1);
         for (int r = 0; r < n; r++) {
             const uint8_t v = p[r / 64 * 32 + r % 32];
             int q = (r % 64) < 32 ? v & 0xF : v >> 4;
@@ -195,13 +225,14 @@ static void FN(nm_q4_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
     for (int64_t c0 = r0; c0 < r1; c0 += ST_NM_ROWS) {
         const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS);
         memset(facc, 0, (size_t)n * sizeof(float));
+        FN(nm_cursor) pf = FN(nm_walk)(z, 0, nb, qs + c0 / 2, cb, n / 2, 0, 0);
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *base = qs + b * QK * cb + c0 / 2;
-            FN(nm_ahead)(z, 0, b, nb, qs + c0 / 2, cb, n / 2, 0, 0);
+            FN(nm_sc_ahead)(sc + c0 * 2, H * 2, b, nb, 2 * n);
             const uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
             FN(nm_scales)(sd, sc + (b * H + c0) * 2, NULL, 0, n);
-            FN(nm4_block)(base, cb, 0, z[b].qs, m, n, 8, sd, z[b].d, facc);
+            FN(nm4_block)(base, cb, 0, z[b].qs, m, n, 8, sd, z[b].d, facc, &pf);
         }
         for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
     }
@@ -219,6 +250,7 @@ static void FN(nm_q4_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
     for (int64_t c0 = r0; c0 < r1; c0 += ST_NM_ROWS) {
         const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS);
         memset(facc, 0, (size_t)n * sizeof(float));
+        FN(nm_cursor) pf = FN(nm_walk)(z, 1, 8 * ns, qs + c0 / 2, cb, n / 2, 0, 0);
         for (int64_t s = 0; s < ns; s++) {
             const block_q8K *zs = z + s;
             const uint32_t *top = (const uint32_t *)(tops + (s * H + c0) * 4);
@@ -235,12 +267,17 @@ static void FN(nm_q4_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                 const int64_t b = 8 * s + j;   /* the block of 32 neurons */
                 const int8_t *qz = zs->qs + QK * j;
                 const uint8_t *base = qs + b * QK * cb + c0 / 2;
-                FN(nm_ahead)(z, 1, b, 8 * ns, qs + c0 / 2, cb, n / 2, 0, 0);
+                if (s + 1 < ns) {   /* the next super-block's scales and mins, an eighth at a time */
+                    FN(fetch_eighth)(dd + ((s + 1) * H + c0) * 2, 2 * n, j);
+                    FN(fetch_eighth)(dm + ((s + 1) * H + c0) * 2, 2 * n, j);
+                    FN(fetch_eighth)(tops + ((s + 1) * H + c0) * 4, 4 * n, j);
+                    FN(fetch_row)(lows + ((s + 1) * 8 + j) * H + c0, n);
+                }
                 const uint32_t m = FN(nz_mask)(qz);
                 if (!m) continue;
                 for (int r = 0; r < n; r++) sc[r] = (uint8_t)((low[j * H + r] & 15) | ((top[r] >> (4 * j)) & 3) << 4);
                 FN(nm_scales)(sd, dd + (s * H + c0) * 2, sc, 0, n);
-                FN(nm4_block)(base, cb, 0, qz, m, n, 0, sd, zs->d, facc);
+                FN(nm4_block)(base, cb, 0, qz, m, n, 0, sd, zs->d, facc, &pf);
             }
         }
         for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
@@ -258,18 +295,23 @@ static void FN(nm_q6_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
         const int n = (int)(r1 - c0 < ST_NM_ROWS ? r1 - c0 : ST_NM_ROWS);
         const int64_t top = H / 2 + c0 / 4 - c0 / 2;   /* from a column's first nibble byte of this tile */
         memset(facc, 0, (size_t)n * sizeof(float));
+        FN(nm_cursor) pf = FN(nm_walk)(z, 1, 8 * ns, qs + c0 / 2, cb, n / 2, top, n / 4);
         for (int64_t s = 0; s < ns; s++)
             for (int j = 0; j < 8; j++) {
                 const int64_t b = 8 * s + j;   /* the block of 32 neurons */
                 const int8_t *qz = z[s].qs + QK * j;
                 const uint8_t *base = qs + b * QK * cb + c0 / 2;
-                FN(nm_ahead)(z, 1, b, 8 * ns, qs + c0 / 2, cb, n / 2, top, n / 4);
+                if (s + 1 < ns) {   /* the next super-block's scales, an eighth at a time */
+                    FN(fetch_eighth)(dd + ((s + 1) * H + c0) * 2, 2 * n, j);
+                    FN(fetch_row)(scs + ((s + 1) * 16 + 2 * j) * H + c0, n);
+                    FN(fetch_row)(scs + ((s + 1) * 16 + 2 * j + 1) * H + c0, n);
+                }
                 const uint32_t m = FN(nz_mask)(qz);
                 for (int h = 0; h < 2; h++) {   /* the two scales of the 32 */
                     const uint32_t mh = (m >> (16 * h)) & 0xFFFF;
                     if (!mh) continue;
                     FN(nm_scales)(sd, dd + (s * H + c0) * 2, scs + (s * 16 + 2 * j + h) * H + c0, 1, n);
-                    FN(nm4_block)(base + 16 * h * cb, cb, top, qz + 16 * h, mh, n, 32, sd, z[s].d, facc);
+                    FN(nm4_block)(base + 16 * h * cb, cb, top, qz + 16 * h, mh, n, 32, sd, z[s].d, facc, &pf);
                 }
             }
         for (int r = 0; r < n; r++) out[c0 + r] += wp * facc[r];
@@ -285,9 +327,10 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
         const int n = (int)(r1 - c0 < 64 ? r1 - c0 : 64), ng = n / QK;
         float facc[64], sd[64];
         memset(facc, 0, sizeof facc);
+        FN(nm_cursor) pf = FN(nm_walk)(z, 0, nb, qs + c0, cb, n, 0, 0);
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *base = qs + b * QK * cb + c0;
-            FN(nm_ahead)(z, 0, b, nb, qs + c0, cb, n, 0, 0);
+            FN(nm_sc_ahead)(sc + c0 * 2, H * 2, b, nb, 2 * n);
             uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
             const float dz = z[b].d;
@@ -301,7 +344,7 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                 if (j < 0) j = i;
                 const __m256i bv = _mm256_set1_epi32((int32_t)((uint16_t)zi | ((uint32_t)(uint16_t)zj << 16)));
                 const uint8_t *pi = base + i * cb, *pj = base + j * cb;
-                _mm_prefetch((const char *)pi + cb * 2, _MM_HINT_T0);
+                FN(nm_pf)(&pf, j != i ? 2 : 1);
                 for (int g = 0; g < ng; g++) {
                     __m256i wi = _mm256_loadu_si256((const __m256i *)(pi + 32 * g));
                     __m256i wj = _mm256_loadu_si256((const __m256i *)(pj + 32 * g));
@@ -329,6 +372,7 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
             memset(acc, 0, sizeof acc);
             for (int i; (i = FN(nm_next)(&m)) >= 0;) {
                 const int8_t *p = (const int8_t *)(base + i * cb);
+                FN(nm_pf)(&pf, 1);
                 const int zi = z[b].qs[i];
                 for (int r = 0; r < n; r++) acc[r] += p[r] * zi;
             }
