@@ -11,6 +11,9 @@ one warm-up round each, and prints medians and the median of the per-round ratio
 same random tokens on both engines), with the weight bytes a dense decode step reads and the fraction
 of the measured read bandwidth (one probe per run, one thread, in CPU time) those bytes at the decode CPU
 time amount to, and st-sdk's live-neuron fraction and expert bytes actually read (Backend.sparsity). The
+dense limit in st-sdk's own terms is printed too: the rate its dense kernels stream the output head
+from memory, against the dense bytes per token at its decode rate (above 100%: past the dense limit,
+which only skipping bytes can do). The
 load average before and after is printed too. Environment variables reach the st-sdk child
 (ST_C_SPARSE=0, ST_C_SPARSE_LAYOUT=up+down: docs/c_backend.md).
 """
@@ -47,6 +50,10 @@ def child(spec: dict) -> None:
             proto.write(json.dumps({"sparsity": decode_sparsity(runner, spec["gen_len"])}) + "\n")
             proto.flush()
             continue
+        if line.strip() == "stream":
+            proto.write(json.dumps({"stream": head_stream(runner)}) + "\n")
+            proto.flush()
+            continue
         if line.strip() != "round":
             break
         w0, c0 = time.perf_counter(), time.process_time()
@@ -59,6 +66,27 @@ def child(spec: dict) -> None:
                                 "decode_wall": (w2 - w1) / spec["gen_len"],
                                 "decode_cpu": (c2 - c1) / spec["gen_len"], "token": int(np.int64(tok))}) + "\n")
         proto.flush()
+
+
+def head_stream(runner, repeats: int = 31) -> dict | None:
+    """The rate st-sdk's own dense kernels stream weights from memory: the output head (the model's
+    largest matrix, larger than the caches) applied to one row, wall time at the run's threads, median
+    of `repeats` after three warm-up calls. Dense bytes per token times tokens per second above it is a
+    decode past the dense limit. None for llama.cpp."""
+    import numpy as np
+
+    model = getattr(runner, "model", None)
+    if model is None:
+        return None
+    head = model.params.head
+    x = np.random.default_rng(0).standard_normal((1, model.config.hidden_size)).astype(np.float32)
+    times = []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        model.ops.linear(x, head)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return {"bytes": int(head.raw.nbytes), "bytes_per_s": head.raw.nbytes / median(times)}
 
 
 def cpu_bandwidth(mib: int = 512, repeats: int = 7) -> float:
@@ -123,6 +151,7 @@ def main() -> None:
         for name, c in (pair if r % 2 == 0 else pair[::-1]):
             res[name].append(c.round())
     sparsity = ours.ask("sparsity").get("sparsity")
+    stream = ours.ask("stream").get("stream")
     ours.close(), theirs.close()
     bw = cpu_bandwidth()
     load1 = open("/proc/loadavg").read().split()[:3]
@@ -138,6 +167,11 @@ def main() -> None:
         if key == "decode_cpu":
             frac = f"   {nbytes / median(o) / bw:.0%} / {nbytes / median(t) / bw:.0%}"
         print(f"{key + ' (' + unit + ')':18s} {median(o) * scale:10.2f} {median(t) * scale:10.2f} {ratio:6.2f}x{frac}")
+    if stream:
+        wall = median(x["decode_wall"] for x in res["st-sdk"])
+        print(f"st-sdk's dense kernels stream {stream['bytes_per_s'] / 1e9:.1f} GB/s (the head, "
+              f"{stream['bytes'] / 1e6:.1f} MB, one row, wall); the dense bytes per token at st-sdk's decode "
+              f"rate: {nbytes / wall / 1e9:.1f} GB/s ({nbytes / wall / stream['bytes_per_s']:.0%} of it)")
     if sparsity:
         print(f"st-sdk sparse ReGLU over {sparsity['tokens']} decode steps: {sparsity['live_fraction']:.1%} of expert "
               f"neurons live; expert weights read {sparsity['expert_bytes_per_token'] / 1e6:.1f} MB per token of "
