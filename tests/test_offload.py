@@ -847,6 +847,8 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
     from st_sdk.offload import prepared
 
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepared.shutil, "disk_usage",   # a roomy disk, whatever this machine's has free
+                        lambda p: type("U", (), {"free": 90 * 2**30, "total": 100 * 2**30})())
     path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=5)["gguf"]
     resident = st_sdk.load(path, backend="c", n_threads=1)
     budget = budget_for(path, 12, backend="c")
