@@ -26,6 +26,19 @@
 static inline void st_fetch(const uint8_t *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
+/* before item i of n is computed: fetch item i + ahead (all of them up to there at i == 0), the `bytes`
+ * at base + stride * (rows ? rows[item] : item) */
+static inline void st_fetch_ahead(const uint8_t *base, int64_t stride, const int32_t *rows, int64_t i, int64_t n,
+                                  int64_t ahead, int64_t bytes) {
+    for (int64_t a = i ? i + ahead : 0; a <= i + ahead && a < n; a++) st_fetch(base + stride * (rows ? rows[a] : a), bytes);
+}
+/* part j of 8 of the `bytes` at p (the k-quants fetch the next super-block's scales over its eight blocks) */
+static inline void st_fetch_eighth(const uint8_t *p, int64_t bytes, int j) {
+    const int64_t a = bytes * j / 8 / 64 * 64, b = bytes * (j + 1) / 8;
+    if (b > a) st_fetch(p + a, b - a);
+}
+/* live up rows (sparse ReGLU) are fetched this many rows ahead */
+#define ST_ROWS_AHEAD 8
 
 /* activations: Q8_0-style blocks of 32 with the scale and d * sum(qs) (the sum serves the formats
  * with an offset or a min: Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL), and ggml's Q8_K blocks of 256 with

@@ -469,10 +469,6 @@ int st_sparse_stats(int64_t *out, int64_t n) {
 }
 void st_sparse_stats_reset(void) { memset(sparse_stats, 0, sizeof sparse_stats); }
 
-/* the live up rows of a layout without a row-split kernel are fetched this many rows ahead, into L2
- * (as csrc/st_sparse_impl.h does for the row-split ones) */
-#define ST_ROWS_AHEAD 8
-
 /* fused ReGLU: per expert, gate rows, then up rows only where relu(gate) > 0 (sparse), z = relu(g)*u;
  * each thread owns whole 32-row blocks of F so it can quantise its part of z (to blocks of 32) without
  * a barrier. Gate and up may be stored in different formats. */
@@ -573,13 +569,11 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
                             if (!(z[r] > 0.0f)) z[r] = 0.0f;
                         }
                         if (K->sel[U->fmt]) K->sel[U->fmt](H, uw, U->row_bytes, rows, n, xu, u);
-                        else {   /* the file layout's rows, fetched ahead as the row-split kernels do */
-                            for (int j = 0; j < n && j < ST_ROWS_AHEAD; j++) st_fetch(uw + rows[j] * U->row_bytes, U->row_bytes);
+                        else   /* the file layout's rows, fetched ahead as the row-split kernels do */
                             for (int j = 0; j < n; j++) {
-                                if (j + ST_ROWS_AHEAD < n) st_fetch(uw + rows[j + ST_ROWS_AHEAD] * U->row_bytes, U->row_bytes);
+                                st_fetch_ahead(uw, U->row_bytes, rows, j, n, ST_ROWS_AHEAD, U->row_bytes);
                                 u[j] = du(H, uw + rows[j] * U->row_bytes, xu);
                             }
-                        }
                         for (int j = 0; j < n; j++) z[rows[j]] *= u[j];
                     }
                 }

@@ -36,13 +36,13 @@ static inline uint32_t FN(nz_mask)(const int8_t *qs) {
 #endif
 
 /* Live columns and up rows lie apart, where the hardware's stream prefetchers do not look, so they are
- * fetched ahead: ST_NM_AHEAD live columns ahead of the one being computed (across block boundaries) and
- * ST_SEL_AHEAD live up rows, into L2 (st_fetch): fetched into L1, as many lines held the line-fill
- * buffers and stalled the loads. Measured on the 4b-a0.6b shape, 2 threads (docs/c_backend.md, "Sparse
+ * fetched ahead: ST_NM_AHEAD live columns ahead of the one being computed (across block boundaries),
+ * ST_SC_AHEAD blocks of scales and ST_ROWS_AHEAD (csrc/st_internal.h) live up rows, into L2 (st_fetch):
+ * fetched into L1, as many lines held the line-fill buffers and stalled the loads. Measured on the 4b-a0.6b shape, 2 threads (docs/c_backend.md, "Sparse
  * ReGLU"): against one block's columns and two rows ahead into L1, 24% less time per decoded token at
  * the trained model's live share. */
 #define ST_NM_AHEAD 32
-#define ST_SEL_AHEAD 8
+#define ST_SC_AHEAD 2
 
 /* the activations of block b of 32 neurons: Q8_0-style blocks, or (k) Q8_K's */
 static inline const int8_t *FN(nm_qz)(const void *z, int k, int64_t b) {
@@ -72,16 +72,6 @@ static inline void FN(nm_pf)(FN(nm_cursor) *c, int cols) {
         st_fetch(col, c->len);
         if (c->len2) st_fetch(col + c->off2, c->len2);
     }
-}
-/* the scales of block b + ST_SC_AHEAD of nb (all up to there at b == 0): `bytes` at sc + that block * stride */
-#define ST_SC_AHEAD 2
-static inline void FN(nm_sc_ahead)(const uint8_t *sc, int64_t stride, int64_t b, int64_t nb, int64_t bytes) {
-    for (int64_t a = b ? b + ST_SC_AHEAD : 0; a <= b + ST_SC_AHEAD && a < nb; a++) st_fetch(sc + a * stride, bytes);
-}
-/* part j of 8 of the `bytes` at p (the k-quants fetch the next super-block's scales over its eight blocks) */
-static inline void FN(fetch_eighth)(const uint8_t *p, int64_t bytes, int j) {
-    const int64_t a = bytes * j / 8 / 64 * 64, b = bytes * (j + 1) / 8;
-    if (b > a) st_fetch(p + a, b - a);
 }
 /* a walk over the nb blocks of the tile at col0, its first ST_NM_AHEAD columns fetched */
 static inline FN(nm_cursor) FN(nm_walk)(const void *z, int k, int64_t nb, const uint8_t *col0, int64_t cb, int64_t len,
@@ -220,7 +210,7 @@ static void FN(nm_q4_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
         FN(nm_cursor) pf = FN(nm_walk)(z, 0, nb, qs + c0 / 2, cb, n / 2, 0, 0);
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *base = qs + b * QK * cb + c0 / 2;
-            FN(nm_sc_ahead)(sc + c0 * 2, H * 2, b, nb, 2 * n);
+            st_fetch_ahead(sc + c0 * 2, H * 2, NULL, b, nb, ST_SC_AHEAD, 2 * n);
             const uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
             FN(nm_scales)(sd, sc + (b * H + c0) * 2, NULL, 0, n);
@@ -260,9 +250,9 @@ static void FN(nm_q4_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                 const int8_t *qz = zs->qs + QK * j;
                 const uint8_t *base = qs + b * QK * cb + c0 / 2;
                 if (s + 1 < ns) {   /* the next super-block's scales and mins, an eighth at a time */
-                    FN(fetch_eighth)(dd + ((s + 1) * H + c0) * 2, 2 * n, j);
-                    FN(fetch_eighth)(dm + ((s + 1) * H + c0) * 2, 2 * n, j);
-                    FN(fetch_eighth)(tops + ((s + 1) * H + c0) * 4, 4 * n, j);
+                    st_fetch_eighth(dd + ((s + 1) * H + c0) * 2, 2 * n, j);
+                    st_fetch_eighth(dm + ((s + 1) * H + c0) * 2, 2 * n, j);
+                    st_fetch_eighth(tops + ((s + 1) * H + c0) * 4, 4 * n, j);
                     st_fetch(lows + ((s + 1) * 8 + j) * H + c0, n);
                 }
                 const uint32_t m = FN(nz_mask)(qz);
@@ -294,7 +284,7 @@ static void FN(nm_q6_k)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
                 const int8_t *qz = z[s].qs + QK * j;
                 const uint8_t *base = qs + b * QK * cb + c0 / 2;
                 if (s + 1 < ns) {   /* the next super-block's scales, an eighth at a time */
-                    FN(fetch_eighth)(dd + ((s + 1) * H + c0) * 2, 2 * n, j);
+                    st_fetch_eighth(dd + ((s + 1) * H + c0) * 2, 2 * n, j);
                     st_fetch(scs + ((s + 1) * 16 + 2 * j) * H + c0, n);
                     st_fetch(scs + ((s + 1) * 16 + 2 * j + 1) * H + c0, n);
                 }
@@ -322,7 +312,7 @@ static void FN(nm_q8_0)(const uint8_t *w, int64_t H, int64_t F, int64_t r0, int6
         FN(nm_cursor) pf = FN(nm_walk)(z, 0, nb, qs + c0, cb, n, 0, 0);
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *base = qs + b * QK * cb + c0;
-            FN(nm_sc_ahead)(sc + c0 * 2, H * 2, b, nb, 2 * n);
+            st_fetch_ahead(sc + c0 * 2, H * 2, NULL, b, nb, ST_SC_AHEAD, 2 * n);
             uint32_t m = FN(nz_mask)(z[b].qs);
             if (!m) continue;
             const float dz = z[b].d;
@@ -470,9 +460,8 @@ static inline void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const
                 xd[a * nb + b] = x[a][b].d;                                                                         \
                 xs[a * nb + b] = x[a][b].s;                                                                         \
             }                                                                                                       \
-        for (int j = 0; j < n && j < ST_SEL_AHEAD; j++) st_fetch(w + rows[j] * rb, rb);                             \
         for (int j = 0; j < n; j++) {                                                                               \
-            if (j + ST_SEL_AHEAD < n) st_fetch(w + rows[j + ST_SEL_AHEAD] * rb, rb);                                \
+            st_fetch_ahead(w, rb, rows, j, n, ST_ROWS_AHEAD, rb);                                                   \
             FN(rs_dot)(CODE, nb, w + rows[j] * rb, x, xd, xs, NA, out + NA * j);                                    \
         }                                                                                                           \
     }                                                                                                               \
