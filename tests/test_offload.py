@@ -34,6 +34,15 @@ def budget_for(model_path, slots: int, context: int | None = 64, backend: str = 
     return p.resident_dense_bytes + p.kv_bytes + p.scratch_bytes + (slots + converted_slots) * p.expert_bytes
 
 
+def fake_disk(monkeypatch, **usage) -> None:
+    """shutil.disk_usage, as the prepared expert file's writer sees it, reports `usage` (free=, total=)."""
+    from types import SimpleNamespace
+
+    from st_sdk.offload import prepared
+
+    monkeypatch.setattr(prepared.shutil, "disk_usage", lambda p: SimpleNamespace(**usage))
+
+
 @pytest.fixture(autouse=True)
 def no_baseline(monkeypatch):
     # the process's own RSS varies between runs, and the headroom grows with the budget; budgets in
@@ -847,8 +856,7 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
     from st_sdk.offload import prepared
 
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(prepared.shutil, "disk_usage",   # a roomy disk, whatever this machine's has free
-                        lambda p: type("U", (), {"free": 90 * 2**30, "total": 100 * 2**30})())
+    fake_disk(monkeypatch, free=90 * 2**30, total=100 * 2**30)   # a roomy disk, whatever this machine's has free
     path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=5)["gguf"]
     resident = st_sdk.load(path, backend="c", n_threads=1)
     budget = budget_for(path, 12, backend="c")
@@ -871,8 +879,7 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
 
     written.unlink()
     need = prepared.HEADER + prepared.data_bytes(prepared.signature(m.offload, m.config.moe_num_primary_experts))
-    monkeypatch.setattr(prepared.shutil, "disk_usage",   # 5% of a 100 GiB disk left after writing
-                        lambda p: type("U", (), {"free": need + 5 * 2**30, "total": 100 * 2**30})())
+    fake_disk(monkeypatch, free=need + 5 * 2**30, total=100 * 2**30)   # 5% of a 100 GiB disk left after writing
     caplog.clear()
     with caplog.at_level("INFO", logger="st_sdk.offload"):
         short = load()
@@ -885,8 +892,6 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
 def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, caplog):
     """A changed model file, a damaged prepared file or a disk without room: the experts are converted
     as they are read (a warning says why when one was asked for), never read from a stale file."""
-    from st_sdk.offload import prepared
-
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
     path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
     want = st_sdk.load(path, backend="numpy").logits(IDS[:6])
@@ -908,7 +913,7 @@ def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, capl
     assert load("auto").memory_plan.expert_file is None
     assert load(True).memory_plan.expert_file == second and os.path.getsize(second) % 4096 == 0
     second.unlink()
-    monkeypatch.setattr(prepared.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    fake_disk(monkeypatch, free=1024)
     with caplog.at_level("WARNING", logger="st_sdk.offload"):
         m = load(True)
     assert m.memory_plan.expert_file is None and "GiB free" in caplog.text
