@@ -823,6 +823,49 @@ def test_slots_given_back_are_returned_to_the_system(tmp_path):
     cache.close()
 
 
+@pytest.mark.parametrize("reader", ["io_uring", "threads", "io_uring failing"])
+def test_prepared_file_reads_give_the_resident_logits_whoever_reads(tmp_path, monkeypatch, reader):
+    """The prepared file's direct reads go through io_uring where the kernel allows it, else (or with
+    ST_OFFLOAD_URING=0) through the I/O threads; pieces the ring fails (here every one, EIO) are read
+    again the threads' way. The logits are the resident model's each time."""
+    import errno
+
+    from st_sdk.offload import uring
+
+    if reader != "threads" and uring.Ring.open() is None:
+        pytest.skip("io_uring is unavailable here")
+    if reader == "threads":
+        monkeypatch.setenv("ST_OFFLOAD_URING", "0")
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=3)["gguf"]
+    resident = st_sdk.load(path, backend="c", n_threads=1)
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 12, backend="c"), context=64,
+                    expert_file=True)
+    ring = m.offload._ring
+    assert m.offload.prepared is not None and (ring is None) == (reader == "threads")
+    if reader == "io_uring failing":
+        reap = ring.reap
+
+        def failing():
+            n = reap()
+            for tag in ring.results:
+                ring.results[tag] = -errno.EIO
+            return n
+
+        monkeypatch.setattr(ring, "reap", failing)
+    read_again = []
+    read_prepared = m.offload._read_prepared
+    monkeypatch.setattr(m.offload, "_read_prepared", lambda *a: read_again.append(a) or read_prepared(*a))
+    s, r = m.session(), resident.session()
+    for t in IDS[:24]:
+        np.testing.assert_array_equal(s.feed([int(t)]), r.feed([int(t)]))
+    stats = m.offload.stats
+    assert stats.reads > 0 and stats.evictions > 0 and stats.bytes_read >= stats.reads * m.offload.bundle_bytes
+    assert (len(read_again) == 0) == (reader == "io_uring")   # the ring read every piece itself
+    m.offload.close()
+    assert m.offload._ring is None
+
+
 @pytest.mark.parametrize("backend", ["c", "numpy"])
 def test_prepared_expert_file_gives_the_resident_logits(tmp_path, monkeypatch, backend):
     """expert_file=True writes every expert once in the backend's layout and reads each back in one

@@ -2,7 +2,9 @@
 O_DIRECT where the filesystem allows it (no page cache, no kernel copy: on a small machine the
 compute threads keep the CPU), else with pread and the page cache dropped behind each read so it
 does not double the memory. A backend may ask for experts in its own layout (Backend.expert_layout):
-each is converted on the I/O thread that read it.
+each is converted on the I/O thread that read it. Experts read from a prepared expert file (already
+in that layout, `use_file`) go through io_uring instead where the kernel allows it (st_sdk.offload.uring):
+no thread is woken per read, and reads needed now go before guesses.
 
 Eviction policies (`policy=`):
   lru   the least recently used expert goes.
@@ -16,15 +18,13 @@ Eviction policies (`policy=`):
 """
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -32,21 +32,14 @@ import numpy as np
 from ..errors import InputError, WeightError
 from .pages import anonymous, commit_in_background, resident_bytes
 from .stats import OffloadStats
+from .reads import DIRECT_ALIGN, ExpertReads, Extent, Reads
+from .uring import Ring
 
 log = logging.getLogger("st_sdk.offload")
 
 Key = tuple[int, int]   # (layer, expert)
 POLICIES = ("lfru", "lru")
 AGE_EVERY = 32          # lfru: the use counts are halved after 32 x slots uses
-DIRECT_ALIGN = 4096     # O_DIRECT reads: file offset, length and buffer aligned to this
-
-
-@dataclass(frozen=True)
-class Extent:
-    """Bytes [offset, offset + nbytes) of `path`."""
-    path: str
-    offset: int
-    nbytes: int
 
 
 def file_extent(arr: np.ndarray, what: str) -> Extent:
@@ -64,13 +57,14 @@ def file_extent(arr: np.ndarray, what: str) -> Extent:
     return Extent(str(base.filename), int(arr.ctypes.data - mapped.ctypes.data + start), int(arr.nbytes))
 
 
-class ExpertCache:
+class ExpertCache(ExpertReads):
     """Cache of whole experts (gate + up + down), in `slots` preallocated bundles.
 
     `part_bytes[layer]` are the stored sizes of a layer's gate, up and down: they differ between layers
     when a file mixes types per layer (llama.cpp's q4_k_m stores some layers' ffn_down as q6_k), so a
     slot holds the largest layer's bundle and each layer's parts lie at its own offsets in it.
-    Called from the compute thread only (`prefetch`, `get`); reads run on `io_threads` threads.
+    Called from the compute thread only (`prefetch`, `get`); reads run on `io_threads` threads, or
+    through io_uring (see `use_file`).
     Experts prefetched for the layer being computed are held (never evicted) until the next layer's
     prefetch releases them.
     """
@@ -89,7 +83,7 @@ class ExpertCache:
         self._layout_offsets()
         self._allocate(slots)
         self.lru: OrderedDict[Key, int] = OrderedDict()   # resident, least recent first
-        self.pending: dict[Key, tuple[int, _Reads]] = {}
+        self.pending: dict[Key, tuple[int, Reads]] = {}
         self.held: set[Key] = set()
         self.minimum_slots = 2
         self.lookahead = None   # st_sdk.offload.experts.Lookahead, when reads ahead across layers are on
@@ -112,6 +106,8 @@ class ExpertCache:
             self._fd(path)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="st-sdk-io")
         self._lock = threading.Lock()   # guards stats updated from I/O threads
+        self._ring = None               # the prepared file's direct reads through io_uring (see use_file)
+        self._tags = 0
 
     # ---- public ---------------------------------------------------------------------------
     def prefetch(self, layer: int, experts) -> None:
@@ -122,7 +118,10 @@ class ExpertCache:
             if len(self.held) >= self.slots - 1:
                 break   # a long prefill picks more experts than fit: the rest load on demand
             self.held.add(key)
-            if key in self.lru or key in self.pending:
+            if key in self.pending:
+                self.pending[key][1].needed()
+                continue
+            if key in self.lru:
                 continue
             if self._start_read(key) is None:
                 self.held.discard(key)
@@ -136,7 +135,7 @@ class ExpertCache:
             key = (layer, e)
             if key in self.lru or key in self.pending or len(self.pending) >= max(1, self.slots // 4):
                 continue
-            if self._start_read(key) is None:
+            if self._start_read(key, urgent=False) is None:
                 return
             self.stats._prefetched.add(key)
             self.stats.ahead += 1
@@ -197,11 +196,14 @@ class ExpertCache:
     def use_file(self, path: str, offset: int, experts: int) -> None:
         """Read every expert from a prepared expert file (st_sdk.offload.prepared): expert e of a layer
         at offset + (layer * experts + e) * stride, already in the cache's layouts, read straight into
-        its slot in aligned pieces (as many as it has parts, in parallel)."""
+        its slot in aligned pieces (as many as it has parts, in parallel), through io_uring where the
+        kernel allows it (st_sdk.offload.uring; ST_OFFLOAD_URING=0 keeps the I/O threads)."""
         if offset % DIRECT_ALIGN or self._stride % DIRECT_ALIGN:
             raise ValueError("a prepared expert file's experts must be aligned for direct reads")
         self._fd(path)
         self.prepared = (path, int(offset), int(experts))
+        if self._ring is None and self._direct_fds.get(path) is not None:
+            self._ring = Ring.open()   # None where io_uring is unavailable: the I/O threads read
 
     def drop_file_pages(self) -> None:
         """Drop the page cache of the files experts are read from (POSIX_FADV_DONTNEED; pages mapped by a
@@ -271,6 +273,9 @@ class ExpertCache:
     def close(self) -> None:
         self._committing.set()
         self._pool.shutdown(wait=True)
+        if self._ring is not None:
+            self._ring.close()   # waits for the reads in flight
+            self._ring = None
         for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused_fds]:
             if fd is not None:
                 os.close(fd)
@@ -311,6 +316,8 @@ class ExpertCache:
 
     def _settle(self) -> None:
         """Move finished reads into the LRU (compute thread only, so the LRU needs no lock)."""
+        if self._ring is not None:
+            self._ring.reap()
         for key in [k for k, (_, f) in self.pending.items() if f.done()]:
             slot, fut = self.pending.pop(key)
             fut.result()   # re-raise a failed read here, on the compute thread
@@ -374,8 +381,9 @@ class ExpertCache:
             self._settle()
         return None
 
-    def _start_read(self, key: Key) -> _Reads | None:
-        """Take a slot for `key` and start reading it on an I/O thread; None when no slot can be had."""
+    def _start_read(self, key: Key, urgent: bool = True) -> Reads | None:
+        """Take a slot for `key` and start reading it on an I/O thread (or the io_uring ring, where reads
+        not `urgent`, a guess's, wait behind the others); None when no slot can be had."""
         slot = self._take_slot()
         if slot is None:
             return None
@@ -383,113 +391,11 @@ class ExpertCache:
             length = min(self._stride, -(-int(self.offsets[key[0]][-1]) // DIRECT_ALIGN) * DIRECT_ALIGN)
             n = len(self.part_bytes[key[0]])
             cuts = sorted({min(length, -(-length * i // n // DIRECT_ALIGN) * DIRECT_ALIGN) for i in range(n + 1)})
-            fut = _Reads([self._pool.submit(self._read_prepared, key, slot, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+            if self._ring is not None and self._direct_fds.get(self.prepared[0]) is not None:
+                fut = self._ring_read(key, slot, list(zip(cuts[:-1], cuts[1:])), urgent)
+            else:
+                fut = Reads([self._pool.submit(self._read_prepared, key, slot, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
         else:
-            fut = _Reads([self._pool.submit(self._read, key, slot, part) for part in range(len(self.part_bytes[key[0]]))])
+            fut = Reads([self._pool.submit(self._read, key, slot, part) for part in range(len(self.part_bytes[key[0]]))])
         self.pending[key] = (slot, fut)
         return fut
-
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise WeightError(f"{path}: cannot open the model file to read experts ({e.strerror})") from None
-            if self.direct:
-                try:
-                    self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-                except OSError:   # a filesystem without O_DIRECT (tmpfs): read through the page cache
-                    self._direct_fds[path] = None
-        return fd
-
-    def _buffer(self, nbytes: int) -> memoryview:
-        """This I/O thread's read buffer of at least `nbytes` (page-aligned: an anonymous mapping)."""
-        mm = getattr(self._scratch, "mm", None)
-        if mm is None or len(mm) < nbytes:
-            mm = self._scratch.mm = anonymous(-(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
-        return memoryview(mm)
-
-    def _pread(self, ext: Extent, key: Key, out: np.ndarray | None) -> np.ndarray:
-        """The extent's bytes: read into `out` when given (buffered reads, or direct ones whose extent
-        and `out` are aligned), else into this thread's buffer, and returned. O_DIRECT when the file
-        allows it: whole aligned blocks around the extent."""
-        fd = self._fd(ext.path)
-        dfd = self._direct_fds.get(ext.path)
-        if dfd is not None:
-            start = ext.offset - ext.offset % DIRECT_ALIGN
-            pad = ext.offset - start
-            length = -(-(pad + ext.nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
-            into = (out is not None and pad == 0 and length == ext.nbytes and out.nbytes == length
-                    and out.ctypes.data % DIRECT_ALIGN == 0)
-            buf = memoryview(out) if into else self._buffer(length)
-            try:
-                got = os.preadv(dfd, [buf[:length]], start) - pad
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise WeightError(f"{ext.path}: cannot read expert {key} ({e.strerror})") from None
-                # refused after all (alignment): read through the page cache from now on; the descriptor
-                # stays open until close(), as another I/O thread may be reading with it
-                self._direct_fds[ext.path] = None
-                self._refused_fds.append(dfd)
-                return self._pread(ext, key, out)
-            if got >= ext.nbytes:
-                return out if into else np.frombuffer(buf, np.uint8, ext.nbytes, pad)
-        else:
-            target = memoryview(out) if out is not None else self._buffer(ext.nbytes)[:ext.nbytes]
-            try:
-                got = os.preadv(fd, [target], ext.offset)
-            except OSError as e:
-                raise WeightError(f"{ext.path}: cannot read expert {key} ({e.strerror})") from None
-            if self.drop_page_cache:
-                os.posix_fadvise(fd, ext.offset, ext.nbytes, os.POSIX_FADV_DONTNEED)
-            if got == ext.nbytes:
-                return out if out is not None else np.frombuffer(target, np.uint8)
-        raise WeightError(f"{ext.path}: short read of expert {key} ({max(got, 0)} of {ext.nbytes} bytes): "
-                          "is the file truncated?")
-
-    def _read(self, key: Key, slot: int, part: int) -> None:
-        """Read one part of an expert into its slot (I/O thread; the parts are read in parallel),
-        converted to its layout if it has one."""
-        layer = key[0]
-        self._fill(key, part, self._views(slot, layer)[part])
-        with self._lock:
-            self.stats.bytes_read += int(self.part_bytes[layer][part])
-            self.stats.reads += part == 0
-
-    def _fill(self, key: Key, part: int, view: np.ndarray) -> None:
-        """Read one part of an expert from the model file into `view`, converted to its layout if it
-        has one (the slot's bytes, or a prepared expert file's record)."""
-        ext, lay = self.locate(*key)[part], self.layouts[key[0]][part]
-        src = self._pread(ext, key, view if lay is None else None)
-        if lay is not None:
-            lay.convert(src, view)
-        elif src is not view:
-            view[:] = src
-
-    def _read_prepared(self, key: Key, slot: int, a: int, b: int) -> None:
-        """Read bytes [a, b) of an expert from the prepared expert file straight into its slot (I/O
-        thread)."""
-        path, base, experts = self.prepared
-        layer, e = key
-        out = self.buffer[slot, a:b]
-        src = self._pread(Extent(path, base + (layer * experts + e) * self._stride + a, b - a), key, out)
-        if src is not out:
-            out[:] = src
-        with self._lock:
-            self.stats.bytes_read += b - a
-            self.stats.reads += a == 0
-
-
-class _Reads:
-    """The reads of one expert's parts, waited for as one."""
-
-    def __init__(self, futures: list[Future]):
-        self.futures = futures
-
-    def done(self) -> bool:
-        return all(f.done() for f in self.futures)
-
-    def result(self) -> None:
-        for f in self.futures:
-            f.result()

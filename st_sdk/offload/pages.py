@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import mmap
 import os
@@ -58,13 +59,21 @@ def commit_in_background(buffer: np.ndarray) -> threading.Event:
     return stop
 
 
-def _madvise():
+@functools.lru_cache(maxsize=None)
+def libc() -> ctypes.CDLL | None:
+    """The C library, with errno kept (ctypes.get_errno); None off Linux or where it cannot be loaded."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _madvise():
+    try:
+        fn = libc().madvise
+    except AttributeError:
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
