@@ -206,10 +206,9 @@ def random_read_bandwidth(path: str, block: int, reads: int = 256, threads: tupl
 def cache_read_bandwidth(path: str, seconds: float = 3.0, in_flight: tuple[int, ...] = (4, 8, 16)) -> float | None:
     """Bytes/s at which the expert cache's own reader (st_sdk.offload.cache.ExpertCache: io_uring where the
     kernel allows it, else 4 I/O threads; each expert in three aligned pieces, O_DIRECT into huge-page
-    slots) reads random
-    experts of a prepared expert file with a cold page cache, `seconds` at each count of experts in
-    flight, the best of them; None when `path` is not a prepared file. On some disks these reads go
-    faster than `random_read_bandwidth`'s (one read per expert into a plain buffer)."""
+    slots) reads random experts of a prepared expert file with a cold page cache, `seconds` at each
+    count of experts in flight, the best of them; None when `path` is not a prepared file. On some
+    disks these reads go faster than `random_read_bandwidth`'s (one read per expert into a plain buffer)."""
     import random
 
     from st_sdk.offload.cache import ExpertCache
