@@ -120,9 +120,11 @@ def test_generate_cli_reports_the_expert_cache(files, capsys):
     offloaded = json.loads(capsys.readouterr().out)
     assert offloaded["token_ids"] == plain["token_ids"]          # same output within the budget
     assert offloaded["offload"]["bytes_read"] > 0 and "expert cache 4 x" in offloaded["offload"]["plan"]
+    assert offloaded["offload"]["reader"] == "4 I/O threads"   # no prepared file: converted as read, on threads
     assert "offload" not in plain
     assert main(args[:-1] + ["--max-memory", budget, "--stats"]) == 0
-    assert "expert cache: hit rate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expert cache: hit rate" in err and "reads (4 I/O threads)" in err
     assert main(args + ["--max-memory", budget, "--expert-file", "write"]) == 0
     prepared = json.loads(capsys.readouterr().out)
     assert prepared["token_ids"] == plain["token_ids"] and "read from the prepared file" in prepared["offload"]["plan"]
@@ -843,6 +845,7 @@ def test_prepared_file_reads_give_the_resident_logits_whoever_reads(tmp_path, mo
                     expert_file=True)
     ring = m.offload._ring
     assert m.offload.prepared is not None and (ring is None) == (reader == "threads")
+    assert m.offload.reader == ("4 I/O threads" if reader == "threads" else "io_uring")
     if reader == "io_uring failing":
         reap = ring.reap
 

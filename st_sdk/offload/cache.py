@@ -104,6 +104,7 @@ class ExpertCache(ExpertReads):
         self._scratch = threading.local()   # each I/O thread's aligned read buffer
         for path in files:   # opened now: a file deleted or renamed over later is still read whole
             self._fd(path)
+        self.io_threads = io_threads
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="st-sdk-io")
         self._lock = threading.Lock()   # guards stats updated from I/O threads
         self._ring = None               # the prepared file's direct reads through io_uring (see use_file)
@@ -282,6 +283,11 @@ class ExpertCache(ExpertReads):
         self._fds.clear()
         self._direct_fds.clear()
         self._refused_fds.clear()
+
+    @property
+    def reader(self) -> str:
+        """Who reads the experts: "io_uring" (the prepared file, where the kernel allows it) or the I/O threads."""
+        return "io_uring" if self._ring is not None else f"{self.io_threads} I/O threads"
 
     @property
     def nbytes(self) -> int:
