@@ -31,13 +31,12 @@ import numpy as np
 
 from ..errors import InputError, WeightError
 from .pages import anonymous, commit_in_background, resident_bytes
+from .reads import DIRECT_ALIGN, ExpertReads, Extent, Key, Reads
 from .stats import OffloadStats
-from .reads import DIRECT_ALIGN, ExpertReads, Extent, Reads
 from .uring import Ring
 
 log = logging.getLogger("st_sdk.offload")
 
-Key = tuple[int, int]   # (layer, expert)
 POLICIES = ("lfru", "lru")
 AGE_EVERY = 32          # lfru: the use counts are halved after 32 x slots uses
 

@@ -74,7 +74,7 @@ class Ring:
         self._waiting: deque = deque()          # reads not yet in the ring, first come first served
         self._queued = 0                        # in the ring, not yet submitted
         self.in_flight = 0                      # in the ring (submitted or not), not yet reaped
-        self.results: dict[int, int] = {}       # tag -> result, until taken with `take`
+        self.results: dict[int, int] = {}       # tag -> result, until its reader takes it
         self._ordered = platform.machine().lower() in ("x86_64", "amd64")
 
     @classmethod
