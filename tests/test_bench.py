@@ -179,6 +179,7 @@ def test_bench_under_a_memory_budget_reports_the_expert_cache(capsys, tmp_path):
     assert code == 0 and rec["status"] == "ok"
     assert doc["config"]["memory_mode"] == "max_memory=4GiB"
     assert rec["offload"]["bytes_read"] > 0 and "expert cache" in rec["memory_plan"]
+    assert rec["offload"]["reader"] == "4 I/O threads"   # NumPy reads experts as stored: no prepared file
 
 
 def test_bench_format_q4_k_m_quantises_the_f16_file(capsys):

@@ -54,7 +54,7 @@ def format_table(records: list[Record], context: dict[str, Any]) -> str:
             st = r.offload
             details[f"{r.backend}-{r.format}-offload"] = (
                 f"  {r.backend} {r.format} under {c['memory_mode']}: {r.memory_plan}; expert cache hit rate "
-                f"{st['hit_rate']:.1%}, read {st['bytes_read'] / 2**20:.0f} MiB, stalled {st['stall_s']:.2f} s")
+                f"{st['hit_rate']:.1%}, read {st['bytes_read'] / 2**20:.0f} MiB ({st['reader']}), stalled {st['stall_s']:.2f} s")
     for r in records:
         if r.sparsity:
             sp = r.sparsity

@@ -95,7 +95,8 @@ def main() -> int:
         elif req["op"] == "rss":
             model = getattr(runner, "model", None)
             offload = getattr(model, "offload", None)
-            reply(peak_rss=peak_rss(), offload=offload.stats.as_dict() if offload is not None else None,
+            stats = dict(offload.stats.as_dict(), reader=offload.reader) if offload is not None else None
+            reply(peak_rss=peak_rss(), offload=stats,
                   memory_plan=model.memory_plan.describe() if offload is not None else None)
         elif req["op"] == "sparsity":
             reply(sparsity=decode_sparsity(runner, req.get("tokens", 32)))
