@@ -869,6 +869,24 @@ def test_prepared_file_reads_give_the_resident_logits_whoever_reads(tmp_path, mo
     assert m.offload._ring is None
 
 
+def test_a_cache_dropped_without_close_closes_its_files(tmp_path):
+    """A budget model let go (nobody calls close()) leaves no file or io_uring descriptor open."""
+    import gc
+
+    from st_sdk.offload.cache import ExpertCache
+
+    path = tmp_path / "experts.bin"
+    path.write_bytes(b"\0" * 4096)
+    cache = ExpertCache(lambda layer, e: [], [[1, 1, 1]], 4, files=(str(path),))
+    fds = [*cache._fds.values(), *(fd for fd in cache._direct_fds.values() if fd is not None)]
+    assert fds
+    del cache
+    gc.collect()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 @pytest.mark.parametrize("backend", ["c", "numpy"])
 def test_prepared_expert_file_gives_the_resident_logits(tmp_path, monkeypatch, backend):
     """expert_file=True writes every expert once in the backend's layout and reads each back in one

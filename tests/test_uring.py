@@ -69,3 +69,15 @@ def test_a_failed_read_gives_its_errno(ring_or_skip, data):
 def test_turned_off_it_opens_no_ring(monkeypatch):
     monkeypatch.setenv("ST_OFFLOAD_URING", "0")
     assert uring.Ring.open() is None
+
+
+def test_a_ring_dropped_without_close_closes_its_descriptor(ring_or_skip):
+    import gc
+
+    ring = uring.Ring.open()
+    fd = ring.fd
+    os.fstat(fd)
+    del ring
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)

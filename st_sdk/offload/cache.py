@@ -23,6 +23,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -39,6 +40,15 @@ log = logging.getLogger("st_sdk.offload")
 
 POLICIES = ("lfru", "lru")
 AGE_EVERY = 32          # lfru: the use counts are halved after 32 x slots uses
+
+
+def _close_files(fds: dict, direct_fds: dict, refused_fds: list) -> None:
+    for fd in [*fds.values(), *direct_fds.values(), *refused_fds]:
+        if fd is not None:
+            os.close(fd)
+    fds.clear()
+    direct_fds.clear()
+    refused_fds.clear()
 
 
 def file_extent(arr: np.ndarray, what: str) -> Extent:
@@ -100,6 +110,8 @@ class ExpertCache(ExpertReads):
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int | None] = {}
         self._refused_fds: list[int] = []   # O_DIRECT descriptors a filesystem refused reads through
+        # a cache dropped without close() (a model let go) still closes its files
+        self._close_files = weakref.finalize(self, _close_files, self._fds, self._direct_fds, self._refused_fds)
         self._scratch = threading.local()   # each I/O thread's aligned read buffer
         for path in files:   # opened now: a file deleted or renamed over later is still read whole
             self._fd(path)
@@ -276,12 +288,7 @@ class ExpertCache(ExpertReads):
         if self._ring is not None:
             self._ring.close()   # waits for the reads in flight
             self._ring = None
-        for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused_fds]:
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
-        self._direct_fds.clear()
-        self._refused_fds.clear()
+        self._close_files()
 
     @property
     def reader(self) -> str:

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import platform
+import weakref
 from collections import deque
 
 import numpy as np
@@ -54,6 +55,7 @@ class Ring:
 
     def __init__(self, fd: int, params: np.ndarray, syscall):
         self.fd, self._syscall = fd, syscall
+        self._close_fd = weakref.finalize(self, os.close, fd)   # a ring dropped without close() closes too
         p = params[0]
         sq_size = int(p["sq"][SQ_ARRAY]) + int(p["sq_entries"]) * 4
         cq_size = int(p["cq"][CQ_CQES]) + int(p["cq_entries"]) * CQE.itemsize
@@ -91,18 +93,18 @@ class Ring:
         if fd < 0:
             log.debug("st-sdk: io_uring unavailable (%s); expert reads use I/O threads", os.strerror(ctypes.get_errno()))
             return None
-        ring = None
         try:
-            ring = cls(fd, params, syscall)
+            ring = cls(fd, params, syscall)   # from here on the ring owns fd (closed with it, or when dropped)
+        except OSError as e:
+            log.debug("st-sdk: io_uring's rings could not be mapped (%s); expert reads use I/O threads", e)
+            return None
+        try:
             ring._probe()
-            return ring
         except OSError as e:
             log.debug("st-sdk: io_uring refused a read (%s); expert reads use I/O threads", e)
-            if ring is not None:
-                ring.close()
-            else:
-                os.close(fd)
+            ring.close()
             return None
+        return ring
 
     def _map(self, size: int, offset: int) -> mmap.mmap:
         m = mmap.mmap(self.fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
@@ -211,7 +213,7 @@ class Ring:
             except BufferError:   # a view still exported: the mapping goes with the last view
                 pass
         self._maps.clear()
-        os.close(self.fd)
+        self._close_fd()
         self.fd = -1
 
     def _enter(self, to_submit: int, min_complete: int, flags: int) -> int:
