@@ -11,7 +11,6 @@ and the median of the rounds' ratios to the first variant.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Callable
@@ -40,13 +39,6 @@ def load(args, variants: int):
     return st_sdk.load(args.model, n_threads=args.threads, max_memory=args.budget, context=n_all + 1), n_all
 
 
-def process_cpu_s() -> float:
-    """CPU seconds of every thread of this process so far (user and system)."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def compare(args, model, n_all: int, variants: dict[str, Callable[[], None]], what: str) -> int:
     """Run the paired rounds (each variant's function switches the model to it) and print the report."""
     stats, vocab = model.offload.stats, model.config.vocab_size
@@ -54,13 +46,13 @@ def compare(args, model, n_all: int, variants: dict[str, Callable[[], None]], wh
     session = model.session(capacity=n_all + 1)
 
     def decode(n: int) -> tuple[float, float, float, float]:
-        stall, read, cpu = stats.stall_s, stats.bytes_read, process_cpu_s()
+        stall, read, cpu = stats.stall_s, stats.bytes_read, time.process_time()   # every thread's CPU
         t0 = time.perf_counter()
         for _ in range(n):
             session.feed([next(toks)])
         dt = time.perf_counter() - t0
         return (n / dt, (stats.stall_s - stall) / n * 1e3, (stats.bytes_read - read) / n / 2**20,
-                (process_cpu_s() - cpu) / n * 1e3)
+                (time.process_time() - cpu) / n * 1e3)
 
     names = list(variants)
     variants[names[0]]()

@@ -403,10 +403,11 @@ class ExpertCache(ExpertReads):
             length = min(self._stride, -(-int(self.offsets[key[0]][-1]) // DIRECT_ALIGN) * DIRECT_ALIGN)
             n = len(self.part_bytes[key[0]])
             cuts = sorted({min(length, -(-length * i // n // DIRECT_ALIGN) * DIRECT_ALIGN) for i in range(n + 1)})
+            pieces = list(zip(cuts[:-1], cuts[1:]))
             if self._ring is not None and self._direct_fds.get(self.prepared[0]) is not None:
-                fut = self._ring_read(key, slot, list(zip(cuts[:-1], cuts[1:])), urgent)
+                fut = self._ring_read(key, slot, pieces, urgent)
             else:
-                fut = Reads([self._pool.submit(self._read_prepared, key, slot, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+                fut = Reads([self._pool.submit(self._read_prepared, key, slot, a, b) for a, b in pieces])
         else:
             fut = Reads([self._pool.submit(self._read, key, slot, part) for part in range(len(self.part_bytes[key[0]]))])
         self.pending[key] = (slot, fut)

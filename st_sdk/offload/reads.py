@@ -95,9 +95,13 @@ class ExpertReads:
         converted to its layout if it has one."""
         layer = key[0]
         self._fill(key, part, self._views(slot, layer)[part])
+        self._counted(int(self.part_bytes[layer][part]), part == 0)
+
+    def _counted(self, nbytes: int, first: bool) -> None:
+        """A piece of an expert was read (any thread): its bytes, and one read for an expert's first piece."""
         with self._lock:
-            self.stats.bytes_read += int(self.part_bytes[layer][part])
-            self.stats.reads += part == 0
+            self.stats.bytes_read += nbytes
+            self.stats.reads += first
 
     def _fill(self, key: Key, part: int, view: np.ndarray) -> None:
         """Read one part of an expert from the model file into `view`, converted to its layout if it
@@ -109,11 +113,16 @@ class ExpertReads:
         elif src is not view:
             view[:] = src
 
-    def _ring_read(self, key: Key, slot: int, cuts: list[tuple[int, int]], urgent: bool) -> RingReads:
-        """Queue an expert's pieces [a, b) on the io_uring ring, straight into its slot."""
+    def _prepared_at(self, key: Key) -> tuple[str, int]:
+        """The prepared expert file, and where expert `key` starts in it."""
         path, base, experts = self.prepared
         layer, e = key
-        fd, start, addr = self._direct_fds[path], base + (layer * experts + e) * self._stride, self.buffer[slot].ctypes.data
+        return path, base + (layer * experts + e) * self._stride
+
+    def _ring_read(self, key: Key, slot: int, cuts: list[tuple[int, int]], urgent: bool) -> RingReads:
+        """Queue an expert's pieces [a, b) on the io_uring ring, straight into its slot."""
+        path, start = self._prepared_at(key)
+        fd, addr = self._direct_fds[path], self.buffer[slot].ctypes.data
         pieces = []
         for a, b in cuts:
             self._tags += 1
@@ -124,15 +133,12 @@ class ExpertReads:
     def _read_prepared(self, key: Key, slot: int, a: int, b: int) -> None:
         """Read bytes [a, b) of an expert from the prepared expert file straight into its slot (I/O
         thread)."""
-        path, base, experts = self.prepared
-        layer, e = key
+        path, start = self._prepared_at(key)
         out = self.buffer[slot, a:b]
-        src = self._pread(Extent(path, base + (layer * experts + e) * self._stride + a, b - a), key, out)
+        src = self._pread(Extent(path, start + a, b - a), key, out)
         if src is not out:
             out[:] = src
-        with self._lock:
-            self.stats.bytes_read += b - a
-            self.stats.reads += a == 0
+        self._counted(b - a, a == 0)
 
 
 class Reads:
@@ -157,7 +163,7 @@ class RingReads:
     `Reads`' `done` and `result`). A piece the ring failed or read short is read again the threads' way
     (`ExpertCache._read_prepared`), which falls back from O_DIRECT or names the error."""
 
-    def __init__(self, cache, key: tuple[int, int], slot: int, pieces: list[tuple[int, int, int]]):
+    def __init__(self, cache, key: Key, slot: int, pieces: list[tuple[int, int, int]]):
         self.cache, self.key, self.slot = cache, key, slot
         self.pieces = pieces          # (tag, a, b): bytes [a, b) of the expert
         self.results: dict[int, int] = {}
@@ -194,9 +200,7 @@ class RingReads:
                     except OSError:   # the ring failed: read the piece again below
                         res = -1
                     if res == b - a:
-                        with cache._lock:
-                            cache.stats.bytes_read += b - a
-                            cache.stats.reads += a == 0
+                        cache._counted(b - a, a == 0)
                     else:
                         cache._read_prepared(self.key, self.slot, a, b)
             except BaseException as e:
