@@ -720,8 +720,9 @@ def _c_repacking():
 def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, threads):
     """Under a budget the C backend runs each layer fused around the cache (route, attention, then the
     picked experts straight from their slots): the logits are the resident model's, bit for bit, and
-    the sparse ReGLU counters count its tokens. It runs on a pool of its own, whose workers spin less
-    for the next job (BUDGET_IDLE_SPIN); the resident model in the same process keeps the default."""
+    the sparse ReGLU counters count its tokens. While I/O threads read its experts it runs on a pool of
+    its own, whose workers spin less for the next job (BUDGET_IDLE_SPIN); the resident model in the same
+    process keeps the default."""
     from st_sdk_backends.c import backend as cbackend
 
     if not _c_repacking():
@@ -739,8 +740,10 @@ def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, t
     counted = m.backend.sparsity()
     assert counted is not None and counted["tokens"] >= 16 and 0 < counted["live_fraction"] < 1
     assert m.offload.stats.reads > 0
-    assert m.backend._idle_spin == cbackend.BUDGET_IDLE_SPIN and resident.backend._idle_spin is None
-    assert m.backend._lib()[2] == cbackend.get_pool(threads, cbackend.BUDGET_IDLE_SPIN) != cbackend.get_pool(threads)
+    spin = cbackend.BUDGET_IDLE_SPIN if m.offload.reads_on_threads else None
+    assert m.backend._idle_spin == spin and resident.backend._idle_spin is None
+    assert m.backend._lib()[2] == cbackend.get_pool(threads, spin)
+    assert (m.backend._lib()[2] != cbackend.get_pool(threads)) == (spin is not None)
 
 
 def test_c_layer_part_refuses_experts_it_was_not_given(tmp_path):
@@ -829,10 +832,12 @@ def test_slots_given_back_are_returned_to_the_system(tmp_path):
 def test_prepared_file_reads_give_the_resident_logits_whoever_reads(tmp_path, monkeypatch, reader):
     """The prepared file's direct reads go through io_uring where the kernel allows it, else (or with
     ST_OFFLOAD_URING=0) through the I/O threads; pieces the ring fails (here every one, EIO) are read
-    again the threads' way. The logits are the resident model's each time."""
+    again the threads' way. The logits are the resident model's each time. The C pool's workers spin
+    less for their next job only while I/O threads read (they need a core then)."""
     import errno
 
     from st_sdk.offload import uring
+    from st_sdk_backends.c import backend as cbackend
 
     if reader != "threads" and uring.Ring.open() is None:
         pytest.skip("io_uring is unavailable here")
@@ -865,6 +870,7 @@ def test_prepared_file_reads_give_the_resident_logits_whoever_reads(tmp_path, mo
     stats = m.offload.stats
     assert stats.reads > 0 and stats.evictions > 0 and stats.bytes_read >= stats.reads * m.offload.bundle_bytes
     assert (len(read_again) == 0) == (reader == "io_uring")   # the ring read every piece itself
+    assert m.backend._idle_spin == (cbackend.BUDGET_IDLE_SPIN if reader == "threads" else None)
     m.offload.close()
     assert m.offload._ring is None
 

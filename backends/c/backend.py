@@ -26,12 +26,14 @@ from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vec
 
 _pools: dict[tuple[int, int | None], object] = {}
 _pools_lock = threading.Lock()
-# pause instructions a pool's workers spin for the next job before sleeping, in memory-budget mode
-# (the C default, 20000, elsewhere). Between a budget layer's jobs the compute thread runs Python and
-# waits for expert reads, and the I/O threads need a core: a worker spinning through that took one.
-# Measured on the 4b-a0.6b Q4_0 in a 1 GiB cgroup (skewed routing, 2 threads): 20.6-21.5 tok/s against
-# 19.6-20.1 with the default; the default kept for resident decoding (16.2-17.3 ms a token against
-# 17.9-20.0 ms with 2000). docs/memory_budget.md.
+# pause instructions a pool's workers spin for the next job before sleeping, in memory-budget mode while
+# I/O threads read the experts (the C default, 20000, elsewhere). Between a budget layer's jobs the
+# compute thread runs Python and waits for expert reads, and the I/O threads need a core: a worker
+# spinning through that took one. Measured on the 4b-a0.6b Q4_0 in a 1 GiB cgroup (skewed routing,
+# 2 threads): 20.6-21.5 tok/s against 19.6-20.1 with the default; the default kept for resident
+# decoding (16.2-17.3 ms a token against 17.9-20.0 ms with 2000). Where io_uring reads (no I/O thread
+# wants the core) the default is kept too: 1.05x on the 21b-a3b in 8 GiB, 1.02-1.03x on the 4b-a0.6b in
+# 1 GiB (paired rounds). docs/memory_budget.md.
 BUDGET_IDLE_SPIN = 2000
 
 
@@ -395,9 +397,11 @@ class CBackend(Backend):
         C call while they arrive, then the ffn norm and the picked experts in a second, straight from the
         cache's slots in the layout loaded experts get. A step that picks more experts than the cache
         holds at once runs its experts group by group (`_offloaded_moe`)."""
-        self._idle_spin = BUDGET_IDLE_SPIN   # every later op of this model too (see BUDGET_IDLE_SPIN)
-        ffi, lib, pool = self._lib()
         lp = layer_params
+        cache = lp.gate.raw.cache
+        # every later op of this model too (see BUDGET_IDLE_SPIN)
+        self._idle_spin = BUDGET_IDLE_SPIN if cache.reads_on_threads else None
+        ffi, lib, pool = self._lib()
         struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
         T = out.shape[0]
         weights, ids = route(out, lp.router, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax)
@@ -405,7 +409,6 @@ class CBackend(Backend):
         hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
         check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 1, ffi.NULL, ffi.NULL), f"layer {i}")
         gate, up, down = lp.gate.raw, lp.up.raw, lp.down.raw
-        cache = gate.cache
         picked = list(dict.fromkeys(ids.ravel().tolist()))
         if len(picked) > cache.slots - 1:   # more than fit at once: group by group
             m = self.rms_norm(out, lp.ffn_norm, cfg.rms_norm_eps)

@@ -293,7 +293,12 @@ class ExpertCache(ExpertReads):
     @property
     def reader(self) -> str:
         """Who reads the experts: "io_uring" (the prepared file, where the kernel allows it) or the I/O threads."""
-        return "io_uring" if self._ring is not None else f"{self.io_threads} I/O threads"
+        return f"{self.io_threads} I/O threads" if self.reads_on_threads else "io_uring"
+
+    @property
+    def reads_on_threads(self) -> bool:
+        """Whether expert reads run on the I/O threads (they then need a core), not through io_uring."""
+        return self._ring is None
 
     @property
     def nbytes(self) -> int:
