@@ -37,6 +37,12 @@ _pools_lock = threading.Lock()
 BUDGET_IDLE_SPIN = 2000
 
 
+def budget_idle_spin(cache) -> int | None:
+    """The idle spin of a budget layer's pool for this expert cache (None: the C default): less only
+    while I/O threads read (see BUDGET_IDLE_SPIN; benchmarks/idle_spin.py compares spins)."""
+    return BUDGET_IDLE_SPIN if cache.reads_on_threads else None
+
+
 def cpu_flags(hardware=None) -> frozenset[str]:
     """CPU feature flags, normalised by st_sdk.hardware (e.g. "avx512_vnni", "neon")."""
     return (hardware or probe()).features
@@ -399,8 +405,7 @@ class CBackend(Backend):
         holds at once runs its experts group by group (`_offloaded_moe`)."""
         lp = layer_params
         cache = lp.gate.raw.cache
-        # every later op of this model too (see BUDGET_IDLE_SPIN)
-        self._idle_spin = BUDGET_IDLE_SPIN if cache.reads_on_threads else None
+        self._idle_spin = budget_idle_spin(cache)   # every later op of this model too
         ffi, lib, pool = self._lib()
         struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
         T = out.shape[0]
