@@ -32,8 +32,8 @@ _pools_lock = threading.Lock()
 # spinning through that took one. Measured on the 4b-a0.6b Q4_0 in a 1 GiB cgroup (skewed routing,
 # 2 threads): 20.6-21.5 tok/s against 19.6-20.1 with the default; the default kept for resident
 # decoding (16.2-17.3 ms a token against 17.9-20.0 ms with 2000). Where io_uring reads (no I/O thread
-# wants the core) the default is kept too: 1.05x on the 21b-a3b in 8 GiB, 1.02-1.03x on the 4b-a0.6b in
-# 1 GiB (paired rounds). docs/memory_budget.md.
+# wants the core) the default is kept too: 2000 gave 0.89-0.99x of it on the skewed 21b-a3b in 8 GiB, and
+# moved within the rounds' spread on the 4b-a0.6b in 1 GiB (paired rounds). docs/memory_budget.md.
 BUDGET_IDLE_SPIN = 2000
 
 
