@@ -1,5 +1,5 @@
 """Variants of one budget-mode model compared in one process, in paired rounds (benchmarks/lookahead_depth.py,
-benchmarks/expert_reads.py).
+benchmarks/expert_reads.py, benchmarks/idle_spin.py).
 
 Loads MODEL once under a budget, decodes `warmup` teacher-forced diverse tokens (benchmarks/offload_budget.py's
 ids) to fill the cache, then switches between the variants round by round, in alternating order: each round,

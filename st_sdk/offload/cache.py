@@ -297,8 +297,9 @@ class ExpertCache(ExpertReads):
 
     @property
     def reads_on_threads(self) -> bool:
-        """Whether expert reads run on the I/O threads (they then need a core), not through io_uring."""
-        return self._ring is None
+        """Whether expert reads run on the I/O threads (they then need a core), not through io_uring (the
+        prepared file's direct reads, while its filesystem takes them)."""
+        return self._ring is None or self._direct_fds.get(self.prepared[0]) is None
 
     @property
     def nbytes(self) -> int:
@@ -409,7 +410,7 @@ class ExpertCache(ExpertReads):
             n = len(self.part_bytes[key[0]])
             cuts = sorted({min(length, -(-length * i // n // DIRECT_ALIGN) * DIRECT_ALIGN) for i in range(n + 1)})
             pieces = list(zip(cuts[:-1], cuts[1:]))
-            if self._ring is not None and self._direct_fds.get(self.prepared[0]) is not None:
+            if not self.reads_on_threads:
                 fut = self._ring_read(key, slot, pieces, urgent)
             else:
                 fut = Reads([self._pool.submit(self._read_prepared, key, slot, a, b) for a, b in pieces])
