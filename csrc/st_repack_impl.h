@@ -8,7 +8,6 @@
  */
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
 #define ST_INLINE static inline __attribute__((always_inline))
-static inline __m256i FN(bcast4)(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 static inline __m256 FN(ld_f16x8)(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 /* out[8 t + j] = acc[t] lane j (- accm[t] lane j) */
 #define ST_STORE_OUT(NT, ACC, ACCM)                                                                      \
