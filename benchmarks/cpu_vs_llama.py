@@ -13,7 +13,8 @@ of the measured read bandwidth (one probe per run, one thread, in CPU time) thos
 time amount to, and st-sdk's live-neuron fraction and expert bytes actually read (Backend.sparsity). The
 dense limit in st-sdk's own terms is printed too: the rate its dense kernels stream the output head
 from memory, against the dense bytes per token at its decode rate (above 100%: past the dense limit,
-which only skipping bytes can do). The
+which only skipping bytes can do), and on the C backend where its decode step's time goes, stage by
+stage (Backend.stage_seconds), with each weight stage's dense bytes and the rate they imply. The
 load average before and after is printed too. Environment variables reach the st-sdk child
 (ST_C_SPARSE=0, ST_C_SPARSE_LAYOUT=up+down: docs/c_backend.md).
 """
@@ -54,16 +55,24 @@ def child(spec: dict) -> None:
             proto.write(json.dumps({"stream": head_stream(runner)}) + "\n")
             proto.flush()
             continue
+        if line.strip() == "stage_bytes":
+            proto.write(json.dumps({"stage_bytes": stage_bytes(runner)}) + "\n")
+            proto.flush()
+            continue
         if line.strip() != "round":
             break
         w0, c0 = time.perf_counter(), time.process_time()
         tok = runner.prefill(ids)
+        stages = getattr(getattr(getattr(runner, "model", None), "backend", None), "stage_seconds", None)
+        if stages:
+            stages(reset=True)
         w1, c1 = time.perf_counter(), time.process_time()
         for t in steps:
             tok = runner.step(int(t))
         w2, c2 = time.perf_counter(), time.process_time()
+        per = {k: v / spec["gen_len"] for k, v in stages().items()} if stages else None
         proto.write(json.dumps({"prefill_wall": w1 - w0, "prefill_cpu": c1 - c0,
-                                "decode_wall": (w2 - w1) / spec["gen_len"],
+                                "decode_wall": (w2 - w1) / spec["gen_len"], "decode_stages": per,
                                 "decode_cpu": (c2 - c1) / spec["gen_len"], "token": int(np.int64(tok))}) + "\n")
         proto.flush()
 
@@ -87,6 +96,23 @@ def head_stream(runner, repeats: int = 31) -> dict | None:
         if i >= 3:
             times.append(time.perf_counter() - t0)
     return {"bytes": int(head.raw.nbytes), "bytes_per_s": head.raw.nbytes / median(times)}
+
+
+def stage_bytes(runner) -> dict | None:
+    """The weight bytes a dense decode step reads in each stage of the C backend's fused pass
+    (Backend.stage_seconds' names): q, k, v and router; the output projection; the picked experts' gate
+    and up, and their down (top-k distinct experts a layer); the head. None for llama.cpp."""
+    model = getattr(runner, "model", None)
+    if model is None:
+        return None
+    cfg, layers = model.config, model.params.layers
+    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
+    size = lambda *ps: sum(int(p.raw.nbytes) for p in ps)
+    return {"qkv_router": sum(size(lp.wq, lp.wk, lp.wv, lp.router) for lp in layers),
+            "attn_out": sum(size(lp.wo) for lp in layers),
+            "gate_up": sum(size(lp.gate, lp.up) * k // E for lp in layers),
+            "down": sum(size(lp.down) * k // E for lp in layers),
+            "head": size(model.params.head)}
 
 
 def cpu_bandwidth(mib: int = 512, repeats: int = 7) -> float:
@@ -152,6 +178,7 @@ def main() -> None:
             res[name].append(c.round())
     sparsity = ours.ask("sparsity").get("sparsity")
     stream = ours.ask("stream").get("stream")
+    weights = ours.ask("stage_bytes").get("stage_bytes")
     ours.close(), theirs.close()
     bw = cpu_bandwidth()
     load1 = open("/proc/loadavg").read().split()[:3]
@@ -172,6 +199,16 @@ def main() -> None:
         print(f"st-sdk's dense kernels stream {stream['bytes_per_s'] / 1e9:.1f} GB/s (the head, "
               f"{stream['bytes'] / 1e6:.1f} MB, one row, wall); the dense bytes per token at st-sdk's decode "
               f"rate: {nbytes / wall / 1e9:.1f} GB/s ({nbytes / wall / stream['bytes_per_s']:.0%} of it)")
+    stages = [x["decode_stages"] for x in res["st-sdk"] if x.get("decode_stages")]
+    if stages:
+        wall = median(x["decode_wall"] for x in res["st-sdk"])
+        print(f"where st-sdk's decode step goes (the fused pass's stages, medians over rounds; the barriers "
+              f"waiting for the other threads included; the rest of the {wall * 1e3:.2f} ms is outside the pass):")
+        for name in stages[0]:
+            t = median(x[name] for x in stages)
+            b = (weights or {}).get(name)
+            rate = f"   {b / 1e6:7.1f} MB dense  {b / t / 1e9:5.1f} GB/s" if b and t > 0 else ""
+            print(f"  {name:12s} {t * 1e3:7.3f} ms {t / wall:6.1%}{rate}")
     if sparsity:
         print(f"st-sdk sparse ReGLU over {sparsity['tokens']} decode steps: {sparsity['live_fraction']:.1%} of expert "
               f"neurons live; expert weights read {sparsity['expert_bytes_per_token'] / 1e6:.1f} MB per token of "

@@ -16,7 +16,6 @@
 #include "st_attention.h"
 
 #include <stdlib.h>
-#include <time.h>
 
 static const st_attn_kern *AK = &attn_kern_generic;
 
@@ -36,21 +35,6 @@ void st_attn_set_variant(int variant) {
 #define ST_ATTN_MIN_RANGE 8
 /* blocks of keys per softmax update (64 keys): scores for all of them, then one max and sum per row */
 #define ST_ATTN_TILE 4
-
-/* ---- time spent ------------------------------------------------------------------------------- */
-static _Atomic double g_attn_seconds;
-double st_attn_clock(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-void st_attn_account(double seconds) {
-    double old = atomic_load_explicit(&g_attn_seconds, memory_order_relaxed);
-    while (!atomic_compare_exchange_weak_explicit(&g_attn_seconds, &old, old + seconds, memory_order_relaxed,
-                                                  memory_order_relaxed)) {
-    }
-}
-double st_attention_seconds(void) { return atomic_load_explicit(&g_attn_seconds, memory_order_relaxed); }
 
 /* ---- storage ---------------------------------------------------------------------------------- */
 int st_attn_dtype_ok(int32_t dt, int64_t hd) {

@@ -80,7 +80,4 @@ void st_attn_run(const st_attn *a, int ith, int nth);
 /* one thread, after every thread left st_attn_run: append the staged keys and values to the
  * caches, and reset the shared counters for the next run */
 void st_attn_finish(const st_attn *a);
-/* seconds (monotonic clock), and the attention stages' wall time summed (st_attention_seconds) */
-double st_attn_clock(void);
-void st_attn_account(double seconds);
 #endif

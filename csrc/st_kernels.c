@@ -11,6 +11,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define ST_X86 1
@@ -352,6 +353,44 @@ static void topk_row(const float *logits, int64_t E, int64_t k, int softmax, flo
     for (int64_t j = 0; j < k; j++) w[j] /= sum;
 }
 
+/* ---- where a fused pass's wall time goes (st_stage_seconds) ------------------------------------- */
+/* thread 0's clock at the end of each stage, its barrier included, so the stages add up to the pass;
+ * what the stages are: ST_STAGE_* in st_kernels.h */
+static _Atomic double stage_seconds[ST_N_STAGES];
+static double clock_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static void stage_add(int stage, double seconds) {
+    double old = atomic_load_explicit(&stage_seconds[stage], memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(&stage_seconds[stage], &old, old + seconds, memory_order_relaxed,
+                                                  memory_order_relaxed)) {
+    }
+}
+/* thread 0 (with a clock: the fused passes; NULL elsewhere): the time since *clock into `stage` */
+static inline void stage_end(int ith, double *clock, int stage) {
+    if (ith || !clock) return;
+    const double now = clock_now();
+    stage_add(stage, now - *clock);
+    *clock = now;
+}
+int st_stage_seconds(double *out, int n) {
+    if (!out || n < 0) return ST_EARG;
+    const int kept = n < ST_N_STAGES ? n : ST_N_STAGES;
+    for (int i = 0; i < kept; i++) out[i] = atomic_load_explicit(&stage_seconds[i], memory_order_relaxed);
+    return kept;
+}
+const char *st_stage_name(int stage) {
+    static const char *const names[ST_N_STAGES] = {"embed", "attn_norm", "qkv_router", "rope_route", "attention",
+                                                   "attn_out", "ffn_norm", "gate_up", "down", "head"};
+    return stage >= 0 && stage < ST_N_STAGES ? names[stage] : NULL;
+}
+void st_stage_seconds_reset(void) {
+    for (int i = 0; i < ST_N_STAGES; i++) atomic_store_explicit(&stage_seconds[i], 0.0, memory_order_relaxed);
+}
+double st_attention_seconds(void) { return atomic_load_explicit(&stage_seconds[ST_STAGE_ATTENTION], memory_order_relaxed); }
+
 /* ---- one job context shared by the fused and the per-op entry points ----------------------------- */
 /* Q8_K copies of an activation matrix every thread reads (attention output, expert activations) up to
  * this many values are made by each thread for itself (no barrier: cheaper than one at decode);
@@ -378,6 +417,7 @@ typedef struct {
     block_q8 *Zq;
     block_q8K *ZK, *ZKp;     /* Q8_K copy of Z: shared, and ST_PRIVATE_Q8K values per thread */
     float *out;
+    double *clock;           /* the fused passes' stage clock (thread 0's), else NULL */
 } jctx;
 
 /* x [rows, cols] as Q8_K for every thread: small matrices are quantised by each thread into its own
@@ -694,6 +734,7 @@ static void down_stage(jctx *c, const block_q8K *zk, int ith, int nth) {
 static void experts_stage(jctx *c, int ith, int nth) {
     gate_up_stage(c, ith, nth);
     barrier(c->pool, nth);
+    stage_end(ith, c->clock, ST_STAGE_GATE_UP);
     const block_q8K *zk = NULL;
     if (fmt_act(c->down->fmt) == ACT_Q8K) zk = q8K_for_all(c->pool, ith, nth, c->Z, c->T * c->topk, c->F, c->ZK, c->ZKp);
     down_stage(c, zk, ith, nth);
@@ -775,6 +816,7 @@ typedef struct {
     scratch s;
     int32_t *row_seq;       /* [T] the sequence of each row */
     st_attn_seq *seqs;      /* [nth][B]: each thread's description of the sequences' attention */
+    double clock;           /* thread 0's stage clock (stage_end) */
 } fctx;
 
 /* Stages 1-5 of layer li: attention and its residual, and the routing unless the caller gave it */
@@ -798,6 +840,7 @@ static void attention_half(fctx *f, int64_t li, int ith, int nth, jctx *cp, int 
         if (route) quantize_row(h + t * H, H, need_h, s->hq + t * (H / QK), s->hK + t * (H / QKK));
     }
     barrier(f->pool, nth);
+    stage_end(ith, &f->clock, ST_STAGE_ATTN_NORM);
     /* 2. q, k, v and router logits */
     const st_act xa = {s->a, s->aq, s->aK}, xh = {h, s->hq, s->hK};
     mm(ith, nth, &L->wq, &xa, T, s->q, qw, 0);
@@ -805,6 +848,7 @@ static void attention_half(fctx *f, int64_t li, int ith, int nth, jctx *cp, int 
     mm(ith, nth, &L->wv, &xa, T, s->v, kw, 0);
     if (route) mm(ith, nth, &L->router, &xh, T, s->rl, E, 0);
     barrier(f->pool, nth);
+    stage_end(ith, &f->clock, ST_STAGE_QKV);
     /* 3. rope, routing; each key is put into its cache's storage type (staged) by the thread that
      * rotated it */
     const int wo_act = fmt_act(L->wo.fmt);
@@ -836,12 +880,11 @@ static void attention_half(fctx *f, int64_t li, int ith, int nth, jctx *cp, int 
     if (route)
         for (int64_t t = lo; t < hi; t++) topk_row(s->rl + t * E, E, k, m->softmax, s->rw + t * k, s->rid + t * k);
     barrier(f->pool, nth);
-    /* 4. attention of every sequence over its cache plus its rows of this step, one pass over the pool
-     * (thread 0 times the stage, barrier included) */
-    const double a0 = ith == 0 ? st_attn_clock() : 0;
+    stage_end(ith, &f->clock, ST_STAGE_ROPE);
+    /* 4. attention of every sequence over its cache plus its rows of this step, one pass over the pool */
     st_attn_run(&at, ith, nth);
     barrier(f->pool, nth);
-    if (ith == 0) st_attn_account(st_attn_clock() - a0);
+    stage_end(ith, &f->clock, ST_STAGE_ATTENTION);
     st_act xo = {s->att, s->attq, NULL};
     if (wo_act == ACT_Q8 && hd % QK) {
         quantize_rows(ith, nth, s->att, T, qw, 1 << ACT_Q8, s->attq, NULL);
@@ -857,6 +900,7 @@ static void attention_half(fctx *f, int64_t li, int ith, int nth, jctx *cp, int 
     }
     mm(ith, nth, &L->wo, &xo, T, h, H, 1);
     barrier(f->pool, nth);
+    stage_end(ith, &f->clock, ST_STAGE_ATTN_OUT);
 }
 
 /* Stages 6-9 of layer li: ffn norm, then the experts the pairs in c pick, accumulated into h */
@@ -875,9 +919,11 @@ static void expert_half(fctx *f, int64_t li, int ith, int nth, jctx *c) {
         quantize_row(s->mf + t * H, H, need_m, s->mq + t * (H / QK), s->mK + t * (H / QKK));
     }
     barrier(f->pool, nth);
+    stage_end(ith, &f->clock, ST_STAGE_FFN_NORM);
     /* 8-9. experts: fused sparse gate/up, then down accumulated into h */
     experts_stage(c, ith, nth);
     barrier(f->pool, nth);
+    stage_end(ith, &f->clock, ST_STAGE_DOWN);
 }
 
 static void layer_body(fctx *f, int64_t li, int ith, int nth) {
@@ -888,7 +934,7 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
               .down = &L->down, .E = m->n_experts, .topk = m->top_k, .F = m->ffn, .H = m->hidden, .sparse = m->sparse,
               .mf = s->mf, .mq = s->mq, .mK = s->mK, .ids = f->rid_in ? f->rid_in : s->rid,
               .w = f->rw_in ? f->rw_in : s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq,
-              .ZK = s->ZK, .ZKp = s->priv, .out = f->h};
+              .ZK = s->ZK, .ZKp = s->priv, .out = f->h, .clock = &f->clock};
     if (f->part != 2)
         attention_half(f, li, ith, nth, &c, f->part == 0);
     else if (ith == 0)   /* the caller routed; stage 6's barrier publishes the grouping */
@@ -908,6 +954,7 @@ static void forward_job(void *arg, int ith, int nth) {
     }
     if (ith == 0) rope_table(f->pos, T, m->head_dim, m->rope_theta, f->s.cs);
     barrier(f->pool, nth);
+    stage_end(ith, &f->clock, ST_STAGE_EMBED);
     for (int64_t li = f->layer0; li < f->layer1; li++) layer_body(f, li, ith, nth);
     if (!f->logits) return;
     /* final norm and head (only each sequence's last row when last_only) */
@@ -991,7 +1038,9 @@ static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64
     if (rc == ST_OK) {
         for (int64_t b = 0; b < B; b++)
             for (int64_t t = seg[b]; t < seg[b + 1]; t++) f.row_seq[t] = (int32_t)b;
+        f.clock = clock_now();
         pool_run(pool, forward_job, &f);
+        stage_end(0, &f.clock, logits ? ST_STAGE_HEAD : part == 1 ? ST_STAGE_ATTN_OUT : ST_STAGE_DOWN);
         free(f.s.mem);
     }
     free(f.row_seq);

@@ -116,8 +116,27 @@ int st_kv_read(const st_kv *kv, int64_t n_kv, int64_t head_dim, int64_t n, float
  * storage type; the length is left to the caller */
 int st_kv_write(st_kv *kv, int64_t n_kv, int64_t head_dim, int64_t n, const int64_t *slots, const int64_t *pos,
                 const float *k, const float *v);
-/* wall seconds the fused passes (st_forward, st_layer_forward) have spent in their attention stage
- * since the module loaded, every thread done: what a profile of decode at long contexts needs */
+/* Where the fused passes' (st_forward, st_forward_batch, st_layer_forward, st_layer_part) wall time
+ * has gone since the module loaded or the last reset, stage by stage, each timed by the pool's first
+ * thread from the end of the stage before to its own end, the barrier that waits for the other
+ * threads included (so the stages add up to the passes' time): st_stage_seconds fills out[i] for the
+ * first min(n, ST_N_STAGES) stages and returns how many it filled. st_attention_seconds is
+ * out[ST_STAGE_ATTENTION]. */
+#define ST_STAGE_EMBED 0       /* embedding rows, the rope table */
+#define ST_STAGE_ATTN_NORM 1   /* attention norm, its quantised copies (and the router input's) */
+#define ST_STAGE_QKV 2         /* q, k, v projections and router logits */
+#define ST_STAGE_ROPE 3        /* rope, keys and values staged, routing (top-k) */
+#define ST_STAGE_ATTENTION 4   /* attention over the cache */
+#define ST_STAGE_ATTN_OUT 5    /* output projection added to h (the caches appended meanwhile) */
+#define ST_STAGE_FFN_NORM 6    /* ffn norm and its quantised copies */
+#define ST_STAGE_GATE_UP 7     /* experts' gate and up (sparse ReGLU) */
+#define ST_STAGE_DOWN 8        /* experts' down, added to h */
+#define ST_STAGE_HEAD 9        /* final norm and output head */
+#define ST_N_STAGES 10
+int st_stage_seconds(double *out, int n);
+/* stage i's name ("attention", "gate_up", ...), NULL past the last */
+const char *st_stage_name(int stage);
+void st_stage_seconds_reset(void);
 double st_attention_seconds(void);
 int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH,
                  int64_t nKV, int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out);

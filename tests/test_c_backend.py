@@ -92,6 +92,31 @@ def test_thread_counts_agree():
     np.testing.assert_array_equal(one.logits(IDS), two.logits(IDS))
 
 
+def test_stage_seconds_add_up_to_the_fused_passes():
+    """Backend.stage_seconds: every stage of a layer and the head timed, adding up to no more than the
+    passes took, attention's the same clock as st_attention_seconds; reset starts them from zero."""
+    import time
+
+    from st_sdk_backends.c.ops import ffi_lib
+
+    _available()
+    m = _tiny("q4_0", n_threads=2)
+    s = m.session()
+    s.feed(IDS[:6].tolist())
+    m.backend.stage_seconds(reset=True)
+    assert set(m.backend.stage_seconds().values()) == {0.0}
+    t0 = time.perf_counter()
+    for t in IDS[6:]:
+        s.feed([int(t)])
+    wall = time.perf_counter() - t0
+    st = m.backend.stage_seconds()
+    assert list(st) == ["embed", "attn_norm", "qkv_router", "rope_route", "attention", "attn_out", "ffn_norm",
+                        "gate_up", "down", "head"]
+    assert all(v > 0 for v in st.values()), st
+    assert sum(st.values()) <= wall
+    assert st["attention"] == ffi_lib()[1].st_attention_seconds()
+
+
 @pytest.mark.parametrize("fmt", ["f32", "q4_0"])
 def test_sparse_and_dense_experts_agree(fmt):
     """Skipping up rows of neurons with relu(gate) == 0 changes nothing: those neurons contribute 0."""

@@ -736,7 +736,11 @@ def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, t
     m.backend.sparsity(reset=True)
     s, r = m.session(), resident.session()
     for t in IDS[:16]:
-        np.testing.assert_array_equal(s.feed([int(t)]), r.feed([int(t)]))
+        m.backend.stage_seconds(reset=True)
+        got = s.feed([int(t)])
+        stages = m.backend.stage_seconds()   # each layer's two C calls time its stages; the head is not in them
+        assert stages.pop("head") == 0 and all(v > 0 for v in stages.values()), stages
+        np.testing.assert_array_equal(got, r.feed([int(t)]))
     counted = m.backend.sparsity()
     assert counted is not None and counted["tokens"] >= 16 and 0 < counted["live_fraction"] < 1
     assert m.offload.stats.reads > 0

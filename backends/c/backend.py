@@ -221,6 +221,18 @@ class CBackend(Backend):
                 "tokens": tokens, "expert_bytes_per_token": float(st[used, 2].sum() / tokens),
                 "dense_expert_bytes_per_token": float(st[used, 3].sum() / tokens)}
 
+    def stage_seconds(self, reset: bool = False) -> dict[str, float]:
+        """Wall seconds the fused passes have spent in each stage of a layer (csrc st_stage_seconds:
+        "qkv_router", "attention", "gate_up", "down", "head", ...), the barriers that wait for the other
+        threads included, so they add up to the passes' time; shared by every model this process runs
+        on the C backend, since the module loaded or the last reset."""
+        ffi, lib = ffi_lib()
+        out = ffi.new("double[]", 64)
+        n = lib.st_stage_seconds(out, 64)
+        if reset:
+            lib.st_stage_seconds_reset()
+        return {ffi.string(lib.st_stage_name(i)).decode(): float(out[i]) for i in range(n)}
+
     def _lib(self):
         ffi, lib = ffi_lib()
         return ffi, lib, get_pool(self.threads, self._idle_spin)

@@ -115,6 +115,10 @@ def main() -> None:
     os.environ.pop("ST_C_SPARSE_LAYOUT", None)
     b = CBackend()
     b.is_available()
+    b.stage_seconds(reset=True)   # the stage clocks, and their bounds
+    ffi, _ = cb.ffi_lib()
+    assert lib.st_stage_seconds(ffi.new("double[]", 1), 1) == 1 and lib.st_stage_seconds(ffi.NULL, 4) < 0
+    assert lib.st_stage_name(-1) == ffi.NULL and lib.st_stage_name(1 << 20) == ffi.NULL
     for bad in (lambda: b.linear(np.zeros((1, 3), np.float32), None),
                 lambda: b.embed(m.params.embed, [m.config.vocab_size])):
         try:
