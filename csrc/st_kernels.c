@@ -543,16 +543,17 @@ static void gate_up_stage(jctx *c, int ith, int nth) {
                             c->Z[c->order[i + q] * F + r + j] = g[8 * q + j] > 0.0f ? g[8 * q + j] * u[8 * q + j] : 0.0f;
                 }
             }
-            for (; i < p1; i++) {
+            for (; i < p1; i++) {   /* one pair: its gate rows in one pass (into z), then its up rows */
                 int64_t p = c->order[i], t = p / c->topk;
                 const void *xg = act_row(&xm, G->fmt, t, H), *xu = act_row(&xm, U->fmt, t, H);
+                float *z = c->Z + p * F;
+                for (int64_t r = lo; r < hi; r += 8) K->dot8[G->fmt](H, gw + r / 8 * G->row_bytes, xg, z + r);
                 for (int64_t r = lo; r < hi; r += 8) {
-                    float g[8], u[8];
-                    K->dot8[G->fmt](H, gw + r / 8 * G->row_bytes, xg, g);
+                    float u[8];
                     int live = 0;
-                    for (int j = 0; j < 8; j++) live += g[j] > 0.0f;
+                    for (int j = 0; j < 8; j++) live += z[r + j] > 0.0f;
                     if (live || !c->sparse) K->dot8[U->fmt](H, uw + r / 8 * U->row_bytes, xu, u);
-                    for (int j = 0; j < 8; j++) c->Z[p * F + r + j] = g[j] > 0.0f ? g[j] * u[j] : 0.0f;
+                    for (int j = 0; j < 8; j++) z[r + j] = z[r + j] > 0.0f ? z[r + j] * u[j] : 0.0f;
                 }
             }
             continue;
