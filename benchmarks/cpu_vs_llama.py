@@ -100,19 +100,16 @@ def head_stream(runner, repeats: int = 31) -> dict | None:
 
 def stage_bytes(runner) -> dict | None:
     """The weight bytes a dense decode step reads in each stage of the C backend's fused pass
-    (Backend.stage_seconds' names): q, k, v and router; the output projection; the picked experts' gate
-    and up, and their down (top-k distinct experts a layer); the head. None for llama.cpp."""
+    (Backend.stage_seconds' names), from st_sdk.sizes.weight_bytes_per_token: q, k, v and router; the
+    output projection; the picked experts' gate and up, and their down; the head. None for llama.cpp."""
+    from st_sdk.sizes import weight_bytes_per_token
+
     model = getattr(runner, "model", None)
     if model is None:
         return None
-    cfg, layers = model.config, model.params.layers
-    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
-    size = lambda *ps: sum(int(p.raw.nbytes) for p in ps)
-    return {"qkv_router": sum(size(lp.wq, lp.wk, lp.wv, lp.router) for lp in layers),
-            "attn_out": sum(size(lp.wo) for lp in layers),
-            "gate_up": sum(size(lp.gate, lp.up) * k // E for lp in layers),
-            "down": sum(size(lp.down) * k // E for lp in layers),
-            "head": size(model.params.head)}
+    w = weight_bytes_per_token(model.params, model.config)
+    return {"qkv_router": w["wq"] + w["wk"] + w["wv"] + w["router"], "attn_out": w["wo"],
+            "gate_up": w["gate"] + w["up"], "down": w["down"], "head": w["head"]}
 
 
 def cpu_bandwidth(mib: int = 512, repeats: int = 7) -> float:

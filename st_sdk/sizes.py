@@ -53,12 +53,20 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def weight_bytes_per_token(params, cfg) -> dict[str, int]:
+    """The weight bytes one decode step reads, by weight: one embedding row ("embed"), the final norm
+    ("norm") and the head, and each layer weight summed over the layers ("wq", ..., "router"), of the
+    experts ("gate", "up", "down") k of E."""
+    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
+    out = {"embed": params.embed.raw.nbytes // cfg.vocab_size, "norm": params.norm.raw.nbytes,
+           "head": params.head.raw.nbytes}
+    for f in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router", "gate", "up", "down"):
+        total = sum(getattr(lp, f).raw.nbytes for lp in params.layers)
+        out[f] = int(total * k // E if f in ("gate", "up", "down") else total)
+    return out
+
+
 def bytes_per_token(params, cfg) -> int:
     """Weight bytes one decode step reads: dense parts of every layer, k of E experts, the final norm,
-    one embedding row and the head."""
-    k, E = cfg.moe_num_active_primary_experts, cfg.moe_num_primary_experts
-    total = params.embed.raw.nbytes // cfg.vocab_size + params.norm.raw.nbytes + params.head.raw.nbytes
-    for lp in params.layers:
-        total += sum(getattr(lp, f).raw.nbytes for f in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router"))
-        total += sum(getattr(lp, f).raw.nbytes for f in ("gate", "up", "down")) * k // E
-    return int(total)
+    one embedding row and the head (weight_bytes_per_token summed)."""
+    return int(sum(weight_bytes_per_token(params, cfg).values()))
