@@ -381,7 +381,7 @@ static inline __m256i FN(sum8x8)(const __m256i *p) {
 
 /* out[a] = row . x[a] for NA activation rows (1 or 4: prefill's pairs share the row's loads) of one
  * row-split row of nb blocks; xd, xs: the activation blocks' d and s, nb apart per row */
-static inline void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const block_q8 *const *x, const float *xd,
+static inline __attribute__((always_inline)) void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const block_q8 *const *x, const float *xd,
                               const float *xs, const int NA, float *out) {
     const uint8_t *sc = row, *qs = row + 2 * nb;
     const int q4 = fmt == ST_Q4_0RS;
@@ -450,7 +450,7 @@ static inline void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const
 /* sel: one activation row; sel4: four, out[4 * j + a] (prefill's token-expert pairs, rows[] live in
  * any of them) */
 #define ST_SEL_FN(NAME, CODE)                                                                                       \
-    static void FN(seln_##NAME)(int64_t K, const uint8_t *w, int64_t rb, const int32_t *rows, int n,                \
+    static inline __attribute__((always_inline)) void FN(seln_##NAME)(int64_t K, const uint8_t *w, int64_t rb, const int32_t *rows, int n,                \
                                 const void *const *xv, const int NA, float *out) {                                  \
         const block_q8 *const *x = (const block_q8 *const *)xv;                                                     \
         const int64_t nb = K / QK;                                                                                  \
