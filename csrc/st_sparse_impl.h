@@ -380,9 +380,12 @@ static inline __m256i FN(sum8x8)(const __m256i *p) {
 #endif
 
 /* out[a] = row . x[a] for NA activation rows (1 or 4: prefill's pairs share the row's loads) of one
- * row-split row of nb blocks; xd, xs: the activation blocks' d and s, nb apart per row */
-static inline __attribute__((always_inline)) void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const block_q8 *const *x, const float *xd,
-                              const float *xs, const int NA, float *out) {
+ * row-split row of nb blocks; xd, xs: the activation blocks' d and s, nb apart per row. Inlined into
+ * each caller, where NA and fmt are constants: the row's sums then stay in registers (as a function
+ * over any NA they went through the stack: docs/c_backend.md, "Sparse ReGLU", has the difference) */
+#define ST_INLINE static inline __attribute__((always_inline))
+ST_INLINE void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const block_q8 *const *x, const float *xd,
+                          const float *xs, const int NA, float *out) {
     const uint8_t *sc = row, *qs = row + 2 * nb;
     const int q4 = fmt == ST_Q4_0RS;
     float sum[4] = {0}, sa[4] = {0};   /* sa: the q4 correction, sum of d * s over the blocks */
@@ -450,8 +453,8 @@ static inline __attribute__((always_inline)) void FN(rs_dot)(int32_t fmt, int64_
 /* sel: one activation row; sel4: four, out[4 * j + a] (prefill's token-expert pairs, rows[] live in
  * any of them) */
 #define ST_SEL_FN(NAME, CODE)                                                                                       \
-    static inline __attribute__((always_inline)) void FN(seln_##NAME)(int64_t K, const uint8_t *w, int64_t rb, const int32_t *rows, int n,                \
-                                const void *const *xv, const int NA, float *out) {                                  \
+    ST_INLINE void FN(seln_##NAME)(int64_t K, const uint8_t *w, int64_t rb, const int32_t *rows, int n,             \
+                                   const void *const *xv, const int NA, float *out) {                               \
         const block_q8 *const *x = (const block_q8 *const *)xv;                                                     \
         const int64_t nb = K / QK;                                                                                  \
         float xd[4 * nb], xs[4 * nb];                                                                               \
@@ -476,3 +479,4 @@ static inline __attribute__((always_inline)) void FN(rs_dot)(int32_t fmt, int64_
 ST_SEL_FN(q4_0rs, ST_Q4_0RS)
 ST_SEL_FN(q8_0rs, ST_Q8_0RS)
 #undef ST_SEL_FN
+#undef ST_INLINE
