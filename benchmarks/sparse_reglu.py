@@ -1,7 +1,7 @@
 """Sparse ReGLU's expert stage on the C backend at a chosen share of live neurons, in each layout.
 
     python benchmarks/sparse_reglu.py [--fmt q4_0|q8_0|q4_k|q6_k] [--live 0.75,0.5,0.25,0.1] [--threads 1,2]
-        [--experts 512]
+        [--experts 512] [--builds A.so,B.so]
 
 One decode step's experts (top 4 of --experts, the 4b-a0.6b shape: hidden 1536, 768 neurons each),
 timed through `CBackend.moe` with the three ST_C_SPARSE_LAYOUT layouts side by side: "off" (gate, up
@@ -16,10 +16,18 @@ row is all positive (live for every token) with probability --live, else all neg
 give about 0.5; trained ReGLU experts far fewer (`st-sdk generate MODEL --stats` measures a model's).
 Prints the median time per step over rounds in which the layouts alternate, and each layout's ratio
 to "off".
+
+`--builds A.so,B.so` compares builds of the kernels instead (backends/c/_st_kernels.abi3.so, or another
+build of it, as ST_C_KERNELS_PATH takes), in one process: the experts are converted once by the
+installed build, then each build's `st_moe` (loaded with ctypes) runs the same 300 steps in every layout,
+builds and layouts alternated round by round, so the host's drift weighs on all of them alike; separate
+runs of this script move by more than a kernel change does on a host whose memory bandwidth moves. Each
+build's output is checked against the first's (1e-4 of its largest value) before timing.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 from statistics import median
 
@@ -33,6 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--experts", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--builds", help="comma-separated paths of kernel builds to compare in one process")
     a = ap.parse_args()
 
     from st_sdk.backend import Param
@@ -57,6 +66,11 @@ def main() -> None:
                    "up+down": ({"repack_rows": True}, {"row_split": True}, {"neuron_major": True})}
         prepared = {name: [Param(raw[p], ops.CExperts(raw[p], **kw)) for p, kw in zip(("gate", "up", "down"), kws)]
                     for name, kws in layouts.items()}
+        if a.builds:
+            for threads in (int(t) for t in a.threads.split(",")):
+                compare_builds(a.builds.split(","), prepared, x, w, E, k, threads, a.rounds, rng, live)
+            del prepared, raw
+            continue
         for threads in (int(t) for t in a.threads.split(",")):
             b = CBackend(n_threads=threads)
             b.setup()
@@ -74,6 +88,57 @@ def main() -> None:
             cells = ", ".join(f"{name} {median(v) * 1e6:.0f} us ({base / median(v):.2f}x)" for name, v in times.items())
             print(f"live {live:.2f}, {threads} thread{'s' if threads > 1 else ''}: {cells}", flush=True)
         del prepared, raw
+
+
+def compare_builds(paths, prepared, x, w, E: int, k: int, threads: int, rounds: int, rng, live: float,
+                   steps: int = 300) -> None:
+    """Every build's st_moe over the same steps in every layout, alternated round by round (see --builds)."""
+    from st_sdk_backends.c import ops
+    from st_sdk_backends.c.backend import best_variant
+
+    ffi, lib = ops.ffi_lib()
+    variant = ops.VARIANTS[best_variant(lib)]
+    addr = lambda p: ctypes.c_void_p(int(ffi.cast("uintptr_t", p)))   # noqa: E731
+    layouts = {name: [addr(part.value.struct) for part in parts] for name, parts in prepared.items()}
+    builds = []
+    for path in paths:
+        so = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+        so.st_pool_new.restype = ctypes.c_void_p
+        so.st_moe.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
+            [ctypes.c_int32, ctypes.c_void_p]
+        if so.st_set_variant(variant):
+            raise SystemExit(f"{path}: no kernels for this host's instruction set")
+        builds.append((path, so, ctypes.c_void_p(so.st_pool_new(threads))))
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(steps)]).astype(np.int64)
+    out = np.empty_like(x)
+    ptr = lambda arr, i=0: ctypes.c_void_p(arr.ctypes.data + i * arr.strides[0])   # noqa: E731
+
+    def run(so, pool, parts, n):
+        for i in range(n):
+            if so.st_moe(pool, *parts, ptr(x), 1, k, ptr(ids, i), ptr(w), 1, ptr(out)):
+                raise SystemExit("st_moe failed")
+
+    ref = None
+    for path, so, pool in builds:
+        for name, parts in layouts.items():
+            run(so, pool, parts, 1)
+            if ref is None:
+                ref = out.copy()
+            if np.abs(out - ref).max() > 1e-4 * np.abs(ref).max():
+                raise SystemExit(f"{path}, {name}: the output differs from the first build's off layout")
+    variants = [(b, name) for b in range(len(builds)) for name in layouts]
+    times: dict = {v: [] for v in variants}
+    for r in range(rounds + 1):   # round 0 warms up; the order reverses every round
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            _, so, pool = builds[v[0]]
+            t0 = time.perf_counter()
+            run(so, pool, layouts[v[1]], steps)
+            if r:
+                times[v].append((time.perf_counter() - t0) / steps)
+    print(f"live {live:.2f}, {threads} thread{'s' if threads > 1 else ''}, median of {rounds} rounds of {steps} steps:")
+    for b, (path, _, _) in enumerate(builds):
+        print(f"  {path}: " + ", ".join(f"{name} {median(times[(b, name)]) * 1e6:.1f} us" for name in layouts),
+              flush=True)
 
 
 if __name__ == "__main__":
