@@ -14,7 +14,8 @@ time amount to, and st-sdk's live-neuron fraction and expert bytes actually read
 dense limit in st-sdk's own terms is printed too: the rate its dense kernels stream the output head
 from memory, against the dense bytes per token at its decode rate (above 100%: past the dense limit,
 which only skipping bytes can do), and on the C backend where its decode step's time goes, stage by
-stage (Backend.stage_seconds), with each weight stage's dense bytes and the rate they imply. The
+stage (Backend.stage_seconds), with each weight stage's dense bytes and the rate they imply, and for
+the expert stages, where the sparse layouts skip dead neurons' bytes, the bytes read and their rate. The
 load average before and after is printed too. Environment variables reach the st-sdk child
 (ST_C_SPARSE=0, ST_C_SPARSE_LAYOUT=up+down: docs/c_backend.md).
 """
@@ -112,6 +113,17 @@ def stage_bytes(runner) -> dict | None:
             "gate_up": w["gate"] + w["up"], "down": w["down"], "head": w["head"]}
 
 
+def stage_read_bytes(weights: dict | None, sparsity: dict | None) -> dict:
+    """The bytes the expert stages read per decode step where sparse ReGLU's layouts skip some (the
+    counters of Backend.sparsity: down's own, the rest gate and up), so their rate is the one their
+    memory traffic ran at; {} where nothing was skipped or nothing was counted."""
+    if not weights or not sparsity or "down_bytes_per_token" not in sparsity \
+            or sparsity["expert_bytes_per_token"] >= sparsity["dense_expert_bytes_per_token"]:
+        return {}
+    down = sparsity["down_bytes_per_token"]
+    return {"gate_up": sparsity["expert_bytes_per_token"] - down, "down": down}
+
+
 def cpu_bandwidth(mib: int = 512, repeats: int = 7) -> float:
     """Read bandwidth in bytes per second of CPU time: one thread summing a uint64 array of `mib` MiB
     (median of `repeats`), the same clock as the figures it is compared with."""
@@ -201,10 +213,13 @@ def main() -> None:
         wall = median(x["decode_wall"] for x in res["st-sdk"])
         print(f"where st-sdk's decode step goes (the fused pass's stages, medians over rounds; the barriers "
               f"waiting for the other threads included; the rest of the {wall * 1e3:.2f} ms is outside the pass):")
+        read = stage_read_bytes(weights, sparsity)
         for name in stages[0]:
             t = median(x[name] for x in stages)
             b = (weights or {}).get(name)
             rate = f"   {b / 1e6:7.1f} MB dense  {b / t / 1e9:5.1f} GB/s" if b and t > 0 else ""
+            if name in read and t > 0:
+                rate += f"   {read[name] / 1e6:7.1f} MB read  {read[name] / t / 1e9:5.1f} GB/s"
             print(f"  {name:12s} {t * 1e3:7.3f} ms {t / wall:6.1%}{rate}")
     if sparsity:
         print(f"st-sdk sparse ReGLU over {sparsity['tokens']} decode steps: {sparsity['live_fraction']:.1%} of expert "

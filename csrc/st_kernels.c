@@ -446,7 +446,7 @@ static void group_pairs(jctx *c) {
 
 /* ---- sparse counters (st_sparse_stats) ----------------------------------------------------------- */
 #define ST_STAT_LAYERS 1024
-static int64_t sparse_stats[ST_STAT_LAYERS][5];
+static int64_t sparse_stats[ST_STAT_LAYERS][ST_SPARSE_STATS];
 
 /* bytes of one expert's matrix (row_bytes of a repacked layout counts 8 rows) */
 static int64_t expert_bytes(const st_experts *w) { return w->rows * w->row_bytes / (fmt_x8(w->fmt) ? 8 : 1); }
@@ -472,7 +472,7 @@ static void count_sparse(const jctx *c, int ith, int64_t lo, int64_t hi) {
     const int64_t F = c->F;
     const int64_t gb = expert_bytes(c->gate), ub = expert_bytes(c->up), db = expert_bytes(c->down);
     const int64_t un = c->sparse ? neuron_bytes(c->up, 0) : 0, dn = neuron_bytes(c->down, 1);
-    int64_t live = 0, bytes = 0, dense = 0;
+    int64_t live = 0, bytes = 0, dense = 0, down = 0;
     for (int64_t e = 0; e < c->E; e++) {
         int64_t p0 = c->offs[e], p1 = c->offs[e + 1], dead = 0;
         if (p0 == p1) continue;
@@ -488,8 +488,10 @@ static void count_sparse(const jctx *c, int ith, int64_t lo, int64_t hi) {
         if (ith == 0) {
             dense += gb + ub + db;
             bytes += gb + ub + db;
+            down += db;
         }
         bytes -= dead * (un + dn);
+        down -= dead * dn;
     }
     int64_t *st = sparse_stats[c->layer];
     __atomic_fetch_add(&st[0], live, __ATOMIC_RELAXED);
@@ -499,6 +501,7 @@ static void count_sparse(const jctx *c, int ith, int64_t lo, int64_t hi) {
     }
     __atomic_fetch_add(&st[2], bytes, __ATOMIC_RELAXED);
     __atomic_fetch_add(&st[3], dense, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&st[5], down, __ATOMIC_RELAXED);
 }
 
 int st_sparse_stats(int64_t *out, int64_t n) {

@@ -92,10 +92,11 @@ int st_row_split(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64
  * rows * st_row_bytes(fmt, cols) bytes */
 int st_neuron_major(int32_t fmt, const void *src, int64_t rows, int64_t cols, int64_t src_row_bytes, void *dst);
 /* what the fused expert stage saw since the last reset (every model in the process), per layer
- * (layers >= n are not kept): out[5 * layer + 0] live neurons (z != 0) over all token-expert pairs,
- * [1] neurons of those pairs, [2] expert weight bytes read (gate whole; up and down only for neurons
- * live in some pair of the expert where their layout allows it), [3] the bytes a dense pass reads,
- * [4] tokens; returns the layers kept */
+ * (layers >= n are not kept): out[ST_SPARSE_STATS * layer + 0] live neurons (z != 0) over all
+ * token-expert pairs, [1] neurons of those pairs, [2] expert weight bytes read (gate whole; up and down
+ * only for neurons live in some pair of the expert where their layout allows it), [3] the bytes a dense
+ * pass reads, [4] tokens, [5] the part of [2] the down projection read; returns the layers kept */
+enum { ST_SPARSE_STATS = 6 };
 int st_sparse_stats(int64_t *out, int64_t n);
 void st_sparse_stats_reset(void);
 /* float32 rows -> Q2_K..Q6_K blocks with ggml's reference rounding (no importance matrix) */

@@ -240,8 +240,9 @@ class Backend:
     def sparsity(self, reset: bool = False) -> dict[str, Any] | None:
         """Sparse ReGLU counters, for backends whose expert kernels skip dead neurons (None otherwise):
         live_fraction (neurons with relu(gate) > 0 over all token-expert pairs), layer_live_fraction,
-        tokens, expert_bytes_per_token (weight bytes the expert kernels read) and
-        dense_expert_bytes_per_token (what a dense pass reads), since the last reset=True call."""
+        tokens, expert_bytes_per_token (weight bytes the expert kernels read; down_bytes_per_token of them
+        the down projection's, the rest gate and up) and dense_expert_bytes_per_token (what a dense pass
+        reads), since the last reset=True call."""
         return None
 
     def prepare(self, param: Param, role: str) -> Any:

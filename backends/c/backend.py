@@ -206,7 +206,7 @@ class CBackend(Backend):
         """The fused expert stage's counters (csrc st_sparse_stats), shared by every model this process
         runs on the C backend; per-op moe calls (memory-budget mode) are not counted."""
         ffi, lib = ffi_lib()
-        st = np.zeros((1024, 5), np.int64)
+        st = np.zeros((1024, lib.ST_SPARSE_STATS), np.int64)
         kept = lib.st_sparse_stats(ffi.cast("int64_t *", st.ctypes.data), st.shape[0])
         if reset:
             lib.st_sparse_stats_reset()
@@ -219,6 +219,7 @@ class CBackend(Backend):
         return {"live_fraction": float(st[used, 0].sum() / st[used, 1].sum()),
                 "layer_live_fraction": [float(a / b) if b else None for a, b in zip(layers[:, 0], layers[:, 1])],
                 "tokens": tokens, "expert_bytes_per_token": float(st[used, 2].sum() / tokens),
+                "down_bytes_per_token": float(st[used, 5].sum() / tokens),
                 "dense_expert_bytes_per_token": float(st[used, 3].sum() / tokens)}
 
     def stage_seconds(self, reset: bool = False) -> dict[str, float]:
