@@ -262,11 +262,11 @@ def test_sparsity_counters(tmp_path, monkeypatch):
     assert seen["neuron-major"]["expert_bytes_per_token"] < seen["row-split"]["expert_bytes_per_token"]
     # the down projection's share: a third of the dense bytes (gate, up, down alike in Q4_0) until the
     # neuron-major layout skips dead columns; the row-split up saves only in gate/up
-    dense = seen["dense"]["dense_expert_bytes_per_token"]
-    assert seen["dense"]["down_bytes_per_token"] == seen["row-split"]["down_bytes_per_token"] == dense / 3
-    assert seen["neuron-major"]["down_bytes_per_token"] < dense / 3
-    assert seen["neuron-major"]["expert_bytes_per_token"] - seen["neuron-major"]["down_bytes_per_token"] == \
-        seen["row-split"]["expert_bytes_per_token"] - seen["row-split"]["down_bytes_per_token"]
+    third = pytest.approx(seen["dense"]["dense_expert_bytes_per_token"] / 3, rel=1e-12)
+    assert seen["dense"]["down_bytes_per_token"] == third and seen["row-split"]["down_bytes_per_token"] == third
+    assert seen["neuron-major"]["down_bytes_per_token"] < third.expected * 0.9
+    gate_up = {k: v["expert_bytes_per_token"] - v["down_bytes_per_token"] for k, v in seen.items()}
+    assert gate_up["neuron-major"] == pytest.approx(gate_up["row-split"], rel=0.01)   # live neurons as below
     # the same tokens and weights: the same neurons live whatever the layout (up to a sign a
     # different float summation order may flip)
     assert abs(seen["dense"]["live_fraction"] - seen["neuron-major"]["live_fraction"]) < 0.01
