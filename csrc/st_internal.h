@@ -21,6 +21,10 @@
 #define ST_PREFETCH 2048
 #endif
 
+/* a kernel body inlined into each caller, where its shape arguments (rows, activation rows, format)
+ * are constants: its sums then stay in registers (st_repack_impl.h, st_sparse_impl.h) */
+#define ST_INLINE static inline __attribute__((always_inline))
+
 /* the `bytes` at p fetched ahead into L2 (prefetcht1 on x86), for reads that lie apart where the
  * hardware's stream prefetchers do not look: sparse ReGLU's live rows and columns */
 static inline void st_fetch(const uint8_t *p, int64_t bytes) {

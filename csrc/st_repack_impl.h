@@ -7,7 +7,6 @@
  * unpacks each row back to the file layout and runs the row kernel.
  */
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-#define ST_INLINE static inline __attribute__((always_inline))
 static inline __m256 FN(ld_f16x8)(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 /* out[8 t + j] = acc[t] lane j (- accm[t] lane j) */
 #define ST_STORE_OUT(NT, ACC, ACCM)                                                                      \
@@ -379,7 +378,6 @@ ST_X8_KERNELS(iq4_xsx8, FN(iq4_xsx8))
 #undef ST_Q4K
 #undef ST_Q5K
 #undef ST_X8_KERNELS
-#undef ST_INLINE
 
 #else   /* generic: each row back to the file layout, then the row kernel */
 #define ST_X8_KERNELS(NAME, FMT, ROWDOT)                                                                  \

@@ -383,7 +383,6 @@ static inline __m256i FN(sum8x8)(const __m256i *p) {
  * row-split row of nb blocks; xd, xs: the activation blocks' d and s, nb apart per row. Inlined into
  * each caller, where NA and fmt are constants: the row's sums then stay in registers (as a function
  * over any NA they went through the stack: docs/c_backend.md, "Sparse ReGLU", has the difference) */
-#define ST_INLINE static inline __attribute__((always_inline))
 ST_INLINE void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const block_q8 *const *x, const float *xd,
                           const float *xs, const int NA, float *out) {
     const uint8_t *sc = row, *qs = row + 2 * nb;
@@ -479,4 +478,3 @@ ST_INLINE void FN(rs_dot)(int32_t fmt, int64_t nb, const uint8_t *row, const blo
 ST_SEL_FN(q4_0rs, ST_Q4_0RS)
 ST_SEL_FN(q8_0rs, ST_Q8_0RS)
 #undef ST_SEL_FN
-#undef ST_INLINE
