@@ -389,6 +389,11 @@ const char *st_stage_name(int stage) {
 void st_stage_seconds_reset(void) {
     for (int i = 0; i < ST_N_STAGES; i++) atomic_store_explicit(&stage_seconds[i], 0.0, memory_order_relaxed);
 }
+int st_stage_seconds_set(const double *in, int n) {
+    if (!in || n < 0) return ST_EARG;
+    for (int i = 0; i < ST_N_STAGES && i < n; i++) atomic_store_explicit(&stage_seconds[i], in[i], memory_order_relaxed);
+    return ST_OK;
+}
 double st_attention_seconds(void) { return atomic_load_explicit(&stage_seconds[ST_STAGE_ATTENTION], memory_order_relaxed); }
 
 /* ---- one job context shared by the fused and the per-op entry points ----------------------------- */
@@ -511,6 +516,13 @@ int st_sparse_stats(int64_t *out, int64_t n) {
     return (int)kept;
 }
 void st_sparse_stats_reset(void) { memset(sparse_stats, 0, sizeof sparse_stats); }
+int st_sparse_stats_set(const int64_t *in, int64_t n) {
+    if (!in || n < 0) return ST_EARG;
+    const int64_t kept = n < ST_STAT_LAYERS ? n : ST_STAT_LAYERS;
+    memset(sparse_stats, 0, sizeof sparse_stats);
+    memcpy(sparse_stats, in, (size_t)kept * sizeof sparse_stats[0]);
+    return ST_OK;
+}
 
 /* fused ReGLU: per expert, gate rows, then up rows only where relu(gate) > 0 (sparse), z = relu(g)*u;
  * each thread owns whole 32-row blocks of F so it can quantise its part of z (to blocks of 32) without

@@ -99,6 +99,9 @@ int st_neuron_major(int32_t fmt, const void *src, int64_t rows, int64_t cols, in
 enum { ST_SPARSE_STATS = 6 };
 int st_sparse_stats(int64_t *out, int64_t n);
 void st_sparse_stats_reset(void);
+/* the counters back to what st_sparse_stats gave (the first n layers; the rest zero): a pass run for
+ * the library's own purposes (the live shares measured at load) leaves no trace in them */
+int st_sparse_stats_set(const int64_t *in, int64_t n);
 /* float32 rows -> Q2_K..Q6_K blocks with ggml's reference rounding (no importance matrix) */
 int st_quantize_rows(int32_t fmt, const float *x, int64_t rows, int64_t cols, void *dst);
 /* activations as the kernels quantise them: Q8_0-style blocks of 32 ({float d, s; int8 qs[32]}, 40
@@ -138,6 +141,8 @@ int st_stage_seconds(double *out, int n);
 /* stage i's name ("attention", "gate_up", ...), NULL past the last */
 const char *st_stage_name(int stage);
 void st_stage_seconds_reset(void);
+/* the clocks back to what st_stage_seconds gave (the first n stages) */
+int st_stage_seconds_set(const double *in, int n);
 double st_attention_seconds(void);
 int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH,
                  int64_t nKV, int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out);

@@ -296,3 +296,68 @@ class TestCConformanceNeuronMajor(ConformanceSuite):
             self.sparse_layout = "up+down"
 
     formats = SPARSE_FORMATS + NM_KQUANTS
+
+
+def _trained_tiny(tmp_path):
+    """The tiny preset with 8 layers and the trained model's routing: shares of live neurons that differ
+    from layer to layer (5-30%), in a width the sparse layouts take."""
+    from st_sdk.synth import write_model
+
+    return write_model(tmp_path, preset="tiny", layers=8, formats=("gguf",), dtype="q4_0", seed=0,
+                       routing="trained")["gguf"]
+
+
+def test_auto_chooses_each_layers_layout_from_its_live_share(tmp_path, monkeypatch):
+    """ST_C_SPARSE_LAYOUT=auto (the default): each layer's live share is measured at load, and its up and
+    down take the sparse layouts below ST_C_SPARSE_LIVE, the repacked one above; the logits stay the
+    dense path's."""
+    import st_sdk
+
+    _available()
+    path = _trained_tiny(tmp_path)
+    monkeypatch.delenv("ST_C_SPARSE_LAYOUT", raising=False)
+    first = st_sdk.load(path, backend="c")
+    shares = first.backend.load_live_shares
+    assert len(shares) == 8 and all(0.0 < s < 1.0 for s in shares)
+    threshold = float(np.median(shares))
+    monkeypatch.setenv("ST_C_SPARSE_LIVE", repr(threshold))
+    m = st_sdk.load(path, backend="c")
+    assert m.backend.load_live_shares == shares   # the same seeded tokens at every load
+    want = ["up+down" if s < threshold else "off" for s in shares]
+    assert m.backend.layer_layouts == want and "up+down" in want and "off" in want
+    for lp, layout in zip(m.params.layers, want):
+        sparse = layout == "up+down"
+        assert (lp.gate.value.layout, lp.up.value.layout, lp.down.value.layout) == \
+            ("repacked", "row_split" if sparse else "repacked", "neuron_major" if sparse else "repacked")
+    n = want.count("up+down")
+    assert m.backend.describe()["sparse_layout"] == \
+        f"auto: up+down in {n} of 8 layers (live < {threshold:.0%}), off in {8 - n}"
+    monkeypatch.setenv("ST_C_SPARSE", "0")
+    dense = st_sdk.load(path, backend="c")
+    assert rel_err(m.logits(IDS), dense.logits(IDS)) < 1e-5
+
+
+def test_measuring_live_shares_at_load_leaves_the_counters_as_they_were(tmp_path, monkeypatch):
+    import st_sdk
+
+    b = _available()
+    path = _trained_tiny(tmp_path)
+    monkeypatch.setenv("ST_C_SPARSE_LAYOUT", "auto")
+    m = st_sdk.load(path, backend="c")
+    m.logits(IDS[:4])
+    before, clocks = b.sparsity(), b.stage_seconds()
+    assert before["tokens"] >= 4
+    again = st_sdk.load(path, backend="c")
+    assert again.backend.layer_layouts is not None   # the live shares were measured
+    assert b.sparsity() == before and b.stage_seconds() == clocks
+
+
+def test_a_bad_live_threshold_is_refused(monkeypatch):
+    from st_sdk.errors import BackendError
+
+    _available()
+    monkeypatch.setenv("ST_C_SPARSE_LAYOUT", "auto")
+    for bad in ("1.5", "half"):
+        monkeypatch.setenv("ST_C_SPARSE_LIVE", bad)
+        with pytest.raises(BackendError, match=f"ST_C_SPARSE_LIVE='{bad}'"):
+            CBackend().setup()

@@ -536,6 +536,7 @@ def test_lfru_victims_chosen_together_are_taken_only_while_unused(tmp_path):
 
 
 @pytest.mark.parametrize("dtype, layout, names", [("q4_0", "off", ("repacked", "repacked", "repacked")),
+                                                  ("q4_0", "auto", ("repacked", "repacked", "repacked")),
                                                   ("q4_0", "up+down", ("repacked", "row_split", "neuron_major")),
                                                   ("q4_k", "up+down", ("repacked", "file", "neuron_major"))])
 def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatch, dtype, layout, names):
@@ -555,6 +556,8 @@ def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatc
     m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget_for(path, 6, backend="c"), context=64)
     lp = m.params.layers[0]
     assert tuple(p.raw.layout.name if p.raw.layout else "file" for p in (lp.gate, lp.up, lp.down)) == names
+    if layout == "auto":   # no live shares measured under a budget: the repacked layouts
+        assert m.backend.describe()["sparse_layout"] == "off (auto, under a memory budget)"
     want = resident.logits(IDS)
     np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=1e-4 * np.abs(want).max())
     s, r = m.session(), resident.session()

@@ -22,6 +22,7 @@ from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
 from .cache import KV_DTYPES, CKVCache, CLayerKV
+from .layouts import choose_layouts, describe_layouts, live_threshold as threshold_for
 from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr
 
 _pools: dict[tuple[int, int | None], object] = {}
@@ -127,8 +128,8 @@ def _moe_inputs(x, ids, weights, H: int, E: int):
 #: stalls every barrier (measured on 2 cores with the load average at 17: the tiny preset decoded at
 #: ~750 tok/s on one thread, ~50 on two). Only when the thread count was not asked for.
 SMALL_STEP_BYTES = 1 << 20
-#: ST_C_SPARSE_LAYOUT values
-SPARSE_LAYOUTS = ("off", "up", "up+down")
+#: ST_C_SPARSE_LAYOUT values ("auto": chosen layer by layer at load, backends/c/layouts.py)
+SPARSE_LAYOUTS = ("auto", "off", "up", "up+down")
 
 
 class CBackend(Backend):
@@ -149,9 +150,15 @@ class CBackend(Backend):
         self.variant: str | None = None
         self.sparse = os.environ.get("ST_C_SPARSE", "1") != "0"
         # layouts that let a dead neuron cost no bytes: "up" (row-split up), "up+down" (and a neuron-major
-        # down), or "off" (repacked, the default: faster when half the neurons are live, as on random
-        # weights; docs/c_backend.md, "Sparse ReGLU")
-        self.sparse_layout = os.environ.get("ST_C_SPARSE_LAYOUT", "off").strip() or "off"
+        # down), "off" (repacked: faster when half the neurons are live, as on random weights), or "auto"
+        # (the default: "up+down" in the layers whose share of live neurons, measured at load, is low,
+        # "off" in the others; "off" under a memory budget). docs/c_backend.md, "Sparse ReGLU"
+        self.sparse_layout = os.environ.get("ST_C_SPARSE_LAYOUT", "auto").strip() or "auto"
+        self.pending: set[int] = set()   # ids of up/down CExperts left in the file's layout until prepare_model
+        self.layer_layouts: list[str] | None = None   # "auto": each layer's layout, chosen at load
+        self.load_live_shares: list[float | None] | None = None   # "auto": each layer's live share at load
+        self.live_threshold: float | None = None
+        self._offloaded = False   # a model's experts are read through a memory budget's cache
         # Q4_0/Q8_0 matrices repacked 8 rows at a time for the SIMD kernels: faster, costs a copy
         self.repack = os.environ.get("ST_C_REPACK", "1") != "0"
         self._idle_spin: int | None = None   # BUDGET_IDLE_SPIN once a budget layer has run
@@ -174,6 +181,8 @@ class CBackend(Backend):
             raise BackendError(f"ST_C_SPARSE_LAYOUT={self.sparse_layout!r}: expected one of "
                                f"{', '.join(SPARSE_LAYOUTS)}")
         self.variant = set_variant()
+        if self.sparse_layout == "auto":
+            threshold_for(self.variant)   # a bad ST_C_SPARSE_LIVE fails here, before any weight is read
 
     def score(self, hardware, fmt: str) -> float:
         flags = cpu_flags(hardware)
@@ -186,7 +195,7 @@ class CBackend(Backend):
     def describe(self):
         d = {"device": "cpu", "compute_dtype": "float32 (q8 activations for quantised weights)",
              "variant": self.variant or os.environ.get("ST_C_VARIANT") or "unset", "threads": self.threads,
-             "sparse_reglu": self.sparse, "sparse_layout": self.sparse_layout if self.sparse else "off",
+             "sparse_reglu": self.sparse, "sparse_layout": self._layout_summary(),
              "copied_weight_bytes": self.copied_bytes,
              "repacked_weight_bytes": self.repacked_bytes, "released_map_bytes": self.released_map_bytes,
              "huge_page_weight_bytes": self.arena.nbytes if self.arena.huge else 0,
@@ -246,7 +255,11 @@ class CBackend(Backend):
             raw = self._convert(raw)
         rp = self._repacking() and role != "embed"   # the embedding is read by rows: keep the file's
         if role in EXPERT_ROLES:
-            v = CExperts(raw, **self._expert_layouts(role), arena=self.arena)
+            if raw is param.raw and self._choose_at_load(raw, role):
+                v = CExperts(raw)   # the file's layout (no copy) until prepare_model measures live shares
+                self.pending.add(id(v))
+            else:
+                v = CExperts(raw, **self._expert_layouts(role), arena=self.arena)
         elif role in MATRIX_ROLES:
             v = CMat(raw, repack_rows=rp, arena=self.arena)
         else:
@@ -269,15 +282,36 @@ class CBackend(Backend):
         self.converted[key] = self.converted.get(key, 0) + out.nbytes
         return out
 
-    def _expert_layouts(self, role: str) -> dict:
-        """The layouts an expert matrix of `role` may take, in CExperts' order of preference: sparse
-        ReGLU's next to a repacked gate (the SIMD variants), where the type and shape have them
-        (row-split up: q4_0, q8_0; neuron-major down: those and q4_k, q6_k; hidden % 64 == 0); the
-        repacked layout otherwise, which skips up rows only for 8 dead neurons in a row."""
+    def _expert_layouts(self, role: str, layout: str | None = None) -> dict:
+        """The layouts an expert matrix of `role` may take under `layout` (default: ST_C_SPARSE_LAYOUT's;
+        "auto" is "off" until a layer's is chosen), in CExperts' order of preference: sparse ReGLU's
+        next to a repacked gate (the SIMD variants), where the type and shape have them (row-split up:
+        q4_0, q8_0; neuron-major down: those and q4_k, q6_k; hidden % 64 == 0); the repacked layout
+        otherwise, which skips up rows only for 8 dead neurons in a row."""
+        layout = layout or self.sparse_layout
         rp = self._repacking()
-        sparse = rp and self.sparse and self.sparse_layout != "off"
+        sparse = rp and self.sparse and layout in ("up", "up+down")
         return {"repack_rows": rp, "row_split": sparse and role == "up",
-                "neuron_major": sparse and role == "down" and self.sparse_layout == "up+down"}
+                "neuron_major": sparse and role == "down" and layout == "up+down"}
+
+    def _choose_at_load(self, raw, role: str) -> bool:
+        """Under "auto": whether this up or down matrix has a sparse layout other than its repacked one,
+        so that its layout waits for the live shares measured at load (backends/c/layouts.py)."""
+        if self.sparse_layout != "auto" or role not in ("up", "down") or len(raw.shape) != 3:
+            return False
+        _, rows, cols = (int(n) for n in raw.shape)
+        sparse, dense = (ops.layout(raw.fmt, rows, cols, **self._expert_layouts(role, lay)).name
+                         for lay in ("up+down", "off"))
+        return sparse != dense
+
+    def _layout_summary(self) -> str:
+        if not self.sparse:
+            return "off"
+        if self.layer_layouts is not None:
+            return describe_layouts(self.layer_layouts, self.live_threshold)
+        if self.sparse_layout == "auto" and self._offloaded:
+            return "off (auto, under a memory budget)"
+        return self.sparse_layout
 
     def expert_layout(self, fmt: str, rows: int, cols: int, role: str):
         """Experts read into a memory budget's cache take the layout loaded experts get (repacked, or
@@ -302,8 +336,12 @@ class CBackend(Backend):
             self.repacked_bytes += head.repacked
             params.head = Param(params.embed.raw, head)
         if any(is_offloaded(lp.gate) for lp in params.layers):
+            self._offloaded = True
             self._hold_mapped(params)
         params.extra["c_model"] = self._model_struct(params, config)
+        if self.pending:   # "auto": each layer's up and down layout, from its live share measured now
+            choose_layouts(self, params, config)
+            params.extra["c_model"] = self._model_struct(params, config)
         self._step_bytes = bytes_per_token(params, config)
 
     def _hold_mapped(self, params) -> None:

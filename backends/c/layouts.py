@@ -1,0 +1,101 @@
+"""Sparse ReGLU's layouts chosen layer by layer (ST_C_SPARSE_LAYOUT=auto, the default).
+
+Whether skipping a dead neuron's bytes pays depends on how many neurons are live: the row-split up and
+neuron-major down read the live neurons' rows and columns one by one, which a core reads more slowly
+than the repacked layout's long streams, so they win only where few neurons are live
+(docs/c_backend.md, "Sparse ReGLU"). A model's share of live neurons differs from layer to layer (the
+trained routing's 4b-a0.6b: 1.5-8% in layers 4-11, 40-47% in layers 12-31). So at load the C backend
+runs a short prefill of random tokens with the up and down projections still in the file's layout
+(no copy), reads each layer's share of live neurons from the fused pass's counters, and then builds
+each layer's up and down in the sparse layouts where its share is below `live_threshold`, repacked
+elsewhere. The counters and stage clocks are put back as they were, so the measurement leaves no
+trace in `Backend.sparsity()` or `stage_seconds()`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from st_sdk.backend import Param
+from st_sdk.errors import BackendError
+
+from .ops import CExperts, ffi_lib
+
+#: tokens of the prefill that measures each layer's share of live neurons at load
+CALIBRATION_TOKENS = 32
+#: below this share of live neurons a layer takes the sparse layouts (row-split up, neuron-major down),
+#: per kernel variant: where `python benchmarks/sparse_reglu.py` put the expert stage's crossover with
+#: the repacked layout, at 2 threads (AVX2: a Zen 3 EPYC, 2026-12-06, 1.08x at 35% live and 0.93x at
+#: 40%; AVX-512: a Zen 4 EPYC, 2026-12-05, 0.98x at 25%, 1.28x at 10%)
+LIVE_THRESHOLD = {"avx2": 0.35, "avx512": 0.25}
+#: the layouts a layer may get
+SPARSE, DENSE = "up+down", "off"
+
+
+def live_threshold(variant: str | None) -> float:
+    """ST_C_SPARSE_LIVE (a share in [0, 1]) if set, else the variant's measured crossover."""
+    text = os.environ.get("ST_C_SPARSE_LIVE", "").strip()
+    if not text:
+        return LIVE_THRESHOLD.get(variant or "", 0.3)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise BackendError(f"ST_C_SPARSE_LIVE={text!r}: expected a share of live neurons between 0 and 1")
+    return value
+
+
+def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[float | None]:
+    """Each layer's share of live expert neurons over a prefill of `tokens` random tokens (seeded: the
+    same every load) through the model as prepared so far; None for a layer the counters did not see.
+    The process-wide counters and stage clocks are left as they were."""
+    ffi, lib = ffi_lib()
+    n_layers = len(params.layers)
+    kept = np.zeros((1024, lib.ST_SPARSE_STATS), np.int64)   # csrc keeps up to 1024 layers
+    n_kept = lib.st_sparse_stats(ffi.cast("int64_t *", kept.ctypes.data), kept.shape[0])
+    clocks = ffi.new("double[]", 64)
+    n_clocks = lib.st_stage_seconds(clocks, 64)
+    try:
+        tokens = max(1, min(tokens, cfg.vocab_size))
+        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, tokens).astype(np.int64)
+        cache = backend.new_cache(cfg, tokens)
+        backend.forward(cfg, params, ids, np.arange(tokens, dtype=np.int64), cache, last_only=True)
+        after = np.zeros_like(kept)
+        lib.st_sparse_stats(ffi.cast("int64_t *", after.ctypes.data), after.shape[0])
+    finally:
+        lib.st_sparse_stats_set(ffi.cast("int64_t *", kept.ctypes.data), n_kept)
+        lib.st_stage_seconds_set(clocks, n_clocks)
+    seen = after - kept
+    return [float(live / total) if total > 0 else None for live, total in zip(seen[:n_layers, 0], seen[:n_layers, 1])]
+
+
+def choose_layouts(backend, params, cfg) -> None:
+    """For a model whose up and down projections `backend.prepare` left in the file's layout for now
+    (`backend.pending`): measure each layer's share of live neurons, then give each layer's up and down
+    the sparse layouts below the threshold and the repacked one elsewhere. Sets `backend.layer_layouts`
+    and `backend.load_live_shares`."""
+    shares = live_shares(backend, params, cfg)
+    threshold = live_threshold(backend.variant)
+    chosen = []
+    for i, lp in enumerate(params.layers):
+        share = shares[i] if i < len(shares) else None
+        layout = SPARSE if share is not None and share < threshold else DENSE
+        for role in ("up", "down"):
+            p = getattr(lp, role)
+            if id(p.value) not in backend.pending:
+                continue
+            backend.pending.discard(id(p.value))
+            v = CExperts(p.raw, **backend._expert_layouts(role, layout), arena=backend.arena)
+            backend.repacked_bytes += v.repacked
+            backend.released_map_bytes += v.released
+            setattr(lp, role, Param(p.raw, v))
+        chosen.append(layout)
+    backend.layer_layouts, backend.load_live_shares, backend.live_threshold = chosen, shares, threshold
+
+
+def describe_layouts(layouts: list[str], threshold: float) -> str:
+    """'auto: up+down in 12 of 32 layers (live < 35%), off in 20'."""
+    n = sum(1 for x in layouts if x == SPARSE)
+    return f"auto: {SPARSE} in {n} of {len(layouts)} layers (live < {threshold:.0%}), {DENSE} in {len(layouts) - n}"
