@@ -337,6 +337,30 @@ def test_auto_chooses_each_layers_layout_from_its_live_share(tmp_path, monkeypat
     assert rel_err(m.logits(IDS), dense.logits(IDS)) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
+def test_auto_uses_the_crossover_measured_for_the_files_types(tmp_path, monkeypatch, fmt):
+    """Without ST_C_SPARSE_LIVE the threshold is the kernel variant's and type family's measured
+    crossover (lower for the k-quants, whose up keeps the file's layout)."""
+    import st_sdk
+    from st_sdk.synth import write_model
+    from st_sdk_backends.c.layouts import LIVE_THRESHOLD
+
+    b = _available()
+    if not b._repacking():
+        pytest.skip("the sparse layouts need a SIMD variant")
+    monkeypatch.delenv("ST_C_SPARSE_LAYOUT", raising=False)
+    monkeypatch.delenv("ST_C_SPARSE_LIVE", raising=False)
+    shape = KQUANT_SHAPE if fmt in NM_KQUANTS else {}
+    path = write_model(tmp_path, preset="tiny", layers=8, formats=("gguf",), dtype=fmt, seed=0, routing="trained",
+                       **shape)["gguf"]
+    m = st_sdk.load(path, backend="c")
+    threshold = LIVE_THRESHOLD[(b.variant, "k" if fmt in NM_KQUANTS else "legacy")]
+    assert m.backend.live_thresholds == [threshold] * 8
+    assert m.backend.layer_layouts == ["up+down" if s < threshold else "off" for s in m.backend.load_live_shares]
+    for lp, layout in zip(m.params.layers, m.backend.layer_layouts):
+        assert lp.down.value.layout == ("neuron_major" if layout == "up+down" else "repacked")
+
+
 def test_measuring_live_shares_at_load_leaves_the_counters_as_they_were(tmp_path, monkeypatch):
     import st_sdk
 

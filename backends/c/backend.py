@@ -157,7 +157,7 @@ class CBackend(Backend):
         self.pending: set[int] = set()   # ids of up/down CExperts left in the file's layout until prepare_model
         self.layer_layouts: list[str] | None = None   # "auto": each layer's layout, chosen at load
         self.load_live_shares: list[float | None] | None = None   # "auto": each layer's live share at load
-        self.live_threshold: float | None = None
+        self.live_thresholds: list[float] | None = None   # "auto": each layer's threshold
         self._offloaded = False   # a model's experts are read through a memory budget's cache
         # Q4_0/Q8_0 matrices repacked 8 rows at a time for the SIMD kernels: faster, costs a copy
         self.repack = os.environ.get("ST_C_REPACK", "1") != "0"
@@ -308,7 +308,7 @@ class CBackend(Backend):
         if not self.sparse:
             return "off"
         if self.layer_layouts is not None:
-            return describe_layouts(self.layer_layouts, self.live_threshold)
+            return describe_layouts(self.layer_layouts, self.live_thresholds)
         if self.sparse_layout == "auto" and self._offloaded:
             return "off (auto, under a memory budget)"
         return self.sparse_layout

@@ -25,19 +25,24 @@ from .ops import CExperts, ffi_lib
 #: tokens of the prefill that measures each layer's share of live neurons at load
 CALIBRATION_TOKENS = 32
 #: below this share of live neurons a layer takes the sparse layouts (row-split up, neuron-major down),
-#: per kernel variant: where `python benchmarks/sparse_reglu.py` put the expert stage's crossover with
-#: the repacked layout, at 2 threads (AVX2: a Zen 3 EPYC, 2026-12-06, 1.08x at 35% live and 0.93x at
-#: 40%; AVX-512: a Zen 4 EPYC, 2026-12-05, 0.98x at 25%, 1.28x at 10%)
-LIVE_THRESHOLD = {"avx2": 0.35, "avx512": 0.25}
+#: per kernel variant and family of types: where `python benchmarks/sparse_reglu.py` put the expert
+#: stage's crossover with the repacked layout, at 2 threads. Q4_0 and Q8_0 on AVX2 (a Zen 3 EPYC,
+#: 2026-12-06): 1.08x at 35% live, 0.93x at 40%; on AVX-512 (a Zen 4 EPYC, 2026-12-05): 0.98x at 25%,
+#: 1.28x at 10%. The k-quants (up kept in the file's layout, a neuron-major down) on AVX2 (`--fmt q4_k
+#: --experts 128`, 2026-12-06): 0.98x at 25%, 1.10x at 20%; not measured on AVX-512, where the AVX2
+#: figure is used.
+LIVE_THRESHOLD = {("avx2", "legacy"): 0.35, ("avx512", "legacy"): 0.25, ("avx2", "k"): 0.22, ("avx512", "k"): 0.22}
 #: the layouts a layer may get
 SPARSE, DENSE = "up+down", "off"
 
 
-def live_threshold(variant: str | None) -> float:
-    """ST_C_SPARSE_LIVE (a share in [0, 1]) if set, else the variant's measured crossover."""
+def live_threshold(variant: str | None, fmt: str = "q4_0") -> float:
+    """ST_C_SPARSE_LIVE (a share in [0, 1]) if set, else the measured crossover of the kernel variant
+    and of `fmt`'s family (the k-quants, or Q4_0/Q8_0)."""
     text = os.environ.get("ST_C_SPARSE_LIVE", "").strip()
     if not text:
-        return LIVE_THRESHOLD.get(variant or "", 0.3)
+        family = "k" if fmt.endswith("_k") else "legacy"
+        return LIVE_THRESHOLD.get((variant or "", family), 0.22)
     try:
         value = float(text)
     except ValueError:
@@ -74,13 +79,13 @@ def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[
 def choose_layouts(backend, params, cfg) -> None:
     """For a model whose up and down projections `backend.prepare` left in the file's layout for now
     (`backend.pending`): measure each layer's share of live neurons, then give each layer's up and down
-    the sparse layouts below the threshold and the repacked one elsewhere. Sets `backend.layer_layouts`
-    and `backend.load_live_shares`."""
+    the sparse layouts below the threshold and the repacked one elsewhere. Sets `backend.layer_layouts`,
+    `backend.load_live_shares` and `backend.live_thresholds`."""
     shares = live_shares(backend, params, cfg)
-    threshold = live_threshold(backend.variant)
-    chosen = []
+    chosen, thresholds = [], []
     for i, lp in enumerate(params.layers):
         share = shares[i] if i < len(shares) else None
+        threshold = min(live_threshold(backend.variant, getattr(lp, role).raw.fmt) for role in ("up", "down"))
         layout = SPARSE if share is not None and share < threshold else DENSE
         for role in ("up", "down"):
             p = getattr(lp, role)
@@ -92,10 +97,13 @@ def choose_layouts(backend, params, cfg) -> None:
             backend.released_map_bytes += v.released
             setattr(lp, role, Param(p.raw, v))
         chosen.append(layout)
-    backend.layer_layouts, backend.load_live_shares, backend.live_threshold = chosen, shares, threshold
+        thresholds.append(threshold)
+    backend.layer_layouts, backend.load_live_shares, backend.live_thresholds = chosen, shares, thresholds
 
 
-def describe_layouts(layouts: list[str], threshold: float) -> str:
+def describe_layouts(layouts: list[str], thresholds: list[float]) -> str:
     """'auto: up+down in 12 of 32 layers (live < 35%), off in 20'."""
     n = sum(1 for x in layouts if x == SPARSE)
-    return f"auto: {SPARSE} in {n} of {len(layouts)} layers (live < {threshold:.0%}), {DENSE} in {len(layouts) - n}"
+    lo, hi = min(thresholds, default=0.0), max(thresholds, default=0.0)
+    below = f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%}-{hi:.0%}"
+    return f"auto: {SPARSE} in {n} of {len(layouts)} layers (live < {below}), {DENSE} in {len(layouts) - n}"
