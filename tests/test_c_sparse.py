@@ -298,13 +298,21 @@ class TestCConformanceNeuronMajor(ConformanceSuite):
     formats = SPARSE_FORMATS + NM_KQUANTS
 
 
-def _trained_tiny(tmp_path):
+def _trained_tiny(tmp_path, fmt: str = "q4_0"):
     """The tiny preset with 8 layers and the trained model's routing: shares of live neurons that differ
     from layer to layer (5-30%), in a width the sparse layouts take."""
     from st_sdk.synth import write_model
 
-    return write_model(tmp_path, preset="tiny", layers=8, formats=("gguf",), dtype="q4_0", seed=0,
-                       routing="trained")["gguf"]
+    shape = KQUANT_SHAPE if fmt in NM_KQUANTS else {}
+    return write_model(tmp_path, preset="tiny", layers=8, formats=("gguf",), dtype=fmt, seed=0,
+                       routing="trained", **shape)["gguf"]
+
+
+def _with_sparse_layouts() -> CBackend:
+    b = _available()
+    if not b._repacking():
+        pytest.skip("the sparse layouts need a SIMD variant")
+    return b
 
 
 def test_auto_chooses_each_layers_layout_from_its_live_share(tmp_path, monkeypatch):
@@ -313,7 +321,7 @@ def test_auto_chooses_each_layers_layout_from_its_live_share(tmp_path, monkeypat
     dense path's."""
     import st_sdk
 
-    _available()
+    _with_sparse_layouts()
     path = _trained_tiny(tmp_path)
     monkeypatch.delenv("ST_C_SPARSE_LAYOUT", raising=False)
     first = st_sdk.load(path, backend="c")
@@ -342,17 +350,12 @@ def test_auto_uses_the_crossover_measured_for_the_files_types(tmp_path, monkeypa
     """Without ST_C_SPARSE_LIVE the threshold is the kernel variant's and type family's measured
     crossover (lower for the k-quants, whose up keeps the file's layout)."""
     import st_sdk
-    from st_sdk.synth import write_model
     from st_sdk_backends.c.layouts import LIVE_THRESHOLD
 
-    b = _available()
-    if not b._repacking():
-        pytest.skip("the sparse layouts need a SIMD variant")
+    b = _with_sparse_layouts()
     monkeypatch.delenv("ST_C_SPARSE_LAYOUT", raising=False)
     monkeypatch.delenv("ST_C_SPARSE_LIVE", raising=False)
-    shape = KQUANT_SHAPE if fmt in NM_KQUANTS else {}
-    path = write_model(tmp_path, preset="tiny", layers=8, formats=("gguf",), dtype=fmt, seed=0, routing="trained",
-                       **shape)["gguf"]
+    path = _trained_tiny(tmp_path, fmt)
     m = st_sdk.load(path, backend="c")
     threshold = LIVE_THRESHOLD[(b.variant, "k" if fmt in NM_KQUANTS else "legacy")]
     assert m.backend.live_thresholds == [threshold] * 8
@@ -364,7 +367,7 @@ def test_auto_uses_the_crossover_measured_for_the_files_types(tmp_path, monkeypa
 def test_measuring_live_shares_at_load_leaves_the_counters_as_they_were(tmp_path, monkeypatch):
     import st_sdk
 
-    b = _available()
+    b = _with_sparse_layouts()
     path = _trained_tiny(tmp_path)
     monkeypatch.setenv("ST_C_SPARSE_LAYOUT", "auto")
     m = st_sdk.load(path, backend="c")

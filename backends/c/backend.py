@@ -23,7 +23,8 @@ from st_sdk.weights.tensor import QUANT_SIZES
 from . import ops
 from .cache import KV_DTYPES, CKVCache, CLayerKV
 from .layouts import choose_layouts, describe_layouts, live_threshold as threshold_for
-from .ops import CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr
+from .ops import (CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr,
+                  sparse_counters, stage_clocks)
 
 _pools: dict[tuple[int, int | None], object] = {}
 _pools_lock = threading.Lock()
@@ -214,12 +215,9 @@ class CBackend(Backend):
     def sparsity(self, reset: bool = False):
         """The fused expert stage's counters (csrc st_sparse_stats), shared by every model this process
         runs on the C backend; per-op moe calls (memory-budget mode) are not counted."""
-        ffi, lib = ffi_lib()
-        st = np.zeros((1024, lib.ST_SPARSE_STATS), np.int64)
-        kept = lib.st_sparse_stats(ffi.cast("int64_t *", st.ctypes.data), st.shape[0])
+        st = sparse_counters()
         if reset:
-            lib.st_sparse_stats_reset()
-        st = st[:kept]
+            ffi_lib()[1].st_sparse_stats_reset()
         used = st[:, 1] > 0
         if not used.any():
             return None
@@ -237,11 +235,10 @@ class CBackend(Backend):
         threads included, so they add up to the passes' time; shared by every model this process runs
         on the C backend, since the module loaded or the last reset."""
         ffi, lib = ffi_lib()
-        out = ffi.new("double[]", 64)
-        n = lib.st_stage_seconds(out, 64)
+        clocks = stage_clocks()
         if reset:
             lib.st_stage_seconds_reset()
-        return {ffi.string(lib.st_stage_name(i)).decode(): float(out[i]) for i in range(n)}
+        return {ffi.string(lib.st_stage_name(i)).decode(): float(t) for i, t in enumerate(clocks)}
 
     def _lib(self):
         ffi, lib = ffi_lib()

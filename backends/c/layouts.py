@@ -20,7 +20,7 @@ import numpy as np
 from st_sdk.backend import Param
 from st_sdk.errors import BackendError
 
-from .ops import CExperts, ffi_lib
+from .ops import CExperts, ffi_lib, sparse_counters, stage_clocks
 
 #: tokens of the prefill that measures each layer's share of live neurons at load
 CALIBRATION_TOKENS = 32
@@ -58,20 +58,16 @@ def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[
     The process-wide counters and stage clocks are left as they were."""
     ffi, lib = ffi_lib()
     n_layers = len(params.layers)
-    kept = np.zeros((1024, lib.ST_SPARSE_STATS), np.int64)   # csrc keeps up to 1024 layers
-    n_kept = lib.st_sparse_stats(ffi.cast("int64_t *", kept.ctypes.data), kept.shape[0])
-    clocks = ffi.new("double[]", 64)
-    n_clocks = lib.st_stage_seconds(clocks, 64)
+    kept, clocks = sparse_counters(), stage_clocks()
     try:
         tokens = max(1, min(tokens, cfg.vocab_size))
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, tokens).astype(np.int64)
         cache = backend.new_cache(cfg, tokens)
         backend.forward(cfg, params, ids, np.arange(tokens, dtype=np.int64), cache, last_only=True)
-        after = np.zeros_like(kept)
-        lib.st_sparse_stats(ffi.cast("int64_t *", after.ctypes.data), after.shape[0])
+        after = sparse_counters()
     finally:
-        lib.st_sparse_stats_set(ffi.cast("int64_t *", kept.ctypes.data), n_kept)
-        lib.st_stage_seconds_set(clocks, n_clocks)
+        lib.st_sparse_stats_set(ffi.cast("int64_t *", kept.ctypes.data), len(kept))
+        lib.st_stage_seconds_set(ffi.new("double[]", clocks.tolist()), len(clocks))
     seen = after - kept
     return [float(live / total) if total > 0 else None for live, total in zip(seen[:n_layers, 0], seen[:n_layers, 1])]
 

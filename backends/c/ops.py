@@ -67,6 +67,21 @@ def _import_module():
     return mod
 
 
+def sparse_counters() -> np.ndarray:
+    """csrc st_sparse_stats as int64 [layers kept, ST_SPARSE_STATS] (csrc keeps up to 1024 layers)."""
+    ffi, lib = ffi_lib()
+    st = np.zeros((1024, lib.ST_SPARSE_STATS), np.int64)
+    kept = lib.st_sparse_stats(ffi.cast("int64_t *", st.ctypes.data), st.shape[0])
+    return st[:kept]
+
+
+def stage_clocks() -> np.ndarray:
+    """csrc st_stage_seconds as float64 [stages], in st_stage_name's order."""
+    ffi, lib = ffi_lib()
+    out = ffi.new("double[]", 64)
+    return np.array(ffi.unpack(out, lib.st_stage_seconds(out, 64)), np.float64)
+
+
 def check(rc: int, what: str) -> None:
     if rc != 0:
         cls, msg = _ERRORS.get(rc, (BackendError, f"error {rc}"))
