@@ -105,7 +105,7 @@ def main() -> None:
     for variant in [v for v, c in cb.ops.VARIANTS.items() if lib.st_cpu_supports(c)]:
         cb.use_variant(variant)
         for fmt in ("f32", "q8_0", "q4_0"):
-            for threads, layout in ((1, "off"), (2, "up+down")):
+            for threads, layout in ((1, "off"), (2, "up+down"), (2, "auto")):
                 os.environ["ST_C_SPARSE_LAYOUT"] = layout
                 m = build_model("tiny", fmt=fmt, backend="c", n_threads=threads)
                 s = m.session(capacity=4)
@@ -119,6 +119,11 @@ def main() -> None:
     ffi, _ = cb.ffi_lib()
     assert lib.st_stage_seconds(ffi.new("double[]", 1), 1) == 1 and lib.st_stage_seconds(ffi.NULL, 4) < 0
     assert lib.st_stage_name(-1) == ffi.NULL and lib.st_stage_name(1 << 20) == ffi.NULL
+    assert lib.st_stage_seconds_set(ffi.NULL, 1) < 0 and lib.st_sparse_stats_set(ffi.NULL, 1) < 0
+    two = ffi.new("int64_t[]", list(range(1, 2 * lib.ST_SPARSE_STATS + 1)))
+    back = ffi.new("int64_t[]", 3 * lib.ST_SPARSE_STATS)
+    assert lib.st_sparse_stats_set(two, 2) == 0 and lib.st_sparse_stats(back, 3) == 3
+    assert list(back) == list(two) + [0] * lib.ST_SPARSE_STATS   # the layers not given are zero
     for bad in (lambda: b.linear(np.zeros((1, 3), np.float32), None),
                 lambda: b.embed(m.params.embed, [m.config.vocab_size])):
         try:
