@@ -104,6 +104,24 @@ def test_repacked_kernels_match_gguf(fmt, variant):
         check_linear(fmt, w, rows, cols, x[:T], repack=True)
 
 
+@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512"])
+def test_repacked_q4_0_at_the_largest_integer_sums(variant):
+    """Every nibble 15 against activations all at +-127 (and mixed with 0 nibbles): the largest integer
+    sums a Q4_0 block makes, which the AVX2 kernels add up in int16 before widening."""
+    _available()
+    if variant not in c_variants():
+        pytest.skip(f"this CPU does not run the {variant} variant")
+    cbackend.use_variant(variant)
+    rows, cols = 16, 768
+    w = random_blocks("q4_0", rows, cols, seed=5).reshape(rows, cols // 32, 18)
+    w[:8, :, 2:] = 0xFF                # rows 0-7: every nibble 15
+    w[8:, :, 2:] = 0x0F                # rows 8-15: low nibbles 15, high 0
+    x = np.ones((9, cols), np.float32)
+    x[1::2] *= -1                      # tokens alternately +1 and -1: activations +127 or -127
+    for T in (1, 4, 9):
+        check_linear("q4_0", w.reshape(rows, -1), rows, cols, x[:T], repack=True)
+
+
 @pytest.mark.parametrize("fmt", ("q8_0", "q4_0"))
 def test_q8_0_and_q4_0_repacking_writes_the_documented_layout(fmt):
     """Per 8 rows and block: the 8 f16 scales, then word m of the quants of rows 0..7 at 16 + 32 m
