@@ -1,4 +1,7 @@
-"""Expert-cache policies compared on a model's own routing: reads per token for LRU and LFRU.
+"""Expert-cache policies compared on a model's own routing: reads per token for LRU and LFRU, and two
+bounds on the same picks: `static`, the best fixed set of experts chosen in hindsight (what a
+frequency-counting policy approaches on a long run whose routing does not drift), and `belady`, the
+offline optimum that knows the future (no policy reads fewer).
 
 Records which experts the model picks for the tokens benchmarks/offload_budget.py decodes (8 warm-up +
 --tokens teacher-forced diverse ids), then replays those picks through caches of the size a budget
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
 
     import st_sdk
     from st_sdk.errors import InputError
-    from st_sdk.offload.replay import replay
+    from st_sdk.offload.replay import optimal_reads, replay, static_reads
     from st_sdk.routing import RoutingRecorder
 
     try:   # the plan of offload_budget.py's load (context 512), planned before the model is loaded whole
@@ -75,7 +78,14 @@ def main(argv=None) -> int:
             st = replay(picks, n, policy)
             reads = (st.reads - warm.reads) / args.tokens   # the measured tokens' reads (warm-up's are the same)
             uses = st.lookups - warm.lookups
-            print(f"  {n:5d} slots ({n / n_experts:4.0%})  {policy:5s}  {reads:6.1f} expert reads/token  "
+            print(f"  {n:5d} slots ({n / n_experts:4.0%})  {policy:6s}  {reads:6.1f} expert reads/token  "
+                  f"{reads * plan.expert_bytes / 2**20:7.1f} MiB/token  resident when needed "
+                  f"{1 - (reads * args.tokens) / uses:6.1%}", flush=True)
+        # the bounds: the best fixed set in hindsight, and the offline optimum (the future known)
+        uses = sum(len(set(ids.tolist())) for token in picks[WARMUP:] for ids in token)
+        for name, per_token in (("static", static_reads(picks, n)), ("belady", optimal_reads(picks, n))):
+            reads = per_token[WARMUP:].sum() / args.tokens
+            print(f"  {n:5d} slots ({n / n_experts:4.0%})  {name:6s}  {reads:6.1f} expert reads/token  "
                   f"{reads * plan.expert_bytes / 2**20:7.1f} MiB/token  resident when needed "
                   f"{1 - (reads * args.tokens) / uses:6.1%}", flush=True)
     return 0

@@ -316,6 +316,36 @@ def test_replay_counts_what_a_budget_model_reads(files):
     assert everything.evictions == 0
 
 
+def test_cache_bounds_on_a_trace_worked_by_hand_and_below_every_policy():
+    """The offline optimum (Belady) and the best fixed set in hindsight, on a trace worked by hand, and
+    on random routings: no policy replayed reads fewer than the optimum, the fixed set included."""
+    from st_sdk.errors import InputError
+    from st_sdk.offload.replay import optimal_reads, replay, static_reads
+
+    a, b, c = 0, 1, 2
+    trace = np.array([a, b, c, a, b, c]).reshape(6, 1, 1)
+    # 2 slots: a, b, c read; c's read evicts b (next asked for after a); a hit; b evicts a (never asked
+    # for again); c hit
+    assert optimal_reads(trace, 2).tolist() == [1, 1, 1, 0, 1, 0]
+    # 1 pinned (a, the first of the equally used) and 1 slot for the rest, which then misses every time
+    assert static_reads(trace, 2).tolist() == [1, 1, 1, 0, 1, 1]
+    assert replay(trace, 2, "lru").reads == 6
+    rng = np.random.default_rng(0)
+    for skew in (0.0, 1.0):
+        share = 1.0 / np.arange(1, 17) ** skew
+        picks = np.stack([[rng.choice(16, 2, replace=False, p=share / share.sum()) for _ in range(3)]
+                          for _ in range(60)])
+        distinct = len({(layer, e) for t in picks for layer, ids in enumerate(t) for e in ids})
+        best = optimal_reads(picks, 12).sum()
+        assert distinct < best   # each expert read once at least; 12 slots for 48 experts read some again
+        for policy in ("lru", "lfru"):
+            assert best <= replay(picks, 12, policy).reads
+        assert best <= static_reads(picks, 12).sum()
+        assert optimal_reads(picks, 48).sum() == static_reads(picks, 48).sum() == distinct
+    with pytest.raises(InputError, match="slots"):
+        optimal_reads(picks, 1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 def test_commit_faults_the_slots_pages_in_and_keeps_what_they_hold():
     """The cache's memory is committed in the background once the plan is final: every page becomes

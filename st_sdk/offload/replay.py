@@ -41,3 +41,79 @@ def replay(picks, slots: int, policy: str = "lfru", prefetch: bool = True) -> Of
             return cache.stats
         finally:
             cache.close()
+
+
+def _requests(picks: np.ndarray) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The experts budget mode asks for, in its order: per token and layer, the distinct picks in pick
+    order; [(token, [(layer, expert), ...]) per layer step]."""
+    return [(t, [(layer, e) for e in dict.fromkeys(ids.tolist())])
+            for t, token in enumerate(picks) for layer, ids in enumerate(token)]
+
+
+def _checked(picks, slots: int) -> np.ndarray:
+    picks = np.asarray(picks, dtype=np.int64)
+    if picks.ndim != 3:
+        raise InputError(f"picks: expected [tokens, layers, k], got shape {picks.shape}")
+    if slots < picks.shape[2]:
+        raise InputError(f"slots: {slots} cannot hold one layer's {picks.shape[2]} picks")
+    return picks
+
+
+def optimal_reads(picks, slots: int) -> np.ndarray:
+    """Reads per token of Belady's offline optimum on the same picks and slots: on a miss the resident
+    expert asked for again furthest in the future goes (never one of the step's own picks). No policy
+    that does not know the future reads fewer; int [tokens]."""
+    import heapq
+
+    picks = _checked(picks, slots)
+    steps = _requests(picks)
+    flat = [(t, key) for t, keys in steps for key in keys]
+    never = len(flat)
+    next_use, last = [never] * len(flat), {}
+    for i in range(len(flat) - 1, -1, -1):
+        next_use[i] = last.get(flat[i][1], never)
+        last[flat[i][1]] = i
+    reads = np.zeros(len(picks), np.int64)
+    resident: dict[tuple[int, int], int] = {}   # key -> the index of its next use
+    heap: list[tuple[int, tuple[int, int]]] = []   # (-next use, key), stale entries skipped
+    for i, (t, key) in enumerate(flat):
+        if key not in resident:
+            reads[t] += 1
+            if len(resident) >= slots:   # the step's own picks are next used now, so never furthest
+                while True:
+                    neg, victim = heapq.heappop(heap)
+                    if resident.get(victim) == -neg:
+                        break
+                del resident[victim]
+        resident[key] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], key))
+    return reads
+
+
+def static_reads(picks, slots: int) -> np.ndarray:
+    """Reads per token of the best fixed set chosen in hindsight: the `slots - k` experts used most over
+    all the picks stay resident once read, the rest pass through k slots, least recently used first. A
+    frequency-counting policy approaches it on a long run whose routing does not drift; int [tokens]."""
+    from collections import Counter, OrderedDict
+
+    picks = _checked(picks, slots)
+    steps = _requests(picks)
+    k = picks.shape[2]
+    counts = Counter(key for _, keys in steps for key in keys)
+    pinned = {key for key, _ in counts.most_common(slots - k)}
+    seen: set = set()
+    passing: OrderedDict = OrderedDict()
+    reads = np.zeros(len(picks), np.int64)
+    for t, keys in steps:
+        for key in keys:
+            if key in pinned:
+                reads[t] += key not in seen
+                seen.add(key)
+            elif key in passing:
+                passing.move_to_end(key)
+            else:
+                reads[t] += 1
+                passing[key] = None
+                if len(passing) > k:
+                    passing.popitem(last=False)
+    return reads
