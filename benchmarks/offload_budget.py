@@ -63,6 +63,8 @@ if n == 0:   # only writing the prepared expert file
 t_load = time.perf_counter() - t_load
 vocab, n_all = m.config.vocab_size, WARMUP + n
 toks = [int(t) for t in TOKENS_OF]
+if sys.argv[9:] == ["other"]:   # other tokens than the measured runs' (recording expert use counts)
+    toks = [int(t) for t in np.random.default_rng(4321).permutation(np.arange(256, vocab))[:n_all] % vocab]
 s = m.session(capacity=n_all + 1)
 times = []
 for i, tok in enumerate(toks):
@@ -271,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resident-run", action="store_true",
                     help="also run the same tokens with the whole model in memory (no budget, no cgroup; the page "
                          "cache dropped before it too), and report each st-sdk row as a share of its speed")
+    ap.add_argument("--profile-run", action="store_true",
+                    help="add a row that starts from expert use counts kept by an earlier load (st_sdk.offload."
+                         "profile), recorded first, on other tokens, in the same cgroup; the other rows keep none")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--llama-tokens", type=int, default=None,
                     help="measured tokens for llama.cpp (default --tokens; it reads every expert from disk)")
@@ -299,6 +304,8 @@ def main(argv=None) -> int:
         runs["st-sdk lookahead"] = ours + ["lookahead", args.backend, policies[0], "auto"]
     if not args.no_prefetch_run:
         runs["st-sdk no-prefetch"] = ours + ["0", args.backend, policies[0], "auto"]
+    if args.profile_run:
+        runs["st-sdk profile"] = ours + ["auto", args.backend, policies[0], "auto"]
     if args.resident_run:
         runs["resident"] = ours[:4] + ["resident"] + ours[5:] + ["auto", args.backend, policies[0], "0"]
     if not args.no_llama_cpp:
@@ -324,8 +331,25 @@ def main(argv=None) -> int:
         print(f"# prepared expert file: {rec['plan'].rsplit(', ', 1)[-1]} ({rec['load_s']:.1f} s to load and write)",
               flush=True)
     fresh = tempfile.mkdtemp(prefix="st-sdk-bench-cache-")
-    env_of = {name: dict(os.environ, ST_SDK_CACHE_DIR=fresh) for name in runs if name not in ("st-sdk prepared", "llama.cpp")}
+    # every row starts its runs with no expert use counts kept, but the profile row
+    env_of = {name: dict(os.environ, ST_SDK_CACHE_DIR=fresh, ST_OFFLOAD_PROFILE="0")
+              for name in runs if name not in ("st-sdk prepared", "llama.cpp")}
+    if "st-sdk prepared" in runs:   # the usual cache directory: counts kept there are neither read nor written
+        env_of["st-sdk prepared"] = dict(os.environ, ST_OFFLOAD_PROFILE="0")
     try:
+        if args.profile_run:   # the first load in the empty cache directory: it writes the counts (and expert file)
+            env_of["st-sdk profile"] = dict(os.environ, ST_SDK_CACHE_DIR=fresh, ST_OFFLOAD_PROFILE="read")
+            drop_page_cache()
+            rec = cg.run(ours + ["auto", args.backend, policies[0], "auto", "other"], args.timeout,
+                         dict(os.environ, ST_SDK_CACHE_DIR=fresh, ST_OFFLOAD_PROFILE="1"))
+            if rec.returncode != 0:
+                print(f"the expert use counts could not be recorded: {rec.stderr.strip()[-500:]}", file=sys.stderr)
+                return 1
+            out = json.loads(rec.stdout.strip().splitlines()[-1])
+            d = out["decode_s"]
+            print(f"# expert use counts recorded on {WARMUP} + {args.tokens} other tokens ({len(d) / sum(d):.2f} tok/s; "
+                  f"this first load {out['load_s']:.1f} s, so the rows' loads are later ones); the profile row's runs "
+                  f"start from them (ST_OFFLOAD_PROFILE=read), the others from none", flush=True)
         report(args, cg, run_all(args, cg, runs, env_of))   # before the prepared file it wrote is removed
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
@@ -410,9 +434,16 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
         print(f"  st-sdk plan: {plan}")
         loads = [r["load_s"] for r in results["st-sdk"] if "load_s" in r]
         if loads:
-            print(f"  st-sdk load, from an empty cache directory: first {loads[0]:.1f} s (choosing the backend, and "
-                  f"writing the prepared expert file where the plan reads one)"
-                  + (f"; later loads {median(loads[1:]):.1f} s (median)" if len(loads) > 1 else ""))
+            if args.profile_run:
+                print(f"  st-sdk loads: {median(loads):.1f} s (median; the recording run's was the first)")
+            else:
+                print(f"  st-sdk load, from an empty cache directory: first {loads[0]:.1f} s (choosing the backend, "
+                      f"and writing the prepared expert file where the plan reads one)"
+                      + (f"; later loads {median(loads[1:]):.1f} s (median)" if len(loads) > 1 else ""))
+        warm = [r["load_s"] for r in results.get("st-sdk profile", []) if "load_s" in r]
+        if warm:
+            print(f"  st-sdk profile load (the experts counted most read into the cache first): {median(warm):.1f} s "
+                  f"(median)")
         missed = st["bytes_read"] / args.tokens
         rate = missed * (summary["st-sdk"]["decode_tps"] or 0)   # the run's own read rate, bytes/s
         source = next((r["expert_file"] for r in reversed(results["st-sdk"]) if r.get("expert_file")), args.model)

@@ -127,6 +127,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     from .context import resolve_context
     from .offload.experts import row_read_bytes
     from .offload.prepared import attach, check_mode
+    from .offload.profile import attach as keep_counts
 
     context = resolve_context(config, context, budget=max_memory is not None)
     expert_file = check_mode(expert_file)
@@ -157,6 +158,8 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
             cache.resize(plan.slots)
         plan.expert_file = attach(cache, config.moe_num_primary_experts, expert_file)
         cache.drop_file_pages()
+        # the experts earlier loads of this file used most, read now (st_sdk.offload.profile)
+        keep_counts(cache, config.moe_num_primary_experts, path)
         cache.commit()   # the slots' pages, faulted in while the first tokens wait for reads
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)

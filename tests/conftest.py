@@ -74,6 +74,9 @@ def _private_st_sdk_cache(tmp_path_factory):
     cached in the user's cache directory by earlier runs; tests that care set their own."""
     mp = pytest.MonkeyPatch()
     mp.setenv("ST_SDK_CACHE_DIR", str(tmp_path_factory.mktemp("st-sdk-cache")))
+    # nor may a budget-mode load start from expert use counts an earlier test's load kept
+    # (st_sdk.offload.profile); the tests of that set it back
+    mp.setenv("ST_OFFLOAD_PROFILE", "0")
     yield
     mp.undo()
 

@@ -1230,3 +1230,53 @@ def test_a_tied_head_copy_is_counted_when_the_table_is_read_by_rows(tmp_path):
     assert m.params.head is not m.params.embed and p.row_read_bytes > 0
     assert d["repacked_weight_bytes"] >= vocab * 68                      # the head's copy...
     assert p.converted_bytes >= vocab * 68 - 2 * mmap.PAGESIZE             # ...is counted against the budget
+
+
+def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkeypatch, caplog):
+    """A budget-mode load keeps lfru's use counts for its file (as at exit); the next load starts from
+    them, with the experts counted most read into its slots before the first token, and computes the
+    same logits. "read" leaves the kept counts as they are; a damaged file is ignored, named."""
+    from st_sdk.offload import profile
+
+    path = files["gguf-q8_0"]
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
+    budget = budget_for(path, 6, backend="c")
+    first = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    assert first.offload.warmed == 0   # nothing kept yet
+    want = first.logits(IDS[:20])
+    s = first.session()
+    for t in IDS:
+        s.feed([int(t)])
+    first.offload.keep_counts()
+    profile_file = profile.profile_path(path)
+    counts = np.load(profile_file)
+    cfg = first.config
+    assert counts.shape == (cfg.num_hidden_layers, cfg.moe_num_primary_experts)
+    np.testing.assert_array_equal(counts, first.offload.use_counts(cfg.moe_num_primary_experts))
+    assert counts.sum() > 0
+
+    second = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    cache = second.offload
+    assert cache.warmed == 5 == len(cache.lru)   # every slot but one, before the first token
+    top = sorted(((-counts[l, e], l, e) for l, e in zip(*np.nonzero(counts))))[:5]
+    assert set(cache.lru) == {(int(l), int(e)) for _, l, e in top}
+    assert cache.stats.reads == 0   # the statistics start after the warm reads
+    np.testing.assert_array_equal(second.logits(IDS[:20]), want)
+
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "read")
+    before = profile_file.read_bytes()
+    third = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    third.logits(IDS)
+    assert third.offload.warmed == 5 and third.offload.keep_counts is None
+    assert profile_file.read_bytes() == before
+
+    profile_file.write_bytes(b"not an array")
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        fourth = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    assert fourth.offload.warmed == 0 and str(profile_file) in caplog.text
+    np.testing.assert_array_equal(fourth.logits(IDS[:20]), want)
+
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "yes")
+    with pytest.raises(InputError, match="ST_OFFLOAD_PROFILE"):
+        st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)

@@ -103,6 +103,9 @@ class ExpertCache(ExpertReads):
         self.prepared: tuple[str, int, int] | None = None   # see use_file
         self._committing = threading.Event()   # set to stop the background commit (see commit)
         self.victim_batch = 16          # lfru: victims chosen at once, at most
+        self.on_age: list[Callable[[], None]] = []   # called when lfru ages its counts (offload.profile)
+        self.warmed = 0                 # experts read into the slots at load (warm)
+        self.keep_counts: Callable[[], None] | None = None   # writes the counts now (offload.profile)
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         if direct is None:   # ST_OFFLOAD_DIRECT=0 reads through the page cache (to compare)
             direct = os.environ.get("ST_OFFLOAD_DIRECT", "1").strip() != "0"
@@ -357,6 +360,32 @@ class ExpertCache(ExpertReads):
             for k, slot in self.lru.items():
                 self._slot_uses[slot] = self.uses.get(k, 0.0)
             self._victims.clear()
+            for hook in self.on_age:
+                hook()
+
+    def use_counts(self, experts: int) -> np.ndarray:
+        """lfru's use counts as float32 [layers, experts]."""
+        counts = np.zeros((len(self.part_bytes), experts), np.float32)
+        for (layer, e), v in self.uses.items():
+            if e < experts:
+                counts[layer, e] = v
+        return counts
+
+    def warm(self, keys, batch: int = 64) -> int:
+        """Before first use: read `keys` [(layer, expert)], most wanted first, into free slots (as many
+        as there are, less one), waiting for them; the statistics start after. Returns how many."""
+        if self.lru or self.pending:
+            raise RuntimeError("the expert cache can only be warmed before it is used")
+        keys = list(dict.fromkeys(keys))[:max(0, len(self.free) - 1)]
+        for i in range(0, len(keys), batch):
+            for key in keys[i:i + batch]:
+                self._start_read(key)
+            for _, fut in list(self.pending.values()):
+                fut.result()
+            self._settle()
+        self.stats.__init__()
+        self.warmed = len(self.lru)
+        return self.warmed
 
     def _victim(self) -> Key | None:
         """The resident, unheld expert to evict under the policy."""
