@@ -103,9 +103,9 @@ class ExpertCache(ExpertReads):
         self.prepared: tuple[str, int, int] | None = None   # see use_file
         self._committing = threading.Event()   # set to stop the background commit (see commit)
         self.victim_batch = 16          # lfru: victims chosen at once, at most
-        self.on_age: list[Callable[[], None]] = []   # called when lfru ages its counts (offload.profile)
         self.warmed = 0                 # experts read into the slots at load (warm)
-        self.keep_counts: Callable[[], None] | None = None   # writes the counts now (offload.profile)
+        # writes lfru's counts where the next load finds them (offload.profile): at exit, and when aged
+        self.keep_counts: Callable[[], None] | None = None
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         if direct is None:   # ST_OFFLOAD_DIRECT=0 reads through the page cache (to compare)
             direct = os.environ.get("ST_OFFLOAD_DIRECT", "1").strip() != "0"
@@ -360,8 +360,8 @@ class ExpertCache(ExpertReads):
             for k, slot in self.lru.items():
                 self._slot_uses[slot] = self.uses.get(k, 0.0)
             self._victims.clear()
-            for hook in self.on_age:
-                hook()
+            if self.keep_counts is not None:
+                self.keep_counts()
 
     def use_counts(self, experts: int) -> np.ndarray:
         """lfru's use counts as float32 [layers, experts]."""

@@ -106,6 +106,5 @@ def attach(cache, experts: int, model_path) -> int:
                 write(path, c.use_counts(experts))
 
         cache.keep_counts = keep
-        cache.on_age.append(keep)
         atexit.register(keep)
     return warmed
