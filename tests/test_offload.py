@@ -330,6 +330,11 @@ def test_cache_bounds_on_a_trace_worked_by_hand_and_below_every_policy():
     # 1 pinned (a, the first of the equally used) and 1 slot for the rest, which then misses every time
     assert static_reads(trace, 2).tolist() == [1, 1, 1, 0, 1, 1]
     assert replay(trace, 2, "lru").reads == 6
+    # a step's picks are held together: with 2 slots, step 1's c stays while d is read, so b (asked for
+    # again in step 2) goes even though c is never asked for again
+    a, b, c, d, e = range(5)
+    held = np.array([[a, b], [c, d], [b, e]]).reshape(3, 1, 2)
+    assert optimal_reads(held, 2).tolist() == [2, 2, 2]
     rng = np.random.default_rng(0)
     for skew in (0.0, 1.0):
         share = 1.0 / np.arange(1, 17) ** skew

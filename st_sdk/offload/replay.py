@@ -61,32 +61,43 @@ def _checked(picks, slots: int) -> np.ndarray:
 
 def optimal_reads(picks, slots: int) -> np.ndarray:
     """Reads per token of Belady's offline optimum on the same picks and slots: on a miss the resident
-    expert asked for again furthest in the future goes (never one of the step's own picks). No policy
-    that does not know the future reads fewer; int [tokens]."""
+    expert asked for again furthest in the future goes, never one of the step's own picks (held
+    together, as the MoE holds them). No policy that does not know the future reads fewer; int [tokens]."""
     import heapq
 
     picks = _checked(picks, slots)
     steps = _requests(picks)
-    flat = [(t, key) for t, keys in steps for key in keys]
+    flat = [key for _, keys in steps for key in keys]
     never = len(flat)
     next_use, last = [never] * len(flat), {}
     for i in range(len(flat) - 1, -1, -1):
-        next_use[i] = last.get(flat[i][1], never)
-        last[flat[i][1]] = i
+        next_use[i] = last.get(flat[i], never)
+        last[flat[i]] = i
     reads = np.zeros(len(picks), np.int64)
     resident: dict[tuple[int, int], int] = {}   # key -> the index of its next use
     heap: list[tuple[int, tuple[int, int]]] = []   # (-next use, key), stale entries skipped
-    for i, (t, key) in enumerate(flat):
-        if key not in resident:
-            reads[t] += 1
-            if len(resident) >= slots:   # the step's own picks are next used now, so never furthest
-                while True:
-                    neg, victim = heapq.heappop(heap)
-                    if resident.get(victim) == -neg:
+    i = 0
+    for t, keys in steps:
+        held = set(keys)
+        for key in keys:
+            if key not in resident:
+                reads[t] += 1
+                if len(resident) >= slots:
+                    kept = []
+                    while True:
+                        neg, victim = heapq.heappop(heap)
+                        if resident.get(victim) != -neg:
+                            continue   # stale
+                        if victim in held:
+                            kept.append((neg, victim))
+                            continue
                         break
-                del resident[victim]
-        resident[key] = next_use[i]
-        heapq.heappush(heap, (-next_use[i], key))
+                    for item in kept:
+                        heapq.heappush(heap, item)
+                    del resident[victim]
+            resident[key] = next_use[i]
+            heapq.heappush(heap, (-next_use[i], key))
+            i += 1
     return reads
 
 
