@@ -366,7 +366,7 @@ class ExpertCache(ExpertReads):
     def use_counts(self, experts: int) -> np.ndarray:
         """lfru's use counts as float32 [layers, experts]."""
         counts = np.zeros((len(self.part_bytes), experts), np.float32)
-        for (layer, e), v in self.uses.items():
+        for (layer, e), v in list(self.uses.items()):   # a copy: another thread may be counting
             if e < experts:
                 counts[layer, e] = v
         return counts
