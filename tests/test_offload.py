@@ -1237,7 +1237,7 @@ def test_a_tied_head_copy_is_counted_when_the_table_is_read_by_rows(tmp_path):
     assert p.converted_bytes >= vocab * 68 - 2 * mmap.PAGESIZE             # ...is counted against the budget
 
 
-def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkeypatch, caplog):
+def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkeypatch, caplog, capsys):
     """A budget-mode load keeps lfru's use counts for its file (as at exit); the next load starts from
     them, with the experts counted most read into its slots before the first token, and computes the
     same logits. "read" leaves the kept counts as they are; a damaged file is ignored, named."""
@@ -1268,6 +1268,11 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
     assert set(cache.lru) == {(int(l), int(e)) for _, l, e in top}
     assert cache.stats.reads == 0   # the statistics start after the warm reads
     np.testing.assert_array_equal(second.logits(IDS[:20]), want)
+
+    from st_sdk.cli import main   # the CLI says so (--json: offload.warmed)
+    assert main(["generate", str(path), "-p", "hello", "-n", "2", "--backend", "c", "--threads", "1",
+                 "--temperature", "0", "--json", "--max-memory", str(budget), "--context", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["offload"]["warmed"] == 5
 
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "read")
     before = profile_file.read_bytes()

@@ -77,7 +77,9 @@ def offload_lines(model) -> list[str]:
     return [f"[{model.memory_plan.describe()}]",
             f"[expert cache: hit rate {st.hit_rate:.1%} ({st.prefetch_hits} brought in by prefetch), "
             f"{st.misses} misses, {st.late} late prefetches, read {st.bytes_read / 2**20:.1f} MiB in {st.reads} "
-            f"reads ({model.offload.reader}), stalled {st.stall_s * 1e3:.0f} ms, {st.evictions} evictions]"] + lookahead_line(model.offload)
+            f"reads ({model.offload.reader}), stalled {st.stall_s * 1e3:.0f} ms, {st.evictions} evictions"
+            + (f"; {model.offload.warmed} read at load from the use counts earlier loads kept"
+               if model.offload.warmed else "") + "]"] + lookahead_line(model.offload)
 
 
 def lookahead_line(cache) -> list[str]:
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         record = dict(res.to_dict(), backend=backend)
         if model.offload is not None:
             record["offload"] = dict(model.offload.stats.as_dict(), plan=model.memory_plan.describe(),
-                                    reader=model.offload.reader)
+                                    reader=model.offload.reader, warmed=model.offload.warmed)
         sparsity = model.backend.sparsity()
         if sparsity is not None:
             record["sparsity"] = sparsity
