@@ -22,7 +22,9 @@ build of it, as ST_C_KERNELS_PATH takes), in one process: the experts are conver
 installed build, then each build's `st_moe` (loaded with ctypes) runs the same 300 steps in every layout,
 builds and layouts alternated round by round, so the host's drift weighs on all of them alike; separate
 runs of this script move by more than a kernel change does on a host whose memory bandwidth moves. Each
-build's output is checked against the first's (1e-4 of its largest value) before timing.
+build's output is checked against the first's (1e-3 of its largest value: the layouts' up projections sum
+in other orders, and an activation of the ReGLU output that lands on a rounding boundary of its Q8
+block can move by one step; 2.5e-4 measured between `off` and `up`, the same for `up+down`) before timing.
 """
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ def compare_builds(paths, prepared, x, w, E: int, k: int, threads: int, rounds: 
             run(so, pool, parts, 1)
             if ref is None:
                 ref = out.copy()
-            if np.abs(out - ref).max() > 1e-4 * np.abs(ref).max():
+            if np.abs(out - ref).max() > 1e-3 * np.abs(ref).max():
                 raise SystemExit(f"{path}, {name}: the output differs from the first build's off layout")
     variants = [(b, name) for b in range(len(builds)) for name in layouts]
     times: dict = {v: [] for v in variants}
