@@ -240,10 +240,12 @@ ST_DOT4_FROM_DOT(q4_0)
  * and widens once a block, half the instructions of widening every product pair. */
 #if defined(ST_SIMD_AVX512)
 #define ST_Q4_ACC(S, W, A) S = _mm256_dpbusd_epi32(S, W, A)
-#define ST_Q4_SUM(S0, S1) _mm256_add_epi32(S0, S1)
+#define ST_Q4_ADD(S0, S1) _mm256_add_epi32(S0, S1)   /* two halves, in the accumulators' width */
+#define ST_Q4_WIDEN(S) (S)                            /* an accumulator as int32 lanes */
 #elif defined(ST_SIMD_AVX2)
 #define ST_Q4_ACC(S, W, A) S = _mm256_add_epi16(S, _mm256_maddubs_epi16(W, A))
-#define ST_Q4_SUM(S0, S1) _mm256_madd_epi16(_mm256_add_epi16(S0, S1), _mm256_set1_epi16(1))
+#define ST_Q4_ADD(S0, S1) _mm256_add_epi16(S0, S1)
+#define ST_Q4_WIDEN(S) _mm256_madd_epi16(S, _mm256_set1_epi16(1))
 #endif
 
 /* eight rows of a repacked group against one activation row: 32-bit lane j accumulates row j */
@@ -266,7 +268,7 @@ static void FN(dot8_q4_0x8)(int64_t K, const void *gv, const void *xv, float *ou
             ST_Q4_ACC(s0, lo, FN(bcast4)(a + 4 * m));
             ST_Q4_ACC(s1, hi, FN(bcast4)(a + 16 + 4 * m));
         }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_SUM(s0, s1)), _mm256_mul_ps(dw, _mm256_set1_ps(x[b].d)), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_WIDEN(ST_Q4_ADD(s0, s1))), _mm256_mul_ps(dw, _mm256_set1_ps(x[b].d)), acc);
         corr = _mm256_fmadd_ps(dw, _mm256_set1_ps(x[b].s), corr);
     }
     _mm256_storeu_ps(out, _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), corr, acc));
@@ -353,11 +355,10 @@ static void FN(gemm4_q4_0x8)(int64_t K, const void *gv, const void *const *xv, f
             ST_ACC(s0, x0) ST_ACC(s1, x1) ST_ACC(s2, x2) ST_ACC(s3, x3)
 #undef ST_ACC
         }
-        const __m256i z = _mm256_setzero_si256();
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_SUM(s0, z)), _mm256_mul_ps(dw, _mm256_set1_ps(x0[b].d)), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_SUM(s1, z)), _mm256_mul_ps(dw, _mm256_set1_ps(x1[b].d)), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_SUM(s2, z)), _mm256_mul_ps(dw, _mm256_set1_ps(x2[b].d)), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_SUM(s3, z)), _mm256_mul_ps(dw, _mm256_set1_ps(x3[b].d)), a3);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_WIDEN(s0)), _mm256_mul_ps(dw, _mm256_set1_ps(x0[b].d)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_WIDEN(s1)), _mm256_mul_ps(dw, _mm256_set1_ps(x1[b].d)), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_WIDEN(s2)), _mm256_mul_ps(dw, _mm256_set1_ps(x2[b].d)), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ST_Q4_WIDEN(s3)), _mm256_mul_ps(dw, _mm256_set1_ps(x3[b].d)), a3);
         c0 = _mm256_fmadd_ps(dw, _mm256_set1_ps(x0[b].s), c0);
         c1 = _mm256_fmadd_ps(dw, _mm256_set1_ps(x1[b].s), c1);
         c2 = _mm256_fmadd_ps(dw, _mm256_set1_ps(x2[b].s), c2);
@@ -410,7 +411,8 @@ const st_kern FN(kern) = {
 };
 
 #undef ST_Q4_ACC
-#undef ST_Q4_SUM
+#undef ST_Q4_ADD
+#undef ST_Q4_WIDEN
 #undef FN
 #undef ST_CAT
 #undef ST_CAT_
