@@ -49,6 +49,8 @@ from statistics import median
 #: decoding on random weights loops over a few tokens and flatters any cache)
 WARMUP = 8
 TOKENS_OF = "np.random.default_rng(1234).permutation(np.arange(256, vocab))[:n_all] % vocab"
+#: as many other tokens (another permutation), on which --profile-run records the kept use counts
+OTHER_TOKENS_OF = TOKENS_OF.replace("1234", "4321")
 
 CHILD_OURS = r"""
 import json, resource, sys, time, numpy as np, st_sdk
@@ -64,7 +66,7 @@ t_load = time.perf_counter() - t_load
 vocab, n_all = m.config.vocab_size, WARMUP + n
 toks = [int(t) for t in TOKENS_OF]
 if sys.argv[9:] == ["other"]:   # other tokens than the measured runs' (recording expert use counts)
-    toks = [int(t) for t in np.random.default_rng(4321).permutation(np.arange(256, vocab))[:n_all] % vocab]
+    toks = [int(t) for t in OTHER_TOKENS_OF]
 s = m.session(capacity=n_all + 1)
 times = []
 for i, tok in enumerate(toks):
@@ -88,7 +90,7 @@ print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": None if resid
                   "backend": m.backend.name,
                   "load_s": t_load, "process_peak_rss": hwm,
                   "frameworks": sorted(k for k in ("torch", "jax") if k in sys.modules)}))
-""".replace("WARMUP", str(WARMUP)).replace("TOKENS_OF", TOKENS_OF)
+""".replace("WARMUP", str(WARMUP)).replace("OTHER_TOKENS_OF", OTHER_TOKENS_OF).replace("TOKENS_OF", TOKENS_OF)
 
 CHILD_LLAMA = r"""
 import json, sys, time

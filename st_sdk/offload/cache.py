@@ -371,6 +371,13 @@ class ExpertCache(ExpertReads):
                 counts[layer, e] = v
         return counts
 
+    def start_from(self, counts: np.ndarray) -> int:
+        """Before first use: lfru's counts from an earlier run's `use_counts`, and the experts counted most
+        read into the slots (`warm`). Returns how many were read."""
+        self.uses = {(int(layer), int(e)): float(counts[layer, e]) for layer, e in zip(*np.nonzero(counts))}
+        order = np.argsort(-counts, axis=None, kind="stable")[:max(0, self.slots - 1)]
+        return self.warm([divmod(int(i), counts.shape[1]) for i in order if counts.flat[i] > 0])
+
     def warm(self, keys, batch: int = 64) -> int:
         """Before first use: read `keys` [(layer, expert)], most wanted first, into free slots (as many
         as there are, less one), waiting for them; the statistics start after. Returns how many."""

@@ -91,12 +91,7 @@ def attach(cache, experts: int, model_path) -> int:
     path = profile_path(model_path)
     layers = len(cache.part_bytes)
     counts = read(path, layers, experts)
-    warmed = 0
-    if counts is not None:
-        cache.uses = {(int(l), int(e)): float(counts[l, e]) for l, e in zip(*np.nonzero(counts))}
-        order = np.argsort(-counts, axis=None, kind="stable")[:max(0, cache.slots - 1)]
-        keys = [divmod(int(i), experts) for i in order if counts.flat[i] > 0]
-        warmed = cache.warm(keys)
+    warmed = cache.start_from(counts) if counts is not None else 0
     if how == "1":
         ref = weakref.ref(cache)
 

@@ -19,9 +19,7 @@ def replay(picks, slots: int, policy: str = "lfru", prefetch: bool = True) -> Of
     model file is read; `reads` counts the experts that would be read from it."""
     import tempfile
 
-    picks = np.asarray(picks, dtype=np.int64)
-    if picks.ndim != 3:
-        raise InputError(f"picks: expected [tokens, layers, k], got shape {picks.shape}")
+    picks = _as_picks(picks)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "expert")
         with open(path, "wb") as f:
@@ -50,10 +48,15 @@ def _requests(picks: np.ndarray) -> list[tuple[int, list[tuple[int, int]]]]:
             for t, token in enumerate(picks) for layer, ids in enumerate(token)]
 
 
-def _checked(picks, slots: int) -> np.ndarray:
+def _as_picks(picks) -> np.ndarray:
     picks = np.asarray(picks, dtype=np.int64)
     if picks.ndim != 3:
         raise InputError(f"picks: expected [tokens, layers, k], got shape {picks.shape}")
+    return picks
+
+
+def _checked(picks, slots: int) -> np.ndarray:
+    picks = _as_picks(picks)
     if slots < picks.shape[2]:
         raise InputError(f"slots: {slots} cannot hold one layer's {picks.shape[2]} picks")
     return picks
