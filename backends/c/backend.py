@@ -261,6 +261,13 @@ class CBackend(Backend):
             v = CMat(raw, repack_rows=rp, arena=self.arena)
         else:
             return raw
+        return self._count(v)
+
+    def _count(self, v, replacing=None):
+        """`v` (a CMat or CExperts) counted in the bytes describe() reports, less the copy made for the
+        weight it replaces (a matrix `choose_layouts` gives its layout after prepare)."""
+        if replacing is not None:
+            self.copied_bytes -= replacing.copied
         self.copied_bytes += v.copied
         self.repacked_bytes += v.repacked
         self.released_map_bytes += v.released

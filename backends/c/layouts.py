@@ -89,9 +89,7 @@ def choose_layouts(backend, params, cfg) -> None:
                 continue
             backend.pending.discard(id(p.value))
             v = CExperts(p.raw, **backend._expert_layouts(role, layout), arena=backend.arena)
-            backend.repacked_bytes += v.repacked
-            backend.released_map_bytes += v.released
-            setattr(lp, role, Param(p.raw, v))
+            setattr(lp, role, Param(p.raw, backend._count(v, replacing=p.value)))
         chosen.append(layout)
         thresholds.append(threshold)
     backend.layer_layouts, backend.load_live_shares, backend.live_thresholds = chosen, shares, thresholds
