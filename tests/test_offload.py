@@ -3,6 +3,7 @@ import json
 import mmap
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1241,8 +1242,6 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
     """A budget-mode load keeps lfru's use counts for its file (as at exit); the next load starts from
     them, with the experts counted most read into its slots before the first token, and computes the
     same logits. "read" leaves the kept counts as they are; a damaged file is ignored, named."""
-    from st_sdk.offload import profile
-
     path = files["gguf-q8_0"]
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
@@ -1254,8 +1253,12 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
     for t in IDS:
         s.feed([int(t)])
     first.offload.keep_counts()
-    profile_file = profile.profile_path(path)
-    counts = np.load(profile_file)
+    profile_file = first.offload.counts_file
+    assert profile_file.parent == tmp_path / "cache" / "experts" and profile_file.name.startswith(path.name)
+    with np.load(profile_file) as z:
+        counts = z["counts"]
+        st = os.stat(path)
+        assert json.loads(str(z["sources"])) == [[os.path.realpath(path), st.st_size, st.st_mtime_ns]]
     cfg = first.config
     assert counts.shape == (cfg.num_hidden_layers, cfg.moe_num_primary_experts)
     np.testing.assert_array_equal(counts, first.offload.use_counts(cfg.moe_num_primary_experts))
@@ -1290,3 +1293,64 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "yes")
     with pytest.raises(InputError, match="ST_OFFLOAD_PROFILE"):
         st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+
+
+def test_use_counts_kept_for_a_hugging_face_directory(files, tmp_path, monkeypatch):
+    """A sharded Hugging Face directory keeps its counts too, keyed on the safetensors files its experts
+    are read from; the next load starts from them."""
+    path = files["hf-f32-sharded"]
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
+    budget = budget_for(path, 6)
+    first = st_sdk.load(path, backend="numpy", max_memory=budget, context=64)
+    want = first.logits(IDS[:20])
+    first.offload.keep_counts()
+    kept = first.offload.counts_file
+    assert kept.name.startswith(Path(path).name + ".") and kept.exists()
+    with np.load(kept) as z:
+        sources = [s[0] for s in json.loads(str(z["sources"]))]
+    assert sources and all(Path(s).suffix == ".safetensors" and Path(s).parent == Path(path).resolve()
+                           for s in sources)
+    second = st_sdk.load(path, backend="numpy", max_memory=budget, context=64)
+    assert second.offload.counts_file == kept and second.offload.warmed == 5
+    np.testing.assert_array_equal(second.logits(IDS[:20]), want)
+
+
+def test_kept_counts_are_listed_and_cleaned_with_the_prepared_files(tmp_path, monkeypatch, capsys, caplog):
+    """`st-sdk cache` lists kept use counts with their model file; once that file changes they are
+    stale, and --clean removes them, as it removes an earlier st-sdk's counts file (no model files
+    recorded) and a dead process's half-written one. A load of the changed file removes its own stale
+    counts."""
+    from st_sdk.cli import main
+
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
+    path = write_model(tmp_path / "m", preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    budget = budget_for(path, 6)
+    m = st_sdk.load(path, backend="numpy", max_memory=budget, context=64, expert_file=False)
+    m.logits(IDS[:20])
+    m.offload.keep_counts()
+    kept = m.offload.counts_file
+    directory = kept.parent
+    legacy = directory / f"{path.name}.0123456789abcdef0123.uses.npy"
+    np.save(legacy, np.ones((2, 2), np.float32))
+    dead = directory / f"{kept.name}.{_finished_pid()}.tmp"
+    dead.write_bytes(b"x")
+    os.utime(dead, (0, 1))   # untouched for long
+    assert main(["cache", "--json"]) == 0
+    doc = {e["path"]: e for e in json.loads(capsys.readouterr().out)["expert_files"]}
+    assert doc[str(kept)]["kind"] == "counts" and doc[str(kept)]["state"] == "current"
+    assert doc[str(kept)]["sources"] == [os.path.realpath(path)]
+    assert doc[str(legacy)]["state"] == "stale" and "earlier st-sdk" in doc[str(legacy)]["why"]
+    assert doc[str(dead)]["state"] == "stale" and "interrupted write" in doc[str(dead)]["why"]
+
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # the model file changed
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"counts  stale    {kept.name}" in out and "changed since it was written" in out
+    again = st_sdk.load(path, backend="numpy", max_memory=budget, context=64, expert_file=False)
+    assert again.offload.warmed == 0 and again.offload.counts_file != kept
+    assert not kept.exists()   # the load removed its model's stale counts; the others wait for --clean
+    assert main(["cache", "--clean"]) == 0
+    assert "removed" in capsys.readouterr().out and not legacy.exists() and not dead.exists()

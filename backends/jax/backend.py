@@ -243,10 +243,10 @@ class JaxBackend(Backend):
 
         def attention_batch(q, k, v, kvs, ctxs, seg, window):   # seg is static: one row per sequence
             outs, kept = [], []
-            for kv, ctx, a, b in zip(kvs, ctxs, seg[:-1], seg[1:]):
-                out, kv = attention(q[a:b], k[a:b], v[a:b], kv, ctx, window)
+            for cache, ctx, a, b in zip(kvs, ctxs, seg[:-1], seg[1:]):
+                out, cache = attention(q[a:b], k[a:b], v[a:b], cache, ctx, window)
                 outs.append(out)
-                kept.append(kv)
+                kept.append(cache)
             return jnp.concatenate(outs), kept
 
         return OpTable(

@@ -293,9 +293,9 @@ def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookah
                             for p in PARTS] for lp in params.layers])
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     route = prefetching_route(ops.route, params, cache, prefetch, lookahead)
-    layer = None
-    if native and getattr(backend, "offloaded_layer", None) is not None:   # the backend's fused layer
-        def layer(cfg, i, p, h, ctx, layer_cache):
-            return backend.offloaded_layer(cfg, i, p, h, ctx, layer_cache, route)
+    def fused_layer(cfg, i, p, h, ctx, layer_cache):   # the backend's own, around the cache
+        return backend.offloaded_layer(cfg, i, p, h, ctx, layer_cache, route)
+
+    layer = fused_layer if native and getattr(backend, "offloaded_layer", None) is not None else None
     return dataclasses.replace(ops, forward=None, layer=layer, forward_batch=None, moe=moe, route=route,
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))

@@ -13,7 +13,8 @@ layer's stored part sizes and layouts. A model file changed since, or another ba
 a new name. Its header records the model files it was made from (path, size, modification time), so
 a file whose model changed or is gone, or that another version of st-sdk wrote, is known to be stale:
 writing a model's new file removes that model's stale ones and the pieces interrupted writes left
-(`clean`), and `st-sdk cache` lists the directory and cleans it (`scan`). Any file can be deleted at
+(`clean`), and `st-sdk cache` lists the directory, with the expert use counts kept there
+(st_sdk.offload.profile), and cleans it (`scan`). Any file can be deleted at
 any time: a later load writes it again where it is worth writing.
 
 `st_sdk.load(..., max_memory=..., expert_file=...)`:
@@ -39,14 +40,15 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
 from ..sizes import fmt_bytes
-from .cache import DIRECT_ALIGN, ExpertCache
+from .cache import ExpertCache
+from .files import LEFTOVER_AGE, Entry, running, source_files, sources_changed
 from .pages import anonymous
 
 log = logging.getLogger("st_sdk.offload")
@@ -79,17 +81,9 @@ def _describe(layout) -> str:
 
 def signature(cache: ExpertCache, experts: int) -> dict:
     """Everything that decides a prepared file's bytes, and where they come from."""
-    sources = sorted({ext.path for layer in range(len(cache.part_bytes)) for e in range(experts)
-                      for ext in cache.locate(layer, e)})
-    return {"version": VERSION, "files": [_stamp(p) for p in sources], "experts": experts, "stride": int(cache._stride),
+    return {"version": VERSION, "files": source_files(cache, experts), "experts": experts, "stride": int(cache._stride),
             "layers": [[[int(stored), _describe(lay), int(off)] for stored, lay, off in zip(parts, lays, offsets)]
                        for parts, lays, offsets in zip(cache.part_bytes, cache.layouts, cache.offsets)]}
-
-
-def _stamp(path: str) -> list:
-    """What identifies a model file's bytes: [real path, size, modification time in ns] (OSError if gone)."""
-    st = os.stat(path)
-    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
 
 
 def _digest(sig: dict) -> str:
@@ -272,19 +266,6 @@ def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
 
 
 # ---- housekeeping: which files are stale, and removing them ----------------------------------------
-LEFTOVER_AGE = 600   # seconds a partial file of a process no longer running must lie untouched to be a leftover
-
-
-@dataclass
-class Entry:
-    """One file in the prepared-expert directory: `state` is "current" (read by the loads of its model
-    and layouts), "stale" (never read again: `why` says why), or "writing" (a live process's partial
-    file); `sources` the model files it was made from, as its header names them."""
-    path: Path
-    nbytes: int
-    state: str
-    why: str = ""
-    sources: tuple[str, ...] = ()
 
 
 def read_header(path: Path) -> dict | None:
@@ -313,7 +294,7 @@ def examine(path: Path) -> Entry:
     partial = _PARTIAL.match(path.name)
     if partial:
         pid = int(partial["pid"])
-        if _running(pid) or time.time() - st.st_mtime < LEFTOVER_AGE:
+        if running(pid) or time.time() - st.st_mtime < LEFTOVER_AGE:
             return Entry(path, st.st_size, "writing", f"being written by process {pid}")
         return Entry(path, st.st_size, "stale", f"left by an interrupted write (process {pid} is gone)")
     head = read_header(path)
@@ -331,29 +312,24 @@ def examine(path: Path) -> Entry:
         return Entry(path, st.st_size, "stale", "a damaged header", sources)
     if st.st_size != want:
         return Entry(path, st.st_size, "stale", f"incomplete ({st.st_size} of {want} bytes)", sources)
-    for src, size, mtime in recorded:
-        try:
-            now = _stamp(src)
-        except FileNotFoundError:
-            return Entry(path, st.st_size, "stale", f"its model file {src} is gone", sources)
-        except OSError:
-            continue   # unreadable just now (a drive not mounted): not known to be stale
-        if now[1:] != [size, mtime]:
-            return Entry(path, st.st_size, "stale", f"its model file {src} changed since it was written", sources)
-    return Entry(path, st.st_size, "current", "", sources)
+    why = sources_changed(recorded)
+    return Entry(path, st.st_size, "stale" if why else "current", why, sources)
 
 
 def scan(directory: Path | None = None) -> list[Entry]:
     """Every prepared file and interrupted write in `directory` (default: the cache directory's
-    experts/), largest first."""
+    experts/), and the expert use counts kept there (st_sdk.offload.profile), largest first."""
     from ..environment import cache_dir
+    from . import profile
 
     directory = Path(directory or cache_dir() / "experts")
     try:
-        names = [p for p in directory.iterdir() if p.is_file() and (p.suffix == ".stx" or _PARTIAL.match(p.name))]
+        found = [p for p in directory.iterdir() if p.is_file()]
     except OSError:
         return []
-    return sorted((examine(p) for p in names), key=lambda e: (-e.nbytes, e.path.name))
+    entries = [examine(p) for p in found if p.suffix == ".stx" or _PARTIAL.match(p.name)]
+    entries += [profile.examine(p) for p in found if profile.is_counts_file(p.name)]
+    return sorted(entries, key=lambda e: (-e.nbytes, e.path.name))
 
 
 def clean(directory: Path | None = None, everything: bool = False, sources: list[str] | None = None) -> list[Entry]:
@@ -384,19 +360,6 @@ def _remove_stale(directory: Path, sources: list[str]) -> None:
     if removed:
         log.warning("st-sdk: removed %d stale prepared expert file(s), %s: %s", len(removed),
                     fmt_bytes(sum(e.nbytes for e in removed)), "; ".join(f"{e.path.name} ({e.why})" for e in removed))
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (assumed so where that cannot be asked)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 _PARTIAL = re.compile(r"^.+\.stx\.(?P<pid>\d+)\.partial$")

@@ -4,9 +4,15 @@ A cache that starts empty spends its first few hundred tokens learning which exp
 routing favours: lfru ranks experts by their use counts, and a few dozen uses each rank the experts
 near the cache's cut poorly (docs/memory_budget.md, "Cache policy"). So the counts outlive the
 process: each load with a memory budget writes them, at exit and whenever lfru ages them, to
-`experts/<model file>.<hash>.uses.npy` in st-sdk's cache directory (the hash of the file's path, size
-and modification time), and the next load of the same file starts from them: lfru's counts are set
-to them, and the experts counted most are read into the cache's slots at load, before the first token.
+`experts/<model>.<hash>.uses.npz` in st-sdk's cache directory (`<model>`: the model file's or
+directory's name; the hash: of the paths, sizes and modification times of the files its experts are
+read from, a GGUF file or a Hugging Face directory's safetensors files, which the file records too),
+and the next load of the same files starts from them: lfru's counts are set to them, and the experts
+counted most are read into the cache's slots at load, before the first token.
+
+`st-sdk cache` lists the kept counts with the prepared expert files (`examine`): stale once a model
+file they were counted on changed or is gone, and `--clean` removes them. A load removes the stale
+counts of its own model files (an earlier version's).
 
 `ST_OFFLOAD_PROFILE`: "1" (the default) reads and writes the counts; "read" reads them and leaves the
 file as it is (to measure runs against one recorded profile); "0" neither.
@@ -15,13 +21,20 @@ A file that cannot be read, or that does not fit the model, is ignored with a wa
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
+import json
 import logging
 import os
+import re
+import time
 import weakref
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .files import LEFTOVER_AGE, Entry, running, source_files, sources_changed
 
 log = logging.getLogger("st_sdk.offload")
 
@@ -38,14 +51,36 @@ def mode() -> str:
     return value
 
 
-def profile_path(model_path: str | os.PathLike, directory: str | os.PathLike | None = None) -> Path:
-    """Where the counts of the model file at `model_path` are kept."""
+SUFFIX = ".uses.npz"
+LEGACY_SUFFIX = ".uses.npy"   # an earlier st-sdk's: the counts alone, no model files recorded
+_TMP = re.compile(r"^.+\.uses\.npz\.(?P<pid>\d+)\.tmp$")
+
+
+def is_counts_file(name: str) -> bool:
+    """Whether a file name in the cache directory's experts/ is kept counts (or a write's leftover)."""
+    return name.endswith((SUFFIX, LEGACY_SUFFIX)) or _TMP.match(name) is not None
+
+
+def profile_path(sources: list, name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where the counts of a model named `name` whose experts are read from `sources` (model files as
+    `files.source_files` gives them) are kept."""
     from ..environment import cache_dir
 
-    p = Path(model_path).resolve()
-    st = p.stat()
-    digest = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    return Path(directory or cache_dir() / "experts") / f"{p.name}.{digest}.uses.npy"
+    digest = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:20]
+    return Path(directory or cache_dir() / "experts") / f"{name}.{digest}{SUFFIX}"
+
+
+def _load(path: Path) -> tuple[np.ndarray, list]:
+    """The counts in `path` and the model files they were counted on (OSError, ValueError, KeyError
+    or zipfile.BadZipFile when the file is not kept counts)."""
+    with np.load(path, allow_pickle=False) as z:
+        counts, sources = z["counts"], json.loads(str(z["sources"]))
+    if not isinstance(sources, list) or not all(isinstance(s, list) and len(s) == 3 for s in sources):
+        raise ValueError("no list of model files")
+    return counts, sources
+
+
+BAD_FILE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
 def read(path: Path, layers: int, experts: int) -> np.ndarray | None:
@@ -54,9 +89,9 @@ def read(path: Path, layers: int, experts: int) -> np.ndarray | None:
     if not path.exists():
         return None
     try:
-        counts = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        log.warning("st-sdk: ignoring the expert use counts in %s: %s", path, exc)
+        counts, _ = _load(path)
+    except BAD_FILE as exc:
+        log.warning("st-sdk: ignoring the expert use counts in %s: %s", path, exc or type(exc).__name__)
         return None
     if counts.shape != (layers, experts) or counts.dtype.kind != "f" or not np.all(np.isfinite(counts)) \
             or np.any(counts < 0):
@@ -66,13 +101,14 @@ def read(path: Path, layers: int, experts: int) -> np.ndarray | None:
     return counts
 
 
-def write(path: Path, counts: np.ndarray) -> None:
-    """Write the counts whole (a temporary file renamed over the old one); a failure is logged."""
+def write(path: Path, counts: np.ndarray, sources: list) -> None:
+    """Write the counts whole, with the model files they were counted on (a temporary file renamed over
+    the old one); a failure is logged."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.save(f, counts.astype(np.float32), allow_pickle=False)
+            np.savez(f, counts=counts.astype(np.float32), sources=np.array(json.dumps(sources)))
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("st-sdk: could not keep the expert use counts in %s: %s", path, exc)
@@ -82,13 +118,62 @@ def write(path: Path, counts: np.ndarray) -> None:
             pass
 
 
+def examine(path: Path) -> Entry:
+    """What a kept-counts file in the cache directory is (an entry of `prepared.scan`): stale when a
+    model file it was counted on changed or is gone, when an earlier st-sdk wrote it without naming
+    them, when it is damaged, or when it is a write's leftover whose process is gone."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return Entry(path, 0, "stale", f"cannot be read ({e.strerror})", kind="counts")
+    entry = functools.partial(Entry, path, st.st_size, kind="counts")
+    tmp = _TMP.match(path.name)
+    if tmp:
+        pid = int(tmp["pid"])
+        if running(pid) or time.time() - st.st_mtime < LEFTOVER_AGE:
+            return entry("writing", f"being written by process {pid}")
+        return entry("stale", f"left by an interrupted write (process {pid} is gone)")
+    if path.name.endswith(LEGACY_SUFFIX):
+        return entry("stale", "kept by an earlier st-sdk, without the names of the model files counted on")
+    try:
+        _, sources = _load(path)
+    except BAD_FILE:
+        return entry("stale", "damaged (not kept expert use counts)")
+    why = sources_changed(sources)
+    return entry("stale" if why else "current", why, tuple(str(s[0]) for s in sources))
+
+
+def _remove_stale(directory: Path, sources: list) -> None:
+    """The stale counts kept for these model files (an earlier version's): gone, each logged."""
+    names = {str(s[0]) for s in sources}
+    try:
+        found = [p for p in directory.iterdir() if is_counts_file(p.name)]
+    except OSError:
+        return
+    for e in map(examine, found):
+        if e.state == "stale" and names.intersection(e.sources):
+            try:
+                os.unlink(e.path)
+                log.info("st-sdk: removed the stale expert use counts %s (%s)", e.path.name, e.why)
+            except OSError:
+                pass
+
+
 def attach(cache, experts: int, model_path) -> int:
-    """Start `cache` (before first use) from the counts kept for `model_path` and have its counts kept
-    as ST_OFFLOAD_PROFILE says; returns the experts read into the slots now (0 without counts)."""
+    """Start `cache` (before first use) from the counts kept for the model files it reads its experts
+    from, and have its counts kept as ST_OFFLOAD_PROFILE says (in `cache.counts_file`; `model_path`, the
+    model's file or directory, names it); returns the experts read into the slots now (0 without counts)."""
     how = mode()
-    if how == "0" or model_path is None or cache.policy != "lfru" or not Path(model_path).is_file():
+    if how == "0" or cache.policy != "lfru":
         return 0
-    path = profile_path(model_path)
+    try:
+        sources = source_files(cache, experts)
+    except OSError:   # a model file gone since it was opened: nothing to key the counts on
+        return 0
+    if not sources:
+        return 0
+    path = profile_path(sources, Path(model_path or sources[0][0]).name)
+    cache.counts_file = path
     layers = len(cache.part_bytes)
     counts = read(path, layers, experts)
     warmed = cache.start_from(counts) if counts is not None else 0
@@ -98,8 +183,9 @@ def attach(cache, experts: int, model_path) -> int:
         def keep() -> None:
             c = ref()
             if c is not None and c.uses:   # a load that never ran a token keeps what was there
-                write(path, c.use_counts(experts))
+                write(path, c.use_counts(experts), sources)
 
         cache.keep_counts = keep
         atexit.register(keep)
+        _remove_stale(path.parent, sources)
     return warmed
