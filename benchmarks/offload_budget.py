@@ -25,7 +25,9 @@ runner reads the same 8 warm-up and --tokens measured tokens one at a time, teac
 ids spread over the vocabulary, so routing sees diverse inputs. Reported per configuration: medians over
 --repeats runs (page cache dropped before each) of decode tokens/s and per-token latency p50/p99, the
 cgroup's peak and the process's peak RSS, runs killed, major page faults per token (mapped pages read
-again: dense weights or code evicted at the limit); then the disk-read bound: the bytes st-sdk read
+again: dense weights or code evicted at the limit), and the shares of the machine's CPU time over the
+measured tokens that a hypervisor took (steal) and that the kernel spent (on a virtual machine, reads
+from its virtual disk cost the guest both); then the disk-read bound: the bytes st-sdk read
 per token over the measured random-read bandwidth of the file it read them from (through the expert
 cache's own reader when that is a prepared expert file: `cache_read_bandwidth`).
 
@@ -52,8 +54,15 @@ TOKENS_OF = "np.random.default_rng(1234).permutation(np.arange(256, vocab))[:n_a
 #: as many other tokens (another permutation), on which --profile-run records the kept use counts
 OTHER_TOKENS_OF = TOKENS_OF.replace("1234", "4321")
 
+#: both children's reading of the machine's CPU time over the measured tokens: the share the hypervisor
+#: took (steal) and the share spent in the kernel, which a budget run's reads add to
+CPU_TICKS = '''
+def cpu_ticks():   # the machine's CPU time by kind (/proc/stat): user nice system idle iowait irq softirq steal
+    return [int(v) for v in open("/proc/stat").readline().split()[1:9]]
+'''
 CHILD_OURS = r"""
 import json, resource, sys, time, numpy as np, st_sdk
+CPU_TICKS
 flag = lambda v: {"1": True, "0": False}.get(v, v)
 path, budget, n, threads, prefetch, backend, policy, expert_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), flag(sys.argv[5]), sys.argv[6], sys.argv[7], flag(sys.argv[8])
 resident = budget == "resident"   # the same tokens with the whole model in memory, no budget
@@ -71,9 +80,12 @@ s = m.session(capacity=n_all + 1)
 times = []
 for i, tok in enumerate(toks):
     t0 = time.perf_counter(); s.feed([tok]); times.append(time.perf_counter() - t0)
-    if i == WARMUP - 1 and not resident:
-        m.offload.stats.__init__()   # statistics of the measured tokens only
-        majflt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    if i == WARMUP - 1:
+        ticks = cpu_ticks()
+        if not resident:
+            m.offload.stats.__init__()   # statistics of the measured tokens only
+            majflt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+ticks = [b - a for a, b in zip(ticks, cpu_ticks())]
 st = None
 if not resident:
     st = m.offload.stats.as_dict()
@@ -85,15 +97,18 @@ if not resident:
     st["ahead_active_at_end"] = ahead.active if ahead is not None else None
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 read_from = None if resident or m.memory_plan.expert_file is None else str(m.memory_plan.expert_file)
-print(json.dumps({"decode_s": times[WARMUP:], "stats": st, "plan": None if resident else m.memory_plan.describe(),
+print(json.dumps({"decode_s": times[WARMUP:], "cpu_ticks": ticks, "stats": st,
+                  "plan": None if resident else m.memory_plan.describe(),
                   "expert_file": read_from,
                   "backend": m.backend.name,
                   "load_s": t_load, "process_peak_rss": hwm,
                   "frameworks": sorted(k for k in ("torch", "jax") if k in sys.modules)}))
-""".replace("WARMUP", str(WARMUP)).replace("OTHER_TOKENS_OF", OTHER_TOKENS_OF).replace("TOKENS_OF", TOKENS_OF)
+""".replace("WARMUP", str(WARMUP)).replace("OTHER_TOKENS_OF", OTHER_TOKENS_OF).replace("TOKENS_OF", TOKENS_OF) \
+    .replace("CPU_TICKS", CPU_TICKS)
 
 CHILD_LLAMA = r"""
 import json, sys, time
+CPU_TICKS
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
@@ -110,11 +125,14 @@ t_load = time.perf_counter() - t_load
 vocab, n_all = llm.n_vocab(), WARMUP + n
 toks = [int(t) for t in TOKENS_OF]
 times = []
-for tok in toks:
+for i, tok in enumerate(toks):
     t0 = time.perf_counter(); llm.eval([tok]); times.append(time.perf_counter() - t0)
+    if i == WARMUP - 1:
+        ticks = cpu_ticks()
+ticks = [b - a for a, b in zip(ticks, cpu_ticks())]
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"decode_s": times[WARMUP:], "load_s": t_load, "process_peak_rss": hwm}))
-""".replace("WARMUP", str(WARMUP)).replace("TOKENS_OF", TOKENS_OF)
+print(json.dumps({"decode_s": times[WARMUP:], "cpu_ticks": ticks, "load_s": t_load, "process_peak_rss": hwm}))
+""".replace("WARMUP", str(WARMUP)).replace("TOKENS_OF", TOKENS_OF).replace("CPU_TICKS", CPU_TICKS)
 
 
 class Cgroup:
@@ -387,6 +405,7 @@ def run_all(args, cg: Cgroup, runs: dict, env_of: dict) -> dict[str, list]:
                   f"{rec['p99_ms']:7.1f} ms" if "decode_tps" in rec else f"ERROR {rec['error']}") +
                   f"  cgroup peak {(rec['peak_bytes'] or 0) / 2**20:6.0f} MiB  process peak "
                   f"{rec.get('process_peak_rss', 0) / 2**20:6.0f} MiB" +
+                  ("  steal {:.0%} kernel {:.0%}".format(*cpu_shares(rec)) if cpu_shares(rec) else "") +
                   (f"  backend {rec['backend']}  hit rate {st['hit_rate']:.1%}  read "
                    f"{st['bytes_read'] / 2**20 / args.tokens:.1f} MiB/token  stalled {st['stall_s']:.1f} s  "
                    f"major faults {st.get('major_faults', 0) / args.tokens:.1f}/token"
@@ -396,6 +415,15 @@ def run_all(args, cg: Cgroup, runs: dict, env_of: dict) -> dict[str, list]:
                    + (f"  frameworks loaded: {rec['frameworks']}" if rec.get("frameworks") else "") if st else ""),
                   flush=True)
     return results
+
+
+def cpu_shares(rec: dict) -> tuple[float, float] | None:
+    """The shares of the machine's CPU time over a run's measured tokens that the hypervisor took
+    (steal) and that went to the kernel (system, irq, softirq); None when not read."""
+    t = rec.get("cpu_ticks")
+    if not t or sum(t) <= 0:
+        return None
+    return t[7] / sum(t), (t[2] + t[5] + t[6]) / sum(t)
 
 
 def paired_ratio(results: dict[str, list], name: str, other: str) -> float | None:
@@ -411,11 +439,14 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
     summary = {}
     for name, recs in results.items():
         ok = [r for r in recs if "decode_tps" in r]
+        shares = [cpu_shares(r) for r in ok if cpu_shares(r)]
         summary[name] = {"decode_tps": median(r["decode_tps"] for r in ok) if ok else None,
                          "p50_ms": median(r["p50_ms"] for r in ok) if ok else None,
                          "p99_ms": median(r["p99_ms"] for r in ok) if ok else None,
                          "cgroup_peak_MiB": max((r.get("peak_bytes") or 0) for r in recs) / 2**20 if recs else None,
                          "process_peak_rss_MiB": max(r.get("process_peak_rss", 0) for r in recs) / 2**20 if recs else None,
+                         "steal_share": median(a for a, _ in shares) if shares else None,
+                         "kernel_share": median(b for _, b in shares) if shares else None,
                          "runs": len(recs), "errors": [r["error"] for r in recs if "error" in r],
                          "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None,
                          "backend": ok[-1].get("backend") if ok else None}
@@ -430,7 +461,9 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
               f"p99 {s['p99_ms'] or 0:7.1f} ms  cgroup peak {s['cgroup_peak_MiB'] or 0:7.1f} MiB  process peak "
               f"{s['process_peak_rss_MiB'] or 0:7.1f} MiB  failed runs {len(s['errors'])}/{s['runs']}"
               + (f": {s['errors'][0]}" if s["errors"] else "")
-              + (f"  {whole:.0%} of resident" if whole and name.startswith("st-sdk") else ""))
+              + (f"  {whole:.0%} of resident" if whole and name.startswith("st-sdk") else "")
+              + (f"  steal {s['steal_share']:.0%} kernel {s['kernel_share']:.0%}" if s["steal_share"] is not None
+                 else ""))
     if summary.get("st-sdk", {}).get("stats"):
         st, plan = summary["st-sdk"]["stats"], summary["st-sdk"]["plan"]
         print(f"  st-sdk plan: {plan}")
