@@ -1,7 +1,7 @@
 """Sparse ReGLU's expert stage on the C backend at a chosen share of live neurons, in each layout.
 
     python benchmarks/sparse_reglu.py [--fmt q4_0|q8_0|q4_k|q6_k] [--live 0.75,0.5,0.25,0.1] [--threads 1,2]
-        [--experts 512] [--builds A.so,B.so]
+        [--experts 512] [--builds A.so,B.so] [--probe]
 
 One decode step's experts (top 4 of --experts, the 4b-a0.6b shape: hidden 1536, 768 neurons each),
 timed through `CBackend.moe` with the three ST_C_SPARSE_LAYOUT layouts side by side: "off" (gate, up
@@ -16,6 +16,11 @@ row is all positive (live for every token) with probability --live, else all neg
 give about 0.5; trained ReGLU experts far fewer (`st-sdk generate MODEL --stats` measures a model's).
 Prints the median time per step over rounds in which the layouts alternate, and each layout's ratio
 to "off".
+
+`--probe` measures what the layouts' reads can reach on this host instead (st_read_chunks): memory read in
+chunks of a live neuron's size, a share --live of them scattered as live neurons are, against a plain
+stream of the same buffer. A skipped byte saves time only while reading the live ones costs less than
+streaming them all: a live share above the scattered rate over the stream's leaves nothing to gain.
 
 `--builds A.so,B.so` compares builds of the kernels instead (backends/c/_st_kernels.abi3.so, or another
 build of it, as ST_C_KERNELS_PATH takes), in one process: the experts are converted once by the
@@ -44,7 +49,13 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--builds", help="comma-separated paths of kernel builds to compare in one process")
+    ap.add_argument("--probe", action="store_true", help="measure the memory read rates behind the layouts instead")
     a = ap.parse_args()
+    if a.probe:
+        for live in (float(v) for v in a.live.split(",")):
+            for threads in (int(t) for t in a.threads.split(",")):
+                probe(threads, live, a.rounds)
+        return
 
     from st_sdk.backend import Param
     from st_sdk.weights.tensor import WeightTensor, quantize
@@ -90,6 +101,52 @@ def main() -> None:
             cells = ", ".join(f"{name} {median(v) * 1e6:.0f} us ({base / median(v):.2f}x)" for name, v in times.items())
             print(f"live {live:.2f}, {threads} thread{'s' if threads > 1 else ''}: {cells}", flush=True)
         del prepared, raw
+
+
+def probe(threads: int, live: float, rounds: int, mib: int = 1024, ahead: int = 8) -> None:
+    """Reading memory as the sparse layouts read it, against a plain stream (`st_read_chunks`, csrc): a
+    buffer of `mib` MiB (huge pages where granted) read whole, then a share `live` of its chunks, picked
+    at random and read in order, each fetched `ahead` chunks ahead as the kernels fetch live rows and
+    columns. Chunks of 864 bytes (a live neuron's up row: 1536 weights in Q4_0) and 384 (its down
+    column's share of one of two threads' rows). The scattered rate over the stream's is what a skipped
+    byte saves: below it, the sparse layouts read more slowly than the dense ones stream."""
+    import mmap
+
+    from st_sdk_backends.c import ops
+    from st_sdk_backends.c.backend import get_pool
+
+    ffi, lib = ops.ffi_lib()
+    pool = get_pool(threads)
+    n = mib * 2**20
+    region = mmap.mmap(-1, n)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    buf = np.frombuffer(region, np.uint8)
+    buf[:] = 1
+    base, out = ffi.cast("const uint8_t *", buf.ctypes.data), ffi.new("uint64_t *")
+    rng = np.random.default_rng(0)
+
+    def rate(chunk: int, idx) -> float:
+        m = n // chunk if idx is None else len(idx)
+        p = ffi.NULL if idx is None else ffi.cast("const int32_t *", idx.ctypes.data)
+        t0 = time.perf_counter()
+        if lib.st_read_chunks(pool, base, chunk, p, m, ahead, out):
+            raise SystemExit("st_read_chunks failed")
+        return m * chunk / (time.perf_counter() - t0)
+
+    for chunk in (864, 384):
+        picks = np.flatnonzero(rng.random(n // chunk) < live).astype(np.int32)
+        stream, scattered = [], []
+        for r in range(rounds + 1):   # round 0 warms up
+            s, c = rate(chunk, None), rate(chunk, picks)
+            if r:
+                stream.append(s), scattered.append(c)
+        print(f"{threads} thread{'s' if threads > 1 else ''}, chunks of {chunk} bytes, {live:.0%} of them: "
+              f"stream {median(stream) / 1e9:.1f} GB/s, scattered {median(scattered) / 1e9:.1f} GB/s "
+              f"({median(c / s for c, s in zip(scattered, stream)):.0%} of the stream, median of {rounds} rounds)",
+              flush=True)
+    del buf
+    region.close()
 
 
 def compare_builds(paths, prepared, x, w, E: int, k: int, threads: int, rounds: int, rng, live: float,

@@ -1134,6 +1134,35 @@ int st_linear(st_pool *pool, const st_mat *w, const float *x, int64_t T, float *
     return ST_OK;
 }
 
+/* st_read_chunks: each thread sums its share of the chunks in order, fetching `ahead` chunks ahead */
+typedef struct { const uint8_t *base; int64_t chunk; const int32_t *idx; int64_t m; int32_t ahead; uint64_t *part; } chunk_ctx;
+static void chunks_job(void *arg, int ith, int nth) {
+    const chunk_ctx *c = arg;
+    int64_t lo, hi;
+    split(c->m, ith, nth, 1, &lo, &hi);
+    uint64_t s = 0;
+    for (int64_t j = lo; j < hi; j++) {
+        if (c->ahead > 0 && j + c->ahead < hi)
+            st_fetch(c->base + (c->idx ? c->idx[j + c->ahead] : j + c->ahead) * c->chunk, c->chunk);
+        const uint64_t *p = (const uint64_t *)(c->base + (c->idx ? c->idx[j] : j) * c->chunk);
+        for (int64_t i = 0; i < c->chunk / 8; i++) s += p[i];
+    }
+    c->part[ith] = s;
+}
+int st_read_chunks(st_pool *pool, const uint8_t *base, int64_t chunk, const int32_t *idx, int64_t m, int32_t ahead,
+                   uint64_t *out) {
+    if (!base || !out || chunk <= 0 || chunk % 8 || m < 0 || ahead < 0) return ST_EARG;
+    const int nth = pool ? pool->n : 1;
+    uint64_t *part = calloc((size_t)nth, sizeof(uint64_t));
+    if (!part) return ST_ENOMEM;
+    chunk_ctx c = {base, chunk, idx, m, ahead, part};
+    pool_run(pool, chunks_job, &c);
+    *out = 0;
+    for (int i = 0; i < nth; i++) *out += part[i];
+    free(part);
+    return ST_OK;
+}
+
 int st_rms_norm(st_pool *pool, const float *x, const float *w, int64_t T, int64_t H, float eps, float *out) {
     (void)pool;
     if (!x || !w || !out || T <= 0 || H <= 0) return ST_EARG;

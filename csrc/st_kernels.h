@@ -160,6 +160,12 @@ int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cac
  * arithmetic as st_layer_forward given the same routing. */
 int st_layer_part(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
                   int64_t T, int32_t part, const int64_t *ids, const float *weights);
+/* A memory probe for benchmarks/sparse_reglu.py --probe: reads the m chunks of `chunk` bytes (a multiple
+ * of 8) at base + idx[j] * chunk (idx NULL: chunk j, a plain stream), the pool's threads each their
+ * share in order, each fetching `ahead` chunks ahead into L2 as the sparse layouts' kernels fetch live
+ * rows and columns; *out: their bytes summed as 64-bit words (so the reads happen). */
+int st_read_chunks(st_pool *pool, const uint8_t *base, int64_t chunk, const int32_t *idx, int64_t m, int32_t ahead,
+                   uint64_t *out);
 int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *ids, const int64_t *pos,
                int64_t T, int32_t last_only, float *logits);
 /* one step over B sequences packed row after row: sequence b owns rows seg[b]..seg[b+1]-1 of ids/pos

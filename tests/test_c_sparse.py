@@ -388,3 +388,27 @@ def test_a_bad_live_threshold_is_refused(monkeypatch):
         monkeypatch.setenv("ST_C_SPARSE_LIVE", bad)
         with pytest.raises(BackendError, match=f"ST_C_SPARSE_LIVE='{bad}'"):
             CBackend().setup()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_chunks_probe_reads_the_chunks_it_is_given(threads):
+    """benchmarks/sparse_reglu.py --probe's reader: the chunks picked (or every chunk, as a stream) read
+    whole whatever the thread count, their 64-bit words summed; bad arguments refused."""
+    ffi, lib = cops.ffi_lib()
+    pool = cbackend.get_pool(threads)
+    rng = np.random.default_rng(0)
+    chunk, n = 864, 1000
+    buf = rng.integers(0, 2**63, n * chunk // 8, dtype=np.uint64)
+    base, out = ffi.cast("const uint8_t *", buf.ctypes.data), ffi.new("uint64_t *")
+    words = buf.reshape(n, chunk // 8)
+    with np.errstate(over="ignore"):
+        whole = int(words.sum(dtype=np.uint64))
+        picks = np.flatnonzero(rng.random(n) < 0.35).astype(np.int32)
+        some = int(words[picks].sum(dtype=np.uint64))
+    assert lib.st_read_chunks(pool, base, chunk, ffi.NULL, n, 8, out) == 0 and out[0] == whole
+    idx = ffi.cast("const int32_t *", picks.ctypes.data)
+    assert lib.st_read_chunks(pool, base, chunk, idx, len(picks), 8, out) == 0 and out[0] == some
+    assert lib.st_read_chunks(pool, base, chunk, idx, len(picks), 0, out) == 0 and out[0] == some
+    assert lib.st_read_chunks(pool, base, 100, ffi.NULL, 10, 8, out) != 0      # not whole words
+    assert lib.st_read_chunks(pool, base, chunk, ffi.NULL, -1, 8, out) != 0
+    assert lib.st_read_chunks(pool, ffi.NULL, chunk, ffi.NULL, 1, 8, out) != 0
