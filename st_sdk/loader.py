@@ -122,7 +122,8 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     'lfru' (frequency-aware, the default) or 'lru' (st_sdk.offload.cache); expert_file: read the
     experts from a file written once in the backend's layout (st_sdk.offload.prepared): "auto" (the
     default) the existing one, else written on this first load where the backend converts the experts
-    it reads and the disk keeps a tenth of itself free; True writes it first when missing; False never.
+    it reads and the disk keeps a tenth of itself (at most 16 GiB) free; True writes it first when
+    missing; False never.
     """
     from .context import resolve_context
     from .offload.experts import row_read_bytes

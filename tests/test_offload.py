@@ -965,7 +965,8 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
     """expert_file="auto" (the default): a backend that converts the experts it reads gets the file
     written on its first load (a warning names it and its size), and later loads read it without
     writing again; a backend that reads them as stored gets none, and neither does a disk that would
-    keep less than a tenth of itself free (a warning says why: decoding is slower without it)."""
+    keep less than a tenth of itself free, or 16 GiB where that is less (a warning says why: decoding
+    is slower without it)."""
     from st_sdk.offload import prepared
 
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
@@ -997,9 +998,15 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
     with caplog.at_level("INFO", logger="st_sdk.offload"):
         short = load()
     assert short.memory_plan.expert_file is None and not written.exists()
-    assert "10% of the disk is kept free" in caplog.text
+    assert "10.00 GiB of the disk is kept free (a tenth of it, at most 16 GiB)" in caplog.text
     assert any(r.levelname == "WARNING" and "slows decoding" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(short.logits(IDS[:8]), resident.logits(IDS[:8]))
+    # on a large disk 16 GiB is kept, not a tenth: 5% of a 1,000 GiB disk left after writing is enough
+    fake_disk(monkeypatch, free=need + 50 * 2**30, total=1000 * 2**30)
+    large = load()
+    assert large.memory_plan.expert_file == written and written.exists()
+    np.testing.assert_array_equal(large.logits(IDS[:8]), resident.logits(IDS[:8]))
+    assert prepared.auto_free_bytes(100 * 2**30) == 10 * 2**30 and prepared.auto_free_bytes(2**20) == prepared.FREE_MARGIN
 
 
 def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, caplog):

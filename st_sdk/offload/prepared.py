@@ -20,7 +20,8 @@ any time: a later load writes it again where it is worth writing.
 `st_sdk.load(..., max_memory=..., expert_file=...)`:
 
     "auto"  (the default) use the prepared file if one exists; else, when the backend converts the
-            experts it reads (the C backend repacks them) and the disk keeps room to spare, write it
+            experts it reads (the C backend repacks them) and the disk keeps room to spare (a tenth
+            of itself, at most AUTO_FREE_CAP: `auto_free_bytes`), write it
             first (once: later loads read it), logged with its path and size; else convert each expert
             as it is read
     True    write it first when it is missing, if the disk has room for it and FREE_MARGIN more (a
@@ -57,7 +58,8 @@ MAGIC = b"STSDKXP1"
 HEADER = 4096          # the header block; experts start here, each at a multiple of the stride
 VERSION = 2            # 2: the header records the model files' sizes and modification times
 FREE_MARGIN = 256 * 2**20   # room left on the disk after writing one
-AUTO_FREE_SHARE = 0.1       # "auto" writes one only when this share of the disk stays free after it
+AUTO_FREE_SHARE = 0.1       # "auto" writes one only when this share of the disk stays free after it,
+AUTO_FREE_CAP = 16 * 2**30  # or this much, where that is less (a tenth of a large disk is more than needed)
 
 
 def check_mode(value) -> bool | str:
@@ -246,7 +248,7 @@ def _converts(cache: ExpertCache) -> bool:
 def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
     """Why expert_file="auto" should not write a prepared file now ('' when it should): the cache holds
     every expert as stored (reads already go straight into the slots, nothing to save), the cache
-    directory is not writable, or the disk would keep less than AUTO_FREE_SHARE of itself free."""
+    directory is not writable, or the disk would keep less free than `auto_free_bytes` asks."""
     if not _converts(cache):
         return "the backend reads the experts as stored"
     where = path.parent
@@ -258,11 +260,18 @@ def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
         usage = shutil.disk_usage(where)
     except OSError as e:
         return f"{where}: {e.strerror}"
-    need = HEADER + data_bytes(sig)
-    if usage.free - need < max(FREE_MARGIN, AUTO_FREE_SHARE * usage.total):
+    need, keep = HEADER + data_bytes(sig), auto_free_bytes(usage.total)
+    if usage.free - need < keep:
         return (f"{where}: {usage.free / 2**30:.2f} GiB free, the file needs {need / 2**30:.2f} GiB and "
-                f"{AUTO_FREE_SHARE:.0%} of the disk is kept free; expert_file=True writes it anyway")
+                f"{keep / 2**30:.2f} GiB of the disk is kept free (a tenth of it, at most "
+                f"{AUTO_FREE_CAP / 2**30:.0f} GiB); expert_file=True writes it anyway")
     return ""
+
+
+def auto_free_bytes(total: int) -> int:
+    """What expert_file="auto" leaves free on a disk of `total` bytes: a tenth of it, at most
+    AUTO_FREE_CAP, at least FREE_MARGIN."""
+    return int(max(FREE_MARGIN, min(AUTO_FREE_SHARE * total, AUTO_FREE_CAP)))
 
 
 # ---- housekeeping: which files are stale, and removing them ----------------------------------------
