@@ -23,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --max-memory: read experts from a file written once in the backend's layout "
                         "(st_sdk.offload.prepared; in st-sdk's cache directory, as large as the experts): "
                         "auto (default): the existing one, else written on first load where the backend "
-                        "converts experts and a tenth of the disk stays free; write: write it first if "
+                        "converts experts and a tenth of the disk (at most 16 GiB) stays free; write: write it first if "
                         "missing; off: never")
 
 
