@@ -140,7 +140,8 @@ def probe(threads: int, live: float, rounds: int, mib: int = 1024, ahead: int = 
         for r in range(rounds + 1):   # round 0 warms up
             s, c = rate(chunk, None), rate(chunk, picks)
             if r:
-                stream.append(s), scattered.append(c)
+                stream.append(s)
+                scattered.append(c)
         print(f"{threads} thread{'s' if threads > 1 else ''}, chunks of {chunk} bytes, {live:.0%} of them: "
               f"stream {median(stream) / 1e9:.1f} GB/s, scattered {median(scattered) / 1e9:.1f} GB/s "
               f"({median(c / s for c, s in zip(scattered, stream)):.0%} of the stream, median of {rounds} rounds)",
