@@ -1231,6 +1231,50 @@ int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int
     return rc;
 }
 
+/* st_route_many: the activation forms every router needs, then each router's logits, in one pass of
+ * the pool (no barrier between the routers: each writes its own logits) */
+typedef struct { st_pool *pool; const st_mat *const *r; int32_t n; const float *x; int64_t T; float *logits;
+                 int64_t *off; block_q8 *xq; block_q8K *xk; int need; } route_many_ctx;
+static void route_many_job(void *arg, int ith, int nth) {
+    route_many_ctx *c = arg;
+    const int64_t H = c->r[0]->cols;
+    if (c->need) {
+        quantize_rows(ith, nth, c->x, c->T, H, c->need, c->xq, c->xk);
+        barrier(c->pool, nth);
+    }
+    const st_act xa = {c->x, c->xq, c->xk};
+    for (int32_t i = 0; i < c->n; i++) mm(ith, nth, c->r[i], &xa, c->T, c->logits + c->off[i], c->r[i]->rows, 0);
+}
+
+int st_route_many(st_pool *pool, const st_mat *const *routers, int32_t n, const float *x, int64_t T, int64_t k,
+                  int32_t softmax, float *weights, int64_t *ids) {
+    if (!routers || n <= 0 || !x || !weights || !ids || T <= 0 || k <= 0) return ST_EARG;
+    int need = 0;
+    int64_t total = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const st_mat *r = routers[i];
+        if (!r || !mat_ok(r, r->rows, r->cols) || r->cols != routers[0]->cols || k > r->rows) return ST_EARG;
+        if (fmt_act(r->fmt) != ACT_F32) need |= act_need(r->fmt);
+        total += T * r->rows;
+    }
+    const int64_t H = routers[0]->cols;
+    route_many_ctx c = {pool, routers, n, x, T, malloc((size_t)total * 4), malloc((size_t)n * 8), NULL, NULL, need};
+    if (need & (1 << ACT_Q8)) c.xq = malloc((size_t)(T * (H / QK + 1)) * sizeof(block_q8));
+    if (need & (1 << ACT_Q8K)) c.xk = malloc((size_t)(T * (H / QKK + 1)) * sizeof(block_q8K));
+    int rc = ST_ENOMEM;
+    if (c.logits && c.off && (!(need & (1 << ACT_Q8)) || c.xq) && (!(need & (1 << ACT_Q8K)) || c.xk)) {
+        for (int32_t i = 0; i < n; i++) c.off[i] = i ? c.off[i - 1] + T * routers[i - 1]->rows : 0;
+        pool_run(pool, route_many_job, &c);
+        for (int32_t i = 0; i < n; i++)
+            for (int64_t t = 0; t < T; t++)
+                topk_row(c.logits + c.off[i] + t * routers[i]->rows, routers[i]->rows, k, softmax,
+                         weights + (i * T + t) * k, ids + (i * T + t) * k);
+        rc = ST_OK;
+    }
+    free(c.logits); free(c.off); free(c.xq); free(c.xk);
+    return rc;
+}
+
 static void moe_job(void *arg, int ith, int nth) {
     jctx *c = arg;
     quantize_rows(ith, nth, c->mf, c->T, c->H, act_need(c->gate->fmt) | act_need(c->up->fmt), c->mq, c->mK);

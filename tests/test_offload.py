@@ -10,6 +10,7 @@ import pytest
 
 import st_sdk
 from smaps import vm_flags
+from st_sdk.backend import Param
 from st_sdk.errors import InputError, WeightError
 from st_sdk.offload import parse_size
 from st_sdk.offload import experts as offload_experts
@@ -420,6 +421,71 @@ def test_lookahead_prefetch_reads_ahead_and_changes_no_result(files, backend):
     # the default reads ahead only while guesses pay; True is the router's own picks only
     assert st_sdk.load(path, backend="numpy", max_memory="1GiB").offload.lookahead.mode == "auto"
     assert st_sdk.load(path, backend="numpy", max_memory="1GiB", prefetch=True).offload.lookahead is None
+
+
+def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatch):
+    """On the C backend a layer's router and the guesses it makes for the next layers run in one call
+    (route_many): the same guesses, for the same layers, and the same logits as one call each."""
+    from st_sdk.offload.experts import Lookahead
+    from st_sdk_backends.c.backend import CBackend
+
+    path = files["gguf-q8_0"]
+    budget = budget_for(path, 12, backend="c")
+    calls, guessed = [], []
+    many, ahead = CBackend.route_many, Lookahead.ahead
+
+    def counted(self, x, routers, k, softmax):
+        calls.append(len(routers))
+        return many(self, x, routers, k, softmax)
+
+    def recorded(self, layer, guess, distance=1):
+        guessed.append((layer, distance, np.ravel(guess).tolist()))
+        return ahead(self, layer, guess, distance)
+
+    def run():
+        guessed.clear()
+        m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64, prefetch="lookahead")
+        s = m.session()
+        return np.stack([s.feed([int(t)]) for t in IDS[:24]]), list(guessed), m.config.num_hidden_layers
+
+    monkeypatch.setattr(Lookahead, "ahead", recorded)
+    monkeypatch.setattr(CBackend, "route_many", counted)
+    got, got_guesses, layers = run()
+    assert len(calls) == 24 * layers and max(calls) > 1   # one call a layer, guesses included
+    monkeypatch.setattr(CBackend, "route_many", None)    # a call per router
+    want, want_guesses, _ = run()
+    np.testing.assert_array_equal(got, want)
+    assert got_guesses == want_guesses and len(got_guesses) > 24
+
+
+def test_route_many_picks_what_route_picks_for_each_router():
+    """CBackend.route_many: each router's top k of each row as `route` gives them (float and Q8_0
+    routers alike); routers of different widths or a k past a router's rows are refused."""
+    from st_sdk.weights.tensor import WeightTensor, quantize
+    from st_sdk_backends.c.backend import CBackend
+
+    b = CBackend(n_threads=2)
+    b.setup()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+
+    def router(rows, fmt="f32", cols=64):
+        v = rng.standard_normal((rows, cols)).astype(np.float32)
+        raw = WeightTensor("r", fmt, (rows, cols), v if fmt == "f32" else quantize(fmt, v))
+        return Param(raw, b.prepare(Param(raw, None), "router"))
+
+    for routers in ([router(16), router(24), router(16)],                # float routers
+                    [router(16), router(32, "q8_0"), router(16)]):     # a quantised one among them
+        w, ids = b.route_many(x, routers, 4, True)
+        assert w.shape == ids.shape == (3, 3, 4)
+        for i, r in enumerate(routers):
+            rw, rids = b.route(x, r, 4, True)
+            np.testing.assert_array_equal(ids[i], rids)
+            np.testing.assert_array_equal(w[i], rw)
+    with pytest.raises(InputError, match="route_many"):
+        b.route_many(x, [routers[0], router(16, cols=32)], 4, True)
+    with pytest.raises(InputError, match="route_many"):
+        b.route_many(x, routers, 17, True)
 
 
 def test_reading_ahead_turns_on_while_guesses_pay_and_off_when_they_stop():

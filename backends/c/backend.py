@@ -654,6 +654,24 @@ class CBackend(Backend):
                            ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids)), "route")
         return w, ids
 
+    def route_many(self, x, routers: list, k: int, softmax: bool):
+        """`route` for several routers of the same input in one C call (weights, ids: [n, T, k]): under a
+        memory budget, a layer's own router and the next layers' guesses from its input, one pass of
+        the pool instead of one each (docs/memory_budget.md, "Reading three layers ahead")."""
+        ffi, lib, pool = self._lib()
+        mats = [as_mat(r) for r in routers]
+        if not mats or not all(1 <= int(k) <= m.rows and m.cols == mats[0].cols for m in mats):
+            raise InputError(f"route_many: k={k} must lie in [1, rows] of routers of one width, got "
+                             f"{[[m.rows, m.cols] for m in mats]}")
+        xs = activations(x, mats[0].cols, "route x")
+        T = xs.shape[0]
+        w = np.empty((len(mats), T, k), np.float32)
+        ids = np.empty((len(mats), T, k), np.int64)
+        check(lib.st_route_many(pool, ffi.new("const st_mat *[]", [m.struct for m in mats]), len(mats),
+                                ptr(ffi, "float *", xs), T, int(k), int(bool(softmax)), ptr(ffi, "float *", w),
+                                ptr(ffi, "int64_t *", ids)), "route_many")
+        return w, ids
+
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights, sparse: bool | None = None):
         if is_offloaded(gate):
             return self._offloaded_moe(x, gate.raw, up.raw, down.raw, ids, weights, sparse)

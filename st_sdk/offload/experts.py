@@ -253,28 +253,45 @@ class Lookahead:
                 cache.prefetch_ahead(layer, sorted(missing))
 
 
-def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: str | None = None):
+def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: str | None = None,
+                      route_many=None):
     """The route op, followed by starting the reads of the experts it picked (before attention); at the
     first layer of each step, first the cache's run-time memory check (`ExpertCache.keep_within`).
     lookahead: also read ahead the experts later layers' routers pick from this layer's input,
-    "always" or "auto" (while those guesses pay; see Lookahead), kept in `cache.lookahead`."""
+    "always" or "auto" (while those guesses pay; see Lookahead), kept in `cache.lookahead`.
+    route_many(x, routers, k, softmax) -> (weights, ids) [n, T, k], where the backend has it: the
+    layer's router and the guesses it will make in one call (the guess at a distance just turned on by
+    this layer's picks, in one more)."""
     layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
     routers = [lp.router for lp in params.layers]
     ahead = cache.lookahead = Lookahead(cache, lookahead) if prefetch and lookahead else None
+
+    def reach(layer: int) -> int:
+        """How many layers ahead to guess from this one: the next, then each further one while the
+        guesses a layer nearer are on (further ones are no better: not worth a router call while off)."""
+        n = min(ahead.depth, len(routers) - 1 - layer)
+        d = min(n, 1)
+        while d < n and ahead.active_at(d):
+            d += 1
+        return d
 
     def route_and_prefetch(x, router, k, softmax):
         layer = layer_of[id(router)]
         if layer == 0:
             cache.keep_within()
-        w, ids = route(x, router, k, softmax)
+        guesses = []
+        if ahead is not None and route_many is not None:
+            ws, idss = route_many(x, [router] + routers[layer + 1:layer + 1 + reach(layer)], k, softmax)
+            w, ids, guesses = ws[0], idss[0], list(idss[1:])
+        else:
+            w, ids = route(x, router, k, softmax)
         if prefetch:
             cache.prefetch(layer, np.asarray(ids))
             if ahead is not None:
                 ahead.check(layer, ids)
-                for distance in range(1, min(ahead.depth, len(routers) - 1 - layer) + 1):
-                    if distance > 1 and not ahead.active_at(distance - 1):
-                        break   # guesses further ahead are no better: not worth a router call while off
-                    guess = route(x, routers[layer + distance], k, softmax)[1]
+                for distance in range(1, reach(layer) + 1):
+                    guess = guesses[distance - 1] if distance <= len(guesses) else \
+                        route(x, routers[layer + distance], k, softmax)[1]
                     ahead.ahead(layer + distance, np.asarray(guess), distance)
         return w, ids
 
@@ -292,7 +309,8 @@ def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookah
         cache.set_layouts([[backend.expert_layout(getattr(lp, p).raw.fmt, *getattr(lp, p).raw.shape[1:], p)
                             for p in PARTS] for lp in params.layers])
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
-    route = prefetching_route(ops.route, params, cache, prefetch, lookahead)
+    many = getattr(backend, "route_many", None) if "route" in ops.native else None
+    route = prefetching_route(ops.route, params, cache, prefetch, lookahead, route_many=many)
     def fused_layer(cfg, i, p, h, ctx, layer_cache):   # the backend's own, around the cache
         return backend.offloaded_layer(cfg, i, p, h, ctx, layer_cache, route)
 
