@@ -657,7 +657,7 @@ class CBackend(Backend):
     def route_many(self, x, routers: list, k: int, softmax: bool):
         """`route` for several routers of the same input in one C call (weights, ids: [n, T, k]): under a
         memory budget, a layer's own router and the next layers' guesses from its input, one pass of
-        the pool instead of one each (docs/memory_budget.md, "Reading three layers ahead")."""
+        the pool instead of one each (docs/memory_budget.md, "Reading ahead across layers")."""
         ffi, lib, pool = self._lib()
         mats = [as_mat(r) for r in routers]
         if not mats or not all(1 <= int(k) <= m.rows and m.cols == mats[0].cols for m in mats):

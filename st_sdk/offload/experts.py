@@ -311,6 +311,7 @@ def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookah
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     many = getattr(backend, "route_many", None) if "route" in ops.native else None
     route = prefetching_route(ops.route, params, cache, prefetch, lookahead, route_many=many)
+
     def fused_layer(cfg, i, p, h, ctx, layer_cache):   # the backend's own, around the cache
         return backend.offloaded_layer(cfg, i, p, h, ctx, layer_cache, route)
 
