@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import st_sdk
-from generation_helpers import text_ids
 from st_sdk.errors import InputError
 from st_sdk.generation import Conversation
 
@@ -96,7 +95,7 @@ def test_requests_sharing_only_a_prefix_copy_it_and_leave_the_idle_session(backe
         np.testing.assert_allclose(r.logprobs, fresh.logprobs, atol=1e-5)
     # a prompt that continues the idle session's tokens takes the session itself (no copy)
     m.prompt_cache.clear()
-    first = m.generate(system, **kw)
+    m.generate(system, **kw)
     held = m.prompt_cache._idle[0]
     m.generate(list(held.tokens) + [44], **kw)
     assert m.prompt_cache._idle[0] is held
