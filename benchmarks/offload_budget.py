@@ -405,7 +405,7 @@ def run_all(args, cg: Cgroup, runs: dict, env_of: dict) -> dict[str, list]:
                   f"{rec['p99_ms']:7.1f} ms" if "decode_tps" in rec else f"ERROR {rec['error']}") +
                   f"  cgroup peak {(rec['peak_bytes'] or 0) / 2**20:6.0f} MiB  process peak "
                   f"{rec.get('process_peak_rss', 0) / 2**20:6.0f} MiB" +
-                  ("  steal {:.0%} kernel {:.0%}".format(*cpu_shares(rec)) if cpu_shares(rec) else "") +
+                  ("  steal {:.0%} kernel {:.0%}".format(*shares) if (shares := cpu_shares(rec)) else "") +
                   (f"  backend {rec['backend']}  hit rate {st['hit_rate']:.1%}  read "
                    f"{st['bytes_read'] / 2**20 / args.tokens:.1f} MiB/token  stalled {st['stall_s']:.1f} s  "
                    f"major faults {st.get('major_faults', 0) / args.tokens:.1f}/token"
@@ -439,7 +439,7 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
     summary = {}
     for name, recs in results.items():
         ok = [r for r in recs if "decode_tps" in r]
-        shares = [cpu_shares(r) for r in ok if cpu_shares(r)]
+        shares = [sh for sh in map(cpu_shares, ok) if sh]
         summary[name] = {"decode_tps": median(r["decode_tps"] for r in ok) if ok else None,
                          "p50_ms": median(r["p50_ms"] for r in ok) if ok else None,
                          "p99_ms": median(r["p99_ms"] for r in ok) if ok else None,

@@ -1218,19 +1218,6 @@ int st_attention(st_pool *pool, const float *q, const float *k, const float *v, 
     return ST_OK;
 }
 
-int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int64_t k, int32_t softmax,
-             float *weights, int64_t *ids) {
-    if (!router || !weights || !ids || k <= 0 || k > router->rows) return ST_EARG;
-    float *logits = malloc((size_t)(T > 0 ? T * router->rows : 1) * 4);
-    if (!logits) return ST_ENOMEM;
-    int rc = st_linear(pool, router, x, T, logits);
-    if (rc == ST_OK)
-        for (int64_t t = 0; t < T; t++)
-            topk_row(logits + t * router->rows, router->rows, k, softmax, weights + t * k, ids + t * k);
-    free(logits);
-    return rc;
-}
-
 /* st_route_many: the activation forms every router needs, then each router's logits, in one pass of
  * the pool (no barrier between the routers: each writes its own logits) */
 typedef struct { st_pool *pool; const st_mat *const *r; int32_t n; const float *x; int64_t T; float *logits;

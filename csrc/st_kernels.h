@@ -146,11 +146,10 @@ int st_stage_seconds_set(const double *in, int n);
 double st_attention_seconds(void);
 int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH,
                  int64_t nKV, int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out);
-int st_route(st_pool *pool, const st_mat *router, const float *x, int64_t T, int64_t k, int32_t softmax,
-             float *weights, int64_t *ids);
 /* n routers (the same columns) applied to x [T, cols] in one pass of the pool: router i's top-k of each
- * row in weights[i, T, k] and ids[i, T, k], as st_route gives them (a layer's own router and the next
- * layers' guesses from its input, under a memory budget) */
+ * row (weights: a softmax over the top k, else their sigmoids normalised to sum 1) in weights[i, T, k] and
+ * ids[i, T, k]. One router is a layer's routing; under a memory budget a layer's own router and the next
+ * layers' guesses from its input go in one call. */
 int st_route_many(st_pool *pool, const st_mat *const *routers, int32_t n, const float *x, int64_t T, int64_t k,
                   int32_t softmax, float *weights, int64_t *ids);
 int st_moe(st_pool *pool, const st_experts *gate, const st_experts *up, const st_experts *down,

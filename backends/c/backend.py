@@ -642,22 +642,19 @@ class CBackend(Backend):
         return out, cache
 
     def route(self, x, router: Param, k: int, softmax: bool):
-        ffi, lib, pool = self._lib()
         m = as_mat(router)
         if not 1 <= int(k) <= m.rows:
             raise InputError(f"route: k={k} must lie in [1, {m.rows}]")
-        xs = activations(x, m.cols, "route x")
-        T = xs.shape[0]
-        w = np.empty((T, k), np.float32)
-        ids = np.empty((T, k), np.int64)
-        check(lib.st_route(pool, m.struct, ptr(ffi, "float *", xs), T, int(k), int(bool(softmax)),
-                           ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids)), "route")
-        return w, ids
+        w, ids = self._routes(x, [router], k, softmax)
+        return w[0], ids[0]
 
     def route_many(self, x, routers: list, k: int, softmax: bool):
         """`route` for several routers of the same input in one C call (weights, ids: [n, T, k]): under a
         memory budget, a layer's own router and the next layers' guesses from its input, one pass of
         the pool instead of one each (docs/memory_budget.md, "Reading ahead across layers")."""
+        return self._routes(x, routers, k, softmax)
+
+    def _routes(self, x, routers: list, k: int, softmax: bool):
         ffi, lib, pool = self._lib()
         mats = [as_mat(r) for r in routers]
         if not mats or not all(1 <= int(k) <= m.rows and m.cols == mats[0].cols for m in mats):
