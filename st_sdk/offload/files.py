@@ -6,6 +6,7 @@ and are stale once one of those changed or is gone (`sources_changed`). `Entry` 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def sources_changed(recorded) -> str:
         if now[1:] != [size, mtime]:
             return f"its model file {src} changed since it was written"
     return ""
+
+
+def write_state(pid: int, mtime: float) -> tuple[str, str]:
+    """A half-written file's state and why, for `Entry`: "writing" while process `pid` runs or the file
+    was touched within LEFTOVER_AGE seconds, else "stale" (an interrupted write's leftover)."""
+    if running(pid) or time.time() - mtime < LEFTOVER_AGE:
+        return "writing", f"being written by process {pid}"
+    return "stale", f"left by an interrupted write (process {pid} is gone)"
 
 
 def running(pid: int) -> bool:

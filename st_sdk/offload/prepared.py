@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ import numpy as np
 from ..errors import InputError
 from ..sizes import fmt_bytes
 from .cache import ExpertCache
-from .files import LEFTOVER_AGE, Entry, running, source_files, sources_changed
+from .files import Entry, source_files, sources_changed, write_state
 from .pages import anonymous
 
 log = logging.getLogger("st_sdk.offload")
@@ -302,10 +301,7 @@ def examine(path: Path) -> Entry:
         return Entry(path, 0, "stale", f"cannot be read ({e.strerror})")
     partial = _PARTIAL.match(path.name)
     if partial:
-        pid = int(partial["pid"])
-        if running(pid) or time.time() - st.st_mtime < LEFTOVER_AGE:
-            return Entry(path, st.st_size, "writing", f"being written by process {pid}")
-        return Entry(path, st.st_size, "stale", f"left by an interrupted write (process {pid} is gone)")
+        return Entry(path, st.st_size, *write_state(int(partial["pid"]), st.st_mtime))
     head = read_header(path)
     if head is None:
         return Entry(path, st.st_size, "stale", "no prepared-expert header")

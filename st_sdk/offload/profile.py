@@ -27,14 +27,13 @@ import json
 import logging
 import os
 import re
-import time
 import weakref
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .files import LEFTOVER_AGE, Entry, running, source_files, sources_changed
+from .files import Entry, source_files, sources_changed, write_state
 
 log = logging.getLogger("st_sdk.offload")
 
@@ -129,10 +128,7 @@ def examine(path: Path) -> Entry:
     entry = functools.partial(Entry, path, st.st_size, kind="counts")
     tmp = _TMP.match(path.name)
     if tmp:
-        pid = int(tmp["pid"])
-        if running(pid) or time.time() - st.st_mtime < LEFTOVER_AGE:
-            return entry("writing", f"being written by process {pid}")
-        return entry("stale", f"left by an interrupted write (process {pid} is gone)")
+        return entry(*write_state(int(tmp["pid"]), st.st_mtime))
     if path.name.endswith(LEGACY_SUFFIX):
         return entry("stale", "kept by an earlier st-sdk, without the names of the model files counted on")
     try:
