@@ -131,8 +131,14 @@ def ray_server(tiny_dir):
         pytest.skip("Ray is not installed (pip install -e '.[ray]')")
     pytest.importorskip("psutil")
     s = RayServer(str(tiny_dir["gguf"]))
-    yield s
-    s.stop()
+    # the openai client builds its pydantic response models on first use, and that build is not
+    # thread-safe ("type object 'ChatCompletion' has no attribute '__pydantic_core_schema__'" in one
+    # of 16 first calls): one call of each kind first, so the tests' threads test the server alone
+    try:
+        chat(s.client, 0, stream=False), chat(s.client, 0, stream=True)
+        yield s
+    finally:
+        s.stop()
 
 
 def chat(client, i: int, stream: bool, max_tokens: int = 8):
