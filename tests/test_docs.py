@@ -4,8 +4,6 @@ run on a tiny model (tests/docs_commands.py runs them all)."""
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 
 import pytest
 

@@ -379,8 +379,6 @@ def test_hf_chat_template_of_the_wrong_type(hf_copy, value):
 def test_hf_tensors_at_misaligned_offsets_reach_the_kernels_aligned(hf_copy, tiny_logits):
     """safetensors does not align tensor data: a 2-byte tensor first shifts every float32 tensor off its
     4-byte alignment. The C backend copies such storage before its kernels load whole elements."""
-    import numpy as np
-
     from conftest import TINY_IDS, rel_err
 
     f = hf_copy / "model.safetensors"
