@@ -72,8 +72,10 @@ def child(spec: dict) -> None:
             tok = runner.step(int(t))
         w2, c2 = time.perf_counter(), time.process_time()
         per = {k: v / spec["gen_len"] for k, v in stages().items()} if stages else None
+        waited = getattr(runner.model.backend, "wait_seconds", None) if stages else None   # reset with the stages
         proto.write(json.dumps({"prefill_wall": w1 - w0, "prefill_cpu": c1 - c0,
                                 "decode_wall": (w2 - w1) / spec["gen_len"], "decode_stages": per,
+                                "decode_waited": waited() / spec["gen_len"] if waited else None,
                                 "decode_cpu": (c2 - c1) / spec["gen_len"], "token": int(np.int64(tok))}) + "\n")
         proto.flush()
 
@@ -221,6 +223,10 @@ def main() -> None:
             if name in read and t > 0:
                 rate += f"   {read[name] / 1e6:7.1f} MB read  {read[name] / t / 1e9:5.1f} GB/s"
             print(f"  {name:12s} {t * 1e3:7.3f} ms {t / wall:6.1%}{rate}")
+        waits = [x["decode_waited"] for x in res["st-sdk"] if x.get("decode_waited") is not None]
+        if waits:
+            print(f"  the threads waited for one another {median(waits) * 1e3:.3f} ms a token, summed over them "
+                  f"(at the stages' barriers and the end of each call)")
     if sparsity:
         print(f"st-sdk sparse ReGLU over {sparsity['tokens']} decode steps: {sparsity['live_fraction']:.1%} of expert "
               f"neurons live; expert weights read {sparsity['expert_bytes_per_token'] / 1e6:.1f} MB per token of "

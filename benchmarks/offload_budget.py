@@ -27,7 +27,8 @@ ids spread over the vocabulary, so routing sees diverse inputs. Reported per con
 cgroup's peak and the process's peak RSS, runs killed, major page faults per token (mapped pages read
 again: dense weights or code evicted at the limit), and the shares of the machine's CPU time over the
 measured tokens that a hypervisor took (steal) and that the kernel spent (on a virtual machine, reads
-from its virtual disk cost the guest both); then the disk-read bound: the bytes st-sdk read
+from its virtual disk cost the guest both), and on the C backend the time its threads spent waiting
+for one another (a thread the host holds makes the other wait at the next barrier); then the disk-read bound: the bytes st-sdk read
 per token over the measured random-read bandwidth of the file it read them from (through the expert
 cache's own reader when that is a prepared expert file: `cache_read_bandwidth`).
 
@@ -77,15 +78,17 @@ toks = [int(t) for t in TOKENS_OF]
 if sys.argv[9:] == ["other"]:   # other tokens than the measured runs' (recording expert use counts)
     toks = [int(t) for t in OTHER_TOKENS_OF]
 s = m.session(capacity=n_all + 1)
+wait_clock = getattr(m.backend, "wait_seconds", lambda: None)   # the C backend's threads waiting for one another
 times = []
 for i, tok in enumerate(toks):
     t0 = time.perf_counter(); s.feed([tok]); times.append(time.perf_counter() - t0)
     if i == WARMUP - 1:
-        ticks = cpu_ticks()
+        ticks, waited = cpu_ticks(), wait_clock()
         if not resident:
             m.offload.stats.__init__()   # statistics of the measured tokens only
             majflt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 ticks = [b - a for a, b in zip(ticks, cpu_ticks())]
+waited = None if waited is None else wait_clock() - waited
 st = None
 if not resident:
     st = m.offload.stats.as_dict()
@@ -97,7 +100,7 @@ if not resident:
     st["ahead_active_at_end"] = ahead.active if ahead is not None else None
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 read_from = None if resident or m.memory_plan.expert_file is None else str(m.memory_plan.expert_file)
-print(json.dumps({"decode_s": times[WARMUP:], "cpu_ticks": ticks, "stats": st,
+print(json.dumps({"decode_s": times[WARMUP:], "cpu_ticks": ticks, "waited_s": waited, "stats": st,
                   "plan": None if resident else m.memory_plan.describe(),
                   "expert_file": read_from,
                   "backend": m.backend.name,
@@ -406,6 +409,8 @@ def run_all(args, cg: Cgroup, runs: dict, env_of: dict) -> dict[str, list]:
                   f"  cgroup peak {(rec['peak_bytes'] or 0) / 2**20:6.0f} MiB  process peak "
                   f"{rec.get('process_peak_rss', 0) / 2**20:6.0f} MiB" +
                   ("  steal {:.0%} kernel {:.0%}".format(*shares) if (shares := cpu_shares(rec)) else "") +
+                  (f"  threads waited {rec['waited_s'] / args.tokens * 1e3:.1f} ms/token"
+                   if rec.get("waited_s") is not None else "") +
                   (f"  backend {rec['backend']}  hit rate {st['hit_rate']:.1%}  read "
                    f"{st['bytes_read'] / 2**20 / args.tokens:.1f} MiB/token  stalled {st['stall_s']:.1f} s  "
                    f"major faults {st.get('major_faults', 0) / args.tokens:.1f}/token"
@@ -447,6 +452,8 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
                          "process_peak_rss_MiB": max(r.get("process_peak_rss", 0) for r in recs) / 2**20 if recs else None,
                          "steal_share": median(a for a, _ in shares) if shares else None,
                          "kernel_share": median(b for _, b in shares) if shares else None,
+                         "waited_ms_per_token": median(r["waited_s"] / args.tokens * 1e3 for r in waited)
+                         if (waited := [r for r in ok if r.get("waited_s") is not None]) else None,
                          "runs": len(recs), "errors": [r["error"] for r in recs if "error" in r],
                          "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None,
                          "backend": ok[-1].get("backend") if ok else None}
@@ -463,6 +470,8 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
               + (f": {s['errors'][0]}" if s["errors"] else "")
               + (f"  {whole:.0%} of resident" if whole and name.startswith("st-sdk") else "")
               + (f"  steal {s['steal_share']:.0%} kernel {s['kernel_share']:.0%}" if s["steal_share"] is not None
+                 else "")
+              + (f"  threads waited {s['waited_ms_per_token']:.1f} ms/token" if s["waited_ms_per_token"] is not None
                  else ""))
     if summary.get("st-sdk", {}).get("stats"):
         st, plan = summary["st-sdk"]["stats"], summary["st-sdk"]["plan"]

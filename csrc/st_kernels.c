@@ -135,6 +135,14 @@ void st_pool_set_idle_spin(st_pool *p, int spins) {
     if (p) p->spin_idle = spins < 0 ? 0 : spins;
 }
 
+/* nanoseconds the pool's threads have spent waiting for one another (st_wait_seconds) */
+static atomic_llong wait_ns;
+static inline long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static void barrier(st_pool *p, int nth) {
     if (nth <= 1) return;
     long long g = atomic_load(&p->bar_gen);
@@ -143,10 +151,12 @@ static void barrier(st_pool *p, int nth) {
         atomic_fetch_add(&p->bar_gen, 1);
     } else {
         int spins = 0;
+        const long long t0 = now_ns();
         while (atomic_load(&p->bar_gen) == g) {
             if (++spins < ST_SPIN_BARRIER) cpu_relax();
             else sched_yield();
         }
+        atomic_fetch_add_explicit(&wait_ns, now_ns() - t0, memory_order_relaxed);
     }
 }
 
@@ -162,10 +172,12 @@ static void pool_run(st_pool *p, job_fn fn, void *arg) {
     pthread_mutex_unlock(&p->mu);
     fn(arg, 0, p->n);
     int spins = 0;
+    const long long t0 = now_ns();
     while (atomic_load(&p->done) < p->n - 1) {
         if (++spins < ST_SPIN_BARRIER) cpu_relax();
         else sched_yield();
     }
+    atomic_fetch_add_explicit(&wait_ns, now_ns() - t0, memory_order_relaxed);
     pthread_mutex_unlock(&p->run_lock);
 }
 
@@ -388,6 +400,11 @@ const char *st_stage_name(int stage) {
 }
 void st_stage_seconds_reset(void) {
     for (int i = 0; i < ST_N_STAGES; i++) atomic_store_explicit(&stage_seconds[i], 0.0, memory_order_relaxed);
+    atomic_store_explicit(&wait_ns, 0, memory_order_relaxed);
+}
+double st_wait_seconds(void) { return 1e-9 * (double)atomic_load_explicit(&wait_ns, memory_order_relaxed); }
+void st_wait_seconds_set(double seconds) {
+    atomic_store_explicit(&wait_ns, (long long)(seconds * 1e9 + 0.5), memory_order_relaxed);
 }
 int st_stage_seconds_set(const double *in, int n) {
     if (!in || n < 0) return ST_EARG;

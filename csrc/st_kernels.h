@@ -144,6 +144,12 @@ void st_stage_seconds_reset(void);
 /* the clocks back to what st_stage_seconds gave (the first n stages) */
 int st_stage_seconds_set(const double *in, int n);
 double st_attention_seconds(void);
+/* Seconds the pool's threads have spent waiting for one another, summed over the threads: at the
+ * barriers between stages, and the calling thread at the end of each job until the others finish
+ * (any C call on a pool of two or more threads, fused or not). Reset with the stage clocks;
+ * st_wait_seconds_set puts it back to what st_wait_seconds gave. */
+double st_wait_seconds(void);
+void st_wait_seconds_set(double seconds);
 int st_attention(st_pool *pool, const float *q, const float *k, const float *v, int64_t T, int64_t nH,
                  int64_t nKV, int64_t hd, st_kv *cache, const int64_t *pos, int64_t window, float *out);
 /* n routers (the same columns) applied to x [T, cols] in one pass of the pool: router i's top-k of each

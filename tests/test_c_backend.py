@@ -117,6 +117,32 @@ def test_stage_seconds_add_up_to_the_fused_passes():
     assert st["attention"] == ffi_lib()[1].st_attention_seconds()
 
 
+def test_wait_seconds_count_threads_waiting_for_one_another():
+    """Backend.wait_seconds: the time the pool's threads waited for one another, summed over them: some
+    on two threads (one thread of a pair reaches each barrier first), never more than the threads'
+    time in the calls; reset with the stage clocks; the live-neuron measuring of a load leaves it as it
+    was."""
+    import time
+
+    _available()
+    m = _tiny("q4_0", n_threads=2)
+    assert m.backend.threads == 2
+    s = m.session()
+    s.feed(IDS[:6].tolist())
+    m.backend.stage_seconds(reset=True)
+    assert m.backend.wait_seconds() == 0.0
+    t0 = time.perf_counter()
+    for t in IDS[6:]:
+        s.feed([int(t)])
+    wall = time.perf_counter() - t0
+    waited = m.backend.wait_seconds()
+    assert 0 < waited <= 2 * wall
+    from st_sdk_backends.c.layouts import live_shares
+
+    assert len(live_shares(m.backend, m.params, m.config)) == m.config.num_hidden_layers   # a load's measuring
+    assert m.backend.wait_seconds() == pytest.approx(waited, abs=1e-9)
+
+
 @pytest.mark.parametrize("fmt", ["f32", "q4_0"])
 def test_sparse_and_dense_experts_agree(fmt):
     """Skipping up rows of neurons with relu(gate) == 0 changes nothing: those neurons contribute 0."""

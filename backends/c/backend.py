@@ -240,6 +240,15 @@ class CBackend(Backend):
             lib.st_stage_seconds_reset()
         return {ffi.string(lib.st_stage_name(i)).decode(): float(t) for i, t in enumerate(clocks)}
 
+    def wait_seconds(self) -> float:
+        """Seconds the pool's threads have spent waiting for one another, summed over the threads (csrc
+        st_wait_seconds): at the barriers between stages, and the calling thread at the end of each C
+        call until the others finish; shared by every model this process runs on the C backend, and
+        reset with `stage_seconds(reset=True)`. A thread the host takes away from the process (an
+        interrupt, a hypervisor's steal) makes the others wait (docs/memory_budget.md, "Threads
+        waiting for one another")."""
+        return float(ffi_lib()[1].st_wait_seconds())
+
     def _lib(self):
         ffi, lib = ffi_lib()
         return ffi, lib, get_pool(self.threads, self._idle_spin)

@@ -55,10 +55,10 @@ def live_threshold(variant: str | None, fmt: str = "q4_0") -> float:
 def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[float | None]:
     """Each layer's share of live expert neurons over a prefill of `tokens` random tokens (seeded: the
     same every load) through the model as prepared so far; None for a layer the counters did not see.
-    The process-wide counters and stage clocks are left as they were."""
+    The process-wide counters, stage clocks and wait clock are left as they were."""
     ffi, lib = ffi_lib()
     n_layers = len(params.layers)
-    kept, clocks = sparse_counters(), stage_clocks()
+    kept, clocks, waited = sparse_counters(), stage_clocks(), lib.st_wait_seconds()
     try:
         tokens = max(1, min(tokens, cfg.vocab_size))
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, tokens).astype(np.int64)
@@ -68,6 +68,7 @@ def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[
     finally:
         lib.st_sparse_stats_set(ffi.cast("int64_t *", kept.ctypes.data), len(kept))
         lib.st_stage_seconds_set(ffi.new("double[]", clocks.tolist()), len(clocks))
+        lib.st_wait_seconds_set(waited)
     seen = after - kept
     return [float(live / total) if total > 0 else None for live, total in zip(seen[:n_layers, 0], seen[:n_layers, 1])]
 
