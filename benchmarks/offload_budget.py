@@ -28,9 +28,10 @@ cgroup's peak and the process's peak RSS, runs killed, major page faults per tok
 again: dense weights or code evicted at the limit), and the shares of the machine's CPU time over the
 measured tokens that a hypervisor took (steal) and that the kernel spent (on a virtual machine, reads
 from its virtual disk cost the guest both), and on the C backend the time its threads spent waiting
-for one another (a thread the host holds makes the other wait at the next barrier); then the disk-read bound: the bytes st-sdk read
-per token over the measured random-read bandwidth of the file it read them from (through the expert
-cache's own reader when that is a prepared expert file: `cache_read_bandwidth`).
+for one another (a thread the host holds makes the other wait at the next barrier); then the
+disk-read bound: the bytes st-sdk read per token over the measured random-read bandwidth of the file
+it read them from (through the expert cache's own reader when that is a prepared expert file:
+`cache_read_bandwidth`).
 
 Needs root (or a delegated cgroup) for the limit; without one it says so and runs unlimited.
 """
