@@ -72,10 +72,10 @@ def child(spec: dict) -> None:
             tok = runner.step(int(t))
         w2, c2 = time.perf_counter(), time.process_time()
         per = {k: v / spec["gen_len"] for k, v in stages().items()} if stages else None
-        waited = getattr(runner.model.backend, "wait_seconds", None) if stages else None   # reset with the stages
+        waited = getattr(runner.model.backend, "wait_seconds", lambda: None)() if stages else None   # reset with them
         proto.write(json.dumps({"prefill_wall": w1 - w0, "prefill_cpu": c1 - c0,
                                 "decode_wall": (w2 - w1) / spec["gen_len"], "decode_stages": per,
-                                "decode_waited": waited() / spec["gen_len"] if waited else None,
+                                "decode_waited": waited / spec["gen_len"] if waited is not None else None,
                                 "decode_cpu": (c2 - c1) / spec["gen_len"], "token": int(np.int64(tok))}) + "\n")
         proto.flush()
 

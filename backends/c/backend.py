@@ -240,14 +240,16 @@ class CBackend(Backend):
             lib.st_stage_seconds_reset()
         return {ffi.string(lib.st_stage_name(i)).decode(): float(t) for i, t in enumerate(clocks)}
 
-    def wait_seconds(self) -> float:
+    def wait_seconds(self) -> float | None:
         """Seconds the pool's threads have spent waiting for one another, summed over the threads (csrc
         st_wait_seconds): at the barriers between stages, and the calling thread at the end of each C
         call until the others finish; shared by every model this process runs on the C backend, and
         reset with `stage_seconds(reset=True)`. A thread the host takes away from the process (an
         interrupt, a hypervisor's steal) makes the others wait (docs/memory_budget.md, "Threads
-        waiting for one another")."""
-        return float(ffi_lib()[1].st_wait_seconds())
+        waiting for one another"). None from a build of the kernels that does not count it (an older one
+        given by ST_C_KERNELS_PATH)."""
+        lib = ffi_lib()[1]
+        return float(lib.st_wait_seconds()) if hasattr(lib, "st_wait_seconds") else None
 
     def _lib(self):
         ffi, lib = ffi_lib()

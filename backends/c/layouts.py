@@ -58,7 +58,7 @@ def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[
     The process-wide counters, stage clocks and wait clock are left as they were."""
     ffi, lib = ffi_lib()
     n_layers = len(params.layers)
-    kept, clocks, waited = sparse_counters(), stage_clocks(), lib.st_wait_seconds()
+    kept, clocks, waited = sparse_counters(), stage_clocks(), backend.wait_seconds()
     try:
         tokens = max(1, min(tokens, cfg.vocab_size))
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, tokens).astype(np.int64)
@@ -68,7 +68,8 @@ def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[
     finally:
         lib.st_sparse_stats_set(ffi.cast("int64_t *", kept.ctypes.data), len(kept))
         lib.st_stage_seconds_set(ffi.new("double[]", clocks.tolist()), len(clocks))
-        lib.st_wait_seconds_set(waited)
+        if waited is not None:
+            lib.st_wait_seconds_set(waited)
     seen = after - kept
     return [float(live / total) if total > 0 else None for live, total in zip(seen[:n_layers, 0], seen[:n_layers, 1])]
 
