@@ -1368,6 +1368,41 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
         st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
 
 
+def test_warming_the_cache_shows_its_reads_on_a_progress_bar(files, monkeypatch):
+    """The experts read into the slots at load (from kept counts) take seconds on a large model: a
+    progress bar (on a terminal) counts their bytes, each expert's slot bytes once."""
+    import st_sdk.weights.export as export
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):   # the prepared expert file's bar, written at load
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.closed = True
+
+    monkeypatch.setattr(export, "progress_bar", Bar)
+    path = files["gguf-q8_0"]
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 6, backend="c"), context=64)
+    cache = m.offload
+    keys = [(1, 0), (0, 2), (1, 0), (0, 1)]   # the repeat is read once
+    assert cache.warm(keys) == 3 and set(cache.lru) == {(1, 0), (0, 2), (0, 1)}
+    [bar] = [b for b in bars if "used most" in b.desc]
+    assert bar.total == bar.n == sum(int(cache.offsets[layer][-1]) for layer, _ in [(1, 0), (0, 2), (0, 1)])
+    assert "3 experts" in bar.desc and bar.closed
+
+
 def test_use_counts_kept_for_a_hugging_face_directory(files, tmp_path, monkeypatch):
     """A sharded Hugging Face directory keeps its counts too, keyed on the safetensors files its experts
     are read from; the next load starts from them."""

@@ -381,16 +381,22 @@ class ExpertCache(ExpertReads):
 
     def warm(self, keys, batch: int = 64) -> int:
         """Before first use: read `keys` [(layer, expert)], most wanted first, into free slots (as many
-        as there are, less one), waiting for them; the statistics start after. Returns how many."""
+        as there are, less one), waiting for them, with a progress bar on a terminal; the statistics
+        start after. Returns how many."""
+        from ..weights.export import progress_bar
+
         if self.lru or self.pending:
             raise RuntimeError("the expert cache can only be warmed before it is used")
         keys = list(dict.fromkeys(keys))[:max(0, len(self.free) - 1)]
-        for i in range(0, len(keys), batch):
-            for key in keys[i:i + batch]:
-                self._start_read(key)
-            for _, fut in list(self.pending.values()):
-                fut.result()
-            self._settle()
+        size = [int(self.offsets[layer][-1]) for layer, _ in keys]
+        with progress_bar(sum(size), f"reading the {len(keys)} experts used most") as bar:
+            for i in range(0, len(keys), batch):
+                for key in keys[i:i + batch]:
+                    self._start_read(key)
+                for _, fut in list(self.pending.values()):
+                    fut.result()
+                self._settle()
+                bar.update(sum(size[i:i + batch]))
         self.stats.__init__()
         self.warmed = len(self.lru)
         return self.warmed
