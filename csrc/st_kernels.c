@@ -1130,25 +1130,42 @@ int st_get_rows(const st_mat *tb, const int64_t *ids, int64_t T, float *out) {
     return ST_OK;
 }
 
-typedef struct { st_pool *pool; const st_mat *w; const float *x; int64_t T; float *y; block_q8 *xq; block_q8K *xk; } lin_ctx;
-static void linear_job(void *arg, int ith, int nth) {
-    lin_ctx *c = arg;
-    if (c->xq || c->xk) {
-        quantize_rows(ith, nth, c->x, c->T, c->w->cols, act_need(c->w->fmt), c->xq, c->xk);
+/* n matrices of the same columns applied to one input x [T, cols] in one pass of the pool: the
+ * activation forms they need, then each one's rows into y + off[i] (no barrier between the matrices:
+ * each writes its own); st_linear is one of them, st_route_many a layer's router and its guesses */
+typedef struct { st_pool *pool; const st_mat *const *w; int32_t n; const float *x; int64_t T; float *y;
+                 const int64_t *off; block_q8 *xq; block_q8K *xk; int need; } mats_ctx;
+static void mats_job(void *arg, int ith, int nth) {
+    mats_ctx *c = arg;
+    if (c->need) {
+        quantize_rows(ith, nth, c->x, c->T, c->w[0]->cols, c->need, c->xq, c->xk);
         barrier(c->pool, nth);
     }
     const st_act xa = {c->x, c->xq, c->xk};
-    mm(ith, nth, c->w, &xa, c->T, c->y, c->w->rows, 0);
+    for (int32_t i = 0; i < c->n; i++) mm(ith, nth, c->w[i], &xa, c->T, c->y + c->off[i], c->w[i]->rows, 0);
+}
+static int run_mats(st_pool *pool, const st_mat *const *w, int32_t n, const float *x, int64_t T, float *y,
+                    const int64_t *off) {
+    const int64_t H = w[0]->cols;
+    int need = 0;
+    for (int32_t i = 0; i < n; i++)
+        if (fmt_act(w[i]->fmt) != ACT_F32) need |= act_need(w[i]->fmt);
+    mats_ctx c = {pool, w, n, x, T, y, off, NULL, NULL, need};
+    if (need & (1 << ACT_Q8)) c.xq = malloc((size_t)(T * (H / QK + 1)) * sizeof(block_q8));
+    if (need & (1 << ACT_Q8K)) c.xk = malloc((size_t)(T * (H / QKK + 1)) * sizeof(block_q8K));
+    int rc = ST_ENOMEM;
+    if ((!(need & (1 << ACT_Q8)) || c.xq) && (!(need & (1 << ACT_Q8K)) || c.xk)) {
+        pool_run(pool, mats_job, &c);
+        rc = ST_OK;
+    }
+    free(c.xq);
+    free(c.xk);
+    return rc;
 }
 int st_linear(st_pool *pool, const st_mat *w, const float *x, int64_t T, float *y) {
     if (!w || !x || !y || T <= 0 || !mat_ok(w, w->rows, w->cols)) return ST_EARG;
-    lin_ctx c = {pool, w, x, T, y, NULL, NULL};
-    if (fmt_act(w->fmt) == ACT_Q8 && !(c.xq = malloc((size_t)(T * (w->cols / QK)) * sizeof(block_q8)))) return ST_ENOMEM;
-    if (fmt_act(w->fmt) == ACT_Q8K && !(c.xk = malloc((size_t)(T * (w->cols / QKK)) * sizeof(block_q8K)))) return ST_ENOMEM;
-    pool_run(pool, linear_job, &c);
-    free(c.xq);
-    free(c.xk);
-    return ST_OK;
+    const int64_t off = 0;
+    return run_mats(pool, &w, 1, x, T, y, &off);
 }
 
 /* st_read_chunks: each thread sums its share of the chunks in order, fetching `ahead` chunks ahead */
@@ -1235,47 +1252,29 @@ int st_attention(st_pool *pool, const float *q, const float *k, const float *v, 
     return ST_OK;
 }
 
-/* st_route_many: the activation forms every router needs, then each router's logits, in one pass of
- * the pool (no barrier between the routers: each writes its own logits) */
-typedef struct { st_pool *pool; const st_mat *const *r; int32_t n; const float *x; int64_t T; float *logits;
-                 int64_t *off; block_q8 *xq; block_q8K *xk; int need; } route_many_ctx;
-static void route_many_job(void *arg, int ith, int nth) {
-    route_many_ctx *c = arg;
-    const int64_t H = c->r[0]->cols;
-    if (c->need) {
-        quantize_rows(ith, nth, c->x, c->T, H, c->need, c->xq, c->xk);
-        barrier(c->pool, nth);
-    }
-    const st_act xa = {c->x, c->xq, c->xk};
-    for (int32_t i = 0; i < c->n; i++) mm(ith, nth, c->r[i], &xa, c->T, c->logits + c->off[i], c->r[i]->rows, 0);
-}
-
+/* st_route_many: every router's logits in one pass of the pool (run_mats), then each one's top k */
 int st_route_many(st_pool *pool, const st_mat *const *routers, int32_t n, const float *x, int64_t T, int64_t k,
                   int32_t softmax, float *weights, int64_t *ids) {
     if (!routers || n <= 0 || !x || !weights || !ids || T <= 0 || k <= 0) return ST_EARG;
-    int need = 0;
     int64_t total = 0;
     for (int32_t i = 0; i < n; i++) {
         const st_mat *r = routers[i];
         if (!r || !mat_ok(r, r->rows, r->cols) || r->cols != routers[0]->cols || k > r->rows) return ST_EARG;
-        if (fmt_act(r->fmt) != ACT_F32) need |= act_need(r->fmt);
         total += T * r->rows;
     }
-    const int64_t H = routers[0]->cols;
-    route_many_ctx c = {pool, routers, n, x, T, malloc((size_t)total * 4), malloc((size_t)n * 8), NULL, NULL, need};
-    if (need & (1 << ACT_Q8)) c.xq = malloc((size_t)(T * (H / QK + 1)) * sizeof(block_q8));
-    if (need & (1 << ACT_Q8K)) c.xk = malloc((size_t)(T * (H / QKK + 1)) * sizeof(block_q8K));
+    float *logits = malloc((size_t)total * 4);
+    int64_t *off = malloc((size_t)n * 8);
     int rc = ST_ENOMEM;
-    if (c.logits && c.off && (!(need & (1 << ACT_Q8)) || c.xq) && (!(need & (1 << ACT_Q8K)) || c.xk)) {
-        for (int32_t i = 0; i < n; i++) c.off[i] = i ? c.off[i - 1] + T * routers[i - 1]->rows : 0;
-        pool_run(pool, route_many_job, &c);
-        for (int32_t i = 0; i < n; i++)
+    if (logits && off) {
+        for (int32_t i = 0; i < n; i++) off[i] = i ? off[i - 1] + T * routers[i - 1]->rows : 0;
+        rc = run_mats(pool, routers, n, x, T, logits, off);
+        for (int32_t i = 0; rc == ST_OK && i < n; i++)
             for (int64_t t = 0; t < T; t++)
-                topk_row(c.logits + c.off[i] + t * routers[i]->rows, routers[i]->rows, k, softmax,
+                topk_row(logits + off[i] + t * routers[i]->rows, routers[i]->rows, k, softmax,
                          weights + (i * T + t) * k, ids + (i * T + t) * k);
-        rc = ST_OK;
     }
-    free(c.logits); free(c.off); free(c.xq); free(c.xk);
+    free(logits);
+    free(off);
     return rc;
 }
 
