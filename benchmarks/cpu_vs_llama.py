@@ -16,8 +16,9 @@ from memory, against the dense bytes per token at its decode rate (above 100%: p
 which only skipping bytes can do), and on the C backend where its decode step's time goes, stage by
 stage (Backend.stage_seconds), with each weight stage's dense bytes and the rate they imply, and for
 the expert stages, where the sparse layouts skip dead neurons' bytes, the bytes read and their rate,
-and how long its threads waited for one another (CBackend.wait_seconds). The load average before and after is printed too. Environment variables reach the st-sdk child
-(ST_C_SPARSE=0, ST_C_SPARSE_LAYOUT=up+down: docs/c_backend.md).
+and how long its threads waited for one another (CBackend.wait_seconds). The load average before and
+after is printed too. Environment variables reach the st-sdk child (ST_C_SPARSE=0,
+ST_C_SPARSE_LAYOUT=up+down: docs/c_backend.md).
 """
 from __future__ import annotations
 
