@@ -124,6 +124,19 @@ def _moe_inputs(x, ids, weights, H: int, E: int):
     return xs, flat.reshape(ids.shape), np.ascontiguousarray(weights, np.float32)
 
 
+def _picks(ids, weights, T: int, E: int):
+    """A budget layer's routing (`offloaded_layer`): ids int64 [T, k] in [0, E) and weights float32
+    [T, k], contiguous, and the distinct experts picked, in order of first pick."""
+    ids, weights = np.asarray(ids), np.asarray(weights)
+    if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape or ids.dtype.kind not in "iu":
+        raise InputError(f"moe: ids and weights must both be [T={T}, k], ids integers, got {ids.dtype}"
+                         f"{list(ids.shape)} and {list(weights.shape)}")
+    picked = list(dict.fromkeys(ids.ravel().tolist()))
+    if picked and (min(picked) < 0 or max(picked) >= E):
+        raise InputError(f"moe ids: values must lie in [0, {E}), got min {min(picked)} max {max(picked)}")
+    return (np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(weights, np.float32), picked)
+
+
 #: a fused step reading fewer weight bytes than this (per token, times its tokens) runs on one thread:
 #: its barriers would cost more than a second thread saves, and on a busy machine a descheduled worker
 #: stalls every barrier (measured on 2 cores with the load average at 17: the tiny preset decoded at
@@ -170,6 +183,8 @@ class CBackend(Backend):
         self.arena = Arena()   # the repacked copies, on huge pages where the kernel grants them
         self._layer_structs: dict = {}
         self._slot_cache: dict = {}   # see _slot_addresses
+        self._route_structs: dict = {}   # see _routes
+        self._step_positions = None   # see _layer_inputs
         self.threads = resolve_threads(n_threads)
         self._auto_threads = n_threads is None and not os.environ.get("ST_NUM_THREADS", "").strip()
         self._step_bytes: int | None = None   # st_sdk.sizes.bytes_per_token of the prepared model
@@ -447,11 +462,16 @@ class CBackend(Backend):
             raise InputError("C backend layer needs a layer of a cache made by its own new_cache()")
         key = (id(layer_params), i)
         hit = self._layer_structs.get(key)
-        if hit is None or hit[0] is not layer_params or hit[1][2] != cfg:
+        if hit is None or hit[0] is not layer_params or (hit[1][2] is not cfg and hit[1][2] != cfg):
             hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
         layer_cache.spec.check(cfg.num_key_value_heads, cfg.head_dim, cfg.layer_window(i), f"layer {i}")
         out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
-        pos = int64_vector(ctx.positions, out.shape[0], "positions", 0)
+        seen = self._step_positions   # a step's layers share its positions: checked once
+        if seen is not None and seen[0] is ctx.positions and seen[1].shape[0] == out.shape[0]:
+            pos = seen[1]
+        else:
+            pos = int64_vector(ctx.positions, out.shape[0], "positions", 0)
+            self._step_positions = (ctx.positions, pos)
         layer_cache.reserve(out.shape[0])
         return hit[1][0], out, pos
 
@@ -476,33 +496,32 @@ class CBackend(Backend):
         struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
         T = out.shape[0]
         weights, ids = route(out, lp.router, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax)
-        _, ids, weights = _moe_inputs(out, ids, weights, cfg.hidden_size, cfg.moe_num_primary_experts)
+        ids, weights, picked = _picks(ids, weights, T, cfg.moe_num_primary_experts)
         hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
         check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 1, ffi.NULL, ffi.NULL), f"layer {i}")
         gate, up, down = lp.gate.raw, lp.up.raw, lp.down.raw
-        picked = list(dict.fromkeys(ids.ravel().tolist()))
         if len(picked) > cache.slots - 1:   # more than fit at once: group by group
             m = self.rms_norm(out, lp.ffn_norm, cfg.rms_norm_eps)
             out += self._offloaded_moe(m, gate, up, down, ids, weights, None)
             return out, layer_cache
-        arrays, base, stride, offsets = self._slot_addresses(struct, cache, gate.layer, (gate, up, down), i)
-        slots = cache.slots_of(gate.layer, picked)
-        for arr, off in zip(arrays, offsets):
-            for e, slot in zip(picked, slots):
-                arr[e] = base + (slot * stride + off)
+        pointers, base, stride, offsets = self._slot_addresses(struct, cache, gate.layer, (gate, up, down), i)
+        at = np.array(picked, np.intp)
+        slots = base + np.array(cache.slots_of(gate.layer, picked), np.uintp) * stride
+        for experts, off in zip(pointers, offsets):   # the struct's pointers of the picked experts: their slots
+            experts[at] = slots + off
         try:
             check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 2, ptr(ffi, "int64_t *", ids),
                                     ptr(ffi, "float *", weights)), f"layer {i}")
         finally:   # a slot may hold another expert by the next step
-            for arr in arrays:
-                for e in picked:
-                    arr[e] = ffi.NULL
+            for experts in pointers:
+                experts[at] = 0
         return out, layer_cache
 
     def _slot_addresses(self, struct, cache, layer: int, parts, i: int):
         """For `offloaded_layer`, worked out once per layer and cache buffer: the layer struct's gate, up
-        and down expert-pointer arrays, the cache buffer's address (kept alive here) and slot stride, and
-        where each part lies in a slot; InputError if the cache's part sizes are not the layouts'."""
+        and down expert-pointer arrays (NumPy views of them), the cache buffer's address (the buffer kept
+        alive here) and slot stride, and where each part lies in a slot; InputError if the cache's part
+        sizes are not the layouts'."""
         key = (id(struct), layer)
         hit = self._slot_cache.get(key)
         if hit is not None and hit[0] is cache.buffer:
@@ -514,10 +533,12 @@ class CBackend(Backend):
                 raise InputError(f"layer {i}: expert slot holds {b - a} bytes for {part.name}, expected "
                                  f"{self._cached_layout(part).nbytes}")
         L = struct.layers[0]
-        buf = ffi.from_buffer(cache.buffer)
-        addr = ((L.gate.experts, L.up.experts, L.down.experts), ffi.cast("char *", buf), cache.buffer.strides[0],
-                [int(o) for o in offsets[:-1]])
-        self._slot_cache[key] = (cache.buffer, addr, buf, struct)
+        size = int(L.gate.n_experts) * ffi.sizeof("void *")
+        # the gate, up and down expert-pointer arrays as NumPy views (written a step's picks at a time)
+        pointers = [np.frombuffer(ffi.buffer(p.experts, size), np.uintp) for p in (L.gate, L.up, L.down)]
+        addr = (pointers, int(cache.buffer.ctypes.data), int(cache.buffer.strides[0]),
+                [np.uintp(o) for o in offsets[:-1]])
+        self._slot_cache[key] = (cache.buffer, addr, struct)
         return addr
 
     def _cached_layout(self, part):
@@ -667,17 +688,24 @@ class CBackend(Backend):
 
     def _routes(self, x, routers: list, k: int, softmax: bool):
         ffi, lib, pool = self._lib()
-        mats = [as_mat(r) for r in routers]
-        if not mats or not all(1 <= int(k) <= m.rows and m.cols == mats[0].cols for m in mats):
-            raise InputError(f"route_many: k={k} must lie in [1, rows] of routers of one width, got "
+        key = tuple(map(id, routers))
+        hit = self._route_structs.get(key)   # a budget step asks for the same few lists every layer
+        if hit is None or any(a is not b for a, b in zip(hit[0], routers)):
+            mats = [as_mat(r) for r in routers]
+            if not mats or any(m.cols != mats[0].cols for m in mats):
+                raise InputError(f"route_many: routers of one width needed, got {[[m.rows, m.cols] for m in mats]}")
+            hit = self._route_structs[key] = (list(routers), mats, ffi.new("const st_mat *[]", [m.struct for m in mats]),
+                                              min(m.rows for m in mats), mats[0].cols)
+        _, mats, structs, rows, cols = hit
+        if not 1 <= int(k) <= rows:
+            raise InputError(f"route_many: k={k} must lie in [1, rows] of the routers, got "
                              f"{[[m.rows, m.cols] for m in mats]}")
-        xs = activations(x, mats[0].cols, "route x")
+        xs = activations(x, cols, "route x")
         T = xs.shape[0]
         w = np.empty((len(mats), T, k), np.float32)
         ids = np.empty((len(mats), T, k), np.int64)
-        check(lib.st_route_many(pool, ffi.new("const st_mat *[]", [m.struct for m in mats]), len(mats),
-                                ptr(ffi, "float *", xs), T, int(k), int(bool(softmax)), ptr(ffi, "float *", w),
-                                ptr(ffi, "int64_t *", ids)), "route_many")
+        check(lib.st_route_many(pool, structs, len(mats), ptr(ffi, "float *", xs), T, int(k), int(bool(softmax)),
+                                ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids)), "route_many")
         return w, ids
 
     def moe(self, x, gate: Param, up: Param, down: Param, ids, weights, sparse: bool | None = None):

@@ -129,7 +129,7 @@ class ExpertCache(ExpertReads):
     def prefetch(self, layer: int, experts) -> None:
         """Start reading the experts a layer's router picked; release the previous layer's."""
         self.held.clear()
-        for e in dict.fromkeys(int(x) for x in np.ravel(experts)):
+        for e in dict.fromkeys(np.ravel(experts).astype(np.int64, copy=False).tolist()):
             key = (layer, e)
             if len(self.held) >= self.slots - 1:
                 break   # a long prefill picks more experts than fit: the rest load on demand
@@ -147,7 +147,7 @@ class ExpertCache(ExpertReads):
     def prefetch_ahead(self, layer: int, experts) -> None:
         """Start reading experts a later layer will probably pick (a guess: nothing is held for it, and
         a slot is taken only from what is free or evictable). At most `slots // 4` in flight this way."""
-        for e in dict.fromkeys(int(x) for x in np.ravel(experts)):
+        for e in dict.fromkeys(np.ravel(experts).astype(np.int64, copy=False).tolist()):
             key = (layer, e)
             if key in self.lru or key in self.pending or len(self.pending) >= max(1, self.slots // 4):
                 continue

@@ -236,7 +236,7 @@ class Lookahead:
         """The layer's real picks: score the guesses made for it."""
         guesses = self.guesses.pop(layer, ())
         if guesses:
-            real = set(int(e) for e in np.ravel(picked))
+            real = set(np.ravel(picked).astype(np.int64, copy=False).tolist())
             for distance, experts in guesses:
                 self.needed[distance - 1] = self.needed[distance - 1] * self.DECAY + len(experts & real)
                 self.guessed[distance - 1] = self.guessed[distance - 1] * self.DECAY + len(experts)
@@ -245,8 +245,8 @@ class Lookahead:
         """Guessed picks of `layer`, `distance` layers ahead: remember those that would need a read, and
         start them if reading ahead is on at that distance."""
         cache = self.cache
-        missing = {int(e) for e in np.ravel(guessed)
-                   if (layer, int(e)) not in cache.lru and (layer, int(e)) not in cache.pending}
+        lru, pending = cache.lru, cache.pending
+        missing = {e for e in np.ravel(guessed).astype(np.int64, copy=False).tolist() if (layer, e) not in lru and (layer, e) not in pending}
         if missing:
             self.guesses.setdefault(layer, []).append((distance, missing))
             if self.active_at(distance):
