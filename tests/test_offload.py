@@ -855,6 +855,23 @@ def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, t
     assert (m.backend._lib()[2] != cbackend.get_pool(threads)) == (spin is not None)
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_c_budget_layers_read_a_refilled_positions_array_afresh(tmp_path, strided):
+    """A step's layers check its positions once (the C backend keeps the array its first layer
+    checked): a caller that refills one positions array between steps, contiguous or a strided view,
+    still gets each step's own positions in every layer, as a session's steps do."""
+    if not _c_repacking():
+        pytest.skip("the C backend runs the loaded layout only on its SIMD variants")
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 12, backend="c"), context=64)
+    assert m.ops.layer is not None
+    cache, pos, want = m.new_cache(16), np.zeros(2, np.int64)[::2] if strided else np.zeros(1, np.int64), m.session()
+    for t, tok in enumerate(IDS[:6]):
+        pos[0] = t
+        got = m._forward(np.array([tok], np.int64), pos, cache, last_only=True)
+        np.testing.assert_array_equal(got[0], want.feed([int(tok)]))
+
+
 def test_c_layer_part_refuses_experts_it_was_not_given(tmp_path):
     """The expert half of a budget layer runs only on experts whose slots it was handed: a pick whose
     pointer is absent, or out of range, is an error code, not a read of freed memory."""

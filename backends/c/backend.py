@@ -466,12 +466,12 @@ class CBackend(Backend):
             hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
         layer_cache.spec.check(cfg.num_key_value_heads, cfg.head_dim, cfg.layer_window(i), f"layer {i}")
         out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
-        seen = self._step_positions   # a step's layers share its positions: checked once
-        if seen is not None and seen[0] is ctx.positions and seen[1].shape[0] == out.shape[0]:
-            pos = seen[1]
-        else:
-            pos = int64_vector(ctx.positions, out.shape[0], "positions", 0)
-            self._step_positions = (ctx.positions, pos)
+        # a step's layers share its positions array: checked at the first layer (the C calls check for
+        # negative ones too), remembered only where it is the caller's own array (not a converted copy)
+        pos = ctx.positions
+        if pos is not self._step_positions or pos.shape[0] != out.shape[0]:
+            pos = int64_vector(pos, out.shape[0], "positions", 0)
+            self._step_positions = pos if pos is ctx.positions else None
         layer_cache.reserve(out.shape[0])
         return hit[1][0], out, pos
 
