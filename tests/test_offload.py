@@ -460,7 +460,8 @@ def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatc
 
 def test_route_many_picks_what_route_picks_for_each_router():
     """CBackend.route_many: each router's top k of each row as `route` gives them (float and Q8_0
-    routers alike); routers of different widths or a k past a router's rows are refused."""
+    routers alike), also for a list asked for again after a router's prepared weight changed; no
+    routers, routers of different widths or a k past a router's rows are refused."""
     from st_sdk.weights.tensor import WeightTensor, quantize
     from st_sdk_backends.c.backend import CBackend
 
@@ -486,6 +487,15 @@ def test_route_many_picks_what_route_picks_for_each_router():
         b.route_many(x, [routers[0], router(16, cols=32)], 4, True)
     with pytest.raises(InputError, match="route_many"):
         b.route_many(x, routers, 17, True)
+    with pytest.raises(InputError, match="route_many"):
+        b.route_many(x, [], 4, True)
+    # the same list again, after one router's prepared weight was replaced: its new picks
+    new = router(32)
+    routers[1].value = new.value
+    w, ids = b.route_many(x, routers, 4, True)
+    rw, rids = b.route(x, new, 4, True)
+    np.testing.assert_array_equal(ids[1], rids)
+    np.testing.assert_array_equal(w[1], rw)
 
 
 def test_reading_ahead_turns_on_while_guesses_pay_and_off_when_they_stop():

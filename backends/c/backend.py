@@ -690,13 +690,14 @@ class CBackend(Backend):
         ffi, lib, pool = self._lib()
         key = tuple(map(id, routers))
         hit = self._route_structs.get(key)   # a budget step asks for the same few lists every layer
-        if hit is None or any(a is not b for a, b in zip(hit[0], routers)):
+        if hit is None or any(r.value is not v for r, v in zip(routers, hit[0])):
             mats = [as_mat(r) for r in routers]
             if not mats or any(m.cols != mats[0].cols for m in mats):
                 raise InputError(f"route_many: routers of one width needed, got {[[m.rows, m.cols] for m in mats]}")
-            hit = self._route_structs[key] = (list(routers), mats, ffi.new("const st_mat *[]", [m.struct for m in mats]),
-                                              min(m.rows for m in mats), mats[0].cols)
-        _, mats, structs, rows, cols = hit
+            hit = self._route_structs[key] = ([r.value for r in routers], mats,
+                                              ffi.new("const st_mat *[]", [m.struct for m in mats]),
+                                              min(m.rows for m in mats), mats[0].cols, list(routers))
+        _, mats, structs, rows, cols, _ = hit
         if not 1 <= int(k) <= rows:
             raise InputError(f"route_many: k={k} must lie in [1, rows] of the routers, got "
                              f"{[[m.rows, m.cols] for m in mats]}")
