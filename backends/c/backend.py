@@ -112,21 +112,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools)
 
 
-def _moe_inputs(x, ids, weights, H: int, E: int):
-    """x as float32 [T, H], ids int64 [T, k] in [0, E) and weights float32 [T, k], all contiguous."""
-    xs = activations(x, H, "moe x")
-    T = xs.shape[0]
-    ids, weights = np.asarray(ids), np.asarray(weights)
-    if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
-        raise InputError(f"moe: ids and weights must both be [T={T}, k], got {list(ids.shape)} and "
-                         f"{list(weights.shape)}")
-    flat = int64_vector(ids.reshape(-1), ids.size, "moe ids", 0, E)
-    return xs, flat.reshape(ids.shape), np.ascontiguousarray(weights, np.float32)
-
-
 def _picks(ids, weights, T: int, E: int):
-    """A budget layer's routing (`offloaded_layer`): ids int64 [T, k] in [0, E) and weights float32
-    [T, k], contiguous, and the distinct experts picked, in order of first pick."""
+    """A step's routing checked: ids int64 [T, k] in [0, E) and weights float32 [T, k], contiguous, and
+    the distinct experts picked, in order of first pick."""
     ids, weights = np.asarray(ids), np.asarray(weights)
     if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape or ids.dtype.kind not in "iu":
         raise InputError(f"moe: ids and weights must both be [T={T}, k], ids integers, got {ids.dtype}"
@@ -135,6 +123,13 @@ def _picks(ids, weights, T: int, E: int):
     if picked and (min(picked) < 0 or max(picked) >= E):
         raise InputError(f"moe ids: values must lie in [0, {E}), got min {min(picked)} max {max(picked)}")
     return (np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(weights, np.float32), picked)
+
+
+def _moe_inputs(x, ids, weights, H: int, E: int):
+    """x as float32 [T, H], ids int64 [T, k] in [0, E) and weights float32 [T, k], all contiguous."""
+    xs = activations(x, H, "moe x")
+    ids, weights, _ = _picks(ids, weights, xs.shape[0], E)
+    return xs, ids, weights
 
 
 #: a fused step reading fewer weight bytes than this (per token, times its tokens) runs on one thread:

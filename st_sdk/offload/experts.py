@@ -246,7 +246,8 @@ class Lookahead:
         start them if reading ahead is on at that distance."""
         cache = self.cache
         lru, pending = cache.lru, cache.pending
-        missing = {e for e in np.ravel(guessed).astype(np.int64, copy=False).tolist() if (layer, e) not in lru and (layer, e) not in pending}
+        missing = {e for e in np.ravel(guessed).astype(np.int64, copy=False).tolist()
+                   if (layer, e) not in lru and (layer, e) not in pending}
         if missing:
             self.guesses.setdefault(layer, []).append((distance, missing))
             if self.active_at(distance):
