@@ -786,37 +786,51 @@ typedef struct {
     void *mem;
 } scratch;
 
-static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax, int n_seq, int64_t stage_bytes,
-                         int nth, int attention) {
+#define N_SCRATCH 28
+/* The sizes of the scratch's buffers, in the order scratch_alloc carves them; returns their total (each
+ * rounded up to 64 bytes). *attn_shared, *attn_stride: the attention's zeroed part and per-thread stride. */
+static size_t scratch_sizes(const st_model *m, int64_t T, int64_t smax, int n_seq, int64_t stage_bytes, int nth,
+                            size_t sz[N_SCRATCH], int64_t *attn_shared, int64_t *attn_stride) {
     const int64_t H = m->hidden, qw = m->n_heads * m->head_dim, kw = m->n_kv * m->head_dim, P = T * m->top_k;
     const int64_t F = m->ffn, E = m->n_experts;
     const size_t q8 = sizeof(block_q8), qk = sizeof(block_q8K);
-    int64_t attn_shared, attn_thread;
-    st_attn_bytes(m->n_heads, m->n_kv, m->head_dim, T, smax, n_seq, nth, &attn_shared, &attn_thread);
-    s->attn_stride = (attn_thread + 63) / 64 * 64;
+    int64_t attn_thread;
+    st_attn_bytes(m->n_heads, m->n_kv, m->head_dim, T, smax, n_seq, nth, attn_shared, &attn_thread);
+    *attn_stride = (attn_thread + 63) / 64 * 64;
     const size_t stage = (size_t)stage_bytes;
-    void **dst[] = {(void **)&s->a, (void **)&s->q, (void **)&s->k, (void **)&s->v, (void **)&s->att, (void **)&s->rl,
-                    (void **)&s->rw, (void **)&s->mf, (void **)&s->Z, (void **)&s->attn_shared, (void **)&s->cs,
-                    (void **)&s->aq, (void **)&s->hq, (void **)&s->attq, (void **)&s->mq, (void **)&s->Zq,
-                    (void **)&s->aK, (void **)&s->hK, (void **)&s->attK, (void **)&s->mK, (void **)&s->ZK,
-                    (void **)&s->priv, (void **)&s->rid, (void **)&s->order, (void **)&s->offs,
-                    (void **)&s->attn_thread, (void **)&s->stage_k, (void **)&s->stage_v};
-    const size_t sz[] = {
+    const size_t sizes[N_SCRATCH] = {
         (size_t)(T * H) * 4, (size_t)(T * qw) * 4, (size_t)(T * kw) * 4, (size_t)(T * kw) * 4, (size_t)(T * qw) * 4,
-        (size_t)(T * E) * 4, (size_t)P * 4, (size_t)(T * H) * 4, (size_t)(P * F) * 4, (size_t)attn_shared,
+        (size_t)(T * E) * 4, (size_t)P * 4, (size_t)(T * H) * 4, (size_t)(P * F) * 4, (size_t)*attn_shared,
         (size_t)(T * (m->head_dim / 2 + 1)) * 8,
         (size_t)(T * (H / QK + 1)) * q8, (size_t)(T * (H / QK + 1)) * q8, (size_t)(T * (qw / QK + 1)) * q8,
         (size_t)(T * (H / QK + 1)) * q8, (size_t)(P * (F / QK + 1)) * q8,
         (size_t)(T * (H / QKK + 1)) * qk, (size_t)(T * (H / QKK + 1)) * qk, (size_t)(T * (qw / QKK + 1)) * qk,
         (size_t)(T * (H / QKK + 1)) * qk, (size_t)(P * (F / QKK + 1)) * qk, (size_t)nth * (ST_PRIVATE_Q8K / QKK) * qk,
-        (size_t)P * 8, (size_t)P * 8, (size_t)(2 * E + 2) * 8, (size_t)(s->attn_stride * nth), stage, stage};
-    const int n = (int)(sizeof sz / sizeof sz[0]);
+        (size_t)P * 8, (size_t)P * 8, (size_t)(2 * E + 2) * 8, (size_t)(*attn_stride * nth), stage, stage};
     size_t total = 0;
-    for (int i = 0; i < n; i++) total += (sz[i] + 63) & ~(size_t)63;
+    for (int i = 0; i < N_SCRATCH; i++) {
+        sz[i] = sizes[i];
+        total += (sz[i] + 63) & ~(size_t)63;
+    }
+    return total;
+}
+
+static int scratch_alloc(scratch *s, const st_model *m, int64_t T, int64_t smax, int n_seq, int64_t stage_bytes,
+                         int nth, int attention) {
+    size_t sz[N_SCRATCH];
+    int64_t attn_shared;
+    const size_t total = scratch_sizes(m, T, smax, n_seq, stage_bytes, nth, sz, &attn_shared, &s->attn_stride);
+    const size_t stage = (size_t)stage_bytes;
+    void **dst[N_SCRATCH] = {(void **)&s->a, (void **)&s->q, (void **)&s->k, (void **)&s->v, (void **)&s->att, (void **)&s->rl,
+                    (void **)&s->rw, (void **)&s->mf, (void **)&s->Z, (void **)&s->attn_shared, (void **)&s->cs,
+                    (void **)&s->aq, (void **)&s->hq, (void **)&s->attq, (void **)&s->mq, (void **)&s->Zq,
+                    (void **)&s->aK, (void **)&s->hK, (void **)&s->attK, (void **)&s->mK, (void **)&s->ZK,
+                    (void **)&s->priv, (void **)&s->rid, (void **)&s->order, (void **)&s->offs,
+                    (void **)&s->attn_thread, (void **)&s->stage_k, (void **)&s->stage_v};
     char *p = aligned_alloc(64, total + 64);
     if (!p) return ST_ENOMEM;
     s->mem = p;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < N_SCRATCH; i++) {
         *dst[i] = p;
         p += (sz[i] + 63) & ~(size_t)63;
     }
@@ -1091,6 +1105,17 @@ int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *i
     int rc = run_layers(pool, m, kvs, 1, seg, 0, m->n_layers, ids, pos, T, last_only, h, logits, 0, NULL, NULL);
     free(h);
     return rc;
+}
+
+int64_t st_step_scratch_bytes(const st_model *m, int64_t T, int64_t context, int32_t nth) {
+    if (!m || T <= 0 || context < 0 || nth <= 0) return -1;
+    size_t sz[N_SCRATCH];
+    int64_t shared, stride;
+    const int64_t kw = m->n_kv * m->head_dim;
+    const int64_t stage = ((T + ST_KV_BLOCK - 1) / ST_KV_BLOCK * ST_KV_BLOCK * kw * 4 + 63) / 64 * 64;
+    const size_t layer = scratch_sizes(m, T, context + T, 1, stage, nth, sz, &shared, &stride) + 64;
+    return (int64_t)(layer + (size_t)T * sizeof(int32_t) + (size_t)nth * sizeof(st_attn_seq) +
+                     (size_t)(T * (m->hidden > 0 ? m->hidden : 1)) * 4);
 }
 
 int st_forward_batch(st_pool *pool, const st_model *m, st_kv *const *caches, int64_t B, const int64_t *seg,

@@ -176,6 +176,10 @@ int st_layer_part(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache,
  * rows and columns; *out: their bytes summed as 64-bit words (so the reads happen). */
 int st_read_chunks(st_pool *pool, const uint8_t *base, int64_t chunk, const int32_t *idx, int64_t m, int32_t ahead,
                    uint64_t *out);
+/* The most bytes a fused pass over one sequence of T tokens, with up to `context` positions cached before
+ * them, allocates for its activations on nth threads (its scratch and hidden states; the weights, KV
+ * cache and caller's arrays not counted): what a memory budget sets aside for a step. -1 on bad input. */
+int64_t st_step_scratch_bytes(const st_model *m, int64_t T, int64_t context, int32_t nth);
 int st_forward(st_pool *pool, const st_model *m, st_kv *caches, const int64_t *ids, const int64_t *pos,
                int64_t T, int32_t last_only, float *logits);
 /* one step over B sequences packed row after row: sequence b owns rows seg[b]..seg[b+1]-1 of ids/pos

@@ -275,6 +275,13 @@ class Backend:
         none (every weight counted as resident)."""
         return []
 
+    def step_scratch_bytes(self, config: Any, tokens: int, context: int) -> int | None:
+        """Under a memory budget: the most bytes of activations (weights and KV cache not counted) one
+        step of `tokens` tokens of one sequence holds on this backend, with up to `context` positions
+        cached before them. The plan sets this aside for a step instead of its default reserve
+        (st_sdk.offload.experts.ACTIVATION_BYTES). Default: None (not known; the reserve stays)."""
+        return None
+
     def prepare_model(self, params: ModelParams, config: Any) -> None:
         """Called once after every param is prepared: build fused/whole-model state in params.extra."""
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from .backend import Backend, LayerParams, ModelParams, OpTable, Param, prepare_params
 from .config import ModelConfig
 from .errors import InputError
-from .model import Model
+from .model import DEFAULT_CHUNK, Model
 from .offload.experts import offload_ops, setup_offload
 from .registry import get_registry, reference_backend
 from .selection import select_backend
@@ -154,7 +154,9 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
         cache.row_maps = backend_obj.row_read_weights(prepared)
         plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)) - extra_before,
                      kv_bytes=config.kv_cache_bytes(plan.context, kv_dtype or "f32"),
-                     row_read=row_read_bytes(cache.row_maps, plan.context))
+                     row_read=row_read_bytes(cache.row_maps, plan.context),
+                     activations=backend_obj.step_scratch_bytes(config, kw.get("chunk_size") or DEFAULT_CHUNK,
+                                                                plan.context))
         if plan.slots != cache.slots:
             cache.resize(plan.slots)
         plan.expert_file = attach(cache, config.moe_num_primary_experts, expert_file)

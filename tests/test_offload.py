@@ -28,9 +28,10 @@ def files(tmp_path_factory):
     return {"gguf-q8_0": q8, "hf-f32-sharded": hf}
 
 
-def budget_for(model_path, slots: int, context: int | None = 64, backend: str = "numpy") -> int:
-    """A budget whose expert cache holds exactly `slots` experts (process baseline not counted)."""
-    m = st_sdk.load(model_path, backend=backend, n_threads=1, max_memory="64GiB", context=context)
+def budget_for(model_path, slots: int, context: int | None = 64, backend: str = "numpy", threads: int = 1) -> int:
+    """A budget whose expert cache holds exactly `slots` experts on `threads` threads (a step's scratch
+    depends on them; process baseline not counted)."""
+    m = st_sdk.load(model_path, backend=backend, n_threads=threads, max_memory="64GiB", context=context)
     p = m.memory_plan
     converted_slots = -(-p.converted_bytes // p.expert_bytes)
     return p.resident_dense_bytes + p.kv_bytes + p.scratch_bytes + (slots + converted_slots) * p.expert_bytes
@@ -430,7 +431,7 @@ def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatc
     from st_sdk_backends.c.backend import CBackend
 
     path = files["gguf-q8_0"]
-    budget = budget_for(path, 12, backend="c")
+    budget = budget_for(path, 12, backend="c", threads=2)
     calls, guessed = [], []
     many, ahead = CBackend.route_many, Lookahead.ahead
 
@@ -665,7 +666,7 @@ def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatc
     path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=dtype, seed=3, hidden_size=width,
                        moe_ffn_hidden_size=width // 2 if dtype == "q4_0" else width)["gguf"]
     resident = st_sdk.load(path, backend="c", n_threads=2)
-    m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget_for(path, 6, backend="c"), context=64)
+    m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget_for(path, 6, backend="c", threads=2), context=64)
     lp = m.params.layers[0]
     assert tuple(p.raw.layout.name if p.raw.layout else "file" for p in (lp.gate, lp.up, lp.down)) == names
     if layout == "auto":   # no live shares measured under a budget: the repacked layouts
@@ -845,7 +846,8 @@ def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, t
     path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype=dtype, seed=3,
                        hidden_size=128, moe_ffn_hidden_size=64)["gguf"]
     resident = st_sdk.load(path, backend="c", n_threads=threads)
-    m = st_sdk.load(path, backend="c", n_threads=threads, max_memory=budget_for(path, 12, backend="c"), context=64)
+    m = st_sdk.load(path, backend="c", n_threads=threads,
+                    max_memory=budget_for(path, 12, backend="c", threads=threads), context=64)
     assert m.ops.layer is not None and m.ops.forward is None
     np.testing.assert_array_equal(m.logits(IDS[:6]), resident.logits(IDS[:6]))
     m.backend.sparsity(reset=True)
@@ -1082,7 +1084,8 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
         again = load()
     assert again.memory_plan.expert_file == written and written.stat().st_mtime_ns == stamp
     assert "writing" not in caplog.text
-    assert load("numpy").memory_plan.expert_file is None   # as stored: no file of its own
+    as_stored = st_sdk.load(path, backend="numpy", max_memory=budget_for(path, 12), context=64)
+    assert as_stored.memory_plan.expert_file is None   # as stored: no file of its own
 
     written.unlink()
     need = prepared.HEADER + prepared.data_bytes(prepared.signature(m.offload, m.config.moe_num_primary_experts))
@@ -1258,6 +1261,47 @@ def test_expert_file_argument_is_checked(files):
         st_sdk.load(files["gguf-q8_0"], backend="numpy", max_memory="64GiB", expert_file="yes")
 
 
+def test_the_backends_own_step_activations_replace_the_plans_reserve(files):
+    """The plan sets aside ACTIVATION_BYTES for a step's activations until the backend says what a step
+    of one chunk takes (Backend.step_scratch_bytes; NumPy does not, so its plan keeps the reserve). The
+    C backend's figure grows with the step's tokens, is far below the reserve for the tiny model, and
+    what it frees goes to the expert cache; the logits stay the resident ones. A plan given its scratch
+    whole keeps it."""
+    from st_sdk.offload.budget import plan_memory
+
+    path = files["gguf-q8_0"]
+    budget = budget_for(path, 8)
+    ref = st_sdk.load(path, backend="numpy", max_memory=budget, context=64)
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    p, backend = m.memory_plan, m.backend
+    assert ref.memory_plan.activation_bytes == offload_experts.ACTIVATION_BYTES and ref.memory_plan.slots == 8
+    step = [backend.step_scratch_bytes(m.config, t, 64) for t in (1, 16, m.chunk_size)]
+    assert p.activation_bytes == step[-1] and 0 < step[0] < step[1] < step[2] < offload_experts.ACTIVATION_BYTES // 8
+    assert p.slots > ref.memory_plan.slots
+    want = st_sdk.load(path, backend="c", n_threads=1).logits(IDS)
+    np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=2e-2 * np.abs(want).max())
+    with pytest.raises(InputError, match="tokens=0"):
+        backend.step_scratch_bytes(m.config, 0, 64)
+
+    mib = 2**20
+    reserved = plan_memory(200 * mib, 10 * mib, 10 * mib, mib, 1000, 2, 80 * mib, activation_bytes=64 * mib)
+    given = plan_memory(200 * mib, 10 * mib, 10 * mib, mib, 1000, 2, 80 * mib)
+    reserved.account(0, activations=16 * mib)
+    given.account(0, activations=16 * mib)
+    assert (reserved.slots, reserved.scratch_bytes) == (100 + 48, 32 * mib)
+    assert (given.slots, given.scratch_bytes) == (100, 80 * mib)
+    # a budget too small only for the reserve: the minimum of slots until the backend's figure refits it
+    tight = plan_memory(110 * mib, 10 * mib, 10 * mib, mib, 1000, 2, 90 * mib, activation_bytes=64 * mib)
+    assert tight.slots == 4
+    tight.account(0, activations=mib)
+    assert tight.slots == 63
+    with pytest.raises(InputError, match="too small"):
+        plan_memory(110 * mib, 10 * mib, 10 * mib, mib, 1000, 2, 90 * mib)
+    with pytest.raises(InputError, match="leaving room for 0 experts"):
+        plan_memory(110 * mib, 10 * mib, 10 * mib, mib, 1000, 2, 90 * mib, activation_bytes=64 * mib).account(
+            0, activations=90 * mib)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_c_backend_counts_the_embedding_as_the_rows_it_reads(tmp_path):
     """Under a budget the C backend reads the embedding a row at a time off the file map (marked for
@@ -1268,7 +1312,9 @@ def test_c_backend_counts_the_embedding_as_the_rows_it_reads(tmp_path):
 
     vocab, row = 3072, 64 // 32 * 34   # q8_0 rows of 64: two 34-byte blocks
     path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=5, vocab_size=vocab)["gguf"]
-    budget = budget_for(path, 4, context=8, backend="numpy")   # the whole table counted: room for 4 experts
+    # room for 4 experts with the whole table counted, and the C backend's step in place of the reserve
+    step = st_sdk.load(path, backend="c", n_threads=1, max_memory="64GiB", context=8).memory_plan.activation_bytes
+    budget = budget_for(path, 4, context=8, backend="numpy") - offload_experts.ACTIVATION_BYTES + step
     m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=8)
     p, table = m.memory_plan, m.offload.row_maps[0]
     assert table.nbytes == vocab * row and vocab * row - 2 * mmap.PAGESIZE < p.row_read_bytes <= vocab * row

@@ -391,6 +391,22 @@ class CBackend(Backend):
                 self.copied_bytes += v.nbytes
                 self.released_map_bytes += release_map(v)
 
+    def step_scratch_bytes(self, cfg, tokens, context):
+        """Backend.step_scratch_bytes: what a fused pass allocates for one sequence of `tokens` tokens
+        (csrc st_step_scratch_bytes, on this backend's threads), the routers' outputs of a budget layer
+        (its own router and up to three guesses, route_many), and the step's arrays here: the hidden
+        states in, copied and out, the embedded rows, the last position's logits."""
+        ffi, lib = ffi_lib()
+        T, H, E = int(tokens), cfg.hidden_size, cfg.moe_num_primary_experts
+        k = cfg.moe_num_active_primary_experts
+        m = ffi.new("st_model *", {"hidden": H, "n_heads": cfg.num_attention_heads, "n_kv": cfg.num_key_value_heads,
+                                   "head_dim": cfg.head_dim, "n_experts": E, "top_k": k,
+                                   "ffn": cfg.moe_ffn_hidden_size, "vocab": cfg.vocab_size})
+        fused = int(lib.st_step_scratch_bytes(m, T, int(context), self.threads))
+        if fused < 0:
+            raise InputError(f"step_scratch_bytes: tokens={tokens}, context={context} (positive tokens, context >= 0)")
+        return fused + 4 * T * (E * 4 + k * 12) + 4 * T * H * 4 + cfg.vocab_size * 4
+
     def row_read_weights(self, params):
         """The embedding table when it is read from the file map by rows only (Backend.row_read_weights):
         not copied, and the head reads its own copy."""

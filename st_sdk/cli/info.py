@@ -41,7 +41,8 @@ def plan(mf, params, max_memory, context: int | None) -> dict:
     context = resolve_context(cfg, context, budget=True)
     p = memory_plan_for(cfg, params, max_memory, context=context)
     return {"budget_bytes": p.budget, "context": context, "kv_dtype": "f16", "dense_bytes": p.dense_bytes,
-            "kv_bytes": p.kv_bytes, "scratch_bytes": p.scratch_bytes, "expert_bytes": p.expert_bytes,
+            "kv_bytes": p.kv_bytes, "scratch_bytes": p.scratch_bytes, "activation_bytes": p.activation_bytes,
+            "expert_bytes": p.expert_bytes,
             "slots": p.slots, "experts": p.n_experts, "cache_bytes": p.cache_bytes,
             "minimum_budget_bytes": p.budget_for(p.minimum_slots),
             "all_experts_budget_bytes": p.budget_for(p.n_experts)}
@@ -138,7 +139,8 @@ def run(args) -> int:
                      f"{fmt_bytes(p['cache_bytes'])} ({p['slots'] / p['experts']:.0%} of {p['experts']} experts)"))
         rows.append(("budget range", f"runs from {fmt_bytes(p['minimum_budget_bytes'])}; every expert cached from "
                      f"{fmt_bytes(p['all_experts_budget_bytes'])} (experts as stored, and a process of this one's "
-                     f"size: a backend's own layout or weight copies, or a larger process, refit the slots at load)"))
+                     f"size, {fmt_bytes(p['activation_bytes'])} reserved for a step's activations: a backend's own "
+                     f"layout, weight copies or activations, or a larger process, refit the slots at load)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")

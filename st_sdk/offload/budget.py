@@ -24,6 +24,7 @@ class MemoryPlan:
     headroom: Callable[[int], int] | None = None  # the part of the scratch that grows with the budget
     row_read_bytes: int = 0  # of dense_bytes: weights read a row at a time off the file map (not resident)...
     row_pages_bytes: int = 0  # ...counted as the pages a context of distinct rows touches instead
+    activation_bytes: int | None = None  # of scratch_bytes: a step's activations (None: not counted apart)
 
     def budget_for(self, slots: int) -> int:
         """The smallest budget that holds `slots` experts with everything else as planned."""
@@ -42,27 +43,35 @@ class MemoryPlan:
     def cache_bytes(self) -> int:
         return self.slots * self.expert_bytes
 
-    def account(self, extra_bytes: int, kv_bytes: int | None = None, row_read: tuple[int, int] | None = None) -> None:
+    def account(self, extra_bytes: int, kv_bytes: int | None = None, row_read: tuple[int, int] | None = None,
+                activations: int | None = None) -> None:
         """Another resident copy appeared (a backend's repacked weights), the KV cache's size is known
-        from the storage type the backend uses (kv_bytes), or the backend reads some dense weights a row
-        at a time off the file map (row_read: their bytes, and the pages counted for them instead):
-        refit the expert cache into what is left."""
+        from the storage type the backend uses (kv_bytes), the backend reads some dense weights a row
+        at a time off the file map (row_read: their bytes, and the pages counted for them instead), or
+        it said what a step's activations take (activations, in place of the default reserve; a plan
+        given its scratch whole keeps it): refit the expert cache into what is left."""
         if kv_bytes is not None:
             self.kv_bytes = int(kv_bytes)
         if row_read is not None:
             self.row_read_bytes, self.row_pages_bytes = (int(n) for n in row_read)
+        if activations is not None and self.activation_bytes is not None:
+            self.scratch_bytes += int(activations) - self.activation_bytes
+            self.activation_bytes = int(activations)
         extra_bytes = max(int(extra_bytes), 0)
-        if not extra_bytes and kv_bytes is None and row_read is None:
+        if not extra_bytes and kv_bytes is None and row_read is None and activations is None:
             return
-        room = self.budget - self.resident_dense_bytes - self.kv_bytes - self.scratch_bytes - extra_bytes
-        slots = min(self.n_experts, room // self.expert_bytes)
+        rest = self.resident_dense_bytes + self.kv_bytes + self.scratch_bytes + extra_bytes
+        slots = min(self.n_experts, (self.budget - rest) // self.expert_bytes)
         if slots < self.minimum_slots:
+            least = _budget_for(rest - self._headroom(self.budget), self.minimum_slots * self.expert_bytes,
+                                self._headroom)
+            activations = "" if self.activation_bytes is None else \
+                f", a step's activations {fmt_bytes(self.activation_bytes)}"
             raise InputError(
                 f"max_memory={fmt_bytes(self.budget)} is too small: the backend keeps {fmt_bytes(extra_bytes)} of "
-                f"converted weights besides the file and a KV cache of {fmt_bytes(self.kv_bytes)}, leaving room "
-                f"for {max(slots, 0)} experts "
-                f"(at least {self.minimum_slots} needed); raise the budget by "
-                f"{fmt_bytes((self.minimum_slots - slots) * self.expert_bytes)} or choose another backend")
+                f"converted weights besides the file{activations} and a KV cache of {fmt_bytes(self.kv_bytes)}, "
+                f"leaving room for {max(slots, 0)} experts (at least {self.minimum_slots} needed); "
+                f"the minimum budget is {fmt_bytes(least)} on this backend, or choose another backend")
         self.converted_bytes = extra_bytes
         self.slots = slots
 
@@ -82,15 +91,21 @@ class MemoryPlan:
 
 
 def plan_memory(budget: int, dense_bytes: int, kv_bytes: int, expert_bytes: int, n_experts: int,
-                active_per_layer: int, scratch_bytes: int, headroom: Callable[[int], int] | None = None) -> MemoryPlan:
+                active_per_layer: int, scratch_bytes: int, headroom: Callable[[int], int] | None = None,
+                activation_bytes: int | None = None) -> MemoryPlan:
     """Fit the expert cache into what the budget leaves. The cache needs at least two layers' worth of
     active experts: the layer being computed and the one being prefetched. `headroom(budget)`: scratch
-    that grows with the budget, added to `scratch_bytes`."""
+    that grows with the budget, added to `scratch_bytes`. activation_bytes: of `scratch_bytes`, a reserve
+    for a step's activations that the backend's own figure replaces once it is bound (`account`); a
+    budget too small only because of it gets the minimum of slots until then."""
     minimum_slots = 2 * active_per_layer
     plan = MemoryPlan(budget, dense_bytes, kv_bytes, scratch_bytes + (headroom(budget) if headroom else 0),
-                      expert_bytes, 0, n_experts, minimum_slots, headroom=headroom)
+                      expert_bytes, 0, n_experts, minimum_slots, headroom=headroom, activation_bytes=activation_bytes)
     fixed = dense_bytes + kv_bytes + plan.scratch_bytes
     slots = min((budget - fixed) // expert_bytes if budget > fixed else 0, n_experts)
+    if slots < minimum_slots and activation_bytes and \
+            budget - fixed + activation_bytes >= minimum_slots * expert_bytes:
+        slots = minimum_slots
     if slots < minimum_slots:
         raise InputError(
             f"max_memory={fmt_bytes(budget)} is too small for this model: the dense part needs "

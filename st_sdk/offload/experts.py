@@ -105,6 +105,11 @@ def process_baseline_bytes() -> int:
         return 200 * 2**20
 
 
+#: what the plan sets aside for a step's activations until the backend says what it needs
+#: (Backend.step_scratch_bytes; the op-by-op path holds [tokens, context] attention scores per head)
+ACTIVATION_BYTES = 64 * 2**20
+
+
 def headroom_bytes(budget: int) -> int:
     """Left for the code pages and page cache a process needs to run inside a hard limit: 10% of the
     budget, within [64 MiB, 256 MiB] (the slots are read with O_DIRECT, so a larger budget needs no
@@ -151,15 +156,17 @@ def _plan(cfg, params, budget: int, part_bytes: list[list[int]], context: int | 
     expert_bytes = max(sum(parts) for parts in part_bytes)
     expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
     dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
-    headroom = None
+    headroom = activations = None
     if scratch_bytes is None:
-        # activations and kernel scratch, what the process holds already (interpreter, libraries), and
-        # headroom for the code pages and page cache a process needs to run inside a hard limit
-        # without thrashing (measured: a plan with none ran 3x slower in a 1 GiB cgroup)
-        scratch_bytes, headroom = 64 * 2**20 + process_baseline_bytes(), headroom_bytes
+        # activations and kernel scratch (until the backend says what a step takes), what the process
+        # holds already (interpreter, libraries), and headroom for the code pages and page cache a process
+        # needs to run inside a hard limit without thrashing (measured: a plan with none ran 3x slower in
+        # a 1 GiB cgroup)
+        activations, headroom = ACTIVATION_BYTES, headroom_bytes
+        scratch_bytes = activations + process_baseline_bytes()
     plan = plan_memory(budget, dense, cfg.kv_cache_bytes(context, kv_dtype), expert_bytes,
                        cfg.num_hidden_layers * cfg.moe_num_primary_experts,
-                       cfg.moe_num_active_primary_experts, scratch_bytes, headroom)
+                       cfg.moe_num_active_primary_experts, scratch_bytes, headroom, activations)
     plan.smallest_expert_bytes = min(sum(parts) for parts in part_bytes)
     plan.context = context
     return plan
