@@ -32,17 +32,28 @@ class Session:
         m.check_files()
         ids = m.check_ids(ids, start=len(self.tokens))
         chunk = chunk or m.chunk_size
-        out = []
-        for s in range(0, len(ids), chunk):
-            part = ids[s:s + chunk]
-            pos = np.arange(len(self.tokens), len(self.tokens) + len(part), dtype=np.int64)
-            with m._step_lock:
-                logits = m._forward(part, pos, self.cache, last_only=not all_logits)
-            if all_logits or s + chunk >= len(ids):
-                out.append(m.ops.to_numpy(logits))
-            self.tokens.extend(int(t) for t in part)
-        logits = (out[0] if len(out) == 1 else np.concatenate(out)).astype(np.float32, copy=False)
-        return logits if all_logits else logits[-1]
+        vocab = m.config.vocab_size
+        rows = np.empty((len(ids), vocab), np.float32) if all_logits else None   # filled chunk by chunk
+        room = rows is not None and m.offload is not None
+        try:
+            for s in range(0, len(ids), chunk):
+                part = ids[s:s + chunk]
+                pos = np.arange(len(self.tokens), len(self.tokens) + len(part), dtype=np.int64)
+                with m._step_lock:
+                    if room:   # under a budget: the rows still to be written and this chunk's own logits
+                        m.offload.reserved[self] = (len(ids) - s + len(part)) * vocab * 4
+                        m.offload.keep_within()   # slots given back first, if the process would pass its limit
+                    logits = m._forward(part, pos, self.cache, last_only=not all_logits)
+                if rows is not None:
+                    rows[s:s + len(part)] = m.ops.to_numpy(logits)
+                elif s + chunk >= len(ids):
+                    last = m.ops.to_numpy(logits)[-1].astype(np.float32, copy=False)
+                self.tokens.extend(int(t) for t in part)
+        finally:
+            if room:
+                with m._step_lock:
+                    m.offload.reserved.pop(self, None)
+        return rows if all_logits else last
 
     def _check_step(self, ids) -> np.ndarray:
         """ids for one step of feed_batch: validated, and no longer than one chunk."""

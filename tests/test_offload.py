@@ -403,6 +403,40 @@ def test_cache_gives_slots_back_when_the_process_passes_its_limit(files, monkeyp
     np.testing.assert_allclose(np.stack(got), want, rtol=0, atol=2e-2 * np.abs(want).max())
 
 
+def test_every_positions_logits_get_room_under_the_limit_before_the_step(files, monkeypatch, caplog):
+    """Every position's logits ([tokens, vocabulary] floats: more than a step's activations on a large
+    vocabulary) are made room for before each chunk's step: the expert cache gives back the slots they
+    would take past the limit (a process that allocated them anyway would be killed at a hard limit),
+    and takes them back once there is room again. The logits are the resident ones."""
+    from st_sdk.offload import cache as cache_mod
+
+    path = files["gguf-q8_0"]
+    want = st_sdk.load(path, backend="c", n_threads=1).logits(IDS[:12])
+    monkeypatch.setattr(offload_experts, "runtime_limit", lambda budget: budget)
+    m = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget_for(path, 16, backend="c"), context=64)
+    cache, stride = m.offload, m.offload._stride
+    # the process's size as the kernel would see it: two slots' worth below the limit, less the slots given
+    # back (a slot taken back counted as full again)
+    rss = {"now": cache.limit - 2 * stride}
+    monkeypatch.setattr(cache_mod, "resident_bytes", lambda: rss["now"] - (16 - cache.slots) * stride)
+    last = m.session().feed([int(t) for t in IDS[:12]])   # the last position's logits only: no room needed
+    assert cache.slots == 16
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        got = m.logits(IDS[:12])
+    rows = 12 * m.config.vocab_size * 4   # the rows still to be written, and this chunk's own logits
+    given = -(-(2 * rows - 2 * stride) // stride)
+    assert cache.slots == 16 - given < 16 and "gave back" in caplog.text and not cache.reserved
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+    np.testing.assert_array_equal(last, got[-1])
+    rss["now"] = cache.limit + stride   # the logits let go, the process grown by a slot: all but two taken back
+    s = m.session()
+    s.feed([int(IDS[0])])
+    assert cache.slots == 16 - 2
+    rss["now"] = cache.limit - 10**9
+    np.testing.assert_allclose(s.feed([int(IDS[1])]), want[1], rtol=0, atol=2e-2 * np.abs(want).max())
+    assert cache.slots == 16   # never more than planned
+
+
 @pytest.mark.parametrize("backend", ["numpy", "c"])
 def test_lookahead_prefetch_reads_ahead_and_changes_no_result(files, backend):
     """prefetch="lookahead": each layer's input also picks the next layer's experts, whose reads start

@@ -99,6 +99,8 @@ class ExpertCache(ExpertReads):
         self.limit: int | None = None   # keep_within: the process's resident bytes the cache keeps below
         self.row_maps: list[np.ndarray] = []   # weights read by rows off the file map, dropped first (keep_within)
         self.shrunk = 0                 # slots given back at run time
+        self._released: list[int] = []  # ...their indices, taken back while there is room again
+        self.reserved: dict[object, int] = {}   # bytes callers are about to allocate, counted by keep_within
         self.stats = OffloadStats()
         self.prepared: tuple[str, int, int] | None = None   # see use_file
         self._committing = threading.Event()   # set to stop the background commit (see commit)
@@ -255,19 +257,21 @@ class ExpertCache(ExpertReads):
         self._allocate(self.slots)
 
     def keep_within(self, rss: Callable[[], int] | None = None) -> int:
-        """The run-time check (called before each step): while the process's resident bytes pass
-        `limit`, first drop the pages of the weights read by rows (`row_maps`, which refault a row at a
-        time), then give slots back to the system (an unheld expert evicted, its pages released with
-        MADV_DONTNEED) down to `minimum_slots`. Returns the slots given back now."""
+        """The run-time check (called before each step): while the process's resident bytes, and the
+        bytes callers are about to allocate (`reserved`: every position's logits, for one), pass `limit`,
+        first drop the pages of the weights read by rows (`row_maps`, which refault a row at a time),
+        then give slots back to the system (an unheld expert evicted, its pages released with
+        MADV_DONTNEED) down to `minimum_slots`. Slots given back return, empty, while the process stays
+        two slots below its limit with them. Returns the slots given back now (negative: taken back)."""
         if self.limit is None:
             return 0
         rss = rss or resident_bytes
-        over = rss() - self.limit
+        over = rss() + sum(self.reserved.values()) - self.limit
         if over > 0 and self.row_maps:
             from ..weights.mapping import release_map
 
             if sum(release_map(a) for a in self.row_maps):
-                over = rss() - self.limit
+                over = rss() + sum(self.reserved.values()) - self.limit
         n = 0
         if over > 0:
             self._committing.set()
@@ -277,6 +281,7 @@ class ExpertCache(ExpertReads):
                 break
             if hasattr(mmap, "MADV_DONTNEED"):
                 self._mm.madvise(mmap.MADV_DONTNEED, slot * self._stride, self._stride)
+            self._released.append(slot)
             self.slots -= 1
             over -= self._stride
             n += 1
@@ -284,6 +289,15 @@ class ExpertCache(ExpertReads):
             self.shrunk += n
             log.warning("st-sdk: the process passed its memory budget's limit; the expert cache gave back %d slots "
                         "(%d left)", n, self.slots)
+            return n
+        while self._released and over + 2 * self._stride <= 0:
+            self.free.append(self._released.pop())
+            self.slots += 1
+            over += self._stride
+            n -= 1
+        if n:
+            log.info("st-sdk: room under the memory budget's limit again; the expert cache took back %d slots "
+                     "(%d now)", -n, self.slots)
         return n
 
     def close(self) -> None:
