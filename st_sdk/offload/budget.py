@@ -65,11 +65,11 @@ class MemoryPlan:
         if slots < self.minimum_slots:
             least = _budget_for(rest - self._headroom(self.budget), self.minimum_slots * self.expert_bytes,
                                 self._headroom)
-            activations = "" if self.activation_bytes is None else \
+            step = "" if self.activation_bytes is None else \
                 f", a step's activations {fmt_bytes(self.activation_bytes)}"
             raise InputError(
                 f"max_memory={fmt_bytes(self.budget)} is too small: the backend keeps {fmt_bytes(extra_bytes)} of "
-                f"converted weights besides the file{activations} and a KV cache of {fmt_bytes(self.kv_bytes)}, "
+                f"converted weights besides the file{step} and a KV cache of {fmt_bytes(self.kv_bytes)}, "
                 f"leaving room for {max(slots, 0)} experts (at least {self.minimum_slots} needed); "
                 f"the minimum budget is {fmt_bytes(least)} on this backend, or choose another backend")
         self.converted_bytes = extra_bytes
