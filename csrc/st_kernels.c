@@ -786,6 +786,11 @@ typedef struct {
     void *mem;
 } scratch;
 
+/* A sequence of T tokens' staged keys (or values): whole blocks, f32 the largest storage type. */
+static int64_t staged_bytes(int64_t T, int64_t kw) {
+    return ((T + ST_KV_BLOCK - 1) / ST_KV_BLOCK * ST_KV_BLOCK * kw * 4 + 63) / 64 * 64;
+}
+
 #define N_SCRATCH 28
 /* The sizes of the scratch's buffers, in the order scratch_alloc carves them; returns their total (each
  * rounded up to 64 bytes). *attn_shared, *attn_stride: the attention's zeroed part and per-thread stride. */
@@ -1069,8 +1074,7 @@ static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64
             int64_t n = (m->layers[i].window ? kv->cap : kv->length) + Tb;
             if (n > smax) smax = n;
         }
-        /* the sequence's staged keys (or values): whole blocks, f32 the largest storage type */
-        stage += ((Tb + ST_KV_BLOCK - 1) / ST_KV_BLOCK * ST_KV_BLOCK * kw * 4 + 63) / 64 * 64;
+        stage += staged_bytes(Tb, kw);
     }
     if (ids)
         for (int64_t t = 0; t < T; t++) if (ids[t] < 0 || ids[t] >= m->vocab) return ST_EIDS;
@@ -1111,9 +1115,8 @@ int64_t st_step_scratch_bytes(const st_model *m, int64_t T, int64_t context, int
     if (!m || T <= 0 || context < 0 || nth <= 0) return -1;
     size_t sz[N_SCRATCH];
     int64_t shared, stride;
-    const int64_t kw = m->n_kv * m->head_dim;
-    const int64_t stage = ((T + ST_KV_BLOCK - 1) / ST_KV_BLOCK * ST_KV_BLOCK * kw * 4 + 63) / 64 * 64;
-    const size_t layer = scratch_sizes(m, T, context + T, 1, stage, nth, sz, &shared, &stride) + 64;
+    const size_t layer = scratch_sizes(m, T, context + T, 1, staged_bytes(T, m->n_kv * m->head_dim), nth, sz,
+                                       &shared, &stride) + 64;
     return (int64_t)(layer + (size_t)T * sizeof(int32_t) + (size_t)nth * sizeof(st_attn_seq) +
                      (size_t)(T * (m->hidden > 0 ? m->hidden : 1)) * 4);
 }

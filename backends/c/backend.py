@@ -125,6 +125,13 @@ def _picks(ids, weights, T: int, E: int):
     return (np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(weights, np.float32), picked)
 
 
+def _dims(cfg) -> dict:
+    """st_model's dimensions for this config."""
+    return {"hidden": cfg.hidden_size, "n_heads": cfg.num_attention_heads, "n_kv": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim, "n_experts": cfg.moe_num_primary_experts,
+            "top_k": cfg.moe_num_active_primary_experts, "ffn": cfg.moe_ffn_hidden_size, "vocab": cfg.vocab_size}
+
+
 def _moe_inputs(x, ids, weights, H: int, E: int):
     """x as float32 [T, H], ids int64 [T, k] in [0, E) and weights float32 [T, k], all contiguous."""
     xs = activations(x, H, "moe x")
@@ -399,10 +406,7 @@ class CBackend(Backend):
         ffi, lib = ffi_lib()
         T, H, E = int(tokens), cfg.hidden_size, cfg.moe_num_primary_experts
         k = cfg.moe_num_active_primary_experts
-        m = ffi.new("st_model *", {"hidden": H, "n_heads": cfg.num_attention_heads, "n_kv": cfg.num_key_value_heads,
-                                   "head_dim": cfg.head_dim, "n_experts": E, "top_k": k,
-                                   "ffn": cfg.moe_ffn_hidden_size, "vocab": cfg.vocab_size})
-        fused = int(lib.st_step_scratch_bytes(m, T, int(context), self.threads))
+        fused = int(lib.st_step_scratch_bytes(ffi.new("st_model *", _dims(cfg)), T, int(context), self.threads))
         if fused < 0:
             raise InputError(f"step_scratch_bytes: tokens={tokens}, context={context} (positive tokens, context >= 0)")
         return fused + 4 * T * (E * 4 + k * 12) + 4 * T * H * 4 + cfg.vocab_size * 4
@@ -427,7 +431,7 @@ class CBackend(Backend):
         """st_model over `layer_list` [(layer index, LayerParams)], with the embedding, final norm and
         head when `params` is given; (struct, keep-alive list, cfg)."""
         ffi, _ = ffi_lib()
-        H, E, F = cfg.hidden_size, cfg.moe_num_primary_experts, cfg.moe_ffn_hidden_size
+        H, E = cfg.hidden_size, cfg.moe_num_primary_experts
         keep = []
         layers = ffi.new("st_layer[]", len(layer_list))
         for j, (i, lp) in enumerate(layer_list):
@@ -452,12 +456,8 @@ class CBackend(Backend):
             L.attn_norm, L.ffn_norm = ptr(ffi, "float *", an), ptr(ffi, "float *", fn)
             L.use_rope = int(cfg.layer_uses_rope(i))
             L.window = int(cfg.layer_window(i) or 0)
-        fields = {
-            "n_layers": len(layer_list), "hidden": H, "n_heads": cfg.num_attention_heads,
-            "n_kv": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "n_experts": E,
-            "top_k": cfg.moe_num_active_primary_experts, "ffn": F, "vocab": cfg.vocab_size,
-            "eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-            "softmax": int(cfg.moe_primary_router_apply_softmax), "sparse": int(self.sparse), "layers": layers}
+        fields = {**_dims(cfg), "n_layers": len(layer_list), "eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+                  "softmax": int(cfg.moe_primary_router_apply_softmax), "sparse": int(self.sparse), "layers": layers}
         if params is not None:
             embed, head, norm = as_mat(params.embed), as_mat(params.head), f32_vector(params.norm, H)
             keep += [embed, head, norm]

@@ -51,6 +51,11 @@ def _close_files(fds: dict, direct_fds: dict, refused_fds: list) -> None:
     refused_fds.clear()
 
 
+def expert_ids(picks) -> list[int]:
+    """Expert ids of any array of picks, as Python ints (one conversion, not one per id)."""
+    return np.ravel(picks).astype(np.int64, copy=False).tolist()
+
+
 def file_extent(arr: np.ndarray, what: str) -> Extent:
     """Where a memory-mapped array's bytes lie in its file."""
     base = arr
@@ -131,7 +136,7 @@ class ExpertCache(ExpertReads):
     def prefetch(self, layer: int, experts) -> None:
         """Start reading the experts a layer's router picked; release the previous layer's."""
         self.held.clear()
-        for e in dict.fromkeys(np.ravel(experts).astype(np.int64, copy=False).tolist()):
+        for e in dict.fromkeys(expert_ids(experts)):
             key = (layer, e)
             if len(self.held) >= self.slots - 1:
                 break   # a long prefill picks more experts than fit: the rest load on demand
@@ -149,7 +154,7 @@ class ExpertCache(ExpertReads):
     def prefetch_ahead(self, layer: int, experts) -> None:
         """Start reading experts a later layer will probably pick (a guess: nothing is held for it, and
         a slot is taken only from what is free or evictable). At most `slots // 4` in flight this way."""
-        for e in dict.fromkeys(np.ravel(experts).astype(np.int64, copy=False).tolist()):
+        for e in dict.fromkeys(expert_ids(experts)):
             key = (layer, e)
             if key in self.lru or key in self.pending or len(self.pending) >= max(1, self.slots // 4):
                 continue
@@ -265,13 +270,13 @@ class ExpertCache(ExpertReads):
         two slots below its limit with them. Returns the slots given back now (negative: taken back)."""
         if self.limit is None:
             return 0
-        rss = rss or resident_bytes
-        over = rss() + sum(self.reserved.values()) - self.limit
+        rss, reserved = rss or resident_bytes, sum(self.reserved.values())
+        over = rss() + reserved - self.limit
         if over > 0 and self.row_maps:
             from ..weights.mapping import release_map
 
             if sum(release_map(a) for a in self.row_maps):
-                over = rss() + sum(self.reserved.values()) - self.limit
+                over = rss() + reserved - self.limit
         n = 0
         if over > 0:
             self._committing.set()

@@ -12,7 +12,7 @@ from ..backend import Param, fallback_op
 from ..registry import reference_backend
 from ..weights.tensor import STORAGE_DTYPE, WeightTensor, storage_shape
 from .budget import MemoryPlan, parse_size, plan_memory
-from .cache import ExpertCache, Extent, file_extent
+from .cache import ExpertCache, Extent, expert_ids, file_extent
 
 PARTS = ("gate", "up", "down")
 
@@ -243,7 +243,7 @@ class Lookahead:
         """The layer's real picks: score the guesses made for it."""
         guesses = self.guesses.pop(layer, ())
         if guesses:
-            real = set(np.ravel(picked).astype(np.int64, copy=False).tolist())
+            real = set(expert_ids(picked))
             for distance, experts in guesses:
                 self.needed[distance - 1] = self.needed[distance - 1] * self.DECAY + len(experts & real)
                 self.guessed[distance - 1] = self.guessed[distance - 1] * self.DECAY + len(experts)
@@ -253,7 +253,7 @@ class Lookahead:
         start them if reading ahead is on at that distance."""
         cache = self.cache
         lru, pending = cache.lru, cache.pending
-        missing = {e for e in np.ravel(guessed).astype(np.int64, copy=False).tolist()
+        missing = {e for e in expert_ids(guessed)
                    if (layer, e) not in lru and (layer, e) not in pending}
         if missing:
             self.guesses.setdefault(layer, []).append((distance, missing))
