@@ -26,12 +26,17 @@ class Session:
         self.tokens: list[int] = []
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, chunk: int | None = None) -> np.ndarray:
-        """Append tokens (prefill in chunks) and return float32 logits: every position's [T, V] when
-        all_logits, else the last position's [V]."""
+        """Append tokens (prefill in chunks of `chunk` tokens, default the model's `chunk_size`) and return
+        float32 logits: every position's [T, V] when all_logits, else the last position's [V]. Under a
+        memory budget a chunk is at most `chunk_size` tokens, the step the plan counted."""
         m = self.model
         m.check_files()
         ids = m.check_ids(ids, start=len(self.tokens))
-        chunk = chunk or m.chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+            raise InputError(f"chunk: expected a positive number of tokens, got {chunk!r}")
+        chunk = int(chunk or m.chunk_size)
+        if m.offload is not None:
+            chunk = min(chunk, m.chunk_size)
         vocab = m.config.vocab_size
         rows = np.empty((len(ids), vocab), np.float32) if all_logits else None   # filled chunk by chunk
         room = rows is not None and m.offload is not None

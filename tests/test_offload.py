@@ -437,6 +437,36 @@ def test_every_positions_logits_get_room_under_the_limit_before_the_step(files, 
     assert cache.slots == 16   # never more than planned
 
 
+def test_a_chunk_under_a_budget_is_at_most_the_planned_step(files):
+    """The plan counts a step of the model's chunk_size tokens; a caller's larger `chunk` is fed in steps
+    of that size under a budget (resident, as asked), with the same logits. A chunk that is not a
+    positive number of tokens is refused by name, the session unchanged."""
+    path = files["gguf-q8_0"]
+    steps = {}
+
+    def counted(m, name):
+        forward = m._forward
+
+        def step(ids, *a, **kw):
+            steps.setdefault(name, []).append(len(ids))
+            return forward(ids, *a, **kw)
+        m._forward = step
+        return m
+
+    resident = counted(st_sdk.load(path, backend="c", n_threads=1, chunk_size=4), "resident")
+    budget = counted(st_sdk.load(path, backend="c", n_threads=1, chunk_size=4, context=64,
+                                 max_memory=budget_for(path, 12, backend="c")), "budget")
+    want = resident.session().feed([int(t) for t in IDS[:10]], all_logits=True, chunk=8)
+    got = budget.session().feed([int(t) for t in IDS[:10]], all_logits=True, chunk=8)
+    assert steps == {"resident": [8, 2], "budget": [4, 4, 2]}
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+    s = budget.session()
+    for bad in (0, -3, 2.5, True, "4"):
+        with pytest.raises(InputError, match="chunk"):
+            s.feed([int(IDS[0])], chunk=bad)
+    assert s.tokens == []
+
+
 @pytest.mark.parametrize("backend", ["numpy", "c"])
 def test_lookahead_prefetch_reads_ahead_and_changes_no_result(files, backend):
     """prefetch="lookahead": each layer's input also picks the next layer's experts, whose reads start
