@@ -72,6 +72,7 @@ class Reader:
     def read_one(self) -> None:
         offset = int(self.rng.integers(0, (self.file_size - self.size) // 4096)) * 4096
         slot = self.n % 8
+        self.last = (slot, offset)
         self.n += 1
         if self.ring is not None:
             self.ring.read([(self.fd, self.base + slot * self.size, self.size, offset, self.n)])
@@ -120,14 +121,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not os.path.isfile(args.file):
         ap.error(f"{args.file}: no such file")
-    try:
-        rate, size = float(parse_size(args.rate)), parse_size(args.read_size)
-        threads = [int(t) for t in args.threads.split(",")]
-    except Exception as e:
-        ap.error(str(e))
+    values = {}
+    for flag, text, parse in (("--rate", args.rate, parse_size), ("--read-size", args.read_size, parse_size),
+                              ("--threads", args.threads, lambda t: [int(x) for x in t.split(",")])):
+        try:
+            values[flag] = parse(text)
+        except Exception:
+            ap.error(f"{flag}: cannot read {text!r}")
+    rate, size, threads = float(values["--rate"]), values["--read-size"], values["--threads"]
     if rate <= 0 or size <= 0 or args.rounds < 1 or args.seconds <= 0 or min(threads) < 1:
         ap.error("--rate, --read-size, --seconds, --rounds and --threads must be positive")
-    reader = Reader(args.file, size)
+    try:
+        reader = Reader(args.file, size)
+    except OSError as e:
+        ap.error(f"{args.file}: cannot be read with O_DIRECT ({e.strerror}); give a file on the disk the experts "
+                 f"are read from")
     print(f"# read_cost: {args.file} ({reader.file_size / 1e9:.1f} GB), reads of {reader.size / 2**20:.2f} MiB at "
           f"random offsets, O_DIRECT through {'io_uring' if reader.ring is not None else 'pread'}, "
           f"{rate / 2**20:.0f} MiB/s asked; {args.seconds:g} s windows, {args.rounds} rounds; load "

@@ -81,3 +81,35 @@ def test_a_ring_dropped_without_close_closes_its_descriptor(ring_or_skip):
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+@pytest.mark.parametrize("ring", ["io_uring", "pread"])
+def test_read_cost_benchmark_reads_the_bytes_it_picks(tmp_path, monkeypatch, ring):
+    """benchmarks/read_cost.py's reader: each read puts the file's bytes at the offset it picked into its
+    buffer, through io_uring or, where there is none, pread."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import read_cost
+
+    if ring == "pread":
+        monkeypatch.setenv("ST_OFFLOAD_URING", "0")
+    data = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype=np.uint8)
+    path = tmp_path / "file.bin"
+    data.tofile(path)
+    try:
+        reader = read_cost.Reader(str(path), 40_000)   # rounded up to whole 4 KiB pages
+    except OSError as e:
+        pytest.skip(f"no O_DIRECT here: {e}")
+    try:
+        if ring == "io_uring" and reader.ring is None:
+            pytest.skip("io_uring unavailable here")
+        assert (reader.ring is None) == (ring == "pread") and reader.size == 40_960
+        buffers = np.frombuffer(reader.buffers, np.uint8).reshape(8, reader.size)
+        for _ in range(10):
+            reader.read_one()
+            slot, offset = reader.last
+            np.testing.assert_array_equal(buffers[slot], data[offset:offset + reader.size])
+    finally:
+        reader.close()
