@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import graph
+from .arguments import positive_int, token_ids
 from .backend import Backend, ModelParams, OpTable
 from .config import DEFAULT_CONTEXT, ModelConfig
 from .errors import InputError
@@ -32,9 +33,7 @@ class Session:
         m = self.model
         m.check_files()
         ids = m.check_ids(ids, start=len(self.tokens))
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
-            raise InputError(f"chunk: expected a positive number of tokens, got {chunk!r}")
-        chunk = int(chunk or m.chunk_size)
+        chunk = positive_int(chunk, "chunk") or m.chunk_size
         if m.offload is not None:
             chunk = min(chunk, m.chunk_size)
         vocab = m.config.vocab_size
@@ -133,8 +132,6 @@ class Model:
         return self.config.kv_cache_bytes(tokens, self.kv_dtype or "f32")
 
     def check_ids(self, ids: Iterable[int] | np.ndarray, start: int = 0, name: str = "ids") -> np.ndarray:
-        from .arguments import token_ids
-
         arr = token_ids(ids, name)
         if arr.ndim != 1:
             raise InputError(f"{name}: expected a 1-D sequence of token ids, got shape {list(arr.shape)}")

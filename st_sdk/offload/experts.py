@@ -154,8 +154,8 @@ def _plan(cfg, params, budget: int, part_bytes: list[list[int]], context: int | 
           scratch_bytes: int | None) -> MemoryPlan:
     context = context or cfg.default_context
     expert_bytes = max(sum(parts) for parts in part_bytes)
-    expert_ids = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
-    dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_ids)
+    expert_arrays = {id(getattr(lp, p).raw) for lp in params.layers for p in PARTS}
+    dense = sum(p.raw.nbytes for _, p in params.all() if id(p.raw) not in expert_arrays)
     headroom = activations = None
     if scratch_bytes is None:
         # activations and kernel scratch (until the backend says what a step takes), what the process
