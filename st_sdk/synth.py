@@ -119,7 +119,13 @@ class _TrainedRouting:
     so that top-k picks land in the measured shares. Gate rows read only them too, as -beta A + g . u_j
     with unit u_j: rms-normalising scales all coordinates alike, so the sign, and with it
     relu(gate) == 0, depends only on the token, with probability Phi(beta A / 0.02) = the measured
-    fraction. Routing therefore depends on the token, not on its context."""
+    fraction. Routing therefore depends on the token, not on its context.
+
+    Kernels that quantise activations in blocks (Q8_0's 32 values, Q8_K's 256, one scale each) would
+    round those small coordinates to noise once the rest of the stream has grown past them (the 4b-a0.6b
+    shape's later layers: 38-50% live in its Q4_0 file where 12-26% was stated). So the first `reserve`
+    coordinates, whole blocks (256 where the width allows 4 of them, else 32), hold the designed signal
+    and zeros: no embedding, o_proj or down row writes the rest of them."""
 
     A = 0.02
 
@@ -132,6 +138,7 @@ class _TrainedRouting:
         self.D = 1 + self.R
         if H < 4 * self.D:
             raise InputError(f"--routing trained needs hidden_size >= {4 * self.D} for {E} experts, got {H}")
+        self.reserve = next((n for n in (256, -(-self.D // 32) * 32) if H >= 4 * n), self.D)
         self.rng = np.random.default_rng([seed, 0x7A1D])
         self.fits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.layer: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
@@ -180,12 +187,13 @@ class _TrainedRouting:
         D, A = self.D, np.float32(self.A)
         if name == "model.embed_tokens.weight":
             x[:, 0] = A                                             # x[:, 1:D] stay normal(0, 0.02)
+            x[:, D:self.reserve] = 0.0
             return x
         if not name.startswith("model.layers."):
             return x
         i = int(name.split(".")[2])
         if name.endswith(("o_proj.weight", "down.weight")):
-            x[:D] = 0.0                                             # nothing writes the designed coordinates
+            x[:self.reserve] = 0.0                                  # nothing writes the designed coordinates
         elif name.endswith("post_attention_layernorm.weight"):
             x[:D] = 1.0
         elif name.endswith("primary_router.weight"):

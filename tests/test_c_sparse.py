@@ -379,6 +379,30 @@ def test_measuring_live_shares_at_load_leaves_the_counters_as_they_were(tmp_path
     assert b.sparsity() == before and b.stage_seconds() == clocks
 
 
+def test_a_quantised_trained_routing_file_has_the_stated_live_shares(tmp_path):
+    """`st-sdk synth --routing trained` states each layer's share of live ReGLU neurons; a quantised file
+    run with Q8 activations must have them too. Its designed coordinates are small, and where they
+    shared an activation block with the rest of the stream, grown over the layers, they were rounded
+    to noise (here up to 0.03 more live; the 4b-a0.6b's Q4_0 file had 38-50% for 12-26%)."""
+    import json
+
+    import st_sdk
+    from st_sdk.data import routing_stats_path
+    from st_sdk.synth import write_model
+    from st_sdk_backends.c.layouts import live_shares
+
+    _available()
+    layers = 12
+    path = write_model(tmp_path, preset="tiny", layers=layers, formats=("gguf",), dtype="q4_0", seed=0,
+                       routing="trained", hidden_size=1024, moe_ffn_hidden_size=128, head_dim=128,
+                       num_attention_heads=8, moe_num_primary_experts=16, moe_num_active_primary_experts=4)["gguf"]
+    stated = [1 - layer["relu_zero_fraction"] for layer in json.loads(routing_stats_path().read_text())["layers"]]
+    m = st_sdk.load(path, backend="c")
+    got = live_shares(m.backend, m.params, m.config, tokens=256)
+    for i, share in enumerate(got):
+        assert abs(share - stated[i * len(stated) // layers]) < 0.015, (i, got)
+
+
 def test_a_bad_live_threshold_is_refused(monkeypatch):
     from st_sdk.errors import BackendError
 

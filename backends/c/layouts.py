@@ -4,8 +4,8 @@ Whether skipping a dead neuron's bytes pays depends on how many neurons are live
 neuron-major down read the live neurons' rows and columns one by one, which a core reads more slowly
 than the repacked layout's long streams, so they win only where few neurons are live
 (docs/c_backend.md, "Sparse ReGLU"). A model's share of live neurons differs from layer to layer (the
-trained routing's 4b-a0.6b: 1.5-8% in layers 4-11, 40-47% in layers 12-31). So at load the C backend
-runs a short prefill of random tokens with the up and down projections still in the file's layout
+trained routing's 4b-a0.6b: 30% in layers 0-3, 4% in layers 4-7, 26% in layers 28-31). So at load the C
+backend runs a short prefill of random tokens with the up and down projections still in the file's layout
 (no copy), reads each layer's share of live neurons from the fused pass's counters, and then builds
 each layer's up and down in the sparse layouts where its share is below `live_threshold`, repacked
 elsewhere. The counters and stage clocks are put back as they were, so the measurement leaves no
