@@ -384,10 +384,9 @@ def test_a_quantised_trained_routing_file_has_the_stated_live_shares(tmp_path):
     run with Q8 activations must have them too. Its designed coordinates are small, and where they
     shared an activation block with the rest of the stream, grown over the layers, they were rounded
     to noise (here up to 0.03 more live; the 4b-a0.6b's Q4_0 file had 38-50% for 12-26%)."""
-    import json
-
     import st_sdk
     from st_sdk.data import routing_stats_path
+    from st_sdk.routing import RoutingStats
     from st_sdk.synth import write_model
     from st_sdk_backends.c.layouts import live_shares
 
@@ -396,7 +395,7 @@ def test_a_quantised_trained_routing_file_has_the_stated_live_shares(tmp_path):
     path = write_model(tmp_path, preset="tiny", layers=layers, formats=("gguf",), dtype="q4_0", seed=0,
                        routing="trained", hidden_size=1024, moe_ffn_hidden_size=128, head_dim=128,
                        num_attention_heads=8, moe_num_primary_experts=16, moe_num_active_primary_experts=4)["gguf"]
-    stated = [1 - layer["relu_zero_fraction"] for layer in json.loads(routing_stats_path().read_text())["layers"]]
+    stated = [1 - layer.relu_zero_fraction for layer in RoutingStats.load(routing_stats_path()).layers]
     m = st_sdk.load(path, backend="c")
     got = live_shares(m.backend, m.params, m.config, tokens=256)
     for i, share in enumerate(got):
