@@ -1456,7 +1456,7 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
     monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
     budget = budget_for(path, 6, backend="c")
-    first = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    first = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64, expert_file=True)
     assert first.offload.warmed == 0   # nothing kept yet
     want = first.logits(IDS[:20])
     s = first.session()
@@ -1474,7 +1474,7 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
     np.testing.assert_array_equal(counts, first.offload.use_counts(cfg.moe_num_primary_experts))
     assert counts.sum() > 0
 
-    second = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    second = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64, expert_file=True)
     cache = second.offload
     assert cache.warmed == 5 == len(cache.lru)   # every slot but one, before the first token
     top = sorted(((-counts[l, e], l, e) for l, e in zip(*np.nonzero(counts))))[:5]
@@ -1489,20 +1489,20 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
 
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "read")
     before = profile_file.read_bytes()
-    third = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    third = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64, expert_file=True)
     third.logits(IDS)
     assert third.offload.warmed == 5 and third.offload.keep_counts is None
     assert profile_file.read_bytes() == before
 
     profile_file.write_bytes(b"not an array")
     with caplog.at_level("WARNING", logger="st_sdk.offload"):
-        fourth = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+        fourth = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64, expert_file=True)
     assert fourth.offload.warmed == 0 and str(profile_file) in caplog.text
     np.testing.assert_array_equal(fourth.logits(IDS[:20]), want)
 
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "yes")
     with pytest.raises(InputError, match="ST_OFFLOAD_PROFILE"):
-        st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+        st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64, expert_file=True)
 
 
 def test_warming_the_cache_shows_its_reads_on_a_progress_bar(files, monkeypatch):
