@@ -1241,7 +1241,7 @@ def test_stale_prepared_files_are_found_and_removed(tmp_path, monkeypatch, caplo
         written = load(a).memory_plan.expert_file
     assert written.exists() and kept.exists() and live.exists()
     assert not old.exists() and not dead.exists()
-    assert "removed 2 stale prepared expert file(s)" in caplog.text and old.name in caplog.text
+    assert f"removed 2 stale file(s) from {directory}" in caplog.text and old.name in caplog.text
     os.unlink(a)   # the model file is gone: its prepared file is stale
     assert prepared.examine(written).why == f"its model file {os.path.realpath(a)} is gone"
     damaged = directory / "c.0123456789abcdef0123.stx"   # this format, sources unreadable
@@ -1503,6 +1503,27 @@ def test_use_counts_kept_between_loads_warm_the_next_one(files, tmp_path, monkey
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "yes")
     with pytest.raises(InputError, match="ST_OFFLOAD_PROFILE"):
         st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64, expert_file=True)
+
+
+def test_damaged_counts_are_named_when_no_prepared_file_is_written(files, tmp_path, monkeypatch, caplog):
+    """With the disk too full for the prepared expert file, a load still clears its model's stale files
+    (damaged use counts among them) and says which, in which directory; nothing is warmed from them."""
+    path = files["gguf-q8_0"]
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
+    fake_disk(monkeypatch, free=2 << 30, total=100 << 30)   # below the 10 GiB a 100 GiB disk keeps free
+    budget = budget_for(path, 6, backend="c")
+    first = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    assert first.memory_plan.expert_file is None
+    first.logits(IDS[:8])
+    first.offload.keep_counts()
+    counts = first.offload.counts_file
+    counts.write_bytes(b"not an array")
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        second = st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+    assert second.offload.warmed == 0 and not counts.exists()
+    assert f"removed 1 stale file(s) from {counts.parent}" in caplog.text and counts.name in caplog.text
 
 
 def test_warming_the_cache_shows_its_reads_on_a_progress_bar(files, monkeypatch):

@@ -363,7 +363,7 @@ def _remove_stale(directory: Path, sources: list[str]) -> None:
     against the room the new file needs."""
     removed = clean(directory, sources=sources)   # one scan of the directory, whatever the number of files
     if removed:
-        log.warning("st-sdk: removed %d stale prepared expert file(s), %s: %s", len(removed),
+        log.warning("st-sdk: removed %d stale file(s) from %s, %s: %s", len(removed), directory,
                     fmt_bytes(sum(e.nbytes for e in removed)), "; ".join(f"{e.path.name} ({e.why})" for e in removed))
 
 
