@@ -87,10 +87,9 @@ def test_a_ring_dropped_without_close_closes_its_descriptor(ring_or_skip):
 def test_read_cost_benchmark_reads_the_bytes_it_picks(tmp_path, monkeypatch, ring):
     """benchmarks/read_cost.py's reader: each read puts the file's bytes at the offset it picked into its
     buffer, through io_uring or, where there is none, pread."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import read_cost
 
     if ring == "pread":
