@@ -648,6 +648,11 @@ def test_guesses_further_ahead_are_made_only_while_nearer_ones_pay():
         def prefetch_ahead(self, layer, experts):
             pass
 
+        def hold_reads(self):
+            pass
+
+        submit_reads = hold_reads
+
     routers = [object() for _ in range(6)]
     params = SimpleNamespace(layers=[SimpleNamespace(router=r) for r in routers])
     calls = []

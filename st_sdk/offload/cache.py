@@ -52,23 +52,11 @@ def _close_files(fds: dict, direct_fds: dict, refused_fds: list) -> None:
 
 
 def expert_ids(picks) -> list[int]:
-    """Expert ids of any array of picks, as Python ints (one conversion, not one per id)."""
+    """Expert ids of any array of picks, as Python ints (one conversion, not one per id); a list of
+    ints is returned as it is."""
+    if type(picks) is list and (not picks or type(picks[0]) is int):
+        return picks
     return np.ravel(picks).astype(np.int64, copy=False).tolist()
-
-
-def file_extent(arr: np.ndarray, what: str) -> Extent:
-    """Where a memory-mapped array's bytes lie in its file."""
-    base = arr
-    while base is not None and not hasattr(base, "_mmap"):
-        base = getattr(base, "base", None)
-    mm = getattr(base, "_mmap", None)
-    if mm is None or getattr(base, "filename", None) is None:
-        raise WeightError(f"{what}: max_memory needs weights read from a model file (this tensor is in memory)")
-    if not arr.flags.c_contiguous:
-        raise WeightError(f"{what}: expert storage is not contiguous in its file")
-    start = base.offset - base.offset % __import__("mmap").ALLOCATIONGRANULARITY
-    mapped = np.frombuffer(mm, dtype=np.uint8)
-    return Extent(str(base.filename), int(arr.ctypes.data - mapped.ctypes.data + start), int(arr.nbytes))
 
 
 class ExpertCache(ExpertReads):
@@ -130,6 +118,7 @@ class ExpertCache(ExpertReads):
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="st-sdk-io")
         self._lock = threading.Lock()   # guards stats updated from I/O threads
         self._ring = None               # the prepared file's direct reads through io_uring (see use_file)
+        self._looked_at = -1            # the ring's reaped count when _settle last looked at the pending reads
         self._tags = 0
 
     # ---- public ---------------------------------------------------------------------------
@@ -180,7 +169,21 @@ class ExpertCache(ExpertReads):
         if len(keys) > self.slots - 1:
             raise WeightError(f"expert cache: {len(keys)} experts at once do not fit in {self.slots} slots")
         self.held = set(keys)
-        slots = [self.slot_of(*key, settle=False) for key in keys]
+        lru, stats, lfru, slots = self.lru, self.stats, self.policy == "lfru", []
+        for key in keys:
+            slot = lru.get(key)
+            if slot is None:   # a miss, or a read still in flight: slot_of waits for it
+                slots.append(self.slot_of(*key, settle=False))
+                continue
+            if lfru:   # a hit, as slot_of counts it
+                self._count(key)
+            lru.move_to_end(key)
+            self._touch(key, slot)
+            stats.hits += 1
+            if key in stats._prefetched:
+                stats.prefetch_hits += 1
+                stats._prefetched.discard(key)
+            slots.append(slot)
         self._settle()
         return slots
 
@@ -356,9 +359,15 @@ class ExpertCache(ExpertReads):
         return [row[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def _settle(self) -> None:
-        """Move finished reads into the LRU (compute thread only, so the LRU needs no lock)."""
-        if self._ring is not None:
-            self._ring.reap()
+        """Move finished reads into the LRU (compute thread only, so the LRU needs no lock). A ring's
+        read finishes only when reaped (or when its reader read it again: RingReads.result), so the
+        pending reads are looked at only when that happened since the last look."""
+        ring = self._ring
+        if ring is not None:
+            ring.reap()
+            if ring.reaped == self._looked_at and not self.reads_on_threads:
+                return
+            self._looked_at = ring.reaped
         for key in [k for k, (_, f) in self.pending.items() if f.done()]:
             slot, fut = self.pending.pop(key)
             fut.result()   # re-raise a failed read here, on the compute thread

@@ -12,7 +12,8 @@ from ..backend import Param, fallback_op
 from ..registry import reference_backend
 from ..weights.tensor import STORAGE_DTYPE, WeightTensor, storage_shape
 from .budget import MemoryPlan, parse_size, plan_memory
-from .cache import ExpertCache, Extent, expert_ids, file_extent
+from .cache import ExpertCache, Extent, expert_ids
+from .reads import file_extent
 
 PARTS = ("gate", "up", "down")
 
@@ -251,14 +252,13 @@ class Lookahead:
     def ahead(self, layer: int, guessed, distance: int = 1) -> None:
         """Guessed picks of `layer`, `distance` layers ahead: remember those that would need a read, and
         start them if reading ahead is on at that distance."""
-        cache = self.cache
-        lru, pending = cache.lru, cache.pending
+        lru, pending = self.cache.lru, self.cache.pending
         missing = {e for e in expert_ids(guessed)
                    if (layer, e) not in lru and (layer, e) not in pending}
         if missing:
             self.guesses.setdefault(layer, []).append((distance, missing))
             if self.active_at(distance):
-                cache.prefetch_ahead(layer, sorted(missing))
+                self.cache.prefetch_ahead(layer, sorted(missing))
 
 
 def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: str | None = None,
@@ -287,20 +287,25 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, 
         layer = layer_of[id(router)]
         if layer == 0:
             cache.keep_within()
-        guesses = []
         if ahead is not None and route_many is not None:
             ws, idss = route_many(x, [router] + routers[layer + 1:layer + 1 + reach(layer)], k, softmax)
-            w, ids, guesses = ws[0], idss[0], list(idss[1:])
+            w, ids = ws[0], idss[0]
+            picks = np.reshape(idss, (len(idss), -1)).tolist()   # each router's picks, as ints, at once
         else:
             w, ids = route(x, router, k, softmax)
+            picks = [expert_ids(ids)]
         if prefetch:
-            cache.prefetch(layer, np.asarray(ids))
-            if ahead is not None:
-                ahead.check(layer, ids)
-                for distance in range(1, reach(layer) + 1):
-                    guess = guesses[distance - 1] if distance <= len(guesses) else \
-                        route(x, routers[layer + distance], k, softmax)[1]
-                    ahead.ahead(layer + distance, np.asarray(guess), distance)
+            cache.hold_reads()   # the layer's reads enter the kernel together, at the end
+            try:
+                cache.prefetch(layer, picks[0])
+                if ahead is not None:
+                    ahead.check(layer, picks[0])
+                    for distance in range(1, reach(layer) + 1):   # one more when this layer's picks turned it on
+                        guess = picks[distance] if distance < len(picks) else \
+                            expert_ids(route(x, routers[layer + distance], k, softmax)[1])
+                        ahead.ahead(layer + distance, guess, distance)
+            finally:
+                cache.submit_reads()
         return w, ids
 
     return route_and_prefetch

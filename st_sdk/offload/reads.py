@@ -27,6 +27,21 @@ class Extent:
     nbytes: int
 
 
+def file_extent(arr: np.ndarray, what: str) -> Extent:
+    """Where a memory-mapped array's bytes lie in its file."""
+    base = arr
+    while base is not None and not hasattr(base, "_mmap"):
+        base = getattr(base, "base", None)
+    mm = getattr(base, "_mmap", None)
+    if mm is None or getattr(base, "filename", None) is None:
+        raise WeightError(f"{what}: max_memory needs weights read from a model file (this tensor is in memory)")
+    if not arr.flags.c_contiguous:
+        raise WeightError(f"{what}: expert storage is not contiguous in its file")
+    start = base.offset - base.offset % mmap.ALLOCATIONGRANULARITY
+    mapped = np.frombuffer(mm, dtype=np.uint8)
+    return Extent(str(base.filename), int(arr.ctypes.data - mapped.ctypes.data + start), int(arr.nbytes))
+
+
 class ExpertReads:
     """The reading half of ExpertCache (it sets the attributes these use: `_fds`, `_direct_fds`,
     `_refused_fds`, `_scratch`, `_lock`, `_ring`, `_tags`, `prepared`, `buffer`, `stats`...)."""
@@ -96,6 +111,17 @@ class ExpertReads:
         layer = key[0]
         self._fill(key, part, self._views(slot, layer)[part])
         self._counted(int(self.part_bytes[layer][part]), part == 0)
+
+    def hold_reads(self) -> None:
+        """Reads started from now until `submit_reads` enter the kernel together, with one system call
+        (io_uring; the I/O threads start each read at once)."""
+        if self._ring is not None:
+            self._ring.deferred = True
+
+    def submit_reads(self) -> None:
+        if self._ring is not None:
+            self._ring.deferred = False
+            self._ring.submit()
 
     def _counted(self, nbytes: int, first: bool) -> None:
         """A piece of an expert was read (any thread): its bytes, and one read for an expert's first piece."""
@@ -193,6 +219,7 @@ class RingReads:
                 self.needed()
             self.finished = True
             cache = self.cache
+            cache._looked_at = -1   # finished without a reap of the ring, maybe: _settle looks again
             try:
                 for tag, a, b in self.pieces:
                     try:

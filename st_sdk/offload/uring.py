@@ -77,6 +77,8 @@ class Ring:
         self._queued = 0                        # in the ring, not yet submitted
         self.in_flight = 0                      # in the ring (submitted or not), not yet reaped
         self.results: dict[int, int] = {}       # tag -> result, until its reader takes it
+        self.reaped = 0                         # reads reaped so far (a result can appear only with one more)
+        self.deferred = False                   # `read` leaves the queued reads for the next `submit`
         self._ordered = platform.machine().lower() in ("x86_64", "amd64")
 
     @classmethod
@@ -129,13 +131,16 @@ class Ring:
         """Queue reads (fd, addr, length, offset, tag): `length` bytes at `offset` of `fd` into memory at
         `addr` (kept alive by the caller until its result is reaped). Reads enter the kernel `depth` at
         a time, in the order they were asked for, `urgent` ones before all that wait: a read needed
-        now then waits behind fewer others than if all were in flight at once, sharing the disk."""
+        now then waits behind fewer others than if all were in flight at once, sharing the disk. While
+        `deferred`, they are handed to the kernel by the next `submit` (or wait), so that one system
+        call queues the reads a layer asks for together."""
         if urgent:
             self._waiting.extendleft(reversed(reads))
         else:
             self._waiting.extend(reads)
         self._fill()
-        self.submit()
+        if not self.deferred:
+            self.submit()
 
     def promote(self, tags: set[int]) -> None:
         """Move the waiting reads of `tags` (a guess that is now needed) before all other waiting ones."""
@@ -174,6 +179,7 @@ class Ring:
         if n:
             self._cq_head[0] = tail
             self.in_flight -= n
+            self.reaped += n
             if self._waiting:
                 self._fill()
                 self.submit()
