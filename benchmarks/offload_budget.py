@@ -28,7 +28,9 @@ cgroup's peak and the process's peak RSS, runs killed, major page faults per tok
 again: dense weights or code evicted at the limit), and the shares of the machine's CPU time over the
 measured tokens that a hypervisor took (steal) and that the kernel spent (on a virtual machine, reads
 from its virtual disk cost the guest both), and on the C backend the time its threads spent waiting
-for one another (a thread the host holds makes the other wait at the next barrier); then the
+for one another (a thread the host holds makes the other wait at the next barrier), and each st-sdk
+row's expert layouts (the C backend's `sparse_layout`: a row that starts from kept expert use counts
+also has the layers' live shares kept with them, and lays the layers out by them); then the
 disk-read bound: the bytes st-sdk read per token over the measured random-read bandwidth of the file
 it read them from (through the expert cache's own reader when that is a prepared expert file:
 `cache_read_bandwidth`).
@@ -105,6 +107,7 @@ print(json.dumps({"decode_s": times[WARMUP:], "cpu_ticks": ticks, "waited_s": wa
                   "plan": None if resident else m.memory_plan.describe(),
                   "expert_file": read_from,
                   "backend": m.backend.name,
+                  "layouts": None if resident else m.backend.describe().get("sparse_layout"),
                   "load_s": t_load, "process_peak_rss": hwm,
                   "frameworks": sorted(k for k in ("torch", "jax") if k in sys.modules)}))
 """.replace("WARMUP", str(WARMUP)).replace("OTHER_TOKENS_OF", OTHER_TOKENS_OF).replace("TOKENS_OF", TOKENS_OF) \
@@ -457,7 +460,8 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
                          if (waited := [r for r in ok if r.get("waited_s") is not None]) else None,
                          "runs": len(recs), "errors": [r["error"] for r in recs if "error" in r],
                          "stats": ok[-1].get("stats") if ok else None, "plan": ok[-1].get("plan") if ok else None,
-                         "backend": ok[-1].get("backend") if ok else None}
+                         "backend": ok[-1].get("backend") if ok else None,
+                         "layouts": ok[-1].get("layouts") if ok else None}
     print(f"model {args.model}  budget {args.budget} ({'hard limit' if cg.path else 'NOT limited'})  "
           f"threads {args.threads}  medians of {args.repeats} runs; ratios: medians of the rounds' ratios")
     for name, s in summary.items():
@@ -488,7 +492,11 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
         warm = [r["load_s"] for r in results.get("st-sdk profile", []) if "load_s" in r]
         if warm:
             print(f"  st-sdk profile load (the experts counted most read into the cache first): {median(warm):.1f} s "
-                  f"(median)")
+                  f"(median; first {warm[0]:.1f} s, which writes the prepared file where the kept live shares "
+                  f"chose other layouts)")
+        for name, s in summary.items():
+            if name.startswith("st-sdk") and s.get("layouts"):
+                print(f"  {name} expert layouts: {s['layouts']}")
         missed = st["bytes_read"] / args.tokens
         rate = missed * (summary["st-sdk"]["decode_tps"] or 0)   # the run's own read rate, bytes/s
         source = next((r["expert_file"] for r in reversed(results["st-sdk"]) if r.get("expert_file")), args.model)

@@ -982,7 +982,7 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
     const st_model *m = f->m;
     const st_layer *L = &m->layers[li];
     scratch *s = &f->s;
-    jctx c = {.pool = f->pool, .m = m, .layer = li, .T = f->T, .pos = f->pos, .gate = &L->gate, .up = &L->up,
+    jctx c = {.pool = f->pool, .m = m, .layer = m->first_layer + li, .T = f->T, .pos = f->pos, .gate = &L->gate, .up = &L->up,
               .down = &L->down, .E = m->n_experts, .topk = m->top_k, .F = m->ffn, .H = m->hidden, .sparse = m->sparse,
               .mf = s->mf, .mq = s->mq, .mK = s->mK, .ids = f->rid_in ? f->rid_in : s->rid,
               .w = f->rw_in ? f->rw_in : s->rw, .order = s->order, .offs = s->offs, .Z = s->Z, .Zq = s->Zq,

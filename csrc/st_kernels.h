@@ -53,6 +53,8 @@ typedef struct {
     st_mat embed, head;
     const float *norm;
     st_layer *layers;
+    int64_t first_layer;   /* layers[0]'s index in the whole model (st_sparse_stats counts it there): a
+                            * one-layer model built for st_layer_part counts as the layer it is */
 } st_model;
 
 /* one layer's KV cache, stored as `dtype` (ST_F32, ST_F16 or ST_Q8_0; q8_0 needs head_dim % 32 == 0) in

@@ -261,6 +261,13 @@ class Backend:
         because importing its framework would take much of the budget)."""
         return None
 
+    def expert_layouts(self, shapes: list[list[tuple]], live_shares: list | None = None) -> list[list[Any]]:
+        """Under a memory budget, `expert_layout` of every expert matrix: shapes[layer] lists the (fmt, rows,
+        cols, role) of its gate, up and down. live_shares: each layer's share of live expert neurons (None
+        for a layer not seen) over earlier runs on the same files (st_sdk.offload.profile), or None, for
+        a backend that lays a layer out by it (the C backend's sparse ReGLU layouts)."""
+        return [[self.expert_layout(*part) for part in layer] for layer in shapes]
+
     #: optional: a fused layer for memory-budget mode, offloaded_layer(config, i, layer_params, h, ctx,
     #: layer_cache, route) -> (h, layer_cache), whose experts are `OffloadedExperts` read through the
     #: cache. It must pick experts by calling `route(x, router, k, softmax)` (which starts their reads)

@@ -128,7 +128,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     from .context import resolve_context
     from .offload.experts import row_read_bytes
     from .offload.prepared import attach, check_mode
-    from .offload.profile import attach as keep_counts
+    from .offload.profile import attach as keep_counts, kept_live_shares
 
     context = resolve_context(config, context, budget=max_memory is not None)
     expert_file = check_mode(expert_file)
@@ -149,7 +149,11 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     if offload is not None:
         cache, plan = offload
         ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch),
-                          lookahead={"auto": "auto", "lookahead": "always"}.get(prefetch))
+                          lookahead={"auto": "auto", "lookahead": "always"}.get(prefetch),
+                          live_shares=kept_live_shares(cache, config.moe_num_primary_experts, path))
+        counter = getattr(backend_obj, "live_counter", None)
+        if counter is not None:   # this run's live shares, kept with the use counts for the next load
+            cache.live_seen = counter(config.num_hidden_layers)
         plan.expert_bytes = cache.bundle_bytes   # the backend's layout may differ in size from the file's
         cache.row_maps = backend_obj.row_read_weights(prepared)
         plan.account(int(backend_obj.describe().get("extra_resident_bytes", 0)) - extra_before,

@@ -738,8 +738,8 @@ def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatc
     m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget_for(path, 6, backend="c", threads=2), context=64)
     lp = m.params.layers[0]
     assert tuple(p.raw.layout.name if p.raw.layout else "file" for p in (lp.gate, lp.up, lp.down)) == names
-    if layout == "auto":   # no live shares measured under a budget: the repacked layouts
-        assert m.backend.describe()["sparse_layout"] == "off (auto, under a memory budget)"
+    if layout == "auto":   # no live shares kept by an earlier run: the repacked layouts
+        assert m.backend.describe()["sparse_layout"].startswith("off (auto, under a memory budget")
     want = resident.logits(IDS)
     np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=1e-4 * np.abs(want).max())
     s, r = m.session(), resident.session()
@@ -1625,3 +1625,54 @@ def test_kept_counts_are_listed_and_cleaned_with_the_prepared_files(tmp_path, mo
     assert not kept.exists()   # the load removed its model's stale counts; the others wait for --clean
     assert main(["cache", "--clean"]) == 0
     assert "removed" in capsys.readouterr().out and not legacy.exists() and not dead.exists()
+
+
+def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp_path, monkeypatch):
+    """Under a memory budget no prefill at load measures each layer's share of live neurons: a run
+    counts them, each layer under its own index, and keeps them with the expert use counts; the next
+    load lays each layer's up and down out by them (the C backend's sparse ReGLU layouts below the
+    threshold), with the logits of the resident model."""
+    from st_sdk.offload.profile import read_live
+    from st_sdk.synth import write_model
+    from st_sdk_backends.c import backend as cbackend
+
+    probe = cbackend.CBackend()
+    if not probe.is_available() or not probe._repacking():
+        pytest.skip("the sparse layouts need a SIMD variant of the C backend")
+    monkeypatch.delenv("ST_C_SPARSE_LAYOUT", raising=False)
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
+    path = write_model(tmp_path, preset="tiny", layers=8, formats=("gguf",), dtype="q4_0", seed=0,
+                       routing="trained")["gguf"]
+    resident = st_sdk.load(path, backend="c", n_threads=2)
+    threshold = float(np.median(resident.backend.load_live_shares))
+    monkeypatch.setenv("ST_C_SPARSE_LIVE", repr(threshold))
+    budget = budget_for(path, 12, backend="c", threads=2)
+
+    first = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
+    assert first.backend.layer_layouts is None   # nothing kept yet: repacked
+    s = first.session()
+    for t in IDS[:16]:
+        s.feed([int(t)])
+    seen = first.offload.live_seen()
+    first.offload.keep_counts()   # as at exit
+    kept = read_live(first.offload.counts_file, 8)
+    assert kept == pytest.approx(seen) and all(v is not None and 0 < v < 1 for v in kept)
+    assert len({round(v, 3) for v in kept}) > 4   # each layer its own share, not all under layer 0
+    want = ["up+down" if v < threshold else "off" for v in kept]
+    assert "up+down" in want and "off" in want
+
+    again = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
+    assert again.backend.layer_layouts == want
+    for lp, layout in zip(again.params.layers, want):
+        assert lp.down.raw.layout.name == ("neuron_major" if layout == "up+down" else "repacked")
+    n = want.count("up+down")
+    assert again.backend.describe()["sparse_layout"] == (f"auto: up+down in {n} of 8 layers (live < "
+                                                          f"{threshold:.0%}), off in {8 - n} (by the live "
+                                                          "shares kept from earlier runs)")
+    want_logits = resident.logits(IDS)
+    np.testing.assert_allclose(again.logits(IDS), want_logits, rtol=0, atol=1e-4 * np.abs(want_logits).max())
+    a, r = again.session(), resident.session()
+    for t in IDS[:12]:
+        x, y = a.feed([int(t)]), r.feed([int(t)])
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * np.abs(y).max())

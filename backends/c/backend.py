@@ -22,7 +22,7 @@ from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
 from .cache import KV_DTYPES, CKVCache, CLayerKV
-from .layouts import choose_layouts, describe_layouts, live_threshold as threshold_for
+from .layouts import DENSE, SPARSE, choose_layouts, describe_layouts, live_threshold as threshold_for
 from .ops import (CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr,
                   sparse_counters, stage_clocks)
 
@@ -168,7 +168,8 @@ class CBackend(Backend):
         # layouts that let a dead neuron cost no bytes: "up" (row-split up), "up+down" (and a neuron-major
         # down), "off" (repacked: faster when half the neurons are live, as on random weights), or "auto"
         # (the default: "up+down" in the layers whose share of live neurons, measured at load, is low,
-        # "off" in the others; "off" under a memory budget). docs/c_backend.md, "Sparse ReGLU"
+        # "off" in the others; under a memory budget the same by the live shares earlier runs kept, else
+        # "off"). docs/c_backend.md, "Sparse ReGLU"
         self.sparse_layout = os.environ.get("ST_C_SPARSE_LAYOUT", "auto").strip() or "auto"
         self.pending: set[int] = set()   # ids of up/down CExperts left in the file's layout until prepare_model
         self.layer_layouts: list[str] | None = None   # "auto": each layer's layout, chosen at load
@@ -340,18 +341,51 @@ class CBackend(Backend):
         if not self.sparse:
             return "off"
         if self.layer_layouts is not None:
-            return describe_layouts(self.layer_layouts, self.live_thresholds)
+            kept = " (by the live shares kept from earlier runs)" if self._offloaded else ""
+            return describe_layouts(self.layer_layouts, self.live_thresholds) + kept
         if self.sparse_layout == "auto" and self._offloaded:
-            return "off (auto, under a memory budget)"
+            return "off (auto, under a memory budget: no live shares kept from earlier runs)"
         return self.sparse_layout
 
-    def expert_layout(self, fmt: str, rows: int, cols: int, role: str):
+    def expert_layout(self, fmt: str, rows: int, cols: int, role: str, layout: str | None = None):
         """Experts read into a memory budget's cache take the layout loaded experts get (repacked, or
-        sparse ReGLU's), converted by the cache's I/O threads as they arrive (Backend.expert_layout)."""
+        sparse ReGLU's; `layout` as in `_expert_layouts`), converted by the cache's I/O threads as they
+        arrive (Backend.expert_layout)."""
         if fmt not in ops.FMT_CODE:
             return None
-        lay = ops.layout(fmt, rows, cols, **self._expert_layouts(role))
+        lay = ops.layout(fmt, rows, cols, **self._expert_layouts(role, layout))
         return None if lay.fn is None else lay
+
+    def expert_layouts(self, shapes, live_shares=None):
+        """Under "auto", each layer's up and down laid out by the live shares earlier runs on the same
+        files kept (sparse ReGLU's layouts below the threshold, as a loaded model's are chosen from its
+        prefill at load: backends/c/layouts.py); without kept shares, repacked (Backend.expert_layouts)."""
+        if self.sparse_layout != "auto" or not live_shares or not (self.sparse and self._repacking()):
+            return super().expert_layouts(shapes, live_shares)
+        out, chosen, thresholds = [], [], []
+        for i, parts in enumerate(shapes):
+            share = live_shares[i] if i < len(live_shares) else None
+            threshold = min(threshold_for(self.variant, fmt) for fmt, _, _, role in parts if role in ("up", "down"))
+            layout = SPARSE if share is not None and share < threshold else DENSE
+            out.append([self.expert_layout(fmt, rows, cols, role, layout) for fmt, rows, cols, role in parts])
+            chosen.append(layout)
+            thresholds.append(threshold)
+        self.layer_layouts, self.load_live_shares, self.live_thresholds = chosen, list(live_shares), thresholds
+        return out
+
+    def live_counter(self, n_layers: int):
+        """Under a memory budget, where no prefill at load measures them: a callable that gives each
+        layer's share of live expert neurons over the steps run since this call (None for a layer that
+        ran none; the process's counters, so other C models' steps in it count too), which the expert
+        use counts keep for the next load's layouts (st_sdk.offload.profile)."""
+        start = ops.sparse_counters()[:n_layers].copy()
+
+        def seen() -> list[float | None]:
+            now = ops.sparse_counters()[:n_layers]
+            d = now - start[:len(now)]
+            return [float(live / total) if total > 0 else None for live, total in zip(d[:, 0], d[:, 1])]
+
+        return seen
 
     def _repacking(self) -> bool:
         """Repack only for the SIMD variants (measured faster); generic C reads the file's layout."""
@@ -457,7 +491,8 @@ class CBackend(Backend):
             L.use_rope = int(cfg.layer_uses_rope(i))
             L.window = int(cfg.layer_window(i) or 0)
         fields = {**_dims(cfg), "n_layers": len(layer_list), "eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-                  "softmax": int(cfg.moe_primary_router_apply_softmax), "sparse": int(self.sparse), "layers": layers}
+                  "softmax": int(cfg.moe_primary_router_apply_softmax), "sparse": int(self.sparse), "layers": layers,
+                  "first_layer": layer_list[0][0] if layer_list else 0}
         if params is not None:
             embed, head, norm = as_mat(params.embed), as_mat(params.head), f32_vector(params.norm, H)
             keep += [embed, head, norm]

@@ -311,16 +311,19 @@ def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, 
     return route_and_prefetch
 
 
-def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: str | None = "auto"):
+def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: str | None = "auto",
+                live_shares: list | None = None):
     """The op table under a memory budget, the router prefetching experts. The MoE runs on the backend
     only if it reads experts through the cache (`supports_offload`), with the experts converted as they
-    are read to the layout it asks for (`expert_layout`), and then in the backend's fused layer if it
-    has one for the cache (`offloaded_layer`), else op by op; otherwise on the NumPy reference, as
-    stored. Call before the cache is first used."""
+    are read to the layouts it asks for (`expert_layouts`, given the layers' live shares that earlier
+    runs kept: st_sdk.offload.profile), and then in the backend's fused layer if it has one for the
+    cache (`offloaded_layer`), else op by op; otherwise on the NumPy reference, as stored. Call before
+    the cache is first used."""
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
     if native:
-        cache.set_layouts([[backend.expert_layout(getattr(lp, p).raw.fmt, *getattr(lp, p).raw.shape[1:], p)
-                            for p in PARTS] for lp in params.layers])
+        shapes = [[(getattr(lp, p).raw.fmt, *(int(n) for n in getattr(lp, p).raw.shape[1:]), p) for p in PARTS]
+                  for lp in params.layers]
+        cache.set_layouts(backend.expert_layouts(shapes, live_shares))
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     many = getattr(backend, "route_many", None) if "route" in ops.native else None
     route = prefetching_route(ops.route, params, cache, prefetch, lookahead, route_many=many)

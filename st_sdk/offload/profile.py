@@ -10,6 +10,11 @@ read from, a GGUF file or a Hugging Face directory's safetensors files, which th
 and the next load of the same files starts from them: lfru's counts are set to them, and the experts
 counted most are read into the cache's slots at load, before the first token.
 
+With them each layer's share of live expert neurons over the run is kept, where the backend counts
+it (the C backend: `live_counter`), and the next load lays each layer's experts out by it
+(Backend.expert_layouts: the C backend's sparse ReGLU layouts in the layers with few live neurons, as
+a loaded model's are chosen from a prefill at load, which a budget does not run).
+
 `st-sdk cache` lists the kept counts with the prepared expert files (`examine`): stale once a model
 file they were counted on changed or is gone, and `--clean` removes them. A load removes the stale
 counts of its own model files (an earlier version's).
@@ -100,14 +105,35 @@ def read(path: Path, layers: int, experts: int) -> np.ndarray | None:
     return counts
 
 
-def write(path: Path, counts: np.ndarray, sources: list) -> None:
-    """Write the counts whole, with the model files they were counted on (a temporary file renamed over
-    the old one); a failure is logged."""
+def read_live(path: Path, layers: int) -> list[float | None] | None:
+    """The live shares [layers] kept in `path` with the counts (None for a layer no step ran); None when
+    there are none (the file is missing, or an earlier st-sdk's) or they are not this model's (with a
+    warning)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            live = z["live"] if "live" in z.files else None
+    except FileNotFoundError:
+        return None
+    except BAD_FILE:
+        return None   # `read` names the file's fault
+    if live is None:
+        return None
+    if live.shape != (layers,) or live.dtype.kind != "f" or np.any((live < 0) | (live > 1)):
+        log.warning("st-sdk: ignoring the live shares kept in %s: %s %s, expected float32 [%d] of shares in "
+                    "[0, 1]", path, live.dtype, list(live.shape), layers)
+        return None
+    return [None if np.isnan(v) else float(v) for v in live.tolist()]
+
+
+def write(path: Path, counts: np.ndarray, sources: list, live: list | None = None) -> None:
+    """Write the counts whole, with the model files they were counted on and the layers' live shares
+    when given (a temporary file renamed over the old one); a failure is logged."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    extra = {} if live is None else {"live": np.array([np.nan if v is None else v for v in live], np.float32)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, counts=counts.astype(np.float32), sources=np.array(json.dumps(sources)))
+            np.savez(f, counts=counts.astype(np.float32), sources=np.array(json.dumps(sources)), **extra)
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("st-sdk: could not keep the expert use counts in %s: %s", path, exc)
@@ -155,6 +181,20 @@ def _remove_stale(directory: Path, sources: list) -> None:
                 pass
 
 
+def kept_live_shares(cache, experts: int, model_path) -> list[float | None] | None:
+    """Before the cache's layouts are set: each layer's live share kept with the counts for these model
+    files (ST_OFFLOAD_PROFILE "1" or "read"), else None."""
+    if mode() == "0" or cache.policy != "lfru":
+        return None
+    try:
+        sources = source_files(cache, experts)
+    except OSError:
+        return None
+    if not sources:
+        return None
+    return read_live(profile_path(sources, Path(model_path or sources[0][0]).name), len(cache.part_bytes))
+
+
 def attach(cache, experts: int, model_path) -> int:
     """Start `cache` (before first use) from the counts kept for the model files it reads its experts
     from, and have its counts kept as ST_OFFLOAD_PROFILE says (in `cache.counts_file`; `model_path`, the
@@ -175,11 +215,15 @@ def attach(cache, experts: int, model_path) -> int:
     warmed = cache.start_from(counts) if counts is not None else 0
     if how == "1":
         ref = weakref.ref(cache)
+        kept = read_live(path, layers) if counts is not None else None
 
         def keep() -> None:
             c = ref()
             if c is not None and c.uses:   # a load that never ran a token keeps what was there
-                write(path, c.use_counts(experts), sources)
+                seen = c.live_seen() if c.live_seen is not None else None
+                if seen is not None and kept is not None:   # a layer this run did not reach keeps its share
+                    seen = [old if new is None else new for new, old in zip(seen, kept)]
+                write(path, c.use_counts(experts), sources, seen if seen is not None else kept)
 
         cache.keep_counts = keep
         atexit.register(keep)
