@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import c_variants
+from conftest import c_variants, rel_err
 from st_sdk.backend import Param
 from st_sdk.errors import InputError
 from st_sdk.testing import ConformanceSuite
@@ -375,3 +375,35 @@ def test_whole_block_heads_path(fmt):
     s = c.session()
     got = np.concatenate([s.feed(IDS[:9], all_logits=True), np.stack([s.feed([t]) for t in IDS[9:]])])
     assert _rel(got, ref.logits(IDS)) < (1e-4 if fmt == "f32" else 5e-2)
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_a_gate_and_up_of_different_types_run(tmp_path, budget):
+    """A file may store a layer's expert gate and up in different types: here the gate in IQ4_NL beside
+    an up in Q4_0 (the same bytes a block, so the file stays valid). The kernel reads a repacked up only
+    beside a repacked gate, so that up keeps the file's layout, resident and under a memory budget: the
+    model runs, with the reference's logits (it failed with an unnamed invalid-argument error)."""
+    import struct
+
+    import st_sdk
+    from fuzzing import _patch, gguf_layout
+    from st_sdk.synth import write_model
+
+    path = write_model(tmp_path / "base", formats="gguf", dtype="q4_0")["gguf"]
+    data = path.read_bytes()
+    gate = next(t for t in gguf_layout(data).tensors if t.name == "blk.2.ffn_gate_exps.weight")
+    mixed = tmp_path / "mixed.gguf"
+    mixed.write_bytes(_patch(data, gate.type_off, struct.pack("<I", 20)))   # GGML_TYPE_IQ4_NL
+    kw = dict(max_memory="64GiB", context=64) if budget else {}
+    m = st_sdk.load(mixed, backend="c", n_threads=2, **kw)
+    layers = m.params.layers
+    if budget:
+        assert layers[2].gate.raw.fmt == "iq4_nl" and layers[2].up.raw.layout is None
+    else:
+        assert (layers[2].gate.value.layout, layers[2].up.value.layout) == ("file", "file")
+        if m.backend._repacking():
+            assert layers[1].up.value.layout in ("repacked", "row_split")   # the other layers as before
+    ids = [1, 5, 9, 13, 17, 21]
+    got, want = m.logits(ids), st_sdk.load(mixed, backend="numpy").logits(ids)
+    base = rel_err(st_sdk.load(path, backend="c").logits(ids), st_sdk.load(path, backend="numpy").logits(ids))
+    assert rel_err(got, want) < 2 * base   # the C backend's activations in Q8, as on the file before

@@ -361,7 +361,7 @@ class CBackend(Backend):
         files kept (sparse ReGLU's layouts below the threshold, as a loaded model's are chosen from its
         prefill at load: backends/c/layouts.py); without kept shares, repacked (Backend.expert_layouts)."""
         if self.sparse_layout != "auto" or not live_shares or not (self.sparse and self._repacking()):
-            return super().expert_layouts(shapes, live_shares)
+            return self._up_beside_gates(super().expert_layouts(shapes, live_shares))
         out, chosen, thresholds = [], [], []
         for i, parts in enumerate(shapes):
             share = live_shares[i] if i < len(live_shares) else None
@@ -371,7 +371,16 @@ class CBackend(Backend):
             chosen.append(layout)
             thresholds.append(threshold)
         self.layer_layouts, self.load_live_shares, self.live_thresholds = chosen, list(live_shares), thresholds
-        return out
+        return self._up_beside_gates(out)
+
+    @staticmethod
+    def _up_beside_gates(layouts):
+        """`_up_beside_gate` for the layouts of a budget's cache: [gate, up, down] per layer."""
+        for parts in layouts:
+            gate, up = parts[0], parts[1]
+            if up is not None and up.name == "repacked" and (gate is None or gate.name != "repacked"):
+                parts[1] = None
+        return layouts
 
     def live_counter(self, n_layers: int):
         """Under a memory budget, where no prefill at load measures them: a callable that gives each
@@ -404,11 +413,25 @@ class CBackend(Backend):
         if any(is_offloaded(lp.gate) for lp in params.layers):
             self._offloaded = True
             self._hold_mapped(params)
+        self._up_beside_gate(params)
         params.extra["c_model"] = self._model_struct(params, config)
         if self.pending:   # "auto": each layer's up and down layout, from its live share measured now
             choose_layouts(self, params, config)
+            self._up_beside_gate(params)
             params.extra["c_model"] = self._model_struct(params, config)
         self._step_bytes = bytes_per_token(params, config)
+
+    def _up_beside_gate(self, params) -> None:
+        """The fused expert kernel reads gate and up repacked together, or up on its own beside any gate
+        (csrc: gate_up_ok): an up repacked beside a gate that has no repacked layout (a file that stores
+        them in different types, a gate in IQ4_NL beside an up in Q4_0, say) goes back to the file's
+        layout."""
+        for lp in params.layers:
+            gate, up = lp.gate.value, lp.up.value
+            if isinstance(gate, CExperts) and isinstance(up, CExperts) and up.layout == "repacked" \
+                    and gate.layout != "repacked":
+                raw = lp.up.raw if lp.up.raw.fmt in ops.FMT_CODE else self._convert(lp.up.raw)
+                lp.up = Param(lp.up.raw, self._count(CExperts(raw), replacing=up))
 
     def _hold_mapped(self, params) -> None:
         """Under a memory budget, the dense weights still read from the file map (those not repacked:
