@@ -1676,3 +1676,23 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     for t in IDS[:12]:
         x, y = a.feed([int(t)]), r.feed([int(t)])
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * np.abs(y).max())
+
+
+def test_kept_live_shares_that_do_not_fit_the_model_are_ignored_with_a_warning(tmp_path, caplog):
+    """The counts file's live shares: read back as written (None for a layer no step ran); shares out of
+    [0, 1] or of another layer count are ignored with a warning naming the file; a file without any (an
+    earlier st-sdk's) gives None quietly."""
+    from st_sdk.offload.profile import read_live, write
+
+    path, counts, sources = tmp_path / "m.uses.npz", np.ones((4, 8), np.float32), [["/m.gguf", 1, 2]]
+    write(path, counts, sources, live=[0.25, None, 0.5, 0.125])
+    assert read_live(path, 4) == [0.25, None, 0.5, 0.125]
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        assert read_live(path, 5) is None
+        write(path, counts, sources, live=[0.25, None, 1.5, 0.125])
+        assert read_live(path, 4) is None
+    assert caplog.text.count(str(path)) == 2 and "live shares" in caplog.text
+    caplog.clear()
+    write(path, counts, sources)
+    assert read_live(path, 4) is None and read_live(tmp_path / "missing.uses.npz", 4) is None
+    assert caplog.text == ""

@@ -181,9 +181,10 @@ def _remove_stale(directory: Path, sources: list) -> None:
                 pass
 
 
-def kept_live_shares(cache, experts: int, model_path) -> list[float | None] | None:
-    """Before the cache's layouts are set: each layer's live share kept with the counts for these model
-    files (ST_OFFLOAD_PROFILE "1" or "read"), else None."""
+def _kept_for(cache, experts: int, model_path) -> tuple[Path, list] | None:
+    """Where the counts of the model files `cache` reads its experts from are kept, and those files
+    (`model_path`, the model's file or directory, names them); None where ST_OFFLOAD_PROFILE is "0",
+    the policy keeps no counts, or a model file is gone since it was opened (nothing to key them on)."""
     if mode() == "0" or cache.policy != "lfru":
         return None
     try:
@@ -192,23 +193,24 @@ def kept_live_shares(cache, experts: int, model_path) -> list[float | None] | No
         return None
     if not sources:
         return None
-    return read_live(profile_path(sources, Path(model_path or sources[0][0]).name), len(cache.part_bytes))
+    return profile_path(sources, Path(model_path or sources[0][0]).name), sources
+
+
+def kept_live_shares(cache, experts: int, model_path) -> list[float | None] | None:
+    """Before the cache's layouts are set: each layer's live share kept with the counts for these model
+    files (ST_OFFLOAD_PROFILE "1" or "read"), else None."""
+    kept = _kept_for(cache, experts, model_path)
+    return None if kept is None else read_live(kept[0], len(cache.part_bytes))
 
 
 def attach(cache, experts: int, model_path) -> int:
     """Start `cache` (before first use) from the counts kept for the model files it reads its experts
     from, and have its counts kept as ST_OFFLOAD_PROFILE says (in `cache.counts_file`; `model_path`, the
     model's file or directory, names it); returns the experts read into the slots now (0 without counts)."""
-    how = mode()
-    if how == "0" or cache.policy != "lfru":
+    kept_for = _kept_for(cache, experts, model_path)
+    if kept_for is None:
         return 0
-    try:
-        sources = source_files(cache, experts)
-    except OSError:   # a model file gone since it was opened: nothing to key the counts on
-        return 0
-    if not sources:
-        return 0
-    path = profile_path(sources, Path(model_path or sources[0][0]).name)
+    how, (path, sources) = mode(), kept_for
     cache.counts_file = path
     layers = len(cache.part_bytes)
     counts = read(path, layers, experts)
