@@ -37,6 +37,17 @@ def budget_for(model_path, slots: int, context: int | None = 64, backend: str = 
     return p.resident_dense_bytes + p.kv_bytes + p.scratch_bytes + (slots + converted_slots) * p.expert_bytes
 
 
+def computes_as_resident(m, resident) -> None:
+    """A budget-mode model's logits of IDS and its first 12 decode steps are the resident model's (within
+    float summation order)."""
+    want = resident.logits(IDS)
+    np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    s, r = m.session(), resident.session()
+    for t in IDS[:12]:
+        a, b = s.feed([int(t)]), r.feed([int(t)])
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
+
 def fake_disk(monkeypatch, **usage) -> None:
     """shutil.disk_usage, as the prepared expert file's writer sees it, reports `usage` (free=, total=)."""
     from types import SimpleNamespace
@@ -740,12 +751,7 @@ def test_c_backend_cache_holds_experts_in_the_loaded_layout(tmp_path, monkeypatc
     assert tuple(p.raw.layout.name if p.raw.layout else "file" for p in (lp.gate, lp.up, lp.down)) == names
     if layout == "auto":   # no live shares kept by an earlier run: the repacked layouts
         assert m.backend.describe()["sparse_layout"].startswith("off (auto, under a memory budget")
-    want = resident.logits(IDS)
-    np.testing.assert_allclose(m.logits(IDS), want, rtol=0, atol=1e-4 * np.abs(want).max())
-    s, r = m.session(), resident.session()
-    for t in IDS[:12]:
-        a, b = s.feed([int(t)]), r.feed([int(t)])
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    computes_as_resident(m, resident)
 
 
 @pytest.mark.parametrize("backend, layout", [("numpy", "off"), ("c", "off"), ("c", "up+down")])
@@ -1670,12 +1676,7 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     assert again.backend.describe()["sparse_layout"] == (f"auto: up+down in {n} of 8 layers (live < "
                                                           f"{threshold:.0%}), off in {8 - n} (by the live "
                                                           "shares kept from earlier runs)")
-    want_logits = resident.logits(IDS)
-    np.testing.assert_allclose(again.logits(IDS), want_logits, rtol=0, atol=1e-4 * np.abs(want_logits).max())
-    a, r = again.session(), resident.session()
-    for t in IDS[:12]:
-        x, y = a.feed([int(t)]), r.feed([int(t)])
-        np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * np.abs(y).max())
+    computes_as_resident(again, resident)
 
 
 def test_kept_live_shares_that_do_not_fit_the_model_are_ignored_with_a_warning(tmp_path, caplog):
