@@ -112,6 +112,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools)
 
 
+def _up_kept_in_file(gate: str, up: str) -> bool:
+    """Whether an up in layout `up` must keep the file's layout beside a gate in layout `gate`: the fused
+    expert kernel reads a repacked up only beside a repacked gate (csrc: gate_up_ok)."""
+    return up == "repacked" and gate != "repacked"
+
+
 def _picks(ids, weights, T: int, E: int):
     """A step's routing checked: ids int64 [T, k] in [0, E) and weights float32 [T, k], contiguous, and
     the distinct experts picked, in order of first pick."""
@@ -378,7 +384,7 @@ class CBackend(Backend):
         """`_up_beside_gate` for the layouts of a budget's cache: [gate, up, down] per layer."""
         for parts in layouts:
             gate, up = parts[0], parts[1]
-            if up is not None and up.name == "repacked" and (gate is None or gate.name != "repacked"):
+            if up is not None and _up_kept_in_file(gate.name if gate is not None else "file", up.name):
                 parts[1] = None
         return layouts
 
@@ -428,8 +434,7 @@ class CBackend(Backend):
         layout."""
         for lp in params.layers:
             gate, up = lp.gate.value, lp.up.value
-            if isinstance(gate, CExperts) and isinstance(up, CExperts) and up.layout == "repacked" \
-                    and gate.layout != "repacked":
+            if isinstance(gate, CExperts) and isinstance(up, CExperts) and _up_kept_in_file(gate.layout, up.layout):
                 raw = lp.up.raw if lp.up.raw.fmt in ops.FMT_CODE else self._convert(lp.up.raw)
                 lp.up = Param(lp.up.raw, self._count(CExperts(raw), replacing=up))
 
