@@ -989,7 +989,7 @@ static void layer_body(fctx *f, int64_t li, int ith, int nth) {
               .ZK = s->ZK, .ZKp = s->priv, .out = f->h, .clock = &f->clock};
     if (f->part != 2)
         attention_half(f, li, ith, nth, &c, f->part == 0);
-    else if (ith == 0)   /* the caller routed; stage 6's barrier publishes the grouping */
+    if (f->part >= 2 && ith == 0)   /* the caller routed; stage 6's barrier publishes the grouping */
         group_pairs(&c);
     if (f->part != 1) expert_half(f, li, ith, nth, &c);
 }
@@ -1047,15 +1047,15 @@ static int model_ok(const st_model *m, int io, int every_expert) {
 }
 
 /* part (st_layer_part): 0 whole layers; 1 or 2 a half of one layer, whose experts need only be present
- * where part 2's routing rid/rw [T, top_k] picks them */
+ * where part 2's routing rid/rw [T, top_k] picks them; 3 (st_layer_cached) one whole layer so routed */
 static int run_layers(st_pool *pool, const st_model *m, st_kv *const *kvs, int64_t B, const int64_t *seg, int64_t l0,
                       int64_t l1, const int64_t *ids, const int64_t *pos, int64_t T, int32_t last_only, float *h,
                       float *logits, int32_t part, const int64_t *rid, const float *rw) {
     if (T <= 0 || B <= 0 || B > INT32_MAX || !seg || !pos || !h || !kvs || !model_ok(m, ids || logits, part == 0) ||
-        l0 < 0 || l1 > m->n_layers || l0 >= l1 || seg[0] != 0 || seg[B] != T || part < 0 || part > 2 ||
-        (part && (l1 != l0 + 1 || ids || logits)) || (part == 2 && (!rid || !rw)))
+        l0 < 0 || l1 > m->n_layers || l0 >= l1 || seg[0] != 0 || seg[B] != T || part < 0 || part > 3 ||
+        (part && (l1 != l0 + 1 || ids || logits)) || (part >= 2 && (!rid || !rw)))
         return ST_EARG;
-    if (part == 2) {   /* each pick in range, its expert present in all three parts */
+    if (part >= 2) {   /* each pick in range, its expert present in all three parts */
         const st_layer *L = &m->layers[l0];
         for (int64_t p = 0; p < T * m->top_k; p++)
             if (rid[p] < 0 || rid[p] >= m->n_experts || !L->gate.experts[rid[p]] || !L->up.experts[rid[p]] ||
@@ -1147,6 +1147,42 @@ int st_layer_part(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache,
     st_kv *kvs[1] = {cache};
     const int64_t seg[2] = {0, T};
     return run_layers(pool, m, kvs, 1, seg, layer, layer + 1, NULL, pos, T, 0, h, NULL, part, ids, weights);
+}
+
+int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
+                    int64_t T, const st_mat *const *routers, int32_t n, int32_t softmax, const int32_t *state,
+                    int64_t n_slots, const uint8_t *base, int64_t stride, const int64_t *offsets, float *weights,
+                    int64_t *ids, int32_t *done) {
+    if (!m || !cache || !h || !routers || !state || !base || !offsets || !weights || !ids || !done || layer < 0 ||
+        layer >= m->n_layers || n <= 0 || T <= 0 || n_slots <= 0 || stride <= 0)
+        return ST_EARG;
+    *done = 0;
+    const int64_t E = m->n_experts, k = m->top_k;
+    for (int32_t i = 0; i < n; i++) if (!routers[i] || routers[i]->rows != E) return ST_EARG;
+    int rc = st_route_many(pool, routers, n, h, T, k, softmax, weights, ids);
+    if (rc != ST_OK) return rc;
+    for (int32_t i = 0; i < n; i++)
+        for (int64_t p = 0; p < T * k; p++) {
+            const int32_t s = state[i * E + ids[i * T * k + p]];
+            if (s >= n_slots || s < -2) return ST_EARG;
+            if (i == 0 ? s < 0 : s == -1) return ST_OK;   /* a read to start first: the caller's */
+        }
+    const st_experts *parts[3] = {&m->layers[layer].gate, &m->layers[layer].up, &m->layers[layer].down};
+    void **old = malloc((size_t)(3 * T * k) * sizeof(void *));
+    if (!old) return ST_ENOMEM;
+    for (int64_t p = 0; p < T * k; p++)   /* the picks' pointers at their slots; set back after */
+        for (int j = 0; j < 3; j++) {
+            old[j * T * k + p] = parts[j]->experts[ids[p]];
+            parts[j]->experts[ids[p]] = (void *)(base + state[ids[p]] * stride + offsets[j]);
+        }
+    st_kv *kvs[1] = {cache};
+    const int64_t seg[2] = {0, T};
+    rc = run_layers(pool, m, kvs, 1, seg, layer, layer + 1, NULL, pos, T, 0, h, NULL, 3, ids, weights);
+    for (int64_t p = T * k - 1; p >= 0; p--)   /* in reverse: an expert picked twice gets its first old value */
+        for (int j = 0; j < 3; j++) parts[j]->experts[ids[p]] = old[j * T * k + p];
+    free(old);
+    if (rc == ST_OK) *done = 1;
+    return rc;
 }
 
 /* ---- per-op entry points (the conformance kit checks each op alone) ------------------------------ */

@@ -172,6 +172,17 @@ int st_layer_forward(st_pool *pool, const st_model *m, int64_t layer, st_kv *cac
  * arithmetic as st_layer_forward given the same routing. */
 int st_layer_part(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
                   int64_t T, int32_t part, const int64_t *ids, const float *weights);
+/* One layer under a memory budget whose experts lie in a cache's slots, in one call when the cache holds
+ * what it needs: the n routers (routers[0] the layer's own, the rest later layers' guesses from the same
+ * input) route h into weights/ids [n, T, top_k] (as st_route_many); state [n, n_experts] says where each
+ * router's layer keeps each expert (a slot >= 0, -1 absent, -2 being read). If every own pick has a slot
+ * (< n_slots) and no guess is absent, the layer runs whole (as st_layer_part 1 then 2 with that routing),
+ * expert e's parts read at base + slot * stride + offsets[0..2], and *done = 1. Otherwise only the
+ * routing is written and *done = 0: reads to start first, by the caller. */
+int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
+                    int64_t T, const st_mat *const *routers, int32_t n, int32_t softmax, const int32_t *state,
+                    int64_t n_slots, const uint8_t *base, int64_t stride, const int64_t *offsets, float *weights,
+                    int64_t *ids, int32_t *done);
 /* A memory probe for benchmarks/sparse_reglu.py --probe: reads the m chunks of `chunk` bytes (a multiple
  * of 8) at base + idx[j] * chunk (idx NULL: chunk j, a plain stream), the pool's threads each their
  * share in order, each fetching `ahead` chunks ahead into L2 as the sparse layouts' kernels fetch live

@@ -271,8 +271,12 @@ class Backend:
     #: optional: a fused layer for memory-budget mode, offloaded_layer(config, i, layer_params, h, ctx,
     #: layer_cache, route) -> (h, layer_cache), whose experts are `OffloadedExperts` read through the
     #: cache. It must pick experts by calling `route(x, router, k, softmax)` (which starts their reads)
-    #: on the raw layer input, then take the picked ones with `cache.get_many`. Used only by backends
-    #: with `supports_offload` whose `moe` is native; without it a budget runs the graph op by op.
+    #: on the raw layer input, then take the picked ones with `cache.get_many`; or route itself, when
+    #: `route.route_many` is set (the route op is the backend's), applying `route.routers(layer)` and
+    #: handing their picks to `route.picked` before taking the experts, or to `route.used` when it ran
+    #: the layer from experts the cache's `table` showed resident (st_sdk.offload.experts.PrefetchingRoute).
+    #: Used only by backends with `supports_offload` whose `moe` is native; without it a budget runs the
+    #: graph op by op.
     offloaded_layer: Callable | None = None
 
     def row_read_weights(self, params: ModelParams) -> list:

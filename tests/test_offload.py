@@ -501,18 +501,19 @@ def test_lookahead_prefetch_reads_ahead_and_changes_no_result(files, backend):
 
 def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatch):
     """On the C backend a layer's router and the guesses it makes for the next layers run in one call
-    (route_many): the same guesses, for the same layers, and the same logits as one call each."""
+    (route_many, or the layer's own call when the cache holds its experts): the same guesses, for the
+    same layers, and the same logits as one call each."""
     from st_sdk.offload.experts import Lookahead
     from st_sdk_backends.c.backend import CBackend
 
     path = files["gguf-q8_0"]
     budget = budget_for(path, 12, backend="c", threads=2)
     calls, guessed = [], []
-    many, ahead = CBackend.route_many, Lookahead.ahead
+    structs, ahead = CBackend._router_structs, Lookahead.ahead
 
-    def counted(self, x, routers, k, softmax):
+    def counted(self, routers, k):   # every C call that routes asks for its routers here
         calls.append(len(routers))
-        return many(self, x, routers, k, softmax)
+        return structs(self, routers, k)
 
     def recorded(self, layer, guess, distance=1):
         guessed.append((layer, distance, np.ravel(guess).tolist()))
@@ -525,13 +526,51 @@ def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatc
         return np.stack([s.feed([int(t)]) for t in IDS[:24]]), list(guessed), m.config.num_hidden_layers
 
     monkeypatch.setattr(Lookahead, "ahead", recorded)
-    monkeypatch.setattr(CBackend, "route_many", counted)
+    monkeypatch.setattr(CBackend, "_router_structs", counted)
     got, got_guesses, layers = run()
     assert len(calls) == 24 * layers and max(calls) > 1   # one call a layer, guesses included
     monkeypatch.setattr(CBackend, "route_many", None)    # a call per router
     want, want_guesses, _ = run()
     np.testing.assert_array_equal(got, want)
     assert got_guesses == want_guesses and len(got_guesses) > 24
+
+
+def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files, monkeypatch):
+    """On the C backend a budget layer whose picked experts are all in the cache, and whose guesses need
+    no read, runs whole in the C call that routes it (st_layer_cached). The logits are those of the path
+    that returns to Python between its halves, every pick is counted once either way, and the cache's
+    table of where each expert is agrees with what it holds and reads."""
+    from st_sdk.offload.experts import PrefetchingRoute
+
+    path = files["gguf-q8_0"]
+    budget = budget_for(path, 12, backend="c", threads=2)
+    ran, used = [], PrefetchingRoute.used
+    monkeypatch.setattr(PrefetchingRoute, "used", lambda self, layer, *a: (ran.append(layer), used(self, layer, *a)))
+
+    def run(table: bool):
+        ran.clear()
+        m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
+        cache = m.offload
+        if not table:
+            cache.table = None   # the halves, every layer
+        s = m.session()
+        got = []
+        for t in IDS[:32]:
+            got.append(s.feed([int(t)]))
+            if table:   # slot while resident, -2 while read, else -1
+                want = np.full_like(cache.table, -1)
+                for key, slot in cache.lru.items():
+                    want[key] = slot
+                for key in cache.pending:
+                    want[key] = -2
+                np.testing.assert_array_equal(cache.table, want)
+        return np.stack(got), cache.stats.lookups, len(ran)
+
+    got, lookups, whole = run(True)
+    want, want_lookups, none = run(False)
+    assert whole > 0 and none == 0
+    np.testing.assert_array_equal(got, want)   # the same arithmetic on the same routing
+    assert lookups == want_lookups
 
 
 def test_route_many_picks_what_route_picks_for_each_router():
@@ -644,7 +683,7 @@ def test_guesses_further_ahead_are_made_only_while_nearer_ones_pay():
     model whose guesses do not pay, reading ahead costs one router call a layer, not one per distance."""
     from types import SimpleNamespace
 
-    from st_sdk.offload.experts import Lookahead, prefetching_route
+    from st_sdk.offload.experts import Lookahead, PrefetchingRoute
 
     class Cache:
         def __init__(self):
@@ -675,7 +714,7 @@ def test_guesses_further_ahead_are_made_only_while_nearer_ones_pay():
 
     for right, per_layer in ((False, 1), (True, Lookahead.DEPTH)):
         cache = Cache()
-        step = prefetching_route(route, params, cache, True, "auto")
+        step = PrefetchingRoute(route, params, cache, True, "auto")
         for _ in range(20):
             for layer in range(len(routers)):
                 calls.clear()

@@ -558,27 +558,38 @@ class CBackend(Backend):
         return out, layer_cache
 
     def offloaded_layer(self, cfg, i, layer_params, h, ctx, layer_cache, route):
-        """One layer under a memory budget, fused around the expert cache (Backend.offloaded_layer): the
-        router picks first (`route`, which starts the reads of the picked experts), attention runs in one
-        C call while they arrive, then the ffn norm and the picked experts in a second, straight from the
-        cache's slots in the layout loaded experts get. A step that picks more experts than the cache
-        holds at once runs its experts group by group (`_offloaded_moe`)."""
+        """One layer under a memory budget, fused around the expert cache (Backend.offloaded_layer). The
+        router picks first, with the guesses of the layers it reads ahead for (`route`: an
+        st_sdk.offload.experts.PrefetchingRoute). When the cache holds every expert the layer picked and
+        none of the guesses needs a read, the whole layer runs in that same C call, straight from the
+        cache's slots (`_cached_layer`). Otherwise the reads start, attention runs in one C call while they
+        arrive, then the ffn norm and the picked experts in a second, straight from the slots in the layout
+        loaded experts get. A step that picks more experts than the cache holds at once runs its experts
+        group by group (`_offloaded_moe`)."""
         lp = layer_params
         cache = lp.gate.raw.cache
         self._idle_spin = budget_idle_spin(cache)   # every later op of this model too
         ffi, lib, pool = self._lib()
         struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
-        T = out.shape[0]
-        weights, ids = route(out, lp.router, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax)
-        ids, weights, picked = _picks(ids, weights, T, cfg.moe_num_primary_experts)
-        hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
-        check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 1, ffi.NULL, ffi.NULL), f"layer {i}")
+        T, k, softmax = out.shape[0], cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
         gate, up, down = lp.gate.raw, lp.up.raw, lp.down.raw
+        hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
+        addresses = self._slot_addresses(struct, cache, gate.layer, (gate, up, down), i)
+        if getattr(route, "route_many", None) is not None and cache.table is not None:   # the routing is this backend's
+            routed = self._cached_layer(struct, cache, gate.layer, route, out, hp, pp, layer_cache, k, softmax,
+                                        addresses, i)
+            if routed is None:
+                return out, layer_cache
+            weights, ids = routed
+        else:
+            weights, ids = route(out, lp.router, k, softmax)
+        ids, weights, picked = _picks(ids, weights, T, cfg.moe_num_primary_experts)
+        check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 1, ffi.NULL, ffi.NULL), f"layer {i}")
         if len(picked) > cache.slots - 1:   # more than fit at once: group by group
             m = self.rms_norm(out, lp.ffn_norm, cfg.rms_norm_eps)
             out += self._offloaded_moe(m, gate, up, down, ids, weights, None)
             return out, layer_cache
-        pointers, base, stride, offsets = self._slot_addresses(struct, cache, gate.layer, (gate, up, down), i)
+        pointers, base, stride, offsets = addresses[:4]
         at = np.array(picked, np.intp)
         slots = base + np.array(cache.slots_of(gate.layer, picked), np.uintp) * stride
         for experts, off in zip(pointers, offsets):   # the struct's pointers of the picked experts: their slots
@@ -591,11 +602,34 @@ class CBackend(Backend):
                 experts[at] = 0
         return out, layer_cache
 
+    def _cached_layer(self, struct, cache, layer: int, route, out, hp, pp, layer_cache, k: int, softmax: bool,
+                      addresses, i: int):
+        """`offloaded_layer`'s first call (st_layer_cached): the routers `route` asks for applied to `out`,
+        and the whole layer run on it when the cache's table (ExpertCache.table) shows every pick resident
+        and no guess absent; then the uses are counted (`route.used`) and None returned. Otherwise the
+        reads start (`route.picked`) and the layer's own (weights, ids) [T, k] are returned."""
+        ffi, lib, pool = self._lib()
+        T = out.shape[0]
+        structs, n, _ = self._router_structs(route.routers(layer), k)
+        w = np.empty((n, T, k), np.float32)
+        ids = np.empty((n, T, k), np.int64)
+        done = ffi.new("int32_t *")
+        check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, structs, n, int(bool(softmax)),
+                                  ffi.cast("int32_t *", cache.table[layer:].ctypes.data), len(cache.buffer),
+                                  ffi.cast("uint8_t *", addresses[1]), addresses[2], addresses[4],
+                                  ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids), done), f"layer {i}")
+        picks = ids.reshape(n, -1).tolist()
+        if done[0]:
+            route.used(layer, out, picks, k, softmax)
+            return None
+        route.picked(layer, out, picks, k, softmax)
+        return w[0], ids[0]
+
     def _slot_addresses(self, struct, cache, layer: int, parts, i: int):
         """For `offloaded_layer`, worked out once per layer and cache buffer: the layer struct's gate, up
         and down expert-pointer arrays (NumPy views of them), the cache buffer's address (the buffer kept
-        alive here) and slot stride, and where each part lies in a slot; InputError if the cache's part
-        sizes are not the layouts'."""
+        alive here) and slot stride, where each part lies in a slot, and those offsets as a C array;
+        InputError if the cache's part sizes are not the layouts'."""
         key = (id(struct), layer)
         hit = self._slot_cache.get(key)
         if hit is not None and hit[0] is cache.buffer:
@@ -611,7 +645,7 @@ class CBackend(Backend):
         # the gate, up and down expert-pointer arrays as NumPy views (written a step's picks at a time)
         pointers = [np.frombuffer(ffi.buffer(p.experts, size), np.uintp) for p in (L.gate, L.up, L.down)]
         addr = (pointers, int(cache.buffer.ctypes.data), int(cache.buffer.strides[0]),
-                [np.uintp(o) for o in offsets[:-1]])
+                [np.uintp(o) for o in offsets[:-1]], ffi.new("int64_t[]", [int(o) for o in offsets[:-1]]))
         self._slot_cache[key] = (cache.buffer, addr, struct)
         return addr
 
@@ -760,26 +794,34 @@ class CBackend(Backend):
         the pool instead of one each (docs/memory_budget.md, "Reading ahead across layers")."""
         return self._routes(x, routers, k, softmax)
 
-    def _routes(self, x, routers: list, k: int, softmax: bool):
-        ffi, lib, pool = self._lib()
+    def _router_structs(self, routers: list, k: int):
+        """The routers as a C array of st_mat pointers (built once per list: a budget step asks for the
+        same few lists every layer), how many, and their width; InputError unless they share one and k
+        fits."""
+        ffi, _ = ffi_lib()
         key = tuple(map(id, routers))
-        hit = self._route_structs.get(key)   # a budget step asks for the same few lists every layer
+        hit = self._route_structs.get(key)
         if hit is None or any(r.value is not v for r, v in zip(routers, hit[0])):
             mats = [as_mat(r) for r in routers]
             if not mats or any(m.cols != mats[0].cols for m in mats):
                 raise InputError(f"route_many: routers of one width needed, got {[[m.rows, m.cols] for m in mats]}")
             hit = self._route_structs[key] = ([r.value for r in routers], mats,
                                               ffi.new("const st_mat *[]", [m.struct for m in mats]),
-                                              min(m.rows for m in mats), mats[0].cols, list(routers))
-        _, mats, structs, rows, cols, _ = hit
+                                              min(m.rows for m in mats), list(routers))
+        _, mats, structs, rows, _ = hit
         if not 1 <= int(k) <= rows:
             raise InputError(f"route_many: k={k} must lie in [1, rows] of the routers, got "
                              f"{[[m.rows, m.cols] for m in mats]}")
+        return structs, len(mats), mats[0].cols
+
+    def _routes(self, x, routers: list, k: int, softmax: bool):
+        ffi, lib, pool = self._lib()
+        structs, n, cols = self._router_structs(routers, k)
         xs = activations(x, cols, "route x")
         T = xs.shape[0]
-        w = np.empty((len(mats), T, k), np.float32)
-        ids = np.empty((len(mats), T, k), np.int64)
-        check(lib.st_route_many(pool, structs, len(mats), ptr(ffi, "float *", xs), T, int(k), int(bool(softmax)),
+        w = np.empty((n, T, k), np.float32)
+        ids = np.empty((n, T, k), np.int64)
+        check(lib.st_route_many(pool, structs, n, ptr(ffi, "float *", xs), T, int(k), int(bool(softmax)),
                                 ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids)), "route_many")
         return w, ids
 

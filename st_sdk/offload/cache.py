@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError, WeightError
 from .pages import anonymous, commit_in_background, resident_bytes
-from .reads import DIRECT_ALIGN, ExpertReads, Extent, Key, Reads
+from .reads import DIRECT_ALIGN, ExpertReads, Extent, Key, Reads, _close_files, expert_ids
 from .stats import OffloadStats
 from .uring import Ring
 
@@ -40,23 +40,6 @@ log = logging.getLogger("st_sdk.offload")
 
 POLICIES = ("lfru", "lru")
 AGE_EVERY = 32          # lfru: the use counts are halved after 32 x slots uses
-
-
-def _close_files(fds: dict, direct_fds: dict, refused_fds: list) -> None:
-    for fd in [*fds.values(), *direct_fds.values(), *refused_fds]:
-        if fd is not None:
-            os.close(fd)
-    fds.clear()
-    direct_fds.clear()
-    refused_fds.clear()
-
-
-def expert_ids(picks) -> list[int]:
-    """Expert ids of any array of picks, as Python ints (one conversion, not one per id); a list of
-    ints is returned as it is."""
-    if type(picks) is list and (not picks or type(picks[0]) is int):
-        return picks
-    return np.ravel(picks).astype(np.int64, copy=False).tolist()
 
 
 class ExpertCache(ExpertReads):
@@ -73,7 +56,7 @@ class ExpertCache(ExpertReads):
 
     def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[list[int]], slots: int,
                  io_threads: int = 4, drop_page_cache: bool = True, files: tuple[str, ...] = (),
-                 policy: str = "lfru", direct: bool | None = None):
+                 policy: str = "lfru", direct: bool | None = None, experts: int | None = None):
         if policy not in POLICIES:
             raise InputError(f"cache_policy={policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy = policy
@@ -87,6 +70,9 @@ class ExpertCache(ExpertReads):
         self.lru: OrderedDict[Key, int] = OrderedDict()   # resident, least recent first
         self.pending: dict[Key, tuple[int, Reads]] = {}
         self.held: set[Key] = set()
+        # where each expert is, for a backend that reads its slots itself: table[layer, e] is its slot
+        # while resident (in lru), -2 while read (in pending), else -1; None without `experts` per layer
+        self.table = None if experts is None else np.full((len(part_bytes), int(experts)), -1, np.int32)
         self.minimum_slots = 2
         self.lookahead = None   # st_sdk.offload.experts.Lookahead, when reads ahead across layers are on
         self.limit: int | None = None   # keep_within: the process's resident bytes the cache keeps below
@@ -170,23 +156,32 @@ class ExpertCache(ExpertReads):
         if len(keys) > self.slots - 1:
             raise WeightError(f"expert cache: {len(keys)} experts at once do not fit in {self.slots} slots")
         self.held = set(keys)
-        lru, stats, lfru, slots = self.lru, self.stats, self.policy == "lfru", []
+        lru, slots = self.lru, []
         for key in keys:
-            slot = lru.get(key)
-            if slot is None:   # a miss, or a read still in flight: slot_of waits for it
-                slots.append(self.slot_of(*key, settle=False))
-                continue
-            if lfru:   # a hit, as slot_of counts it
-                self._count(key)
-            lru.move_to_end(key)
-            self._touch(key, slot)
-            stats.hits += 1
-            if key in stats._prefetched:
-                stats.prefetch_hits += 1
-                stats._prefetched.discard(key)
-            slots.append(slot)
+            slot = lru.get(key)   # None: a miss, or a read still in flight: slot_of waits for it
+            slots.append(self.slot_of(*key, settle=False) if slot is None else self._hit(key, slot))
         self._settle()
         return slots
+
+    def used(self, layer: int, experts) -> None:
+        """A step's picks of `layer` that a backend ran straight from their slots, having found them all
+        resident in `table`: held, and counted as `slots_of` counts its hits."""
+        keys = [(layer, e) for e in dict.fromkeys(expert_ids(experts))]
+        self.held = set(keys)
+        for key in keys:
+            self._hit(key, self.lru[key])
+
+    def _hit(self, key: Key, slot: int) -> int:
+        if self.policy == "lfru":
+            self._count(key)
+        self.lru.move_to_end(key)
+        self._touch(key, slot)
+        stats = self.stats
+        stats.hits += 1
+        if key in stats._prefetched:
+            stats.prefetch_hits += 1
+            stats._prefetched.discard(key)
+        return slot
 
     def slot_of(self, layer: int, e: int, count: bool = True, settle: bool = True) -> int:
         """The slot holding the expert, waiting for its read if needed (see `get`)."""
@@ -371,9 +366,15 @@ class ExpertCache(ExpertReads):
             self._looked_at = ring.reaped
         for key in [k for k, (_, f) in self.pending.items() if f.done()]:
             slot, fut = self.pending.pop(key)
+            self._mark(key, -1)
             fut.result()   # re-raise a failed read here, on the compute thread
             self.lru[key] = slot
+            self._mark(key, slot)
             self._touch(key, slot)
+
+    def _mark(self, key: Key, where: int) -> None:
+        if self.table is not None:
+            self.table[key] = where
 
     def _touch(self, key: Key, slot: int) -> None:
         """`key` became the most recent resident expert (in `slot`): the arrays lfru's victim reads."""
@@ -462,6 +463,7 @@ class ExpertCache(ExpertReads):
             if key is not None:
                 self.stats.evictions += 1
                 slot = self.lru.pop(key)
+                self._mark(key, -1)
                 self._seq[slot] = -1
                 return slot
             # every resident expert is held: wait for prefetches nobody holds any more, then evict them
@@ -489,4 +491,5 @@ class ExpertCache(ExpertReads):
         else:
             fut = Reads([self._pool.submit(self._read, key, slot, part) for part in range(len(self.part_bytes[key[0]]))])
         self.pending[key] = (slot, fut)
+        self._mark(key, -2)
         return fut

@@ -186,7 +186,7 @@ def setup_offload(cfg, params, max_memory, context: int | None = None, io_thread
     plan = _plan(cfg, params, budget, part_bytes, context, kv_dtype, scratch_bytes)
     files = tuple(sorted({ext.path for layer in locations for expert in layer for ext in expert}))
     cache = ExpertCache(lambda layer, e: locations[layer][e], part_bytes, plan.slots, io_threads, files=files,
-                        policy=policy)
+                        policy=policy, experts=cfg.moe_num_primary_experts)
     layers = [dataclasses.replace(lp, **{p: Param(OffloadedExperts(getattr(lp, p).raw, i, j, cache))
                                          for j, p in enumerate(PARTS)})
               for i, lp in enumerate(params.layers)]
@@ -261,54 +261,84 @@ class Lookahead:
                 self.cache.prefetch_ahead(layer, sorted(missing))
 
 
-def prefetching_route(route, params, cache: ExpertCache, prefetch: bool = True, lookahead: str | None = None,
-                      route_many=None):
+class PrefetchingRoute:
     """The route op, followed by starting the reads of the experts it picked (before attention); at the
     first layer of each step, first the cache's run-time memory check (`ExpertCache.keep_within`).
     lookahead: also read ahead the experts later layers' routers pick from this layer's input,
     "always" or "auto" (while those guesses pay; see Lookahead), kept in `cache.lookahead`.
     route_many(x, routers, k, softmax) -> (weights, ids) [n, T, k], where the backend has it: the
     layer's router and the guesses it will make in one call (the guess at a distance just turned on by
-    this layer's picks, in one more)."""
-    layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
-    routers = [lp.router for lp in params.layers]
-    ahead = cache.lookahead = Lookahead(cache, lookahead) if prefetch and lookahead else None
+    this layer's picks, in one more).
 
-    def reach(layer: int) -> int:
+    A backend that routes a layer itself (CBackend.offloaded_layer, which runs the whole layer in one call
+    when the cache holds what it needs) asks `routers(layer)` which routers to apply, then gives their
+    picks to `picked` (reads to start) or to `used` (the layer ran from resident experts)."""
+
+    def __init__(self, route, params, cache: ExpertCache, prefetch: bool = True, lookahead: str | None = None,
+                 route_many=None):
+        self.route, self.route_many, self.cache, self.prefetch = route, route_many, cache, prefetch
+        self.layer_of = {id(lp.router): i for i, lp in enumerate(params.layers)}
+        self.all_routers = [lp.router for lp in params.layers]
+        self.ahead = cache.lookahead = Lookahead(cache, lookahead) if prefetch and lookahead else None
+
+    def reach(self, layer: int) -> int:
         """How many layers ahead to guess from this one: the next, then each further one while the
         guesses a layer nearer are on (further ones are no better: not worth a router call while off)."""
-        n = min(ahead.depth, len(routers) - 1 - layer)
+        n = min(self.ahead.depth, len(self.all_routers) - 1 - layer)
         d = min(n, 1)
-        while d < n and ahead.active_at(d):
+        while d < n and self.ahead.active_at(d):
             d += 1
         return d
 
-    def route_and_prefetch(x, router, k, softmax):
-        layer = layer_of[id(router)]
+    def routers(self, layer: int) -> list:
+        """The routers a layer applies to its input: its own, then those of the layers it guesses for."""
         if layer == 0:
-            cache.keep_within()
-        if ahead is not None and route_many is not None:
-            ws, idss = route_many(x, [router] + routers[layer + 1:layer + 1 + reach(layer)], k, softmax)
+            self.cache.keep_within()
+        if self.ahead is None:
+            return [self.all_routers[layer]]
+        return self.all_routers[layer:layer + 1 + self.reach(layer)]
+
+    def __call__(self, x, router, k, softmax):
+        layer = self.layer_of[id(router)]
+        routers = self.routers(layer)
+        if len(routers) > 1 and self.route_many is not None:
+            ws, idss = self.route_many(x, routers, k, softmax)
             w, ids = ws[0], idss[0]
             picks = np.reshape(idss, (len(idss), -1)).tolist()   # each router's picks, as ints, at once
         else:
-            w, ids = route(x, router, k, softmax)
+            w, ids = self.route(x, router, k, softmax)
             picks = [expert_ids(ids)]
-        if prefetch:
-            cache.hold_reads()   # the layer's reads enter the kernel together, at the end
-            try:
-                cache.prefetch(layer, picks[0])
-                if ahead is not None:
-                    ahead.check(layer, picks[0])
-                    for distance in range(1, reach(layer) + 1):   # one more when this layer's picks turned it on
-                        guess = picks[distance] if distance < len(picks) else \
-                            expert_ids(route(x, routers[layer + distance], k, softmax)[1])
-                        ahead.ahead(layer + distance, guess, distance)
-            finally:
-                cache.submit_reads()
+        self.picked(layer, x, picks, k, softmax)
         return w, ids
 
-    return route_and_prefetch
+    def picked(self, layer: int, x, picks: list, k: int, softmax: bool) -> None:
+        """The picks of `routers(layer)` (lists of ints): start the reads the layer's own need, then
+        those of the guesses while reading ahead pays, all entering the kernel together."""
+        if self.prefetch:
+            self._after(self.cache.prefetch, layer, x, picks, k, softmax)
+
+    def used(self, layer: int, x, picks: list, k: int, softmax: bool) -> None:
+        """The picks of `routers(layer)` when the layer ran from resident experts and no guess needed a
+        read: the uses counted (ExpertCache.used), the guesses handled as `picked` handles them (a guess
+        further ahead that this layer's picks turned on may still start reads)."""
+        self._after(self.cache.used, layer, x, picks, k, softmax)
+
+    def _after(self, own, layer, x, picks, k, softmax) -> None:
+        cache, ahead = self.cache, self.ahead
+        cache.hold_reads()   # the layer's reads enter the kernel together, at the end
+        try:
+            own(layer, picks[0])
+            if ahead is not None:
+                ahead.check(layer, picks[0])
+                self._guesses(layer, x, picks, k, softmax)
+        finally:
+            cache.submit_reads()
+
+    def _guesses(self, layer, x, picks, k, softmax) -> None:
+        for distance in range(1, self.reach(layer) + 1):   # one more when this layer's picks turned it on
+            guess = picks[distance] if distance < len(picks) else \
+                expert_ids(self.route(x, self.all_routers[layer + distance], k, softmax)[1])
+            self.ahead.ahead(layer + distance, guess, distance)
 
 
 def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: str | None = "auto",
@@ -326,7 +356,7 @@ def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookah
         cache.set_layouts(backend.expert_layouts(shapes, live_shares))
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     many = getattr(backend, "route_many", None) if "route" in ops.native else None
-    route = prefetching_route(ops.route, params, cache, prefetch, lookahead, route_many=many)
+    route = PrefetchingRoute(ops.route, params, cache, prefetch, lookahead, route_many=many)
 
     def fused_layer(cfg, i, p, h, ctx, layer_cache):   # the backend's own, around the cache
         return backend.offloaded_layer(cfg, i, p, h, ctx, layer_cache, route)

@@ -19,6 +19,23 @@ Key = tuple[int, int]   # (layer, expert)
 DIRECT_ALIGN = 4096     # O_DIRECT reads: file offset, length and buffer aligned to this
 
 
+def _close_files(fds: dict, direct_fds: dict, refused_fds: list) -> None:
+    for fd in [*fds.values(), *direct_fds.values(), *refused_fds]:
+        if fd is not None:
+            os.close(fd)
+    fds.clear()
+    direct_fds.clear()
+    refused_fds.clear()
+
+
+def expert_ids(picks) -> list[int]:
+    """Expert ids of any array of picks, as Python ints (one conversion, not one per id); a list of
+    ints is returned as it is."""
+    if type(picks) is list and (not picks or type(picks[0]) is int):
+        return picks
+    return np.ravel(picks).astype(np.int64, copy=False).tolist()
+
+
 @dataclass(frozen=True)
 class Extent:
     """Bytes [offset, offset + nbytes) of `path`."""
