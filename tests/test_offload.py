@@ -1676,7 +1676,8 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     """Under a memory budget no prefill at load measures each layer's share of live neurons: a run
     counts them, each layer under its own index, and keeps them with the expert use counts; the next
     load lays each layer's up and down out by them (the C backend's sparse ReGLU layouts below the
-    threshold), with the logits of the resident model."""
+    threshold), with the logits of the resident model, and keeps the mean of its own shares and those
+    kept before."""
     from st_sdk.offload.profile import read_live
     from st_sdk.synth import write_model
     from st_sdk_backends.c import backend as cbackend
@@ -1715,6 +1716,13 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     assert again.backend.describe()["sparse_layout"] == (f"auto: up+down in {n} of 8 layers (live < "
                                                           f"{threshold:.0%}), off in {8 - n} (by the live "
                                                           "shares kept from earlier runs)")
+    s = again.session()   # a second run's shares are kept averaged with those kept before
+    for t in IDS[16:32]:
+        s.feed([int(t)])
+    seen = again.offload.live_seen()
+    again.offload.keep_counts()
+    assert seen != pytest.approx(kept)
+    assert read_live(again.offload.counts_file, 8) == pytest.approx([(a + b) / 2 for a, b in zip(kept, seen)])
     computes_as_resident(again, resident)
 
 

@@ -196,6 +196,13 @@ def _kept_for(cache, experts: int, model_path) -> tuple[Path, list] | None:
     return profile_path(sources, Path(model_path or sources[0][0]).name), sources
 
 
+def keep_shares(kept: list, seen: list) -> list:
+    """The live shares to keep after a run: each layer's the mean of the share kept before and this
+    run's, so that one run's text moves a layer's layout less (a layout changed makes a new prepared
+    expert file); a layer one of them lacks keeps the other's."""
+    return [old if new is None else new if old is None else (old + new) / 2 for new, old in zip(seen, kept)]
+
+
 def kept_live_shares(cache, experts: int, model_path) -> list[float | None] | None:
     """Before the cache's layouts are set: each layer's live share kept with the counts for these model
     files (ST_OFFLOAD_PROFILE "1" or "read"), else None."""
@@ -223,8 +230,8 @@ def attach(cache, experts: int, model_path) -> int:
             c = ref()
             if c is not None and c.uses:   # a load that never ran a token keeps what was there
                 seen = c.live_seen() if c.live_seen is not None else None
-                if seen is not None and kept is not None:   # a layer this run did not reach keeps its share
-                    seen = [old if new is None else new for new, old in zip(seen, kept)]
+                if seen is not None and kept is not None:   # averaged with the share kept before (see keep_shares)
+                    seen = keep_shares(kept, seen)
                 write(path, c.use_counts(experts), sources, seen if seen is not None else kept)
 
         cache.keep_counts = keep
