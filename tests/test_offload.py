@@ -572,6 +572,15 @@ def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files,
     np.testing.assert_array_equal(got, want)   # the same arithmetic on the same routing
     assert lookups == want_lookups
 
+    # a prefill of 40 tokens, once the cache holds every expert: each layer whole in one call
+    m = st_sdk.load(path, backend="c", n_threads=2, max_memory="64GiB", context=64)
+    first = m.logits(IDS)
+    ran.clear()
+    np.testing.assert_array_equal(m.logits(IDS), first)
+    assert len(ran) == m.config.num_hidden_layers
+    resident = st_sdk.load(path, backend="c", n_threads=2).logits(IDS)
+    np.testing.assert_allclose(first, resident, rtol=0, atol=1e-4 * np.abs(resident).max())
+
 
 def test_route_many_picks_what_route_picks_for_each_router():
     """CBackend.route_many: each router's top k of each row as `route` gives them (float and Q8_0
