@@ -610,14 +610,15 @@ class CBackend(Backend):
         reads start (`route.picked`) and the layer's own (weights, ids) [T, k] are returned."""
         ffi, lib, pool = self._lib()
         T = out.shape[0]
+        _, base, stride, _, offsets = addresses
         structs, n, _ = self._router_structs(route.routers(layer), k)
         w = np.empty((n, T, k), np.float32)
         ids = np.empty((n, T, k), np.int64)
         done = ffi.new("int32_t *")
         check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, structs, n, int(bool(softmax)),
                                   ffi.cast("int32_t *", cache.table[layer:].ctypes.data), len(cache.buffer),
-                                  ffi.cast("uint8_t *", addresses[1]), addresses[2], addresses[4],
-                                  ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids), done), f"layer {i}")
+                                  ffi.cast("uint8_t *", base), stride, offsets, ptr(ffi, "float *", w),
+                                  ptr(ffi, "int64_t *", ids), done), f"layer {i}")
         picks = ids.reshape(n, -1).tolist()
         if done[0]:
             route.used(layer, out, picks, k, softmax)
