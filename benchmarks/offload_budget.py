@@ -491,9 +491,11 @@ def report(args, cg: Cgroup, results: dict[str, list]) -> None:
                       + (f"; later loads {median(loads[1:]):.1f} s (median)" if len(loads) > 1 else ""))
         warm = [r["load_s"] for r in results.get("st-sdk profile", []) if "load_s" in r]
         if warm:
+            # where its experts came from: the kept live shares may choose layouts that need another
+            # prepared file, which its first load writes only where the disk has room
+            where = (summary.get("st-sdk profile", {}).get("plan") or "").rsplit(", ", 1)[-1]
             print(f"  st-sdk profile load (the experts counted most read into the cache first): {median(warm):.1f} s "
-                  f"(median; first {warm[0]:.1f} s, which writes the prepared file where the kept live shares "
-                  f"chose other layouts)")
+                  f"(median; first {warm[0]:.1f} s); its experts {where or 'as planned'}")
         for name, s in summary.items():
             if name.startswith("st-sdk") and s.get("layouts"):
                 print(f"  {name} expert layouts: {s['layouts']}")
