@@ -22,7 +22,7 @@ from st_sdk.weights.tensor import QUANT_SIZES
 
 from . import ops
 from .cache import KV_DTYPES, CKVCache, CLayerKV
-from .layouts import DENSE, SPARSE, choose_layouts, describe_layouts, live_threshold as threshold_for
+from .layouts import by_live_shares, choose_layouts, describe_layouts, live_threshold as threshold_for
 from .ops import (CExperts, CMat, activations, as_experts, as_mat, check, f32_vector, ffi_lib, int64_vector, ptr,
                   sparse_counters, stage_clocks)
 
@@ -368,14 +368,10 @@ class CBackend(Backend):
         prefill at load: backends/c/layouts.py); without kept shares, repacked (Backend.expert_layouts)."""
         if self.sparse_layout != "auto" or not live_shares or not (self.sparse and self._repacking()):
             return self._up_beside_gates(super().expert_layouts(shapes, live_shares))
-        out, chosen, thresholds = [], [], []
-        for i, parts in enumerate(shapes):
-            share = live_shares[i] if i < len(live_shares) else None
-            threshold = min(threshold_for(self.variant, fmt) for fmt, _, _, role in parts if role in ("up", "down"))
-            layout = SPARSE if share is not None and share < threshold else DENSE
-            out.append([self.expert_layout(fmt, rows, cols, role, layout) for fmt, rows, cols, role in parts])
-            chosen.append(layout)
-            thresholds.append(threshold)
+        chosen, thresholds = by_live_shares(self.variant, [[fmt for fmt, _, _, role in parts if role in ("up", "down")]
+                                                           for parts in shapes], live_shares)
+        out = [[self.expert_layout(fmt, rows, cols, role, layout) for fmt, rows, cols, role in parts]
+               for parts, layout in zip(shapes, chosen)]
         self.layer_layouts, self.load_live_shares, self.live_thresholds = chosen, list(live_shares), thresholds
         return self._up_beside_gates(out)
 

@@ -74,17 +74,27 @@ def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[
     return [float(live / total) if total > 0 else None for live, total in zip(seen[:n_layers, 0], seen[:n_layers, 1])]
 
 
+def by_live_shares(variant: str | None, up_down_fmts: list[list[str]], shares: list) -> tuple[list[str], list[float]]:
+    """Each layer's layout and threshold: SPARSE where its live share (shares[i]; None or missing: not
+    seen) is below the threshold of its up and down types (up_down_fmts[i]), else DENSE."""
+    chosen, thresholds = [], []
+    for i, fmts in enumerate(up_down_fmts):
+        share = shares[i] if i < len(shares) else None
+        threshold = min(live_threshold(variant, fmt) for fmt in fmts)
+        chosen.append(SPARSE if share is not None and share < threshold else DENSE)
+        thresholds.append(threshold)
+    return chosen, thresholds
+
+
 def choose_layouts(backend, params, cfg) -> None:
     """For a model whose up and down projections `backend.prepare` left in the file's layout for now
     (`backend.pending`): measure each layer's share of live neurons, then give each layer's up and down
     the sparse layouts below the threshold and the repacked one elsewhere. Sets `backend.layer_layouts`,
     `backend.load_live_shares` and `backend.live_thresholds`."""
     shares = live_shares(backend, params, cfg)
-    chosen, thresholds = [], []
-    for i, lp in enumerate(params.layers):
-        share = shares[i] if i < len(shares) else None
-        threshold = min(live_threshold(backend.variant, getattr(lp, role).raw.fmt) for role in ("up", "down"))
-        layout = SPARSE if share is not None and share < threshold else DENSE
+    chosen, thresholds = by_live_shares(backend.variant, [[getattr(lp, role).raw.fmt for role in ("up", "down")]
+                                                          for lp in params.layers], shares)
+    for lp, layout in zip(params.layers, chosen):
         for role in ("up", "down"):
             p = getattr(lp, role)
             if id(p.value) not in backend.pending:
@@ -92,8 +102,6 @@ def choose_layouts(backend, params, cfg) -> None:
             backend.pending.discard(id(p.value))
             v = CExperts(p.raw, **backend._expert_layouts(role, layout), arena=backend.arena)
             setattr(lp, role, Param(p.raw, backend._count(v, replacing=p.value)))
-        chosen.append(layout)
-        thresholds.append(threshold)
     backend.layer_layouts, backend.load_live_shares, backend.live_thresholds = chosen, shares, thresholds
 
 
