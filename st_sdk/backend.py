@@ -261,11 +261,15 @@ class Backend:
         because importing its framework would take much of the budget)."""
         return None
 
-    def expert_layouts(self, shapes: list[list[tuple]], live_shares: list | None = None) -> list[list[Any]]:
+    def expert_layouts(self, shapes: list[list[tuple]], live_shares: list | None = None,
+                       kept_layouts: list[str] | None = None) -> list[list[Any]]:
         """Under a memory budget, `expert_layout` of every expert matrix: shapes[layer] lists the (fmt, rows,
         cols, role) of its gate, up and down. live_shares: each layer's share of live expert neurons (None
         for a layer not seen) over earlier runs on the same files (st_sdk.offload.profile), or None, for
-        a backend that lays a layer out by it (the C backend's sparse ReGLU layouts)."""
+        a backend that lays a layer out by it (the C backend's sparse ReGLU layouts). Such a backend
+        reports each layer's choice in `layer_layouts` (strings); they are kept with the shares, and a
+        later load passes them back as kept_layouts (only to a backend of the same name), so that it can
+        keep a layer's layout while its share stays near a threshold."""
         return [[self.expert_layout(*part) for part in layer] for layer in shapes]
 
     #: optional: a fused layer for memory-budget mode, offloaded_layer(config, i, layer_params, h, ctx,

@@ -148,9 +148,10 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     prepared = prepare_params(backend_obj, params, config)
     if offload is not None:
         cache, plan = offload
+        shares, layouts = kept_live_shares(cache, config.moe_num_primary_experts, path, backend_obj.name)
         ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch),
                           lookahead={"auto": "auto", "lookahead": "always"}.get(prefetch),
-                          live_shares=kept_live_shares(cache, config.moe_num_primary_experts, path))
+                          live_shares=shares, kept_layouts=layouts)
         counter = getattr(backend_obj, "live_counter", None)
         if counter is not None:   # this run's live shares, kept with the use counts for the next load
             cache.live_seen = counter(config.num_hidden_layers)

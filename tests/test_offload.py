@@ -1686,10 +1686,12 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     counts them, each layer under its own index, and keeps them with the expert use counts; the next
     load lays each layer's up and down out by them (the C backend's sparse ReGLU layouts below the
     threshold), with the logits of the resident model, and keeps the mean of its own shares and those
-    kept before."""
-    from st_sdk.offload.profile import read_live
+    kept before, and the layouts it chose; a later load keeps a layer's layout while its share is near
+    the threshold (each change writes a new prepared expert file)."""
+    from st_sdk.offload.profile import read_layouts, read_live
     from st_sdk.synth import write_model
     from st_sdk_backends.c import backend as cbackend
+    from st_sdk_backends.c.layouts import HYSTERESIS
 
     probe = cbackend.CBackend()
     if not probe.is_available() or not probe._repacking():
@@ -1731,15 +1733,30 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     seen = again.offload.live_seen()
     again.offload.keep_counts()
     assert seen != pytest.approx(kept)
-    assert read_live(again.offload.counts_file, 8) == pytest.approx([(a + b) / 2 for a, b in zip(kept, seen)])
+    shares = read_live(again.offload.counts_file, 8)
+    assert shares == pytest.approx([(a + b) / 2 for a, b in zip(kept, seen)])
+    assert read_layouts(again.offload.counts_file, 8, "c") == want   # the layouts chosen, kept with them
+    assert read_layouts(again.offload.counts_file, 8, "torch") is None   # only for the backend that chose
     computes_as_resident(again, resident)
+
+    # a layer keeps its layout while its share stays within HYSTERESIS past the threshold: with the
+    # threshold just above the share of a layer laid out "off", it stays "off"
+    i = want.index("off")
+    moved = shares[i] + HYSTERESIS / 3
+    monkeypatch.setenv("ST_C_SPARSE_LIVE", repr(moved))
+    third = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
+    fresh = ["up+down" if v < moved else "off" for v in shares]
+    assert fresh[i] == "up+down" and third.backend.layer_layouts[i] == "off"
+    assert third.backend.layer_layouts == [
+        ("up+down" if v < moved + HYSTERESIS else "off") if w == "up+down" else ("up+down" if v < moved - HYSTERESIS else "off")
+        for v, w in zip(shares, want)]
 
 
 def test_kept_live_shares_that_do_not_fit_the_model_are_ignored_with_a_warning(tmp_path, caplog):
     """The counts file's live shares: read back as written (None for a layer no step ran); shares out of
     [0, 1] or of another layer count are ignored with a warning naming the file; a file without any (an
     earlier st-sdk's) gives None quietly."""
-    from st_sdk.offload.profile import read_live, write
+    from st_sdk.offload.profile import read_layouts, read_live, write
 
     path, counts, sources = tmp_path / "m.uses.npz", np.ones((4, 8), np.float32), [["/m.gguf", 1, 2]]
     write(path, counts, sources, live=[0.25, None, 0.5, 0.125])
@@ -1753,3 +1770,9 @@ def test_kept_live_shares_that_do_not_fit_the_model_are_ignored_with_a_warning(t
     write(path, counts, sources)
     assert read_live(path, 4) is None and read_live(tmp_path / "missing.uses.npz", 4) is None
     assert caplog.text == ""
+    # the layouts a backend chose from them: for that backend and that layer count only
+    write(path, counts, sources, live=[0.25, None, 0.5, 0.125], layouts=("c", ["off", "off", "up+down", "off"]))
+    assert read_layouts(path, 4, "c") == ["off", "off", "up+down", "off"] and read_live(path, 4)[0] == 0.25
+    assert read_layouts(path, 4, "numpy") is None and read_layouts(path, 3, "c") is None
+    write(path, counts, sources, live=[0.25, None, 0.5, 0.125])
+    assert read_layouts(path, 4, "c") is None and read_layouts(tmp_path / "missing.uses.npz", 4, "c") is None

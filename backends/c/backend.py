@@ -362,14 +362,15 @@ class CBackend(Backend):
         lay = ops.layout(fmt, rows, cols, **self._expert_layouts(role, layout))
         return None if lay.fn is None else lay
 
-    def expert_layouts(self, shapes, live_shares=None):
+    def expert_layouts(self, shapes, live_shares=None, kept_layouts=None):
         """Under "auto", each layer's up and down laid out by the live shares earlier runs on the same
         files kept (sparse ReGLU's layouts below the threshold, as a loaded model's are chosen from its
-        prefill at load: backends/c/layouts.py); without kept shares, repacked (Backend.expert_layouts)."""
+        prefill at load; a layer keeps the layout kept_layouts gives it while its share is near the
+        threshold: backends/c/layouts.py); without kept shares, repacked (Backend.expert_layouts)."""
         if self.sparse_layout != "auto" or not live_shares or not (self.sparse and self._repacking()):
             return self._up_beside_gates(super().expert_layouts(shapes, live_shares))
         chosen, thresholds = by_live_shares(self.variant, [[fmt for fmt, _, _, role in parts if role in ("up", "down")]
-                                                           for parts in shapes], live_shares)
+                                                           for parts in shapes], live_shares, kept_layouts)
         out = [[self.expert_layout(fmt, rows, cols, role, layout) for fmt, rows, cols, role in parts]
                for parts, layout in zip(shapes, chosen)]
         self.layer_layouts, self.load_live_shares, self.live_thresholds = chosen, list(live_shares), thresholds

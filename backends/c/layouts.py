@@ -34,6 +34,7 @@ CALIBRATION_TOKENS = 32
 LIVE_THRESHOLD = {("avx2", "legacy"): 0.35, ("avx512", "legacy"): 0.25, ("avx2", "k"): 0.22, ("avx512", "k"): 0.28}
 #: the layouts a layer may get
 SPARSE, DENSE = "up+down", "off"
+HYSTERESIS = 0.03   # how far past its threshold a layer's live share moves a layout kept from before
 
 
 def live_threshold(variant: str | None, fmt: str = "q4_0") -> float:
@@ -74,14 +75,20 @@ def live_shares(backend, params, cfg, tokens: int = CALIBRATION_TOKENS) -> list[
     return [float(live / total) if total > 0 else None for live, total in zip(seen[:n_layers, 0], seen[:n_layers, 1])]
 
 
-def by_live_shares(variant: str | None, up_down_fmts: list[list[str]], shares: list) -> tuple[list[str], list[float]]:
+def by_live_shares(variant: str | None, up_down_fmts: list[list[str]], shares: list,
+                   kept: list[str] | None = None) -> tuple[list[str], list[float]]:
     """Each layer's layout and threshold: SPARSE where its live share (shares[i]; None or missing: not
-    seen) is below the threshold of its up and down types (up_down_fmts[i]), else DENSE."""
+    seen) is below the threshold of its up and down types (up_down_fmts[i]), else DENSE; but a layer
+    that had a layout before (kept[i], the layouts chosen at an earlier load) keeps it until its share
+    passes the threshold by more than HYSTERESIS. A layer's share moves with the text and the context
+    from run to run, and under a memory budget each change of layouts writes a new prepared expert file."""
     chosen, thresholds = [], []
     for i, fmts in enumerate(up_down_fmts):
         share = shares[i] if i < len(shares) else None
         threshold = min(live_threshold(variant, fmt) for fmt in fmts)
-        chosen.append(SPARSE if share is not None and share < threshold else DENSE)
+        before = kept[i] if kept is not None and i < len(kept) else None
+        margin = HYSTERESIS if before == SPARSE else -HYSTERESIS if before == DENSE else 0.0
+        chosen.append(SPARSE if share is not None and share < threshold + margin else DENSE)
         thresholds.append(threshold)
     return chosen, thresholds
 

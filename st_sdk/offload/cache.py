@@ -89,6 +89,7 @@ class ExpertCache(ExpertReads):
         self.keep_counts: Callable[[], None] | None = None
         self.counts_file = None   # where they are kept (a Path), once offload.profile attached them
         self.live_seen: Callable[[], list] | None = None   # each layer's live share so far, kept with them
+        self.layouts_chosen: tuple[str, list] | None = None   # (backend, layouts) chosen from kept shares
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         if direct is None:   # ST_OFFLOAD_DIRECT=0 reads through the page cache (to compare)
             direct = os.environ.get("ST_OFFLOAD_DIRECT", "1").strip() != "0"

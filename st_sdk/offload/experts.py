@@ -342,18 +342,22 @@ class PrefetchingRoute:
 
 
 def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: str | None = "auto",
-                live_shares: list | None = None):
+                live_shares: list | None = None, kept_layouts: list | None = None):
     """The op table under a memory budget, the router prefetching experts. The MoE runs on the backend
     only if it reads experts through the cache (`supports_offload`), with the experts converted as they
     are read to the layouts it asks for (`expert_layouts`, given the layers' live shares that earlier
-    runs kept: st_sdk.offload.profile), and then in the backend's fused layer if it has one for the
+    runs kept and the layouts it chose from them before: st_sdk.offload.profile; the layouts it reports
+    in `layer_layouts` are kept with them), and then in the backend's fused layer if it has one for the
     cache (`offloaded_layer`), else op by op; otherwise on the NumPy reference, as stored. Call before
     the cache is first used."""
     native = "moe" in ops.native and getattr(backend, "supports_offload", False)
     if native:
         shapes = [[(getattr(lp, p).raw.fmt, *(int(n) for n in getattr(lp, p).raw.shape[1:]), p) for p in PARTS]
                   for lp in params.layers]
-        cache.set_layouts(backend.expert_layouts(shapes, live_shares))
+        kept = {"kept_layouts": kept_layouts} if kept_layouts else {}
+        cache.set_layouts(backend.expert_layouts(shapes, live_shares, **kept))
+        chosen = getattr(backend, "layer_layouts", None) if live_shares else None
+        cache.layouts_chosen = (backend.name, list(chosen)) if chosen else None
     moe = ops.moe if native else fallback_op("moe", reference_backend().moe, backend)
     many = getattr(backend, "route_many", None) if "route" in ops.native else None
     route = PrefetchingRoute(ops.route, params, cache, prefetch, lookahead, route_many=many)

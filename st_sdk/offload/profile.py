@@ -125,11 +125,15 @@ def read_live(path: Path, layers: int) -> list[float | None] | None:
     return [None if np.isnan(v) else float(v) for v in live.tolist()]
 
 
-def write(path: Path, counts: np.ndarray, sources: list, live: list | None = None) -> None:
-    """Write the counts whole, with the model files they were counted on and the layers' live shares
-    when given (a temporary file renamed over the old one); a failure is logged."""
+def write(path: Path, counts: np.ndarray, sources: list, live: list | None = None,
+          layouts: tuple[str, list[str]] | None = None) -> None:
+    """Write the counts whole, with the model files they were counted on, and when given the layers'
+    live shares and the layouts a backend chose from them, (its name, one per layer); a temporary file
+    renamed over the old one; a failure is logged."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     extra = {} if live is None else {"live": np.array([np.nan if v is None else v for v in live], np.float32)}
+    if layouts is not None:
+        extra["layouts"] = np.array(json.dumps([layouts[0], list(layouts[1])]))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -203,11 +207,28 @@ def keep_shares(kept: list, seen: list) -> list:
     return [old if new is None else new if old is None else (old + new) / 2 for new, old in zip(seen, kept)]
 
 
-def kept_live_shares(cache, experts: int, model_path) -> list[float | None] | None:
+def kept_live_shares(cache, experts: int, model_path, backend: str = "") -> tuple[list | None, list | None]:
     """Before the cache's layouts are set: each layer's live share kept with the counts for these model
-    files (ST_OFFLOAD_PROFILE "1" or "read"), else None."""
+    files (ST_OFFLOAD_PROFILE "1" or "read"), else None; and the layouts `backend` (its name) chose from
+    the shares kept before them, where it wrote them, else None."""
     kept = _kept_for(cache, experts, model_path)
-    return None if kept is None else read_live(kept[0], len(cache.part_bytes))
+    if kept is None:
+        return None, None
+    return read_live(kept[0], len(cache.part_bytes)), read_layouts(kept[0], len(cache.part_bytes), backend)
+
+
+def read_layouts(path: Path, layers: int, backend: str) -> list[str] | None:
+    """The layouts [layers] `backend` chose (`write`'s layouts) kept in `path`; None when there are
+    none, another backend's, or not this model's."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            kept = json.loads(str(z["layouts"])) if "layouts" in z.files else None
+    except (*BAD_FILE, TypeError):
+        return None
+    if not (isinstance(kept, list) and len(kept) == 2 and kept[0] == backend and isinstance(kept[1], list)
+            and len(kept[1]) == layers and all(isinstance(v, str) for v in kept[1])):
+        return None
+    return kept[1]
 
 
 def attach(cache, experts: int, model_path) -> int:
@@ -232,7 +253,7 @@ def attach(cache, experts: int, model_path) -> int:
                 seen = c.live_seen() if c.live_seen is not None else None
                 if seen is not None and kept is not None:   # averaged with the share kept before (see keep_shares)
                     seen = keep_shares(kept, seen)
-                write(path, c.use_counts(experts), sources, seen if seen is not None else kept)
+                write(path, c.use_counts(experts), sources, seen if seen is not None else kept, c.layouts_chosen)
 
         cache.keep_counts = keep
         atexit.register(keep)
