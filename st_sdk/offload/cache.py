@@ -334,6 +334,7 @@ class ExpertCache(ExpertReads):
         self.offsets = [np.cumsum([0] + [stored if lay is None else int(lay.nbytes) for stored, lay in zip(parts, lays)])
                         for parts, lays in zip(self.part_bytes, self.layouts)]
         self.bundle_bytes = int(max(o[-1] for o in self.offsets))
+        self._pieces: dict[int, list[tuple[int, int]]] = {}   # layer -> [a, b) of each piece read (_start_read)
 
     def _allocate(self, slots: int) -> None:
         """Slots in anonymous memory, each a whole number of pages (so one can be given back alone);
@@ -343,6 +344,7 @@ class ExpertCache(ExpertReads):
         # private: MADV_DONTNEED then frees a slot's pages (a shared anonymous mapping keeps them, charged)
         self._mm = anonymous(max(1, slots) * self._stride, huge=True)
         self.buffer = np.frombuffer(self._mm, np.uint8).reshape(max(1, slots), self._stride)
+        self._base = int(self.buffer.ctypes.data)   # slot i at _base + i * _stride
         self.free = list(range(slots))[::-1]
         # per slot, for lfru's victim: when its expert was last used (-1: empty), that expert's uses, the key
         self._seq = np.full(max(1, slots), -1, np.int64)
@@ -481,10 +483,12 @@ class ExpertCache(ExpertReads):
         if slot is None:
             return None
         if self.prepared is not None:   # in as many aligned pieces as the expert has parts, read in parallel
-            length = min(self._stride, -(-int(self.offsets[key[0]][-1]) // DIRECT_ALIGN) * DIRECT_ALIGN)
-            n = len(self.part_bytes[key[0]])
-            cuts = sorted({min(length, -(-length * i // n // DIRECT_ALIGN) * DIRECT_ALIGN) for i in range(n + 1)})
-            pieces = list(zip(cuts[:-1], cuts[1:]))
+            pieces = self._pieces.get(key[0])
+            if pieces is None:
+                length = min(self._stride, -(-int(self.offsets[key[0]][-1]) // DIRECT_ALIGN) * DIRECT_ALIGN)
+                n = len(self.part_bytes[key[0]])
+                cuts = sorted({min(length, -(-length * i // n // DIRECT_ALIGN) * DIRECT_ALIGN) for i in range(n + 1)})
+                pieces = self._pieces[key[0]] = list(zip(cuts[:-1], cuts[1:]))
             if not self.reads_on_threads:
                 fut = self._ring_read(key, slot, pieces, urgent)
             else:

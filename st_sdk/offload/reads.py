@@ -165,7 +165,7 @@ class ExpertReads:
     def _ring_read(self, key: Key, slot: int, cuts: list[tuple[int, int]], urgent: bool) -> RingReads:
         """Queue an expert's pieces [a, b) on the io_uring ring, straight into its slot."""
         path, start = self._prepared_at(key)
-        fd, addr = self._direct_fds[path], self.buffer[slot].ctypes.data
+        fd, addr = self._direct_fds[path], self._base + slot * self._stride
         pieces = []
         for a, b in cuts:
             self._tags += 1

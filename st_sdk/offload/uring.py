@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import platform
+import struct
 import weakref
 from collections import deque
 
@@ -46,6 +47,9 @@ SQE = np.dtype([("opcode", "u1"), ("flags", "u1"), ("ioprio", "<u2"), ("fd", "<i
                 ("addr", "<u8"), ("len", "<u4"), ("rw_flags", "<u4"), ("user_data", "<u8"), ("pad", "<u8", 3)])
 CQE = np.dtype([("user_data", "<u8"), ("res", "<i4"), ("flags", "<u4")])
 assert PARAMS.itemsize == 120 and SQE.itemsize == 64 and CQE.itemsize == 16
+_SQE_PACK = struct.Struct("<BBHiQQIIQ24x").pack_into   # SQE's fields, written into the mapped ring
+_CQE_UNPACK = struct.Struct("<Qi4x").unpack_from       # a CQE's user_data and res
+assert struct.calcsize("<BBHiQQIIQ24x") == SQE.itemsize and struct.calcsize("<Qi4x") == CQE.itemsize
 
 
 class Ring:
@@ -64,14 +68,16 @@ class Ring:
             sq = cq = self._map(max(sq_size, cq_size), IORING_OFF_SQ_RING)
         else:
             sq, cq = self._map(sq_size, IORING_OFF_SQ_RING), self._map(cq_size, IORING_OFF_CQ_RING)
-        self._sqes = np.frombuffer(self._map(int(p["sq_entries"]) * SQE.itemsize, IORING_OFF_SQES), SQE)
-        sq32, cq32 = np.frombuffer(sq, np.uint32), np.frombuffer(cq, np.uint32)
-        self._sq_tail = sq32[p["sq"][SQ_TAIL] // 4:][:1]
-        self._sq_mask = int(sq32[p["sq"][SQ_MASK] // 4])
-        self._sq_array = sq32[p["sq"][SQ_ARRAY] // 4:][:int(p["sq_entries"])]
-        self._cq_head, self._cq_tail = cq32[p["cq"][CQ_HEAD] // 4:][:1], cq32[p["cq"][CQ_TAIL] // 4:][:1]
-        self._cq_mask = int(cq32[p["cq"][CQ_MASK] // 4])
-        self._cqes = np.frombuffer(cq, CQE, int(p["cq_entries"]), int(p["cq"][CQ_CQES]))
+        # the rings as memoryviews (an entry written or read with `struct`: a NumPy record costs microseconds)
+        self._sqes = memoryview(self._map(int(p["sq_entries"]) * SQE.itemsize, IORING_OFF_SQES))
+        sq32, cq32 = memoryview(sq).cast("I"), memoryview(cq).cast("I")
+        self._sq_tail_at = int(p["sq"][SQ_TAIL]) // 4
+        self._sq_mask = sq32[int(p["sq"][SQ_MASK]) // 4]
+        self._sq_array_at = int(p["sq"][SQ_ARRAY]) // 4
+        self._cq_head_at, self._cq_tail_at = int(p["cq"][CQ_HEAD]) // 4, int(p["cq"][CQ_TAIL]) // 4
+        self._cq_mask = cq32[int(p["cq"][CQ_MASK]) // 4]
+        self._cqes_at = int(p["cq"][CQ_CQES])
+        self._sq32, self._cq32, self._cq = sq32, cq32, memoryview(cq)
         self.depth = min(DEPTH, int(p["sq_entries"]))   # reads in the kernel at once, at most
         self._waiting: deque = deque()          # reads not yet in the ring, first come first served
         self._queued = 0                        # in the ring, not yet submitted
@@ -151,13 +157,14 @@ class Ring:
                 self._waiting = deque(first + rest)
 
     def _fill(self) -> None:
+        sq32 = self._sq32
         while self._waiting and self.in_flight < self.depth:
             fd, addr, length, offset, tag = self._waiting.popleft()
-            tail = int(self._sq_tail[0])
+            tail = sq32[self._sq_tail_at]
             i = tail & self._sq_mask
-            self._sqes[i:i + 1][0] = (IORING_OP_READ, 0, 0, fd, offset, addr, length, 0, tag, (0, 0, 0))
-            self._sq_array[i] = i
-            self._sq_tail[0] = (tail + 1) & 0xFFFFFFFF
+            _SQE_PACK(self._sqes, i * SQE.itemsize, IORING_OP_READ, 0, 0, fd, offset, addr, length, 0, tag)
+            sq32[self._sq_array_at + i] = i
+            sq32[self._sq_tail_at] = (tail + 1) & 0xFFFFFFFF
             self._queued += 1
             self.in_flight += 1
 
@@ -171,13 +178,14 @@ class Ring:
         """Collect finished reads into `results`; returns how many."""
         if not self._ordered:
             self._enter(0, 0, IORING_ENTER_GETEVENTS)   # a full barrier before the ring is read
-        head, tail = int(self._cq_head[0]), int(self._cq_tail[0])
+        cq32 = self._cq32
+        head, tail = cq32[self._cq_head_at], cq32[self._cq_tail_at]
         n = (tail - head) & 0xFFFFFFFF
         for j in range(n):
-            c = self._cqes[(head + j) & self._cq_mask]
-            self.results[int(c["user_data"])] = int(c["res"])
+            tag, res = _CQE_UNPACK(self._cq, self._cqes_at + ((head + j) & self._cq_mask) * CQE.itemsize)
+            self.results[tag] = res
         if n:
-            self._cq_head[0] = tail
+            cq32[self._cq_head_at] = tail
             self.in_flight -= n
             self.reaped += n
             if self._waiting:
@@ -211,8 +219,9 @@ class Ring:
             self.drain()
         except OSError:
             pass
-        self._sqes = self._cqes = self._sq_array = None
-        self._sq_tail = self._cq_head = self._cq_tail = None
+        for view in (self._sqes, self._sq32, self._cq32, self._cq):
+            view.release()
+        self._sqes = self._sq32 = self._cq32 = self._cq = None
         for m in self._maps:
             try:
                 m.close()
