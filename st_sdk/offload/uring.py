@@ -4,7 +4,7 @@ the kernel carries it out (O_DIRECT, straight into the slot) while the compute g
 With a pool of I/O threads, every piece read wakes a thread that then takes the GIL and a core from
 the compute threads (about 10 ms of CPU a token on the 21b-a3b at 8 GiB on two cores). Here a read
 costs one system call to queue it and a look at the completion ring: `Ring` is the ring itself
-(`io_uring_setup`, the rings mapped with mmap, `io_uring_enter`), driven through ctypes and NumPy views
+(`io_uring_setup`, the rings mapped with mmap, `io_uring_enter`), driven through ctypes and memoryviews
 of the mapped rings, so nothing is compiled. Used for the prepared expert file's direct reads
 (`ExpertCache.use_file`); `Ring.open()` returns None where io_uring is missing or refused (kernels
 before 5.6, seccomp, `kernel.io_uring_disabled`), and the cache then keeps its threads.
