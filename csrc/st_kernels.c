@@ -1153,15 +1153,20 @@ int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cach
                     int64_t T, const st_mat *const *routers, int32_t n, int32_t softmax, const int32_t *state,
                     int64_t n_slots, const uint8_t *base, int64_t stride, const int64_t *offsets, float *weights,
                     int64_t *ids, int32_t *done) {
-    if (!m || !cache || !h || !routers || !state || !base || !offsets || !weights || !ids || !done || layer < 0 ||
-        layer >= m->n_layers || n <= 0 || T <= 0 || n_slots <= 0 || stride <= 0)
+    if (!m || !cache || !h || (n > 0 && !routers) || !state || !base || !offsets || !weights || !ids || !done ||
+        layer < 0 || layer >= m->n_layers || n < 0 || T <= 0 || n_slots <= 0 || stride <= 0)
         return ST_EARG;
     *done = 0;
     const int64_t E = m->n_experts, k = m->top_k;
-    for (int32_t i = 0; i < n; i++) if (!routers[i] || routers[i]->rows != E) return ST_EARG;
-    int rc = st_route_many(pool, routers, n, h, T, k, softmax, weights, ids);
-    if (rc != ST_OK) return rc;
-    for (int32_t i = 0; i < n; i++)
+    int rc = ST_OK;
+    if (n > 0) {
+        for (int32_t i = 0; i < n; i++) if (!routers[i] || routers[i]->rows != E) return ST_EARG;
+        rc = st_route_many(pool, routers, n, h, T, k, softmax, weights, ids);
+        if (rc != ST_OK) return rc;
+    } else {   /* the layer's routing given */
+        for (int64_t p = 0; p < T * k; p++) if (ids[p] < 0 || ids[p] >= E) return ST_EIDS;
+    }
+    for (int32_t i = 0; i < (n > 0 ? n : 1); i++)
         for (int64_t p = 0; p < T * k; p++) {
             const int32_t s = state[i * E + ids[i * T * k + p]];
             if (s >= n_slots || s < -2) return ST_EARG;

@@ -178,7 +178,9 @@ int st_layer_part(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache,
  * router's layer keeps each expert (a slot >= 0, -1 absent, -2 being read). If every own pick has a slot
  * (< n_slots) and no guess is absent, the layer runs whole (as st_layer_part 1 then 2 with that routing),
  * expert e's parts read at base + slot * stride + offsets[0..2], and *done = 1. Otherwise only the
- * routing is written and *done = 0: reads to start first, by the caller. */
+ * routing is written and *done = 0: reads to start first, by the caller. n = 0: no router applied, the
+ * layer's own routing given in weights/ids [T, top_k] (ST_EIDS for a pick out of range), run whole
+ * when every pick has a slot (the guesses' reads started meanwhile by the caller). */
 int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cache, float *h, const int64_t *pos,
                     int64_t T, const st_mat *const *routers, int32_t n, int32_t softmax, const int32_t *state,
                     int64_t n_slots, const uint8_t *base, int64_t stride, const int64_t *offsets, float *weights,

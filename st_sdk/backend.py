@@ -278,7 +278,9 @@ class Backend:
     #: on the raw layer input, then take the picked ones with `cache.get_many`; or route itself, when
     #: `route.route_many` is set (the route op is the backend's), applying `route.routers(layer)` and
     #: handing their picks to `route.picked` before taking the experts, or to `route.used` when it ran
-    #: the layer from experts the cache's `table` showed resident (st_sdk.offload.experts.PrefetchingRoute).
+    #: the layer from experts the cache's `table` showed resident (st_sdk.offload.experts.PrefetchingRoute);
+    #: after `route.picked` it may still run the layer from its resident experts, counting them with
+    #: `cache.used(layer, picks)`.
     #: Used only by backends with `supports_offload` whose `moe` is native; without it a budget runs the
     #: graph op by op.
     offloaded_layer: Callable | None = None

@@ -537,18 +537,23 @@ def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatc
 
 def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files, monkeypatch):
     """On the C backend a budget layer whose picked experts are all in the cache, and whose guesses need
-    no read, runs whole in the C call that routes it (st_layer_cached). The logits are those of the path
-    that returns to Python between its halves, every pick is counted once either way, and the cache's
-    table of where each expert is agrees with what it holds and reads."""
+    no read, runs whole in the C call that routes it (st_layer_cached); one whose guesses need reads
+    runs whole in a second call once they started. The logits are those of the path that returns to
+    Python between its halves, every pick is counted once either way, and the cache's table of where
+    each expert is agrees with what it holds and reads."""
+    from st_sdk.offload.cache import ExpertCache
     from st_sdk.offload.experts import PrefetchingRoute
 
     path = files["gguf-q8_0"]
     budget = budget_for(path, 12, backend="c", threads=2)
     ran, used = [], PrefetchingRoute.used
     monkeypatch.setattr(PrefetchingRoute, "used", lambda self, layer, *a: (ran.append(layer), used(self, layer, *a)))
+    counted, cache_used = [], ExpertCache.used   # every layer run whole, after its guesses' reads started too
+    monkeypatch.setattr(ExpertCache, "used", lambda self, layer, *a: (counted.append(layer), cache_used(self, layer, *a)))
 
     def run(table: bool):
         ran.clear()
+        counted.clear()
         m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
         cache = m.offload
         if not table:
@@ -564,11 +569,13 @@ def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files,
                 for key in cache.pending:
                     want[key] = -2
                 np.testing.assert_array_equal(cache.table, want)
-        return np.stack(got), cache.stats.lookups, len(ran)
+        return np.stack(got), cache.stats.lookups, len(ran), len(counted) - len(ran)
 
-    got, lookups, whole = run(True)
-    want, want_lookups, none = run(False)
+    got, lookups, whole, after_reads = run(True)
+    want, want_lookups, none, none_after = run(False)
     assert whole > 0 and none == 0
+    # a layer whose own picks are resident but a guess is not: the reads start, then it runs whole
+    assert after_reads > 0 and none_after == 0
     np.testing.assert_array_equal(got, want)   # the same arithmetic on the same routing
     assert lookups == want_lookups
 

@@ -604,7 +604,9 @@ class CBackend(Backend):
         """`offloaded_layer`'s first call (st_layer_cached): the routers `route` asks for applied to `out`,
         and the whole layer run on it when the cache's table (ExpertCache.table) shows every pick resident
         and no guess absent; then the uses are counted (`route.used`) and None returned. Otherwise the
-        reads start (`route.picked`) and the layer's own (weights, ids) [T, k] are returned."""
+        reads start (`route.picked`); then, if every pick of the layer's own is resident (only guesses
+        were read), the layer runs whole in a second call with that routing, its uses are counted
+        (`ExpertCache.used`) and None is returned; else the layer's own (weights, ids) [T, k]."""
         ffi, lib, pool = self._lib()
         T = out.shape[0]
         _, base, stride, _, offsets = addresses
@@ -612,15 +614,20 @@ class CBackend(Backend):
         w = np.empty((n, T, k), np.float32)
         ids = np.empty((n, T, k), np.int64)
         done = ffi.new("int32_t *")
-        check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, structs, n, int(bool(softmax)),
-                                  ffi.cast("int32_t *", cache.table[layer:].ctypes.data), len(cache.buffer),
-                                  ffi.cast("uint8_t *", base), stride, offsets, ptr(ffi, "float *", w),
-                                  ptr(ffi, "int64_t *", ids), done), f"layer {i}")
+        table, wp, ip = cache.table[layer:], ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids)
+        rest = (int(bool(softmax)), ffi.cast("int32_t *", table.ctypes.data), len(cache.buffer),
+                ffi.cast("uint8_t *", base), stride, offsets, wp, ip, done)
+        check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, structs, n, *rest), f"layer {i}")
         picks = ids.reshape(n, -1).tolist()
         if done[0]:
             route.used(layer, out, picks, k, softmax)
             return None
         route.picked(layer, out, picks, k, softmax)
+        if n > 1 and (table[0, ids[0]] >= 0).all():   # the own picks resident: the same routing, whole
+            check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, ffi.NULL, 0, *rest), f"layer {i}")
+            if done[0]:
+                cache.used(layer, picks[0])
+                return None
         return w[0], ids[0]
 
     def _slot_addresses(self, struct, cache, layer: int, parts, i: int):

@@ -11,10 +11,8 @@ Eviction policies (`policy=`):
   lfru  frequency-aware: of the resident experts not held for the step being computed, the one used
         least often goes, the least recent of equals first (uses counted over the whole run, resident
         or not, and halved every `AGE_EVERY` uses per slot so the counts follow the text). No slots
-        are set aside for recency: the earlier definition (the most recent quarter of the slots
-        protected, counts halved every 8 x slots uses) read 4-17% more experts on every routing
-        replayed, the shipped trained model's on its held-out text included (docs/memory_budget.md,
-        "Cache policy").
+        are set aside for recency: protecting the most recent quarter read 4-17% more experts on every
+        routing replayed (docs/memory_budget.md, "Cache policy").
 """
 from __future__ import annotations
 
@@ -51,8 +49,7 @@ class ExpertCache(ExpertReads):
     Called from the compute thread only (`prefetch`, `get`); reads run on `io_threads` threads, or
     through io_uring (see `use_file`).
     Experts prefetched for the layer being computed are held (never evicted) until the next layer's
-    prefetch releases them.
-    """
+    prefetch releases them."""
 
     def __init__(self, locate: Callable[[int, int], list[Extent]], part_bytes: list[list[int]], slots: int,
                  io_threads: int = 4, drop_page_cache: bool = True, files: tuple[str, ...] = (),
@@ -166,11 +163,14 @@ class ExpertCache(ExpertReads):
 
     def used(self, layer: int, experts) -> None:
         """A step's picks of `layer` that a backend ran straight from their slots, having found them all
-        resident in `table`: held, and counted as `slots_of` counts its hits."""
+        resident in `table`: held, and counted as `slots_of` counts its hits; finished reads settled
+        (the ring's waiting reads then enter the kernel) as `slots_of` settles them."""
         keys = [(layer, e) for e in dict.fromkeys(expert_ids(experts))]
         self.held = set(keys)
         for key in keys:
             self._hit(key, self.lru[key])
+        if self.pending:
+            self._settle()
 
     def _hit(self, key: Key, slot: int) -> int:
         if self.policy == "lfru":
