@@ -614,16 +614,15 @@ class CBackend(Backend):
         w = np.empty((n, T, k), np.float32)
         ids = np.empty((n, T, k), np.int64)
         done = ffi.new("int32_t *")
-        table, wp, ip = cache.table[layer:], ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids)
-        rest = (int(bool(softmax)), ffi.cast("int32_t *", table.ctypes.data), len(cache.buffer),
-                ffi.cast("uint8_t *", base), stride, offsets, wp, ip, done)
+        rest = (int(bool(softmax)), ffi.cast("int32_t *", cache.table[layer:].ctypes.data), len(cache.buffer),
+                ffi.cast("uint8_t *", base), stride, offsets, ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids), done)
         check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, structs, n, *rest), f"layer {i}")
         picks = ids.reshape(n, -1).tolist()
         if done[0]:
             route.used(layer, out, picks, k, softmax)
             return None
         route.picked(layer, out, picks, k, softmax)
-        if n > 1 and (table[0, ids[0]] >= 0).all():   # the own picks resident: the same routing, whole
+        if n > 1:   # only guesses' reads, maybe: the same routing again, whole if the own picks are resident
             check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, ffi.NULL, 0, *rest), f"layer {i}")
             if done[0]:
                 cache.used(layer, picks[0])
