@@ -128,7 +128,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     from .context import resolve_context
     from .offload.experts import row_read_bytes
     from .offload.prepared import attach, check_mode
-    from .offload.profile import attach as keep_counts, kept_live_shares
+    from .offload.profile import attach as keep_counts, find_kept
 
     context = resolve_context(config, context, budget=max_memory is not None)
     expert_file = check_mode(expert_file)
@@ -148,10 +148,11 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
     prepared = prepare_params(backend_obj, params, config)
     if offload is not None:
         cache, plan = offload
-        shares, layouts = kept_live_shares(cache, config.moe_num_primary_experts, path, backend_obj.name)
+        kept = find_kept(cache, config.moe_num_primary_experts, path)   # what earlier loads kept, read once
         ops = offload_ops(ops, backend_obj, prepared, cache, bool(prefetch),
                           lookahead={"auto": "auto", "lookahead": "always"}.get(prefetch),
-                          live_shares=shares, kept_layouts=layouts)
+                          live_shares=kept.live if kept else None,
+                          kept_layouts=kept.layouts_for(backend_obj.name) if kept else None)
         counter = getattr(backend_obj, "live_counter", None)
         if counter is not None:   # this run's live shares, kept with the use counts for the next load
             cache.live_seen = counter(config.num_hidden_layers)
@@ -167,7 +168,7 @@ def build_model(config: ModelConfig, params: ModelParams, backend: str | Backend
         plan.expert_file = attach(cache, config.moe_num_primary_experts, expert_file)
         cache.drop_file_pages()
         # the experts earlier loads of this file used most, read now (st_sdk.offload.profile)
-        keep_counts(cache, config.moe_num_primary_experts, path)
+        keep_counts(cache, config.moe_num_primary_experts, kept)
         cache.commit()   # the slots' pages, faulted in while the first tokens wait for reads
     model = Model(config, prepared, backend_obj, ops, tokenizer=tokenizer, selection=selection, path=path,
                   kv_dtype=kv_dtype, **kw)

@@ -1695,6 +1695,7 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     threshold), with the logits of the resident model, and keeps the mean of its own shares and those
     kept before, and the layouts it chose; a later load keeps a layer's layout while its share is near
     the threshold (each change writes a new prepared expert file)."""
+    from st_sdk.offload import prepared
     from st_sdk.offload.profile import read_layouts, read_live
     from st_sdk.synth import write_model
     from st_sdk_backends.c import backend as cbackend
@@ -1726,7 +1727,14 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     want = ["up+down" if v < threshold else "off" for v in kept]
     assert "up+down" in want and "off" in want
 
+    # the kept file is read once at load for its shares, layouts and counts (the cleaning of the cache
+    # directory before a prepared file is written examines every file there)
+    opened, np_load, scan, scanning = [], np.load, prepared.scan, []
+    monkeypatch.setattr(np, "load", lambda f, *a, **kw: (scanning or opened.append(str(f)), np_load(f, *a, **kw))[1])
+    monkeypatch.setattr(prepared, "scan", lambda *a, **kw: (scanning.append(1), scan(*a, **kw), scanning.pop())[1])
     again = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
+    monkeypatch.setattr(np, "load", np_load)
+    assert [f for f in opened if f.endswith(".uses.npz")] == [str(again.offload.counts_file)]
     assert again.backend.layer_layouts == want
     for lp, layout in zip(again.params.layers, want):
         assert lp.down.raw.layout.name == ("neuron_major" if layout == "up+down" else "repacked")

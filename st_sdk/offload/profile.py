@@ -26,6 +26,7 @@ A file that cannot be read, or that does not fit the model, is ignored with a wa
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import hashlib
 import json
@@ -77,26 +78,35 @@ def profile_path(sources: list, name: str, directory: str | os.PathLike | None =
 def _load(path: Path) -> tuple[np.ndarray, list]:
     """The counts in `path` and the model files they were counted on (OSError, ValueError, KeyError
     or zipfile.BadZipFile when the file is not kept counts)."""
+    arrays = _arrays(path)
+    return arrays["counts"], _sources_in(arrays)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a kept-counts file, read at once (FileNotFoundError, or another of BAD_FILE when
+    it is not an archive of arrays)."""
     with np.load(path, allow_pickle=False) as z:
-        counts, sources = z["counts"], json.loads(str(z["sources"]))
+        return {name: z[name] for name in z.files}
+
+
+def _sources_in(arrays: dict) -> list:
+    """The model files the counts among a file's arrays were counted on (KeyError or ValueError when the
+    arrays are not kept counts)."""
+    if "counts" not in arrays:
+        raise KeyError("no counts")
+    sources = json.loads(str(arrays["sources"]))
     if not isinstance(sources, list) or not all(isinstance(s, list) and len(s) == 3 for s in sources):
         raise ValueError("no list of model files")
-    return counts, sources
+    return sources
 
 
 BAD_FILE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
-def read(path: Path, layers: int, experts: int) -> np.ndarray | None:
-    """The counts [layers, experts] in `path`; None (with a warning) when missing, unreadable or not
-    this model's."""
-    if not path.exists():
-        return None
-    try:
-        counts, _ = _load(path)
-    except BAD_FILE as exc:
-        log.warning("st-sdk: ignoring the expert use counts in %s: %s", path, exc or type(exc).__name__)
-        return None
+def _counts_in(arrays: dict, path: Path, layers: int, experts: int) -> np.ndarray | None:
+    """The counts [layers, experts] among a file's arrays; None (with a warning) when they are not this
+    model's."""
+    counts = arrays["counts"]
     if counts.shape != (layers, experts) or counts.dtype.kind != "f" or not np.all(np.isfinite(counts)) \
             or np.any(counts < 0):
         log.warning("st-sdk: ignoring the expert use counts in %s: %s %s, expected float32 [%d, %d] of finite "
@@ -105,17 +115,10 @@ def read(path: Path, layers: int, experts: int) -> np.ndarray | None:
     return counts
 
 
-def read_live(path: Path, layers: int) -> list[float | None] | None:
-    """The live shares [layers] kept in `path` with the counts (None for a layer no step ran); None when
-    there are none (the file is missing, or an earlier st-sdk's) or they are not this model's (with a
-    warning)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            live = z["live"] if "live" in z.files else None
-    except FileNotFoundError:
-        return None
-    except BAD_FILE:
-        return None   # `read` names the file's fault
+def _live_in(arrays: dict, path: Path, layers: int) -> list[float | None] | None:
+    """The live shares [layers] among a file's arrays (None for a layer no step ran); None when there are
+    none (an earlier st-sdk's file) or they are not this model's (with a warning)."""
+    live = arrays.get("live")
     if live is None:
         return None
     if live.shape != (layers,) or live.dtype.kind != "f" or np.any((live < 0) | (live > 1)):
@@ -123,6 +126,29 @@ def read_live(path: Path, layers: int) -> list[float | None] | None:
                     "[0, 1]", path, live.dtype, list(live.shape), layers)
         return None
     return [None if np.isnan(v) else float(v) for v in live.tolist()]
+
+
+def _layouts_in(arrays: dict, layers: int) -> tuple[str, list[str]] | None:
+    """The layouts a backend chose (`write`'s layouts) among a file's arrays, as (its name, one per
+    layer); None when there are none or they are not this model's."""
+    try:
+        kept = json.loads(str(arrays["layouts"])) if "layouts" in arrays else None
+    except ValueError:
+        return None
+    if not (isinstance(kept, list) and len(kept) == 2 and isinstance(kept[0], str) and isinstance(kept[1], list)
+            and len(kept[1]) == layers and all(isinstance(v, str) for v in kept[1])):
+        return None
+    return kept[0], kept[1]
+
+
+def read_live(path: Path, layers: int) -> list[float | None] | None:
+    """The live shares [layers] kept in `path` with the counts (None for a layer no step ran); None when
+    there are none (the file is missing, or an earlier st-sdk's) or they are not this model's (with a
+    warning)."""
+    try:
+        return _live_in(_arrays(path), path, layers)
+    except BAD_FILE:
+        return None   # `read` names the file's fault
 
 
 def write(path: Path, counts: np.ndarray, sources: list, live: list | None = None,
@@ -169,11 +195,12 @@ def examine(path: Path) -> Entry:
     return entry("stale" if why else "current", why, tuple(str(s[0]) for s in sources))
 
 
-def _remove_stale(directory: Path, sources: list) -> None:
-    """The stale counts kept for these model files (an earlier version's): gone, each logged."""
+def _remove_stale(directory: Path, sources: list, own: Path) -> None:
+    """The stale counts kept for these model files (an earlier version's): gone, each logged. `own`, the
+    file kept for them now (named by their sizes and times), is not looked at."""
     names = {str(s[0]) for s in sources}
     try:
-        found = [p for p in directory.iterdir() if is_counts_file(p.name)]
+        found = [p for p in directory.iterdir() if is_counts_file(p.name) and p.name != own.name]
     except OSError:
         return
     for e in map(examine, found):
@@ -207,55 +234,77 @@ def keep_shares(kept: list, seen: list) -> list:
     return [old if new is None else new if old is None else (old + new) / 2 for new, old in zip(seen, kept)]
 
 
-def kept_live_shares(cache, experts: int, model_path, backend: str = "") -> tuple[list | None, list | None]:
-    """Before the cache's layouts are set: each layer's live share kept with the counts for these model
-    files (ST_OFFLOAD_PROFILE "1" or "read"), else None; and the layouts `backend` (its name) chose from
-    the shares kept before them, where it wrote them, else None."""
-    kept = _kept_for(cache, experts, model_path)
-    if kept is None:
-        return None, None
-    return read_live(kept[0], len(cache.part_bytes)), read_layouts(kept[0], len(cache.part_bytes), backend)
+@dataclasses.dataclass
+class Kept:
+    """What earlier loads kept for a model's files, read once at load (`find_kept`): where (`path`), the
+    files counted on (`sources`), lfru's counts [layers, experts], each layer's live share, and the
+    layouts a backend chose from the shares kept before them, as (its name, one per layer); each None
+    where the file lacks it or it is not this model's (the file's faults logged, naming it)."""
+    path: Path
+    sources: list
+    counts: np.ndarray | None = None
+    live: list | None = None
+    layouts: tuple[str, list[str]] | None = None
+
+    def layouts_for(self, backend: str) -> list[str] | None:
+        """The kept layouts if `backend` (its name) chose them, else None."""
+        return self.layouts[1] if self.layouts is not None and self.layouts[0] == backend else None
+
+
+def find_kept(cache, experts: int, model_path) -> Kept | None:
+    """Before the cache's layouts are set: what is kept for the model files `cache` reads its experts
+    from (`model_path`, the model's file or directory, names it), its file read once; None where
+    ST_OFFLOAD_PROFILE is "0", the policy keeps no counts, or a model file is gone since it was opened."""
+    found = _kept_for(cache, experts, model_path)
+    if found is None:
+        return None
+    kept, layers = Kept(*found), len(cache.part_bytes)
+    if not kept.path.exists():
+        return kept
+    try:
+        arrays = _arrays(kept.path)
+        _sources_in(arrays)   # counts and the files they were counted on, else the file is not kept counts
+    except BAD_FILE as exc:
+        log.warning("st-sdk: ignoring the expert use counts in %s: %s", kept.path, exc or type(exc).__name__)
+        return kept
+    kept.counts = _counts_in(arrays, kept.path, layers, experts)
+    kept.live = _live_in(arrays, kept.path, layers)
+    kept.layouts = _layouts_in(arrays, layers)
+    return kept
 
 
 def read_layouts(path: Path, layers: int, backend: str) -> list[str] | None:
     """The layouts [layers] `backend` chose (`write`'s layouts) kept in `path`; None when there are
     none, another backend's, or not this model's."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            kept = json.loads(str(z["layouts"])) if "layouts" in z.files else None
-    except (*BAD_FILE, TypeError):
+        kept = _layouts_in(_arrays(path), layers)
+    except BAD_FILE:
         return None
-    if not (isinstance(kept, list) and len(kept) == 2 and kept[0] == backend and isinstance(kept[1], list)
-            and len(kept[1]) == layers and all(isinstance(v, str) for v in kept[1])):
-        return None
-    return kept[1]
+    return kept[1] if kept is not None and kept[0] == backend else None
 
 
-def attach(cache, experts: int, model_path) -> int:
-    """Start `cache` (before first use) from the counts kept for the model files it reads its experts
-    from, and have its counts kept as ST_OFFLOAD_PROFILE says (in `cache.counts_file`; `model_path`, the
-    model's file or directory, names it); returns the experts read into the slots now (0 without counts)."""
-    kept_for = _kept_for(cache, experts, model_path)
-    if kept_for is None:
+def attach(cache, experts: int, kept: Kept | None) -> int:
+    """Start `cache` (before first use) from the counts `find_kept` found for the model files it reads
+    its experts from, and have its counts kept as ST_OFFLOAD_PROFILE says (in `cache.counts_file`);
+    returns the experts read into the slots now (0 without counts)."""
+    if kept is None:
         return 0
-    how, (path, sources) = mode(), kept_for
+    path, sources, counts = kept.path, kept.sources, kept.counts
     cache.counts_file = path
-    layers = len(cache.part_bytes)
-    counts = read(path, layers, experts)
     warmed = cache.start_from(counts) if counts is not None else 0
-    if how == "1":
+    if mode() == "1":
         ref = weakref.ref(cache)
-        kept = read_live(path, layers) if counts is not None else None
+        before = kept.live if counts is not None else None
 
         def keep() -> None:
             c = ref()
             if c is not None and c.uses:   # a load that never ran a token keeps what was there
                 seen = c.live_seen() if c.live_seen is not None else None
-                if seen is not None and kept is not None:   # averaged with the share kept before (see keep_shares)
-                    seen = keep_shares(kept, seen)
-                write(path, c.use_counts(experts), sources, seen if seen is not None else kept, c.layouts_chosen)
+                if seen is not None and before is not None:   # averaged with the share kept before (see keep_shares)
+                    seen = keep_shares(before, seen)
+                write(path, c.use_counts(experts), sources, seen if seen is not None else before, c.layouts_chosen)
 
         cache.keep_counts = keep
         atexit.register(keep)
-        _remove_stale(path.parent, sources)
+        _remove_stale(path.parent, sources, path)
     return warmed
