@@ -1237,6 +1237,53 @@ def test_auto_writes_the_prepared_file_where_it_saves_a_conversion(tmp_path, mon
     assert prepared.auto_free_bytes(100 * 2**30) == 10 * 2**30 and prepared.auto_free_bytes(2**20) == prepared.FREE_MARGIN
 
 
+def test_a_prepared_file_in_new_layouts_replaces_the_models_old_one_where_the_disk_lacks_room_for_both(
+        tmp_path, monkeypatch, caplog):
+    """A load whose layouts differ from those of the model's prepared file (an earlier load's, before the
+    live shares it kept chose new ones) needs a new file; where the disk has room for it only without
+    the old one, the old one is removed (a warning names it) and the new one written; where it lacks
+    room even then, both are left and the experts are converted as they are read."""
+    from st_sdk.offload import prepared
+
+    monkeypatch.setenv("ST_SDK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ST_OFFLOAD_PROFILE", "0")
+    fake_disk(monkeypatch, free=90 * 2**30, total=100 * 2**30)
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q4_0", seed=5)["gguf"]
+    resident = st_sdk.load(path, backend="c", n_threads=1)
+    budget = budget_for(path, 12, backend="c")
+
+    def load(layout):
+        monkeypatch.setenv("ST_C_SPARSE_LAYOUT", layout)
+        return st_sdk.load(path, backend="c", n_threads=1, max_memory=budget, context=64)
+
+    old = load("off")
+    if old.memory_plan.expert_file is None:
+        pytest.skip("this C build reads the experts as stored (no SIMD variant): nothing to convert")
+    old_file = old.memory_plan.expert_file
+    new = load("up+down")
+    new_file = new.memory_plan.expert_file
+    assert new_file is not None and new_file != old_file and old_file.exists()   # room for both: both kept
+    need = new_file.stat().st_size
+    new_file.unlink()
+
+    # room for the new file only once the old one is gone: 10 GiB of the 100 GiB disk is kept free
+    fake_disk(monkeypatch, free=need + 10 * 2**30 - old_file.stat().st_size // 2, total=100 * 2**30)
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        m = load("up+down")
+    assert m.memory_plan.expert_file == new_file and new_file.exists() and not old_file.exists()
+    assert f"removed {old_file}" in caplog.text
+    np.testing.assert_allclose(m.logits(IDS[:8]), resident.logits(IDS[:8]), rtol=0,
+                               atol=1e-4 * np.abs(resident.logits(IDS[:8])).max())
+
+    # no room even without the other file: it stays, and the experts are converted as they are read
+    caplog.clear()
+    fake_disk(monkeypatch, free=need + 5 * 2**30, total=100 * 2**30)
+    with caplog.at_level("WARNING", logger="st_sdk.offload"):
+        short = load("off")
+    assert short.memory_plan.expert_file is None and new_file.exists() and "removed" not in caplog.text
+    assert "slows decoding" in caplog.text
+
+
 def test_prepared_expert_file_follows_the_model_file(tmp_path, monkeypatch, caplog):
     """A changed model file, a damaged prepared file or a disk without room: the experts are converted
     as they are read (a warning says why when one was asked for), never read from a stale file."""

@@ -22,8 +22,10 @@ any time: a later load writes it again where it is worth writing.
     "auto"  (the default) use the prepared file if one exists; else, when the backend converts the
             experts it reads (the C backend repacks them) and the disk keeps room to spare (a tenth
             of itself, at most AUTO_FREE_CAP: `auto_free_bytes`), write it
-            first (once: later loads read it), logged with its path and size; else convert each expert
-            as it is read
+            first (once: later loads read it), logged with its path and size; where the room is there
+            only without the same model's files in other layouts (an earlier load's, before the live
+            shares it kept chose new ones), those are removed first, each logged; else convert each
+            expert as it is read
     True    write it first when it is missing, if the disk has room for it and FREE_MARGIN more (a
             progress bar on a terminal); when the disk lacks room or the write fails, a warning says
             why and the experts are converted as they are read
@@ -217,6 +219,9 @@ def attach(cache: ExpertCache, experts: int, mode: bool | str = "auto", director
         _remove_stale(path.parent, [f[0] for f in sig["files"]])
         if mode == "auto":
             why = worth_writing(cache, sig, path)
+            others = _other_layouts(path, sig) if why else []
+            if others and not worth_writing(cache, sig, path, reclaim=sum(e.nbytes for e in others)):
+                why = _remove_superseded(others)   # this model's files in other layouts make room for it
             if why:
                 if not _converts(cache):   # nothing to convert, nothing lost
                     log.info("st-sdk: no prepared expert file written (%s)", why)
@@ -244,10 +249,11 @@ def _converts(cache: ExpertCache) -> bool:
     return any(lay is not None for lays in cache.layouts for lay in lays)
 
 
-def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
+def worth_writing(cache: ExpertCache, sig: dict, path: Path, reclaim: int = 0) -> str:
     """Why expert_file="auto" should not write a prepared file now ('' when it should): the cache holds
     every expert as stored (reads already go straight into the slots, nothing to save), the cache
-    directory is not writable, or the disk would keep less free than `auto_free_bytes` asks."""
+    directory is not writable, or the disk would keep less free than `auto_free_bytes` asks (with
+    `reclaim` more bytes free, those of files to be removed first)."""
     if not _converts(cache):
         return "the backend reads the experts as stored"
     where = path.parent
@@ -260,10 +266,31 @@ def worth_writing(cache: ExpertCache, sig: dict, path: Path) -> str:
     except OSError as e:
         return f"{where}: {e.strerror}"
     need, keep = HEADER + data_bytes(sig), auto_free_bytes(usage.total)
-    if usage.free - need < keep:
+    if usage.free + reclaim - need < keep:
         return (f"{where}: {usage.free / 2**30:.2f} GiB free, the file needs {need / 2**30:.2f} GiB and "
                 f"{keep / 2**30:.2f} GiB of the disk is kept free (a tenth of it, at most "
                 f"{AUTO_FREE_CAP / 2**30:.0f} GiB); expert_file=True writes it anyway")
+    return ""
+
+
+def _other_layouts(path: Path, sig: dict) -> list[Entry]:
+    """The current prepared files beside `path` made from the same model files, in other layouts (an
+    earlier load's, before the live shares it kept chose this load's)."""
+    files = {str(f[0]) for f in sig["files"]}
+    return [e for e in scan(path.parent) if e.kind == "experts" and e.state == "current" and e.path != path
+            and e.path.suffix == ".stx" and set(e.sources) == files]
+
+
+def _remove_superseded(entries: list[Entry]) -> str:
+    """Remove a model's prepared files in other layouts than the one about to be written, where the
+    disk lacks room for both (each logged); '' when they are gone, else why not."""
+    for e in entries:
+        try:
+            os.unlink(e.path)
+        except OSError as err:
+            return f"{e.path}: {err.strerror}"
+        log.warning("st-sdk: removed %s (%s), this model's prepared expert file in other layouts, to make room "
+                    "for the one in the layouts it is loaded with now", e.path, fmt_bytes(e.nbytes))
     return ""
 
 
