@@ -319,26 +319,26 @@ class PrefetchingRoute:
 
     def used(self, layer: int, x, picks: list, k: int, softmax: bool) -> None:
         """The picks of `routers(layer)` when the layer ran from resident experts and no guess needed a
-        read (the cache's `table` showed every guessed expert resident or being read): the uses counted
-        (ExpertCache.used), the guesses scored; a guess further ahead that this layer's picks turned on
-        is made here, and may start reads."""
-        self._after(self.cache.used, layer, x, picks, k, softmax, first=len(picks))
+        read: the uses counted (ExpertCache.used), the guesses handled as `picked` handles them (a guess
+        further ahead that this layer's picks turned on may still start reads)."""
+        self._after(self.cache.used, layer, x, picks, k, softmax)
 
-    def _after(self, own, layer, x, picks, k, softmax, first: int = 1) -> None:
-        """`own` given the layer's picks, the guesses made for it scored, then the guesses from distance
-        `first` on handled (those nearer need no read)."""
+    def _after(self, own, layer, x, picks, k, softmax) -> None:
         cache, ahead = self.cache, self.ahead
         cache.hold_reads()   # the layer's reads enter the kernel together, at the end
         try:
             own(layer, picks[0])
             if ahead is not None:
                 ahead.check(layer, picks[0])
-                for distance in range(first, self.reach(layer) + 1):   # one more when this layer's picks turned it on
-                    guess = picks[distance] if distance < len(picks) else \
-                        expert_ids(self.route(x, self.all_routers[layer + distance], k, softmax)[1])
-                    ahead.ahead(layer + distance, guess, distance)
+                self._guesses(layer, x, picks, k, softmax)
         finally:
             cache.submit_reads()
+
+    def _guesses(self, layer, x, picks, k, softmax) -> None:
+        for distance in range(1, self.reach(layer) + 1):   # one more when this layer's picks turned it on
+            guess = picks[distance] if distance < len(picks) else \
+                expert_ids(self.route(x, self.all_routers[layer + distance], k, softmax)[1])
+            self.ahead.ahead(layer + distance, guess, distance)
 
 
 def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookahead: str | None = "auto",
