@@ -148,7 +148,7 @@ def read_live(path: Path, layers: int) -> list[float | None] | None:
     try:
         return _live_in(_arrays(path), path, layers)
     except BAD_FILE:
-        return None   # `read` names the file's fault
+        return None   # find_kept names the file's fault
 
 
 def write(path: Path, counts: np.ndarray, sources: list, live: list | None = None,
