@@ -43,13 +43,13 @@ PARAMS = np.dtype([("sq_entries", "<u4"), ("cq_entries", "<u4"), ("flags", "<u4"
                    ("sq", "<u4", 10), ("cq", "<u4", 10)])
 SQ_TAIL, SQ_MASK, SQ_ARRAY = 1, 2, 6                # indices into io_sqring_offsets
 CQ_HEAD, CQ_TAIL, CQ_MASK, CQ_CQES = 0, 1, 2, 5      # indices into io_cqring_offsets
-SQE = np.dtype([("opcode", "u1"), ("flags", "u1"), ("ioprio", "<u2"), ("fd", "<i4"), ("off", "<u8"),
-                ("addr", "<u8"), ("len", "<u4"), ("rw_flags", "<u4"), ("user_data", "<u8"), ("pad", "<u8", 3)])
-CQE = np.dtype([("user_data", "<u8"), ("res", "<i4"), ("flags", "<u4")])
-assert PARAMS.itemsize == 120 and SQE.itemsize == 64 and CQE.itemsize == 16
-_SQE_PACK = struct.Struct("<BBHiQQIIQ24x").pack_into   # SQE's fields, written into the mapped ring
-_CQE_UNPACK = struct.Struct("<Qi4x").unpack_from       # a CQE's user_data and res
-assert struct.calcsize("<BBHiQQIIQ24x") == SQE.itemsize and struct.calcsize("<Qi4x") == CQE.itemsize
+# struct io_uring_sqe as a read uses it: opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data,
+# then padding; struct io_uring_cqe: user_data, res, flags. Written and read on the mapped rings with
+# `struct` (a NumPy record costs microseconds an entry)
+SQE = struct.Struct("<BBHiQQIIQ24x")
+CQE = struct.Struct("<Qi4x")
+assert PARAMS.itemsize == 120 and SQE.size == 64 and CQE.size == 16
+_SQE_PACK, _CQE_UNPACK = SQE.pack_into, CQE.unpack_from
 
 
 class Ring:
@@ -62,14 +62,14 @@ class Ring:
         self._close_fd = weakref.finalize(self, os.close, fd)   # a ring dropped without close() closes too
         p = params[0]
         sq_size = int(p["sq"][SQ_ARRAY]) + int(p["sq_entries"]) * 4
-        cq_size = int(p["cq"][CQ_CQES]) + int(p["cq_entries"]) * CQE.itemsize
+        cq_size = int(p["cq"][CQ_CQES]) + int(p["cq_entries"]) * CQE.size
         self._maps = []
         if int(p["features"]) & IORING_FEAT_SINGLE_MMAP:
             sq = cq = self._map(max(sq_size, cq_size), IORING_OFF_SQ_RING)
         else:
             sq, cq = self._map(sq_size, IORING_OFF_SQ_RING), self._map(cq_size, IORING_OFF_CQ_RING)
-        # the rings as memoryviews (an entry written or read with `struct`: a NumPy record costs microseconds)
-        self._sqes = memoryview(self._map(int(p["sq_entries"]) * SQE.itemsize, IORING_OFF_SQES))
+        # the rings as memoryviews, their entries written and read with SQE and CQE
+        self._sqes = memoryview(self._map(int(p["sq_entries"]) * SQE.size, IORING_OFF_SQES))
         sq32, cq32 = memoryview(sq).cast("I"), memoryview(cq).cast("I")
         self._sq_tail_at = int(p["sq"][SQ_TAIL]) // 4
         self._sq_mask = sq32[int(p["sq"][SQ_MASK]) // 4]
@@ -162,7 +162,7 @@ class Ring:
             fd, addr, length, offset, tag = self._waiting.popleft()
             tail = sq32[self._sq_tail_at]
             i = tail & self._sq_mask
-            _SQE_PACK(self._sqes, i * SQE.itemsize, IORING_OP_READ, 0, 0, fd, offset, addr, length, 0, tag)
+            _SQE_PACK(self._sqes, i * SQE.size, IORING_OP_READ, 0, 0, fd, offset, addr, length, 0, tag)
             sq32[self._sq_array_at + i] = i
             sq32[self._sq_tail_at] = (tail + 1) & 0xFFFFFFFF
             self._queued += 1
@@ -182,7 +182,7 @@ class Ring:
         head, tail = cq32[self._cq_head_at], cq32[self._cq_tail_at]
         n = (tail - head) & 0xFFFFFFFF
         for j in range(n):
-            tag, res = _CQE_UNPACK(self._cq, self._cqes_at + ((head + j) & self._cq_mask) * CQE.itemsize)
+            tag, res = _CQE_UNPACK(self._cq, self._cqes_at + ((head + j) & self._cq_mask) * CQE.size)
             self.results[tag] = res
         if n:
             cq32[self._cq_head_at] = tail
