@@ -1190,6 +1190,33 @@ int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cach
     return rc;
 }
 
+int st_layers_cached(st_pool *pool, const st_model *const *models, const st_mat *const *routers, int64_t n_layers,
+                     st_kv *caches, float *h, const int64_t *pos, int64_t T, int32_t softmax, const int32_t *reach,
+                     int32_t most, const int32_t *state, int64_t n_slots, const uint8_t *base, int64_t stride,
+                     const int64_t *offsets, float *weights, int64_t *ids, int32_t *ran, st_layer_back back,
+                     void *ctx) {
+    if (!models || !routers || !caches || !reach || most < 1 || !state || !offsets || !weights || !ids || !ran ||
+        !back || n_layers <= 0 || T <= 0)
+        return ST_EARG;
+    for (int64_t i = 0; i < n_layers; i++)
+        if (!models[i] || models[i]->n_experts != models[0]->n_experts || models[i]->top_k != models[0]->top_k)
+            return ST_EARG;
+    const int64_t E = models[0]->n_experts, per = most * T * models[0]->top_k;
+    for (int64_t i = 0; i < n_layers; i++) {
+        int64_t n = 1 + (*reach > 0 ? *reach : 0);
+        if (n > most) n = most;
+        if (n > n_layers - i) n = n_layers - i;
+        int32_t done = 0;
+        int rc = st_layer_cached(pool, models[i], 0, caches + i, h, pos, T, routers + i, (int32_t)n, softmax,
+                                 state + i * E, n_slots, base, stride, offsets + 3 * i, weights + i * per,
+                                 ids + i * per, &done);
+        if (rc != ST_OK) return rc;
+        ran[i] = done ? (int32_t)n : -(int32_t)n;
+        if (!done && (rc = back(ctx, i)) != 0) return rc;
+    }
+    return ST_OK;
+}
+
 /* ---- per-op entry points (the conformance kit checks each op alone) ------------------------------ */
 int st_get_rows(const st_mat *tb, const int64_t *ids, int64_t T, float *out) {
     if (!tb || !ids || !out || T <= 0 || !mat_ok(tb, tb->rows, tb->cols) || fmt_x8(tb->fmt)) return ST_EARG;

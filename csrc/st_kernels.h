@@ -185,6 +185,19 @@ int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cach
                     int64_t T, const st_mat *const *routers, int32_t n, int32_t softmax, const int32_t *state,
                     int64_t n_slots, const uint8_t *base, int64_t stride, const int64_t *offsets, float *weights,
                     int64_t *ids, int32_t *done);
+/* A step's layers under a memory budget in one call, each as st_layer_cached routes and runs it: layer i
+ * (models[i] its one-layer struct, caches[i] its KV cache, routers[i] its router) routes h with its own
+ * router and those of the next min(*reach, most - 1, n_layers - 1 - i) layers, *reach read afresh at each
+ * layer, into weights/ids + i * most * T * top_k ([n, T, top_k] there); state is [n_layers, n_experts],
+ * offsets [n_layers, 3]. A layer st_layer_cached runs whole gets ran[i] = n; any other ran[i] = -n and
+ * back(ctx, i), which must finish the layer on h (start its reads, run it) before the next one routes;
+ * a non-zero return of back ends the call with that value. */
+typedef int32_t (*st_layer_back)(void *ctx, int64_t layer);
+int st_layers_cached(st_pool *pool, const st_model *const *models, const st_mat *const *routers, int64_t n_layers,
+                     st_kv *caches, float *h, const int64_t *pos, int64_t T, int32_t softmax, const int32_t *reach,
+                     int32_t most, const int32_t *state, int64_t n_slots, const uint8_t *base, int64_t stride,
+                     const int64_t *offsets, float *weights, int64_t *ids, int32_t *ran, st_layer_back back,
+                     void *ctx);
 /* A memory probe for benchmarks/sparse_reglu.py --probe: reads the m chunks of `chunk` bytes (a multiple
  * of 8) at base + idx[j] * chunk (idx NULL: chunk j, a plain stream), the pool's threads each their
  * share in order, each fetching `ahead` chunks ahead into L2 as the sparse layouts' kernels fetch live

@@ -284,6 +284,11 @@ class Backend:
     #: Used only by backends with `supports_offload` whose `moe` is native; without it a budget runs the
     #: graph op by op.
     offloaded_layer: Callable | None = None
+    #: optional, beside offloaded_layer: every layer of a step under a memory budget,
+    #: offloaded_layers(config, layer_params, h, ctx, cache, route) -> h (cache: the step's KV cache),
+    #: counting the uses of layers it ran from resident experts with `route.used(layer, None, picks, k,
+    #: softmax)`, in layer order, before the next layer that starts reads does so.
+    offloaded_layers: Callable | None = None
 
     def row_read_weights(self, params: ModelParams) -> list:
         """Of these prepared params, the arrays this backend reads only a row at a time, straight from a
@@ -351,10 +356,14 @@ class OpTable:
     attention_batch: Callable | None = None
     forward_batch: Callable | None = None
     concat: Callable | None = None
+    #: memory-budget mode's run of a step's every layer, layers(config, layer_params, h, ctx, cache) -> h
+    #: (st_sdk.offload.experts.offload_ops: the backend's `offloaded_layers`), or None
+    layers: Callable | None = None
 
     def wrapped(self, wrapper: Callable[[str, Callable], Callable]) -> "OpTable":
         """A copy whose every op is `wrapper(name, op)`: tracing and profiling wrap the table."""
-        changes = {op: (wrapper(op, getattr(self, op)) if getattr(self, op) is not None else None) for op in OPS}
+        changes = {op: (wrapper(op, getattr(self, op)) if getattr(self, op) is not None else None)
+                   for op in OPS + ("layers",)}
         if "attention_batch" not in self.native and self.concat is not None:   # built from attention: rebuild it
             changes["attention_batch"] = wrapper("attention_batch", batched_attention(changes["attention"], self.concat))
         return OpTable(**{**self.__dict__, **changes})

@@ -56,11 +56,14 @@ def forward(ops: OpTable, cfg: ModelConfig, params: ModelParams, ids, positions,
         return ops.forward(cfg, params, ids, positions, cache, last_only)
     with ops.context(cfg, positions) as ctx:                 # what every layer of this step shares
         h = ops.embed(params.embed, ids)
-        for i, p in enumerate(params.layers):
-            if ops.layer is not None:                         # a backend's fused layer
-                h, cache.layers[i] = ops.layer(cfg, i, p, h, ctx, cache.layers[i])
-            else:
-                h, cache.layers[i] = decoder_layer(ops, cfg, i, p, h, ctx, cache.layers[i])
+        if ops.layers is not None:                            # a backend's run of every layer (memory budget)
+            h = ops.layers(cfg, params.layers, h, ctx, cache)
+        else:
+            for i, p in enumerate(params.layers):
+                if ops.layer is not None:                     # a backend's fused layer
+                    h, cache.layers[i] = ops.layer(cfg, i, p, h, ctx, cache.layers[i])
+                else:
+                    h, cache.layers[i] = decoder_layer(ops, cfg, i, p, h, ctx, cache.layers[i])
         if last_only:
             h = h[-1:]
         h = ops.rms_norm(h, params.norm, cfg.rms_norm_eps)

@@ -147,7 +147,7 @@ class RoutingRecorder:
 
         self._saved = ops
         # fused layer/step ops would bypass route and moe: record through the per-op path
-        self.model.ops = dataclasses.replace(ops, route=route, moe=moe, layer=None, forward=None)
+        self.model.ops = dataclasses.replace(ops, route=route, moe=moe, layer=None, layers=None, forward=None)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -527,12 +527,16 @@ def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatc
 
     monkeypatch.setattr(Lookahead, "ahead", recorded)
     monkeypatch.setattr(CBackend, "_router_structs", counted)
+    monkeypatch.setenv("ST_OFFLOAD_LAYERS", "0")         # a C call a layer
     got, got_guesses, layers = run()
     assert len(calls) == 24 * layers and max(calls) > 1   # one call a layer, guesses included
+    monkeypatch.setenv("ST_OFFLOAD_LAYERS", "1")         # a step's layers in one C call (the default)
+    fused, fused_guesses, _ = run()
     monkeypatch.setattr(CBackend, "route_many", None)    # a call per router
     want, want_guesses, _ = run()
     np.testing.assert_array_equal(got, want)
-    assert got_guesses == want_guesses and len(got_guesses) > 24
+    np.testing.assert_array_equal(fused, want)
+    assert got_guesses == want_guesses == fused_guesses and len(got_guesses) > 24
 
 
 def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files, monkeypatch):
@@ -978,7 +982,7 @@ def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, t
     resident = st_sdk.load(path, backend="c", n_threads=threads)
     m = st_sdk.load(path, backend="c", n_threads=threads,
                     max_memory=budget_for(path, 12, backend="c", threads=threads), context=64)
-    assert m.ops.layer is not None and m.ops.forward is None
+    assert m.ops.layer is not None and m.ops.layers is not None and m.ops.forward is None
     np.testing.assert_array_equal(m.logits(IDS[:6]), resident.logits(IDS[:6]))
     m.backend.sparsity(reset=True)
     s, r = m.session(), resident.session()
@@ -995,6 +999,57 @@ def test_c_budget_layer_computes_what_the_resident_layer_does(tmp_path, dtype, t
     assert m.backend._idle_spin == spin and resident.backend._idle_spin is None
     assert m.backend._lib()[2] == cbackend.get_pool(threads, spin)
     assert (m.backend._lib()[2] != cbackend.get_pool(threads)) == (spin is not None)
+
+
+def test_c_budget_step_runs_its_resident_layers_in_one_call_and_surfaces_errors(tmp_path, monkeypatch):
+    """A budget decode step's layers go to C in one call (st_layers_cached): the layers whose experts
+    the cache holds run there whole, only the others come back to Python to start their reads, and
+    every layer's uses are counted as layer by layer. A prompt's chunk longer than LAYERS_AT_ONCE_TOKENS
+    goes layer by layer. An error raised while C waits on Python (a read that fails) reaches the caller
+    as itself, and the model decodes right afterwards."""
+    from st_sdk.offload.experts import PrefetchingRoute
+    from st_sdk_backends.c import backend as cbackend
+
+    if not _c_repacking():
+        pytest.skip("the C backend runs the loaded layout only on its SIMD variants")
+    path = write_model(tmp_path, preset="tiny", formats=("gguf",), dtype="q8_0", seed=3)["gguf"]
+    budget = budget_for(path, 12, backend="c", threads=2)
+    resident = st_sdk.load(path, backend="c", n_threads=2)
+    m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
+    layers = m.config.num_hidden_layers
+    calls = {"offloaded_layer": 0, "_after_routing": 0}
+    for name in calls:
+        def counting(self, *a, _f=getattr(cbackend.CBackend, name), _name=name, **kw):
+            calls[_name] += 1
+            return _f(self, *a, **kw)
+        monkeypatch.setattr(cbackend.CBackend, name, counting)
+    prompt = IDS[:cbackend.LAYERS_AT_ONCE_TOKENS + 1]
+    s, r = m.session(), resident.session()
+    np.testing.assert_array_equal(s.feed(prompt), r.feed(prompt))
+    assert calls["offloaded_layer"] == layers   # the long chunk: layer by layer
+    hits = m.offload.stats.hits
+    for t in IDS[10:34]:
+        np.testing.assert_array_equal(s.feed([int(t)]), r.feed([int(t)]))
+    assert calls["offloaded_layer"] == layers   # decode steps: every layer in the step's one call
+    assert 0 < calls["_after_routing"] < 24 * layers   # some layers ran whole in C, some started reads
+    # every pick of every layer counted: k uses a layer and token, as hits or as experts read
+    assert m.offload.stats.hits - hits > 24 * layers * m.config.moe_num_active_primary_experts // 2
+
+    picked = PrefetchingRoute.picked
+
+    def failing(self, layer, *a, **kw):
+        if layer == layers - 1:
+            raise OSError(5, "Input/output error")
+        return picked(self, layer, *a, **kw)
+
+    monkeypatch.setattr(PrefetchingRoute, "picked", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        for t in IDS[34:40]:   # until the last layer starts a read
+            s.feed([int(t)])
+    monkeypatch.setattr(PrefetchingRoute, "picked", picked)
+    s, r = m.session(), resident.session()
+    for t in IDS[:12]:
+        np.testing.assert_array_equal(s.feed([int(t)]), r.feed([int(t)]))
 
 
 @pytest.mark.parametrize("strided", [False, True])

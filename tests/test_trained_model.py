@@ -181,7 +181,7 @@ def test_ranking_by_sigmoid_score_picks_the_experts_ranking_by_logit_picks(model
         logits.append(np.asarray(x, np.float32) @ weight.raw.numpy().T)
         return ops.route(x, weight, k, softmax)
 
-    model.ops = dataclasses.replace(ops, route=route, layer=None, forward=None)
+    model.ops = dataclasses.replace(ops, route=route, layer=None, layers=None, forward=None)
     try:
         model.logits(ids)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,12 @@ _pools_lock = threading.Lock()
 # wants the core) the default is kept too: 2000 gave 0.89-0.99x of it on the skewed 21b-a3b in 8 GiB, and
 # moved within the rounds' spread on the 4b-a0.6b in 1 GiB (paired rounds). docs/memory_budget.md.
 BUDGET_IDLE_SPIN = 2000
+
+
+#: the most tokens a budget step runs with its layers in one C call (`offloaded_layers`; it keeps every
+#: layer's routing of the step): a longer prompt's chunk goes layer by layer, where the Python between
+#: the calls costs little beside its compute
+LAYERS_AT_ONCE_TOKENS = 8
 
 
 def budget_idle_spin(cache) -> int | None:
@@ -131,6 +138,17 @@ def _picks(ids, weights, T: int, E: int):
     return (np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(weights, np.float32), picked)
 
 
+class _LayersPlan(NamedTuple):
+    structs: list      # each layer's one-layer st_model
+    addresses: list    # each layer's _slot_addresses
+    models: object     # const st_model *[]
+    mats: list         # the routers' CMat (kept alive)
+    routers: object    # const st_mat *[]
+    base: int
+    stride: int
+    offsets: object    # int64_t[L * 3]
+
+
 def _dims(cfg) -> dict:
     """st_model's dimensions for this config."""
     return {"hidden": cfg.hidden_size, "n_heads": cfg.num_attention_heads, "n_kv": cfg.num_key_value_heads,
@@ -192,6 +210,7 @@ class CBackend(Backend):
         self.arena = Arena()   # the repacked copies, on huge pages where the kernel grants them
         self._layer_structs: dict = {}
         self._slot_cache: dict = {}   # see _slot_addresses
+        self._plans: dict = {}        # see _layers_plan
         self._route_structs: dict = {}   # see _routes
         self._step_positions = None   # see _layer_inputs
         self.threads = resolve_threads(n_threads)
@@ -561,31 +580,40 @@ class CBackend(Backend):
         none of the guesses needs a read, the whole layer runs in that same C call, straight from the
         cache's slots (`_cached_layer`). Otherwise the reads start, attention runs in one C call while they
         arrive, then the ffn norm and the picked experts in a second, straight from the slots in the layout
-        loaded experts get. A step that picks more experts than the cache holds at once runs its experts
-        group by group (`_offloaded_moe`)."""
+        loaded experts get (`_finish_layer`). A step that picks more experts than the cache holds at once
+        runs its experts group by group (`_offloaded_moe`)."""
         lp = layer_params
         cache = lp.gate.raw.cache
         self._idle_spin = budget_idle_spin(cache)   # every later op of this model too
-        ffi, lib, pool = self._lib()
         struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
-        T, k, softmax = out.shape[0], cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
-        gate, up, down = lp.gate.raw, lp.up.raw, lp.down.raw
+        ffi, _ = ffi_lib()
         hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
-        addresses = self._slot_addresses(struct, cache, gate.layer, (gate, up, down), i)
+        addresses = self._slot_addresses(struct, cache, lp.gate.raw.layer, (lp.gate.raw, lp.up.raw, lp.down.raw), i)
+        k, softmax = cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
         if getattr(route, "route_many", None) is not None and cache.table is not None:   # the routing is this backend's
-            routed = self._cached_layer(struct, cache, gate.layer, route, out, hp, pp, layer_cache, k, softmax,
+            routed = self._cached_layer(struct, cache, lp.gate.raw.layer, route, out, hp, pp, layer_cache, k, softmax,
                                         addresses, i)
             if routed is None:
                 return out, layer_cache
             weights, ids = routed
         else:
             weights, ids = route(out, lp.router, k, softmax)
+        self._finish_layer(cfg, i, lp, struct, layer_cache, out, hp, pp, addresses, weights, ids)
+        return out, layer_cache
+
+    def _finish_layer(self, cfg, i, lp, struct, layer_cache, out, hp, pp, addresses, weights, ids):
+        """The rest of a budget layer routed by (weights, ids) [T, k] whose reads have started: attention,
+        then the picked experts from their slots (waiting for their reads), or group by group when more
+        are picked than the cache holds at once."""
+        ffi, lib, pool = self._lib()
+        cache, (gate, up, down) = lp.gate.raw.cache, (lp.gate.raw, lp.up.raw, lp.down.raw)
+        T = out.shape[0]
         ids, weights, picked = _picks(ids, weights, T, cfg.moe_num_primary_experts)
         check(lib.st_layer_part(pool, struct, 0, layer_cache.kv, hp, pp, T, 1, ffi.NULL, ffi.NULL), f"layer {i}")
         if len(picked) > cache.slots - 1:   # more than fit at once: group by group
             m = self.rms_norm(out, lp.ffn_norm, cfg.rms_norm_eps)
             out += self._offloaded_moe(m, gate, up, down, ids, weights, None)
-            return out, layer_cache
+            return
         pointers, base, stride, offsets = addresses[:4]
         at = np.array(picked, np.intp)
         slots = base + np.array(cache.slots_of(gate.layer, picked), np.uintp) * stride
@@ -597,37 +625,144 @@ class CBackend(Backend):
         finally:   # a slot may hold another expert by the next step
             for experts in pointers:
                 experts[at] = 0
-        return out, layer_cache
 
     def _cached_layer(self, struct, cache, layer: int, route, out, hp, pp, layer_cache, k: int, softmax: bool,
                       addresses, i: int):
         """`offloaded_layer`'s first call (st_layer_cached): the routers `route` asks for applied to `out`,
         and the whole layer run on it when the cache's table (ExpertCache.table) shows every pick resident
-        and no guess absent; then the uses are counted (`route.used`) and None returned. Otherwise the
-        reads start (`route.picked`); then, if every pick of the layer's own is resident (only guesses
-        were read), the layer runs whole in a second call with that routing, its uses are counted
-        (`ExpertCache.used`) and None is returned; else the layer's own (weights, ids) [T, k]."""
+        and no guess absent; then the uses are counted (`route.used`) and None returned. Otherwise
+        `_after_routing`."""
         ffi, lib, pool = self._lib()
         T = out.shape[0]
-        _, base, stride, _, offsets = addresses
         structs, n, _ = self._router_structs(route.routers(layer), k)
         w = np.empty((n, T, k), np.float32)
         ids = np.empty((n, T, k), np.int64)
         done = ffi.new("int32_t *")
-        rest = (int(bool(softmax)), ffi.cast("int32_t *", cache.table[layer:].ctypes.data), len(cache.buffer),
-                ffi.cast("uint8_t *", base), stride, offsets, ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids), done)
-        check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, structs, n, *rest), f"layer {i}")
-        picks = ids.reshape(n, -1).tolist()
+        rest = self._cached_args(cache, layer, addresses, w, ids, done)
+        check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, structs, n, int(bool(softmax)), *rest),
+              f"layer {i}")
         if done[0]:
-            route.used(layer, out, picks, k, softmax)
+            route.used(layer, out, ids.reshape(n, -1).tolist(), k, softmax)
             return None
+        return self._after_routing(struct, cache, layer, route, out, hp, pp, layer_cache, k, softmax, w, ids, rest, i)
+
+    def _cached_args(self, cache, layer: int, addresses, w, ids, done) -> tuple:
+        """st_layer_cached's arguments after `softmax`: the layer's rows of the cache's table, its slots'
+        base, stride and part offsets, the routing's arrays and the flag it sets."""
+        ffi, _ = ffi_lib()
+        _, base, stride, _, offsets = addresses
+        return (ffi.cast("int32_t *", cache.table[layer:].ctypes.data), len(cache.buffer), ffi.cast("uint8_t *", base),
+                stride, offsets, ptr(ffi, "float *", w), ptr(ffi, "int64_t *", ids), done)
+
+    def _after_routing(self, struct, cache, layer: int, route, out, hp, pp, layer_cache, k: int, softmax: bool,
+                       w, ids, rest, i: int):
+        """A budget layer routed into (w, ids) [n, T, k] (its own router, then its guesses) that a read
+        holds back: the reads start (`route.picked`); then, if every pick of the layer's own is resident
+        (only guesses were read), the layer runs whole in a second call with that routing, its uses are
+        counted (`ExpertCache.used`) and None is returned; else the layer's own (weights, ids) [T, k]."""
+        ffi, lib, pool = self._lib()
+        n, T = ids.shape[0], out.shape[0]
+        picks = ids.reshape(n, -1).tolist()
         route.picked(layer, out, picks, k, softmax)
         if n > 1:   # only guesses' reads, maybe: the same routing again, whole if the own picks are resident
-            check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, ffi.NULL, 0, *rest), f"layer {i}")
-            if done[0]:
+            check(lib.st_layer_cached(pool, struct, 0, layer_cache.kv, hp, pp, T, ffi.NULL, 0, int(bool(softmax)),
+                                      *rest), f"layer {i}")
+            if rest[-1][0]:
                 cache.used(layer, picks[0])
                 return None
         return w[0], ids[0]
+
+    def offloaded_layers(self, cfg, layers, h, ctx, cache, route):
+        """Every layer of a step under a memory budget, in one C call where it can (st_layers_cached;
+        Backend.offloaded_layers): each layer routes as `offloaded_layer`'s first call does and runs whole
+        in C while the cache holds its picks and its guesses need no read; the layers that ran so are
+        counted (`route.used`, in order) when C next calls back and at the end. Any other layer calls
+        back here and finishes as `offloaded_layer` does (reads, attention, experts). A step whose
+        routing the backend does not run itself goes layer by layer."""
+        experts = layers[0].gate.raw.cache if layers else None
+        if not layers or getattr(route, "route_many", None) is None or experts.table is None \
+                or not isinstance(cache, CKVCache) or np.shape(h)[0] > LAYERS_AT_ONCE_TOKENS:
+            for i, lp in enumerate(layers):
+                h, cache.layers[i] = self.offloaded_layer(cfg, i, lp, h, ctx, cache.layers[i], route)
+            return h
+        ffi, lib, pool = self._lib()
+        self._idle_spin = budget_idle_spin(experts)
+        plan = self._layers_plan(cfg, layers, experts, cache)
+        out = np.array(activations(h, cfg.hidden_size, "h"), copy=True)
+        T, k, softmax, L = out.shape[0], cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax, len(layers)
+        pos = int64_vector(ctx.positions, T, "positions", 0)
+        cache.reserve(T)
+        most = 1 + route.reach_ahead()
+        w = np.empty((L, most, T, k), np.float32)
+        ids = np.empty((L, most, T, k), np.int64)
+        ran = np.zeros(L, np.int32)
+        reach = np.array([most - 1], np.int32)
+        hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
+        counted, failed = [0], []
+
+        def count(upto: int) -> None:   # the uses of the layers that ran whole in C, up to `upto`
+            for j in range(counted[0], upto):
+                if ran[j] > 0:
+                    route.used(j, None, ids[j, :ran[j]].reshape(ran[j], -1).tolist(), k, softmax)
+            counted[0] = max(counted[0], upto)
+
+        def back(_, i):
+            try:
+                count(i)
+                counted[0] = i + 1
+                n = -int(ran[i])
+                lp, kv_layer = layers[i], cache.layers[i]
+                wi, idi = w[i, :n], ids[i, :n]
+                rest = self._cached_args(experts, i, plan.addresses[i], wi, idi, ffi.new("int32_t *"))
+                routed = self._after_routing(plan.structs[i], experts, i, route, out, hp, pp, kv_layer, k, softmax,
+                                             wi, idi, rest, i)
+                if routed is not None:
+                    self._finish_layer(cfg, i, lp, plan.structs[i], kv_layer, out, hp, pp, plan.addresses[i], *routed)
+                reach[0] = min(route.reach_ahead(), most - 1)
+                return 0
+            except BaseException as e:   # raised again below, once C has returned
+                failed.append(e)
+                return 1
+
+        route.routers(0)   # the step's run-time memory check, as a first layer's routing makes it
+        callback = ffi.callback("int32_t(void *, int64_t)", back)
+        rc = lib.st_layers_cached(pool, plan.models, plan.routers, L, cache.structs, hp, pp, T, int(bool(softmax)),
+                                  ffi.cast("int32_t *", reach.ctypes.data), most,
+                                  ffi.cast("int32_t *", experts.table.ctypes.data), len(experts.buffer),
+                                  ffi.cast("uint8_t *", plan.base), plan.stride, plan.offsets, ptr(ffi, "float *", w),
+                                  ptr(ffi, "int64_t *", ids), ffi.cast("int32_t *", ran.ctypes.data), callback, ffi.NULL)
+        if failed:
+            raise failed[0]
+        check(rc, "budget layers")
+        count(L)
+        return out
+
+    def _layers_plan(self, cfg, layers, experts, cache):
+        """What `offloaded_layers` hands C for a step, built once per layer list, config and cache buffer:
+        the layers' one-layer structs and slot addresses (as `offloaded_layer` uses them), their routers,
+        and the slots' base, stride and part offsets [L, 3] as C arrays; InputError unless the KV cache
+        `cache` fits the config."""
+        cache.check(cfg)
+        hit = self._plans.get(id(layers))
+        if hit is not None and hit[0] is experts.buffer and hit[2] is layers and hit[3] is cfg:
+            return hit[1]
+        ffi, _ = ffi_lib()
+        structs, addresses, routers = [], [], []
+        for i, lp in enumerate(layers):
+            key_i = (id(lp), i)
+            got = self._layer_structs.get(key_i)
+            if got is None or got[0] is not lp or (got[1][2] is not cfg and got[1][2] != cfg):
+                got = self._layer_structs[key_i] = (lp, self._struct(cfg, [(i, lp)]))
+            structs.append(got[1][0])
+            addresses.append(self._slot_addresses(got[1][0], experts, lp.gate.raw.layer,
+                                                  (lp.gate.raw, lp.up.raw, lp.down.raw), i))
+            routers.append(as_mat(lp.router))
+        offsets = ffi.new("int64_t[]", [int(a[4][j]) for a in addresses for j in range(3)])
+        plan = _LayersPlan(structs, addresses, ffi.new("const st_model *[]", structs), routers,
+                           ffi.new("const st_mat *[]", [r.struct for r in routers]), addresses[0][1], addresses[0][2],
+                           offsets)
+        self._plans[id(layers)] = (experts.buffer, plan, layers, cfg)
+        return plan
 
     def _slot_addresses(self, struct, cache, layer: int, parts, i: int):
         """For `offloaded_layer`, worked out once per layer and cache buffer: the layer struct's gate, up

@@ -108,16 +108,20 @@ class CKVCache(kv.LayeredCache):
         self.dtype = self.specs[0].dtype if self.specs else kv.storage(dtype)
         self.structs = ffi.new("st_kv[]", len(self.specs))   # contiguous: st_forward takes the array
         self.layers = [CLayerKV(self.structs, i, spec, capacity) for i, spec in enumerate(self.specs)]
+        self._fits = None   # the last config `check` passed (configs are frozen)
 
     def check(self, config) -> None:
         """InputError unless this cache was made for `config`'s layers, heads and windows: the kernels
         index it with the config's sizes."""
         from st_sdk.errors import InputError
 
+        if config is self._fits:
+            return
         if [(s.n_kv, s.head_dim, s.window) for s in self.specs] != \
                 [(s.n_kv, s.head_dim, s.window) for s in kv.layer_specs(config)]:
             raise InputError("KV cache was made for a different model shape (layers, kv heads, head_dim or "
                              "windows); make it with this model's new_cache()/session()")
+        self._fits = config
 
     def reserve(self, n_new: int) -> None:
         for layer in self.layers:

@@ -284,9 +284,14 @@ class PrefetchingRoute:
     def reach(self, layer: int) -> int:
         """How many layers ahead to guess from this one: the next, then each further one while the
         guesses a layer nearer are on (further ones are no better: not worth a router call while off)."""
-        n = min(self.ahead.depth, len(self.all_routers) - 1 - layer)
-        d = min(n, 1)
-        while d < n and self.ahead.active_at(d):
+        return min(self.reach_ahead(), len(self.all_routers) - 1 - layer)
+
+    def reach_ahead(self) -> int:
+        """`reach` from a layer with more than `depth` layers after it (0 without reading ahead)."""
+        if self.ahead is None:
+            return 0
+        d = 1
+        while d < self.ahead.depth and self.ahead.active_at(d):
             d += 1
         return d
 
@@ -335,7 +340,8 @@ class PrefetchingRoute:
             cache.submit_reads()
 
     def _guesses(self, layer, x, picks, k, softmax) -> None:
-        for distance in range(1, self.reach(layer) + 1):   # one more when this layer's picks turned it on
+        reach = self.reach(layer) if x is not None else min(self.reach(layer), len(picks) - 1)
+        for distance in range(1, reach + 1):   # one more when this layer's picks turned it on (x given)
             guess = picks[distance] if distance < len(picks) else \
                 expert_ids(self.route(x, self.all_routers[layer + distance], k, softmax)[1])
             self.ahead.ahead(layer + distance, guess, distance)
@@ -365,6 +371,11 @@ def offload_ops(ops, backend, params, cache: ExpertCache, prefetch: bool, lookah
     def fused_layer(cfg, i, p, h, ctx, layer_cache):   # the backend's own, around the cache
         return backend.offloaded_layer(cfg, i, p, h, ctx, layer_cache, route)
 
+    def fused_layers(cfg, layers, h, ctx, cache):   # the same, every layer of a step
+        return backend.offloaded_layers(cfg, layers, h, ctx, cache, route)
+
     layer = fused_layer if native and getattr(backend, "offloaded_layer", None) is not None else None
-    return dataclasses.replace(ops, forward=None, layer=layer, forward_batch=None, moe=moe, route=route,
+    layers = fused_layers if layer is not None and getattr(backend, "offloaded_layers", None) is not None \
+        and os.environ.get("ST_OFFLOAD_LAYERS", "1") != "0" else None
+    return dataclasses.replace(ops, forward=None, layer=layer, layers=layers, forward_batch=None, moe=moe, route=route,
                                fallbacks=sorted(set(ops.fallbacks) | ({"moe"} if moe is not ops.moe else set())))
