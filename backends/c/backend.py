@@ -550,10 +550,7 @@ class CBackend(Backend):
         of h to update in place [T, H], the positions, with room for T more in the layer's cache."""
         if not isinstance(layer_cache, CLayerKV):
             raise InputError("C backend layer needs a layer of a cache made by its own new_cache()")
-        key = (id(layer_params), i)
-        hit = self._layer_structs.get(key)
-        if hit is None or hit[0] is not layer_params or (hit[1][2] is not cfg and hit[1][2] != cfg):
-            hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
+        struct = self._layer_struct(cfg, i, layer_params)
         layer_cache.spec.check(cfg.num_key_value_heads, cfg.head_dim, cfg.layer_window(i), f"layer {i}")
         out = np.array(activations(h, cfg.hidden_size, f"layer {i} h"), copy=True)
         # a step's layers share its positions array: checked at the first layer (the C calls check for
@@ -563,7 +560,15 @@ class CBackend(Backend):
             pos = int64_vector(pos, out.shape[0], "positions", 0)
             self._step_positions = pos if pos is ctx.positions else None
         layer_cache.reserve(out.shape[0])
-        return hit[1][0], out, pos
+        return struct, out, pos
+
+    def _layer_struct(self, cfg, i, layer_params):
+        """Layer i's one-layer st_model, built once per layer params and config."""
+        key = (id(layer_params), i)
+        hit = self._layer_structs.get(key)
+        if hit is None or hit[0] is not layer_params or (hit[1][2] is not cfg and hit[1][2] != cfg):
+            hit = self._layer_structs[key] = (layer_params, self._struct(cfg, [(i, layer_params)]))
+        return hit[1][0]
 
     def layer(self, cfg, i, layer_params, h, ctx, layer_cache):
         """One whole decoder layer in one C call (h [T, H] in, h [T, H] out)."""
@@ -749,12 +754,8 @@ class CBackend(Backend):
         ffi, _ = ffi_lib()
         structs, addresses, routers = [], [], []
         for i, lp in enumerate(layers):
-            key_i = (id(lp), i)
-            got = self._layer_structs.get(key_i)
-            if got is None or got[0] is not lp or (got[1][2] is not cfg and got[1][2] != cfg):
-                got = self._layer_structs[key_i] = (lp, self._struct(cfg, [(i, lp)]))
-            structs.append(got[1][0])
-            addresses.append(self._slot_addresses(got[1][0], experts, lp.gate.raw.layer,
+            structs.append(self._layer_struct(cfg, i, lp))
+            addresses.append(self._slot_addresses(structs[-1], experts, lp.gate.raw.layer,
                                                   (lp.gate.raw, lp.up.raw, lp.down.raw), i))
             routers.append(as_mat(lp.router))
         offsets = ffi.new("int64_t[]", [int(a[4][j]) for a in addresses for j in range(3)])
