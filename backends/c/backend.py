@@ -593,7 +593,7 @@ class CBackend(Backend):
         struct, out, pos = self._layer_inputs(cfg, i, lp, h, ctx, layer_cache)
         ffi, _ = ffi_lib()
         hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
-        addresses = self._slot_addresses(struct, cache, lp.gate.raw.layer, (lp.gate.raw, lp.up.raw, lp.down.raw), i)
+        addresses = self._slot_addresses(struct, lp, i)
         k, softmax = cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax
         if getattr(route, "route_many", None) is not None and cache.table is not None:   # the routing is this backend's
             routed = self._cached_layer(struct, cache, lp.gate.raw.layer, route, out, hp, pp, layer_cache, k, softmax,
@@ -755,8 +755,7 @@ class CBackend(Backend):
         structs, addresses, routers = [], [], []
         for i, lp in enumerate(layers):
             structs.append(self._layer_struct(cfg, i, lp))
-            addresses.append(self._slot_addresses(structs[-1], experts, lp.gate.raw.layer,
-                                                  (lp.gate.raw, lp.up.raw, lp.down.raw), i))
+            addresses.append(self._slot_addresses(structs[-1], lp, i))
             routers.append(as_mat(lp.router))
         offsets = ffi.new("int64_t[]", [int(a[4][j]) for a in addresses for j in range(3)])
         plan = _LayersPlan(structs, addresses, ffi.new("const st_model *[]", structs), routers,
@@ -765,11 +764,13 @@ class CBackend(Backend):
         self._plans[id(layers)] = (experts.buffer, plan, layers, cfg)
         return plan
 
-    def _slot_addresses(self, struct, cache, layer: int, parts, i: int):
+    def _slot_addresses(self, struct, lp, i: int):
         """For `offloaded_layer`, worked out once per layer and cache buffer: the layer struct's gate, up
         and down expert-pointer arrays (NumPy views of them), the cache buffer's address (the buffer kept
         alive here) and slot stride, where each part lies in a slot, and those offsets as a C array;
         InputError if the cache's part sizes are not the layouts'."""
+        parts = (lp.gate.raw, lp.up.raw, lp.down.raw)
+        cache, layer = lp.gate.raw.cache, lp.gate.raw.layer
         key = (id(struct), layer)
         hit = self._slot_cache.get(key)
         if hit is not None and hit[0] is cache.buffer:
