@@ -1190,11 +1190,46 @@ int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cach
     return rc;
 }
 
+/* st_uses (st_kernels.h): the uses of layer l's picks counted, as st_sdk/offload/uses.py counts them */
+int st_count_uses(st_uses *u, int64_t l, const int64_t *ids, int64_t n, const int32_t *state, int64_t n_layers,
+                  int64_t n_slots) {
+    if (!u || !u->uses || !u->prefetched || !u->seq || !u->slot_uses || !u->slot_layer || !u->slot_expert ||
+        !u->counts || u->age_every <= 0 || !ids || !state || l < 0 || l >= n_layers || n < 0)
+        return ST_EARG;
+    for (int64_t p = 0; p < n; p++)
+        if (ids[p] < 0 || ids[p] >= u->width || state[ids[p]] < 0 || state[ids[p]] >= n_slots) return ST_EIDS;
+    for (int64_t p = 0; p < n; p++) {
+        const int64_t e = ids[p];
+        int64_t q = 0;
+        while (q < p && ids[q] != e) q++;
+        if (q < p) continue;   /* counted at its first pick */
+        const int64_t at = l * u->width + e;
+        u->uses[at] += 1.0;
+        if (++u->counts[0] % u->age_every == 0) {   /* aged: halved, those below 0.25 dropped */
+            for (int64_t i = 0; i < n_layers * u->width; i++) u->uses[i] = u->uses[i] < 0.25 ? 0.0 : u->uses[i] * 0.5;
+            for (int64_t s = 0; s < n_slots; s++)
+                if (u->seq[s] >= 0) u->slot_uses[s] = u->uses[u->slot_layer[s] * u->width + u->slot_expert[s]];
+            u->counts[4]++;
+        }
+        const int32_t s = state[e];
+        u->seq[s] = ++u->counts[1];
+        u->slot_uses[s] = u->uses[at];
+        u->slot_layer[s] = (int32_t)l;
+        u->slot_expert[s] = (int32_t)e;
+        u->counts[2]++;
+        if (u->prefetched[at]) {
+            u->counts[3]++;
+            u->prefetched[at] = 0;
+        }
+    }
+    return ST_OK;
+}
+
 int st_layers_cached(st_pool *pool, const st_model *const *models, const st_mat *const *routers, int64_t n_layers,
                      st_kv *caches, float *h, const int64_t *pos, int64_t T, int32_t softmax, const int32_t *reach,
                      int32_t most, const int32_t *state, int64_t n_slots, const uint8_t *base, int64_t stride,
-                     const int64_t *offsets, float *weights, int64_t *ids, int32_t *ran, st_layer_back back,
-                     void *ctx) {
+                     const int64_t *offsets, float *weights, int64_t *ids, int32_t *ran, st_uses *uses,
+                     st_layer_back back, void *ctx) {
     if (!models || !routers || !caches || !reach || most < 1 || !state || !offsets || !weights || !ids || !ran ||
         !back || n_layers <= 0 || T <= 0)
         return ST_EARG;
@@ -1202,6 +1237,7 @@ int st_layers_cached(st_pool *pool, const st_model *const *models, const st_mat 
         if (!models[i] || models[i]->n_experts != models[0]->n_experts || models[i]->top_k != models[0]->top_k)
             return ST_EARG;
     const int64_t E = models[0]->n_experts, per = most * T * models[0]->top_k;
+    if (uses && uses->width < E) return ST_EARG;
     for (int64_t i = 0; i < n_layers; i++) {
         int64_t n = 1 + (*reach > 0 ? *reach : 0);
         if (n > most) n = most;
@@ -1212,6 +1248,9 @@ int st_layers_cached(st_pool *pool, const st_model *const *models, const st_mat 
                                  ids + i * per, &done);
         if (rc != ST_OK) return rc;
         ran[i] = done ? (int32_t)n : -(int32_t)n;
+        if (done && uses &&
+            (rc = st_count_uses(uses, i, ids + i * per, T * models[0]->top_k, state + i * E, n_layers, n_slots)) != ST_OK)
+            return rc;
         if (!done && (rc = back(ctx, i)) != 0) return rc;
     }
     return ST_OK;

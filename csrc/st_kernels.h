@@ -189,15 +189,35 @@ int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cach
  * (models[i] its one-layer struct, caches[i] its KV cache, routers[i] its router) routes h with its own
  * router and those of the next min(*reach, most - 1, n_layers - 1 - i) layers, *reach read afresh at each
  * layer, into weights/ids + i * most * T * top_k ([n, T, top_k] there); state is [n_layers, n_experts],
- * offsets [n_layers, 3]. A layer st_layer_cached runs whole gets ran[i] = n; any other ran[i] = -n and
- * back(ctx, i), which must finish the layer on h (start its reads, run it) before the next one routes;
- * a non-zero return of back ends the call with that value. */
+ * offsets [n_layers, 3]. A layer st_layer_cached runs whole gets ran[i] = n (and its uses counted in
+ * `uses`, below, unless NULL); any other ran[i] = -n and back(ctx, i), which must finish the layer on h
+ * (start its reads, run it) before the next one routes; a non-zero return of back ends the call with
+ * that value. */
 typedef int32_t (*st_layer_back)(void *ctx, int64_t layer);
+/* The expert cache's bookkeeping of uses (st_sdk/offload/uses.py, policy lfru), which st_layers_cached
+ * keeps for the layers it runs whole when given it: for each distinct own pick e of layer l, in the order
+ * first picked, uses[l * width + e] += 1 and counts[0] += 1 (at each multiple of age_every every use is
+ * halved, those below 0.25 dropped, each resident slot's slot_uses taken again, and counts[4] += 1); its
+ * slot s gets seq[s] = ++counts[1], slot_uses[s] = its uses, slot_layer/slot_expert[s] = l, e; counts[2]
+ * += 1, and counts[3] += 1 if prefetched[l * width + e] (then cleared). A slot is resident when seq >= 0.
+ * st_count_uses counts ids[0..n) of layer l so, state its row of where each expert is (st_layer_cached),
+ * uses n_layers rows and the slot arrays n_slots long; ST_EIDS for a pick out of range or not resident. */
+typedef struct {
+    double *uses;
+    uint8_t *prefetched;
+    int64_t width, age_every;
+    int64_t *seq;
+    double *slot_uses;
+    int32_t *slot_layer, *slot_expert;
+    int64_t *counts;
+} st_uses;
+int st_count_uses(st_uses *u, int64_t l, const int64_t *ids, int64_t n, const int32_t *state, int64_t n_layers,
+                  int64_t n_slots);
 int st_layers_cached(st_pool *pool, const st_model *const *models, const st_mat *const *routers, int64_t n_layers,
                      st_kv *caches, float *h, const int64_t *pos, int64_t T, int32_t softmax, const int32_t *reach,
                      int32_t most, const int32_t *state, int64_t n_slots, const uint8_t *base, int64_t stride,
-                     const int64_t *offsets, float *weights, int64_t *ids, int32_t *ran, st_layer_back back,
-                     void *ctx);
+                     const int64_t *offsets, float *weights, int64_t *ids, int32_t *ran, st_uses *uses,
+                     st_layer_back back, void *ctx);
 /* A memory probe for benchmarks/sparse_reglu.py --probe: reads the m chunks of `chunk` bytes (a multiple
  * of 8) at base + idx[j] * chunk (idx NULL: chunk j, a plain stream), the pool's threads each their
  * share in order, each fetching `ahead` chunks ahead into L2 as the sparse layouts' kernels fetch live

@@ -502,7 +502,8 @@ def test_lookahead_prefetch_reads_ahead_and_changes_no_result(files, backend):
 def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatch):
     """On the C backend a layer's router and the guesses it makes for the next layers run in one call
     (route_many, or the layer's own call when the cache holds its experts): the same guesses, for the
-    same layers, and the same logits as one call each."""
+    same layers, and the same logits as one call each; a step's layers in one call make the guesses of the
+    layers that come back to Python, in the same order."""
     from st_sdk.offload.experts import Lookahead
     from st_sdk_backends.c.backend import CBackend
 
@@ -536,7 +537,11 @@ def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatc
     want, want_guesses, _ = run()
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(fused, want)
-    assert got_guesses == want_guesses == fused_guesses and len(got_guesses) > 24
+    assert got_guesses == want_guesses and len(got_guesses) > 24
+    # a step's layers in one call: the guesses of the layers that came back to Python (those of a layer run
+    # whole in C needed no read), in the same order
+    rest = iter(want_guesses)
+    assert len(fused_guesses) > 24 and all(g in rest for g in fused_guesses)
 
 
 def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files, monkeypatch):
@@ -550,14 +555,18 @@ def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files,
 
     path = files["gguf-q8_0"]
     budget = budget_for(path, 12, backend="c", threads=2)
-    ran, used = [], PrefetchingRoute.used
-    monkeypatch.setattr(PrefetchingRoute, "used", lambda self, layer, *a: (ran.append(layer), used(self, layer, *a)))
-    counted, cache_used = [], ExpertCache.used   # every layer run whole, after its guesses' reads started too
+    ran, used, ran_whole, in_route = [], PrefetchingRoute.used, PrefetchingRoute.ran_whole, []
+    # every layer run whole from resident experts: told to the route at once (a C call a layer) or later
+    monkeypatch.setattr(PrefetchingRoute, "used",
+                        lambda self, layer, *a: (ran.append(layer), in_route.append(layer), used(self, layer, *a)))
+    monkeypatch.setattr(PrefetchingRoute, "ran_whole", lambda self, layer, *a: (ran.append(layer), ran_whole(self, layer, *a)))
+    counted, cache_used = [], ExpertCache.used   # ... and after its guesses' reads started (or told at once)
     monkeypatch.setattr(ExpertCache, "used", lambda self, layer, *a: (counted.append(layer), cache_used(self, layer, *a)))
 
     def run(table: bool):
         ran.clear()
         counted.clear()
+        in_route.clear()
         m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
         cache = m.offload
         if not table:
@@ -573,7 +582,7 @@ def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files,
                 for key in cache.pending:
                     want[key] = -2
                 np.testing.assert_array_equal(cache.table, want)
-        return np.stack(got), cache.stats.lookups, len(ran), len(counted) - len(ran)
+        return np.stack(got), cache.stats.lookups, len(ran), len(counted) - len(in_route)
 
     got, lookups, whole, after_reads = run(True)
     want, want_lookups, none, none_after = run(False)
@@ -767,7 +776,7 @@ def test_lfru_victims_chosen_together_are_taken_only_while_unused(tmp_path):
             got = victim()
             if cache._victims is not before:   # a new batch: note when each of its victims was chosen
                 for slot, _ in cache._victims:
-                    chosen_at[cache._slot_key[slot]] = step
+                    chosen_at[cache._key_at(slot)] = step
                 chosen_at[got] = step
             if got is not None and (got not in cache.lru or got in cache.held or
                                     used_at.get(got, -1) > chosen_at.get(got, step)):
@@ -1052,6 +1061,73 @@ def test_c_budget_step_runs_its_resident_layers_in_one_call_and_surfaces_errors(
         np.testing.assert_array_equal(s.feed([int(t)]), r.feed([int(t)]))
 
 
+def test_c_counts_a_layers_uses_as_the_cache_does(tmp_path, monkeypatch):
+    """The uses of the layers a budget step runs whole in C are counted there (csrc st_count_uses, on the
+    cache's arrays: ExpertCache.use_arrays): the use counts, each slot's last use and its expert's uses,
+    the read-ahead marks, the hits and the agings come out as ExpertCache.count_used makes them, and so
+    do the victims chosen next; picks out of range or not resident are refused, changing nothing."""
+    from st_sdk.offload import uses as uses_mod
+    from st_sdk.offload.cache import ExpertCache, Extent
+    from st_sdk_backends.c.backend import CBackend
+    from st_sdk_backends.c.ops import ffi_lib
+
+    if not CBackend().is_available():
+        pytest.skip("the C backend is not built")
+    ffi, lib = ffi_lib()
+    monkeypatch.setattr(uses_mod, "AGE_EVERY", 2)   # an aging every 24 uses
+    f = tmp_path / "experts.bin"
+    f.write_bytes(bytes(256))
+    caches, aged = [], [[], []]
+    for i in range(2):
+        c = ExpertCache(lambda layer, e: [Extent(str(f), e, 1)] * 3, [[1, 1, 1]] * 2, slots=12, io_threads=1,
+                        files=(str(f),), policy="lfru", experts=40)
+        c.keep_counts = (lambda log: lambda: log.append(1))(aged[i])
+        caches.append(c)
+    by_python, by_c = caches
+    rng = np.random.default_rng(1)
+
+    def drained(c):   # every read finished and settled, so both caches see the same
+        for _, fut in list(c.pending.values()):
+            fut.result()
+        c._settle()
+
+    def same():
+        for name in ("uses", "_prefetched", "_seq", "_slot_uses", "_slot_layer", "_slot_expert", "table"):
+            np.testing.assert_array_equal(getattr(by_c, name), getattr(by_python, name), err_msg=name)
+        np.testing.assert_array_equal(by_c._counts[:2], by_python._counts[:2])
+        assert by_c.stats.as_dict() | {"stall_s": 0} == by_python.stats.as_dict() | {"stall_s": 0}
+        assert set(by_c.lru) == set(by_python.lru) and by_c._victims == by_python._victims
+
+    popular = rng.zipf(1.5, size=900) % 40
+    for i in range(300):
+        layer, picks = i % 2, [int(e) for e in popular[3 * i:3 * i + 3]]
+        ahead = [int(e) for e in rng.integers(0, 40, 2)] if i % 5 == 0 else []
+        for c in caches:
+            c.get_many(layer, list(dict.fromkeys(picks)))
+            c.prefetch(layer, ahead)   # read ahead: a use of these is a prefetch hit
+            drained(c)
+        resident = sorted(e for (lay, e) in by_python.lru if lay == layer)
+        own = [int(e) for e in rng.choice(resident, size=min(4, len(resident)))]   # repeats counted once
+        by_python.count_used(layer, own)
+        ids = np.array(own, np.int64)
+        rc = lib.st_count_uses(CBackend._uses_struct(by_c), layer, ffi.cast("int64_t *", ids.ctypes.data), len(own),
+                               ffi.cast("int32_t *", by_c.table[layer].ctypes.data), 2, len(by_c.buffer))
+        assert rc == 0
+        by_c.counted()
+        same()
+    assert len(aged[0]) == len(aged[1]) > 3 and by_python.stats.prefetch_hits > 0
+    absent = next(e for e in range(40) if by_c.table[0, e] < 0)
+    before = by_c.uses.copy()
+    for bad in ([absent], [40], [-1]):
+        ids = np.array(bad, np.int64)
+        rc = lib.st_count_uses(CBackend._uses_struct(by_c), 0, ffi.cast("int64_t *", ids.ctypes.data), 1,
+                               ffi.cast("int32_t *", by_c.table[0].ctypes.data), 2, len(by_c.buffer))
+        assert rc == -4   # ST_EIDS
+    np.testing.assert_array_equal(by_c.uses, before)
+    for c in caches:
+        c.close()
+
+
 @pytest.mark.parametrize("strided", [False, True])
 def test_c_budget_layers_read_a_refilled_positions_array_afresh(tmp_path, strided):
     """A step's layers check its positions once (the C backend keeps the array its first layer
@@ -1108,7 +1184,7 @@ def test_lfru_evicts_the_least_used_expert_however_recent(tmp_path):
 
     def checked_victim():
         candidates = [key for key in cache.lru if key not in cache.held]
-        want = min(candidates, key=lambda key: cache.uses.get(key, 0.0)) if candidates else None
+        want = min(candidates, key=lambda key: cache.uses[key]) if candidates else None
         got = victim()
         checked.append(got == want)
         return got

@@ -703,12 +703,15 @@ class CBackend(Backend):
         ran = np.zeros(L, np.int32)
         reach = np.array([most - 1], np.int32)
         hp, pp = ptr(ffi, "float *", out), ptr(ffi, "int64_t *", pos)
-        counted, failed = [0], []
+        counted, failed, uses = [0], [], self._uses_struct(experts)
+        in_c = uses != ffi.NULL
 
-        def count(upto: int) -> None:   # the uses of the layers that ran whole in C, up to `upto`
+        def count(upto: int) -> None:   # the layers that ran whole in C, up to `upto`, told to `route`
             for j in range(counted[0], upto):
                 if ran[j] > 0:
-                    route.used(j, None, ids[j, :ran[j]].reshape(ran[j], -1).tolist(), k, softmax)
+                    route.ran_whole(j, ids[j, 0].ravel().tolist(), in_c)
+            if in_c:
+                experts.counted()
             counted[0] = max(counted[0], upto)
 
         def back(_, i):
@@ -735,12 +738,34 @@ class CBackend(Backend):
                                   ffi.cast("int32_t *", reach.ctypes.data), most,
                                   ffi.cast("int32_t *", experts.table.ctypes.data), len(experts.buffer),
                                   ffi.cast("uint8_t *", plan.base), plan.stride, plan.offsets, ptr(ffi, "float *", w),
-                                  ptr(ffi, "int64_t *", ids), ffi.cast("int32_t *", ran.ctypes.data), callback, ffi.NULL)
+                                  ptr(ffi, "int64_t *", ids), ffi.cast("int32_t *", ran.ctypes.data), uses, callback,
+                                  ffi.NULL)
         if failed:
             raise failed[0]
         check(rc, "budget layers")
         count(L)
+        if ran[L - 1] > 0:   # the last layer's experts held, as a layer run by `route` leaves them
+            experts.held = {(L - 1, e) for e in ids[L - 1, 0].ravel().tolist()}
+        if experts.pending:
+            experts._settle()
         return out
+
+    @staticmethod
+    def _uses_struct(experts):
+        """The cache's bookkeeping of uses as csrc's st_uses (ExpertCache.use_arrays), for C to count the
+        uses of the layers it runs whole; NULL where the cache's policy keeps its own order (lru)."""
+        ffi, _ = ffi_lib()
+        a = experts.use_arrays()
+        if a is None or os.environ.get("ST_OFFLOAD_COUNT_IN_C", "1") == "0":
+            return ffi.NULL
+        u = ffi.new("st_uses *")
+        u.uses, u.prefetched = ffi.cast("double *", a["uses"].ctypes.data), ffi.cast("uint8_t *", a["prefetched"].ctypes.data)
+        u.width, u.age_every = a["uses"].shape[1], a["age_every"]
+        u.seq, u.slot_uses = ffi.cast("int64_t *", a["seq"].ctypes.data), ffi.cast("double *", a["slot_uses"].ctypes.data)
+        u.slot_layer = ffi.cast("int32_t *", a["slot_layer"].ctypes.data)
+        u.slot_expert = ffi.cast("int32_t *", a["slot_expert"].ctypes.data)
+        u.counts = ffi.cast("int64_t *", a["counts"].ctypes.data)
+        return u
 
     def _layers_plan(self, cfg, layers, experts, cache):
         """What `offloaded_layers` hands C for a step, built once per layer list, config and cache buffer:

@@ -33,14 +33,14 @@ from .pages import anonymous, commit_in_background, resident_bytes
 from .reads import DIRECT_ALIGN, ExpertReads, Extent, Key, Reads, _close_files, expert_ids
 from .stats import OffloadStats
 from .uring import Ring
+from .uses import UseCounts
 
 log = logging.getLogger("st_sdk.offload")
 
 POLICIES = ("lfru", "lru")
-AGE_EVERY = 32          # lfru: the use counts are halved after 32 x slots uses
 
 
-class ExpertCache(ExpertReads):
+class ExpertCache(ExpertReads, UseCounts):
     """Cache of whole experts (gate + up + down), in `slots` preallocated bundles.
 
     `part_bytes[layer]` are the stored sizes of a layer's gate, up and down: they differ between layers
@@ -57,8 +57,7 @@ class ExpertCache(ExpertReads):
         if policy not in POLICIES:
             raise InputError(f"cache_policy={policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy = policy
-        self.uses: dict[Key, float] = {}   # lfru: uses of every expert seen, aged
-        self._n_uses = 0
+        self._new_uses(len(part_bytes), int(experts or 0))   # st_sdk.offload.uses
         self.locate = locate
         self.part_bytes = part_bytes          # each layer's gate, up and down as stored in the file
         self.layouts: list[list] = [[None] * len(parts) for parts in part_bytes]   # see set_layouts
@@ -123,7 +122,7 @@ class ExpertCache(ExpertReads):
             if self._start_read(key) is None:
                 self.held.discard(key)
                 break
-            self.stats._prefetched.add(key)
+            self._prefetched[key] = 1
 
     def prefetch_ahead(self, layer: int, experts) -> None:
         """Start reading experts a later layer will probably pick (a guess: nothing is held for it, and
@@ -134,7 +133,7 @@ class ExpertCache(ExpertReads):
                 continue
             if self._start_read(key, urgent=False) is None:
                 return
-            self.stats._prefetched.add(key)
+            self._prefetched[key] = 1
             self.stats.ahead += 1
 
     def get(self, layer: int, e: int, count: bool = True) -> list[np.ndarray]:
@@ -163,26 +162,11 @@ class ExpertCache(ExpertReads):
 
     def used(self, layer: int, experts) -> None:
         """A step's picks of `layer` that a backend ran straight from their slots, having found them all
-        resident in `table`: held, and counted as `slots_of` counts its hits; finished reads settled
-        (the ring's waiting reads then enter the kernel) as `slots_of` settles them."""
-        keys = [(layer, e) for e in dict.fromkeys(expert_ids(experts))]
-        self.held = set(keys)
-        for key in keys:
-            self._hit(key, self.lru[key])
+        resident in `table`: held, and counted as `slots_of` counts its hits (`count_used`); finished
+        reads settled (the ring's waiting reads then enter the kernel) as `slots_of` settles them."""
+        self.count_used(layer, experts)
         if self.pending:
             self._settle()
-
-    def _hit(self, key: Key, slot: int) -> int:
-        if self.policy == "lfru":
-            self._count(key)
-        self.lru.move_to_end(key)
-        self._touch(key, slot)
-        stats = self.stats
-        stats.hits += 1
-        if key in stats._prefetched:
-            stats.prefetch_hits += 1
-            stats._prefetched.discard(key)
-        return slot
 
     def slot_of(self, layer: int, e: int, count: bool = True, settle: bool = True) -> int:
         """The slot holding the expert, waiting for its read if needed (see `get`)."""
@@ -195,15 +179,15 @@ class ExpertCache(ExpertReads):
             self._touch(key, slot)
             if count:
                 self.stats.hits += 1
-                if key in self.stats._prefetched:
+                if self._prefetched[key]:
                     self.stats.prefetch_hits += 1
-                    self.stats._prefetched.discard(key)
+                    self._prefetched[key] = 0
         else:
             t0 = time.perf_counter()
             if key in self.pending:
                 slot, fut = self.pending[key]
                 self.stats.late += 1
-                self.stats._prefetched.discard(key)
+                self._prefetched[key] = 0
             else:
                 fut = self._start_read(key)
                 if fut is None:
@@ -346,12 +330,7 @@ class ExpertCache(ExpertReads):
         self.buffer = np.frombuffer(self._mm, np.uint8).reshape(max(1, slots), self._stride)
         self._base = int(self.buffer.ctypes.data)   # slot i at _base + i * _stride
         self.free = list(range(slots))[::-1]
-        # per slot, for lfru's victim: when its expert was last used (-1: empty), that expert's uses, the key
-        self._seq = np.full(max(1, slots), -1, np.int64)
-        self._slot_uses = np.zeros(max(1, slots))
-        self._slot_key: list[Key | None] = [None] * max(1, slots)
-        self._tick = 0
-        self._victims: list[tuple[int, int]] = []   # lfru: (slot, its _seq when chosen), next victim last
+        self._new_slots(slots)
 
     def _views(self, slot: int, layer: int) -> list[np.ndarray]:
         row, offsets = self.buffer[slot], self.offsets[layer]
@@ -379,36 +358,12 @@ class ExpertCache(ExpertReads):
         if self.table is not None:
             self.table[key] = where
 
-    def _touch(self, key: Key, slot: int) -> None:
-        """`key` became the most recent resident expert (in `slot`): the arrays lfru's victim reads."""
-        self._tick += 1
-        self._seq[slot] = self._tick
-        self._slot_uses[slot] = self.uses.get(key, 0.0)
-        self._slot_key[slot] = key
-
-    def _count(self, key: Key) -> None:
-        self.uses[key] = self.uses.get(key, 0.0) + 1.0
-        self._n_uses += 1
-        if self._n_uses % (AGE_EVERY * self.slots) == 0:
-            self.uses = {k: v / 2 for k, v in self.uses.items() if v >= 0.25}
-            for k, slot in self.lru.items():
-                self._slot_uses[slot] = self.uses.get(k, 0.0)
-            self._victims.clear()
-            if self.keep_counts is not None:
-                self.keep_counts()
-
-    def use_counts(self, experts: int) -> np.ndarray:
-        """lfru's use counts as float32 [layers, experts]."""
-        counts = np.zeros((len(self.part_bytes), experts), np.float32)
-        for (layer, e), v in list(self.uses.items()):   # a copy: another thread may be counting
-            if e < experts:
-                counts[layer, e] = v
-        return counts
-
     def start_from(self, counts: np.ndarray) -> int:
         """Before first use: lfru's counts from an earlier run's `use_counts`, and the experts counted most
         read into the slots (`warm`). Returns how many were read."""
-        self.uses = {(int(layer), int(e)): float(counts[layer, e]) for layer, e in zip(*np.nonzero(counts))}
+        self._widen(counts.shape[1] - 1)
+        self.uses[:] = 0.0
+        self.uses[:, :counts.shape[1]] = counts
         order = np.argsort(-counts, axis=None, kind="stable")[:max(0, self.slots - 1)]
         return self.warm([divmod(int(i), counts.shape[1]) for i in order if counts.flat[i] > 0])
 
@@ -434,29 +389,6 @@ class ExpertCache(ExpertReads):
         self.warmed = len(self.lru)
         return self.warmed
 
-    def _victim(self) -> Key | None:
-        """The resident, unheld expert to evict under the policy."""
-        if self.policy == "lru":
-            return next((key for key in self.lru if key not in self.held), None)
-        # over the slots' arrays (kept by _touch); several victims are chosen at once, each taken while untouched
-        while self._victims:
-            slot, seq = self._victims.pop()
-            key = self._slot_key[slot]
-            if self._seq[slot] == seq and key in self.lru and key not in self.held:
-                return key
-        mask = self._seq >= 0
-        for key in self.held:
-            if key in self.lru:
-                mask[self.lru[key]] = False
-        idx = np.flatnonzero(mask)
-        if idx.size == 0:
-            return None
-        # fewest uses first, the least recent of equals; up to 1/8 of the candidates at once
-        order = idx[np.lexsort((self._seq[idx], self._slot_uses[idx]))][:max(1, min(self.victim_batch, idx.size // 8))]
-        self._victims = [(int(slot), int(self._seq[slot])) for slot in order[::-1]]
-        slot, _ = self._victims.pop()
-        return self._slot_key[slot]
-
     def _take_slot(self) -> int | None:
         if self.free:
             return self.free.pop()
@@ -479,6 +411,7 @@ class ExpertCache(ExpertReads):
     def _start_read(self, key: Key, urgent: bool = True) -> Reads | None:
         """Take a slot for `key` and start reading it on an I/O thread (or the io_uring ring, where reads
         not `urgent`, a guess's, wait behind the others); None when no slot can be had."""
+        self._widen(key[1])
         slot = self._take_slot()
         if slot is None:
             return None

@@ -328,6 +328,16 @@ class PrefetchingRoute:
         further ahead that this layer's picks turned on may still start reads)."""
         self._after(self.cache.used, layer, x, picks, k, softmax)
 
+    def ran_whole(self, layer: int, own, counted: bool = False) -> None:
+        """A layer that ran from resident experts, told after the fact with its own picks (CBackend.
+        offloaded_layers, once C has gone on to later layers): its uses counted (ExpertCache.count_used)
+        unless C counted them, and the guesses made for it scored. Its own guesses needed no read when it
+        ran (else it would not have run whole), so none is made again here."""
+        if not counted:
+            self.cache.count_used(layer, own)
+        if self.ahead is not None and layer in self.ahead.guesses:
+            self.ahead.check(layer, own)
+
     def _after(self, own, layer, x, picks, k, softmax) -> None:
         cache, ahead = self.cache, self.ahead
         cache.hold_reads()   # the layer's reads enter the kernel together, at the end

@@ -298,7 +298,7 @@ def attach(cache, experts: int, kept: Kept | None) -> int:
 
         def keep() -> None:
             c = ref()
-            if c is not None and c.uses:   # a load that never ran a token keeps what was there
+            if c is not None and c.uses.any():   # a load that never ran a token keeps what was there
                 seen = c.live_seen() if c.live_seen is not None else None
                 if seen is not None and before is not None:   # averaged with the share kept before (see keep_shares)
                     seen = keep_shares(before, seen)

@@ -1,7 +1,7 @@
 """What an expert cache did: hits, misses, bytes read, time the compute waited (ExpertCache.stats)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -15,7 +15,6 @@ class OffloadStats:
     stall_s: float = 0.0       # time the compute thread waited for I/O
     evictions: int = 0
     ahead: int = 0             # reads started for the next layer from this layer's input (lookahead)
-    _prefetched: set = field(default_factory=set, repr=False)
 
     @property
     def lookups(self) -> int:
