@@ -286,8 +286,9 @@ class Backend:
     offloaded_layer: Callable | None = None
     #: optional, beside offloaded_layer: every layer of a step under a memory budget,
     #: offloaded_layers(config, layer_params, h, ctx, cache, route) -> h (cache: the step's KV cache),
-    #: counting the uses of layers it ran from resident experts with `route.used(layer, None, picks, k,
-    #: softmax)`, in layer order, before the next layer that starts reads does so.
+    #: telling `route.ran_whole(layer, own_picks, counted)` of the layers it ran from resident experts, in
+    #: layer order, before the next layer that starts reads does so (counted: it counted their uses itself
+    #: on `cache.use_arrays()`, then calls `cache.counted()`).
     offloaded_layers: Callable | None = None
 
     def row_read_weights(self, params: ModelParams) -> list:

@@ -350,8 +350,7 @@ class PrefetchingRoute:
             cache.submit_reads()
 
     def _guesses(self, layer, x, picks, k, softmax) -> None:
-        reach = self.reach(layer) if x is not None else min(self.reach(layer), len(picks) - 1)
-        for distance in range(1, reach + 1):   # one more when this layer's picks turned it on (x given)
+        for distance in range(1, self.reach(layer) + 1):   # one more when this layer's picks turned it on
             guess = picks[distance] if distance < len(picks) else \
                 expert_ids(self.route(x, self.all_routers[layer + distance], k, softmax)[1])
             self.ahead.ahead(layer + distance, guess, distance)
