@@ -680,8 +680,9 @@ class CBackend(Backend):
     def offloaded_layers(self, cfg, layers, h, ctx, cache, route):
         """Every layer of a step under a memory budget, in one C call where it can (st_layers_cached;
         Backend.offloaded_layers): each layer routes as `offloaded_layer`'s first call does and runs whole
-        in C while the cache holds its picks and its guesses need no read; the layers that ran so are
-        counted (`route.used`, in order) when C next calls back and at the end. Any other layer calls
+        in C while the cache holds its picks and its guesses need no read, their uses counted there on the
+        cache's arrays (`_uses_struct`); they are told to `route.ran_whole`, in order, when C next calls
+        back and at the end (their uses counted then, where C did not). Any other layer calls
         back here and finishes as `offloaded_layer` does (reads, attention, experts). A step whose
         routing the backend does not run itself goes layer by layer."""
         experts = layers[0].gate.raw.cache if layers else None
