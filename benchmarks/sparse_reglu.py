@@ -44,6 +44,8 @@ import numpy as np
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fmt", default="q4_0", choices=("q4_0", "q8_0", "q4_k", "q6_k"))
+    ap.add_argument("--down-fmt", choices=("q4_0", "q8_0", "q4_k", "q6_k"),
+                    help="the down projection's type, where it differs (Q4_K_M files: q4_k with a q6_k down)")
     ap.add_argument("--live", default="0.75,0.5,0.25,0.1")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--experts", type=int, default=512)
@@ -67,13 +69,14 @@ def main() -> None:
     x = np.abs(rng.standard_normal((1, H))).astype(np.float32)
     w = np.array([[0.4, 0.3, 0.2, 0.1]], np.float32)
     load = open("/proc/loadavg").read().split()[:3]
-    print(f"{a.fmt}, hidden {H}, {F} neurons an expert, top {k} of {E}; load average {' '.join(load)}")
+    print(f"{a.fmt}{f' (down {a.down_fmt})' if a.down_fmt else ''}, hidden {H}, {F} neurons an expert, top {k} of {E}; load average {' '.join(load)}")
     for live in (float(v) for v in a.live.split(",")):
         raw = {}
         for part, shape in (("gate", (E, F, H)), ("up", (E, F, H)), ("down", (E, H, F))):
             v = np.abs(rng.standard_normal(shape, dtype=np.float32)) / np.sqrt(shape[2])
             signs = rng.random(shape[:2] + (1,)) < (live if part == "gate" else 0.5)
-            raw[part] = WeightTensor(part, a.fmt, shape, quantize(a.fmt, np.where(signs, v, -v)))
+            fmt = a.down_fmt if part == "down" and a.down_fmt else a.fmt
+            raw[part] = WeightTensor(part, fmt, shape, quantize(fmt, np.where(signs, v, -v)))
         layouts = {"off": ({"repack_rows": True}, {"repack_rows": True}, {"repack_rows": True}),
                    "up": ({"repack_rows": True}, {"row_split": True}, {"repack_rows": True}),
                    "up+down": ({"repack_rows": True}, {"row_split": True}, {"neuron_major": True})}
