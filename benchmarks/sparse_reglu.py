@@ -1,7 +1,7 @@
 """Sparse ReGLU's expert stage on the C backend at a chosen share of live neurons, in each layout.
 
-    python benchmarks/sparse_reglu.py [--fmt q4_0|q8_0|q4_k|q6_k] [--live 0.75,0.5,0.25,0.1] [--threads 1,2]
-        [--experts 512] [--builds A.so,B.so] [--probe]
+    python benchmarks/sparse_reglu.py [--fmt q4_0|q8_0|q4_k|q6_k] [--down-fmt FMT] [--live 0.75,0.5,0.25,0.1]
+        [--threads 1,2] [--experts 512] [--builds A.so,B.so] [--probe]
 
 One decode step's experts (top 4 of --experts, the 4b-a0.6b shape: hidden 1536, 768 neurons each),
 timed through `CBackend.moe` with the three ST_C_SPARSE_LAYOUT layouts side by side: "off" (gate, up
