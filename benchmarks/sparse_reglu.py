@@ -69,7 +69,8 @@ def main() -> None:
     x = np.abs(rng.standard_normal((1, H))).astype(np.float32)
     w = np.array([[0.4, 0.3, 0.2, 0.1]], np.float32)
     load = open("/proc/loadavg").read().split()[:3]
-    print(f"{a.fmt}{f' (down {a.down_fmt})' if a.down_fmt else ''}, hidden {H}, {F} neurons an expert, top {k} of {E}; load average {' '.join(load)}")
+    down = f" (down {a.down_fmt})" if a.down_fmt else ""
+    print(f"{a.fmt}{down}, hidden {H}, {F} neurons an expert, top {k} of {E}; load average {' '.join(load)}")
     for live in (float(v) for v in a.live.split(",")):
         raw = {}
         for part, shape in (("gate", (E, F, H)), ("up", (E, F, H)), ("down", (E, H, F))):
