@@ -1248,10 +1248,21 @@ int st_layers_cached(st_pool *pool, const st_model *const *models, const st_mat 
                                  ids + i * per, &done);
         if (rc != ST_OK) return rc;
         ran[i] = done ? (int32_t)n : -(int32_t)n;
+        if (!done) {
+            rc = back(ctx, i);
+            if (rc == ST_LAYER_RUN) {   /* only guesses were read: the layer as routed, its picks resident */
+                rc = st_layer_cached(pool, models[i], 0, caches + i, h, pos, T, NULL, 0, softmax, state + i * E, n_slots,
+                                     base, stride, offsets + 3 * i, weights + i * per, ids + i * per, &done);
+                if (rc != ST_OK) return rc;
+                if (!done) return ST_EARG;
+                ran[i] = (int32_t)n;
+            } else if (rc != 0) {
+                return rc;
+            }
+        }
         if (done && uses &&
             (rc = st_count_uses(uses, i, ids + i * per, T * models[0]->top_k, state + i * E, n_layers, n_slots)) != ST_OK)
             return rc;
-        if (!done && (rc = back(ctx, i)) != 0) return rc;
     }
     return ST_OK;
 }

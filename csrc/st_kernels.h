@@ -190,9 +190,13 @@ int st_layer_cached(st_pool *pool, const st_model *m, int64_t layer, st_kv *cach
  * router and those of the next min(*reach, most - 1, n_layers - 1 - i) layers, *reach read afresh at each
  * layer, into weights/ids + i * most * T * top_k ([n, T, top_k] there); state is [n_layers, n_experts],
  * offsets [n_layers, 3]. A layer st_layer_cached runs whole gets ran[i] = n (and its uses counted in
- * `uses`, below, unless NULL); any other ran[i] = -n and back(ctx, i), which must finish the layer on h
- * (start its reads, run it) before the next one routes; a non-zero return of back ends the call with
- * that value. */
+ * `uses`, below, unless NULL); any other ran[i] = -n and back(ctx, i), which must start the layer's reads
+ * and either finish the layer on h (returning 0) or, when only guesses were read and the layer's own
+ * picks are resident, return ST_LAYER_RUN: the layer then runs whole here with the routing it had, as
+ * if it had been resident from the start (ran[i] = n, its uses counted in `uses`); ST_EARG if a pick of
+ * its own is not resident after all. Any other non-zero return of back ends the call with that value
+ * before the next layer routes. */
+enum { ST_LAYER_RUN = 2 };
 typedef int32_t (*st_layer_back)(void *ctx, int64_t layer);
 /* The expert cache's bookkeeping of uses (st_sdk/offload/uses.py, policy lfru), which st_layers_cached
  * keeps for the layers it runs whole when given it: for each distinct own pick e of layer l, in the order

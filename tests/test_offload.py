@@ -547,11 +547,11 @@ def test_guesses_in_one_router_call_guess_and_compute_the_same(files, monkeypatc
 def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files, monkeypatch):
     """On the C backend a budget layer whose picked experts are all in the cache, and whose guesses need
     no read, runs whole in the C call that routes it (st_layer_cached); one whose guesses need reads
-    runs whole in a second call once they started. The logits are those of the path that returns to
-    Python between its halves, every pick is counted once either way, and the cache's table of where
+    runs whole in C once they started, without the halves. The logits are those of the path that returns
+    to Python between its halves, every pick is counted once either way, and the cache's table of where
     each expert is agrees with what it holds and reads."""
-    from st_sdk.offload.cache import ExpertCache
     from st_sdk.offload.experts import PrefetchingRoute
+    from st_sdk_backends.c.backend import CBackend
 
     path = files["gguf-q8_0"]
     budget = budget_for(path, 12, backend="c", threads=2)
@@ -560,12 +560,15 @@ def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files,
     monkeypatch.setattr(PrefetchingRoute, "used",
                         lambda self, layer, *a: (ran.append(layer), in_route.append(layer), used(self, layer, *a)))
     monkeypatch.setattr(PrefetchingRoute, "ran_whole", lambda self, layer, *a: (ran.append(layer), ran_whole(self, layer, *a)))
-    counted, cache_used = [], ExpertCache.used   # ... and after its guesses' reads started (or told at once)
-    monkeypatch.setattr(ExpertCache, "used", lambda self, layer, *a: (counted.append(layer), cache_used(self, layer, *a)))
+    # the layers that started reads, and those of them run in halves (the others ran whole after their reads started)
+    counted, picked, halves, finish = [], PrefetchingRoute.picked, [], CBackend._finish_layer
+    monkeypatch.setattr(PrefetchingRoute, "picked", lambda self, layer, *a: (counted.append(layer), picked(self, layer, *a)))
+    monkeypatch.setattr(CBackend, "_finish_layer", lambda self, *a: (halves.append(a[1]), finish(self, *a)))
 
     def run(table: bool):
         ran.clear()
         counted.clear()
+        halves.clear()
         in_route.clear()
         m = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
         cache = m.offload
@@ -582,7 +585,7 @@ def test_a_budget_layer_whose_experts_are_cached_runs_in_its_routers_call(files,
                 for key in cache.pending:
                     want[key] = -2
                 np.testing.assert_array_equal(cache.table, want)
-        return np.stack(got), cache.stats.lookups, len(ran), len(counted) - len(in_route)
+        return np.stack(got), cache.stats.lookups, len(ran), len(counted) - len(halves)
 
     got, lookups, whole, after_reads = run(True)
     want, want_lookups, none, none_after = run(False)

@@ -683,8 +683,10 @@ class CBackend(Backend):
         in C while the cache holds its picks and its guesses need no read, their uses counted there on the
         cache's arrays (`_uses_struct`); they are told to `route.ran_whole`, in order, when C next calls
         back and at the end (their uses counted then, where C did not). Any other layer calls
-        back here and finishes as `offloaded_layer` does (reads, attention, experts). A step whose
-        routing the backend does not run itself goes layer by layer."""
+        back here to start its reads (`route.picked`); if they were only its guesses' and its own picks are
+        resident, C then runs it whole as above (ST_LAYER_RUN), else it finishes here as `offloaded_layer`
+        does (attention, then the experts as their reads arrive). A step whose routing the backend does
+        not run itself goes layer by layer."""
         experts = layers[0].gate.raw.cache if layers else None
         if not layers or getattr(route, "route_many", None) is None or experts.table is None \
                 or not isinstance(cache, CKVCache) or np.shape(h)[0] > LAYERS_AT_ONCE_TOKENS:
@@ -720,15 +722,20 @@ class CBackend(Backend):
                 count(i)
                 counted[0] = i + 1
                 n = -int(ran[i])
-                lp, kv_layer = layers[i], cache.layers[i]
-                wi, idi = w[i, :n], ids[i, :n]
-                rest = self._cached_args(experts, i, plan.addresses[i], wi, idi, ffi.new("int32_t *"))
-                routed = self._after_routing(plan.structs[i], experts, i, route, out, hp, pp, kv_layer, k, softmax,
-                                             wi, idi, rest, i)
-                if routed is not None:
-                    self._finish_layer(cfg, i, lp, plan.structs[i], kv_layer, out, hp, pp, plan.addresses[i], *routed)
+                own = ids[i, 0].ravel()
+                route.picked(i, out, ids[i, :n].reshape(n, -1).tolist(), k, softmax)
+                rc = 0
+                if n > 1 and bool((experts.table[i, own] >= 0).all()):   # only guesses were read: C runs it
+                    if not in_c:
+                        experts.count_used(i, own.tolist())
+                    if experts.pending:   # finished reads settled, as ExpertCache.used settles them
+                        experts._settle()
+                    rc = lib.ST_LAYER_RUN
+                else:
+                    self._finish_layer(cfg, i, layers[i], plan.structs[i], cache.layers[i], out, hp, pp,
+                                       plan.addresses[i], w[i, 0], ids[i, 0])
                 reach[0] = min(route.reach_ahead(), most - 1)
-                return 0
+                return rc
             except BaseException as e:   # raised again below, once C has returned
                 failed.append(e)
                 return 1
