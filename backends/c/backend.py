@@ -726,9 +726,9 @@ class CBackend(Backend):
                 route.picked(i, out, ids[i, :n].reshape(n, -1).tolist(), k, softmax)
                 rc = 0
                 if n > 1 and bool((experts.table[i, own] >= 0).all()):   # only guesses were read: C runs it
-                    if not in_c:
-                        experts.count_used(i, own.tolist())
-                    if experts.pending:   # finished reads settled, as ExpertCache.used settles them
+                    if not in_c:   # counted here, and finished reads settled
+                        experts.used(i, own.tolist())
+                    elif experts.pending:   # C counts; finished reads settled, as `used` settles them
                         experts._settle()
                     rc = lib.ST_LAYER_RUN
                 else:
