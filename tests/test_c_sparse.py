@@ -348,20 +348,43 @@ def test_auto_chooses_each_layers_layout_from_its_live_share(tmp_path, monkeypat
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
 def test_auto_uses_the_crossover_measured_for_the_files_types(tmp_path, monkeypatch, fmt):
     """Without ST_C_SPARSE_LIVE the threshold is the kernel variant's and type family's measured
-    crossover (lower for the k-quants, whose up keeps the file's layout)."""
+    crossover on this CPU's maker's cores (lower for the k-quants on AMD's, whose up keeps the file's
+    layout)."""
     import st_sdk
-    from st_sdk_backends.c.layouts import LIVE_THRESHOLD
+    from st_sdk_backends.c.layouts import crossover
 
     b = _with_sparse_layouts()
     monkeypatch.delenv("ST_C_SPARSE_LAYOUT", raising=False)
     monkeypatch.delenv("ST_C_SPARSE_LIVE", raising=False)
     path = _trained_tiny(tmp_path, fmt)
     m = st_sdk.load(path, backend="c")
-    threshold = LIVE_THRESHOLD[(b.variant, "k" if fmt in NM_KQUANTS else "legacy")]
+    threshold = crossover(b.variant, fmt)
     assert m.backend.live_thresholds == [threshold] * 8
     assert m.backend.layer_layouts == ["up+down" if s < threshold else "off" for s in m.backend.load_live_shares]
     for lp, layout in zip(m.params.layers, m.backend.layer_layouts):
         assert lp.down.value.layout == ("neuron_major" if layout == "up+down" else "repacked")
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", "SomeOtherMaker"])
+def test_auto_takes_the_crossover_of_the_cpus_maker(tmp_path, monkeypatch, vendor):
+    """The repacked layout's streams and the sparse layouts' scattered reads trade differently on each
+    maker's cores: where one has its own measured crossover, a load on its CPU uses it, else the kernel
+    variant's."""
+    import dataclasses
+
+    import st_sdk
+    from st_sdk.hardware import probe
+    from st_sdk_backends.c import layouts
+
+    b = _with_sparse_layouts()
+    monkeypatch.delenv("ST_C_SPARSE_LAYOUT", raising=False)
+    monkeypatch.delenv("ST_C_SPARSE_LIVE", raising=False)
+    monkeypatch.setattr(layouts, "probe", lambda: dataclasses.replace(probe(), vendor=vendor))
+    want = layouts.VENDOR_LIVE_THRESHOLD.get((vendor, b.variant, "legacy"),
+                                             layouts.LIVE_THRESHOLD.get((b.variant, "legacy"), 0.22))
+    m = st_sdk.load(_trained_tiny(tmp_path), backend="c")
+    assert m.backend.live_thresholds == [want] * 8
+    assert m.backend.layer_layouts == ["up+down" if s < want else "off" for s in m.backend.load_live_shares]
 
 
 def test_measuring_live_shares_at_load_leaves_the_counters_as_they_were(tmp_path, monkeypatch):

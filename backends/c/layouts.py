@@ -19,6 +19,7 @@ import numpy as np
 
 from st_sdk.backend import Param
 from st_sdk.errors import BackendError
+from st_sdk.hardware import probe
 
 from .ops import CExperts, ffi_lib, sparse_counters, stage_clocks
 
@@ -32,19 +33,34 @@ CALIBRATION_TOKENS = 32
 #: --experts 128`, 2026-12-06): 0.98x at 25%, 1.10x at 20%; on AVX-512 (the Zen 4, the same command,
 #: 2026-12-06): 1.01x at 30%, 1.17x at 25%.
 LIVE_THRESHOLD = {("avx2", "legacy"): 0.35, ("avx512", "legacy"): 0.25, ("avx2", "k"): 0.22, ("avx512", "k"): 0.28}
+#: where one maker's cores put the crossover elsewhere (st_sdk.hardware's vendor string). On an Intel
+#: Xeon (2 cores of a KVM guest, AVX-512 VNNI and AMX; 2026-12-07) the same command (`--experts 512`)
+#: gave Q4_0 1.31x at 40% live, 1.19x at 50%, 1.05x at 80%, 0.92x at 100%; whole decode steps, the
+#: layouts' thresholds set by ST_C_SPARSE_LIVE in two processes, 8 alternating rounds of 64 steps:
+#: 1.059x with every layer of the trained routing's 4b-a0.6b (4-30% live) sparse against its 26-30%
+#: layers repacked, 0.994x on a file with 50% live in every layer (docs/c_backend.md, "Chosen layer
+#: by layer"). The k-quants' `--fmt q4_k` gave 1.48x at 30%, 1.31x at 50%, but its Q4_K_M file's
+#: decode, the same way, 1.005x with a threshold of 0.4 against 0.28, so they keep the variant's.
+VENDOR_LIVE_THRESHOLD = {("GenuineIntel", "avx512", "legacy"): 0.4}
 #: the layouts a layer may get
 SPARSE, DENSE = "up+down", "off"
 HYSTERESIS = 0.05   # how far past its threshold a layer's live share moves a layout kept from before (near the
 #                     threshold both layouts run at about the same speed, which is what the threshold is)
 
 
+def crossover(variant: str | None, fmt: str = "q4_0", vendor: str | None = None) -> float:
+    """The measured crossover of the kernel variant and of `fmt`'s family (the k-quants, or Q4_0/Q8_0)
+    on this CPU's maker's cores (`vendor`: st_sdk.hardware's, this machine's when None)."""
+    family = "k" if fmt.endswith("_k") else "legacy"
+    vendor = probe().vendor if vendor is None else vendor
+    return VENDOR_LIVE_THRESHOLD.get((vendor, variant or "", family), LIVE_THRESHOLD.get((variant or "", family), 0.22))
+
+
 def live_threshold(variant: str | None, fmt: str = "q4_0") -> float:
-    """ST_C_SPARSE_LIVE (a share in [0, 1]) if set, else the measured crossover of the kernel variant
-    and of `fmt`'s family (the k-quants, or Q4_0/Q8_0)."""
+    """ST_C_SPARSE_LIVE (a share in [0, 1]) if set, else `crossover` for this machine."""
     text = os.environ.get("ST_C_SPARSE_LIVE", "").strip()
     if not text:
-        family = "k" if fmt.endswith("_k") else "legacy"
-        return LIVE_THRESHOLD.get((variant or "", family), 0.22)
+        return crossover(variant, fmt)
     try:
         value = float(text)
     except ValueError:
