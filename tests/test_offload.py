@@ -1890,9 +1890,12 @@ def test_a_budget_lays_its_layers_out_by_the_live_shares_an_earlier_run_kept(tmp
     monkeypatch.setenv("ST_OFFLOAD_PROFILE", "1")
     path = write_model(tmp_path, preset="tiny", layers=8, formats=("gguf",), dtype="q4_0", seed=0,
                        routing="trained")["gguf"]
-    resident = st_sdk.load(path, backend="c", n_threads=2)
-    threshold = float(np.median(resident.backend.load_live_shares))
+    threshold = float(np.median(st_sdk.load(path, backend="c", n_threads=2).backend.load_live_shares))
     monkeypatch.setenv("ST_C_SPARSE_LIVE", repr(threshold))
+    # the resident model laid out by the same threshold: a layer in the other layout sums its up rows in
+    # another order, and on this tiny model one ReGLU output on a rounding boundary of its Q8 block then
+    # moves the logits by up to 1% (the bounds of docs/c_backend.md, "Accuracy", allow 5%)
+    resident = st_sdk.load(path, backend="c", n_threads=2)
     budget = budget_for(path, 12, backend="c", threads=2)
 
     first = st_sdk.load(path, backend="c", n_threads=2, max_memory=budget, context=64)
