@@ -70,8 +70,9 @@ def main() -> None:
     print(f"{a.model}, threads {a.threads}, {a.rounds} rounds of {a.gen_len} decode steps, backend {a.backend}; "
           f"load average {' '.join(load0)} before, {' '.join(load1)} after")
     for name, rounds in res.items():
-        line = f"{name} ({' '.join(f'{k}={v}' for k, v in envs[name].items()) or 'as is'}): " \
-               f"{kids[name].ready['facts'].get('variant')}\n  decode {median(x['decode_wall'] for x in rounds) * 1e3:.2f} ms a token"
+        setting = " ".join(f"{k}={v}" for k, v in envs[name].items()) or "as is"
+        step = median(x["decode_wall"] for x in rounds) * 1e3
+        line = f"{name} ({setting}): {kids[name].ready['facts'].get('variant')}\n  decode {step:.2f} ms a token"
         if rounds[0].get("decode_stages"):
             stages = {s: median(x["decode_stages"][s] for x in rounds) * 1e3 for s in rounds[0]["decode_stages"]}
             line += "; " + ", ".join(f"{s} {v:.3f}" for s, v in stages.items())
