@@ -33,16 +33,6 @@ def settings(text: str) -> dict[str, str]:
     return out
 
 
-def side(spec: dict, env: dict[str, str]) -> Child:
-    saved = dict(os.environ)
-    os.environ.update(env)   # the child inherits the environment it is started with
-    try:
-        return Child(spec)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
@@ -57,7 +47,7 @@ def main() -> None:
     spec = {"model": a.model, "threads": a.threads, "prompt_len": 128, "gen_len": a.gen_len,
             "n_ctx": 128 + a.gen_len + 16, "kind": "st-sdk", "backend": a.backend}
     load0 = open("/proc/loadavg").read().split()[:3]
-    kids = {name: side(spec, env) for name, env in envs.items()}
+    kids = {name: Child(spec, {**os.environ, **env}) for name, env in envs.items()}
     for kid in kids.values():
         kid.round()   # warm-up: page in the weights, settle the caches
     res: dict[str, list[dict]] = {"A": [], "B": []}

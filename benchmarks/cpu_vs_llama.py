@@ -142,9 +142,9 @@ def cpu_bandwidth(mib: int = 512, repeats: int = 7) -> float:
 
 
 class Child:
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, env: dict[str, str] | None = None):   # env: the child's, else this one's
         self.p = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, text=True, env=env)
         self.ready = json.loads(self.p.stdout.readline())
 
     def ask(self, what: str) -> dict:
