@@ -20,6 +20,11 @@
 #ifndef ST_PREFETCH
 #define ST_PREFETCH 2048
 #endif
+/* the repacked kernels' second fetch, into L2, this many bytes down the stream (0: none); see
+ * FN(fetch_ahead) in st_simd_impl.h */
+#ifndef ST_PREFETCH_L2
+#define ST_PREFETCH_L2 8192
+#endif
 
 /* a kernel body inlined into each caller, where its shape arguments (rows, activation rows, format)
  * are constants: its sums then stay in registers (st_repack_impl.h, st_sparse_impl.h) */

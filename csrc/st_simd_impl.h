@@ -26,9 +26,15 @@ static inline float FN(h2f)(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); re
 static inline __m256i FN(bcast4)(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 /* the lines of the `bytes` that lie ST_PREFETCH bytes further down a weight stream: the repacked kernels
  * read one group of 8 rows after another; without this, decode of the 4b-a0.6b Q4_0 file took 24.1 ms
- * a token instead of 19.1 on 2 threads of an AVX-512 host (benchmarks/README.md) */
+ * a token instead of 19.1 on 2 threads of an AVX-512 host (benchmarks/README.md). The same lines are
+ * fetched into L2 earlier, ST_PREFETCH_L2 bytes ahead: without it a layer's short streams (0.3-1 MB a
+ * thread) went at 74-83% of the rate of the head's one long stream on an Intel AVX-512 host, and decode
+ * took 5-7% more time there (docs/c_backend.md, "The layers' streams against the head's") */
 static inline void FN(fetch_ahead)(const uint8_t *g, int bytes) {
     for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)g + ST_PREFETCH + o, _MM_HINT_T0);
+#if ST_PREFETCH_L2
+    for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)g + ST_PREFETCH_L2 + o, _MM_HINT_T1);
+#endif
 }
 #else
 static inline float FN(h2f)(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return st_fp16_lut(u); }
