@@ -11,9 +11,11 @@ one warm-up round each, and prints medians and the median of the per-round ratio
 same random tokens on both engines), with the weight bytes a dense decode step reads and the fraction
 of the measured read bandwidth (one probe per run, one thread, in CPU time) those bytes at the decode CPU
 time amount to, and st-sdk's live-neuron fraction and expert bytes actually read (Backend.sparsity). The
-dense limit in st-sdk's own terms is printed too: the rate its dense kernels stream the output head
-from memory, against the dense bytes per token at its decode rate (above 100%: past the dense limit,
-which only skipping bytes can do), and on the C backend where its decode step's time goes, stage by
+dense limit is printed too: after each round, the rate st-sdk's dense kernels stream the output head
+from memory (with a read of twice the last-level cache before each call, so the caches do not hold
+it) and st_sdk.bench.read_bandwidth at the run's threads, each against the dense bytes per token at
+that round's decode rate (above 100%: past the dense limit, which only skipping bytes can do), and on
+the C backend where its decode step's time goes, stage by
 stage (Backend.stage_seconds), with each weight stage's dense bytes and the rate they imply, and for
 the expert stages, where the sparse layouts skip dead neurons' bytes, the bytes read and their rate,
 and how long its threads waited for one another (CBackend.wait_seconds). The load average before and
@@ -81,25 +83,45 @@ def child(spec: dict) -> None:
         proto.flush()
 
 
-def head_stream(runner, repeats: int = 31) -> dict | None:
+_FLUSH: list = []   # the child's flush array, made once
+
+
+def head_stream(runner, repeats: int = 7) -> dict | None:
     """The rate st-sdk's own dense kernels stream weights from memory: the output head (the model's
-    largest matrix, larger than the caches) applied to one row, wall time at the run's threads, median
-    of `repeats` after three warm-up calls. Dense bytes per token times tokens per second above it is a
-    decode past the dense limit. None for llama.cpp."""
+    largest matrix) applied to one row, wall time at the run's threads, median of `repeats` calls, each
+    after an array of st_sdk.bench.memory_probe_mib() MiB (twice the last-level cache) was read, so the
+    head comes from memory as it does in a decode step, where the other weights pass through the caches
+    between two reads of it. Also the median of as many calls back to back, after three warm-up calls,
+    which a last-level cache that holds a good part of the head flatters (docs/c_backend.md).
+    Dense bytes per token times tokens per second above the first is a decode past the dense limit.
+    None for llama.cpp."""
     import numpy as np
+
+    from st_sdk.bench.machine import memory_probe_mib
 
     model = getattr(runner, "model", None)
     if model is None:
         return None
     head = model.params.head
     x = np.random.default_rng(0).standard_normal((1, model.config.hidden_size)).astype(np.float32)
-    times = []
-    for i in range(repeats + 3):
+    if not _FLUSH:
+        _FLUSH.append(np.ones(memory_probe_mib() * 2**20 // 8, np.uint64))
+    flush = _FLUSH[0]
+
+    def timed() -> float:
         t0 = time.perf_counter()
         model.ops.linear(x, head)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return {"bytes": int(head.raw.nbytes), "bytes_per_s": head.raw.nbytes / median(times)}
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        timed()
+    warm = [timed() for _ in range(repeats)]
+    cold = []
+    for _ in range(repeats):
+        np.count_nonzero(flush)
+        cold.append(timed())
+    return {"bytes": int(head.raw.nbytes), "bytes_per_s": head.raw.nbytes / median(cold),
+            "warm_bytes_per_s": head.raw.nbytes / median(warm), "flush_mib": flush.nbytes // 2**20}
 
 
 def stage_bytes(runner) -> dict | None:
@@ -127,18 +149,43 @@ def stage_read_bytes(weights: dict | None, sparsity: dict | None) -> dict:
     return {"gate_up": sparsity["expert_bytes_per_token"] - down, "down": down}
 
 
-def cpu_bandwidth(mib: int = 512, repeats: int = 7) -> float:
-    """Read bandwidth in bytes per second of CPU time: one thread summing a uint64 array of `mib` MiB
-    (median of `repeats`), the same clock as the figures it is compared with."""
+def cpu_bandwidth(repeats: int = 7) -> float:
+    """Read bandwidth in bytes per second of CPU time: one thread summing a uint64 array of
+    st_sdk.bench.machine.memory_probe_mib() MiB (median of `repeats`), the same clock as the figures it
+    is compared with."""
     import numpy as np
 
-    a = np.ones(mib * 2**20 // 8, np.uint64)
+    from st_sdk.bench.machine import memory_probe_mib
+
+    a = np.ones(memory_probe_mib() * 2**20 // 8, np.uint64)
     times = []
     for _ in range(repeats):
         c0 = time.process_time()
         a.sum()
         times.append(time.process_time() - c0)
     return a.nbytes / median(times)
+
+
+def dense_limit(nbytes: int, walls: list[float], probes: list[dict], threads: int) -> None:
+    """Print the dense bytes per token at st-sdk's decode rate against the two yardsticks measured
+    after each round: the rate st-sdk's dense kernels stream the head from memory (head_stream) and
+    st_sdk.bench.read_bandwidth at the run's threads; medians of the per-round ratios (above 100%: past
+    the dense limit, which only skipping bytes can do)."""
+    streams = [p["stream"] for p in probes if p.get("stream")]
+    if len(streams) != len(walls):
+        return
+    rates = [nbytes / w for w in walls]
+    cold = [r / s["bytes_per_s"] for r, s in zip(rates, streams)]
+    read = [r / p["read"] for r, p in zip(rates, probes)]
+    s0 = streams[0]
+    print(f"the dense bytes per token at st-sdk's decode rate: {median(rates) / 1e9:.1f} GB/s; after each round, "
+          f"st-sdk's dense kernels streamed the head ({s0['bytes'] / 1e6:.1f} MB, one row, wall) from memory at "
+          f"{median(s['bytes_per_s'] for s in streams) / 1e9:.1f} GB/s ({s0['flush_mib']} MiB read before each "
+          f"call; {median(s['warm_bytes_per_s'] for s in streams) / 1e9:.1f} GB/s called back to back, partly "
+          f"from the caches) and read_bandwidth({threads}) gave {median(p['read'] for p in probes) / 1e9:.1f} GB/s")
+    print(f"  decode against the dense limit, median of the rounds (range): {median(cold):.0%} "
+          f"({min(cold):.0%}-{max(cold):.0%}) of the head's stream, {median(read):.0%} ({min(read):.0%}-"
+          f"{max(read):.0%}) of read_bandwidth")
 
 
 class Child:
@@ -162,6 +209,8 @@ class Child:
 
 
 def main() -> None:
+    from st_sdk.bench import read_bandwidth
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=1)
@@ -184,12 +233,13 @@ def main() -> None:
     print(f"llama.cpp: {theirs.ready['facts'].get('variant')}")
     res: dict[str, list[dict]] = {"st-sdk": [], "llama.cpp": []}
     ours.round(), theirs.round()   # warm-up: page in the weights, settle the caches
+    probes: list[dict] = []   # after each round: the dense limit's two yardsticks (dense_limit)
     for r in range(a.rounds):
         pair = [("st-sdk", ours), ("llama.cpp", theirs)]
         for name, c in (pair if r % 2 == 0 else pair[::-1]):
             res[name].append(c.round())
+        probes.append({"stream": ours.ask("stream").get("stream"), "read": read_bandwidth(a.threads)})
     sparsity = ours.ask("sparsity").get("sparsity")
-    stream = ours.ask("stream").get("stream")
     weights = ours.ask("stage_bytes").get("stage_bytes")
     ours.close(), theirs.close()
     bw = cpu_bandwidth()
@@ -206,11 +256,7 @@ def main() -> None:
         if key == "decode_cpu":
             frac = f"   {nbytes / median(o) / bw:.0%} / {nbytes / median(t) / bw:.0%}"
         print(f"{key + ' (' + unit + ')':18s} {median(o) * scale:10.2f} {median(t) * scale:10.2f} {ratio:6.2f}x{frac}")
-    if stream:
-        wall = median(x["decode_wall"] for x in res["st-sdk"])
-        print(f"st-sdk's dense kernels stream {stream['bytes_per_s'] / 1e9:.1f} GB/s (the head, "
-              f"{stream['bytes'] / 1e6:.1f} MB, one row, wall); the dense bytes per token at st-sdk's decode "
-              f"rate: {nbytes / wall / 1e9:.1f} GB/s ({nbytes / wall / stream['bytes_per_s']:.0%} of it)")
+    dense_limit(nbytes, [x["decode_wall"] for x in res["st-sdk"]], probes, a.threads)
     stages = [x["decode_stages"] for x in res["st-sdk"] if x.get("decode_stages")]
     if stages:
         wall = median(x["decode_wall"] for x in res["st-sdk"])

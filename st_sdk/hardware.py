@@ -148,6 +148,33 @@ def _ram_bytes() -> int | None:
         return int(v) if v.isdigit() else None
 
 
+def _size_bytes(text: str) -> int | None:
+    """sysfs cache sizes ("491520K", "32M") in bytes, or None."""
+    m = re.fullmatch(r"(\d+)\s*([KMG]?)", text.strip())
+    return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)] if m else None
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int | None:
+    """The size of the CPU's largest cache level (its L3 on most hosts) in bytes, or None where the OS
+    does not say (Linux sysfs, macOS sysctl). Benchmarks size what they stream by it: a buffer that fits
+    in this cache, read twice in a row, measures the cache rather than memory."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.startswith("index") and _read(f"{base}/{entry}/type").strip() in ("Unified", "Data"):
+            size = _size_bytes(_read(f"{base}/{entry}/size"))
+            if size:
+                sizes.append(size)
+    if not sizes and platform.system() == "Darwin":
+        sizes = [int(v) for v in (_sysctl("hw.l3cachesize"), _sysctl("hw.l2cachesize")) if v.isdigit()]
+    return max(sizes) if sizes else None
+
+
 def _logical_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))   # what this process may actually use (containers, taskset)

@@ -170,6 +170,18 @@ def test_token_id_outside_vocabulary(tiny_dir):
         m.logits([1, 512, 3])
     with pytest.raises(InputError, match="outside the vocabulary"):
         m.logits([-1])
+    with pytest.raises(InputError, match="token ids must be integers, got bool"):
+        m.logits([True])   # a bool is no token id, however short the list
+
+
+def test_decode_step_beyond_context(tmp_path):
+    path = write_model(tmp_path, formats="gguf", max_position_embeddings=16)["gguf"]
+    s = st_sdk.load(path, backend="numpy").session()
+    s.feed(list(range(15)))
+    s.feed([3])   # the 16th token fits
+    with pytest.raises(InputError, match="17 tokens exceed the model.s context of 16 tokens"):
+        s.feed([4])
+    assert len(s.tokens) == 16
 
 
 def test_prompt_beyond_context(tmp_path):

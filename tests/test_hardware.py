@@ -82,3 +82,36 @@ def test_real_torch_gpu_probe_runs():
     assert "torch" in hw.gpus_probed
     mps = getattr(torch.backends, "mps", None)
     assert bool(hw.gpus) == (torch.cuda.is_available() or bool(mps and mps.is_available()))
+
+
+def test_last_level_cache_is_the_largest_data_cache_in_sysfs(monkeypatch, tmp_path):
+    base = tmp_path / "cache"
+    for name, kind, size in (("index0", "Data", "48K"), ("index1", "Instruction", "64M"),
+                             ("index2", "Unified", "2048K"), ("index3", "Unified", "480M")):
+        (base / name).mkdir(parents=True)
+        (base / name / "type").write_text(kind + "\n")
+        (base / name / "size").write_text(size + "\n")
+    real_listdir, real_read = os.listdir, hardware._read
+    sysfs = "/sys/devices/system/cpu/cpu0/cache"
+    monkeypatch.setattr(hardware.os, "listdir", lambda p: real_listdir(base) if p == sysfs else real_listdir(p))
+    monkeypatch.setattr(hardware, "_read", lambda p: real_read(p.replace(sysfs, str(base))))
+    hardware.last_level_cache_bytes.cache_clear()
+    try:
+        assert hardware.last_level_cache_bytes() == 480 * 2**20   # the instruction cache does not count
+    finally:
+        hardware.last_level_cache_bytes.cache_clear()
+    assert hardware._size_bytes("491520K") == 480 * 2**20 and hardware._size_bytes("?") is None
+
+
+def test_memory_probe_streams_twice_the_last_level_cache(monkeypatch):
+    from st_sdk.bench import machine
+
+    monkeypatch.setattr(machine, "last_level_cache_bytes", lambda: 480 * 2**20)
+    assert machine.memory_probe_mib() == 960
+    monkeypatch.setattr(machine, "last_level_cache_bytes", lambda: 32 * 2**20)
+    assert machine.memory_probe_mib() == 512           # never less than 512 MiB
+    monkeypatch.setattr(machine, "last_level_cache_bytes", lambda: None)
+    assert machine.memory_probe_mib() == 512
+    monkeypatch.setattr(machine, "last_level_cache_bytes", lambda: 2**40)
+    ram = hardware.probe().ram_bytes
+    assert machine.memory_probe_mib() == max(512, ram // 8 // 2**20)   # at most an eighth of the RAM

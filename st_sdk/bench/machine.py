@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..environment import library_versions
-from ..hardware import probe
+from ..hardware import last_level_cache_bytes, probe
 
 #: distributions whose versions decide speed, printed with every result
 VERSIONED = ("st-sdk", "numpy", "torch", "jax", "jaxlib", "cffi", "llama-cpp-python", "gguf")
@@ -27,11 +27,23 @@ def machine_info(bandwidth: float | None = None) -> dict[str, Any]:
     return info
 
 
-def read_bandwidth(threads: int = 1, mib: int = 512, repeats: int = 7) -> float:
+def memory_probe_mib() -> int:
+    """MiB a memory-bandwidth probe streams so the caches cannot hold it: twice the last-level cache
+    (st_sdk.hardware.last_level_cache_bytes), at least 512, at most an eighth of the RAM."""
+    hw = probe()
+    llc = last_level_cache_bytes() or 0
+    mib = max(512, -(-2 * llc // 2**20))
+    return min(mib, max(512, (hw.ram_bytes or 0) // 8 // 2**20))
+
+
+def read_bandwidth(threads: int = 1, mib: int | None = None, repeats: int = 7) -> float:
     """Measured memory read bandwidth in bytes/s: `threads` threads each scanning their slice of an
     array far larger than the caches (numpy releases the GIL); median of `repeats`. The scan is
     `count_nonzero` over 64-bit words, the cheapest SIMD loop numpy has (a float sum is compute-bound
-    near 12 GB/s per core): still a plain stream, so tuned kernels can beat it by a little."""
+    near 12 GB/s per core): still a plain stream, so tuned kernels can beat it by a little. The array is
+    `mib` MiB, by default `memory_probe_mib()`: twice the last-level cache, at least 512 MiB, since a
+    large L3 keeps part of an array that fits in it between two scans."""
+    mib = mib or memory_probe_mib()
     n = mib * 2**20 // 8
     a = np.ones(n, np.uint64)
     bounds = np.linspace(0, n, threads + 1).astype(int)
