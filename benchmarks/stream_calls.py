@@ -8,7 +8,8 @@ rows in one call (151,936: the output head, 131.3 MB), against calls of `--rows`
 expert's gate, 1,536: the attention output, 6,144 and 24,576 for the trend), as many as give the same
 bytes. Each call is `st_linear` on one activation row over the pool of `--threads` threads, the row
 split between them as a decode step splits it; every matrix lies at its own 2 MiB-aligned place in a
-1.5 GiB buffer (huge pages where granted), so the bytes come from memory. Each round times the long
+1.5 GiB buffer (huge pages where granted), so the bytes come mostly from memory (a last-level cache
+of a third of that, as on the Intel host of docs/c_backend.md, can still hold some). Each round times the long
 call, the short ones, and the long call again; printed per size: the median over the rounds of the
 long calls' rate over the short ones' (above 1: the long stream is faster), its range, and the last
 round's rates. The weights are zeros (the kernels' time does not depend on the values).
