@@ -109,12 +109,77 @@ static inline void FN(nm_parts)(const __m256i *a, __m128i *part) {
 }
 #endif
 
+#if defined(ST_SIMD_AVX512)
+/* nm4_block without Q6_K's tops, 512 bits wide, 128 rows a step: one 64-byte load of a column covers
+ * two 64-row groups, and each group's sums stay in four registers over the live pairs (nm4_block keeps
+ * them in memory over all rows). The integer sums, their chunks of 8 pairs and the float steps per row
+ * are nm4_block's, so the results are too. */
+static void FN(nm4_block512)(const uint8_t *base, int64_t cb, const int8_t *qz, uint32_t m, int n, int32_t offset,
+                             const float *sd, float dz, float *facc, FN(nm_cursor) *pf) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    /* a0: rows 0-7 | 16-23 | 64-71 | 80-87 of the 128, a1: 8-15 | 24-31 | 72-79 | 88-95 (a2, a3: 32 more);
+     * these pick rows 0-31 and 64-95 in order out of a0, a1 */
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    const __m512 vdz = _mm512_set1_ps(dz);
+    while (m) {
+        const uint8_t *pi[8], *pj[8];
+        __m512i bv[8];
+        int np = 0;
+        int32_t zsum = 0;
+        for (; np < 8 && m; np++) {   /* up to 8 pairs of live neurons: their sums fit int16 */
+            int i = FN(nm_next)(&m), j = FN(nm_next)(&m);
+            FN(nm_pf)(pf, j >= 0 ? 2 : 1);
+            const int8_t zi = qz[i], zj = j >= 0 ? qz[j] : 0;
+            zsum += zi + zj;
+            if (j < 0) j = i;
+            bv[np] = _mm512_set1_epi16((int16_t)((uint8_t)zi | ((uint16_t)(uint8_t)zj << 8)));
+            pi[np] = base + i * cb;
+            pj[np] = base + j * cb;
+        }
+        const __m512i corr = _mm512_set1_epi32(offset * zsum);
+        for (int r0 = 0; r0 < n; r0 += 128) {
+            const int full = n - r0 >= 128;   /* else 64 rows: half a load */
+            const __mmask64 lm = full ? ~0ULL : 0xFFFFFFFFULL;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            for (int k = 0; k < np; k++) {
+                const __m512i wi = _mm512_maskz_loadu_epi8(lm, pi[k] + r0 / 2);
+                const __m512i wj = _mm512_maskz_loadu_epi8(lm, pj[k] + r0 / 2);
+                const __m512i il = _mm512_and_si512(wi, m4), ih = _mm512_and_si512(_mm512_srli_epi16(wi, 4), m4);
+                const __m512i jl = _mm512_and_si512(wj, m4), jh = _mm512_and_si512(_mm512_srli_epi16(wj, 4), m4);
+                a0 = _mm512_add_epi16(a0, _mm512_maddubs_epi16(_mm512_unpacklo_epi8(il, jl), bv[k]));
+                a1 = _mm512_add_epi16(a1, _mm512_maddubs_epi16(_mm512_unpackhi_epi8(il, jl), bv[k]));
+                a2 = _mm512_add_epi16(a2, _mm512_maddubs_epi16(_mm512_unpacklo_epi8(ih, jh), bv[k]));
+                a3 = _mm512_add_epi16(a3, _mm512_maddubs_epi16(_mm512_unpackhi_epi8(ih, jh), bv[k]));
+            }
+            const __m512i R[4] = {_mm512_permutex2var_epi64(a0, first, a1), _mm512_permutex2var_epi64(a2, first, a3),
+                                  _mm512_permutex2var_epi64(a0, second, a1), _mm512_permutex2var_epi64(a2, second, a3)};
+            for (int q = 0; q < (full ? 4 : 2); q++)   /* rows 32q .. 32q + 31 */
+                for (int h = 0; h < 2; h++) {
+                    const int row = r0 + 32 * q + 16 * h;
+                    const __m256i part = h ? _mm512_extracti64x4_epi64(R[q], 1) : _mm512_castsi512_si256(R[q]);
+                    const __m512i v = _mm512_sub_epi32(_mm512_cvtepi16_epi32(part), corr);
+                    const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(sd + row), vdz);
+                    const __m512 acc = _mm512_loadu_ps(facc + row);
+                    _mm512_storeu_ps(facc + row, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(v), acc));
+                }
+        }
+    }
+}
+#endif
+
 /* facc[0..n) += sd[r] * dz * (sum over the live neurons i of mask m of q[r, i] * qz[i], less
  * `offset` * the sum of their qz) for the n rows (a multiple of 64) of 4-bit columns `cb` bytes apart
  * from base (byte k of 32: row k, k + 32), and, when top is set, Q6_K's 2-bit tops `top` bytes after
  * each column's (byte k of 16: rows k, k + 16, k + 32, k + 48), which add 16 * top to q */
 static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const int8_t *qz, uint32_t m, int n,
                           int32_t offset, const float *sd, float dz, float *facc, FN(nm_cursor) *pf) {
+#if defined(ST_SIMD_AVX512)
+    if (!top) {
+        FN(nm4_block512)(base, cb, qz, m, n, offset, sd, dz, facc, pf);
+        return;
+    }
+#endif
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
     const int ng = n / 64;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
