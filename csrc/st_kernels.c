@@ -566,7 +566,7 @@ static void repacked_gate(const jctx *c, int64_t e, int64_t lo, int64_t hi) {
 static void live_up(const jctx *c, int64_t e, int64_t lo, int64_t hi) {
     const st_experts *U = c->up;
     const int64_t F = c->F, H = c->H, p0 = c->offs[e], p1 = c->offs[e + 1];
-    const dot_fn du = K->dot[U->fmt];
+    const dot_fn du = K->rdot[U->fmt] ? K->rdot[U->fmt] : K->dot[U->fmt];
     const st_act xm = {c->mf, c->mq, c->mK};
     const uint8_t *uw = U->experts[e];
     for (int64_t i = p0; i < p1; i += 4) {

@@ -152,8 +152,11 @@ static float FN(dot_iq4_nl)(int64_t K, const void *wv, const void *xv) {
 }
 
 /* ---- k-quants against Q8_K activations ----------------------------------------------------------- */
+/* Each dot keeps ST_PREFETCH bytes of its stream in flight when `ahead` is set (dot_*: rows read one
+ * after another); rdot_* fetch nothing, for a live up row read apart from its dead neighbours, which
+ * the fetches would read for nothing (Q4_K_M's decode: docs/c_backend.md, "Sparse ReGLU"). */
 /* Q2_K (84 bytes: scales[16] (scale | min << 4), qs[64] 2-bit, d, dmin; value d*sc*q - dmin*m) */
-static float FN(dot_q2_k)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_q2_k_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8K *x = (const block_q8K *)xv;
     float sum = 0;
@@ -163,7 +166,7 @@ static float FN(dot_q2_k)(int64_t K, const void *wv, const void *xv) {
         int summ = 0;
         for (int j = 0; j < 16; j++) summ += (sc[j] >> 4) * x[b].bsums[j];
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
         const __m256i m3 = _mm256_set1_epi8(3);
         __m256i acc = _mm256_setzero_si256();
         for (int n = 0; n < 2; n++) {
@@ -190,10 +193,12 @@ static float FN(dot_q2_k)(int64_t K, const void *wv, const void *xv) {
     }
     return sum;
 }
+static float FN(dot_q2_k)(int64_t K, const void *w, const void *x) { return FN(dot_q2_k_)(K, w, x, 1); }
+static float FN(rdot_q2_k)(int64_t K, const void *w, const void *x) { return FN(dot_q2_k_)(K, w, x, 0); }
 
 /* Q3_K (110 bytes: hmask[32], qs[64] 2-bit, scales[12] 6-bit signed, d): the unsigned u = low + 4 * high
  * (0..7) against a, minus 4 * the group's sum, times the group's scale */
-static float FN(dot_q3_k)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_q3_k_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8K *x = (const block_q8K *)xv;
     float sum = 0;
@@ -205,7 +210,7 @@ static float FN(dot_q3_k)(int64_t K, const void *wv, const void *xv) {
         int corr = 0;
         for (int j = 0; j < 16; j++) corr += sc[j] * x[b].bsums[j];
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
         const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
         const __m256i H = _mm256_loadu_si256((const __m256i *)hm);
         __m256i acc = _mm256_setzero_si256();
@@ -237,10 +242,12 @@ static float FN(dot_q3_k)(int64_t K, const void *wv, const void *xv) {
     }
     return sum;
 }
+static float FN(dot_q3_k)(int64_t K, const void *w, const void *x) { return FN(dot_q3_k_)(K, w, x, 1); }
+static float FN(rdot_q3_k)(int64_t K, const void *w, const void *x) { return FN(dot_q3_k_)(K, w, x, 0); }
 
 /* Q4_K (144 bytes: d, dmin, scales[12], qs[128]) and Q5_K (176: d, dmin, scales[12], qh[32], qs[128]):
  * 8 groups of 32 with 6-bit scales and mins; value d*sc*q - dmin*m */
-static inline float FN(dot_q45_k)(int64_t K, const uint8_t *w, const block_q8K *x, int five) {
+ST_INLINE float FN(dot_q45_k)(int64_t K, const uint8_t *w, const block_q8K *x, int five, const int ahead) {
     const int64_t bb = five ? 176 : 144;
     const uint8_t *qs0 = w + (five ? 48 : 16);
     float sum = 0;
@@ -251,8 +258,8 @@ static inline float FN(dot_q45_k)(int64_t K, const uint8_t *w, const block_q8K *
         int summ = 0;
         for (int j = 0; j < 8; j++) summ += mn[j] * (x[b].bsums[2 * j] + x[b].bsums[2 * j + 1]);
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + ST_PREFETCH + 64), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH + 64), _MM_HINT_T0);
         const __m256i m4 = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
         const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
         __m256i acc = _mm256_setzero_si256();
@@ -289,11 +296,13 @@ static inline float FN(dot_q45_k)(int64_t K, const uint8_t *w, const block_q8K *
     }
     return sum;
 }
-static float FN(dot_q4_k)(int64_t K, const void *w, const void *x) { return FN(dot_q45_k)(K, w, x, 0); }
-static float FN(dot_q5_k)(int64_t K, const void *w, const void *x) { return FN(dot_q45_k)(K, w, x, 1); }
+static float FN(dot_q4_k)(int64_t K, const void *w, const void *x) { return FN(dot_q45_k)(K, w, x, 0, 1); }
+static float FN(dot_q5_k)(int64_t K, const void *w, const void *x) { return FN(dot_q45_k)(K, w, x, 1, 1); }
+static float FN(rdot_q4_k)(int64_t K, const void *w, const void *x) { return FN(dot_q45_k)(K, w, x, 0, 0); }
+static float FN(rdot_q5_k)(int64_t K, const void *w, const void *x) { return FN(dot_q45_k)(K, w, x, 1, 0); }
 
 /* Q6_K (210 bytes: ql[128] low nibbles, qh[64] top 2 bits, scales[16] int8, d): q - 32 in 16 groups */
-static float FN(dot_q6_k)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_q6_k_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8K *x = (const block_q8K *)xv;
     float sum = 0;
@@ -303,9 +312,9 @@ static float FN(dot_q6_k)(int64_t K, const void *wv, const void *xv) {
         int corr = 0;
         for (int j = 0; j < 16; j++) corr += sc[j] * x[b].bsums[j];
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + ST_PREFETCH + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + ST_PREFETCH + 128), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH + 64), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH + 128), _MM_HINT_T0);
         const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
         __m256i acc = _mm256_setzero_si256();
         for (int n = 0; n < 2; n++) {
@@ -342,10 +351,12 @@ static float FN(dot_q6_k)(int64_t K, const void *wv, const void *xv) {
     }
     return sum;
 }
+static float FN(dot_q6_k)(int64_t K, const void *w, const void *x) { return FN(dot_q6_k_)(K, w, x, 1); }
+static float FN(rdot_q6_k)(int64_t K, const void *w, const void *x) { return FN(dot_q6_k_)(K, w, x, 0); }
 
 /* IQ4_XS (136 bytes: d, scales_h u16, scales_l[4], qs[128]): 8 groups of 32 non-linear levels, 6-bit
  * scales stored + 32 */
-static float FN(dot_iq4_xs)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_iq4_xs_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8K *x = (const block_q8K *)xv;
     float sum = 0;
@@ -357,8 +368,8 @@ static float FN(dot_iq4_xs)(int64_t K, const void *wv, const void *xv) {
         memcpy(&sh, w + 2, 2);
         const int8_t *a = x[b].qs;
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + ST_PREFETCH + 64), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH + 64), _MM_HINT_T0);
         __m256i acc = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const int ls = ((w[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4);
@@ -382,6 +393,8 @@ static float FN(dot_iq4_xs)(int64_t K, const void *wv, const void *xv) {
     }
     return sum;
 }
+static float FN(dot_iq4_xs)(int64_t K, const void *w, const void *x) { return FN(dot_iq4_xs_)(K, w, x, 1); }
+static float FN(rdot_iq4_xs)(int64_t K, const void *w, const void *x) { return FN(dot_iq4_xs_)(K, w, x, 0); }
 
 /* four consecutive rows . one activation row, and one row . four activation rows (prefill from the
  * file layout: the row is read from cache for the later three) */

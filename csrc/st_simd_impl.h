@@ -394,6 +394,8 @@ const st_kern FN(kern) = {
             [ST_Q4_0] = FN(dot_q4_0), [ST_Q4_1] = FN(dot_q4_1), [ST_Q5_0] = FN(dot_q5_0), [ST_Q5_1] = FN(dot_q5_1),
             [ST_IQ4_NL] = FN(dot_iq4_nl), [ST_Q2_K] = FN(dot_q2_k), [ST_Q3_K] = FN(dot_q3_k), [ST_Q4_K] = FN(dot_q4_k),
             [ST_Q5_K] = FN(dot_q5_k), [ST_Q6_K] = FN(dot_q6_k), [ST_IQ4_XS] = FN(dot_iq4_xs)},
+    .rdot = {[ST_Q2_K] = FN(rdot_q2_k), [ST_Q3_K] = FN(rdot_q3_k), [ST_Q4_K] = FN(rdot_q4_k), [ST_Q5_K] = FN(rdot_q5_k),
+             [ST_Q6_K] = FN(rdot_q6_k), [ST_IQ4_XS] = FN(rdot_iq4_xs)},
     .dot4 = {[ST_F32] = FN(dot4_f32), [ST_F16] = FN(dot4_f16), [ST_BF16] = FN(dot4_bf16), [ST_Q8_0] = FN(dot4_q8_0),
              [ST_Q4_0] = FN(dot4_q4_0), [ST_Q4_1] = FN(dot4_q4_1), [ST_Q5_0] = FN(dot4_q5_0), [ST_Q5_1] = FN(dot4_q5_1),
              [ST_IQ4_NL] = FN(dot4_iq4_nl), [ST_Q2_K] = FN(dot4_q2_k), [ST_Q3_K] = FN(dot4_q3_k),
