@@ -300,10 +300,13 @@ static void mm(int ith, int nth, const st_mat *w, const st_act *x, int64_t T, fl
     mm_rows(lo, hi, w->fmt, w->data, w->row_bytes, w->cols, x, T, y, ldy, add, 1.0f);
 }
 
-static void rms_row(const float *x, const float *w, int64_t H, float eps, float *out) {
+static float rms_scale(const float *x, int64_t H, float eps) {
     float ss = 0;
     for (int64_t j = 0; j < H; j++) ss += x[j] * x[j];
-    float r = 1.0f / sqrtf(ss / (float)H + eps);
+    return 1.0f / sqrtf(ss / (float)H + eps);
+}
+static void rms_row(const float *x, const float *w, int64_t H, float eps, float *out) {
+    const float r = rms_scale(x, H, eps);
     for (int64_t j = 0; j < H; j++) out[j] = w[j] * (x[j] * r);
 }
 
@@ -324,6 +327,34 @@ static void quantize_rows(int ith, int nth, const float *x, int64_t T, int64_t K
 static void quantize_row(const float *x, int64_t Kc, int need, block_q8 *q, block_q8K *qk) {
     if ((need & (1 << ACT_Q8)) && Kc % QK == 0) K->quantize_q8(Kc, x, q);
     if ((need & (1 << ACT_Q8K)) && Kc % QKK == 0) K->quantize_q8K(Kc, x, qk);
+}
+
+/* the T rows of x rms-normalised by the norm's weights w into out (w NULL: x as it is) and quantised
+ * into the forms in `need`: a row per thread, or, with fewer rows than threads (decode), each row's
+ * blocks split between the threads, each computing the row's scale itself (the same floats, no barrier) */
+static void norm_rows(int ith, int nth, const float *x, const float *w, int64_t T, int64_t H, float eps, float *out,
+                      int need, block_q8 *q, block_q8K *qk) {
+    const int64_t unit = need & (1 << ACT_Q8K) ? QKK : QK;
+    int64_t lo, hi;
+    if (T >= nth || H % unit) {
+        split(T, ith, nth, 1, &lo, &hi);
+        for (int64_t t = lo; t < hi; t++) {
+            if (w) rms_row(x + t * H, w, H, eps, out + t * H);
+            quantize_row(w ? out + t * H : x + t * H, H, need, q + t * (H / QK), qk + t * (H / QKK));
+        }
+        return;
+    }
+    split(H / unit, ith, nth, 1, &lo, &hi);
+    const int64_t e0 = lo * unit, e1 = hi * unit;
+    if (e0 >= e1) return;
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * H;
+        if (w) {
+            const float r = rms_scale(xt, H, eps);
+            for (int64_t j = e0; j < e1; j++) out[t * H + j] = w[j] * (xt[j] * r);
+        }
+        quantize_row((w ? out + t * H : xt) + e0, e1 - e0, need, q + (t * H + e0) / QK, qk + (t * H + e0) / QKK);
+    }
 }
 
 static void rope_table(const int64_t *pos, int64_t T, int64_t hd, double theta, float *cs) {
@@ -917,12 +948,8 @@ static void attention_half(fctx *f, int64_t li, int ith, int nth, jctx *cp, int 
     /* Barriers are what a busy machine makes expensive (a waiting thread needs its partner scheduled),
      * so each stage does as much as it can without one: 8 per layer (+1 for large Q8_K copies). */
     /* 1. attn norm; quantised copies of its output and of the raw input (the router's), token by token */
-    split(T, ith, nth, 1, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) {
-        rms_row(h + t * H, L->attn_norm, H, m->eps, s->a + t * H);
-        quantize_row(s->a + t * H, H, need_a, s->aq + t * (H / QK), s->aK + t * (H / QKK));
-        if (route) quantize_row(h + t * H, H, need_h, s->hq + t * (H / QK), s->hK + t * (H / QKK));
-    }
+    norm_rows(ith, nth, h, L->attn_norm, T, H, m->eps, s->a, need_a, s->aq, s->aK);
+    if (route) norm_rows(ith, nth, h, NULL, T, H, 0.0f, NULL, need_h, s->hq, s->hK);
     barrier(f->pool, nth);
     stage_end(ith, &f->clock, ST_STAGE_ATTN_NORM);
     /* 2. q, k, v and router logits */
@@ -995,13 +1022,8 @@ static void expert_half(fctx *f, int64_t li, int ith, int nth, jctx *c) {
     const int64_t T = f->T, H = m->hidden;
     const int need_m = act_need(L->gate.fmt) | act_need(L->up.fmt);
     float *h = f->h;
-    int64_t lo, hi;
     /* 6. ffn norm and its quantised copies */
-    split(T, ith, nth, 1, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) {
-        rms_row(h + t * H, L->ffn_norm, H, m->eps, s->mf + t * H);
-        quantize_row(s->mf + t * H, H, need_m, s->mq + t * (H / QK), s->mK + t * (H / QKK));
-    }
+    norm_rows(ith, nth, h, L->ffn_norm, T, H, m->eps, s->mf, need_m, s->mq, s->mK);
     barrier(f->pool, nth);
     stage_end(ith, &f->clock, ST_STAGE_FFN_NORM);
     /* 8-9. experts: fused sparse gate/up, then down accumulated into h */
