@@ -110,18 +110,25 @@ static inline void FN(nm_parts)(const __m256i *a, __m128i *part) {
 #endif
 
 #if defined(ST_SIMD_AVX512)
-/* nm4_block without Q6_K's tops, 512 bits wide, 128 rows a step: one 64-byte load of a column covers
- * two 64-row groups, and each group's sums stay in four registers over the live pairs (nm4_block keeps
- * them in memory over all rows). The integer sums, their chunks of 8 pairs and the float steps per row
- * are nm4_block's, so the results are too. */
-static void FN(nm4_block512)(const uint8_t *base, int64_t cb, const int8_t *qz, uint32_t m, int n, int32_t offset,
-                             const float *sd, float dz, float *facc, FN(nm_cursor) *pf) {
+/* nm4_block 512 bits wide, 128 rows a step: one 64-byte load of a column covers two 64-row groups (32
+ * bytes of Q6_K's tops), and each group's sums stay in registers over the live pairs (the 256-bit
+ * kernel keeps them in memory over all rows). The integer sums, their chunks of 8 pairs and the float
+ * steps per row are the 256-bit kernel's, so the results are too. */
+static void FN(nm4_block512)(const uint8_t *base, int64_t cb, int64_t top, const int8_t *qz, uint32_t m, int n,
+                             int32_t offset, const float *sd, float dz, float *facc, FN(nm_cursor) *pf) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     /* a0: rows 0-7 | 16-23 | 64-71 | 80-87 of the 128, a1: 8-15 | 24-31 | 72-79 | 88-95 (a2, a3: 32 more);
      * these pick rows 0-31 and 64-95 in order out of a0, a1 */
     const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
     const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
     const __m512 vdz = _mm512_set1_ps(dz);
+    /* Q6_K's tops as the nibbles: lanes 0-3 of a 64-byte vector hold bytes 0-15, 0-15, 16-31, 16-31 of
+     * the 32 top bytes of 128 rows, each 16-bit element shifted by these to rows 0-15 | 16-31 (low) or
+     * 32-47 | 48-63 (high) of its 64-row group */
+    const __m512i m2 = _mm512_set1_epi8(0x03);
+    const __m512i tshift_lo = _mm512_set_epi64(0x0002000200020002LL, 0x0002000200020002LL, 0, 0, 0x0002000200020002LL,
+                                               0x0002000200020002LL, 0, 0);
+    const __m512i tshift_hi = _mm512_add_epi16(tshift_lo, _mm512_set1_epi16(4));
     while (m) {
         const uint8_t *pi[8], *pj[8];
         __m512i bv[8];
@@ -141,7 +148,21 @@ static void FN(nm4_block512)(const uint8_t *base, int64_t cb, const int8_t *qz, 
         for (int r0 = 0; r0 < n; r0 += 128) {
             const int full = n - r0 >= 128;   /* else 64 rows: half a load */
             const __mmask64 lm = full ? ~0ULL : 0xFFFFFFFFULL;
-            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, t0 = a0, t1 = a0, t2 = a0, t3 = a0;
+            for (int k = 0; top && k < np; k++) {
+                const __mmask32 tm = full ? ~0U : 0xFFFFU;
+                const __m512i ti = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tm, pi[k] + top + r0 / 4));
+                const __m512i tj = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tm, pj[k] + top + r0 / 4));
+                const __m512i xi = _mm512_shuffle_i64x2(ti, ti, 0x50), xj = _mm512_shuffle_i64x2(tj, tj, 0x50);
+                const __m512i il = _mm512_and_si512(_mm512_srlv_epi16(xi, tshift_lo), m2);
+                const __m512i ih = _mm512_and_si512(_mm512_srlv_epi16(xi, tshift_hi), m2);
+                const __m512i jl = _mm512_and_si512(_mm512_srlv_epi16(xj, tshift_lo), m2);
+                const __m512i jh = _mm512_and_si512(_mm512_srlv_epi16(xj, tshift_hi), m2);
+                t0 = _mm512_add_epi16(t0, _mm512_maddubs_epi16(_mm512_unpacklo_epi8(il, jl), bv[k]));
+                t1 = _mm512_add_epi16(t1, _mm512_maddubs_epi16(_mm512_unpackhi_epi8(il, jl), bv[k]));
+                t2 = _mm512_add_epi16(t2, _mm512_maddubs_epi16(_mm512_unpacklo_epi8(ih, jh), bv[k]));
+                t3 = _mm512_add_epi16(t3, _mm512_maddubs_epi16(_mm512_unpackhi_epi8(ih, jh), bv[k]));
+            }
             for (int k = 0; k < np; k++) {
                 const __m512i wi = _mm512_maskz_loadu_epi8(lm, pi[k] + r0 / 2);
                 const __m512i wj = _mm512_maskz_loadu_epi8(lm, pj[k] + r0 / 2);
@@ -154,11 +175,17 @@ static void FN(nm4_block512)(const uint8_t *base, int64_t cb, const int8_t *qz, 
             }
             const __m512i R[4] = {_mm512_permutex2var_epi64(a0, first, a1), _mm512_permutex2var_epi64(a2, first, a3),
                                   _mm512_permutex2var_epi64(a0, second, a1), _mm512_permutex2var_epi64(a2, second, a3)};
+            const __m512i TR[4] = {_mm512_permutex2var_epi64(t0, first, t1), _mm512_permutex2var_epi64(t2, first, t3),
+                                   _mm512_permutex2var_epi64(t0, second, t1), _mm512_permutex2var_epi64(t2, second, t3)};
             for (int q = 0; q < (full ? 4 : 2); q++)   /* rows 32q .. 32q + 31 */
                 for (int h = 0; h < 2; h++) {
                     const int row = r0 + 32 * q + 16 * h;
                     const __m256i part = h ? _mm512_extracti64x4_epi64(R[q], 1) : _mm512_castsi512_si256(R[q]);
-                    const __m512i v = _mm512_sub_epi32(_mm512_cvtepi16_epi32(part), corr);
+                    __m512i v = _mm512_sub_epi32(_mm512_cvtepi16_epi32(part), corr);
+                    if (top) {
+                        const __m256i tp = h ? _mm512_extracti64x4_epi64(TR[q], 1) : _mm512_castsi512_si256(TR[q]);
+                        v = _mm512_add_epi32(v, _mm512_slli_epi32(_mm512_cvtepi16_epi32(tp), 4));
+                    }
                     const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(sd + row), vdz);
                     const __m512 acc = _mm512_loadu_ps(facc + row);
                     _mm512_storeu_ps(facc + row, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(v), acc));
@@ -175,10 +202,8 @@ static void FN(nm4_block512)(const uint8_t *base, int64_t cb, const int8_t *qz, 
 static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const int8_t *qz, uint32_t m, int n,
                           int32_t offset, const float *sd, float dz, float *facc, FN(nm_cursor) *pf) {
 #if defined(ST_SIMD_AVX512)
-    if (!top) {
-        FN(nm4_block512)(base, cb, qz, m, n, offset, sd, dz, facc, pf);
-        return;
-    }
+    FN(nm4_block512)(base, cb, top, qz, m, n, offset, sd, dz, facc, pf);
+    return;
 #endif
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
     const int ng = n / 64;
