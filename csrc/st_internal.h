@@ -88,7 +88,7 @@ typedef void (*sel4_fn)(int64_t K, const uint8_t *w, int64_t row_bytes, const in
 typedef struct {
     dot_fn dot[ST_NFMT];       /* one row . one activation row; NULL for the repacked codes */
     dot_fn rdot[ST_NFMT];      /* the same for a row read apart from its neighbours (sparse ReGLU's live up
-                                * rows): nothing fetched down the stream; the k-quants only */
+                                * rows): nothing fetched down the stream; NULL where dot fetches nothing */
     dot4_fn dot4[ST_NFMT];     /* four consecutive rows, `stride` bytes apart, . one activation row */
     dotx4_fn dotx4[ST_NFMT];   /* one row . four activation rows: out[t] (prefill, file layout) */
     dot8_fn dot8[ST_NFMT];     /* one repacked group of eight rows . one activation row */

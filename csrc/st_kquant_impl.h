@@ -58,9 +58,14 @@ static inline int FN(hsum_i32)(__m256i v) {
 }
 #endif
 
+/* Each dot here and in st_simd_impl.h that keeps ST_PREFETCH bytes of its stream in flight does so when
+ * `ahead` is set (dot_*: rows read one after another); rdot_* fetch nothing, for a live up row read
+ * apart from its dead neighbours, which the fetches would read for nothing (Q4_K_M's decode:
+ * docs/c_backend.md, "Sparse ReGLU"). */
+
 /* ---- blocks of 32 against Q8_0-style activations ------------------------------------------------ */
 /* Q4_1 (20 bytes: d, m, 16 bytes of nibbles; value d * q + m): d * dx * dot(q, a) + m * sx */
-static float FN(dot_q4_1)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_q4_1_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8 *x = (const block_q8 *)xv;
     const int64_t nb = K / QK;
@@ -68,7 +73,7 @@ static float FN(dot_q4_1)(int64_t K, const void *wv, const void *xv) {
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 20) {
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
         __m256i p = ST_DPBUSD(FN(nibbles32)(w + 4), _mm256_loadu_si256((const __m256i *)x[b].qs));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(FN(h2f)(w) * x[b].d), acc);
         corr += FN(h2f)(w + 2) * x[b].s;
@@ -85,16 +90,18 @@ static float FN(dot_q4_1)(int64_t K, const void *wv, const void *xv) {
     return sum + corr;
 #endif
 }
+static float FN(dot_q4_1)(int64_t K, const void *w, const void *x) { return FN(dot_q4_1_)(K, w, x, 1); }
+static float FN(rdot_q4_1)(int64_t K, const void *w, const void *x) { return FN(dot_q4_1_)(K, w, x, 0); }
 
 /* Q5_0 (22 bytes: d, 32 fifth bits, nibbles; value d * (q - 16)) and Q5_1 (24: d, m, bits, nibbles;
  * value d * q + m): the unsigned 5-bit q against a, then the offset or the min through sx */
-static inline float FN(dot_q5)(int64_t K, const uint8_t *w, const block_q8 *x, int one) {
+ST_INLINE float FN(dot_q5)(int64_t K, const uint8_t *w, const block_q8 *x, int one, const int ahead) {
     const int64_t nb = K / QK, bb = one ? 24 : 22, hq = one ? 4 : 2;
     float corr = 0;
 #if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bb) {
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
         __m256i q = _mm256_or_si256(FN(nibbles32)(w + hq + 4), FN(bits_to_0x10)(w + hq));
         __m256i p = ST_DPBUSD(q, _mm256_loadu_si256((const __m256i *)x[b].qs));
         float d = FN(h2f)(w);
@@ -120,11 +127,13 @@ static inline float FN(dot_q5)(int64_t K, const uint8_t *w, const block_q8 *x, i
     return sum + corr;
 #endif
 }
-static float FN(dot_q5_0)(int64_t K, const void *w, const void *x) { return FN(dot_q5)(K, w, x, 0); }
-static float FN(dot_q5_1)(int64_t K, const void *w, const void *x) { return FN(dot_q5)(K, w, x, 1); }
+static float FN(dot_q5_0)(int64_t K, const void *w, const void *x) { return FN(dot_q5)(K, w, x, 0, 1); }
+static float FN(dot_q5_1)(int64_t K, const void *w, const void *x) { return FN(dot_q5)(K, w, x, 1, 1); }
+static float FN(rdot_q5_0)(int64_t K, const void *w, const void *x) { return FN(dot_q5)(K, w, x, 0, 0); }
+static float FN(rdot_q5_1)(int64_t K, const void *w, const void *x) { return FN(dot_q5)(K, w, x, 1, 0); }
 
 /* IQ4_NL (18 bytes: d, nibbles indexing 16 non-linear levels) */
-static float FN(dot_iq4_nl)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_iq4_nl_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8 *x = (const block_q8 *)xv;
     const int64_t nb = K / QK;
@@ -132,7 +141,7 @@ static float FN(dot_iq4_nl)(int64_t K, const void *wv, const void *xv) {
     const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)st_kvalues_iq4nl));
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 18) {
-        _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + ST_PREFETCH), _MM_HINT_T0);
         __m256i v = _mm256_shuffle_epi8(tbl, FN(nibbles32)(w + 2));
         __m256i a = _mm256_loadu_si256((const __m256i *)x[b].qs);
         __m256i p = ST_DPBUSD(_mm256_sign_epi8(v, v), _mm256_sign_epi8(a, v));
@@ -150,11 +159,10 @@ static float FN(dot_iq4_nl)(int64_t K, const void *wv, const void *xv) {
     return sum;
 #endif
 }
+static float FN(dot_iq4_nl)(int64_t K, const void *w, const void *x) { return FN(dot_iq4_nl_)(K, w, x, 1); }
+static float FN(rdot_iq4_nl)(int64_t K, const void *w, const void *x) { return FN(dot_iq4_nl_)(K, w, x, 0); }
 
 /* ---- k-quants against Q8_K activations ----------------------------------------------------------- */
-/* Each dot keeps ST_PREFETCH bytes of its stream in flight when `ahead` is set (dot_*: rows read one
- * after another); rdot_* fetch nothing, for a live up row read apart from its dead neighbours, which
- * the fetches would read for nothing (Q4_K_M's decode: docs/c_backend.md, "Sparse ReGLU"). */
 /* Q2_K (84 bytes: scales[16] (scale | min << 4), qs[64] 2-bit, d, dmin; value d*sc*q - dmin*m) */
 ST_INLINE float FN(dot_q2_k_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;

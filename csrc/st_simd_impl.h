@@ -142,7 +142,7 @@ static float FN(dot_bf16)(int64_t K, const void *wv, const void *xv) {
 }
 
 /* q8_0 weights (34-byte blocks) . q8 activations */
-static float FN(dot_q8_0)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_q8_0_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8 *x = (const block_q8 *)xv;
     const int64_t nb = K / QK;
@@ -158,8 +158,8 @@ static float FN(dot_q8_0)(int64_t K, const void *wv, const void *xv) {
         ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(FN(h2f)(blk) * x[B].d), ACC);    \
     } while (0)
     for (; b + 2 <= nb; b += 2) {
-        _mm_prefetch((const char *)(w + b * 34 + ST_PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + b * 34 + ST_PREFETCH + 64), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + b * 34 + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + b * 34 + ST_PREFETCH + 64), _MM_HINT_T0);
         ST_Q8_BLOCK(acc0, b);
         ST_Q8_BLOCK(acc1, b + 1);
     }
@@ -177,9 +177,11 @@ static float FN(dot_q8_0)(int64_t K, const void *wv, const void *xv) {
     return sum;
 #endif
 }
+static float FN(dot_q8_0)(int64_t K, const void *w, const void *x) { return FN(dot_q8_0_)(K, w, x, 1); }
+static float FN(rdot_q8_0)(int64_t K, const void *w, const void *x) { return FN(dot_q8_0_)(K, w, x, 0); }
 
 /* q4_0 weights (18-byte blocks, value (q - 8) * d) . q8 activations: dot(q, a) - 8 * sum(a) */
-static float FN(dot_q4_0)(int64_t K, const void *wv, const void *xv) {
+ST_INLINE float FN(dot_q4_0_)(int64_t K, const void *wv, const void *xv, const int ahead) {
     const uint8_t *w = (const uint8_t *)wv;
     const block_q8 *x = (const block_q8 *)xv;
     const int64_t nb = K / QK;
@@ -200,7 +202,7 @@ static float FN(dot_q4_0)(int64_t K, const void *wv, const void *xv) {
     } while (0)
     for (; b + 2 <= nb; b += 2) {
         /* rows are consecutive in memory: keep ST_PREFETCH bytes of the weight stream in flight */
-        _mm_prefetch((const char *)(w + b * 18 + ST_PREFETCH), _MM_HINT_T0);
+        if (ahead) _mm_prefetch((const char *)(w + b * 18 + ST_PREFETCH), _MM_HINT_T0);
         ST_Q4_BLOCK(acc0, b);
         ST_Q4_BLOCK(acc1, b + 1);
     }
@@ -225,6 +227,8 @@ static float FN(dot_q4_0)(int64_t K, const void *wv, const void *xv) {
     return sum;
 #endif
 }
+static float FN(dot_q4_0)(int64_t K, const void *w, const void *x) { return FN(dot_q4_0_)(K, w, x, 1); }
+static float FN(rdot_q4_0)(int64_t K, const void *w, const void *x) { return FN(dot_q4_0_)(K, w, x, 0); }
 
 /* four consecutive rows (`stride` bytes apart) against one activation row. A fused 4-row q4_0/q8_0
  * kernel sharing the activation loads measured 2.6x slower than four single-row passes on this
@@ -394,8 +398,10 @@ const st_kern FN(kern) = {
             [ST_Q4_0] = FN(dot_q4_0), [ST_Q4_1] = FN(dot_q4_1), [ST_Q5_0] = FN(dot_q5_0), [ST_Q5_1] = FN(dot_q5_1),
             [ST_IQ4_NL] = FN(dot_iq4_nl), [ST_Q2_K] = FN(dot_q2_k), [ST_Q3_K] = FN(dot_q3_k), [ST_Q4_K] = FN(dot_q4_k),
             [ST_Q5_K] = FN(dot_q5_k), [ST_Q6_K] = FN(dot_q6_k), [ST_IQ4_XS] = FN(dot_iq4_xs)},
-    .rdot = {[ST_Q2_K] = FN(rdot_q2_k), [ST_Q3_K] = FN(rdot_q3_k), [ST_Q4_K] = FN(rdot_q4_k), [ST_Q5_K] = FN(rdot_q5_k),
-             [ST_Q6_K] = FN(rdot_q6_k), [ST_IQ4_XS] = FN(rdot_iq4_xs)},
+    .rdot = {[ST_Q8_0] = FN(rdot_q8_0), [ST_Q4_0] = FN(rdot_q4_0), [ST_Q4_1] = FN(rdot_q4_1), [ST_Q5_0] = FN(rdot_q5_0),
+             [ST_Q5_1] = FN(rdot_q5_1), [ST_IQ4_NL] = FN(rdot_iq4_nl), [ST_Q2_K] = FN(rdot_q2_k),
+             [ST_Q3_K] = FN(rdot_q3_k), [ST_Q4_K] = FN(rdot_q4_k), [ST_Q5_K] = FN(rdot_q5_k), [ST_Q6_K] = FN(rdot_q6_k),
+             [ST_IQ4_XS] = FN(rdot_iq4_xs)},
     .dot4 = {[ST_F32] = FN(dot4_f32), [ST_F16] = FN(dot4_f16), [ST_BF16] = FN(dot4_bf16), [ST_Q8_0] = FN(dot4_q8_0),
              [ST_Q4_0] = FN(dot4_q4_0), [ST_Q4_1] = FN(dot4_q4_1), [ST_Q5_0] = FN(dot4_q5_0), [ST_Q5_1] = FN(dot4_q5_1),
              [ST_IQ4_NL] = FN(dot4_iq4_nl), [ST_Q2_K] = FN(dot4_q2_k), [ST_Q3_K] = FN(dot4_q3_k),

@@ -92,7 +92,7 @@ static inline int FN(nm_next)(uint32_t *m) {
 /* rows are taken ST_NM_ROWS at a time; within them each live neuron's column is read start to end */
 #define ST_NM_ROWS 1024
 
-#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+#if defined(ST_SIMD_AVX2)   /* the 256-bit nm4_block's (AVX-512 has nm4_block512) */
 /* a[0..3] += the products of two neurons' values (rows 0-31 of a 64-row group in lo_*, 32-63 in hi_*,
  * one per byte) by their activations' pair bv, interleaved so one maddubs covers both neurons: a[2h]:
  * rows 0-7 | 16-23 of half h, a[2h + 1]: rows 8-15 | 24-31 */
@@ -203,9 +203,7 @@ static void FN(nm4_block)(const uint8_t *base, int64_t cb, int64_t top, const in
                           int32_t offset, const float *sd, float dz, float *facc, FN(nm_cursor) *pf) {
 #if defined(ST_SIMD_AVX512)
     FN(nm4_block512)(base, cb, top, qz, m, n, offset, sd, dz, facc, pf);
-    return;
-#endif
-#if defined(ST_SIMD_AVX2) || defined(ST_SIMD_AVX512)
+#elif defined(ST_SIMD_AVX2)
     const int ng = n / 64;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
     __m256i acc[ST_NM_ROWS / 16], tacc[ST_NM_ROWS / 16];   /* 16 rows each, in the order of the unpacks below */
